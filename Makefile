@@ -1,0 +1,53 @@
+# The two commands of the README, plus a few for developers.
+#   make run    set everything up (first time only) and run the pipeline on the bundled data
+#   make test   set everything up (first time only) and run the whole test suite
+SHELL := /bin/bash
+PYTHON_VERSION := $(shell cat .python-version)
+PYTHON_MINOR := $(basename $(PYTHON_VERSION))
+VENV := .venv
+PY := $(VENV)/bin/python
+ARGS ?=
+export TF_USE_LEGACY_KERAS := 1
+export TF_CPP_MIN_LOG_LEVEL := 2
+export PYTHONWARNINGS := ignore::FutureWarning
+
+.PHONY: run test test-fast bench schema-draft data clean
+
+run: $(VENV)/.installed
+	$(PY) runner_local.py $(ARGS)
+
+test: $(VENV)/.installed
+	$(PY) -m pytest tests $(ARGS)
+
+test-fast: $(VENV)/.installed
+	$(PY) -m pytest tests -m "not slow" $(ARGS)
+
+bench: $(VENV)/.installed
+	$(PY) -m pipeline.bench $(ARGS)
+
+schema-draft: $(VENV)/.installed
+	$(PY) -m pipeline.schema_draft $(ARGS)
+
+# Regenerates the bundled data set (deterministic: the same seed gives the same file).
+data: $(VENV)/.installed
+	$(PY) -m data.generator --rows 20000 --seed 7 --output-dir data/natality
+
+# The virtualenv: Python $(PYTHON_VERSION) from .python-version, every package pinned by constraints.txt.
+$(VENV)/.installed: setup.py constraints.txt .python-version
+	@python=$$(for candidate in "$$(pyenv root 2>/dev/null)/versions/$(PYTHON_VERSION)/bin/python" \
+	            python$(PYTHON_MINOR) python3 python; do \
+	      command -v "$$candidate" >/dev/null 2>&1 && \
+	      "$$candidate" -c 'import sys; sys.exit(sys.version_info[:2] != tuple(map(int, "$(PYTHON_MINOR)".split("."))))' \
+	      2>/dev/null && { command -v "$$candidate"; break; }; done); \
+	if [ -z "$$python" ]; then \
+	  echo "error: Python $(PYTHON_MINOR) is needed (TFX 1.16 supports Python 3.9-3.10) and none was found." >&2; \
+	  echo "Install it, e.g. 'pyenv install $(PYTHON_VERSION)' or 'apt-get install python$(PYTHON_MINOR) python$(PYTHON_MINOR)-venv'," >&2; \
+	  echo "then run make again." >&2; exit 1; fi; \
+	echo "creating $(VENV) with $$python"; \
+	rm -rf $(VENV) && "$$python" -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[test]'
+	touch $@
+
+clean:
+	rm -rf outputs

@@ -1,0 +1,154 @@
+"""The one table of natality columns: name, type, role and transform of each.
+
+Everything that needs to know about a column (the CSV check, the generator, `preprocessing_fn`,
+the model, the serving signatures, the evaluation slices) reads it from `COLUMNS` here.
+"""
+import dataclasses
+import enum
+from typing import Dict, List, Optional, Tuple
+
+
+class Role(enum.Enum):
+    LABEL = "label"
+    FEATURE = "feature"
+    UNUSED = "unused"  # ingested, validated and kept in the data, but not fed to the model
+
+
+class Transform(enum.Enum):
+    NONE = "none"
+    VOCABULARY = "vocabulary"  # string -> integer id (missing gets its own id)
+    CATEGORY = "category"  # small integer code -> integer id (missing gets its own id)
+    ZSCORE = "zscore"  # numeric -> imputed z-score plus a missing indicator
+    ZSCORE_AND_BUCKETS = "zscore_and_buckets"  # ZSCORE, plus buckets at fixed boundaries
+
+
+@dataclasses.dataclass(frozen=True)
+class Column:
+    """One column of the BigQuery natality table."""
+
+    name: str
+    dtype: str  # "int", "float" or "string": the CSV type, and the tf.Example type (int64/float/bytes)
+    role: Role = Role.UNUSED
+    transform: Transform = Transform.NONE
+    # Codes the table uses for 'unknown' (e.g. 99 for father_age): treated as missing, never as values.
+    missing_codes: Tuple[float, ...] = ()
+    # Known values of a CATEGORY column; anything else maps to the out-of-vocabulary id.
+    categories: Tuple[int, ...] = ()
+    # Bucket boundaries of a ZSCORE_AND_BUCKETS column (also used to slice evaluation).
+    bucket_boundaries: Tuple[float, ...] = ()
+
+
+# The 31 columns of bigquery-public-data.samples.natality, in the table's (and the export's) order.
+COLUMNS: Tuple[Column, ...] = (
+    Column("source_year", "int"),
+    Column("year", "int"),
+    Column("month", "int"),
+    Column("day", "int"),
+    Column("wday", "int"),
+    Column("state", "string"),
+    Column("is_male", "string", Role.FEATURE, Transform.VOCABULARY),
+    Column("child_race", "int"),
+    Column("weight_pounds", "float", Role.LABEL),
+    Column("plurality", "int", Role.FEATURE, Transform.CATEGORY, categories=(1, 2, 3, 4, 5)),
+    Column("apgar_1min", "int", missing_codes=(99,)),
+    Column("apgar_5min", "int", missing_codes=(99,)),
+    Column("mother_residence_state", "string"),
+    Column("mother_race", "int"),
+    Column("mother_age", "int", Role.FEATURE, Transform.ZSCORE),
+    Column(
+        "gestation_weeks",
+        "int",
+        Role.FEATURE,
+        Transform.ZSCORE_AND_BUCKETS,
+        missing_codes=(99,),
+        # extremely / very / moderately preterm, term, post-term
+        bucket_boundaries=(28, 32, 37, 42),
+    ),
+    Column("lmp", "int", missing_codes=(99999999,)),  # MMDDYYYY of the last menstrual period
+    Column("mother_married", "string", Role.FEATURE, Transform.VOCABULARY),
+    Column("mother_birth_state", "string"),
+    Column("cigarette_use", "string"),
+    Column("cigarettes_per_day", "int", missing_codes=(99,)),
+    Column("alcohol_use", "string"),
+    Column("drinks_per_week", "int", missing_codes=(99,)),
+    Column("weight_gain_pounds", "int", Role.FEATURE, Transform.ZSCORE, missing_codes=(99,)),
+    Column("born_alive_alive", "int", missing_codes=(99,)),
+    Column("born_alive_dead", "int", missing_codes=(99,)),
+    Column("born_dead", "int", missing_codes=(99,)),
+    Column("ever_born", "int", Role.FEATURE, Transform.ZSCORE, missing_codes=(99,)),
+    Column("father_race", "int"),
+    Column("father_age", "int", Role.FEATURE, Transform.ZSCORE, missing_codes=(99,)),
+    Column("record_weight", "int"),
+)
+
+COLUMN_NAMES: Tuple[str, ...] = tuple(c.name for c in COLUMNS)
+BY_NAME: Dict[str, Column] = {c.name: c for c in COLUMNS}
+LABEL: Column = next(c for c in COLUMNS if c.role is Role.LABEL)
+FEATURES: Tuple[Column, ...] = tuple(c for c in COLUMNS if c.role is Role.FEATURE)
+
+# Pairs of categorical ids (see `id_sizes`) crossed for the wide part of the model: multiples are
+# born earlier, and the gestation effect differs between boys and girls.
+CROSSES: Tuple[Tuple[str, str], ...] = (
+    ("gestation_weeks_bucket", "plurality"),
+    ("gestation_weeks_bucket", "is_male"),
+)
+# Raw features that slice the evaluation, besides the transformed bucket ids.
+SLICE_FEATURES: Tuple[str, ...] = ("is_male", "plurality")
+# VOCABULARY features are low-cardinality flags (true/false): a small cap, plus one OOV/missing id.
+VOCABULARY_SIZE = 8
+
+
+def transformed_name(name: str) -> str:
+    """Name of a transformed feature in the Transform output."""
+    return f"{name}_xf"
+
+
+def label_key() -> str:
+    """Transformed label: the weight in pounds, 0 where the row has none."""
+    return transformed_name(LABEL.name)
+
+
+def label_weight_key() -> str:
+    """Transformed example weight: 1 where the row has a label, 0 where it has none."""
+    return transformed_name(LABEL.name + "_present")
+
+
+def bucket_name(column: Column) -> str:
+    """Name of the bucket id of a ZSCORE_AND_BUCKETS column."""
+    return column.name + "_bucket"
+
+
+def missing_key(column: Column) -> str:
+    """Transformed 0/1 indicator that a numeric feature was missing or an 'unknown' code."""
+    return transformed_name(column.name + "_missing")
+
+
+def cross_name(first: str, second: str) -> str:
+    """Name of the crossed id of two categorical ids."""
+    return f"{first}_x_{second}"
+
+
+def numeric_features() -> List[Column]:
+    """Features fed to the model as imputed z-scores with a missing indicator."""
+    return [c for c in FEATURES if c.transform in (Transform.ZSCORE, Transform.ZSCORE_AND_BUCKETS)]
+
+
+def id_sizes() -> Dict[str, int]:
+    """Every categorical id the model gets (features, buckets, crosses) and how many values it takes."""
+    sizes: Dict[str, int] = {}
+    for column in FEATURES:
+        if column.transform is Transform.CATEGORY:
+            sizes[column.name] = len(column.categories) + 1  # + unknown or missing
+        elif column.transform is Transform.VOCABULARY:
+            sizes[column.name] = VOCABULARY_SIZE + 1  # + out of vocabulary
+        elif column.transform is Transform.ZSCORE_AND_BUCKETS:
+            sizes[bucket_name(column)] = len(column.bucket_boundaries) + 2  # + missing
+    for first, second in CROSSES:
+        sizes[cross_name(first, second)] = sizes[first] * sizes[second]
+    return sizes
+
+
+def slice_keys() -> List[List[str]]:
+    """Evaluation slices: overall, each raw slice feature, and each transformed bucket id."""
+    buckets = [transformed_name(bucket_name(c)) for c in FEATURES if c.transform is Transform.ZSCORE_AND_BUCKETS]
+    return [[]] + [[name] for name in SLICE_FEATURES] + [[key] for key in buckets]

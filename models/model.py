@@ -1,0 +1,142 @@
+"""Wide-and-deep Keras regressor of birth weight, and the TFX Trainer's `run_fn`.
+
+The exported SavedModel carries the TF Transform graph, so every signature takes raw features:
+- `serving_default`: serialized tf.Example (no label) -> {"predictions": pounds};
+- `serving_raw`: one tensor per raw feature (NaN or "" = missing) -> {"predictions": pounds};
+- `transform_features`: serialized tf.Example -> transformed features (TFMA slices and labels on it).
+"""
+import logging
+from typing import Any, Dict, List
+
+import tensorflow as tf
+import tensorflow_transform as tft
+from tfx import v1 as tfx
+from tfx_bsl.public import tfxio
+
+from models import features
+
+PREDICTIONS = "predictions"
+
+
+def build_keras_model(hidden_units: List[int], embedding_dim: int, learning_rate: float) -> tf.keras.Model:
+    """Wide part: one-hot ids, buckets and crosses; deep part: embeddings and scaled numerics."""
+    inputs: Dict[str, tf.keras.Input] = {}
+    wide, deep = [], []
+    for name, size in features.id_sizes().items():
+        key = features.transformed_name(name)
+        inputs[key] = tf.keras.Input(shape=(), name=key, dtype=tf.int64)
+        wide.append(tf.keras.layers.CategoryEncoding(num_tokens=size, output_mode="one_hot")(inputs[key]))
+        deep.append(tf.keras.layers.Flatten()(tf.keras.layers.Embedding(size, embedding_dim)(inputs[key])))
+    for column in features.numeric_features():
+        for key in (features.transformed_name(column.name), features.missing_key(column)):
+            inputs[key] = tf.keras.Input(shape=(), name=key, dtype=tf.float32)
+            deep.append(tf.keras.layers.Reshape((1,))(inputs[key]))
+    hidden = tf.keras.layers.concatenate(deep)
+    for units in hidden_units:
+        hidden = tf.keras.layers.Dense(units, activation="relu")(hidden)
+    output = tf.keras.layers.add([
+        tf.keras.layers.Dense(1, name="wide")(tf.keras.layers.concatenate(wide)),
+        tf.keras.layers.Dense(1, name="deep")(hidden),
+    ])
+    model = tf.keras.Model(inputs=inputs, outputs=output)
+    model.compile(optimizer=tf.keras.optimizers.Adam(learning_rate), loss="mse",
+                  weighted_metrics=[tf.keras.metrics.RootMeanSquaredError(name="rmse")])
+    return model
+
+
+def select_strategy(name: str) -> tf.distribute.Strategy:
+    """The distribution strategy named in the config: 'default' (one device) or 'mirrored'."""
+    if name == "default":
+        strategy = tf.distribute.get_strategy()
+    elif name == "mirrored":
+        strategy = tf.distribute.MirroredStrategy()
+    else:
+        raise ValueError(f"unknown distribution strategy {name!r}: expected 'default' or 'mirrored'")
+    logging.info("distribution strategy %s with %d replica(s)", name, strategy.num_replicas_in_sync)
+    return strategy
+
+
+def _input_fn(file_pattern: List[str], data_accessor: tfx.components.DataAccessor,
+              tf_transform_output: tft.TFTransformOutput, batch_size: int) -> tf.data.Dataset:
+    """One pass over transformed examples as (features, label, weight); weight 0 where the label is missing."""
+    dataset = data_accessor.tf_dataset_factory(
+        file_pattern, tfxio.TensorFlowDatasetOptions(batch_size=batch_size, num_epochs=1),
+        tf_transform_output.transformed_metadata.schema)
+
+    def split(batch: Dict[str, tf.Tensor]):
+        batch = {key: tf.reshape(value, [-1]) for key, value in batch.items()}
+        label = batch.pop(features.label_key())
+        weight = batch.pop(features.label_weight_key())
+        return batch, label, weight
+
+    return dataset.map(split, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
+
+
+def _raw_feature_spec(tf_transform_output: tft.TFTransformOutput, with_label: bool) -> Dict[str, Any]:
+    spec = tf_transform_output.raw_feature_spec()
+    if not with_label:
+        spec.pop(features.LABEL.name)
+    return spec
+
+
+def serving_signatures(model: tf.keras.Model, tf_transform_output: tft.TFTransformOutput) -> Dict[str, Any]:
+    """The exported model's signatures, each applying the transform graph to raw features."""
+    model.tft_layer = tf_transform_output.transform_features_layer()
+    label_keys = (features.label_key(), features.label_weight_key())
+
+    def predict(raw_features: Dict[str, Any]) -> Dict[str, tf.Tensor]:
+        transformed = model.tft_layer(raw_features)
+        inputs = {key: value for key, value in transformed.items() if key not in label_keys}
+        return {PREDICTIONS: model(inputs)}
+
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="examples")])
+    def serve_examples(serialized: tf.Tensor) -> Dict[str, tf.Tensor]:
+        return predict(tf.io.parse_example(serialized, _raw_feature_spec(tf_transform_output, with_label=False)))
+
+    raw_spec = _raw_feature_spec(tf_transform_output, with_label=False)
+    raw_inputs = [
+        tf.TensorSpec([None], tf.string if raw_spec[c.name].dtype == tf.string else tf.float32, name=c.name)
+        for c in features.FEATURES]
+
+    @tf.function(input_signature=raw_inputs)
+    def serve_raw(*values: tf.Tensor) -> Dict[str, tf.Tensor]:
+        raw = {}
+        for column, value in zip(features.FEATURES, values):
+            present = tf.not_equal(value, "") if value.dtype == tf.string else ~tf.math.is_nan(value)
+            indices = tf.where(present)
+            kept = tf.cast(tf.boolean_mask(value, present), raw_spec[column.name].dtype)
+            raw[column.name] = tf.sparse.SparseTensor(
+                tf.concat([indices, tf.zeros_like(indices)], axis=1), kept,
+                tf.stack([tf.shape(value, out_type=tf.int64)[0], tf.constant(1, tf.int64)]))
+        return predict(raw)
+
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="examples")])
+    def transform_features(serialized: tf.Tensor) -> Dict[str, tf.Tensor]:
+        return model.tft_layer(tf.io.parse_example(serialized, _raw_feature_spec(tf_transform_output, True)))
+
+    return {
+        "serving_default": serve_examples,
+        "serving_raw": serve_raw,
+        "transform_features": transform_features,
+    }
+
+
+def run_fn(fn_args: tfx.components.FnArgs) -> None:
+    """TFX Trainer entry point: trains on the transformed train split and exports the serving model."""
+    hyperparameters = fn_args.custom_config
+    tf_transform_output = tft.TFTransformOutput(fn_args.transform_output)
+    strategy = select_strategy(hyperparameters["strategy"])
+    batch_size = hyperparameters["batch_size"]
+    train_dataset = _input_fn(fn_args.train_files, fn_args.data_accessor, tf_transform_output, batch_size)
+    eval_dataset = _input_fn(fn_args.eval_files, fn_args.data_accessor, tf_transform_output, batch_size)
+    with strategy.scope():
+        model = build_keras_model(
+            hyperparameters["hidden_units"], hyperparameters["embedding_dim"], hyperparameters["learning_rate"])
+    model.fit(
+        train_dataset,
+        epochs=hyperparameters["train_epochs"],
+        validation_data=eval_dataset,
+        callbacks=[tf.keras.callbacks.TensorBoard(log_dir=fn_args.model_run_dir, update_freq="epoch")],
+        verbose=2)
+    model.save(fn_args.serving_model_dir, save_format="tf",
+               signatures=serving_signatures(model, tf_transform_output))

@@ -1,0 +1,76 @@
+"""`preprocessing_fn` for TF Transform: every mapping the model needs, saved in its serving graph.
+
+Vocabularies, means and variances are computed by TFT analyzers over the training split and frozen
+into the transform graph, which the exported model applies to raw examples at serving time, so
+training and serving cannot skew. 'Unknown' codes (e.g. 99 for father_age) are missing values here.
+"""
+from typing import Dict
+
+import tensorflow as tf
+import tensorflow_transform as tft
+
+from models import features
+from models.features import Column, Transform
+
+
+def _dense(value: tf.Tensor, default) -> tf.Tensor:
+    """A [batch] tensor from a raw feature that may be sparse (missing in some rows)."""
+    if isinstance(value, tf.sparse.SparseTensor):
+        value = tf.sparse.to_dense(
+            tf.sparse.SparseTensor(value.indices, value.values, [value.dense_shape[0], 1]), default)
+    return tf.reshape(value, [-1])
+
+
+def _numeric(column: Column, value: tf.Tensor) -> Dict[str, tf.Tensor]:
+    """Imputed z-score and missing indicator (plus bucket id) of a numeric feature."""
+    x = _dense(tf.cast(value, tf.float32) if not isinstance(value, tf.sparse.SparseTensor)
+               else tf.sparse.SparseTensor(value.indices, tf.cast(value.values, tf.float32), value.dense_shape),
+               float("nan"))
+    missing = tf.math.is_nan(x)
+    for code in column.missing_codes:
+        missing = missing | tf.equal(x, code)
+    known = tf.boolean_mask(x, ~missing)
+    mean = tft.mean(known)
+    std = tf.sqrt(tft.var(known))
+    imputed = tf.where(missing, mean, x)
+    outputs = {
+        features.transformed_name(column.name): (imputed - mean) / tf.maximum(std, 1e-6),
+        features.missing_key(column): tf.cast(missing, tf.float32),
+    }
+    if column.transform is Transform.ZSCORE_AND_BUCKETS:
+        buckets = tf.raw_ops.Bucketize(input=tf.where(missing, 0.0, x), boundaries=list(column.bucket_boundaries))
+        outputs[features.transformed_name(features.bucket_name(column))] = tf.where(
+            missing, tf.constant(len(column.bucket_boundaries) + 1, tf.int64), tf.cast(buckets, tf.int64))
+    return outputs
+
+
+def _category_ids(column: Column, value: tf.Tensor) -> tf.Tensor:
+    """Position of an integer code in column.categories; unknown or missing codes share the last id."""
+    x = _dense(value, tf.constant(-1, tf.int64))
+    matches = tf.equal(tf.expand_dims(x, 1), tf.constant(column.categories, tf.int64))
+    return tf.where(tf.reduce_any(matches, axis=1), tf.argmax(tf.cast(matches, tf.int64), axis=1),
+                    tf.constant(len(column.categories), tf.int64))
+
+
+def preprocessing_fn(inputs: Dict[str, tf.Tensor]) -> Dict[str, tf.Tensor]:
+    """Maps raw natality features to the model's inputs, and the label to a label plus a weight."""
+    outputs: Dict[str, tf.Tensor] = {}
+    for column in features.FEATURES:
+        value = inputs[column.name]
+        if column.transform is Transform.VOCABULARY:
+            outputs[features.transformed_name(column.name)] = tft.compute_and_apply_vocabulary(
+                _dense(value, ""), top_k=features.VOCABULARY_SIZE, num_oov_buckets=1, vocab_filename=column.name)
+        elif column.transform is Transform.CATEGORY:
+            outputs[features.transformed_name(column.name)] = _category_ids(column, value)
+        else:
+            outputs.update(_numeric(column, value))
+    sizes = features.id_sizes()
+    for first, second in features.CROSSES:
+        outputs[features.transformed_name(features.cross_name(first, second))] = (
+            outputs[features.transformed_name(first)] * sizes[second] + outputs[features.transformed_name(second)])
+    if features.LABEL.name in inputs:  # absent at serving time
+        label = _dense(inputs[features.LABEL.name], float("nan"))
+        present = ~tf.math.is_nan(label)
+        outputs[features.label_key()] = tf.where(present, label, 0.0)
+        outputs[features.label_weight_key()] = tf.cast(present, tf.float32)
+    return outputs

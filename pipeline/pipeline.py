@@ -1,0 +1,125 @@
+"""The one definition of the babyweight pipeline; runners pick an orchestrator and call it."""
+import os
+from typing import List
+
+import tensorflow_model_analysis as tfma
+from tfx import v1 as tfx
+
+from models import features
+from pipeline.anomalies_gate import AnomaliesGate
+from pipeline.config import PipelineConfig
+
+PREPROCESSING_FN = "models.preprocessing.preprocessing_fn"
+RUN_FN = "models.model.run_fn"
+SCHEMA_FILE = "schema.pbtxt"
+
+
+def eval_config(config: PipelineConfig) -> tfma.EvalConfig:
+    """TFMA: RMSE and MAE overall and per slice, with the thresholds that gate the blessing."""
+    lower_is_better = tfma.MetricDirection.LOWER_IS_BETTER
+    return tfma.EvalConfig(
+        model_specs=[tfma.ModelSpec(
+            signature_name="serving_default",
+            preprocessing_function_names=["transform_features"],
+            label_key=features.label_key(),
+            example_weight_key=features.label_weight_key(),
+        )],
+        slicing_specs=[tfma.SlicingSpec(feature_keys=keys) for keys in features.slice_keys()],
+        metrics_specs=[tfma.MetricsSpec(metrics=[
+            tfma.MetricConfig(class_name="ExampleCount"),
+            tfma.MetricConfig(class_name="WeightedExampleCount"),
+            tfma.MetricConfig(
+                class_name="RootMeanSquaredError",
+                threshold=tfma.MetricThreshold(
+                    value_threshold=tfma.GenericValueThreshold(upper_bound={"value": config.eval_rmse_threshold}),
+                    change_threshold=tfma.GenericChangeThreshold(
+                        direction=lower_is_better, absolute={"value": config.eval_rmse_max_increase}))),
+            tfma.MetricConfig(
+                class_name="MeanAbsoluteError",
+                threshold=tfma.MetricThreshold(
+                    value_threshold=tfma.GenericValueThreshold(upper_bound={"value": config.eval_mae_threshold}))),
+        ])],
+    )
+
+
+def example_gen_component(config: PipelineConfig) -> tfx.components.CsvExampleGen:
+    """Reads the CSV files of config.data_dir and splits them train/eval by hash."""
+    return tfx.components.CsvExampleGen(
+        input_base=config.data_dir,
+        input_config=tfx.proto.Input(splits=[tfx.proto.Input.Split(name="all", pattern=config.input_pattern)]),
+        output_config=tfx.proto.Output(split_config=tfx.proto.SplitConfig(splits=[
+            tfx.proto.SplitConfig.Split(name="train", hash_buckets=config.train_hash_buckets),
+            tfx.proto.SplitConfig.Split(name="eval", hash_buckets=config.eval_hash_buckets),
+        ])))
+
+
+def create_pipeline(config: PipelineConfig) -> tfx.dsl.Pipeline:
+    """Wires ExampleGen -> statistics, schema, validation -> Transform -> Trainer -> Evaluator -> Pusher."""
+    example_gen = example_gen_component(config)
+    statistics_gen = tfx.components.StatisticsGen(examples=example_gen.outputs["examples"])
+    schema_importer = tfx.components.ImportSchemaGen(schema_file=os.path.join(config.schema_dir, SCHEMA_FILE))
+    example_validator = tfx.components.ExampleValidator(
+        statistics=statistics_gen.outputs["statistics"], schema=schema_importer.outputs["schema"])
+    anomalies_gate = AnomaliesGate(anomalies=example_validator.outputs["anomalies"], block=config.block_on_anomalies)
+
+    transform = tfx.components.Transform(
+        examples=example_gen.outputs["examples"],
+        schema=schema_importer.outputs["schema"],
+        preprocessing_fn=PREPROCESSING_FN,
+        # StatisticsGen already describes the raw data; Transform's own pre/post statistics would
+        # double the Beam work of the slowest component.
+        disable_statistics=True)
+    transform.add_upstream_node(anomalies_gate)
+
+    trainer = tfx.components.Trainer(
+        run_fn=RUN_FN,
+        examples=transform.outputs["transformed_examples"],
+        transform_graph=transform.outputs["transform_graph"],
+        schema=schema_importer.outputs["schema"],
+        train_args=tfx.proto.TrainArgs(splits=["train"]),
+        eval_args=tfx.proto.EvalArgs(splits=["eval"]),
+        custom_config=model_config(config))
+
+    model_resolver = tfx.dsl.Resolver(
+        strategy_class=tfx.dsl.experimental.LatestBlessedModelStrategy,
+        model=tfx.dsl.Channel(type=tfx.types.standard_artifacts.Model),
+        model_blessing=tfx.dsl.Channel(type=tfx.types.standard_artifacts.ModelBlessing),
+    ).with_id("latest_blessed_model_resolver")
+
+    evaluator = tfx.components.Evaluator(
+        examples=example_gen.outputs["examples"],
+        model=trainer.outputs["model"],
+        baseline_model=model_resolver.outputs["model"],
+        eval_config=eval_config(config))
+
+    pusher = tfx.components.Pusher(
+        model=trainer.outputs["model"],
+        model_blessing=evaluator.outputs["blessing"],
+        push_destination=tfx.proto.PushDestination(
+            filesystem=tfx.proto.PushDestination.Filesystem(base_directory=config.serving_dir)))
+
+    components: List[tfx.types.BaseNode] = [
+        example_gen, statistics_gen, schema_importer, example_validator, anomalies_gate,
+        transform, trainer, model_resolver, evaluator, pusher,
+    ]
+    return tfx.dsl.Pipeline(
+        pipeline_name=config.pipeline_name,
+        pipeline_root=config.pipeline_root,
+        components=components,
+        enable_cache=config.enable_cache,
+        metadata_connection_config=tfx.orchestration.metadata.sqlite_metadata_connection_config(
+            config.metadata_path),
+        beam_pipeline_args=config.beam_pipeline_args(),
+    )
+
+
+def model_config(config: PipelineConfig) -> dict:
+    """Hyperparameters handed to `run_fn` through the Trainer's custom_config."""
+    return {
+        "strategy": config.strategy,
+        "train_epochs": config.train_epochs,
+        "batch_size": config.batch_size,
+        "learning_rate": config.learning_rate,
+        "hidden_units": list(config.hidden_units),
+        "embedding_dim": config.embedding_dim,
+    }
