@@ -28,18 +28,22 @@ def _parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
 
 
 def _setup_logging(log_path: pathlib.Path) -> None:
-    """Console and file logging; absl (TFX's logger) goes through the same root handlers."""
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    formatter = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
-    root = logging.getLogger()
-    root.setLevel(logging.INFO)
-    for handler in (logging.StreamHandler(sys.stderr), logging.FileHandler(log_path)):
-        handler.setFormatter(formatter)
-        root.addHandler(handler)
+    """Everything at INFO to the run's log file; warnings and component progress to the console."""
     import absl.logging
 
+    log_path.parent.mkdir(parents=True, exist_ok=True)
     absl.logging.use_python_logging()
-    absl.logging.set_verbosity(absl.logging.INFO)
+    formatter = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    root = logging.getLogger()
+    for handler in list(root.handlers):  # libraries imported earlier may have installed their own
+        root.removeHandler(handler)
+    root.setLevel(logging.INFO)
+    file_handler = logging.FileHandler(log_path)
+    console = logging.StreamHandler(sys.stderr)
+    console.addFilter(lambda record: record.levelno >= logging.WARNING or str(record.msg).startswith("Component "))
+    for handler in (file_handler, console):
+        handler.setFormatter(formatter)
+        root.addHandler(handler)
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -27,7 +27,8 @@ class PipelineConfig:
     train_hash_buckets: int  # train/eval split of ExampleGen by hash, e.g. 4:1
     eval_hash_buckets: int
     enable_cache: bool
-    beam_direct_running_mode: str  # in_memory, multi_threading or multi_processing
+    beam_runner: str  # DirectRunner (portable, FnApiRunner) or BundleBasedDirectRunner
+    beam_direct_running_mode: str  # DirectRunner's mode: in_memory, multi_threading or multi_processing
     beam_direct_num_workers: int  # 0 = one per CPU
     strategy: str  # distribution strategy of the Trainer: one of STRATEGIES
     train_epochs: int  # passes over the training split
@@ -59,7 +60,7 @@ class PipelineConfig:
     def beam_pipeline_args(self) -> List[str]:
         """Beam's DirectRunner options for the Beam-based components."""
         return [
-            "--runner=DirectRunner",
+            f"--runner={self.beam_runner}",
             f"--direct_running_mode={self.beam_direct_running_mode}",
             f"--direct_num_workers={self.beam_direct_num_workers}",
         ]

@@ -17,6 +17,11 @@ SCHEMA_FILE = "schema.pbtxt"
 def eval_config(config: PipelineConfig) -> tfma.EvalConfig:
     """TFMA: RMSE and MAE overall and per slice, with the thresholds that gate the blessing."""
     lower_is_better = tfma.MetricDirection.LOWER_IS_BETTER
+
+    def overall(**threshold) -> tfma.PerSliceMetricThreshold:
+        # Thresholds gate on the whole eval split; slices (some of a few rows) are reported, not gated.
+        return tfma.PerSliceMetricThreshold(slicing_specs=[tfma.SlicingSpec()], threshold=tfma.MetricThreshold(**threshold))
+
     return tfma.EvalConfig(
         model_specs=[tfma.ModelSpec(
             signature_name="serving_default",
@@ -30,14 +35,14 @@ def eval_config(config: PipelineConfig) -> tfma.EvalConfig:
             tfma.MetricConfig(class_name="WeightedExampleCount"),
             tfma.MetricConfig(
                 class_name="RootMeanSquaredError",
-                threshold=tfma.MetricThreshold(
+                per_slice_thresholds=[overall(
                     value_threshold=tfma.GenericValueThreshold(upper_bound={"value": config.eval_rmse_threshold}),
                     change_threshold=tfma.GenericChangeThreshold(
-                        direction=lower_is_better, absolute={"value": config.eval_rmse_max_increase}))),
+                        direction=lower_is_better, absolute={"value": config.eval_rmse_max_increase}))]),
             tfma.MetricConfig(
                 class_name="MeanAbsoluteError",
-                threshold=tfma.MetricThreshold(
-                    value_threshold=tfma.GenericValueThreshold(upper_bound={"value": config.eval_mae_threshold}))),
+                per_slice_thresholds=[overall(
+                    value_threshold=tfma.GenericValueThreshold(upper_bound={"value": config.eval_mae_threshold}))]),
         ])],
     )
 
@@ -68,7 +73,7 @@ def create_pipeline(config: PipelineConfig) -> tfx.dsl.Pipeline:
         preprocessing_fn=PREPROCESSING_FN,
         # StatisticsGen already describes the raw data; Transform's own pre/post statistics would
         # double the Beam work of the slowest component.
-        disable_statistics=True)
+        disable_statistics=True, force_tf_compat_v1=True)
     transform.add_upstream_node(anomalies_gate)
 
     trainer = tfx.components.Trainer(

@@ -5,6 +5,7 @@ import pathlib
 from typing import Dict, List, Optional, Tuple
 
 import tensorflow_data_validation as tfdv
+from google.protobuf import text_format
 import tensorflow_model_analysis as tfma
 from ml_metadata import metadata_store
 from ml_metadata.proto import metadata_store_pb2
@@ -72,7 +73,7 @@ def _output(steps: List[StepRecord], node_id: str, key: str) -> Optional[metadat
     return None
 
 
-def _split_stats(statistics: metadata_store_pb2.Artifact) -> Dict[str, statistics_pb2.DatasetFeatureStatistics]:
+def split_stats(statistics: metadata_store_pb2.Artifact) -> Dict[str, statistics_pb2.DatasetFeatureStatistics]:
     """The statistics of each split of a StatisticsGen output."""
     result = {}
     for split in artifact_utils.decode_split_names(statistics.properties["split_names"].string_value):
@@ -101,31 +102,34 @@ def _artifact_as_tfx(artifact: metadata_store_pb2.Artifact, artifact_class: type
     return wrapped
 
 
+def slice_metrics(evaluation_uri: str) -> Dict[str, Dict[str, float]]:
+    """TFMA metrics of an Evaluator output by slice name ('overall', 'is_male=true', ...)."""
+    result = {}
+    for slice_key, metrics in tfma.load_eval_result(evaluation_uri).slicing_metrics:
+        name = "overall" if not slice_key else ", ".join(f"{key}={value}" for key, value in slice_key)
+        result[name] = {metric: value.get("doubleValue", float("nan")) for metric, value in metrics[""][""].items()}
+    return result
+
+
 def _evaluation_lines(evaluation: metadata_store_pb2.Artifact, blessing: Optional[metadata_store_pb2.Artifact],
                       baseline_rmse: float) -> List[str]:
-    result = tfma.load_eval_result(evaluation.uri)
-    lines = []
-    for slice_key, metrics in sorted(result.slicing_metrics, key=lambda item: str(item[0])):
-        values = metrics[""][""]
-        rmse = values.get("root_mean_squared_error", {}).get("doubleValue", float("nan"))
-        mae = values.get("mean_absolute_error", {}).get("doubleValue", float("nan"))
-        count = values.get("weighted_example_count", {}).get("doubleValue", 0)
-        name = "overall" if not slice_key else ", ".join(f"{k}={v}" for k, v in slice_key)
-        if not slice_key:
-            lines.insert(0, f"  eval RMSE {rmse:.3f} lb, MAE {mae:.3f} lb "
-                            f"(predicting the training mean: RMSE {baseline_rmse:.3f} lb)")
-        else:
-            lines.append(f"    {name:<32} RMSE {rmse:6.3f}  MAE {mae:6.3f}  n={count:.0f}")
-    lines.insert(1, "  per slice:")
-    validation = tfma.load_validation_result(evaluation.uri)
+    metrics = slice_metrics(evaluation.uri)
+    overall = metrics.pop("overall")
+    lines = [f"  eval RMSE {overall['root_mean_squared_error']:.3f} lb, MAE {overall['mean_absolute_error']:.3f} lb "
+             f"(predicting the training mean: RMSE {baseline_rmse:.3f} lb)", "  per slice:"]
+    lines.extend(f"    {name:<32} RMSE {values['root_mean_squared_error']:6.3f}  "
+                 f"MAE {values['mean_absolute_error']:6.3f}  n={values['weighted_example_count']:.0f}"
+                 for name, values in sorted(metrics.items()))
     if blessing is not None:
         blessed = blessing.custom_properties["blessed"].int_value == 1
         lines.append(f"  blessed: {'yes' if blessed else 'no'}")
-    failures = [f"{failure.metric_key.name} {failure.metric_value.double_value:.3f}: {failure.message}"
-                for per_slice in validation.metric_validations_per_slice for failure in per_slice.failures]
-    lines.extend(f"    why not: {failure}" for failure in failures)
-    if not validation.validation_ok and not failures:
-        lines.extend(f"    why not: {d}" for d in validation.validation_details.ListFields())
+    validation = tfma.load_validation_result(evaluation.uri)
+    for per_slice in validation.metric_validations_per_slice:
+        for failure in per_slice.failures:
+            threshold = text_format.MessageToString(failure.metric_threshold, as_one_line=True)
+            lines.append(f"    why not: {failure.metric_key.name} = {failure.metric_value.double_value.value:.3f} "
+                         f"fails its threshold {threshold}"
+                         + (" against the blessed baseline" if failure.metric_key.is_diff else ""))
     return lines
 
 
@@ -140,9 +144,9 @@ def summarize_latest_run(config: PipelineConfig) -> str:
     lines = [f"Run {run_id} of pipeline {config.pipeline_name}"]
 
     statistics = _output(steps, "StatisticsGen", "statistics")
-    split_stats = _split_stats(statistics) if statistics else {}
-    if split_stats:
-        lines.append("  rows: " + ", ".join(f"{split} {stats.num_examples}" for split, stats in split_stats.items()))
+    stats_by_split = split_stats(statistics) if statistics else {}
+    if stats_by_split:
+        lines.append("  rows: " + ", ".join(f"{split} {stats.num_examples}" for split, stats in stats_by_split.items()))
 
     anomalies = _output(steps, "ExampleValidator", "anomalies")
     if anomalies:
@@ -151,9 +155,9 @@ def summarize_latest_run(config: PipelineConfig) -> str:
         lines.extend(f"    {line}" for line in found)
 
     evaluation = _output(steps, "Evaluator", "evaluation")
-    if evaluation and split_stats:
+    if evaluation and stats_by_split:
         lines.extend(_evaluation_lines(evaluation, _output(steps, "Evaluator", "blessing"),
-                                       mean_predictor_rmse(split_stats)))
+                                       mean_predictor_rmse(stats_by_split)))
 
     pushed = _output(steps, "Pusher", "pushed_model")
     if pushed is not None and pushed.custom_properties["pushed"].int_value == 1:

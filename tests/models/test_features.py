@@ -1,0 +1,61 @@
+"""The features table agrees with the curated schema and with itself."""
+import pathlib
+
+from google.protobuf import text_format
+from tensorflow_metadata.proto.v0 import schema_pb2
+
+from models import features
+from models.features import Role, Transform
+
+SCHEMA_PATH = pathlib.Path(__file__).resolve().parents[2] / "schema" / "schema.pbtxt"
+
+
+def _schema() -> schema_pb2.Schema:
+    return text_format.Parse(SCHEMA_PATH.read_text(), schema_pb2.Schema())
+
+
+def test_table_has_the_31_columns_of_the_bigquery_table_once_each():
+    assert len(features.COLUMN_NAMES) == 31
+    assert len(set(features.COLUMN_NAMES)) == 31
+    assert features.COLUMN_NAMES[:3] == ("source_year", "year", "month")
+    assert features.COLUMN_NAMES[-1] == "record_weight"
+
+
+def test_one_label_and_the_features_known_before_birth():
+    assert features.LABEL.name == "weight_pounds"
+    names = {c.name for c in features.FEATURES}
+    assert {"is_male", "mother_age", "plurality", "gestation_weeks"} <= names
+    assert not names & {"apgar_1min", "apgar_5min", "weight_pounds"}  # outcomes, not inputs
+    assert all(c.transform is not Transform.NONE for c in features.FEATURES)
+
+
+def test_schema_lists_exactly_the_table_columns():
+    assert [f.name for f in _schema().feature] == list(features.COLUMN_NAMES)
+
+
+def test_schema_serving_environment_holds_only_the_model_features():
+    schema = _schema()
+    assert set(schema.default_environment) == {"TRAINING", "SERVING"}
+    serving = {f.name for f in schema.feature if "SERVING" not in f.not_in_environment}
+    assert serving == {c.name for c in features.FEATURES}
+
+
+def test_unknown_codes_fit_the_schema_domains_so_they_are_not_anomalies():
+    by_name = {f.name: f for f in _schema().feature}
+    for column in features.COLUMNS:
+        domain = by_name[column.name].int_domain
+        for code in column.missing_codes:
+            assert domain.min <= code <= domain.max, column.name
+
+
+def test_categorical_id_sizes_cover_every_id_and_crosses_multiply():
+    sizes = features.id_sizes()
+    assert sizes["plurality"] == 6  # five known counts plus unknown
+    assert sizes["gestation_weeks_bucket"] == 6  # four boundaries give five buckets, plus missing
+    for first, second in features.CROSSES:
+        assert sizes[features.cross_name(first, second)] == sizes[first] * sizes[second]
+
+
+def test_slices_are_overall_raw_features_and_the_gestation_bucket():
+    assert features.slice_keys() == [[], ["is_male"], ["plurality"], ["gestation_weeks_bucket_xf"]]
+    assert all(features.BY_NAME[name].role is Role.FEATURE for name in features.SLICE_FEATURES)

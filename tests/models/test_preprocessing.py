@@ -1,0 +1,76 @@
+"""preprocessing_fn, run through TF Transform's Beam implementation on a few rows."""
+import tempfile
+
+import numpy as np
+import pytest
+import tensorflow as tf
+import tensorflow_transform.beam as tft_beam
+from tensorflow_transform.tf_metadata import dataset_metadata, schema_utils
+
+from models import features, preprocessing
+from pipeline import config as config_lib
+from pipeline.run import load_schema
+
+USED = [c.name for c in features.FEATURES] + [features.LABEL.name]
+ROWS = [  # father_age 99 and weight_gain_pounds 99 are the table's 'unknown' codes
+    dict(is_male=[b"true"], mother_age=[20], plurality=[1], gestation_weeks=[40], mother_married=[b"true"],
+         weight_gain_pounds=[30], ever_born=[1], father_age=[22], weight_pounds=[8.0]),
+    dict(is_male=[b"false"], mother_age=[30], plurality=[2], gestation_weeks=[30], mother_married=[b"false"],
+         weight_gain_pounds=[99], ever_born=[2], father_age=[99], weight_pounds=[3.0]),
+    dict(is_male=[b"true"], mother_age=[40], plurality=[9], gestation_weeks=[], mother_married=[],
+         weight_gain_pounds=[10], ever_born=[], father_age=[42], weight_pounds=[]),
+]
+
+
+@pytest.fixture(scope="module")
+def transformed():
+    spec = schema_utils.schema_as_feature_spec(load_schema(config_lib.load_config())).feature_spec
+    metadata = dataset_metadata.DatasetMetadata(
+        schema_utils.schema_from_feature_spec({name: spec[name] for name in USED}))
+    rows = [{k: np.array(v, dtype=np.object_ if v and isinstance(v[0], bytes) else None) for k, v in row.items()}
+            for row in ROWS]
+    with tempfile.TemporaryDirectory() as temp_dir, tft_beam.Context(temp_dir=temp_dir, force_tf_compat_v1=False):
+        (outputs, _), _ = (rows, metadata) | tft_beam.AnalyzeAndTransformDataset(
+            preprocessing.preprocessing_fn, output_record_batches=False)
+    return outputs
+
+
+def _column(transformed, name):
+    return [row[features.transformed_name(name)] for row in transformed]
+
+
+def test_unknown_codes_are_missing_and_imputed_with_the_mean_of_known_values(transformed):
+    # father_age known values 22 and 42: mean 32, so the 99 row is imputed to z = 0, not pulled up by 99
+    z = _column(transformed, "father_age")
+    assert z[1] == pytest.approx(0.0, abs=1e-6)
+    assert z[0] == pytest.approx(-z[2], abs=1e-5) and z[0] < 0
+    assert _column(transformed, "father_age_missing") == [0.0, 1.0, 0.0]
+    assert _column(transformed, "weight_gain_pounds_missing") == [0.0, 1.0, 0.0]
+
+
+def test_numeric_features_are_z_scored(transformed):
+    z = np.array(_column(transformed, "mother_age"))  # 20, 30, 40
+    np.testing.assert_allclose(z, [-1.2247449, 0.0, 1.2247449], atol=1e-5)
+
+
+def test_categories_and_buckets_map_to_ids_with_unknown_or_missing_ids(transformed):
+    assert _column(transformed, "plurality") == [0, 1, 5]  # 9 is not a plurality code: unknown id
+    assert _column(transformed, "gestation_weeks_bucket") == [3, 1, 5]  # term, very preterm, missing
+    vocabulary_ids = _column(transformed, "is_male")
+    assert vocabulary_ids[0] == vocabulary_ids[2] != vocabulary_ids[1]
+    sizes = features.id_sizes()
+    assert _column(transformed, "gestation_weeks_bucket_x_plurality") == [
+        3 * sizes["plurality"] + 0, 1 * sizes["plurality"] + 1, 5 * sizes["plurality"] + 5]
+
+
+def test_missing_label_gets_weight_zero(transformed):
+    assert [row[features.label_key()] for row in transformed] == [8.0, 3.0, 0.0]
+    assert [row[features.label_weight_key()] for row in transformed] == [1.0, 1.0, 0.0]
+
+
+def test_every_model_input_is_produced(transformed):
+    expected = {features.transformed_name(name) for name in features.id_sizes()}
+    for column in features.numeric_features():
+        expected |= {features.transformed_name(column.name), features.missing_key(column)}
+    expected |= {features.label_key(), features.label_weight_key()}
+    assert set(transformed[0]) == expected

@@ -1,0 +1,41 @@
+"""Config: one object from a profile file plus overrides, with clear errors."""
+import pytest
+
+from pipeline import config as config_lib
+
+
+def test_local_profile_loads_with_paths_under_the_project():
+    config = config_lib.load_config()
+    assert config.profile == "local"
+    assert config.data_dir == str(config_lib.PROJECT_ROOT / "data" / "natality")
+    assert config.metadata_path.endswith("outputs/metadata.sqlite")
+    assert "--direct_running_mode=in_memory" in config.beam_pipeline_args()
+
+
+def test_overrides_are_typed_like_the_field():
+    config = config_lib.load_config(overrides=config_lib.parse_overrides(
+        ["train_epochs=2", "enable_cache=false", "hidden_units=8,4", "learning_rate=0.1", "output_dir=/tmp/x"]))
+    assert config.train_epochs == 2 and config.enable_cache is False
+    assert config.hidden_units == (8, 4) and config.learning_rate == 0.1
+    assert config.output_dir == "/tmp/x"
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"train_epoch": "2"}, "unknown setting(s) train_epoch"),
+    ({"strategy": "tpu"}, "strategy 'tpu' is not one of default, mirrored"),
+    ({"batch_size": "many"}, "setting 'batch_size': cannot read 'many'"),
+    ({"eval_hash_buckets": "0"}, "eval_hash_buckets must be at least 1"),
+])
+def test_bad_settings_say_which_and_where(overrides, message):
+    with pytest.raises(config_lib.ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        config_lib.load_config(overrides=overrides)
+
+
+def test_unknown_profile_lists_the_known_ones():
+    with pytest.raises(config_lib.ConfigError, match="unknown profile 'cloud'.*known profiles: local"):
+        config_lib.load_config("cloud")
+
+
+def test_set_flag_needs_key_and_value():
+    with pytest.raises(config_lib.ConfigError, match="expected KEY=VALUE"):
+        config_lib.parse_overrides(["train_epochs"])

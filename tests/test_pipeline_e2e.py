@@ -1,0 +1,180 @@
+"""The real pipeline, end to end, on small generated data and on the team's real export.
+
+One module-scoped sequence of runs in one output folder: a clean run, a run on data that fails
+validation, and a rerun after the data is fixed; the tests assert on what ML Metadata recorded.
+"""
+import dataclasses
+import glob
+import pathlib
+import shutil
+import subprocess
+import sys
+from typing import Dict, List
+
+import numpy as np
+import pandas as pd
+import pytest
+import tensorflow as tf
+import tensorflow_transform as tft
+
+from data import generator
+from models import features
+from pipeline import config as config_lib
+from pipeline import run as run_lib
+from pipeline import summary
+
+pytestmark = pytest.mark.slow
+
+NODES = {"CsvExampleGen", "StatisticsGen", "ImportSchemaGen", "ExampleValidator", "AnomaliesGate", "Transform",
+         "Trainer", "latest_blessed_model_resolver", "Evaluator", "Pusher"}
+CACHEABLE = {"CsvExampleGen", "StatisticsGen", "ImportSchemaGen", "ExampleValidator", "AnomaliesGate", "Transform",
+             "Trainer"}
+
+
+@dataclasses.dataclass
+class Run:
+    outcome: run_lib.Outcome
+    steps: Dict[str, summary.StepRecord]
+    pushed_versions: List[str]
+
+
+def _run(config: config_lib.PipelineConfig) -> Run:
+    outcome = run_lib.run_local(config)
+    store = summary.connect(config.metadata_path)
+    steps = summary.run_steps(store, summary.run_ids(store)[-1])
+    assert len({s.node_id for s in steps}) == len(steps), "a component ran twice in one run"
+    versions = sorted(p.name for p in pathlib.Path(config.serving_dir).glob("*")) if pathlib.Path(
+        config.serving_dir).exists() else []
+    return Run(outcome, {s.node_id: s for s in steps}, versions)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Clean data -> data with a bad value domain -> the clean data again, in one output folder."""
+    root = tmp_path_factory.mktemp("e2e")
+    clean = generator.write(6_000, 21, root / "clean")[0]
+    corrupt = root / "corrupt" / "natality.csv"
+    corrupt.parent.mkdir()
+    frame = pd.read_csv(clean, dtype=str, keep_default_na=False)
+    frame["is_male"] = np.where(frame.is_male == "true", "M", "F")  # a coding change upstream
+    frame.to_csv(corrupt, index=False)
+
+    def config(data_dir: pathlib.Path) -> config_lib.PipelineConfig:
+        return config_lib.load_config(overrides={"data_dir": str(data_dir), "output_dir": str(root / "out")})
+
+    return {
+        "first": _run(config(clean.parent)),
+        "corrupt": _run(config(corrupt.parent)),
+        "fixed": _run(config(clean.parent)),
+        "config": config(clean.parent),
+    }
+
+
+def test_first_run_executes_each_component_once_and_pushes(runs):
+    first = runs["first"]
+    assert first.outcome.ok, first.outcome.summary
+    assert set(first.steps) == NODES
+    assert {s.state for s in first.steps.values()} == {"complete"}
+    assert len(first.pushed_versions) == 1
+    assert "blessed: yes" in first.outcome.summary and "anomalies: none" in first.outcome.summary
+
+
+def test_data_failing_validation_stops_before_transform_and_pushes_nothing(runs):
+    corrupt = runs["corrupt"]
+    assert not corrupt.outcome.ok
+    assert "Run FAILED: data failed validation" in corrupt.outcome.summary
+    assert "feature 'is_male'" in corrupt.outcome.summary and "'M'" in corrupt.outcome.summary
+    assert corrupt.steps["AnomaliesGate"].state == "failed"
+    assert not {"Transform", "Trainer", "Evaluator", "Pusher"} & set(corrupt.steps)
+    assert corrupt.pushed_versions == runs["first"].pushed_versions
+
+
+def test_rerun_after_the_fix_is_served_from_cache(runs):
+    fixed = runs["fixed"]
+    assert fixed.outcome.ok, fixed.outcome.summary
+    assert {name for name, step in fixed.steps.items() if step.state == "cached"} >= CACHEABLE
+    # The first model is now the blessed baseline: the Evaluator compares against it and blesses again.
+    assert fixed.steps["Evaluator"].state == "complete"
+    assert "blessed: yes" in fixed.outcome.summary
+
+
+def test_summary_reports_rows_rmse_against_the_mean_predictor_and_seconds(runs):
+    text = runs["first"].outcome.summary
+    rows = {split: int(n) for split, n in (part.split() for part in
+                                           text.split("rows: ")[1].splitlines()[0].split(", "))}
+    assert sum(rows.values()) == 6_000 and rows["train"] > 3 * rows["eval"]
+    assert "predicting the training mean: RMSE" in text
+    for node in NODES:
+        assert node in text.split("seconds per component:")[1]
+
+
+def _eval_examples(config: config_lib.PipelineConfig, count: int) -> List[bytes]:
+    files = sorted(glob.glob(f"{config.pipeline_root}/CsvExampleGen/examples/*/Split-eval/*.gz"))
+    dataset = tf.data.TFRecordDataset(files, compression_type="GZIP").take(count)
+    return [record.numpy() for record in dataset]
+
+
+def test_pushed_model_predicts_what_the_training_transform_and_model_predict(runs):
+    config = runs["config"]
+    pushed = pathlib.Path(config.serving_dir) / runs["first"].pushed_versions[-1]
+    serialized = _eval_examples(config, 50)
+
+    transform_dir = sorted(glob.glob(f"{config.pipeline_root}/Transform/transform_graph/*"))[-1]
+    trained_dir = sorted(glob.glob(f"{config.pipeline_root}/Trainer/model/*/Format-Serving"))[-1]
+    tft_output = tft.TFTransformOutput(transform_dir)
+    raw_spec = tft_output.raw_feature_spec()
+    raw_spec.pop(features.LABEL.name)
+    transformed = tft_output.transform_features_layer()(tf.io.parse_example(serialized, raw_spec))
+    trained = tf.keras.models.load_model(trained_dir)
+    expected = trained({name: transformed[name] for name in trained.input_names}).numpy().ravel()
+
+    served = tf.saved_model.load(str(pushed))
+    from_examples = served.signatures["serving_default"](examples=tf.constant(serialized))["predictions"]
+    np.testing.assert_allclose(from_examples.numpy().ravel(), expected, rtol=1e-5)
+
+    parsed = tf.io.parse_example(serialized, raw_spec)
+    raw_inputs = {}
+    for column in features.FEATURES:
+        dense = tf.sparse.to_dense(parsed[column.name], default_value="" if parsed[column.name].dtype == tf.string
+                                   else -1).numpy()[:, 0]
+        present = tf.sparse.to_dense(tf.sparse.map_values(tf.ones_like, parsed[column.name]))[:, 0].numpy() > 0
+        raw_inputs[column.name] = (tf.constant(dense) if dense.dtype == object
+                                   else tf.constant(np.where(present, dense, np.nan), tf.float32))
+    from_raw = served.signatures["serving_raw"](**raw_inputs)["predictions"]
+    np.testing.assert_allclose(from_raw.numpy().ravel(), expected, rtol=1e-5)
+    assert 3 < expected.mean() < 10
+
+
+def test_bad_csv_stops_before_the_pipeline_with_file_and_line(tmp_path):
+    bad = tmp_path / "data" / "natality.csv"
+    bad.parent.mkdir()
+    generator.write(50, 2, bad.parent)
+    lines = bad.read_text().splitlines()
+    lines[7] = lines[7].replace(",true,", ",yes,", 1).replace(",false,", ",maybe,", 1)
+    cells = lines[9].split(",")
+    cells[features.COLUMN_NAMES.index("mother_age")] = "2O"
+    lines[9] = ",".join(cells)
+    bad.write_text("\n".join(lines) + "\n")
+    result = subprocess.run(
+        [sys.executable, "runner_local.py", "--data-dir", str(bad.parent), "--output-dir", str(tmp_path / "out")],
+        cwd=config_lib.PROJECT_ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 1
+    assert f"{bad}, line 10, column mother_age: '2O' is not an integer" in result.stdout
+    assert not (tmp_path / "out" / "serving_model").exists()
+
+
+def test_real_bigquery_export_trains_a_model_well_below_the_mean_predictor(tmp_path, real_export_csv):
+    data_dir = tmp_path / "export"
+    data_dir.mkdir()
+    shutil.copy(real_export_csv, data_dir)  # into a folder of its own: the shared folder holds other formats
+    config = config_lib.load_config(overrides={"data_dir": str(data_dir), "output_dir": str(tmp_path / "out")})
+    result = _run(config)
+    assert result.outcome.ok, result.outcome.summary
+    assert result.pushed_versions
+    store = summary.connect(config.metadata_path)
+    statistics = summary.run_steps(store, summary.run_ids(store)[-1])
+    evaluation = next(s for s in statistics if s.node_id == "Evaluator").outputs["evaluation"][0]
+    stats = next(s for s in statistics if s.node_id == "StatisticsGen").outputs["statistics"][0]
+    rmse = summary.slice_metrics(evaluation.uri)["overall"]["root_mean_squared_error"]
+    mean_rmse = summary.mean_predictor_rmse(summary.split_stats(stats))
+    assert rmse < 0.85 * mean_rmse, (rmse, mean_rmse)
