@@ -6,7 +6,8 @@ The exported SavedModel carries the TF Transform graph, so every signature takes
 - `transform_features`: serialized tf.Example -> transformed features (TFMA slices and labels on it).
 """
 import logging
-from typing import Any, Dict, List
+import math
+from typing import Any, Dict, List, Tuple
 
 import tensorflow as tf
 import tensorflow_transform as tft
@@ -132,6 +133,20 @@ def serving_signatures(model: tf.keras.Model, tf_transform_output: tft.TFTransfo
     }
 
 
+def _count_records(file_pattern: List[str]) -> int:
+    """Number of examples in gzipped TFRecord files, counted without parsing them."""
+    files = tf.io.gfile.glob(file_pattern)
+    dataset = tf.data.TFRecordDataset(files, compression_type="GZIP")
+    return int(dataset.reduce(tf.constant(0, tf.int64), lambda count, _: count + 1))
+
+
+def training_schedule(train_examples: int, batch_size: int, epochs: int, min_steps: int) -> Tuple[int, int]:
+    """Steps per epoch and epochs: `epochs` passes over the data, but at least `min_steps` steps in all,
+    so that a small data set still trains to convergence and a large one isn't cut short."""
+    steps_per_epoch = max(1, math.ceil(train_examples / batch_size))
+    return steps_per_epoch, max(epochs, math.ceil(min_steps / steps_per_epoch))
+
+
 def run_fn(fn_args: tfx.components.FnArgs) -> None:
     """TFX Trainer entry point: trains on the transformed train split and exports the serving model."""
     hyperparameters = fn_args.custom_config
@@ -140,12 +155,16 @@ def run_fn(fn_args: tfx.components.FnArgs) -> None:
     batch_size = hyperparameters["batch_size"]
     train_dataset = _input_fn(fn_args.train_files, fn_args.data_accessor, tf_transform_output, batch_size)
     eval_dataset = _input_fn(fn_args.eval_files, fn_args.data_accessor, tf_transform_output, batch_size)
+    steps_per_epoch, epochs = training_schedule(
+        _count_records(fn_args.train_files), batch_size, hyperparameters["train_epochs"],
+        hyperparameters["min_train_steps"])
     with strategy.scope():
         model = build_keras_model(
             hyperparameters["hidden_units"], hyperparameters["embedding_dim"], hyperparameters["learning_rate"])
     model.fit(
-        train_dataset,
-        epochs=hyperparameters["train_epochs"],
+        train_dataset.repeat(),
+        steps_per_epoch=steps_per_epoch,
+        epochs=epochs,
         validation_data=eval_dataset,
         callbacks=[tf.keras.callbacks.TensorBoard(log_dir=fn_args.model_run_dir, update_freq="epoch")],
         verbose=2)

@@ -31,7 +31,8 @@ class PipelineConfig:
     beam_direct_running_mode: str  # DirectRunner's mode: in_memory, multi_threading or multi_processing
     beam_direct_num_workers: int  # 0 = one per CPU
     strategy: str  # distribution strategy of the Trainer: one of STRATEGIES
-    train_epochs: int  # passes over the training split
+    train_epochs: int  # passes over the training split...
+    min_train_steps: int  # ...but at least this many steps, so that small data sets converge too
     batch_size: int  # global batch size
     learning_rate: float
     hidden_units: Tuple[int, ...]

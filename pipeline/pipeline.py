@@ -123,6 +123,7 @@ def model_config(config: PipelineConfig) -> dict:
     return {
         "strategy": config.strategy,
         "train_epochs": config.train_epochs,
+        "min_train_steps": config.min_train_steps,
         "batch_size": config.batch_size,
         "learning_rate": config.learning_rate,
         "hidden_units": list(config.hidden_units),

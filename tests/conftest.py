@@ -11,10 +11,6 @@ PROJECT_ROOT = pathlib.Path(__file__).resolve().parent.parent
 SHARED_NATALITY = PROJECT_ROOT.parent / "shared" / "data" / "natality"
 
 
-def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: runs the real pipeline end to end (minutes); still runs in CI")
-
-
 @pytest.fixture(scope="session")
 def real_export_csv() -> pathlib.Path:
     """The team's real 31-column BigQuery export (16,000 rows); tests using it skip only if it is absent."""

@@ -31,6 +31,14 @@ CACHEABLE = {"CsvExampleGen", "StatisticsGen", "ImportSchemaGen", "ExampleValida
              "Trainer"}
 
 
+@pytest.fixture(scope="module", autouse=True)
+def plain_argv():
+    """TFX's Beam executors parse sys.argv with absl flags, where pytest's own -v would take a value."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(sys, "argv", sys.argv[:1])
+        yield
+
+
 @dataclasses.dataclass
 class Run:
     outcome: run_lib.Outcome
@@ -49,7 +57,7 @@ def _run(config: config_lib.PipelineConfig) -> Run:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def runs(tmp_path_factory, plain_argv):
     """Clean data -> data with a bad value domain -> the clean data again, in one output folder."""
     root = tmp_path_factory.mktemp("e2e")
     clean = generator.write(6_000, 21, root / "clean")[0]

@@ -65,3 +65,12 @@ def test_mirrored_strategy_trains_one_step_on_two_logical_cpus():
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "replicas 2" in result.stdout
+
+
+@pytest.mark.parametrize("examples, expected", [
+    (16_000, (63, 7)),  # 4 epochs would be 252 steps: more epochs until at least 400
+    (1_000_000, (3907, 4)),  # large data: the configured 4 epochs
+    (10, (1, 400)),
+])
+def test_training_schedule_covers_small_and_large_data(examples, expected):
+    assert model.training_schedule(examples, 256, 4, 400) == expected
