@@ -3,6 +3,7 @@ import os
 from typing import List
 
 import tensorflow_model_analysis as tfma
+from google.protobuf.wrappers_pb2 import BoolValue
 from tfx import v1 as tfx
 
 from models import features
@@ -30,6 +31,9 @@ def eval_config(config: PipelineConfig) -> tfma.EvalConfig:
             example_weight_key=features.label_weight_key(),
         )],
         slicing_specs=[tfma.SlicingSpec(feature_keys=keys) for keys in features.slice_keys()],
+        # Only the metrics below: re-computing the Keras model's compiled loss and metrics would load
+        # the model a second time, as Keras, for numbers the summary doesn't use.
+        options=tfma.Options(include_default_metrics=BoolValue(value=False)),
         metrics_specs=[tfma.MetricsSpec(metrics=[
             tfma.MetricConfig(class_name="ExampleCount"),
             tfma.MetricConfig(class_name="WeightedExampleCount"),

@@ -25,17 +25,14 @@ def load_schema(config: PipelineConfig) -> schema_pb2.Schema:
 
 
 def _failure_reason(error: BaseException) -> str:
-    """The most specific message in an exception chain: our own errors first, else the last cause."""
+    """Our own validation error if it is in the exception chain, else the root cause."""
     chain = []
     while error is not None:
         chain.append(error)
         error = error.__cause__ or error.__context__
-    for item in chain:
-        if isinstance(item, DataValidationError) or "DataValidationError" in type(item).__name__:
-            return str(item)
-    for item in chain:
-        if "data failed validation" in str(item):
-            return str(item)[str(item).index("data failed validation"):]
+    validation = next((item for item in chain if isinstance(item, DataValidationError)), None)
+    if validation is not None:
+        return str(validation)
     return f"{type(chain[-1]).__name__}: {chain[-1]}"
 
 
