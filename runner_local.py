@@ -27,8 +27,15 @@ def _parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def _console_worthy(record: logging.LogRecord) -> bool:
+    """Errors, our own warnings and component progress; the libraries' chatter stays in the file."""
+    own = record.name == "root" or record.name.split(".")[0] in ("pipeline", "models", "data")
+    return (record.levelno >= logging.ERROR or (own and record.levelno >= logging.WARNING)
+            or str(record.msg).startswith("Component "))
+
+
 def _setup_logging(log_path: pathlib.Path) -> None:
-    """Everything at INFO to the run's log file; warnings and component progress to the console."""
+    """Everything at INFO to the run's log file; errors, our warnings and progress to the console."""
     import absl.logging
 
     log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -40,7 +47,7 @@ def _setup_logging(log_path: pathlib.Path) -> None:
     root.setLevel(logging.INFO)
     file_handler = logging.FileHandler(log_path)
     console = logging.StreamHandler(sys.stderr)
-    console.addFilter(lambda record: record.levelno >= logging.WARNING or str(record.msg).startswith("Component "))
+    console.addFilter(_console_worthy)
     for handler in (file_handler, console):
         handler.setFormatter(formatter)
         root.addHandler(handler)

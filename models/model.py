@@ -166,8 +166,12 @@ def run_fn(fn_args: tfx.components.FnArgs) -> None:
         steps_per_epoch=steps_per_epoch,
         epochs=epochs,
         validation_data=eval_dataset,
-        callbacks=[tf.keras.callbacks.TensorBoard(log_dir=fn_args.model_run_dir, update_freq="epoch")],
-        verbose=2)
+        callbacks=[
+            tf.keras.callbacks.TensorBoard(log_dir=fn_args.model_run_dir, update_freq="epoch"),
+            tf.keras.callbacks.LambdaCallback(
+                on_epoch_end=lambda epoch, logs: logging.info("epoch %d/%d: %s", epoch + 1, epochs, logs)),
+        ],
+        verbose=0)
     # save_traces=False: the signatures are all that serving and TFMA call, and tracing every layer
     # for Keras' own reloading would double the export time and the model's load time.
     model.save(fn_args.serving_model_dir, save_format="tf", save_traces=False,

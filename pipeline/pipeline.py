@@ -1,5 +1,7 @@
 """The one definition of the babyweight pipeline; runners pick an orchestrator and call it."""
+import hashlib
 import os
+import pathlib
 from typing import List
 
 import tensorflow_model_analysis as tfma
@@ -13,6 +15,20 @@ from pipeline.config import PipelineConfig
 PREPROCESSING_FN = "models.preprocessing.preprocessing_fn"
 RUN_FN = "models.model.run_fn"
 SCHEMA_FILE = "schema.pbtxt"
+MODELS_DIR = pathlib.Path(features.__file__).resolve().parent
+
+
+def code_fingerprint(package_dir: pathlib.Path = MODELS_DIR) -> str:
+    """Hash of the model package's sources.
+
+    Transform and Trainer name their code by dotted path, which TFX's cache key does not cover (it
+    fingerprints only a module_file): without this, editing models/ would rerun nothing.
+    """
+    digest = hashlib.sha256()
+    for path in sorted(package_dir.rglob("*.py")):
+        digest.update(path.relative_to(package_dir).as_posix().encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
 
 
 def eval_config(config: PipelineConfig) -> tfma.EvalConfig:
@@ -75,6 +91,7 @@ def create_pipeline(config: PipelineConfig) -> tfx.dsl.Pipeline:
         examples=example_gen.outputs["examples"],
         schema=schema_importer.outputs["schema"],
         preprocessing_fn=PREPROCESSING_FN,
+        custom_config={"code_fingerprint": code_fingerprint()},
         # StatisticsGen already describes the raw data; Transform's own pre/post statistics would
         # double the Beam work of the slowest component.
         disable_statistics=True, force_tf_compat_v1=True)
@@ -125,6 +142,7 @@ def create_pipeline(config: PipelineConfig) -> tfx.dsl.Pipeline:
 def model_config(config: PipelineConfig) -> dict:
     """Hyperparameters handed to `run_fn` through the Trainer's custom_config."""
     return {
+        "code_fingerprint": code_fingerprint(),
         "strategy": config.strategy,
         "train_epochs": config.train_epochs,
         "min_train_steps": config.min_train_steps,
