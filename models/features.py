@@ -5,7 +5,7 @@ the model, the serving signatures, the evaluation slices) reads it from `COLUMNS
 """
 import dataclasses
 import enum
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Tuple
 
 
 class Role(enum.Enum):
@@ -27,7 +27,7 @@ class Column:
     """One column of the BigQuery natality table."""
 
     name: str
-    dtype: str  # "int", "float" or "string": the CSV type, and the tf.Example type (int64/float/bytes)
+    dtype: str  # "int", "float" or "string"; schema/schema.pbtxt declares the same (a test checks)
     role: Role = Role.UNUSED
     transform: Transform = Transform.NONE
     # Codes the table uses for 'unknown' (e.g. 99 for father_age): treated as missing, never as values.

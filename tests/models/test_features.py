@@ -59,3 +59,8 @@ def test_categorical_id_sizes_cover_every_id_and_crosses_multiply():
 def test_slices_are_overall_raw_features_and_the_gestation_bucket():
     assert features.slice_keys() == [[], ["is_male"], ["plurality"], ["gestation_weeks_bucket_xf"]]
     assert all(features.BY_NAME[name].role is Role.FEATURE for name in features.SLICE_FEATURES)
+
+
+def test_schema_types_are_the_table_types():
+    kinds = {schema_pb2.INT: "int", schema_pb2.FLOAT: "float", schema_pb2.BYTES: "string"}
+    assert {f.name: kinds[f.type] for f in _schema().feature} == {c.name: c.dtype for c in features.COLUMNS}

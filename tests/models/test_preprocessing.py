@@ -3,7 +3,6 @@ import tempfile
 
 import numpy as np
 import pytest
-import tensorflow as tf
 import tensorflow_transform.beam as tft_beam
 from tensorflow_transform.tf_metadata import dataset_metadata, schema_utils
 
