@@ -37,7 +37,8 @@ def eval_config(config: PipelineConfig) -> tfma.EvalConfig:
 
     def overall(**threshold) -> tfma.PerSliceMetricThreshold:
         # Thresholds gate on the whole eval split; slices (some of a few rows) are reported, not gated.
-        return tfma.PerSliceMetricThreshold(slicing_specs=[tfma.SlicingSpec()], threshold=tfma.MetricThreshold(**threshold))
+        return tfma.PerSliceMetricThreshold(
+            slicing_specs=[tfma.SlicingSpec()], threshold=tfma.MetricThreshold(**threshold))
 
     return tfma.EvalConfig(
         model_specs=[tfma.ModelSpec(

@@ -76,8 +76,9 @@ def _output(steps: List[StepRecord], node_id: str, key: str) -> Optional[metadat
 def split_stats(statistics: metadata_store_pb2.Artifact) -> Dict[str, statistics_pb2.DatasetFeatureStatistics]:
     """The statistics of each split of a StatisticsGen output."""
     result = {}
-    for split in artifact_utils.decode_split_names(statistics.properties["split_names"].string_value):
-        path = f"{artifact_utils.get_split_uri([_artifact_as_tfx(statistics, standard_artifacts.ExampleStatistics)], split)}/FeatureStats.pb"
+    artifact = _artifact_as_tfx(statistics, standard_artifacts.ExampleStatistics)
+    for split in artifact_utils.decode_split_names(artifact.split_names):
+        path = f"{artifact_utils.get_split_uri([artifact], split)}/FeatureStats.pb"
         result[split] = tfdv.load_stats_binary(path).datasets[0]
     return result
 
@@ -96,9 +97,10 @@ def mean_predictor_rmse(split_stats: Dict[str, statistics_pb2.DatasetFeatureStat
     return math.sqrt(eval_std ** 2 + (eval_mean - train_mean) ** 2)
 
 
-def _artifact_as_tfx(artifact: metadata_store_pb2.Artifact, artifact_class: type) -> artifact.Artifact:
+def _artifact_as_tfx(mlmd_artifact: metadata_store_pb2.Artifact, artifact_class: type) -> artifact.Artifact:
+    """The TFX view of an artifact read from ML Metadata, for TFX's own artifact helpers."""
     wrapped = artifact_class()
-    wrapped.set_mlmd_artifact(artifact)
+    wrapped.set_mlmd_artifact(mlmd_artifact)
     return wrapped
 
 
