@@ -16,6 +16,7 @@ from tfx import v1 as tfx
 from tfx_bsl.public import tfxio
 
 from models import features
+from models.distribution import global_batch_size, select_strategy
 
 PREDICTIONS = "predictions"
 
@@ -54,18 +55,6 @@ def build_keras_model(hidden_units: List[int], embedding_dim: int, learning_rate
     model.compile(optimizer=tf.keras.optimizers.Adam(learning_rate), loss="mse",
                   weighted_metrics=[tf.keras.metrics.RootMeanSquaredError(name="rmse")], jit_compile=False)
     return model
-
-
-def select_strategy(name: str) -> tf.distribute.Strategy:
-    """The distribution strategy named in the config: 'default' (one device) or 'mirrored'."""
-    if name == "default":
-        strategy = tf.distribute.get_strategy()
-    elif name == "mirrored":
-        strategy = tf.distribute.MirroredStrategy()
-    else:
-        raise ValueError(f"unknown distribution strategy {name!r}: expected 'default' or 'mirrored'")
-    logging.info("distribution strategy %s with %d replica(s)", name, strategy.num_replicas_in_sync)
-    return strategy
 
 
 def _input_fn(file_pattern: List[str], data_accessor: tfx.components.DataAccessor,
@@ -151,8 +140,8 @@ def run_fn(fn_args: tfx.components.FnArgs) -> None:
     """TFX Trainer entry point: trains on the transformed train split and exports the serving model."""
     hyperparameters = fn_args.custom_config
     tf_transform_output = tft.TFTransformOutput(fn_args.transform_output)
-    strategy = select_strategy(hyperparameters["strategy"])
-    batch_size = hyperparameters["batch_size"]
+    strategy = select_strategy(hyperparameters["strategy"], hyperparameters["tpu_address"])
+    batch_size = global_batch_size(hyperparameters["batch_size"], strategy)
     train_dataset = _input_fn(fn_args.train_files, fn_args.data_accessor, tf_transform_output, batch_size)
     eval_dataset = _input_fn(fn_args.eval_files, fn_args.data_accessor, tf_transform_output, batch_size)
     steps_per_epoch, epochs = training_schedule(

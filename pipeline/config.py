@@ -1,13 +1,21 @@
-"""One frozen configuration object per run: a profile file plus command-line overrides."""
+"""One frozen configuration object per run: a profile file, then environment, then command-line overrides.
+
+Any setting can come from the environment as BABYWEIGHT_<SETTING> (e.g. BABYWEIGHT_GCP_PROJECT), which
+the profile file's value yields to and a --set flag overrides.
+"""
 import dataclasses
+import os
 import pathlib
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple
 
 import yaml
 
+from models.distribution import STRATEGIES
+
 PROJECT_ROOT = pathlib.Path(__file__).resolve().parent.parent
 PROFILES_DIR = PROJECT_ROOT / "pipeline" / "profiles"
-STRATEGIES = ("default", "mirrored")
+ENV_PREFIX = "BABYWEIGHT_"
+ORCHESTRATORS = ("local", "vertex")
 
 
 class ConfigError(ValueError):
@@ -30,10 +38,10 @@ class PipelineConfig:
     beam_runner: str  # DirectRunner (portable, FnApiRunner) or BundleBasedDirectRunner
     beam_direct_running_mode: str  # DirectRunner's mode: in_memory, multi_threading or multi_processing
     beam_direct_num_workers: int  # 0 = one per CPU
-    strategy: str  # distribution strategy of the Trainer: one of STRATEGIES
+    strategy: str  # distribution strategy of the Trainer: one of models.distribution.STRATEGIES
     train_epochs: int  # passes over the training split...
     min_train_steps: int  # ...but at least this many steps, so that small data sets converge too
-    batch_size: int  # global batch size
+    batch_size: int  # per replica: the global batch is this times the strategy's replicas
     learning_rate: float
     hidden_units: Tuple[int, ...]
     embedding_dim: int
@@ -41,9 +49,30 @@ class PipelineConfig:
     eval_mae_threshold: float  # pounds: a model whose eval MAE is above this is not blessed
     eval_rmse_max_increase: float  # pounds: a model this much worse than the blessed baseline is not blessed
     block_on_anomalies: bool  # stop the run before Transform when validation finds anomalies
+    orchestrator: str = "local"  # local: LocalDagRunner here; vertex: Vertex Pipelines, Dataflow, Vertex AI
+    tpu_address: str = ""  # strategy tpu: the TPU to connect to ('' = the training job's own)
+    # Google Cloud, for the vertex orchestrator
+    gcp_project: str = ""
+    gcp_region: str = ""
+    gcs_bucket: str = ""  # gs://bucket[/prefix]: pipeline root and Dataflow's temp and staging files
+    service_account: str = ""  # runs the pipeline, Dataflow and training jobs ('' = the default one)
+    pipeline_image: str = ""  # container image with this package installed (see Dockerfile)
+    bigquery_table: str = "bigquery-public-data.samples.natality"
+    bigquery_row_limit: int = 0  # rows per split read from BigQuery (0 = all), for cheap trial runs
+    dataflow_machine_type: str = "n1-standard-4"
+    dataflow_max_workers: int = 8
+    trainer_machine_type: str = "n1-standard-8"
+    trainer_accelerator_type: str = ""  # e.g. NVIDIA_TESLA_T4 (strategy mirrored) or TPU_V3 (strategy tpu)
+    trainer_accelerator_count: int = 0
+    trainer_replica_count: int = 1  # workers of the training job (strategy multi_worker_mirrored for > 1)
+    vertex_endpoint_name: str = "babyweight"
+    serving_machine_type: str = "n1-standard-2"
+    serving_image: str = "us-docker.pkg.dev/vertex-ai/prediction/tf2-cpu.2-15:latest"
 
     @property
     def pipeline_root(self) -> str:
+        if self.orchestrator == "vertex":
+            return f"{self.gcs_bucket.rstrip('/')}/{self.pipeline_name}/pipeline_root"
         return str(pathlib.Path(self.output_dir) / "pipeline")
 
     @property
@@ -59,7 +88,22 @@ class PipelineConfig:
         return str(pathlib.Path(self.output_dir) / "run.log")
 
     def beam_pipeline_args(self) -> List[str]:
-        """Beam's DirectRunner options for the Beam-based components."""
+        """Beam options of the Beam-based components: Dataflow for vertex, the DirectRunner locally."""
+        if self.orchestrator == "vertex":
+            bucket = self.gcs_bucket.rstrip("/")
+            args = [
+                "--runner=DataflowRunner",
+                f"--project={self.gcp_project}",
+                f"--region={self.gcp_region}",
+                f"--temp_location={bucket}/{self.pipeline_name}/dataflow/tmp",
+                f"--staging_location={bucket}/{self.pipeline_name}/dataflow/staging",
+                f"--machine_type={self.dataflow_machine_type}",
+                f"--max_num_workers={self.dataflow_max_workers}",
+                # Workers run the pipeline image, which has this package and its pinned dependencies.
+                f"--sdk_container_image={self.pipeline_image}",
+                "--experiments=use_runner_v2",
+            ]
+            return args + ([f"--service_account_email={self.service_account}"] if self.service_account else [])
         return [
             f"--runner={self.beam_runner}",
             # This package is what Beam workers need; naming it also stops TFX from building an sdist
@@ -113,13 +157,16 @@ def load_config(profile: str = "local", overrides: Optional[Mapping[str, Any]] =
         known = sorted(p.stem for p in PROFILES_DIR.glob("*.yaml"))
         raise ConfigError(f"unknown profile {profile!r}: no {profile_path}; known profiles: {', '.join(known)}")
     values = yaml.safe_load(profile_path.read_text()) or {}
-    values.update(overrides or {})
     fields = {f.name: f for f in dataclasses.fields(PipelineConfig) if f.name != "profile"}
+    values.update({name: os.environ[ENV_PREFIX + name.upper()] for name in fields
+                   if ENV_PREFIX + name.upper() in os.environ})
+    values.update(overrides or {})
     unknown = sorted(set(values) - set(fields))
     if unknown:
         raise ConfigError(f"unknown setting(s) {', '.join(unknown)} (from {profile_path} or --set); "
                           f"known: {', '.join(sorted(fields))}")
-    missing = sorted(set(fields) - set(values))
+    required = {name for name, f in fields.items() if f.default is dataclasses.MISSING}
+    missing = sorted(required - set(values))
     if missing:
         raise ConfigError(f"setting(s) {', '.join(missing)} missing: set them in {profile_path} or with --set")
     typed = {name: _coerce(name, fields[name].type, value) for name, value in values.items()}
@@ -144,3 +191,16 @@ def _check(config: PipelineConfig, profile_path: pathlib.Path) -> None:
             raise ConfigError(f"{name} must be at least 1, not {getattr(config, name)}")
     if config.train_epochs <= 0:
         raise ConfigError(f"train_epochs must be positive, not {config.train_epochs}")
+    if config.orchestrator not in ORCHESTRATORS:
+        raise ConfigError(f"orchestrator {config.orchestrator!r} is not one of {', '.join(ORCHESTRATORS)} "
+                          f"(set it in {profile_path})")
+    if config.orchestrator == "vertex":
+        missing = [name for name in ("gcp_project", "gcp_region", "gcs_bucket", "pipeline_image")
+                   if not getattr(config, name)]
+        if missing:
+            raise ConfigError(
+                f"the {config.profile} profile needs {', '.join(missing)}: set "
+                + ", ".join(f"{ENV_PREFIX}{name.upper()}" for name in missing)
+                + f" in the environment, pass --set {missing[0]}=..., or write them in {profile_path}")
+        if not config.gcs_bucket.startswith("gs://"):
+            raise ConfigError(f"gcs_bucket {config.gcs_bucket!r} must be a Cloud Storage path like gs://my-bucket")

@@ -145,6 +145,7 @@ def model_config(config: PipelineConfig) -> dict:
     return {
         "code_fingerprint": code_fingerprint(),
         "strategy": config.strategy,
+        "tpu_address": config.tpu_address,
         "train_epochs": config.train_epochs,
         "min_train_steps": config.min_train_steps,
         "batch_size": config.batch_size,

@@ -22,7 +22,9 @@ def test_overrides_are_typed_like_the_field():
 
 @pytest.mark.parametrize("overrides, message", [
     ({"train_epoch": "2"}, "unknown setting(s) train_epoch"),
-    ({"strategy": "tpu"}, "strategy 'tpu' is not one of default, mirrored"),
+    ({"strategy": "parameter_server"}, "strategy 'parameter_server' is not one of default, mirrored, "
+                                       "multi_worker_mirrored, tpu"),
+    ({"orchestrator": "airflow"}, "orchestrator 'airflow' is not one of local, vertex"),
     ({"batch_size": "many"}, "setting 'batch_size': cannot read 'many'"),
     ({"eval_hash_buckets": "0"}, "eval_hash_buckets must be at least 1"),
 ])
