@@ -13,7 +13,7 @@ setuptools.setup(
     python_requires=">=3.10,<3.11",
     packages=setuptools.find_packages(include=["pipeline", "pipeline.*", "models", "models.*", "data"]),
     package_data={"pipeline": ["profiles/*.yaml"]},
-    py_modules=["runner_local"],
+    py_modules=["runner_local", "runner_dataflow"],
     install_requires=[
         "tfx[kfp]",
         "apache-beam[gcp]",
@@ -27,5 +27,5 @@ setuptools.setup(
         "pyyaml",
     ],
     extras_require={"test": ["pytest"]},
-    entry_points={"console_scripts": ["babyweight-local=runner_local:main"]},
+    entry_points={"console_scripts": ["babyweight-local=runner_local:main", "babyweight-vertex=runner_dataflow:main"]},
 )

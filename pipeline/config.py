@@ -150,13 +150,25 @@ def parse_overrides(pairs: Iterable[str]) -> Dict[str, str]:
     return overrides
 
 
+def _profile_values(profile_path: pathlib.Path) -> Dict[str, Any]:
+    """A profile's settings; `extends: NAME` starts from another profile's, so that each is written once."""
+    values = yaml.safe_load(profile_path.read_text()) or {}
+    base = values.pop("extends", None)
+    if base is None:
+        return values
+    base_path = PROFILES_DIR / f"{base}.yaml"
+    if not base_path.is_file():
+        raise ConfigError(f"{profile_path} extends unknown profile {base!r}")
+    return {**_profile_values(base_path), **values}
+
+
 def load_config(profile: str = "local", overrides: Optional[Mapping[str, Any]] = None) -> PipelineConfig:
     """Builds the run's config from pipeline/profiles/<profile>.yaml, then applies `overrides`."""
     profile_path = PROFILES_DIR / f"{profile}.yaml"
     if not profile_path.is_file():
         known = sorted(p.stem for p in PROFILES_DIR.glob("*.yaml"))
         raise ConfigError(f"unknown profile {profile!r}: no {profile_path}; known profiles: {', '.join(known)}")
-    values = yaml.safe_load(profile_path.read_text()) or {}
+    values = _profile_values(profile_path)
     fields = {f.name: f for f in dataclasses.fields(PipelineConfig) if f.name != "profile"}
     values.update({name: os.environ[ENV_PREFIX + name.upper()] for name in fields
                    if ENV_PREFIX + name.upper() in os.environ})

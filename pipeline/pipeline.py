@@ -68,8 +68,29 @@ def eval_config(config: PipelineConfig) -> tfma.EvalConfig:
     )
 
 
-def example_gen_component(config: PipelineConfig) -> tfx.components.CsvExampleGen:
-    """Reads the CSV files of config.data_dir and splits them train/eval by hash."""
+def bigquery_query(config: PipelineConfig, split: str) -> str:
+    """The query of one split: the table's columns, typed as in a CSV export, split by year and month.
+
+    Births of one month all go to the same split (a hash of year and month), so the split is stable
+    across runs and no near-duplicate rows of one month straddle train and eval.
+    """
+    casts = {"int": "SAFE_CAST({0} AS INT64)", "float": "CAST({0} AS FLOAT64)", "string": "CAST({0} AS STRING)"}
+    columns = ",\n  ".join(f"{casts[c.dtype].format(c.name)} AS {c.name}" for c in features.COLUMNS)
+    buckets = config.train_hash_buckets + config.eval_hash_buckets
+    condition = f"< {config.train_hash_buckets}" if split == "train" else f">= {config.train_hash_buckets}"
+    limit = f"\nLIMIT {config.bigquery_row_limit}" if config.bigquery_row_limit else ""
+    return (f"SELECT\n  {columns}\nFROM `{config.bigquery_table}`\n"
+            f"WHERE MOD(ABS(FARM_FINGERPRINT(CONCAT(CAST(year AS STRING), '-', CAST(month AS STRING)))), "
+            f"{buckets}) {condition}{limit}")
+
+
+def example_gen_component(config: PipelineConfig) -> tfx.types.BaseNode:
+    """Local: the CSV files of config.data_dir, split train/eval by hash. Vertex: BigQuery, split by query."""
+    if config.orchestrator == "vertex":
+        return tfx.extensions.google_cloud_big_query.BigQueryExampleGen(
+            input_config=tfx.proto.Input(splits=[
+                tfx.proto.Input.Split(name=split, pattern=bigquery_query(config, split))
+                for split in ("train", "eval")]))
     return tfx.components.CsvExampleGen(
         input_base=config.data_dir,
         input_config=tfx.proto.Input(splits=[tfx.proto.Input.Split(name="all", pattern=config.input_pattern)]),
@@ -79,8 +100,63 @@ def example_gen_component(config: PipelineConfig) -> tfx.components.CsvExampleGe
         ])))
 
 
+def trainer_component(config: PipelineConfig, **inputs) -> tfx.types.BaseNode:
+    """Local: TFX's Trainer in this process. Vertex: a Vertex AI custom job with the configured workers."""
+    custom_config = model_config(config)
+    if config.orchestrator != "vertex":
+        return tfx.components.Trainer(run_fn=RUN_FN, custom_config=custom_config, **inputs)
+    vertex = tfx.extensions.google_cloud_ai_platform
+    machine_spec = {"machine_type": config.trainer_machine_type}
+    if config.trainer_accelerator_type:
+        machine_spec.update(accelerator_type=config.trainer_accelerator_type,
+                            accelerator_count=config.trainer_accelerator_count)
+    job_spec = {
+        "project": config.gcp_project,
+        "worker_pool_specs": [{
+            "machine_spec": machine_spec,
+            "replica_count": 1,
+            "container_spec": {"image_uri": config.pipeline_image},
+        }],
+    }
+    if config.trainer_replica_count > 1:  # MultiWorkerMirroredStrategy: a chief plus workers
+        job_spec["worker_pool_specs"].append(dict(job_spec["worker_pool_specs"][0],
+                                                  replica_count=config.trainer_replica_count - 1))
+    if config.service_account:
+        job_spec["service_account"] = config.service_account
+    custom_config.update({
+        vertex.ENABLE_VERTEX_KEY: True,
+        vertex.VERTEX_REGION_KEY: config.gcp_region,
+        vertex.TRAINING_ARGS_KEY: job_spec,
+    })
+    return vertex.Trainer(run_fn=RUN_FN, custom_config=custom_config, **inputs)
+
+
+def pusher_component(config: PipelineConfig, **inputs) -> tfx.types.BaseNode:
+    """Local: versioned folders under serving_dir. Vertex: a Vertex AI model deployed to an endpoint."""
+    if config.orchestrator != "vertex":
+        return tfx.components.Pusher(
+            push_destination=tfx.proto.PushDestination(
+                filesystem=tfx.proto.PushDestination.Filesystem(base_directory=config.serving_dir)),
+            **inputs)
+    vertex = tfx.extensions.google_cloud_ai_platform
+    return vertex.Pusher(custom_config={
+        vertex.ENABLE_VERTEX_KEY: True,
+        vertex.VERTEX_REGION_KEY: config.gcp_region,
+        vertex.VERTEX_CONTAINER_IMAGE_URI_KEY: config.serving_image,
+        vertex.SERVING_ARGS_KEY: {
+            "project_id": config.gcp_project,
+            "endpoint_name": config.vertex_endpoint_name,
+            "machine_type": config.serving_machine_type,
+        },
+    }, **inputs)
+
+
 def create_pipeline(config: PipelineConfig) -> tfx.dsl.Pipeline:
-    """Wires ExampleGen -> statistics, schema, validation -> Transform -> Trainer -> Evaluator -> Pusher."""
+    """Wires ExampleGen -> statistics, schema, validation -> Transform -> Trainer -> Evaluator -> Pusher.
+
+    The orchestrator of the config picks where ExampleGen reads, where the Trainer runs and where
+    the Pusher pushes; everything else is the same for a local run and a Vertex pipeline.
+    """
     example_gen = example_gen_component(config)
     statistics_gen = tfx.components.StatisticsGen(examples=example_gen.outputs["examples"])
     schema_importer = tfx.components.ImportSchemaGen(schema_file=os.path.join(config.schema_dir, SCHEMA_FILE))
@@ -98,14 +174,13 @@ def create_pipeline(config: PipelineConfig) -> tfx.dsl.Pipeline:
         disable_statistics=True, force_tf_compat_v1=True)
     transform.add_upstream_node(anomalies_gate)
 
-    trainer = tfx.components.Trainer(
-        run_fn=RUN_FN,
+    trainer = trainer_component(
+        config,
         examples=transform.outputs["transformed_examples"],
         transform_graph=transform.outputs["transform_graph"],
         schema=schema_importer.outputs["schema"],
         train_args=tfx.proto.TrainArgs(splits=["train"]),
-        eval_args=tfx.proto.EvalArgs(splits=["eval"]),
-        custom_config=model_config(config))
+        eval_args=tfx.proto.EvalArgs(splits=["eval"]))
 
     model_resolver = tfx.dsl.Resolver(
         strategy_class=tfx.dsl.experimental.LatestBlessedModelStrategy,
@@ -119,11 +194,7 @@ def create_pipeline(config: PipelineConfig) -> tfx.dsl.Pipeline:
         baseline_model=model_resolver.outputs["model"],
         eval_config=eval_config(config))
 
-    pusher = tfx.components.Pusher(
-        model=trainer.outputs["model"],
-        model_blessing=evaluator.outputs["blessing"],
-        push_destination=tfx.proto.PushDestination(
-            filesystem=tfx.proto.PushDestination.Filesystem(base_directory=config.serving_dir)))
+    pusher = pusher_component(config, model=trainer.outputs["model"], model_blessing=evaluator.outputs["blessing"])
 
     components: List[tfx.types.BaseNode] = [
         example_gen, statistics_gen, schema_importer, example_validator, anomalies_gate,
@@ -134,8 +205,9 @@ def create_pipeline(config: PipelineConfig) -> tfx.dsl.Pipeline:
         pipeline_root=config.pipeline_root,
         components=components,
         enable_cache=config.enable_cache,
-        metadata_connection_config=tfx.orchestration.metadata.sqlite_metadata_connection_config(
-            config.metadata_path),
+        # Vertex Pipelines records runs in Vertex ML Metadata by itself.
+        metadata_connection_config=None if config.orchestrator == "vertex" else
+        tfx.orchestration.metadata.sqlite_metadata_connection_config(config.metadata_path),
         beam_pipeline_args=config.beam_pipeline_args(),
     )
 

@@ -1,0 +1,148 @@
+"""The vertex profile compiles the same pipeline to a Vertex Pipelines job spec (offline: no cloud calls)."""
+import json
+
+import pytest
+
+import runner_dataflow
+from pipeline import config as config_lib
+from pipeline import pipeline as pipeline_lib
+
+IMAGE = "us-central1-docker.pkg.dev/my-project/babyweight/pipeline:7"
+SETTINGS = ["gcp_project=my-project", "gcs_bucket=gs://my-bucket", f"pipeline_image={IMAGE}",
+            "service_account=runner@my-project.iam.gserviceaccount.com"]
+
+
+def _compile(tmp_path, *extra):
+    output = tmp_path / "spec.json"
+    args = [arg for setting in SETTINGS + list(extra) for arg in ("--set", setting)]
+    assert runner_dataflow.main(args + ["--output", str(output)]) == 0
+    spec = json.loads(output.read_text())["pipelineSpec"]
+    return spec, spec["root"]["dag"]["tasks"], spec["deploymentSpec"]["executors"]
+
+
+def _parameters(task):
+    constants = {name: value["runtimeValue"]["constantValue"]
+                 for name, value in task["inputs"].get("parameters", {}).items()}
+    return {name: constant["stringValue"] for name, constant in constants.items() if "stringValue" in constant}
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory):
+    return _compile(tmp_path_factory.mktemp("vertex"))
+
+
+def test_same_components_as_the_local_pipeline(compiled):
+    _, tasks, _ = compiled
+    local = {c.id for c in pipeline_lib.create_pipeline(config_lib.load_config()).components}
+    expected = (local - {"CsvExampleGen", "latest_blessed_model_resolver"}) | {"BigQueryExampleGen"}
+    resolver_tasks = {name for name in tasks if name.startswith("latest_blessed_model_resolver")}
+    assert set(tasks) - resolver_tasks == expected
+    assert resolver_tasks  # KFP v2 splits the resolver into its model and blessing lookups
+
+
+def test_example_gen_reads_bigquery_with_a_reproducible_split(compiled):
+    _, tasks, _ = compiled
+    splits = json.loads(_parameters(tasks["BigQueryExampleGen"])["input_config"])["splits"]
+    queries = {split["name"]: split["pattern"] for split in splits}
+    assert set(queries) == {"train", "eval"}
+    for query in queries.values():
+        assert "FROM `bigquery-public-data.samples.natality`" in query
+        assert "FARM_FINGERPRINT(CONCAT(CAST(year AS STRING), '-', CAST(month AS STRING)))" in query
+        assert "CAST(is_male AS STRING) AS is_male" in query and "LIMIT" not in query
+    assert queries["train"].endswith(", 5) < 4") and queries["eval"].endswith(", 5) >= 4")
+
+
+def test_row_limit_for_trial_runs(tmp_path):
+    _, tasks, _ = _compile(tmp_path, "bigquery_row_limit=1000")
+    splits = json.loads(_parameters(tasks["BigQueryExampleGen"])["input_config"])["splits"]
+    assert all(split["pattern"].endswith("LIMIT 1000") for split in splits)
+
+
+def test_beam_components_run_on_dataflow_in_the_configured_image(compiled):
+    _, _, executors = compiled
+    for name in ("BigQueryExampleGen_executor", "StatisticsGen_executor", "Transform_executor", "Evaluator_executor"):
+        container = executors[name]["container"]
+        args = container["args"]
+        assert container["image"] == IMAGE
+        for expected in ("--runner=DataflowRunner", "--project=my-project", "--region=us-central1",
+                         "--temp_location=gs://my-bucket/babyweight/dataflow/tmp", f"--sdk_container_image={IMAGE}",
+                         "--service_account_email=runner@my-project.iam.gserviceaccount.com"):
+            assert expected in args, (name, expected)
+
+
+def test_trainer_is_a_vertex_job_with_the_configured_worker_pool(compiled):
+    _, tasks, executors = compiled
+    custom_config = json.loads(_parameters(tasks["Trainer"])["custom_config"])
+    assert custom_config["ai_platform_enable_vertex"] is True
+    assert custom_config["ai_platform_vertex_region"] == "us-central1"
+    job = custom_config["ai_platform_training_args"]
+    assert job["project"] == "my-project"
+    assert job["service_account"] == "runner@my-project.iam.gserviceaccount.com"
+    assert job["worker_pool_specs"] == [{
+        "machine_spec": {"machine_type": "n1-standard-8", "accelerator_type": "NVIDIA_TESLA_T4",
+                         "accelerator_count": 1},
+        "replica_count": 1,
+        "container_spec": {"image_uri": IMAGE},
+    }]
+    assert custom_config["strategy"] == "mirrored"
+    assert "google_cloud_ai_platform" in executors["Trainer_executor"]["container"]["args"][1]
+
+
+def test_tpu_and_multi_worker_pools(tmp_path):
+    _, tasks, _ = _compile(tmp_path, "strategy=tpu", "trainer_machine_type=cloud-tpu",
+                           "trainer_accelerator_type=TPU_V3", "trainer_accelerator_count=8")
+    custom_config = json.loads(_parameters(tasks["Trainer"])["custom_config"])
+    assert custom_config["strategy"] == "tpu"
+    assert custom_config["ai_platform_training_args"]["worker_pool_specs"][0]["machine_spec"] == {
+        "machine_type": "cloud-tpu", "accelerator_type": "TPU_V3", "accelerator_count": 8}
+    _, tasks, _ = _compile(tmp_path, "strategy=multi_worker_mirrored", "trainer_replica_count=3")
+    pools = json.loads(_parameters(tasks["Trainer"])["custom_config"])["ai_platform_training_args"]["worker_pool_specs"]
+    assert [pool["replica_count"] for pool in pools] == [1, 2]
+
+
+def test_pusher_deploys_to_the_configured_vertex_endpoint(compiled):
+    _, tasks, _ = compiled
+    custom_config = json.loads(_parameters(tasks["Pusher"])["custom_config"])
+    assert custom_config["ai_platform_enable_vertex"] is True
+    assert custom_config["ai_platform_serving_args"] == {
+        "project_id": "my-project", "endpoint_name": "babyweight", "machine_type": "n1-standard-2"}
+    assert custom_config["ai_platform_vertex_container_image_uri"].startswith("us-docker.pkg.dev/vertex-ai/prediction/")
+
+
+def test_every_step_runs_the_configured_image(compiled):
+    _, _, executors = compiled
+    images = {executor["container"]["image"] for executor in executors.values() if "container" in executor}
+    assert images == {IMAGE}
+
+
+@pytest.mark.parametrize("settings, message", [
+    (["gcs_bucket=gs://b", f"pipeline_image={IMAGE}"], "needs gcp_project: set BABYWEIGHT_GCP_PROJECT"),
+    (["gcp_project=p", f"pipeline_image={IMAGE}"], "needs gcs_bucket: set BABYWEIGHT_GCS_BUCKET"),
+    (["gcp_project=p", "gcs_bucket=gs://b", f"pipeline_image={IMAGE}", "gcp_region="], "needs gcp_region"),
+    (["gcp_project=p", "gcs_bucket=my-bucket", f"pipeline_image={IMAGE}"], "must be a Cloud Storage path like gs://"),
+])
+def test_missing_or_wrong_cloud_settings_fail_before_any_network_call(tmp_path, capsys, monkeypatch, settings,
+                                                                      message):
+    for name in ("GCP_PROJECT", "GCS_BUCKET", "GCP_REGION", "PIPELINE_IMAGE"):
+        monkeypatch.delenv(f"BABYWEIGHT_{name}", raising=False)
+    args = [arg for setting in settings for arg in ("--set", setting)]
+    assert runner_dataflow.main(args + ["--output", str(tmp_path / "spec.json")]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "spec.json").exists()
+
+
+def test_unknown_profile_and_local_profile_are_refused(capsys):
+    assert runner_dataflow.main(["--profile", "gke"]) == 2
+    assert "unknown profile 'gke'" in capsys.readouterr().err
+    assert runner_dataflow.main(["--profile", "local"]) == 2
+    assert "needs a vertex profile" in capsys.readouterr().err
+
+
+def test_environment_variables_fill_the_profile(tmp_path, monkeypatch):
+    monkeypatch.setenv("BABYWEIGHT_GCP_PROJECT", "env-project")
+    monkeypatch.setenv("BABYWEIGHT_GCS_BUCKET", "gs://env-bucket")
+    monkeypatch.setenv("BABYWEIGHT_PIPELINE_IMAGE", IMAGE)
+    config = config_lib.load_config("vertex")
+    assert (config.gcp_project, config.gcs_bucket) == ("env-project", "gs://env-bucket")
+    assert config.pipeline_root == "gs://env-bucket/babyweight/pipeline_root"
+    assert config_lib.load_config("vertex", {"gcp_project": "flag-project"}).gcp_project == "flag-project"
