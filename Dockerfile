@@ -1,0 +1,18 @@
+# The pipeline image for Vertex Pipelines, Dataflow workers and Vertex AI training: TFX's own image of
+# the pinned TFX release, plus this package. Build and push it (README, Google Cloud):
+#   gcloud builds submit --tag REGION-docker.pkg.dev/PROJECT/babyweight/pipeline:TAG .
+ARG TFX_VERSION=1.16.0
+FROM gcr.io/tfx-oss-public/tfx:${TFX_VERSION}
+
+WORKDIR /pipeline
+# TFX 1.16 wants Keras 2 in every process that loads the model.
+ENV TF_USE_LEGACY_KERAS=1
+COPY constraints.txt setup.py ./
+COPY pipeline/ pipeline/
+COPY models/ models/
+COPY data/__init__.py data/generator.py data/
+COPY schema/ schema/
+COPY runner_local.py runner_dataflow.py ./
+# The image already has TFX and its dependencies; add Keras 2 at the pinned version, then this package.
+RUN pip install --no-cache-dir -c constraints.txt tf-keras \
+ && pip install --no-cache-dir --no-deps -e .
