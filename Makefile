@@ -11,7 +11,7 @@ export TF_USE_LEGACY_KERAS := 1
 export TF_CPP_MIN_LOG_LEVEL := 2
 export PYTHONWARNINGS := ignore::FutureWarning
 
-.PHONY: run test test-fast bench schema-draft data clean
+.PHONY: run test test-fast vertex bench schema-draft data clean
 
 run: $(VENV)/.installed
 	$(PY) runner_local.py $(ARGS)
@@ -21,6 +21,10 @@ test: $(VENV)/.installed
 
 test-fast: $(VENV)/.installed
 	$(PY) -m pytest tests -m "not slow" $(ARGS)
+
+# Compiles the pipeline for Vertex Pipelines (README, Google Cloud); ARGS="--submit --wait" runs it.
+vertex: $(VENV)/.installed
+	$(PY) runner_dataflow.py $(ARGS)
 
 bench: $(VENV)/.installed
 	$(PY) -m pipeline.bench $(ARGS)

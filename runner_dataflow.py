@@ -59,7 +59,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     job = aiplatform.PipelineJob(display_name=config.pipeline_name, template_path=str(output),
                                  pipeline_root=config.pipeline_root, enable_caching=config.enable_cache)
     job.submit(service_account=config.service_account or None)
-    print(f"submitted: {job.resource_name}\n{job._dashboard_uri()}")
+    print(f"submitted: {job.resource_name} (Vertex AI > Pipelines in the console)")
     if args.wait:
         job.wait()
         print(f"finished: {job.state.name}")

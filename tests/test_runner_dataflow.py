@@ -146,3 +146,36 @@ def test_environment_variables_fill_the_profile(tmp_path, monkeypatch):
     assert (config.gcp_project, config.gcs_bucket) == ("env-project", "gs://env-bucket")
     assert config.pipeline_root == "gs://env-bucket/babyweight/pipeline_root"
     assert config_lib.load_config("vertex", {"gcp_project": "flag-project"}).gcp_project == "flag-project"
+
+
+def test_submit_hands_the_spec_to_vertex_pipelines_and_waits(tmp_path, monkeypatch, capsys):
+    from google.cloud import aiplatform
+
+    calls = {}
+
+    class FakeState:
+        name = "PIPELINE_STATE_SUCCEEDED"
+
+    class FakePipelineJob:
+        resource_name = "projects/my-project/locations/us-central1/pipelineJobs/babyweight-1"
+        state = FakeState()
+
+        def __init__(self, **kwargs):
+            calls["job"] = kwargs
+
+        def submit(self, service_account=None):
+            calls["service_account"] = service_account
+
+        def wait(self):
+            calls["waited"] = True
+
+    monkeypatch.setattr(aiplatform, "init", lambda **kwargs: calls.setdefault("init", kwargs))
+    monkeypatch.setattr(aiplatform, "PipelineJob", FakePipelineJob)
+    output = tmp_path / "spec.json"
+    args = [arg for setting in SETTINGS for arg in ("--set", setting)]
+    assert runner_dataflow.main(args + ["--output", str(output), "--submit", "--wait"]) == 0
+    assert calls["init"] == {"project": "my-project", "location": "us-central1"}
+    assert calls["job"]["template_path"] == str(output) and output.is_file()
+    assert calls["job"]["pipeline_root"] == "gs://my-bucket/babyweight/pipeline_root"
+    assert calls["service_account"] == "runner@my-project.iam.gserviceaccount.com"
+    assert calls["waited"] and "PIPELINE_STATE_SUCCEEDED" in capsys.readouterr().out
