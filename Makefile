@@ -11,16 +11,28 @@ export TF_USE_LEGACY_KERAS := 1
 export TF_CPP_MIN_LOG_LEVEL := 2
 export PYTHONWARNINGS := ignore::FutureWarning
 
-.PHONY: run test test-fast vertex bench schema-draft data clean
+.PHONY: run test test-fast mariadb metadata vertex bench schema-draft data clean
 
 run: $(VENV)/.installed
 	$(PY) runner_local.py $(ARGS)
 
-test: $(VENV)/.installed
+test: $(VENV)/.installed mariadb
 	$(PY) -m pytest tests $(ARGS)
 
 test-fast: $(VENV)/.installed
 	$(PY) -m pytest tests -m "not slow" $(ARGS)
+
+# A MySQL-compatible server for the ML Metadata tests (they start a private one on a free port).
+mariadb:
+	@command -v mariadbd >/dev/null 2>&1 || PATH="$$PATH:/usr/sbin" command -v mariadbd >/dev/null 2>&1 || \
+	  if command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+	    echo "installing mariadb-server for the ML Metadata tests"; \
+	    (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q mariadb-server) >/dev/null; \
+	  else echo "note: mariadb-server is not installed, so its test is skipped (apt-get install mariadb-server)"; fi
+
+# What the pipeline recorded in ML Metadata (README, Inspecting runs): make metadata ARGS="runs"
+metadata: $(VENV)/.installed
+	$(PY) -m pipeline.metadata_cli $(ARGS)
 
 # Compiles the pipeline for Vertex Pipelines (README, Google Cloud); ARGS="--submit --wait" runs it.
 vertex: $(VENV)/.installed

@@ -27,5 +27,9 @@ setuptools.setup(
         "pyyaml",
     ],
     extras_require={"test": ["pytest"]},
-    entry_points={"console_scripts": ["babyweight-local=runner_local:main", "babyweight-vertex=runner_dataflow:main"]},
+    entry_points={"console_scripts": [
+        "babyweight-local=runner_local:main",
+        "babyweight-vertex=runner_dataflow:main",
+        "babyweight=pipeline.metadata_cli:main",  # babyweight metadata ...
+    ]},
 )

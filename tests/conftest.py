@@ -1,11 +1,21 @@
-"""Shared fixtures: paths of the team's real natality samples and small generated data sets."""
+"""Shared fixtures: the team's real natality samples, and one sequence of real pipeline runs."""
+import dataclasses
 import os
 import pathlib
+import sys
+from typing import Dict, List
 
 os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
+
+from data import generator  # noqa: E402
+from pipeline import config as config_lib  # noqa: E402
+from pipeline import run as run_lib  # noqa: E402
+from pipeline import summary  # noqa: E402
 
 PROJECT_ROOT = pathlib.Path(__file__).resolve().parent.parent
 SHARED_NATALITY = PROJECT_ROOT.parent / "shared" / "data" / "natality"
@@ -18,3 +28,51 @@ def real_export_csv() -> pathlib.Path:
     if not path.is_file():
         pytest.skip(f"real natality export not found at {path}")
     return path
+
+
+@pytest.fixture(scope="session", autouse=True)
+def plain_argv():
+    """TFX's Beam executors parse sys.argv with absl flags, where pytest's own -v would take a value."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(sys, "argv", sys.argv[:1])
+        yield
+
+
+@dataclasses.dataclass
+class Run:
+    outcome: run_lib.Outcome
+    steps: Dict[str, summary.StepRecord]
+    pushed_versions: List[str]
+
+
+def run_pipeline(config: config_lib.PipelineConfig) -> Run:
+    """Runs the pipeline locally and reads back what ML Metadata recorded of the run."""
+    outcome = run_lib.run_local(config)
+    store = summary.connect(config.metadata_path)
+    steps = summary.run_steps(store, summary.run_ids(store)[-1])
+    assert len({s.node_id for s in steps}) == len(steps), "a component ran twice in one run"
+    versions = sorted(p.name for p in pathlib.Path(config.serving_dir).glob("*")) if pathlib.Path(
+        config.serving_dir).exists() else []
+    return Run(outcome, {s.node_id: s for s in steps}, versions)
+
+
+@pytest.fixture(scope="session")
+def pipeline_runs(tmp_path_factory):
+    """Clean data -> data with a bad value domain -> the clean data again, in one output folder."""
+    root = tmp_path_factory.mktemp("e2e")
+    clean = generator.write(6_000, 21, root / "clean")[0]
+    corrupt = root / "corrupt" / "natality.csv"
+    corrupt.parent.mkdir()
+    frame = pd.read_csv(clean, dtype=str, keep_default_na=False)
+    frame["is_male"] = np.where(frame.is_male == "true", "M", "F")  # a coding change upstream
+    frame.to_csv(corrupt, index=False)
+
+    def config(data_dir: pathlib.Path) -> config_lib.PipelineConfig:
+        return config_lib.load_config(overrides={"data_dir": str(data_dir), "output_dir": str(root / "out")})
+
+    return {
+        "first": run_pipeline(config(clean.parent)),
+        "corrupt": run_pipeline(config(corrupt.parent)),
+        "fixed": run_pipeline(config(clean.parent)),
+        "config": config(clean.parent),
+    }

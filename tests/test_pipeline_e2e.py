@@ -1,18 +1,16 @@
 """The real pipeline, end to end, on small generated data and on the team's real export.
 
-One module-scoped sequence of runs in one output folder: a clean run, a run on data that fails
-validation, and a rerun after the data is fixed; the tests assert on what ML Metadata recorded.
+`pipeline_runs` (conftest.py) is one sequence of runs in one output folder: a clean run, a run on data
+that fails validation, and a rerun after the data is fixed; the tests assert on what ML Metadata recorded.
 """
-import dataclasses
 import glob
 import pathlib
 import shutil
 import subprocess
 import sys
-from typing import Dict, List
+from typing import List
 
 import numpy as np
-import pandas as pd
 import pytest
 import tensorflow as tf
 import tensorflow_transform as tft
@@ -20,8 +18,8 @@ import tensorflow_transform as tft
 from data import generator
 from models import features
 from pipeline import config as config_lib
-from pipeline import run as run_lib
 from pipeline import summary
+from tests.conftest import run_pipeline
 
 pytestmark = pytest.mark.slow
 
@@ -31,55 +29,8 @@ CACHEABLE = {"CsvExampleGen", "StatisticsGen", "ImportSchemaGen", "ExampleValida
              "Trainer"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def plain_argv():
-    """TFX's Beam executors parse sys.argv with absl flags, where pytest's own -v would take a value."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(sys, "argv", sys.argv[:1])
-        yield
-
-
-@dataclasses.dataclass
-class Run:
-    outcome: run_lib.Outcome
-    steps: Dict[str, summary.StepRecord]
-    pushed_versions: List[str]
-
-
-def _run(config: config_lib.PipelineConfig) -> Run:
-    outcome = run_lib.run_local(config)
-    store = summary.connect(config.metadata_path)
-    steps = summary.run_steps(store, summary.run_ids(store)[-1])
-    assert len({s.node_id for s in steps}) == len(steps), "a component ran twice in one run"
-    versions = sorted(p.name for p in pathlib.Path(config.serving_dir).glob("*")) if pathlib.Path(
-        config.serving_dir).exists() else []
-    return Run(outcome, {s.node_id: s for s in steps}, versions)
-
-
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory, plain_argv):
-    """Clean data -> data with a bad value domain -> the clean data again, in one output folder."""
-    root = tmp_path_factory.mktemp("e2e")
-    clean = generator.write(6_000, 21, root / "clean")[0]
-    corrupt = root / "corrupt" / "natality.csv"
-    corrupt.parent.mkdir()
-    frame = pd.read_csv(clean, dtype=str, keep_default_na=False)
-    frame["is_male"] = np.where(frame.is_male == "true", "M", "F")  # a coding change upstream
-    frame.to_csv(corrupt, index=False)
-
-    def config(data_dir: pathlib.Path) -> config_lib.PipelineConfig:
-        return config_lib.load_config(overrides={"data_dir": str(data_dir), "output_dir": str(root / "out")})
-
-    return {
-        "first": _run(config(clean.parent)),
-        "corrupt": _run(config(corrupt.parent)),
-        "fixed": _run(config(clean.parent)),
-        "config": config(clean.parent),
-    }
-
-
-def test_first_run_executes_each_component_once_and_pushes(runs):
-    first = runs["first"]
+def test_first_run_executes_each_component_once_and_pushes(pipeline_runs):
+    first = pipeline_runs["first"]
     assert first.outcome.ok, first.outcome.summary
     assert set(first.steps) == NODES
     assert {s.state for s in first.steps.values()} == {"complete"}
@@ -87,19 +38,19 @@ def test_first_run_executes_each_component_once_and_pushes(runs):
     assert "blessed: yes" in first.outcome.summary and "anomalies: none" in first.outcome.summary
 
 
-def test_data_failing_validation_stops_before_transform_and_pushes_nothing(runs):
-    corrupt = runs["corrupt"]
+def test_data_failing_validation_stops_before_transform_and_pushes_nothing(pipeline_runs):
+    corrupt = pipeline_runs["corrupt"]
     assert not corrupt.outcome.ok
     failure = corrupt.outcome.summary.split("Run FAILED: ")[-1]
     assert failure.startswith("data failed validation"), corrupt.outcome.summary
     assert "feature 'is_male': Unexpected string values" in failure and "M (~50%)" in failure, failure
     assert corrupt.steps["AnomaliesGate"].state == "failed"
     assert not {"Transform", "Trainer", "Evaluator", "Pusher"} & set(corrupt.steps)
-    assert corrupt.pushed_versions == runs["first"].pushed_versions
+    assert corrupt.pushed_versions == pipeline_runs["first"].pushed_versions
 
 
-def test_rerun_after_the_fix_is_served_from_cache(runs):
-    fixed = runs["fixed"]
+def test_rerun_after_the_fix_is_served_from_cache(pipeline_runs):
+    fixed = pipeline_runs["fixed"]
     assert fixed.outcome.ok, fixed.outcome.summary
     assert {name for name, step in fixed.steps.items() if step.state == "cached"} >= CACHEABLE
     # The first model is now the blessed baseline: the Evaluator compares against it and blesses again.
@@ -107,8 +58,8 @@ def test_rerun_after_the_fix_is_served_from_cache(runs):
     assert "blessed: yes" in fixed.outcome.summary
 
 
-def test_summary_reports_rows_rmse_against_the_mean_predictor_and_seconds(runs):
-    text = runs["first"].outcome.summary
+def test_summary_reports_rows_rmse_against_the_mean_predictor_and_seconds(pipeline_runs):
+    text = pipeline_runs["first"].outcome.summary
     rows = {split: int(n) for split, n in (part.split() for part in
                                            text.split("rows: ")[1].splitlines()[0].split(", "))}
     assert sum(rows.values()) == 6_000 and rows["train"] > 3 * rows["eval"]
@@ -123,9 +74,9 @@ def _eval_examples(config: config_lib.PipelineConfig, count: int) -> List[bytes]
     return [record.numpy() for record in dataset]
 
 
-def test_pushed_model_predicts_what_the_training_transform_and_model_predict(runs):
-    config = runs["config"]
-    pushed = pathlib.Path(config.serving_dir) / runs["first"].pushed_versions[-1]
+def test_pushed_model_predicts_what_the_training_transform_and_model_predict(pipeline_runs):
+    config = pipeline_runs["config"]
+    pushed = pathlib.Path(config.serving_dir) / pipeline_runs["first"].pushed_versions[-1]
     serialized = _eval_examples(config, 50)
 
     transform_dir = sorted(glob.glob(f"{config.pipeline_root}/Transform/transform_graph/*"))[-1]
@@ -179,7 +130,7 @@ def test_real_bigquery_export_trains_a_model_well_below_the_mean_predictor(tmp_p
     data_dir.mkdir()
     shutil.copy(real_export_csv, data_dir)  # into a folder of its own: the shared folder holds other formats
     config = config_lib.load_config(overrides={"data_dir": str(data_dir), "output_dir": str(tmp_path / "out")})
-    result = _run(config)
+    result = run_pipeline(config)
     assert result.outcome.ok, result.outcome.summary
     assert result.pushed_versions
     store = summary.connect(config.metadata_path)

@@ -1,0 +1,405 @@
+"""Reads what the pipeline recorded in ML Metadata: runs, steps, artifacts, lineage, contents, differences.
+
+    babyweight metadata runs
+    babyweight metadata run RUN
+    babyweight metadata artifacts [--type Model] [--run RUN]
+    babyweight metadata lineage [ARTIFACT_ID]        (default: the latest pushed model)
+    babyweight metadata show ARTIFACT_ID
+    babyweight metadata diff RUN_A RUN_B
+Every subcommand takes --json. The store is outputs/metadata.sqlite unless --store or --mysql-* say
+otherwise; RUN may be a run id or a negative index (-1 = the latest run).
+"""
+import argparse
+import datetime
+import json
+import sys
+from typing import Any, Dict, Iterable, List, Optional
+
+from ml_metadata import metadata_store
+from ml_metadata.proto import metadata_store_pb2
+
+INPUT_EVENTS = (metadata_store_pb2.Event.INPUT, metadata_store_pb2.Event.DECLARED_INPUT)
+OUTPUT_EVENTS = (metadata_store_pb2.Event.OUTPUT, metadata_store_pb2.Event.DECLARED_OUTPUT)
+STATES = {value: name.lower() for name, value in metadata_store_pb2.Execution.State.items()}
+
+
+class MetadataError(RuntimeError):
+    """A store, run or artifact that isn't there; the message says what exists instead."""
+
+
+def _timestamp(milliseconds: int) -> str:
+    return datetime.datetime.fromtimestamp(milliseconds / 1000, datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _value(value: metadata_store_pb2.Value) -> Any:
+    kind = value.WhichOneof("value")
+    if kind == "struct_value":
+        return json.loads(json.dumps(dict(value.struct_value)))
+    return getattr(value, kind) if kind else None
+
+
+class Store:
+    """ML Metadata read by TFX's own conventions: run and node contexts, typed artifacts, events."""
+
+    def __init__(self, store: metadata_store.MetadataStore):
+        self._store = store
+        self._types = {t.id: t.name for t in store.get_artifact_types()}
+        self._execution_types = {t.id: t.name for t in store.get_execution_types()}
+        self._context_types = {t.id: t.name for t in store.get_context_types()}
+
+    def runs(self) -> List[metadata_store_pb2.Context]:
+        runs = self._store.get_contexts_by_type("pipeline_run")
+        return sorted(runs, key=lambda run: (run.create_time_since_epoch, run.id))
+
+    def run(self, run_ref: str) -> metadata_store_pb2.Context:
+        runs = self.runs()
+        if not runs:
+            raise MetadataError("the store has no pipeline runs yet (make run writes one)")
+        if run_ref.lstrip("-").isdigit() and int(run_ref) < 0 and -int(run_ref) <= len(runs):
+            return runs[int(run_ref)]
+        for run in runs:
+            if run.name == run_ref:
+                return run
+        raise MetadataError(f"unknown run {run_ref!r}; runs: {', '.join(run.name for run in runs)}")
+
+    def node_of(self, execution: metadata_store_pb2.Execution) -> str:
+        for context in self._store.get_contexts_by_execution(execution.id):
+            if self._context_types[context.type_id] == "node":
+                return context.name.split(".", 1)[-1]
+        return self._execution_types.get(execution.type_id, "?").rsplit(".", 1)[-1]
+
+    def run_of(self, execution: metadata_store_pb2.Execution) -> str:
+        for context in self._store.get_contexts_by_execution(execution.id):
+            if self._context_types[context.type_id] == "pipeline_run":
+                return context.name
+        return ""
+
+    def executions(self, run: metadata_store_pb2.Context) -> List[metadata_store_pb2.Execution]:
+        executions = self._store.get_executions_by_context(run.id)
+        return sorted(executions, key=lambda e: (e.create_time_since_epoch, e.id))
+
+    def events(self, execution_ids: Iterable[int] = (), artifact_ids: Iterable[int] = ()):
+        if execution_ids:
+            return self._store.get_events_by_execution_ids(list(execution_ids))
+        return self._store.get_events_by_artifact_ids(list(artifact_ids))
+
+    def artifact(self, artifact_id: str) -> metadata_store_pb2.Artifact:
+        found = self._store.get_artifacts_by_id([int(artifact_id)]) if str(artifact_id).isdigit() else []
+        if not found:
+            ids = sorted(a.id for a in self._store.get_artifacts())
+            known = f"artifacts {ids[0]}-{ids[-1]}" if ids else "no artifacts"
+            raise MetadataError(f"unknown artifact {artifact_id!r}; the store has {known} "
+                                "(babyweight metadata artifacts lists them)")
+        return found[0]
+
+    def artifacts(self) -> List[metadata_store_pb2.Artifact]:
+        return sorted(self._store.get_artifacts(), key=lambda a: a.id)
+
+    def executions_by_id(self, ids: Iterable[int]) -> List[metadata_store_pb2.Execution]:
+        return self._store.get_executions_by_id(list(ids))
+
+    def artifacts_by_id(self, ids: Iterable[int]) -> List[metadata_store_pb2.Artifact]:
+        return self._store.get_artifacts_by_id(list(ids))
+
+    def type_name(self, artifact: metadata_store_pb2.Artifact) -> str:
+        return self._types.get(artifact.type_id, "?")
+
+    def producer(self, artifact: metadata_store_pb2.Artifact) -> Optional[metadata_store_pb2.Execution]:
+        outputs = [e for e in self.events(artifact_ids=[artifact.id]) if e.type in OUTPUT_EVENTS]
+        if not outputs:
+            return None
+        return min(self.executions_by_id([e.execution_id for e in outputs]), key=lambda e: e.id)
+
+    def describe(self, artifact: metadata_store_pb2.Artifact) -> Dict[str, Any]:
+        producer = self.producer(artifact)
+        properties = {k: _value(v) for k, v in artifact.properties.items()}
+        properties.update({k: _value(v) for k, v in artifact.custom_properties.items()
+                           if k not in ("tfx_version", "is_external", "state")})
+        return {"id": artifact.id, "type": self.type_name(artifact),
+                "producer": self.node_of(producer) if producer else None, "uri": artifact.uri,
+                "properties": properties}
+
+
+def connect(args: argparse.Namespace) -> Store:
+    """The store named by the flags: MySQL if --mysql-host is given, else the SQLite file."""
+    config = metadata_store_pb2.ConnectionConfig()
+    if args.mysql_host:
+        config.mysql.host = args.mysql_host
+        config.mysql.port = args.mysql_port
+        config.mysql.database = args.mysql_database
+        config.mysql.user = args.mysql_user
+        config.mysql.password = args.mysql_password
+        where = f"MySQL {args.mysql_host}:{args.mysql_port}/{args.mysql_database}"
+    else:
+        import pathlib
+
+        if not pathlib.Path(args.store).is_file():
+            raise MetadataError(f"no ML Metadata store at {args.store} (make run writes one; or pass --store PATH)")
+        config.sqlite.filename_uri = args.store
+        config.sqlite.connection_mode = metadata_store_pb2.SqliteMetadataSourceConfig.READONLY
+        where = args.store
+    try:
+        return Store(metadata_store.MetadataStore(config))
+    except Exception as error:  # MLMD raises its own status errors with C++ detail
+        raise MetadataError(f"can't open the ML Metadata store at {where}: {error}") from None
+
+
+def _run_summary(store: Store, run: metadata_store_pb2.Context) -> Dict[str, Any]:
+    executions = store.executions(run)
+    states = [STATES.get(e.last_known_state, "unknown") for e in executions]
+    start = min((e.create_time_since_epoch for e in executions), default=run.create_time_since_epoch)
+    end = max((e.last_update_time_since_epoch for e in executions), default=start)
+    status = "failed" if "failed" in states else "running" if "running" in states else "complete"
+    return {"run": run.name, "status": status, "started": _timestamp(start), "seconds": round((end - start) / 1000, 1),
+            "steps": len(executions), "cached": states.count("cached")}
+
+
+def _steps(store: Store, run: metadata_store_pb2.Context) -> List[Dict[str, Any]]:
+    steps = []
+    for execution in store.executions(run):
+        events = [e for e in store.events(execution_ids=[execution.id]) if e.type in OUTPUT_EVENTS]
+        artifacts = {a.id: a for a in store.artifacts_by_id([e.artifact_id for e in events])}
+        outputs = [{"key": next((s.key for s in e.path.steps if s.HasField("key")), ""),
+                    "id": e.artifact_id, "type": store.type_name(artifacts[e.artifact_id]),
+                    "uri": artifacts[e.artifact_id].uri} for e in events]
+        steps.append({"step": store.node_of(execution), "state": STATES.get(execution.last_known_state, "unknown"),
+                      "seconds": round((execution.last_update_time_since_epoch
+                                        - execution.create_time_since_epoch) / 1000, 1),
+                      "outputs": outputs})
+    return steps
+
+
+def _lineage(store: Store, artifact: metadata_store_pb2.Artifact) -> Dict[str, Any]:
+    """Every artifact upstream of `artifact` (through the executions that produced them) and its consumers."""
+    upstream, seen, frontier = [], {artifact.id}, [artifact]
+    while frontier:
+        current = frontier.pop(0)
+        producer = store.producer(current)
+        if producer is None:
+            continue
+        inputs = [e for e in store.events(execution_ids=[producer.id]) if e.type in INPUT_EVENTS]
+        for parent in store.artifacts_by_id([e.artifact_id for e in inputs]):
+            if parent.id not in seen:
+                seen.add(parent.id)
+                upstream.append(dict(store.describe(parent), consumed_by=store.node_of(producer)))
+                frontier.append(parent)
+    consumers = [e for e in store.events(artifact_ids=[artifact.id]) if e.type in INPUT_EVENTS]
+    downstream = [{"step": store.node_of(execution), "run": store.run_of(execution),
+                   "state": STATES.get(execution.last_known_state, "unknown")}
+                  for execution in store.executions_by_id({e.execution_id for e in consumers})]
+    return {"artifact": store.describe(artifact), "upstream": upstream, "downstream": downstream}
+
+
+def _show(store: Store, artifact: metadata_store_pb2.Artifact) -> Dict[str, Any]:
+    """A readable summary of an artifact's content, by its type."""
+    from pipeline import summary
+    from pipeline.anomalies_gate import describe_anomalies
+    from tfx.types import standard_artifacts
+
+    described = store.describe(artifact)
+    kind = described["type"]
+    if kind == "ExampleStatistics":
+        content = {}
+        for split, stats in summary.split_stats(artifact).items():
+            rows = {}
+            for feature in stats.features:
+                name = feature.path.step[0]
+                common = (feature.num_stats.common_stats if feature.HasField("num_stats")
+                          else feature.string_stats.common_stats)
+                row = {"count": common.num_non_missing, "missing": common.num_missing}
+                if feature.HasField("num_stats"):
+                    row.update(mean=round(feature.num_stats.mean, 4), std=round(feature.num_stats.std_dev, 4))
+                else:
+                    row["top"] = [v.value for v in feature.string_stats.top_values[:3]]
+                rows[name] = row
+            content[split] = {"examples": stats.num_examples, "features": rows}
+    elif kind == "ExampleAnomalies":
+        wrapped = standard_artifacts.ExampleAnomalies()
+        wrapped.set_mlmd_artifact(artifact)
+        content = {"anomalies": describe_anomalies(wrapped)}
+    elif kind == "ModelEvaluation":
+        import tensorflow_model_analysis as tfma
+
+        validation = tfma.load_validation_result(artifact.uri)
+        content = {"metrics": summary.slice_metrics(artifact.uri), "validation_ok": validation.validation_ok,
+                   "failures": [f"{f.metric_key.name} = {f.metric_value.double_value.value:.3f}"
+                                for s in validation.metric_validations_per_slice for f in s.failures]}
+    elif kind == "ModelBlessing":
+        content = {"blessed": described["properties"].get("blessed") == 1}
+    elif kind == "PushedModel":
+        content = {"pushed": described["properties"].get("pushed") == 1,
+                   "path": described["properties"].get("pushed_destination"),
+                   "version": described["properties"].get("pushed_version")}
+    else:
+        content = {}
+    return dict(described, content=content)
+
+
+def _diff(store: Store, run_a: metadata_store_pb2.Context, run_b: metadata_store_pb2.Context) -> Dict[str, Any]:
+    """Which steps ran or were cached in each run, and how their outputs' key numbers changed."""
+    steps_a = {s["step"]: s for s in _steps(store, run_a)}
+    steps_b = {s["step"]: s for s in _steps(store, run_b)}
+    steps = [{"step": name, "a": steps_a.get(name, {}).get("state"), "b": steps_b.get(name, {}).get("state"),
+              "same_outputs": sorted(o["id"] for o in steps_a.get(name, {}).get("outputs", []))
+              == sorted(o["id"] for o in steps_b.get(name, {}).get("outputs", []))}
+             for name in list(steps_a) + [n for n in steps_b if n not in steps_a]]
+
+    def numbers(step_outputs: Dict[str, Dict[str, Any]]) -> Dict[str, float]:
+        from pipeline import summary
+
+        result = {}
+        for output in step_outputs.get("Evaluator", {}).get("outputs", []):
+            if output["type"] == "ModelEvaluation":
+                overall = summary.slice_metrics(output["uri"]).get("overall", {})
+                result.update({f"eval {k}": round(v, 4) for k, v in overall.items()
+                               if k in ("root_mean_squared_error", "mean_absolute_error")})
+        for output in step_outputs.get("StatisticsGen", {}).get("outputs", []):
+            if output["type"] == "ExampleStatistics":
+                for split, stats in summary.split_stats(store.artifact(output["id"])).items():
+                    result[f"{split} examples"] = stats.num_examples
+        return result
+
+    numbers_a, numbers_b = numbers(steps_a), numbers(steps_b)
+    changes = {key: {"a": numbers_a.get(key), "b": numbers_b.get(key)}
+               for key in sorted(set(numbers_a) | set(numbers_b))}
+    return {"a": run_a.name, "b": run_b.name, "steps": steps, "numbers": changes}
+
+
+def _print_table(rows: List[Dict[str, Any]], columns: List[str]) -> None:
+    widths = {c: max([len(c)] + [len(str(row.get(c, ""))) for row in rows]) for c in columns}
+    print("  ".join(c.ljust(widths[c]) for c in columns))
+    for row in rows:
+        print("  ".join(str(row.get(c, "")).ljust(widths[c]) for c in columns))
+
+
+def _human(command: str, result: Any) -> None:
+    if command == "runs":
+        _print_table(result, ["run", "status", "started", "seconds", "steps", "cached"])
+    elif command == "run":
+        for step in result:
+            print(f"{step['step']:<32} {step['state']:<9} {step['seconds']:7.1f} s")
+            for output in step["outputs"]:
+                print(f"    {output['key']}: #{output['id']} {output['type']} {output['uri']}")
+    elif command == "artifacts":
+        _print_table([dict(a, properties=json.dumps(a["properties"], sort_keys=True)) for a in result],
+                     ["id", "type", "producer", "uri", "properties"])
+    elif command == "lineage":
+        a = result["artifact"]
+        print(f"#{a['id']} {a['type']} from {a['producer']}: {a['uri']}")
+        print("made from:")
+        for item in result["upstream"]:
+            print(f"  #{item['id']} {item['type']:<20} by {item['producer'] or 'import':<16} "
+                  f"-> {item['consumed_by']:<16} {item['uri']}")
+        print("used by:" if result["downstream"] else "used by: nothing yet")
+        for item in result["downstream"]:
+            print(f"  {item['step']} in run {item['run']} ({item['state']})")
+    elif command == "diff":
+        print(f"a = {result['a']}\nb = {result['b']}")
+        _print_table([dict(s, outputs="same" if s["same_outputs"] else "new") for s in result["steps"]],
+                     ["step", "a", "b", "outputs"])
+        for key, change in result["numbers"].items():
+            print(f"{key}: {change['a']} -> {change['b']}")
+    else:  # show
+        print(f"#{result['id']} {result['type']} from {result['producer'] or 'import'}: {result['uri']}")
+        content = result["content"]
+        if result["type"] == "ExampleStatistics":
+            for split, stats in content.items():
+                print(f"split {split}: {stats['examples']} examples")
+                _print_table([dict(feature=name, **row) for name, row in stats["features"].items()],
+                             ["feature", "count", "missing", "mean", "std", "top"])
+        elif result["type"] == "ModelEvaluation":
+            _print_table([{"slice": name, "rmse": round(m.get("root_mean_squared_error", float("nan")), 3),
+                           "mae": round(m.get("mean_absolute_error", float("nan")), 3),
+                           "n": m.get("weighted_example_count")} for name, m in sorted(content["metrics"].items())],
+                         ["slice", "rmse", "mae", "n"])
+            print(f"validation ok: {content['validation_ok']}" + "".join(f"\n  failed: {f}" for f in content["failures"]))
+        else:
+            for key, value in list(content.items()) + list(result["properties"].items()):
+                print(f"{key}: {value if not isinstance(value, list) else chr(10).join(['', *value])}")
+
+
+def _latest_pushed_model(store: Store) -> metadata_store_pb2.Artifact:
+    pushed = [a for a in store.artifacts() if store.type_name(a) == "PushedModel"
+              and _value(a.custom_properties["pushed"]) == 1] if store.artifacts() else []
+    if not pushed:
+        raise MetadataError("no model has been pushed yet; pass an artifact id (babyweight metadata artifacts)")
+    return pushed[-1]
+
+
+def run_command(args: argparse.Namespace) -> Any:
+    """Executes one subcommand and returns its result as plain data."""
+    store = connect(args)
+    if args.command == "runs":
+        runs = store.runs()
+        if not runs:
+            raise MetadataError(f"the store at {args.store} has no pipeline runs yet (make run writes one)")
+        return [_run_summary(store, run) for run in runs]
+    if args.command == "run":
+        return _steps(store, store.run(args.run))
+    if args.command == "artifacts":
+        artifacts = [store.describe(a) for a in store.artifacts()]
+        if args.type:
+            known = sorted({a["type"] for a in artifacts})
+            if args.type not in known:
+                raise MetadataError(f"no artifacts of type {args.type!r}; types: {', '.join(known)}")
+            artifacts = [a for a in artifacts if a["type"] == args.type]
+        if args.run:
+            run = store.run(args.run)
+            made = {o["id"] for step in _steps(store, run) for o in step["outputs"]}
+            artifacts = [a for a in artifacts if a["id"] in made]
+        return artifacts
+    if args.command == "lineage":
+        return _lineage(store, store.artifact(args.artifact) if args.artifact else _latest_pushed_model(store))
+    if args.command == "show":
+        return _show(store, store.artifact(args.artifact))
+    return _diff(store, store.run(args.run_a), store.run(args.run_b))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The `babyweight metadata ...` command line."""
+    from pipeline import config as config_lib
+
+    parser = argparse.ArgumentParser(prog="babyweight metadata", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--store", default=config_lib.load_config().metadata_path,
+                        help="SQLite store (default: the local profile's outputs/metadata.sqlite)")
+    parser.add_argument("--mysql-host", help="read a MySQL-compatible ML Metadata server instead")
+    parser.add_argument("--mysql-port", type=int, default=3306)
+    parser.add_argument("--mysql-database", default="mlmd")
+    parser.add_argument("--mysql-user", default="mlmd")
+    parser.add_argument("--mysql-password", default="")
+    parser.add_argument("--json", action="store_true", help="print JSON for scripts")
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("runs", help="pipeline runs with status, start time and duration")
+    commands.add_parser("run", help="a run's steps, their state and outputs").add_argument("run")
+    artifacts = commands.add_parser("artifacts", help="artifacts with type, producer, URI and properties")
+    artifacts.add_argument("--type")
+    artifacts.add_argument("--run")
+    commands.add_parser("lineage", help="what an artifact was made from and what used it").add_argument(
+        "artifact", nargs="?")
+    commands.add_parser("show", help="an artifact's content, readable").add_argument("artifact")
+    diff = commands.add_parser("diff", help="what changed between two runs")
+    diff.add_argument("run_a")
+    diff.add_argument("run_b")
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """`babyweight metadata SUBCOMMAND ...`; errors are one line on stderr and exit code 1."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["metadata"]:
+        argv = argv[1:]
+    args = build_parser().parse_args(argv)
+    try:
+        result = run_command(args)
+    except MetadataError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(result, indent=2, default=str))
+    else:
+        _human(args.command, result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
