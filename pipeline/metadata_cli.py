@@ -154,19 +154,20 @@ def _run_summary(store: Store, run: metadata_store_pb2.Context) -> Dict[str, Any
             "steps": len(executions), "cached": states.count("cached")}
 
 
+def _outputs_of(store: Store, execution: metadata_store_pb2.Execution) -> List[Dict[str, Any]]:
+    """The output artifacts of one execution: key, id, type and URI."""
+    events = [e for e in store.events(execution_ids=[execution.id]) if e.type in OUTPUT_EVENTS]
+    artifacts = {a.id: a for a in store.artifacts_by_id([e.artifact_id for e in events])}
+    return [{"key": next((s.key for s in e.path.steps if s.HasField("key")), ""), "id": e.artifact_id,
+             "type": store.type_name(artifacts[e.artifact_id]), "uri": artifacts[e.artifact_id].uri}
+            for e in events]
+
+
 def _steps(store: Store, run: metadata_store_pb2.Context) -> List[Dict[str, Any]]:
-    steps = []
-    for execution in store.executions(run):
-        events = [e for e in store.events(execution_ids=[execution.id]) if e.type in OUTPUT_EVENTS]
-        artifacts = {a.id: a for a in store.artifacts_by_id([e.artifact_id for e in events])}
-        outputs = [{"key": next((s.key for s in e.path.steps if s.HasField("key")), ""),
-                    "id": e.artifact_id, "type": store.type_name(artifacts[e.artifact_id]),
-                    "uri": artifacts[e.artifact_id].uri} for e in events]
-        steps.append({"step": store.node_of(execution), "state": STATES.get(execution.last_known_state, "unknown"),
-                      "seconds": round((execution.last_update_time_since_epoch
-                                        - execution.create_time_since_epoch) / 1000, 1),
-                      "outputs": outputs})
-    return steps
+    return [{"step": store.node_of(execution), "state": STATES.get(execution.last_known_state, "unknown"),
+             "seconds": round((execution.last_update_time_since_epoch - execution.create_time_since_epoch) / 1000, 1),
+             "outputs": _outputs_of(store, execution)}
+            for execution in store.executions(run)]
 
 
 def _lineage(store: Store, artifact: metadata_store_pb2.Artifact) -> Dict[str, Any]:
@@ -221,7 +222,16 @@ def _show(store: Store, artifact: metadata_store_pb2.Artifact) -> Dict[str, Any]
         import tensorflow_model_analysis as tfma
 
         validation = tfma.load_validation_result(artifact.uri)
-        content = {"metrics": summary.slice_metrics(artifact.uri), "validation_ok": validation.validation_ok,
+        evaluator = store.producer(artifact)
+        eval_config = json.loads(_value(evaluator.custom_properties["eval_config"])) if evaluator else {}
+        thresholds = {metric["class_name"]: [t["threshold"] for t in metric["per_slice_thresholds"]]
+                      for spec in eval_config.get("metrics_specs", []) for metric in spec["metrics"]
+                      if metric.get("per_slice_thresholds")}
+        blessings = [o for o in _outputs_of(store, evaluator) if o["type"] == "ModelBlessing"] if evaluator else []
+        content = {"metrics": summary.slice_metrics(artifact.uri), "thresholds": thresholds,
+                   "validation_ok": validation.validation_ok,
+                   "blessed": bool(blessings) and store.describe(store.artifact(blessings[0]["id"]))[
+                       "properties"].get("blessed") == 1,
                    "failures": [f"{f.metric_key.name} = {f.metric_value.double_value.value:.3f}"
                                 for s in validation.metric_validations_per_slice for f in s.failures]}
     elif kind == "ModelBlessing":
@@ -312,7 +322,9 @@ def _human(command: str, result: Any) -> None:
                            "mae": round(m.get("mean_absolute_error", float("nan")), 3),
                            "n": m.get("weighted_example_count")} for name, m in sorted(content["metrics"].items())],
                          ["slice", "rmse", "mae", "n"])
-            print(f"validation ok: {content['validation_ok']}" + "".join(f"\n  failed: {f}" for f in content["failures"]))
+            for metric, thresholds in content["thresholds"].items():
+                print(f"threshold {metric}: {json.dumps(thresholds)}")
+            print(f"blessed: {content['blessed']}" + "".join(f"\n  failed: {f}" for f in content["failures"]))
         else:
             for key, value in list(content.items()) + list(result["properties"].items()):
                 print(f"{key}: {value if not isinstance(value, list) else chr(10).join(['', *value])}")

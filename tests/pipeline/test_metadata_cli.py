@@ -78,7 +78,9 @@ def test_show_summarises_statistics_evaluation_and_anomalies(capsys, store):
     assert 6.5 < statistics["train"]["features"]["weight_pounds"]["mean"] < 8
     assert statistics["train"]["features"]["is_male"]["top"][0] in ("true", "false")
     evaluation = _json(capsys, store, "show", str(by_type["ModelEvaluation"][0]))["content"]
-    assert evaluation["validation_ok"] and evaluation["metrics"]["overall"]["root_mean_squared_error"] < 1.2
+    assert evaluation["validation_ok"] and evaluation["blessed"]
+    assert evaluation["metrics"]["overall"]["root_mean_squared_error"] < 1.2
+    assert evaluation["thresholds"]["RootMeanSquaredError"][0]["value_threshold"]["upper_bound"] == 1.2
     anomalies = [_json(capsys, store, "show", str(i))["content"]["anomalies"] for i in by_type["ExampleAnomalies"]]
     assert any(any("is_male" in line for line in found) for found in anomalies)
 
