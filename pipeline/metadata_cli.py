@@ -178,12 +178,19 @@ def _lineage(store: Store, artifact: metadata_store_pb2.Artifact) -> Dict[str, A
         producer = store.producer(current)
         if producer is None:
             continue
-        inputs = [e for e in store.events(execution_ids=[producer.id]) if e.type in INPUT_EVENTS]
-        for parent in store.artifacts_by_id([e.artifact_id for e in inputs]):
-            if parent.id not in seen:
-                seen.add(parent.id)
-                upstream.append(dict(store.describe(parent), consumed_by=store.node_of(producer)))
-                frontier.append(parent)
+        consumers = [producer]
+        if store.node_of(producer) == "Transform":
+            # Transform runs only after the AnomaliesGate of its run passed; TFX records that as step
+            # order, not as an input, so follow it here to reach the statistics that were validated.
+            run = store.run(store.run_of(producer))
+            consumers += [e for e in store.executions(run) if store.node_of(e) == "AnomaliesGate"]
+        for consumer in consumers:
+            inputs = [e for e in store.events(execution_ids=[consumer.id]) if e.type in INPUT_EVENTS]
+            for parent in store.artifacts_by_id([e.artifact_id for e in inputs]):
+                if parent.id not in seen:
+                    seen.add(parent.id)
+                    upstream.append(dict(store.describe(parent), consumed_by=store.node_of(consumer)))
+                    frontier.append(parent)
     consumers = [e for e in store.events(artifact_ids=[artifact.id]) if e.type in INPUT_EVENTS]
     downstream = [{"step": store.node_of(execution), "run": store.run_of(execution),
                    "state": STATES.get(execution.last_known_state, "unknown")}

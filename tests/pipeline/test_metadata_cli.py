@@ -65,7 +65,8 @@ def test_lineage_of_the_pushed_model_reaches_the_examples(capsys, store):
     assert lineage["artifact"]["type"] == "PushedModel"
     upstream = {(a["type"], a["producer"]) for a in lineage["upstream"]}
     assert {("Model", "Trainer"), ("ModelBlessing", "Evaluator"), ("TransformGraph", "Transform"),
-            ("Schema", "ImportSchemaGen"), ("Examples", "CsvExampleGen")} <= upstream
+            ("Schema", "ImportSchemaGen"), ("Examples", "CsvExampleGen"), ("ExampleAnomalies", "ExampleValidator"),
+            ("ExampleStatistics", "StatisticsGen")} <= upstream
 
 
 def test_show_summarises_statistics_evaluation_and_anomalies(capsys, store):
