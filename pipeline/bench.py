@@ -12,8 +12,8 @@ import time
 
 from data import generator
 from pipeline import config as config_lib
+from pipeline import mlmd
 from pipeline import run as run_lib
-from pipeline import summary
 
 
 def main() -> None:
@@ -38,8 +38,8 @@ def main() -> None:
         started = time.time()
         outcome = run_lib.run_local(config)
         wall = time.time() - started
-        store = summary.connect(config.metadata_path)
-        steps = summary.run_steps(store, summary.run_ids(store)[-1])
+        store = mlmd.open_sqlite(config.metadata_path)
+        steps = store.steps(store.runs()[-1])
 
     rows = args.rows or "bundled"
     print(f"\nrows: {rows}; beam: {' '.join(config.beam_pipeline_args())}; run ok: {outcome.ok}")

@@ -13,135 +13,32 @@ import argparse
 import datetime
 import json
 import sys
-from typing import Any, Dict, Iterable, List, Optional
+from typing import Any, Dict, List, Optional
 
 from ml_metadata import metadata_store
 from ml_metadata.proto import metadata_store_pb2
 
-INPUT_EVENTS = (metadata_store_pb2.Event.INPUT, metadata_store_pb2.Event.DECLARED_INPUT)
-OUTPUT_EVENTS = (metadata_store_pb2.Event.OUTPUT, metadata_store_pb2.Event.DECLARED_OUTPUT)
-STATES = {value: name.lower() for name, value in metadata_store_pb2.Execution.State.items()}
-
-
-class MetadataError(RuntimeError):
-    """A store, run or artifact that isn't there; the message says what exists instead."""
-
+from pipeline.mlmd import INPUT_EVENTS, STATES, MetadataError, Store, open_sqlite, value_of
 
 def _timestamp(milliseconds: int) -> str:
     return datetime.datetime.fromtimestamp(milliseconds / 1000, datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
 
 
-def _value(value: metadata_store_pb2.Value) -> Any:
-    kind = value.WhichOneof("value")
-    if kind == "struct_value":
-        return json.loads(json.dumps(dict(value.struct_value)))
-    return getattr(value, kind) if kind else None
-
-
-class Store:
-    """ML Metadata read by TFX's own conventions: run and node contexts, typed artifacts, events."""
-
-    def __init__(self, store: metadata_store.MetadataStore):
-        self._store = store
-        self._types = {t.id: t.name for t in store.get_artifact_types()}
-        self._execution_types = {t.id: t.name for t in store.get_execution_types()}
-        self._context_types = {t.id: t.name for t in store.get_context_types()}
-
-    def runs(self) -> List[metadata_store_pb2.Context]:
-        runs = self._store.get_contexts_by_type("pipeline_run")
-        return sorted(runs, key=lambda run: (run.create_time_since_epoch, run.id))
-
-    def run(self, run_ref: str) -> metadata_store_pb2.Context:
-        runs = self.runs()
-        if not runs:
-            raise MetadataError("the store has no pipeline runs yet (make run writes one)")
-        if run_ref.lstrip("-").isdigit() and int(run_ref) < 0 and -int(run_ref) <= len(runs):
-            return runs[int(run_ref)]
-        for run in runs:
-            if run.name == run_ref:
-                return run
-        raise MetadataError(f"unknown run {run_ref!r}; runs: {', '.join(run.name for run in runs)}")
-
-    def node_of(self, execution: metadata_store_pb2.Execution) -> str:
-        for context in self._store.get_contexts_by_execution(execution.id):
-            if self._context_types[context.type_id] == "node":
-                return context.name.split(".", 1)[-1]
-        return self._execution_types.get(execution.type_id, "?").rsplit(".", 1)[-1]
-
-    def run_of(self, execution: metadata_store_pb2.Execution) -> str:
-        for context in self._store.get_contexts_by_execution(execution.id):
-            if self._context_types[context.type_id] == "pipeline_run":
-                return context.name
-        return ""
-
-    def executions(self, run: metadata_store_pb2.Context) -> List[metadata_store_pb2.Execution]:
-        executions = self._store.get_executions_by_context(run.id)
-        return sorted(executions, key=lambda e: (e.create_time_since_epoch, e.id))
-
-    def events(self, execution_ids: Iterable[int] = (), artifact_ids: Iterable[int] = ()):
-        if execution_ids:
-            return self._store.get_events_by_execution_ids(list(execution_ids))
-        return self._store.get_events_by_artifact_ids(list(artifact_ids))
-
-    def artifact(self, artifact_id: str) -> metadata_store_pb2.Artifact:
-        found = self._store.get_artifacts_by_id([int(artifact_id)]) if str(artifact_id).isdigit() else []
-        if not found:
-            ids = sorted(a.id for a in self._store.get_artifacts())
-            known = f"artifacts {ids[0]}-{ids[-1]}" if ids else "no artifacts"
-            raise MetadataError(f"unknown artifact {artifact_id!r}; the store has {known} "
-                                "(babyweight metadata artifacts lists them)")
-        return found[0]
-
-    def artifacts(self) -> List[metadata_store_pb2.Artifact]:
-        return sorted(self._store.get_artifacts(), key=lambda a: a.id)
-
-    def executions_by_id(self, ids: Iterable[int]) -> List[metadata_store_pb2.Execution]:
-        return self._store.get_executions_by_id(list(ids))
-
-    def artifacts_by_id(self, ids: Iterable[int]) -> List[metadata_store_pb2.Artifact]:
-        return self._store.get_artifacts_by_id(list(ids))
-
-    def type_name(self, artifact: metadata_store_pb2.Artifact) -> str:
-        return self._types.get(artifact.type_id, "?")
-
-    def producer(self, artifact: metadata_store_pb2.Artifact) -> Optional[metadata_store_pb2.Execution]:
-        outputs = [e for e in self.events(artifact_ids=[artifact.id]) if e.type in OUTPUT_EVENTS]
-        if not outputs:
-            return None
-        return min(self.executions_by_id([e.execution_id for e in outputs]), key=lambda e: e.id)
-
-    def describe(self, artifact: metadata_store_pb2.Artifact) -> Dict[str, Any]:
-        producer = self.producer(artifact)
-        properties = {k: _value(v) for k, v in artifact.properties.items()}
-        properties.update({k: _value(v) for k, v in artifact.custom_properties.items()
-                           if k not in ("tfx_version", "is_external", "state")})
-        return {"id": artifact.id, "type": self.type_name(artifact),
-                "producer": self.node_of(producer) if producer else None, "uri": artifact.uri,
-                "properties": properties}
-
-
 def connect(args: argparse.Namespace) -> Store:
     """The store named by the flags: MySQL if --mysql-host is given, else the SQLite file."""
+    if not args.mysql_host:
+        return open_sqlite(args.store)
     config = metadata_store_pb2.ConnectionConfig()
-    if args.mysql_host:
-        config.mysql.host = args.mysql_host
-        config.mysql.port = args.mysql_port
-        config.mysql.database = args.mysql_database
-        config.mysql.user = args.mysql_user
-        config.mysql.password = args.mysql_password
-        where = f"MySQL {args.mysql_host}:{args.mysql_port}/{args.mysql_database}"
-    else:
-        import pathlib
-
-        if not pathlib.Path(args.store).is_file():
-            raise MetadataError(f"no ML Metadata store at {args.store} (make run writes one; or pass --store PATH)")
-        config.sqlite.filename_uri = args.store
-        config.sqlite.connection_mode = metadata_store_pb2.SqliteMetadataSourceConfig.READONLY
-        where = args.store
+    config.mysql.host = args.mysql_host
+    config.mysql.port = args.mysql_port
+    config.mysql.database = args.mysql_database
+    config.mysql.user = args.mysql_user
+    config.mysql.password = args.mysql_password
     try:
         return Store(metadata_store.MetadataStore(config))
     except Exception as error:  # MLMD raises its own status errors with C++ detail
-        raise MetadataError(f"can't open the ML Metadata store at {where}: {error}") from None
+        raise MetadataError(f"can't open the ML Metadata store at MySQL {args.mysql_host}:{args.mysql_port}/"
+                            f"{args.mysql_database}: {error}") from None
 
 
 def _run_summary(store: Store, run: metadata_store_pb2.Context) -> Dict[str, Any]:
@@ -154,20 +51,15 @@ def _run_summary(store: Store, run: metadata_store_pb2.Context) -> Dict[str, Any
             "steps": len(executions), "cached": states.count("cached")}
 
 
-def _outputs_of(store: Store, execution: metadata_store_pb2.Execution) -> List[Dict[str, Any]]:
-    """The output artifacts of one execution: key, id, type and URI."""
-    events = [e for e in store.events(execution_ids=[execution.id]) if e.type in OUTPUT_EVENTS]
-    artifacts = {a.id: a for a in store.artifacts_by_id([e.artifact_id for e in events])}
-    return [{"key": next((s.key for s in e.path.steps if s.HasField("key")), ""), "id": e.artifact_id,
-             "type": store.type_name(artifacts[e.artifact_id]), "uri": artifacts[e.artifact_id].uri}
-            for e in events]
+def _output_rows(store: Store, outputs: Dict[str, List[metadata_store_pb2.Artifact]]) -> List[Dict[str, Any]]:
+    """Output artifacts as rows: key, id, type and URI."""
+    return [{"key": key, "id": a.id, "type": store.type_name(a), "uri": a.uri}
+            for key, artifacts in outputs.items() for a in artifacts]
 
 
 def _steps(store: Store, run: metadata_store_pb2.Context) -> List[Dict[str, Any]]:
-    return [{"step": store.node_of(execution), "state": STATES.get(execution.last_known_state, "unknown"),
-             "seconds": round((execution.last_update_time_since_epoch - execution.create_time_since_epoch) / 1000, 1),
-             "outputs": _outputs_of(store, execution)}
-            for execution in store.executions(run)]
+    return [{"step": step.node_id, "state": step.state, "seconds": step.seconds,
+             "outputs": _output_rows(store, step.outputs)} for step in store.steps(run)]
 
 
 def _lineage(store: Store, artifact: metadata_store_pb2.Artifact) -> Dict[str, Any]:
@@ -230,15 +122,14 @@ def _show(store: Store, artifact: metadata_store_pb2.Artifact) -> Dict[str, Any]
 
         validation = tfma.load_validation_result(artifact.uri)
         evaluator = store.producer(artifact)
-        eval_config = json.loads(_value(evaluator.custom_properties["eval_config"])) if evaluator else {}
+        eval_config = json.loads(value_of(evaluator.custom_properties["eval_config"])) if evaluator else {}
         thresholds = {metric["class_name"]: [t["threshold"] for t in metric["per_slice_thresholds"]]
                       for spec in eval_config.get("metrics_specs", []) for metric in spec["metrics"]
                       if metric.get("per_slice_thresholds")}
-        blessings = [o for o in _outputs_of(store, evaluator) if o["type"] == "ModelBlessing"] if evaluator else []
+        blessings = store.outputs(evaluator).get("blessing", []) if evaluator else []
         content = {"metrics": summary.slice_metrics(artifact.uri), "thresholds": thresholds,
                    "validation_ok": validation.validation_ok,
-                   "blessed": bool(blessings) and store.describe(store.artifact(blessings[0]["id"]))[
-                       "properties"].get("blessed") == 1,
+                   "blessed": bool(blessings) and value_of(blessings[0].custom_properties["blessed"]) == 1,
                    "failures": [f"{f.metric_key.name} = {f.metric_value.double_value.value:.3f}"
                                 for s in validation.metric_validations_per_slice for f in s.failures]}
     elif kind == "ModelBlessing":
@@ -339,7 +230,7 @@ def _human(command: str, result: Any) -> None:
 
 def _latest_pushed_model(store: Store) -> metadata_store_pb2.Artifact:
     pushed = [a for a in store.artifacts() if store.type_name(a) == "PushedModel"
-              and _value(a.custom_properties["pushed"]) == 1] if store.artifacts() else []
+              and value_of(a.custom_properties["pushed"]) == 1] if store.artifacts() else []
     if not pushed:
         raise MetadataError("no model has been pushed yet; pass an artifact id (babyweight metadata artifacts)")
     return pushed[-1]

@@ -1,72 +1,21 @@
 """What a run did, read back from ML Metadata and the artifacts it recorded."""
-import dataclasses
 import math
-import pathlib
 from typing import Dict, List, Optional, Tuple
 
 import tensorflow_data_validation as tfdv
-from google.protobuf import text_format
 import tensorflow_model_analysis as tfma
-from ml_metadata import metadata_store
+from google.protobuf import text_format
 from ml_metadata.proto import metadata_store_pb2
 from tensorflow_metadata.proto.v0 import statistics_pb2
-from tfx import v1 as tfx
 from tfx.types import artifact, artifact_utils, standard_artifacts
 
 from models import features
+from pipeline import mlmd
 from pipeline.anomalies_gate import describe_anomalies
 from pipeline.config import PipelineConfig
 
-STATES = {value: name.lower() for name, value in metadata_store_pb2.Execution.State.items()}
-OUTPUT_EVENTS = (metadata_store_pb2.Event.OUTPUT, metadata_store_pb2.Event.DECLARED_OUTPUT)
 
-
-@dataclasses.dataclass
-class StepRecord:
-    """One component's execution in a run."""
-
-    node_id: str
-    state: str  # complete, cached, failed, running, ...
-    seconds: float
-    outputs: Dict[str, List[metadata_store_pb2.Artifact]]
-
-
-def connect(metadata_path: str) -> metadata_store.MetadataStore:
-    """Opens the local SQLite ML Metadata store, failing if it does not exist."""
-    if not pathlib.Path(metadata_path).is_file():
-        raise FileNotFoundError(f"no ML Metadata store at {metadata_path}")
-    return metadata_store.MetadataStore(tfx.orchestration.metadata.sqlite_metadata_connection_config(metadata_path))
-
-
-def run_ids(store: metadata_store.MetadataStore) -> List[str]:
-    """Ids of the pipeline runs in the store, oldest first."""
-    runs = store.get_contexts_by_type("pipeline_run")
-    return [run.name for run in sorted(runs, key=lambda run: (run.create_time_since_epoch, run.id))]
-
-
-def run_steps(store: metadata_store.MetadataStore, run_id: str) -> List[StepRecord]:
-    """The executions of one run, in the order they started, with their output artifacts."""
-    run = store.get_context_by_type_and_name("pipeline_run", run_id)
-    executions = sorted(store.get_executions_by_context(run.id), key=lambda e: (e.create_time_since_epoch, e.id))
-    steps = []
-    for execution in executions:
-        node = next((c.name for c in store.get_contexts_by_execution(execution.id)
-                     if store.get_context_types_by_id([c.type_id])[0].name == "node"), execution.name)
-        outputs: Dict[str, List[metadata_store_pb2.Artifact]] = {}
-        events = [e for e in store.get_events_by_execution_ids([execution.id]) if e.type in OUTPUT_EVENTS]
-        artifacts = {a.id: a for a in store.get_artifacts_by_id([e.artifact_id for e in events])}
-        for event in events:
-            key = next((step.key for step in event.path.steps if step.HasField("key")), "")
-            outputs.setdefault(key, []).append(artifacts[event.artifact_id])
-        steps.append(StepRecord(
-            node_id=node.split(".", 1)[-1],
-            state=STATES.get(execution.last_known_state, "unknown"),
-            seconds=(execution.last_update_time_since_epoch - execution.create_time_since_epoch) / 1000.0,
-            outputs=outputs))
-    return steps
-
-
-def _output(steps: List[StepRecord], node_id: str, key: str) -> Optional[metadata_store_pb2.Artifact]:
+def _output(steps: List[mlmd.StepRecord], node_id: str, key: str) -> Optional[metadata_store_pb2.Artifact]:
     for step in steps:
         if step.node_id == node_id and step.outputs.get(key):
             return step.outputs[key][-1]
@@ -137,13 +86,12 @@ def _evaluation_lines(evaluation: metadata_store_pb2.Artifact, blessing: Optiona
 
 def summarize_latest_run(config: PipelineConfig) -> str:
     """A short human summary of the latest run: rows, anomalies, RMSE, blessing, push, seconds per step."""
-    store = connect(config.metadata_path)
-    ids = run_ids(store)
-    if not ids:
+    store = mlmd.open_sqlite(config.metadata_path)
+    runs = store.runs()
+    if not runs:
         return "no pipeline run recorded yet"
-    run_id = ids[-1]
-    steps = run_steps(store, run_id)
-    lines = [f"Run {run_id} of pipeline {config.pipeline_name}"]
+    steps = store.steps(runs[-1])
+    lines = [f"Run {runs[-1].name} of pipeline {config.pipeline_name}"]
 
     statistics = _output(steps, "StatisticsGen", "statistics")
     stats_by_split = split_stats(statistics) if statistics else {}

@@ -15,7 +15,7 @@ import pytest  # noqa: E402
 from data import generator  # noqa: E402
 from pipeline import config as config_lib  # noqa: E402
 from pipeline import run as run_lib  # noqa: E402
-from pipeline import summary  # noqa: E402
+from pipeline import mlmd  # noqa: E402
 
 PROJECT_ROOT = pathlib.Path(__file__).resolve().parent.parent
 SHARED_NATALITY = PROJECT_ROOT.parent / "shared" / "data" / "natality"
@@ -41,15 +41,15 @@ def plain_argv():
 @dataclasses.dataclass
 class Run:
     outcome: run_lib.Outcome
-    steps: Dict[str, summary.StepRecord]
+    steps: Dict[str, mlmd.StepRecord]
     pushed_versions: List[str]
 
 
 def run_pipeline(config: config_lib.PipelineConfig) -> Run:
     """Runs the pipeline locally and reads back what ML Metadata recorded of the run."""
     outcome = run_lib.run_local(config)
-    store = summary.connect(config.metadata_path)
-    steps = summary.run_steps(store, summary.run_ids(store)[-1])
+    store = mlmd.open_sqlite(config.metadata_path)
+    steps = store.steps(store.runs()[-1])
     assert len({s.node_id for s in steps}) == len(steps), "a component ran twice in one run"
     versions = sorted(p.name for p in pathlib.Path(config.serving_dir).glob("*")) if pathlib.Path(
         config.serving_dir).exists() else []

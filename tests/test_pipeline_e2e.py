@@ -18,7 +18,7 @@ import tensorflow_transform as tft
 from data import generator
 from models import features
 from pipeline import config as config_lib
-from pipeline import summary
+from pipeline import mlmd, summary
 from tests.conftest import run_pipeline
 
 pytestmark = pytest.mark.slow
@@ -133,8 +133,8 @@ def test_real_bigquery_export_trains_a_model_well_below_the_mean_predictor(tmp_p
     result = run_pipeline(config)
     assert result.outcome.ok, result.outcome.summary
     assert result.pushed_versions
-    store = summary.connect(config.metadata_path)
-    statistics = summary.run_steps(store, summary.run_ids(store)[-1])
+    store = mlmd.open_sqlite(config.metadata_path)
+    statistics = store.steps(store.runs()[-1])
     evaluation = next(s for s in statistics if s.node_id == "Evaluator").outputs["evaluation"][0]
     stats = next(s for s in statistics if s.node_id == "StatisticsGen").outputs["statistics"][0]
     rmse = summary.slice_metrics(evaluation.uri)["overall"]["root_mean_squared_error"]

@@ -1,0 +1,147 @@
+"""ML Metadata as TFX writes it: pipeline runs, the steps of a run, artifacts and the events between them.
+
+The run summary, the benchmark and `babyweight metadata` all read the store through this one module.
+"""
+import dataclasses
+import json
+import pathlib
+from typing import Any, Dict, Iterable, List, Optional
+
+from ml_metadata import metadata_store
+from ml_metadata.proto import metadata_store_pb2
+
+INPUT_EVENTS = (metadata_store_pb2.Event.INPUT, metadata_store_pb2.Event.DECLARED_INPUT)
+OUTPUT_EVENTS = (metadata_store_pb2.Event.OUTPUT, metadata_store_pb2.Event.DECLARED_OUTPUT)
+STATES = {value: name.lower() for name, value in metadata_store_pb2.Execution.State.items()}
+
+
+class MetadataError(RuntimeError):
+    """A store, run or artifact that isn't there; the message says what exists instead."""
+
+
+def value_of(value: metadata_store_pb2.Value) -> Any:
+    kind = value.WhichOneof("value")
+    if kind == "struct_value":
+        return json.loads(json.dumps(dict(value.struct_value)))
+    return getattr(value, kind) if kind else None
+
+
+@dataclasses.dataclass
+class StepRecord:
+    """One component's execution in a run."""
+
+    node_id: str
+    state: str  # complete, cached, failed, running, ...
+    seconds: float
+    outputs: Dict[str, List[metadata_store_pb2.Artifact]]  # by output key
+
+
+class Store:
+    """ML Metadata read by TFX's own conventions: run and node contexts, typed artifacts, events."""
+
+    def __init__(self, store: metadata_store.MetadataStore):
+        self._store = store
+        self._types = {t.id: t.name for t in store.get_artifact_types()}
+        self._execution_types = {t.id: t.name for t in store.get_execution_types()}
+        self._context_types = {t.id: t.name for t in store.get_context_types()}
+
+    def runs(self) -> List[metadata_store_pb2.Context]:
+        runs = self._store.get_contexts_by_type("pipeline_run")
+        return sorted(runs, key=lambda run: (run.create_time_since_epoch, run.id))
+
+    def run(self, run_ref: str) -> metadata_store_pb2.Context:
+        runs = self.runs()
+        if not runs:
+            raise MetadataError("the store has no pipeline runs yet (make run writes one)")
+        if run_ref.lstrip("-").isdigit() and int(run_ref) < 0 and -int(run_ref) <= len(runs):
+            return runs[int(run_ref)]
+        for run in runs:
+            if run.name == run_ref:
+                return run
+        raise MetadataError(f"unknown run {run_ref!r}; runs: {', '.join(run.name for run in runs)}")
+
+    def node_of(self, execution: metadata_store_pb2.Execution) -> str:
+        for context in self._store.get_contexts_by_execution(execution.id):
+            if self._context_types[context.type_id] == "node":
+                return context.name.split(".", 1)[-1]
+        return self._execution_types.get(execution.type_id, "?").rsplit(".", 1)[-1]
+
+    def run_of(self, execution: metadata_store_pb2.Execution) -> str:
+        for context in self._store.get_contexts_by_execution(execution.id):
+            if self._context_types[context.type_id] == "pipeline_run":
+                return context.name
+        return ""
+
+    def executions(self, run: metadata_store_pb2.Context) -> List[metadata_store_pb2.Execution]:
+        executions = self._store.get_executions_by_context(run.id)
+        return sorted(executions, key=lambda e: (e.create_time_since_epoch, e.id))
+
+    def events(self, execution_ids: Iterable[int] = (), artifact_ids: Iterable[int] = ()):
+        if execution_ids:
+            return self._store.get_events_by_execution_ids(list(execution_ids))
+        return self._store.get_events_by_artifact_ids(list(artifact_ids))
+
+    def artifact(self, artifact_id: str) -> metadata_store_pb2.Artifact:
+        found = self._store.get_artifacts_by_id([int(artifact_id)]) if str(artifact_id).isdigit() else []
+        if not found:
+            ids = sorted(a.id for a in self._store.get_artifacts())
+            known = f"artifacts {ids[0]}-{ids[-1]}" if ids else "no artifacts"
+            raise MetadataError(f"unknown artifact {artifact_id!r}; the store has {known} "
+                                "(babyweight metadata artifacts lists them)")
+        return found[0]
+
+    def artifacts(self) -> List[metadata_store_pb2.Artifact]:
+        return sorted(self._store.get_artifacts(), key=lambda a: a.id)
+
+    def executions_by_id(self, ids: Iterable[int]) -> List[metadata_store_pb2.Execution]:
+        return self._store.get_executions_by_id(list(ids))
+
+    def artifacts_by_id(self, ids: Iterable[int]) -> List[metadata_store_pb2.Artifact]:
+        return self._store.get_artifacts_by_id(list(ids))
+
+    def type_name(self, artifact: metadata_store_pb2.Artifact) -> str:
+        return self._types.get(artifact.type_id, "?")
+
+    def producer(self, artifact: metadata_store_pb2.Artifact) -> Optional[metadata_store_pb2.Execution]:
+        outputs = [e for e in self.events(artifact_ids=[artifact.id]) if e.type in OUTPUT_EVENTS]
+        if not outputs:
+            return None
+        return min(self.executions_by_id([e.execution_id for e in outputs]), key=lambda e: e.id)
+
+    def describe(self, artifact: metadata_store_pb2.Artifact) -> Dict[str, Any]:
+        producer = self.producer(artifact)
+        properties = {k: value_of(v) for k, v in artifact.properties.items()}
+        properties.update({k: value_of(v) for k, v in artifact.custom_properties.items()
+                           if k not in ("tfx_version", "is_external", "state")})
+        return {"id": artifact.id, "type": self.type_name(artifact),
+                "producer": self.node_of(producer) if producer else None, "uri": artifact.uri,
+                "properties": properties}
+
+    def outputs(self, execution: metadata_store_pb2.Execution) -> Dict[str, List[metadata_store_pb2.Artifact]]:
+        """An execution's output artifacts by output key."""
+        events = [e for e in self.events(execution_ids=[execution.id]) if e.type in OUTPUT_EVENTS]
+        artifacts = {a.id: a for a in self.artifacts_by_id([e.artifact_id for e in events])}
+        outputs: Dict[str, List[metadata_store_pb2.Artifact]] = {}
+        for event in events:
+            key = next((step.key for step in event.path.steps if step.HasField("key")), "")
+            outputs.setdefault(key, []).append(artifacts[event.artifact_id])
+        return outputs
+
+    def steps(self, run: metadata_store_pb2.Context) -> List[StepRecord]:
+        """The executions of a run, in the order they started, with their output artifacts."""
+        return [StepRecord(
+            node_id=self.node_of(execution),
+            state=STATES.get(execution.last_known_state, "unknown"),
+            seconds=round((execution.last_update_time_since_epoch - execution.create_time_since_epoch) / 1000, 1),
+            outputs=self.outputs(execution)) for execution in self.executions(run)]
+
+
+def open_sqlite(path: str, read_only: bool = True) -> Store:
+    """The SQLite store at `path`; MetadataError if there is none."""
+    if not pathlib.Path(path).is_file():
+        raise MetadataError(f"no ML Metadata store at {path} (make run writes one; or pass --store PATH)")
+    config = metadata_store_pb2.ConnectionConfig()
+    config.sqlite.filename_uri = path
+    if read_only:
+        config.sqlite.connection_mode = metadata_store_pb2.SqliteMetadataSourceConfig.READONLY
+    return Store(metadata_store.MetadataStore(config))
