@@ -90,11 +90,12 @@ def serving_signatures(model: tf.keras.Model, tf_transform_output: tft.TFTransfo
         inputs = {key: value for key, value in transformed.items() if key not in label_keys}
         return {PREDICTIONS: model(inputs)}
 
+    raw_spec = _raw_feature_spec(tf_transform_output, with_label=False)
+
     @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="examples")], autograph=False)
     def serve_examples(serialized: tf.Tensor) -> Dict[str, tf.Tensor]:
-        return predict(tf.io.parse_example(serialized, _raw_feature_spec(tf_transform_output, with_label=False)))
+        return predict(tf.io.parse_example(serialized, raw_spec))
 
-    raw_spec = _raw_feature_spec(tf_transform_output, with_label=False)
     raw_inputs = [
         tf.TensorSpec([None], tf.string if raw_spec[c.name].dtype == tf.string else tf.float32, name=c.name)
         for c in features.FEATURES]

@@ -230,7 +230,7 @@ def _human(command: str, result: Any) -> None:
 
 def _latest_pushed_model(store: Store) -> metadata_store_pb2.Artifact:
     pushed = [a for a in store.artifacts() if store.type_name(a) == "PushedModel"
-              and value_of(a.custom_properties["pushed"]) == 1] if store.artifacts() else []
+              and value_of(a.custom_properties["pushed"]) == 1]
     if not pushed:
         raise MetadataError("no model has been pushed yet; pass an artifact id (babyweight metadata artifacts)")
     return pushed[-1]

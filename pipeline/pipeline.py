@@ -100,9 +100,9 @@ def example_gen_component(config: PipelineConfig) -> tfx.types.BaseNode:
         ])))
 
 
-def trainer_component(config: PipelineConfig, **inputs) -> tfx.types.BaseNode:
+def trainer_component(config: PipelineConfig, fingerprint: str, **inputs) -> tfx.types.BaseNode:
     """Local: TFX's Trainer in this process. Vertex: a Vertex AI custom job with the configured workers."""
-    custom_config = model_config(config)
+    custom_config = model_config(config, fingerprint)
     if config.orchestrator != "vertex":
         return tfx.components.Trainer(run_fn=RUN_FN, custom_config=custom_config, **inputs)
     vertex = tfx.extensions.google_cloud_ai_platform
@@ -157,6 +157,7 @@ def create_pipeline(config: PipelineConfig) -> tfx.dsl.Pipeline:
     The orchestrator of the config picks where ExampleGen reads, where the Trainer runs and where
     the Pusher pushes; everything else is the same for a local run and a Vertex pipeline.
     """
+    fingerprint = code_fingerprint()
     example_gen = example_gen_component(config)
     statistics_gen = tfx.components.StatisticsGen(examples=example_gen.outputs["examples"])
     schema_importer = tfx.components.ImportSchemaGen(schema_file=os.path.join(config.schema_dir, SCHEMA_FILE))
@@ -168,7 +169,7 @@ def create_pipeline(config: PipelineConfig) -> tfx.dsl.Pipeline:
         examples=example_gen.outputs["examples"],
         schema=schema_importer.outputs["schema"],
         preprocessing_fn=PREPROCESSING_FN,
-        custom_config={"code_fingerprint": code_fingerprint()},
+        custom_config={"code_fingerprint": fingerprint},
         # StatisticsGen already describes the raw data; Transform's own pre/post statistics would
         # double the Beam work of the slowest component.
         disable_statistics=True, force_tf_compat_v1=True)
@@ -176,6 +177,7 @@ def create_pipeline(config: PipelineConfig) -> tfx.dsl.Pipeline:
 
     trainer = trainer_component(
         config,
+        fingerprint,
         examples=transform.outputs["transformed_examples"],
         transform_graph=transform.outputs["transform_graph"],
         schema=schema_importer.outputs["schema"],
@@ -212,10 +214,10 @@ def create_pipeline(config: PipelineConfig) -> tfx.dsl.Pipeline:
     )
 
 
-def model_config(config: PipelineConfig) -> dict:
+def model_config(config: PipelineConfig, fingerprint: str) -> dict:
     """Hyperparameters handed to `run_fn` through the Trainer's custom_config."""
     return {
-        "code_fingerprint": code_fingerprint(),
+        "code_fingerprint": fingerprint,
         "strategy": config.strategy,
         "tpu_address": config.tpu_address,
         "train_epochs": config.train_epochs,
