@@ -13,12 +13,14 @@ import tensorflow as tf
 import tensorflow_transform as tft
 from tensorflow.python.autograph.core import config as autograph_config
 from tfx import v1 as tfx
-from tfx_bsl.public import tfxio
 
 from models import features
 from models.distribution import global_batch_size, select_strategy
 
 PREDICTIONS = "predictions"
+SHUFFLE_BUFFER = 20_000
+TRANSFORM_BATCH = 1024
+FILE_SPANS_KEY = "file_spans"  # set by the pipeline's Trainer executor: {file pattern: span}
 
 # TensorFlow's AutoGraph leaves the `keras` package unconverted, as Keras code runs as it is in graphs,
 # but not its Keras 2 twin `tf_keras` that TFX 1.16 needs: converting it costs about 30 s of the
@@ -57,20 +59,44 @@ def build_keras_model(hidden_units: List[int], embedding_dim: int, learning_rate
     return model
 
 
-def _input_fn(file_pattern: List[str], data_accessor: tfx.components.DataAccessor,
-              tf_transform_output: tft.TFTransformOutput, batch_size: int) -> tf.data.Dataset:
-    """One pass over transformed examples as (features, label, weight); weight 0 where the label is missing."""
-    dataset = data_accessor.tf_dataset_factory(
-        file_pattern, tfxio.TensorFlowDatasetOptions(batch_size=batch_size, num_epochs=1),
-        tf_transform_output.transformed_metadata.schema)
+def recency_weights(file_spans: Dict[str, int], half_life_spans: float) -> Dict[str, float]:
+    """Weight of each file pattern's examples: 1 for the newest span, halving every `half_life_spans` of age."""
+    newest = max(file_spans.values())
+    if not half_life_spans:
+        return {pattern: 1.0 for pattern in file_spans}
+    return {pattern: 0.5 ** ((newest - span) / half_life_spans) for pattern, span in file_spans.items()}
 
-    def split(batch: Dict[str, tf.Tensor]):
-        batch = {key: tf.reshape(value, [-1]) for key, value in batch.items()}
+
+def _input_fn(file_patterns: List[str], weights: Dict[str, float], tf_transform_output: tft.TFTransformOutput,
+              batch_size: int, shuffle: bool) -> tf.data.Dataset:
+    """Raw examples of each span, transformed by the Transform graph, as (features, label, weight).
+
+    The weight is the span's recency weight, and 0 where the row has no label. Examples are transformed
+    once and cached, so later epochs cost only the model's own work.
+    """
+    raw_spec = _raw_feature_spec(tf_transform_output, with_label=True)
+    tft_layer = tf_transform_output.transform_features_layer()
+
+    def transform(records: tf.Tensor, recency: tf.Tensor):
+        transformed = tft_layer(tf.io.parse_example(records, raw_spec))
+        batch = {key: tf.reshape(value, [-1]) for key, value in transformed.items()}
         label = batch.pop(features.label_key())
-        weight = batch.pop(features.label_weight_key())
+        weight = batch.pop(features.label_weight_key()) * recency
         return batch, label, weight
 
-    return dataset.map(split, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
+    parts = []
+    for pattern in file_patterns:
+        records = tf.data.TFRecordDataset(tf.io.gfile.glob(pattern), compression_type="GZIP")
+        recency = tf.constant(weights.get(pattern, 1.0), tf.float32)
+        parts.append(records.batch(TRANSFORM_BATCH).map(lambda batch, w=recency: transform(batch, tf.fill(
+            tf.shape(batch), w)), num_parallel_calls=tf.data.AUTOTUNE).unbatch())
+    dataset = parts[0]
+    for part in parts[1:]:
+        dataset = dataset.concatenate(part)
+    dataset = dataset.cache()
+    if shuffle:
+        dataset = dataset.shuffle(SHUFFLE_BUFFER, reshuffle_each_iteration=True)
+    return dataset.batch(batch_size).prefetch(tf.data.AUTOTUNE)
 
 
 def _raw_feature_spec(tf_transform_output: tft.TFTransformOutput, with_label: bool) -> Dict[str, Any]:
@@ -138,13 +164,16 @@ def training_schedule(train_examples: int, batch_size: int, epochs: int, min_ste
 
 
 def run_fn(fn_args: tfx.components.FnArgs) -> None:
-    """TFX Trainer entry point: trains on the transformed train split and exports the serving model."""
+    """TFX Trainer entry point: trains on the train split of the window's spans and exports the serving model."""
     hyperparameters = fn_args.custom_config
     tf_transform_output = tft.TFTransformOutput(fn_args.transform_output)
     strategy = select_strategy(hyperparameters["strategy"], hyperparameters["tpu_address"])
     batch_size = global_batch_size(hyperparameters["batch_size"], strategy)
-    train_dataset = _input_fn(fn_args.train_files, fn_args.data_accessor, tf_transform_output, batch_size)
-    eval_dataset = _input_fn(fn_args.eval_files, fn_args.data_accessor, tf_transform_output, batch_size)
+    weights = recency_weights(hyperparameters.get(FILE_SPANS_KEY) or {p: 0 for p in fn_args.train_files},
+                              hyperparameters["recency_half_life_spans"])
+    logging.info("training files and their recency weights: %s", weights)
+    train_dataset = _input_fn(fn_args.train_files, weights, tf_transform_output, batch_size, shuffle=True)
+    eval_dataset = _input_fn(fn_args.eval_files, weights, tf_transform_output, batch_size, shuffle=False)
     steps_per_epoch, epochs = training_schedule(
         _count_records(fn_args.train_files), batch_size, hyperparameters["train_epochs"],
         hyperparameters["min_train_steps"])

@@ -6,16 +6,20 @@ the profile file's value yields to and a --set flag overrides.
 import dataclasses
 import os
 import pathlib
+import re
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple
 
 import yaml
 
 from models.distribution import STRATEGIES
+from pipeline.checks import CHECKS
 
 PROJECT_ROOT = pathlib.Path(__file__).resolve().parent.parent
 PROFILES_DIR = PROJECT_ROOT / "pipeline" / "profiles"
 ENV_PREFIX = "BABYWEIGHT_"
 ORCHESTRATORS = ("local", "vertex")
+SPAN_FOLDER = re.compile(r"span-(\d+)$")
+SPAN_PATTERN = "span-{SPAN}/*.csv"
 
 
 class ConfigError(ValueError):
@@ -28,8 +32,8 @@ class PipelineConfig:
 
     profile: str
     pipeline_name: str
-    data_dir: str  # folder of CSV files in the natality table's 31-column schema
-    input_pattern: str  # glob of the CSV files inside data_dir
+    data_dir: str  # folder of CSV files in the natality table's 31-column schema, or of span-N/ folders of them
+    input_pattern: str  # glob of the CSV files inside data_dir; auto: span-{SPAN}/*.csv if there are spans, else *.csv
     output_dir: str  # pipeline root, metadata store, pushed models and logs all go under here
     schema_dir: str  # curated schema (schema.pbtxt) imported by ImportSchemaGen
     train_hash_buckets: int  # train/eval split of ExampleGen by hash, e.g. 4:1
@@ -48,7 +52,9 @@ class PipelineConfig:
     eval_rmse_threshold: float  # pounds: a model whose eval RMSE is above this is not blessed
     eval_mae_threshold: float  # pounds: a model whose eval MAE is above this is not blessed
     eval_rmse_max_increase: float  # pounds: a model this much worse than the blessed baseline is not blessed
-    block_on_anomalies: bool  # stop the run before Transform when validation finds anomalies
+    training_window_spans: int  # Transform and Trainer read the last this many validated spans
+    recency_half_life_spans: float  # a span this many spans older weighs half as much in training (0 = equal)
+    warning_checks: Tuple[str, ...]  # checks (pipeline/checks.py) whose anomalies warn; all others stop the run
     orchestrator: str = "local"  # local: LocalDagRunner here; vertex: Vertex Pipelines, Dataflow, Vertex AI
     tpu_address: str = ""  # strategy tpu: the TPU to connect to ('' = the training job's own)
     # Google Cloud, for the vertex orchestrator
@@ -131,9 +137,10 @@ def _coerce(name: str, field_type: Any, value: Any) -> Any:
             return float(value)
         if field_type is str:
             return str(value)
-        if field_type == Tuple[int, ...]:
+        if field_type in (Tuple[int, ...], Tuple[str, ...]):
+            item_type = int if field_type == Tuple[int, ...] else str
             items = value if isinstance(value, (list, tuple)) else str(value).split(",")
-            return tuple(int(item) for item in items)
+            return tuple(item_type(str(item).strip()) for item in items if str(item).strip())
     except ValueError:
         raise ConfigError(f"setting {name!r}: cannot read {value!r} as {field_type}") from None
     raise ConfigError(f"setting {name!r}: unsupported type {field_type}")
@@ -185,9 +192,17 @@ def load_config(profile: str = "local", overrides: Optional[Mapping[str, Any]] =
     for key in ("data_dir", "output_dir", "schema_dir"):
         path = pathlib.Path(typed[key]).expanduser()
         typed[key] = str(path if path.is_absolute() else (PROJECT_ROOT / path))
+    if typed["input_pattern"] == "auto":
+        typed["input_pattern"] = _input_pattern(pathlib.Path(typed["data_dir"]))
     config = PipelineConfig(profile=profile, **typed)
     _check(config, profile_path)
     return config
+
+
+def _input_pattern(data_dir: pathlib.Path) -> str:
+    """span-{SPAN}/*.csv when data_dir holds span-N folders (each run reads the newest), else *.csv."""
+    has_spans = data_dir.is_dir() and any(SPAN_FOLDER.match(p.name) and p.is_dir() for p in data_dir.iterdir())
+    return SPAN_PATTERN if has_spans else "*.csv"
 
 
 def _check(config: PipelineConfig, profile_path: pathlib.Path) -> None:
@@ -201,6 +216,14 @@ def _check(config: PipelineConfig, profile_path: pathlib.Path) -> None:
     for name in ("train_hash_buckets", "eval_hash_buckets", "batch_size"):
         if getattr(config, name) < 1:
             raise ConfigError(f"{name} must be at least 1, not {getattr(config, name)}")
+    unknown_checks = sorted(set(config.warning_checks) - set(CHECKS))
+    if unknown_checks:
+        raise ConfigError(f"warning_checks: unknown check(s) {', '.join(unknown_checks)}; "
+                          f"known: {', '.join(CHECKS)}")
+    if config.training_window_spans < 1:
+        raise ConfigError(f"training_window_spans must be at least 1, not {config.training_window_spans}")
+    if config.recency_half_life_spans < 0:
+        raise ConfigError(f"recency_half_life_spans must be 0 (off) or positive, not {config.recency_half_life_spans}")
     if config.train_epochs <= 0:
         raise ConfigError(f"train_epochs must be positive, not {config.train_epochs}")
     if config.orchestrator not in ORCHESTRATORS:
@@ -214,5 +237,8 @@ def _check(config: PipelineConfig, profile_path: pathlib.Path) -> None:
                 f"the {config.profile} profile needs {', '.join(missing)}: set "
                 + ", ".join(f"{ENV_PREFIX}{name.upper()}" for name in missing)
                 + f" in the environment, pass --set {missing[0]}=..., or write them in {profile_path}")
+        if config.training_window_spans != 1:
+            raise ConfigError("training_window_spans must be 1 on Vertex: its compiler takes only TFX's built-in "
+                              f"resolvers, not the span window (set it in {profile_path})")
         if not config.gcs_bucket.startswith("gs://"):
             raise ConfigError(f"gcs_bucket {config.gcs_bucket!r} must be a Cloud Storage path like gs://my-bucket")

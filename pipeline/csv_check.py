@@ -1,18 +1,19 @@
-"""Checks the input CSV files before the pipeline starts, naming the file, line and column of a problem.
+"""Checks the input CSV files of the newest span before the pipeline starts, naming file, line and column.
 
-CsvExampleGen fails deep inside Beam on a malformed row, and infers a column's type from what it
-sees, so a stray word in a numeric column would only show up later as a type anomaly with no row.
-This check is the CSV-level half of validation; the schema-level half is TFDV's (ExampleValidator).
+Only what would break CsvExampleGen stops the run here: an empty file, a row with the wrong number of
+fields (Beam fails deep inside), files of one span with different headers (CsvExampleGen reads them all
+with the first file's). Missing or extra columns and values of the wrong type are data validation's to
+report (pipeline/validation.py); this check adds where the first such values are, which TFDV can't say.
 """
 import csv
 import dataclasses
 import fnmatch
 import pathlib
-from typing import Dict, List
+import re
+from typing import Dict, List, Optional
 
 from tensorflow_metadata.proto.v0 import schema_pb2
 
-from models import features
 
 MAX_REPORTED = 10
 
@@ -25,15 +26,30 @@ class InputDataError(ValueError):
 class CsvSummary:
     files: List[pathlib.Path]
     rows: int
+    span: Optional[int]  # the newest span, when the input is in span-N/ folders
+    notes: List[str]  # values that TFDV will see as the wrong type, with their file, line and column
+
+
+def newest_span(data_dir: pathlib.Path, pattern: str) -> Optional[int]:
+    """The span CsvExampleGen will read for a span-{SPAN} pattern (the newest), else None."""
+    if "{SPAN}" not in pattern:
+        return None
+    folder = re.compile(re.escape(pattern.split("/")[0]).replace(re.escape("{SPAN}"), r"(\d+)") + "$")
+    spans = [int(m.group(1)) for p in data_dir.iterdir() if p.is_dir() and (m := folder.match(p.name))]
+    if not spans:
+        raise InputDataError(f"no span folders matching {pattern.split('/')[0]!r} in {data_dir}")
+    return max(spans)
 
 
 def input_files(data_dir: pathlib.Path, pattern: str) -> List[pathlib.Path]:
-    """The files CsvExampleGen will read: `pattern` under `data_dir`, as its glob does."""
+    """The files CsvExampleGen will read: `pattern` under `data_dir` (in its newest span), as its glob does."""
     if not data_dir.is_dir():
         raise InputDataError(f"input folder {data_dir} does not exist (set it with --data-dir)")
-    files = sorted(p for p in data_dir.glob(pattern) if p.is_file() and not fnmatch.fnmatch(p.name, ".*"))
+    span = newest_span(data_dir, pattern)
+    glob = pattern if span is None else pattern.replace("{SPAN}", str(span))
+    files = sorted(p for p in data_dir.glob(glob) if p.is_file() and not fnmatch.fnmatch(p.name, ".*"))
     if not files:
-        raise InputDataError(f"no input files match {pattern!r} in {data_dir}")
+        raise InputDataError(f"no input files match {glob!r} in {data_dir}")
     return files
 
 
@@ -43,11 +59,11 @@ def _numeric_types(schema: schema_pb2.Schema) -> Dict[str, type]:
 
 
 def check_csv_files(data_dir: pathlib.Path, pattern: str, schema: schema_pb2.Schema) -> CsvSummary:
-    """Raises InputDataError unless every file has the table's columns and parsable values."""
+    """Raises InputDataError unless CsvExampleGen can read every file; notes values of the wrong type."""
     files = input_files(data_dir, pattern)
     numeric = _numeric_types(schema)
-    expected = list(features.COLUMN_NAMES)
     problems: List[str] = []
+    notes: List[str] = []
     rows = 0
     first_header = None
     for path in files:
@@ -58,19 +74,11 @@ def check_csv_files(data_dir: pathlib.Path, pattern: str, schema: schema_pb2.Sch
                 problems.append(f"{path}: the file is empty (expected a header line and rows)")
                 continue
             header = [name.strip() for name in header]
-            missing = [name for name in expected if name not in header]
-            unexpected = [name for name in header if name not in expected]
-            if missing or unexpected:
-                problems.append(
-                    f"{path}: header does not match the natality table's columns"
-                    + (f"; missing: {', '.join(missing)}" if missing else "")
-                    + (f"; unexpected: {', '.join(unexpected)}" if unexpected else ""))
-                continue
             if first_header is None:
                 first_header = header
             elif header != first_header:
-                problems.append(f"{path}: columns are in another order than in {files[0]} "
-                                "(CsvExampleGen reads every file with the first file's header)")
+                problems.append(f"{path}: its header differs from {files[0]}'s "
+                                "(CsvExampleGen reads every file of a span with the first file's header)")
                 continue
             file_rows = 0
             for line, row in enumerate(reader, start=2):
@@ -82,14 +90,8 @@ def check_csv_files(data_dir: pathlib.Path, pattern: str, schema: schema_pb2.Sch
                 if len(row) != len(header):
                     problems.append(f"{path}, line {line}: {len(row)} fields, expected {len(header)}")
                     continue
-                for name, value in zip(header, row):
-                    kind = numeric.get(name)
-                    if kind and value != "":
-                        try:
-                            kind(value)
-                        except ValueError:
-                            problems.append(f"{path}, line {line}, column {name}: {value!r} is not "
-                                            f"{'an integer' if kind is int else 'a number'}")
+                if len(notes) < MAX_REPORTED:
+                    notes.extend(_type_notes(path, line, header, row, numeric))
             if file_rows == 0 and not problems:
                 problems.append(f"{path}: the file has a header but no rows")
             rows += file_rows
@@ -98,4 +100,18 @@ def check_csv_files(data_dir: pathlib.Path, pattern: str, schema: schema_pb2.Sch
             break
     if problems:
         raise InputDataError("input data can't be used:\n  " + "\n  ".join(problems))
-    return CsvSummary(files, rows)
+    return CsvSummary(files, rows, newest_span(data_dir, pattern), notes[:MAX_REPORTED])
+
+
+def _type_notes(path: pathlib.Path, line: int, header: List[str], row: List[str],
+                numeric: Dict[str, type]) -> List[str]:
+    notes = []
+    for name, value in zip(header, row):
+        kind = numeric.get(name)
+        if kind and value != "":
+            try:
+                kind(value)
+            except ValueError:
+                notes.append(f"{path}, line {line}, column {name}: {value!r} is not "
+                             f"{'an integer' if kind is int else 'a number'}")
+    return notes

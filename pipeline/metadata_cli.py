@@ -72,10 +72,12 @@ def _lineage(store: Store, artifact: metadata_store_pb2.Artifact) -> Dict[str, A
             continue
         consumers = [producer]
         if store.node_of(producer) == "Transform":
-            # Transform runs only after the AnomaliesGate of its run passed; TFX records that as step
-            # order, not as an input, so follow it here to reach the statistics that were validated.
+            # Transform runs only after the DataGate of its run passed; TFX records that as step
+            # order, not as an input, so follow it here to reach the anomalies and statistics it checked.
+            from pipeline.pipeline import GATE_ID
+
             run = store.run(store.run_of(producer))
-            consumers += [e for e in store.executions(run) if store.node_of(e) == "AnomaliesGate"]
+            consumers += [e for e in store.executions(run) if store.node_of(e) == GATE_ID]
         for consumer in consumers:
             inputs = [e for e in store.events(execution_ids=[consumer.id]) if e.type in INPUT_EVENTS]
             for parent in store.artifacts_by_id([e.artifact_id for e in inputs]):
@@ -93,8 +95,7 @@ def _lineage(store: Store, artifact: metadata_store_pb2.Artifact) -> Dict[str, A
 def _show(store: Store, artifact: metadata_store_pb2.Artifact) -> Dict[str, Any]:
     """A readable summary of an artifact's content, by its type."""
     from pipeline import summary
-    from pipeline.anomalies_gate import describe_anomalies
-    from tfx.types import standard_artifacts
+    from pipeline.validation import read_verdict
 
     described = store.describe(artifact)
     kind = described["type"]
@@ -114,9 +115,9 @@ def _show(store: Store, artifact: metadata_store_pb2.Artifact) -> Dict[str, Any]
                 rows[name] = row
             content[split] = {"examples": stats.num_examples, "features": rows}
     elif kind == "ExampleAnomalies":
-        wrapped = standard_artifacts.ExampleAnomalies()
-        wrapped.set_mlmd_artifact(artifact)
-        content = {"anomalies": describe_anomalies(wrapped)}
+        verdict = read_verdict(artifact.uri)
+        content = {"span": verdict.span, "compared_with_span": verdict.baseline_span,
+                   "questions": verdict.answers(), "anomalies": [finding.line() for finding in verdict.findings]}
     elif kind == "ModelEvaluation":
         import tensorflow_model_analysis as tfma
 

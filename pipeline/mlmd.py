@@ -34,6 +34,7 @@ class StepRecord:
     state: str  # complete, cached, failed, running, ...
     seconds: float
     outputs: Dict[str, List[metadata_store_pb2.Artifact]]  # by output key
+    inputs: Dict[str, List[metadata_store_pb2.Artifact]]  # by input key
 
 
 class Store:
@@ -119,13 +120,26 @@ class Store:
 
     def outputs(self, execution: metadata_store_pb2.Execution) -> Dict[str, List[metadata_store_pb2.Artifact]]:
         """An execution's output artifacts by output key."""
-        events = [e for e in self.events(execution_ids=[execution.id]) if e.type in OUTPUT_EVENTS]
+        return self._artifacts_by_key(execution, OUTPUT_EVENTS)
+
+    def inputs(self, execution: metadata_store_pb2.Execution) -> Dict[str, List[metadata_store_pb2.Artifact]]:
+        """An execution's input artifacts by input key."""
+        return self._artifacts_by_key(execution, INPUT_EVENTS)
+
+    def _artifacts_by_key(self, execution: metadata_store_pb2.Execution,
+                          event_types: Iterable[int]) -> Dict[str, List[metadata_store_pb2.Artifact]]:
+        events = [e for e in self.events(execution_ids=[execution.id]) if e.type in event_types]
         artifacts = {a.id: a for a in self.artifacts_by_id([e.artifact_id for e in events])}
-        outputs: Dict[str, List[metadata_store_pb2.Artifact]] = {}
+        by_key: Dict[str, List[metadata_store_pb2.Artifact]] = {}
         for event in events:
             key = next((step.key for step in event.path.steps if step.HasField("key")), "")
-            outputs.setdefault(key, []).append(artifacts[event.artifact_id])
-        return outputs
+            by_key.setdefault(key, []).append(artifacts[event.artifact_id])
+        return by_key
+
+    def node_executions(self, pipeline_name: str, node_id: str) -> List[metadata_store_pb2.Execution]:
+        """Every execution of one pipeline node, across runs, oldest first."""
+        context = self._store.get_context_by_type_and_name("node", f"{pipeline_name}.{node_id}")
+        return sorted(self._store.get_executions_by_context(context.id), key=lambda e: e.id) if context else []
 
     def steps(self, run: metadata_store_pb2.Context) -> List[StepRecord]:
         """The executions of a run, in the order they started, with their output artifacts."""
@@ -133,7 +147,8 @@ class Store:
             node_id=self.node_of(execution),
             state=STATES.get(execution.last_known_state, "unknown"),
             seconds=round((execution.last_update_time_since_epoch - execution.create_time_since_epoch) / 1000, 1),
-            outputs=self.outputs(execution)) for execution in self.executions(run)]
+            outputs=self.outputs(execution),
+            inputs=self.inputs(execution)) for execution in self.executions(run)]
 
 
 def open_sqlite(path: str, read_only: bool = True) -> Store:

@@ -8,13 +8,17 @@ import tensorflow_model_analysis as tfma
 from google.protobuf.wrappers_pb2 import BoolValue
 from tfx import v1 as tfx
 
+from tfx.dsl.components.base import executor_spec
+
 from models import features
-from pipeline.anomalies_gate import AnomaliesGate
+from pipeline import spans
 from pipeline.config import PipelineConfig
+from pipeline.validation import DataGate, DataValidator
 
 PREPROCESSING_FN = "models.preprocessing.preprocessing_fn"
 RUN_FN = "models.model.run_fn"
 SCHEMA_FILE = "schema.pbtxt"
+GATE_ID = "DataGate"
 MODELS_DIR = pathlib.Path(features.__file__).resolve().parent
 
 
@@ -101,10 +105,12 @@ def example_gen_component(config: PipelineConfig) -> tfx.types.BaseNode:
 
 
 def trainer_component(config: PipelineConfig, fingerprint: str, **inputs) -> tfx.types.BaseNode:
-    """Local: TFX's Trainer in this process. Vertex: a Vertex AI custom job with the configured workers."""
+    """Local: TFX's Trainer in this process, told each file's span. Vertex: a Vertex AI custom job."""
     custom_config = model_config(config, fingerprint)
     if config.orchestrator != "vertex":
-        return tfx.components.Trainer(run_fn=RUN_FN, custom_config=custom_config, **inputs)
+        return tfx.components.Trainer(
+            run_fn=RUN_FN, custom_config=custom_config,
+            custom_executor_spec=executor_spec.ExecutorClassSpec(spans.SpanAwareTrainerExecutor), **inputs)
     vertex = tfx.extensions.google_cloud_ai_platform
     machine_spec = {"machine_type": config.trainer_machine_type}
     if config.trainer_accelerator_type:
@@ -152,33 +158,64 @@ def pusher_component(config: PipelineConfig, **inputs) -> tfx.types.BaseNode:
 
 
 def create_pipeline(config: PipelineConfig) -> tfx.dsl.Pipeline:
-    """Wires ExampleGen -> statistics, schema, validation -> Transform -> Trainer -> Evaluator -> Pusher.
+    """Wires ExampleGen -> statistics, schema, validation and gate -> Transform -> Trainer -> Evaluator -> Pusher.
 
-    The orchestrator of the config picks where ExampleGen reads, where the Trainer runs and where
-    the Pusher pushes; everything else is the same for a local run and a Vertex pipeline.
+    Each run ingests the newest span. Locally, validation compares it with the previous validated span
+    and Transform and Trainer read the last `training_window_spans` validated spans, all resolved from
+    ML Metadata; on Vertex (whose compiler takes only TFX's built-in resolvers) they read the new data.
+    The orchestrator also picks where ExampleGen reads, where the Trainer runs and where the Pusher pushes.
     """
     fingerprint = code_fingerprint()
+    local = config.orchestrator != "vertex"
     example_gen = example_gen_component(config)
-    statistics_gen = tfx.components.StatisticsGen(examples=example_gen.outputs["examples"])
     schema_importer = tfx.components.ImportSchemaGen(schema_file=os.path.join(config.schema_dir, SCHEMA_FILE))
-    example_validator = tfx.components.ExampleValidator(
-        statistics=statistics_gen.outputs["statistics"], schema=schema_importer.outputs["schema"])
-    anomalies_gate = AnomaliesGate(anomalies=example_validator.outputs["anomalies"], block=config.block_on_anomalies)
+    # With the schema, TFDV describes coded integer categories (is_categorical) by their values.
+    statistics_gen = tfx.components.StatisticsGen(
+        examples=example_gen.outputs["examples"], schema=schema_importer.outputs["schema"])
+    components: List[tfx.types.BaseNode] = [example_gen, schema_importer, statistics_gen]
+
+    baseline = {}
+    if local:
+        previous = tfx.dsl.Resolver(
+            strategy_class=spans.PreviousValidatedSpan,
+            config={"pipeline_name": config.pipeline_name, "gate_id": GATE_ID},
+            examples=example_gen.outputs["examples"],
+            statistics=statistics_gen.outputs["statistics"]).with_id("previous_validated_span")
+        components.append(previous)
+        baseline = {"previous_examples": previous.outputs["examples"],
+                    "previous_statistics": previous.outputs["statistics"]}
+    validator = DataValidator(
+        examples=example_gen.outputs["examples"], statistics=statistics_gen.outputs["statistics"],
+        schema=schema_importer.outputs["schema"], warning_checks=",".join(config.warning_checks), **baseline)
+    gate = DataGate(anomalies=validator.outputs["anomalies"], statistics=statistics_gen.outputs["statistics"],
+                    examples=example_gen.outputs["examples"]).with_id(GATE_ID)
+    components += [validator, gate]
+
+    if local:
+        training_window = tfx.dsl.Resolver(
+            strategy_class=spans.ValidatedSpanWindow,
+            config={"pipeline_name": config.pipeline_name, "gate_id": GATE_ID, "spans": config.training_window_spans},
+            examples=example_gen.outputs["examples"]).with_id("training_window")
+        training_window.add_upstream_node(gate)
+        components.append(training_window)
+        training_examples = training_window.outputs["examples"]
+    else:
+        training_examples = example_gen.outputs["examples"]
 
     transform = tfx.components.Transform(
-        examples=example_gen.outputs["examples"],
+        examples=training_examples,
         schema=schema_importer.outputs["schema"],
         preprocessing_fn=PREPROCESSING_FN,
         custom_config={"code_fingerprint": fingerprint},
-        # StatisticsGen already describes the raw data; Transform's own pre/post statistics would
-        # double the Beam work of the slowest component.
-        disable_statistics=True, force_tf_compat_v1=True)
-    transform.add_upstream_node(anomalies_gate)
+        # The Trainer applies the transform graph to the raw examples of each span, weighted by the
+        # span's age; StatisticsGen already describes the raw data.
+        materialize=False, disable_statistics=True, force_tf_compat_v1=True)
+    transform.add_upstream_node(gate)
 
     trainer = trainer_component(
         config,
         fingerprint,
-        examples=transform.outputs["transformed_examples"],
+        examples=training_examples,
         transform_graph=transform.outputs["transform_graph"],
         schema=schema_importer.outputs["schema"],
         train_args=tfx.proto.TrainArgs(splits=["train"]),
@@ -198,10 +235,7 @@ def create_pipeline(config: PipelineConfig) -> tfx.dsl.Pipeline:
 
     pusher = pusher_component(config, model=trainer.outputs["model"], model_blessing=evaluator.outputs["blessing"])
 
-    components: List[tfx.types.BaseNode] = [
-        example_gen, statistics_gen, schema_importer, example_validator, anomalies_gate,
-        transform, trainer, model_resolver, evaluator, pusher,
-    ]
+    components += [transform, trainer, model_resolver, evaluator, pusher]
     return tfx.dsl.Pipeline(
         pipeline_name=config.pipeline_name,
         pipeline_root=config.pipeline_root,
@@ -226,4 +260,5 @@ def model_config(config: PipelineConfig, fingerprint: str) -> dict:
         "learning_rate": config.learning_rate,
         "hidden_units": list(config.hidden_units),
         "embedding_dim": config.embedding_dim,
+        "recency_half_life_spans": config.recency_half_life_spans,
     }

@@ -8,9 +8,9 @@ from tensorflow_metadata.proto.v0 import schema_pb2
 from tfx import v1 as tfx
 
 from pipeline import csv_check, summary
-from pipeline.anomalies_gate import DataValidationError
 from pipeline.config import PipelineConfig
 from pipeline.pipeline import SCHEMA_FILE, create_pipeline
+from pipeline.validation import DataValidationError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,6 +43,8 @@ def run_local(config: PipelineConfig) -> Outcome:
     except csv_check.InputDataError as error:
         return Outcome(False, f"Run stopped before the pipeline started: {error}")
     logging.info("input: %d rows in %d file(s) under %s", checked.rows, len(checked.files), config.data_dir)
+    for note in checked.notes:
+        logging.warning("input: %s", note)
 
     failure = None
     try:
@@ -50,7 +52,7 @@ def run_local(config: PipelineConfig) -> Outcome:
     except Exception as error:  # a failed component: report it, then summarise what did run
         logging.exception("pipeline run failed")
         failure = _failure_reason(error)
-    report = summary.summarize_latest_run(config)
+    text = summary.summarize_latest_run(config, checked)
     if failure:
-        return Outcome(False, f"{report}\nRun FAILED: {failure}\nNo model was pushed by this run.")
-    return Outcome(True, report)
+        return Outcome(False, f"{text}\nRun FAILED: {failure}\nNo model was pushed by this run.")
+    return Outcome(True, text)

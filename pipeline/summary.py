@@ -11,8 +11,10 @@ from tfx.types import artifact, artifact_utils, standard_artifacts
 
 from models import features
 from pipeline import mlmd
-from pipeline.anomalies_gate import describe_anomalies
 from pipeline.config import PipelineConfig
+from pipeline.csv_check import CsvSummary
+from pipeline.spans import span_of
+from pipeline.validation import Verdict, read_verdict
 
 
 def _output(steps: List[mlmd.StepRecord], node_id: str, key: str) -> Optional[metadata_store_pb2.Artifact]:
@@ -84,8 +86,30 @@ def _evaluation_lines(evaluation: metadata_store_pb2.Artifact, blessing: Optiona
     return lines
 
 
-def summarize_latest_run(config: PipelineConfig) -> str:
-    """A short human summary of the latest run: rows, anomalies, RMSE, blessing, push, seconds per step."""
+def validation_lines(verdict: Verdict) -> List[str]:
+    """The six questions with their answers, then each anomaly found."""
+    compared = (f"compared with span {verdict.baseline_span}" if verdict.baseline_span is not None
+                else "no earlier validated span to compare with")
+    lines = [f"  data validation of span {verdict.span} ({compared}):"]
+    for number, answer in enumerate(verdict.answers(), start=1):
+        features_found = f" ({', '.join(answer['features'])})" if answer["features"] else ""
+        lines.append(f"    {number}. {answer['question']:<72} {answer['status']}{features_found}")
+    lines.append(f"  anomalies: {len(verdict.findings) or 'none'}"
+                 + (f" ({len(verdict.blocking)} blocking)" if verdict.findings else ""))
+    lines.extend(f"    {finding.line()}" for finding in verdict.findings)
+    return lines
+
+
+def _window_line(steps: List[mlmd.StepRecord]) -> Optional[str]:
+    trainer = next((step for step in steps if step.node_id == "Trainer"), None)
+    if trainer is None or not trainer.inputs.get("examples"):
+        return None
+    spans = sorted(span_of(a) for a in trainer.inputs["examples"])
+    return f"  trained on span(s) {', '.join(map(str, spans))}"
+
+
+def summarize_latest_run(config: PipelineConfig, checked: Optional[CsvSummary] = None) -> str:
+    """A short human summary of the latest run: data checks, RMSE, blessing, push, seconds per step."""
     store = mlmd.open_sqlite(config.metadata_path)
     runs = store.runs()
     if not runs:
@@ -98,11 +122,17 @@ def summarize_latest_run(config: PipelineConfig) -> str:
     if stats_by_split:
         lines.append("  rows: " + ", ".join(f"{split} {stats.num_examples}" for split, stats in stats_by_split.items()))
 
-    anomalies = _output(steps, "ExampleValidator", "anomalies")
+    if checked is not None:
+        lines.append(f"  input: {checked.rows} rows in {len(checked.files)} file(s)"
+                     + (f", span {checked.span}" if checked.span is not None else ""))
+        lines.extend(f"    {note}" for note in checked.notes)
+
+    anomalies = _output(steps, "DataValidator", "anomalies")
     if anomalies:
-        found = describe_anomalies(_artifact_as_tfx(anomalies, standard_artifacts.ExampleAnomalies))
-        lines.append(f"  anomalies: {len(found) or 'none'}")
-        lines.extend(f"    {line}" for line in found)
+        lines.extend(validation_lines(read_verdict(anomalies.uri)))
+    window = _window_line(steps)
+    if window:
+        lines.append(window)
 
     evaluation = _output(steps, "Evaluator", "evaluation")
     if evaluation and stats_by_split:

@@ -1,0 +1,121 @@
+"""Spans in ML Metadata: which spans passed validation, the previous one to compare with, the training window.
+
+A span passed validation when a DataGate execution that consumed its statistics and examples completed
+(or was served from cache). The two resolver strategies read that from ML Metadata, never from folder
+listings, so a blocked span is neither a drift baseline nor training data. The Trainer's executor hands
+each training file's span to `run_fn`, which weights older spans down (models/model.py).
+
+Vertex Pipelines compiles only TFX's built-in resolver strategies, so these run with the local
+orchestrator; see create_pipeline.
+"""
+from typing import Any, Dict, List, Optional, Tuple
+
+from ml_metadata import metadata_store
+from ml_metadata.proto import metadata_store_pb2
+from tfx import types
+from tfx import v1 as tfx
+from tfx.components.trainer import executor as trainer_executor
+from tfx.types import artifact_utils
+from tfx.utils import io_utils
+
+from models.model import FILE_SPANS_KEY
+from pipeline import mlmd
+
+PASSED = (metadata_store_pb2.Execution.COMPLETE, metadata_store_pb2.Execution.CACHED)
+
+
+def span_of(examples: metadata_store_pb2.Artifact) -> int:
+    """The span of an Examples artifact (TFX 1.16's ExampleGen records it as a custom property)."""
+    if "span" in examples.custom_properties:
+        return examples.custom_properties["span"].int_value
+    return examples.properties["span"].int_value
+
+
+def validated(store: metadata_store.MetadataStore, pipeline_name: str,
+              gate_id: str) -> List[Tuple[metadata_store_pb2.Artifact, metadata_store_pb2.Artifact]]:
+    """(examples, statistics) of each span that passed the gate, oldest gate run first."""
+    reader = mlmd.Store(store)
+    passed = []
+    for execution in reader.node_executions(pipeline_name, gate_id):
+        inputs = reader.inputs(execution)
+        if execution.last_known_state in PASSED and inputs.get("examples") and inputs.get("statistics"):
+            passed.append((inputs["examples"][0], inputs["statistics"][0]))
+    return passed
+
+
+def _as_tfx(store: metadata_store.MetadataStore, artifacts: List[metadata_store_pb2.Artifact]) -> List[types.Artifact]:
+    if not artifacts:
+        return []
+    artifact_type = store.get_artifact_types_by_id([artifacts[0].type_id])[0]
+    return artifact_utils.deserialize_artifacts(artifact_type, artifacts)
+
+
+def previous_span(current: metadata_store_pb2.Artifact,
+                  candidates: List[metadata_store_pb2.Artifact]) -> Optional[metadata_store_pb2.Artifact]:
+    """The newest validated earlier span; for a re-ingested span, the version validated before it."""
+    others = [a for a in candidates if a.id != current.id]
+    earlier = [a for a in others if span_of(a) < span_of(current)]
+    if earlier:
+        return max(earlier, key=lambda a: (span_of(a), a.id))
+    same = [a for a in others if span_of(a) == span_of(current) and a.id < current.id]
+    return max(same, key=lambda a: a.id) if same else None
+
+
+def window(current: metadata_store_pb2.Artifact, candidates: List[metadata_store_pb2.Artifact],
+           spans: int) -> List[metadata_store_pb2.Artifact]:
+    """The newest version of each of the last `spans` validated spans up to the current one, oldest first."""
+    newest: Dict[int, metadata_store_pb2.Artifact] = {}
+    for artifact in candidates + [current]:
+        if span_of(artifact) <= span_of(current) and (
+                span_of(artifact) not in newest or artifact.id > newest[span_of(artifact)].id):
+            newest[span_of(artifact)] = artifact
+    newest[span_of(current)] = current
+    return [newest[span] for span in sorted(newest)[-spans:]]
+
+
+class PreviousValidatedSpan(tfx.dsl.experimental.ResolverStrategy):
+    """Resolves this run's `examples` and `statistics` to those of the previous validated span, or nothing."""
+
+    def __init__(self, pipeline_name: str, gate_id: str):
+        self._pipeline_name = pipeline_name
+        self._gate_id = gate_id
+
+    def resolve_artifacts(self, store: metadata_store.MetadataStore,
+                          input_dict: Dict[str, List[types.Artifact]]) -> Dict[str, List[types.Artifact]]:
+        current = input_dict["examples"][0].mlmd_artifact
+        passed = validated(store, self._pipeline_name, self._gate_id)
+        found = previous_span(current, [examples for examples, _ in passed])
+        statistics = next((stats for examples, stats in passed if found and examples.id == found.id), None)
+        if found is None or statistics is None:
+            return {"examples": [], "statistics": []}
+        return {"examples": _as_tfx(store, [found]), "statistics": _as_tfx(store, [statistics])}
+
+
+class ValidatedSpanWindow(tfx.dsl.experimental.ResolverStrategy):
+    """Resolves `examples` (this run's, already validated) to the last `spans` validated spans."""
+
+    def __init__(self, pipeline_name: str, gate_id: str, spans: int):
+        self._pipeline_name = pipeline_name
+        self._gate_id = gate_id
+        self._spans = spans
+
+    def resolve_artifacts(self, store: metadata_store.MetadataStore,
+                          input_dict: Dict[str, List[types.Artifact]]) -> Dict[str, List[types.Artifact]]:
+        current = input_dict["examples"][0].mlmd_artifact
+        candidates = [examples for examples, _ in validated(store, self._pipeline_name, self._gate_id)]
+        return {"examples": _as_tfx(store, window(current, candidates, self._spans))}
+
+
+class SpanAwareTrainerExecutor(trainer_executor.GenericExecutor):
+    """TFX's Trainer executor, plus the span of each training and eval file pattern in custom_config."""
+
+    def _GetFnArgs(self, input_dict: Dict[str, List[types.Artifact]], output_dict: Dict[str, List[types.Artifact]],
+                   exec_properties: Dict[str, Any]):
+        fn_args = super()._GetFnArgs(input_dict, output_dict, exec_properties)
+        file_spans = {}
+        for artifact in input_dict["examples"]:
+            for split in artifact_utils.decode_split_names(artifact.split_names):
+                pattern = io_utils.all_files_pattern(artifact_utils.get_split_uri([artifact], split))
+                file_spans[pattern] = span_of(artifact.mlmd_artifact)
+        fn_args.custom_config = dict(fn_args.custom_config or {}, **{FILE_SPANS_KEY: file_spans})
+        return fn_args

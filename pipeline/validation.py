@@ -1,0 +1,210 @@
+"""Data validation of each new span: TFDV against the curated schema and the previous span, and the gate.
+
+TFX 1.16's ExampleValidator checks statistics against a schema but takes no previous statistics, so it
+can't answer "is the new distribution close to the previous one". `DataValidator` calls TFDV's own
+`validate_statistics` with the schema (its drift comparators included) and the statistics of the
+previous validated span, classes each anomaly by the question it answers (pipeline/checks.py) as
+blocking or warning, and writes TFX's usual ExampleAnomalies artifact plus a `verdict.json`.
+`DataGate` fails the run when the verdict has a blocking anomaly, before Transform and Trainer run.
+"""
+import dataclasses
+import json
+import logging
+import os
+from typing import Dict, List, Optional, Sequence
+
+import tensorflow_data_validation as tfdv
+from tensorflow_metadata.proto.v0 import anomalies_pb2, schema_pb2, statistics_pb2
+from tfx import types
+from tfx import v1 as tfx
+from tfx.types import artifact_utils
+from tfx.utils import io_utils
+
+from pipeline.checks import QUESTIONS, check_of
+from pipeline.spans import span_of
+
+ANOMALIES_FILE = "SchemaDiff.pb"
+STATISTICS_FILE = "FeatureStats.pb"
+VERDICT_FILE = "verdict.json"
+ENVIRONMENT = "TRAINING"
+
+
+class DataValidationError(RuntimeError):
+    """The new data has blocking anomalies; the message lists each one."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Finding:
+    """One anomaly: where, which check it fails, what TFDV found, and whether it stops the run."""
+
+    split: str
+    feature: str  # '' for an anomaly of the whole data set
+    check: str  # one of pipeline.checks.CHECKS
+    kind: str  # TFDV's AnomalyInfo.Type name
+    description: str
+    blocking: bool
+
+    def line(self) -> str:
+        where = f"feature {self.feature!r}" if self.feature else "whole data set"
+        return (f"[{'BLOCKING' if self.blocking else 'warning'}] {self.check}: {where} ({self.split}): "
+                f"{self.description}")
+
+
+@dataclasses.dataclass
+class Verdict:
+    """What validation found in one span, as written to verdict.json next to the anomalies."""
+
+    span: int
+    baseline_span: Optional[int]  # the previous validated span compared against (None: no drift check)
+    baseline_statistics: str
+    findings: List[Finding]
+
+    @property
+    def blocking(self) -> List[Finding]:
+        return [f for f in self.findings if f.blocking]
+
+    def answers(self) -> List[Dict[str, object]]:
+        """Each of the six questions with its answer: ok, or BLOCKING or warning with the features at fault."""
+        result = []
+        for question, checks in QUESTIONS:
+            found = [f for f in self.findings if f.check in checks]
+            if "drift" in checks and self.baseline_span is None:
+                status = "not checked: no earlier validated span to compare with"
+            elif not found:
+                status = "ok"
+            else:
+                status = "BLOCKING" if any(f.blocking for f in found) else "warning"
+            result.append({"question": question, "status": status,
+                           "features": sorted({f.feature or "(data set)" for f in found})})
+        other = [f for f in self.findings if f.check == "other"]
+        if other:
+            result.append({"question": "Other anomalies", "status": "BLOCKING" if any(f.blocking for f in other)
+                           else "warning", "features": sorted({f.feature or "(data set)" for f in other})})
+        return result
+
+    def to_json(self) -> str:
+        return json.dumps({"span": self.span, "baseline_span": self.baseline_span,
+                           "baseline_statistics": self.baseline_statistics,
+                           "findings": [dataclasses.asdict(f) for f in self.findings]}, indent=1)
+
+    @classmethod
+    def from_json(cls, text: str) -> "Verdict":
+        values = json.loads(text)
+        return cls(values["span"], values["baseline_span"], values["baseline_statistics"],
+                   [Finding(**f) for f in values["findings"]])
+
+
+def read_verdict(anomalies_uri: str) -> Verdict:
+    """The verdict DataValidator wrote into its anomalies artifact."""
+    return Verdict.from_json(io_utils.read_string_file(os.path.join(anomalies_uri, VERDICT_FILE)))
+
+
+def csv_presence(statistics: statistics_pb2.DatasetFeatureStatisticsList) -> statistics_pb2.DatasetFeatureStatisticsList:
+    """Statistics in which a NULL CSV field counts as a missing value.
+
+    CsvExampleGen turns an empty field into a feature with no values, which TFDV counts as present;
+    for features of at most one value per example, the examples that have one are `tot_num_values`.
+    With this, the schema's `presence` constraints see NULLs, and `value_count` sees only real values.
+    """
+    result = statistics_pb2.DatasetFeatureStatisticsList()
+    result.CopyFrom(statistics)
+    for dataset in result.datasets:
+        for feature in dataset.features:
+            kind = feature.WhichOneof("stats")
+            if kind not in ("num_stats", "string_stats", "bytes_stats"):
+                continue
+            common = getattr(feature, kind).common_stats
+            if common.max_num_values > 1:
+                continue
+            empty = common.num_non_missing - common.tot_num_values
+            if empty > 0:
+                common.num_non_missing -= empty
+                common.num_missing += empty
+                common.min_num_values = 1 if common.num_non_missing else 0
+                common.avg_num_values = 1.0 if common.num_non_missing else 0.0
+    return result
+
+
+def findings(anomalies: anomalies_pb2.Anomalies, split: str, warning_checks: Sequence[str]) -> List[Finding]:
+    """One Finding per reason TFDV gives, classed by check and by whether that check blocks."""
+    result = []
+    entries = list(sorted(anomalies.anomaly_info.items()))
+    if anomalies.HasField("dataset_anomaly_info"):
+        entries.append(("", anomalies.dataset_anomaly_info))
+    for feature, info in entries:
+        for reason in info.reason:
+            check = check_of(reason.type)
+            result.append(Finding(split, feature, check, anomalies_pb2.AnomalyInfo.Type.Name(reason.type),
+                                  f"{reason.short_description}: {reason.description}",
+                                  blocking=check not in warning_checks))
+    return result
+
+
+def validate_split(current: statistics_pb2.DatasetFeatureStatisticsList, schema: schema_pb2.Schema,
+                   previous: Optional[statistics_pb2.DatasetFeatureStatisticsList],
+                   environment: str = ENVIRONMENT) -> anomalies_pb2.Anomalies:
+    """TFDV's validation of one split against the schema and, where given, the previous span's split."""
+    return tfdv.validate_statistics(
+        csv_presence(current), schema, environment=environment,
+        previous_statistics=csv_presence(previous) if previous is not None else None)
+
+
+def _split_statistics(artifact: types.Artifact) -> Dict[str, statistics_pb2.DatasetFeatureStatisticsList]:
+    return {split: tfdv.load_stats_binary(os.path.join(artifact_utils.get_split_uri([artifact], split),
+                                                      STATISTICS_FILE))
+            for split in artifact_utils.decode_split_names(artifact.split_names)}
+
+
+@tfx.dsl.components.component
+def DataValidator(
+    examples: tfx.dsl.components.InputArtifact[tfx.types.standard_artifacts.Examples],
+    statistics: tfx.dsl.components.InputArtifact[tfx.types.standard_artifacts.ExampleStatistics],
+    schema: tfx.dsl.components.InputArtifact[tfx.types.standard_artifacts.Schema],
+    anomalies: tfx.dsl.components.OutputArtifact[tfx.types.standard_artifacts.ExampleAnomalies],
+    previous_examples: tfx.dsl.components.InputArtifact[tfx.types.standard_artifacts.Examples] = None,
+    previous_statistics: tfx.dsl.components.InputArtifact[tfx.types.standard_artifacts.ExampleStatistics] = None,
+    warning_checks: tfx.dsl.components.Parameter[str] = "",
+) -> None:
+    """Validates each split of the new span (`statistics` of `examples`) against the schema and, when given,
+    the previous validated span; checks named in `warning_checks` (comma-separated) report but don't block."""
+    schema_proto = tfdv.load_schema_text(io_utils.get_only_uri_in_dir(schema.uri))
+    current = _split_statistics(statistics)
+    previous = _split_statistics(previous_statistics) if previous_statistics is not None else {}
+    warn = [check for check in warning_checks.split(",") if check]
+    span = span_of(examples.mlmd_artifact)
+    anomalies.split_names = artifact_utils.encode_split_names(list(current))
+    anomalies.span = span
+    found: List[Finding] = []
+    for split, split_statistics in current.items():
+        result = validate_split(split_statistics, schema_proto, previous.get(split))
+        io_utils.write_bytes_file(os.path.join(artifact_utils.get_split_uri([anomalies], split), ANOMALIES_FILE),
+                                  result.SerializeToString())
+        found.extend(findings(result, split, warn))
+    has_baseline = previous_statistics is not None and previous_examples is not None
+    verdict = Verdict(span, span_of(previous_examples.mlmd_artifact) if has_baseline else None,
+                      previous_statistics.uri if has_baseline else "", found)
+    io_utils.write_string_file(os.path.join(anomalies.uri, VERDICT_FILE), verdict.to_json())
+    anomalies.set_int_custom_property("blocking", len(verdict.blocking))
+    anomalies.set_int_custom_property("warnings", len(found) - len(verdict.blocking))
+    for finding in found:
+        logging.warning("data anomaly: %s", finding.line())
+
+
+@tfx.dsl.components.component
+def DataGate(
+    anomalies: tfx.dsl.components.InputArtifact[tfx.types.standard_artifacts.ExampleAnomalies],
+    statistics: tfx.dsl.components.InputArtifact[tfx.types.standard_artifacts.ExampleStatistics],
+    examples: tfx.dsl.components.InputArtifact[tfx.types.standard_artifacts.Examples],
+) -> None:
+    """Fails the run when validation found a blocking anomaly.
+
+    It takes the span's statistics and examples too, so that ML Metadata records which spans passed:
+    later runs compare against, and train on, only those (pipeline/spans.py).
+    """
+    verdict = read_verdict(anomalies.uri)
+    if verdict.blocking:
+        raise DataValidationError(
+            f"span {verdict.span} failed data validation ({len(verdict.blocking)} blocking "
+            f"anomal{'y' if len(verdict.blocking) == 1 else 'ies'}):\n  "
+            + "\n  ".join(f.line() for f in verdict.blocking))
+    logging.info("span %d passed validation: examples %s, statistics %s", verdict.span, examples.uri, statistics.uri)
