@@ -11,7 +11,7 @@ export TF_USE_LEGACY_KERAS := 1
 export TF_CPP_MIN_LOG_LEVEL := 2
 export PYTHONWARNINGS := ignore::FutureWarning
 
-.PHONY: run test test-fast mariadb metadata vertex bench schema-draft data clean
+.PHONY: run test test-fast mariadb metadata simulate validate-serving vertex bench schema-draft data clean
 
 run: $(VENV)/.installed
 	$(PY) runner_local.py $(ARGS)
@@ -34,6 +34,14 @@ mariadb:
 # What the pipeline recorded in ML Metadata (README, Inspecting runs): make metadata ARGS="runs"
 metadata: $(VENV)/.installed
 	$(PY) -m pipeline.metadata_cli $(ARGS)
+
+# A year of arriving spans through the pipeline (README, Data validation): make simulate ARGS="--spans 6"
+simulate: $(VENV)/.installed
+	$(PY) -m pipeline.cli simulate $(ARGS)
+
+# Serving requests (CSV or JSON lines) against the schema and the training data: make validate-serving ARGS=FILE
+validate-serving: $(VENV)/.installed
+	$(PY) -m pipeline.cli validate-serving $(ARGS)
 
 # Compiles the pipeline for Vertex Pipelines (README, Google Cloud); ARGS="--submit --wait" runs it.
 vertex: $(VENV)/.installed

@@ -5,7 +5,6 @@
     python runner_local.py --set train_epochs=8 --set strategy=mirrored
 """
 import argparse
-import logging
 import os
 import pathlib
 import sys
@@ -27,32 +26,6 @@ def _parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def _console_worthy(record: logging.LogRecord) -> bool:
-    """Errors, our own warnings and component progress; the libraries' chatter stays in the file."""
-    own = record.name == "root" or record.name.split(".")[0] in ("pipeline", "models", "data")
-    return (record.levelno >= logging.ERROR or (own and record.levelno >= logging.WARNING)
-            or str(record.msg).startswith("Component "))
-
-
-def _setup_logging(log_path: pathlib.Path) -> None:
-    """Everything at INFO to the run's log file; errors, our warnings and progress to the console."""
-    import absl.logging
-
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    absl.logging.use_python_logging()
-    formatter = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
-    root = logging.getLogger()
-    for handler in list(root.handlers):  # libraries imported earlier may have installed their own
-        root.removeHandler(handler)
-    root.setLevel(logging.INFO)
-    file_handler = logging.FileHandler(log_path)
-    console = logging.StreamHandler(sys.stderr)
-    console.addFilter(_console_worthy)
-    for handler in (file_handler, console):
-        handler.setFormatter(formatter)
-        root.addHandler(handler)
-
-
 def main(argv: Optional[List[str]] = None) -> int:
     """Checks the input, runs the pipeline and prints its summary; returns the exit code."""
     args = _parse_args(argv)
@@ -71,7 +44,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     from pipeline import run as run_lib
 
-    _setup_logging(pathlib.Path(config.log_path))
+    run_lib.setup_logging(pathlib.Path(config.log_path))
     started = time.time()
     outcome = run_lib.run_local(config)
     print(outcome.summary)

@@ -30,6 +30,6 @@ setuptools.setup(
     entry_points={"console_scripts": [
         "babyweight-local=runner_local:main",
         "babyweight-vertex=runner_dataflow:main",
-        "babyweight=pipeline.metadata_cli:main",  # babyweight metadata ...
+        "babyweight=pipeline.cli:main",  # babyweight metadata|simulate|validate-serving ...
     ]},
 )

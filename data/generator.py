@@ -8,6 +8,7 @@ chunks so that it scales to millions of rows.
 
     python -m data.generator --rows 20000 --seed 7 --output-dir data/natality
     python -m data.generator --rows 50000 --spans 4 --weight-shift-per-span -0.05 --output-dir /tmp/spans
+    python -m data.generator --rows 2000 --spans 2 --corrupt type --output-dir /tmp/spans   # a bad last span
 """
 import argparse
 import dataclasses
@@ -192,6 +193,43 @@ def write(rows: int, seed: int, output_dir: pathlib.Path, spans: int = 1, first_
     return written
 
 
+# Small data bugs of the kinds data validation must catch, one per question it answers.
+CORRUPTIONS = {
+    "shift": "mother_married written as false for 60% of births (a coding change upstream)",
+    "drop_column": "the mother_age column is missing",
+    "extra_column": "an unexpected hospital_id column",
+    "type": "'unknown' in 5% of the numeric weight_gain_pounds column",
+    "presence": "mother_age empty in 70% of rows",
+    "domain": "mother_age in months instead of years in 5% of rows",
+}
+
+
+def corrupt(path: pathlib.Path, kind: str, seed: int = 0) -> None:
+    """Rewrites the CSV file at `path` with one of CORRUPTIONS."""
+    if kind not in CORRUPTIONS:
+        raise ValueError(f"unknown corruption {kind!r}; known: {', '.join(CORRUPTIONS)}")
+    frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+    rng = np.random.default_rng(seed)
+
+    def some(fraction: float) -> np.ndarray:
+        return rng.random(len(frame)) < fraction
+
+    if kind == "shift":
+        frame.loc[some(0.6), "mother_married"] = "false"
+    elif kind == "drop_column":
+        frame = frame.drop(columns=["mother_age"])
+    elif kind == "extra_column":
+        frame["hospital_id"] = rng.integers(1000, 9999, len(frame)).astype(str)
+    elif kind == "type":
+        frame.loc[some(0.05), "weight_gain_pounds"] = "unknown"
+    elif kind == "presence":
+        frame.loc[some(0.7), "mother_age"] = ""
+    elif kind == "domain":
+        rows = some(0.05)
+        frame.loc[rows, "mother_age"] = (frame.loc[rows, "mother_age"].astype(int) * 12).astype(str)
+    frame.to_csv(path, index=False)
+
+
 def main(argv: List[str] = None) -> None:
     """Command line: python -m data.generator --rows N --seed S --output-dir DIR [--spans K ...]."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -202,10 +240,14 @@ def main(argv: List[str] = None) -> None:
     parser.add_argument("--first-year", type=int, default=2008, help="year of the first span; each span is a year")
     parser.add_argument("--weight-shift-per-span", type=float, default=0.0, help="pounds added per span")
     parser.add_argument("--married-rate-shift-per-span", type=float, default=0.0)
+    parser.add_argument("--corrupt", choices=sorted(CORRUPTIONS), help="corrupt the last span in this one way")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     paths = write(args.rows, args.seed, args.output_dir, args.spans, args.first_year,
                   Drift(args.weight_shift_per_span, args.married_rate_shift_per_span))
+    if args.corrupt:
+        corrupt(paths[-1], args.corrupt, args.seed)
+        print(f"corrupted {paths[-1]}: {CORRUPTIONS[args.corrupt]}")
     print(f"wrote {args.rows} rows to each of {len(paths)} file(s) under {args.output_dir}")
 
 

@@ -52,6 +52,7 @@ class PipelineConfig:
     eval_rmse_threshold: float  # pounds: a model whose eval RMSE is above this is not blessed
     eval_mae_threshold: float  # pounds: a model whose eval MAE is above this is not blessed
     eval_rmse_max_increase: float  # pounds: a model this much worse than the blessed baseline is not blessed
+    prediction_shift_threshold: float  # pounds: a move of the mean prediction since the previous run is reported
     training_window_spans: int  # Transform and Trainer read the last this many validated spans
     recency_half_life_spans: float  # a span this many spans older weighs half as much in training (0 = equal)
     warning_checks: Tuple[str, ...]  # checks (pipeline/checks.py) whose anomalies warn; all others stop the run

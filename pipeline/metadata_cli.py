@@ -117,7 +117,7 @@ def _show(store: Store, artifact: metadata_store_pb2.Artifact) -> Dict[str, Any]
     elif kind == "ExampleAnomalies":
         verdict = read_verdict(artifact.uri)
         content = {"span": verdict.span, "compared_with_span": verdict.baseline_span,
-                   "questions": verdict.answers(), "anomalies": [finding.line() for finding in verdict.findings]}
+                   "questions": verdict.answers(), "anomalies": verdict.lines()}
     elif kind == "ModelEvaluation":
         import tensorflow_model_analysis as tfma
 
@@ -296,9 +296,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[List[str]] = None) -> int:
     """`babyweight metadata SUBCOMMAND ...`; errors are one line on stderr and exit code 1."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["metadata"]:
-        argv = argv[1:]
     args = build_parser().parse_args(argv)
     try:
         result = run_command(args)

@@ -13,6 +13,7 @@ from tfx.dsl.components.base import executor_spec
 from models import features
 from pipeline import spans
 from pipeline.config import PipelineConfig
+from pipeline.monitor import PredictionMonitor, PredictionStatistics, PreviousPredictions
 from pipeline.validation import DataGate, DataValidator
 
 PREPROCESSING_FN = "models.preprocessing.preprocessing_fn"
@@ -233,9 +234,20 @@ def create_pipeline(config: PipelineConfig) -> tfx.dsl.Pipeline:
         baseline_model=model_resolver.outputs["model"],
         eval_config=eval_config(config))
 
+    previous_run = {}
+    if local:
+        # The previous run's record: resolved before this run's monitor writes its own.
+        previous_predictions = tfx.dsl.Resolver(
+            strategy_class=PreviousPredictions,
+            predictions=tfx.dsl.Channel(type=PredictionStatistics)).with_id("previous_predictions")
+        components.append(previous_predictions)
+        previous_run["previous"] = previous_predictions.outputs["predictions"]
+    monitor = PredictionMonitor(model=trainer.outputs["model"], examples=example_gen.outputs["examples"],
+                                shift_threshold=config.prediction_shift_threshold, **previous_run)
+
     pusher = pusher_component(config, model=trainer.outputs["model"], model_blessing=evaluator.outputs["blessing"])
 
-    components += [transform, trainer, model_resolver, evaluator, pusher]
+    components += [transform, trainer, model_resolver, evaluator, monitor, pusher]
     return tfx.dsl.Pipeline(
         pipeline_name=config.pipeline_name,
         pipeline_root=config.pipeline_root,

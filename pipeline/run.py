@@ -2,6 +2,7 @@
 import dataclasses
 import logging
 import pathlib
+import sys
 
 from google.protobuf import text_format
 from tensorflow_metadata.proto.v0 import schema_pb2
@@ -17,6 +18,37 @@ from pipeline.validation import DataValidationError
 class Outcome:
     ok: bool
     summary: str
+
+
+def _console_worthy(record: logging.LogRecord) -> bool:
+    """Errors, our own warnings and component progress; the libraries' chatter stays in the file."""
+    own = record.name == "root" or record.name.split(".")[0] in ("pipeline", "models", "data")
+    return (record.levelno >= logging.ERROR or (own and record.levelno >= logging.WARNING)
+            or str(record.msg).startswith("Component "))
+
+
+def setup_logging(log_path: pathlib.Path, console: bool = True) -> None:
+    """Everything at INFO to the log file; errors, our warnings and progress also to the console if asked."""
+    import absl.logging
+
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    absl.logging.use_python_logging()
+    formatter = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    root = logging.getLogger()
+    for handler in list(root.handlers):  # libraries imported earlier may have installed their own
+        root.removeHandler(handler)
+    root.setLevel(logging.INFO)
+    handlers: list = [logging.FileHandler(log_path)]
+    if console:
+        handlers.append(logging.StreamHandler(sys.stderr))
+        handlers[-1].addFilter(_console_worthy)
+    for handler in handlers:
+        handler.setFormatter(formatter)
+        root.addHandler(handler)
+    # TensorFlow's own logger writes to stderr by itself; send it through the handlers above.
+    tf_logger = logging.getLogger("tensorflow")
+    tf_logger.handlers.clear()
+    tf_logger.propagate = True
 
 
 def load_schema(config: PipelineConfig) -> schema_pb2.Schema:

@@ -31,10 +31,9 @@ def span_of(examples: metadata_store_pb2.Artifact) -> int:
     return examples.properties["span"].int_value
 
 
-def validated(store: metadata_store.MetadataStore, pipeline_name: str,
+def validated(reader: mlmd.Store, pipeline_name: str,
               gate_id: str) -> List[Tuple[metadata_store_pb2.Artifact, metadata_store_pb2.Artifact]]:
     """(examples, statistics) of each span that passed the gate, oldest gate run first."""
-    reader = mlmd.Store(store)
     passed = []
     for execution in reader.node_executions(pipeline_name, gate_id):
         inputs = reader.inputs(execution)
@@ -83,7 +82,7 @@ class PreviousValidatedSpan(tfx.dsl.experimental.ResolverStrategy):
     def resolve_artifacts(self, store: metadata_store.MetadataStore,
                           input_dict: Dict[str, List[types.Artifact]]) -> Dict[str, List[types.Artifact]]:
         current = input_dict["examples"][0].mlmd_artifact
-        passed = validated(store, self._pipeline_name, self._gate_id)
+        passed = validated(mlmd.Store(store), self._pipeline_name, self._gate_id)
         found = previous_span(current, [examples for examples, _ in passed])
         statistics = next((stats for examples, stats in passed if found and examples.id == found.id), None)
         if found is None or statistics is None:
@@ -102,7 +101,7 @@ class ValidatedSpanWindow(tfx.dsl.experimental.ResolverStrategy):
     def resolve_artifacts(self, store: metadata_store.MetadataStore,
                           input_dict: Dict[str, List[types.Artifact]]) -> Dict[str, List[types.Artifact]]:
         current = input_dict["examples"][0].mlmd_artifact
-        candidates = [examples for examples, _ in validated(store, self._pipeline_name, self._gate_id)]
+        candidates = [examples for examples, _ in validated(mlmd.Store(store), self._pipeline_name, self._gate_id)]
         return {"examples": _as_tfx(store, window(current, candidates, self._spans))}
 
 

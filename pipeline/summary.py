@@ -10,7 +10,7 @@ from tensorflow_metadata.proto.v0 import statistics_pb2
 from tfx.types import artifact, artifact_utils, standard_artifacts
 
 from models import features
-from pipeline import mlmd
+from pipeline import mlmd, monitor
 from pipeline.config import PipelineConfig
 from pipeline.csv_check import CsvSummary
 from pipeline.spans import span_of
@@ -94,9 +94,9 @@ def validation_lines(verdict: Verdict) -> List[str]:
     for number, answer in enumerate(verdict.answers(), start=1):
         features_found = f" ({', '.join(answer['features'])})" if answer["features"] else ""
         lines.append(f"    {number}. {answer['question']:<72} {answer['status']}{features_found}")
-    lines.append(f"  anomalies: {len(verdict.findings) or 'none'}"
-                 + (f" ({len(verdict.blocking)} blocking)" if verdict.findings else ""))
-    lines.extend(f"    {finding.line()}" for finding in verdict.findings)
+    found, blocking = verdict.lines(), verdict.lines(blocking_only=True)
+    lines.append(f"  anomalies: {len(found) or 'none'}" + (f" ({len(blocking)} blocking)" if found else ""))
+    lines.extend(f"    {line}" for line in found)
     return lines
 
 
@@ -106,6 +106,24 @@ def _window_line(steps: List[mlmd.StepRecord]) -> Optional[str]:
         return None
     spans = sorted(span_of(a) for a in trainer.inputs["examples"])
     return f"  trained on span(s) {', '.join(map(str, spans))}"
+
+
+def monitor_lines(record: Dict) -> List[str]:
+    """The predictions' distribution on the new span, its change since the previous run, residuals by slice."""
+    quantiles = " ".join(f"{value:.2f}" for value in record["quantiles"].values())
+    lines = [f"  predictions on span {record['span']} (eval split, {record['n']} rows): mean {record['mean']:.3f} lb, "
+             f"sd {record['std']:.3f}, quantiles 5/25/50/75/95%: {quantiles}"]
+    change = record["change"]
+    if change["previous"] is None:
+        lines.append("    no earlier run's predictions to compare with")
+    else:
+        verdict = "MOVED beyond" if change["shifted"] else "within"
+        lines.append(f"    since the previous run (span {change['previous']['span']}): mean {change['mean_change']:+.3f} lb, "
+                     f"median {change['quantile_changes']['0.5']:+.3f} lb: {verdict} {change['threshold']:.2f} lb")
+    lines.append("    residuals (label - prediction) by slice:")
+    lines.extend(f"      {name:<30} mean {values['mean_residual']:+.3f}  RMSE {values['rmse']:.3f}  n={values['n']}"
+                 for name, values in record["residuals"].items() if values["n"])
+    return lines
 
 
 def summarize_latest_run(config: PipelineConfig, checked: Optional[CsvSummary] = None) -> str:
@@ -138,6 +156,10 @@ def summarize_latest_run(config: PipelineConfig, checked: Optional[CsvSummary] =
     if evaluation and stats_by_split:
         lines.extend(_evaluation_lines(evaluation, _output(steps, "Evaluator", "blessing"),
                                        mean_predictor_rmse(stats_by_split)))
+
+    predictions = _output(steps, "PredictionMonitor", "monitoring")
+    if predictions is not None:
+        lines.extend(monitor_lines(monitor.read(predictions.uri)))
 
     pushed = _output(steps, "Pusher", "pushed_model")
     if pushed is not None and pushed.custom_properties["pushed"].int_value == 1:

@@ -44,9 +44,9 @@ class Finding:
     description: str
     blocking: bool
 
-    def line(self) -> str:
+    def line(self, splits: str = "") -> str:
         where = f"feature {self.feature!r}" if self.feature else "whole data set"
-        return (f"[{'BLOCKING' if self.blocking else 'warning'}] {self.check}: {where} ({self.split}): "
+        return (f"[{'BLOCKING' if self.blocking else 'warning'}] {self.check}: {where} ({splits or self.split}): "
                 f"{self.description}")
 
 
@@ -62,6 +62,16 @@ class Verdict:
     @property
     def blocking(self) -> List[Finding]:
         return [f for f in self.findings if f.blocking]
+
+    def lines(self, blocking_only: bool = False) -> List[str]:
+        """One line per anomaly, naming the splits it was found in (the first split's numbers)."""
+        splits: Dict[tuple, List[str]] = {}
+        first: Dict[tuple, Finding] = {}
+        for finding in self.blocking if blocking_only else self.findings:
+            key = (finding.check, finding.feature, finding.kind)
+            splits.setdefault(key, []).append(finding.split)
+            first.setdefault(key, finding)
+        return [first[key].line(", ".join(names)) for key, names in splits.items()]
 
     def answers(self) -> List[Dict[str, object]]:
         """Each of the six questions with its answer: ok, or BLOCKING or warning with the features at fault."""
@@ -186,8 +196,8 @@ def DataValidator(
     io_utils.write_string_file(os.path.join(anomalies.uri, VERDICT_FILE), verdict.to_json())
     anomalies.set_int_custom_property("blocking", len(verdict.blocking))
     anomalies.set_int_custom_property("warnings", len(found) - len(verdict.blocking))
-    for finding in found:
-        logging.warning("data anomaly: %s", finding.line())
+    for line in verdict.lines():
+        logging.warning("data anomaly: %s", line)
 
 
 @tfx.dsl.components.component
@@ -202,9 +212,9 @@ def DataGate(
     later runs compare against, and train on, only those (pipeline/spans.py).
     """
     verdict = read_verdict(anomalies.uri)
-    if verdict.blocking:
+    blocking = verdict.lines(blocking_only=True)
+    if blocking:
         raise DataValidationError(
-            f"span {verdict.span} failed data validation ({len(verdict.blocking)} blocking "
-            f"anomal{'y' if len(verdict.blocking) == 1 else 'ies'}):\n  "
-            + "\n  ".join(f.line() for f in verdict.blocking))
+            f"span {verdict.span} failed data validation ({len(blocking)} blocking "
+            f"anomal{'y' if len(blocking) == 1 else 'ies'}):\n  " + "\n  ".join(blocking))
     logging.info("span %d passed validation: examples %s, statistics %s", verdict.span, examples.uri, statistics.uri)

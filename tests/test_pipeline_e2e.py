@@ -23,10 +23,10 @@ from tests.conftest import run_pipeline
 
 pytestmark = pytest.mark.slow
 
-NODES = {"CsvExampleGen", "StatisticsGen", "ImportSchemaGen", "ExampleValidator", "AnomaliesGate", "Transform",
-         "Trainer", "latest_blessed_model_resolver", "Evaluator", "Pusher"}
-CACHEABLE = {"CsvExampleGen", "StatisticsGen", "ImportSchemaGen", "ExampleValidator", "AnomaliesGate", "Transform",
-             "Trainer"}
+NODES = {"CsvExampleGen", "StatisticsGen", "ImportSchemaGen", "previous_validated_span", "DataValidator", "DataGate",
+         "training_window", "Transform", "Trainer", "latest_blessed_model_resolver", "Evaluator", "previous_predictions",
+         "PredictionMonitor", "Pusher"}
+CACHEABLE = {"CsvExampleGen", "StatisticsGen", "ImportSchemaGen", "DataValidator", "DataGate", "Transform", "Trainer"}
 
 
 def test_first_run_executes_each_component_once_and_pushes(pipeline_runs):
@@ -36,15 +36,19 @@ def test_first_run_executes_each_component_once_and_pushes(pipeline_runs):
     assert {s.state for s in first.steps.values()} == {"complete"}
     assert len(first.pushed_versions) == 1
     assert "blessed: yes" in first.outcome.summary and "anomalies: none" in first.outcome.summary
+    assert "not checked: no earlier validated span" in first.outcome.summary
 
 
 def test_data_failing_validation_stops_before_transform_and_pushes_nothing(pipeline_runs):
     corrupt = pipeline_runs["corrupt"]
     assert not corrupt.outcome.ok
     failure = corrupt.outcome.summary.split("Run FAILED: ")[-1]
-    assert failure.startswith("data failed validation"), corrupt.outcome.summary
-    assert "feature 'is_male': Unexpected string values" in failure and "M (~50%)" in failure, failure
-    assert corrupt.steps["AnomaliesGate"].state == "failed"
+    assert failure.startswith("span 0 failed data validation"), corrupt.outcome.summary
+    assert "[BLOCKING] domain: feature 'is_male' (train): Unexpected string values" in failure, failure
+    assert "M (~50%)" in failure
+    # The same file replaced in place is compared with the version validated before it: a drift too.
+    assert "[BLOCKING] drift: feature 'is_male' (train)" in failure
+    assert corrupt.steps["DataGate"].state == "failed"
     assert not {"Transform", "Trainer", "Evaluator", "Pusher"} & set(corrupt.steps)
     assert corrupt.pushed_versions == pipeline_runs["first"].pushed_versions
 
@@ -107,7 +111,7 @@ def test_pushed_model_predicts_what_the_training_transform_and_model_predict(pip
     assert 3 < expected.mean() < 10
 
 
-def test_bad_csv_stops_before_the_pipeline_with_file_and_line(tmp_path):
+def test_bad_values_are_named_by_file_and_line_and_stop_the_run_before_training(tmp_path):
     bad = tmp_path / "data" / "natality.csv"
     bad.parent.mkdir()
     generator.write(50, 2, bad.parent)
@@ -122,6 +126,8 @@ def test_bad_csv_stops_before_the_pipeline_with_file_and_line(tmp_path):
         cwd=config_lib.PROJECT_ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 1
     assert f"{bad}, line 10, column mother_age: '2O' is not an integer" in result.stdout
+    assert "[BLOCKING] type: feature 'mother_age'" in result.stdout
+    assert "[BLOCKING] domain: feature 'is_male'" in result.stdout
     assert not (tmp_path / "out" / "serving_model").exists()
 
 

@@ -64,3 +64,19 @@ def test_slices_are_overall_raw_features_and_the_gestation_bucket():
 def test_schema_types_are_the_table_types():
     kinds = {schema_pb2.INT: "int", schema_pb2.FLOAT: "float", schema_pb2.BYTES: "string"}
     assert {f.name: kinds[f.type] for f in _schema().feature} == {c.name: c.dtype for c in features.COLUMNS}
+
+
+def test_drift_and_skew_comparators_sit_on_the_model_features_by_kind():
+    categorical = (features.Transform.VOCABULARY, features.Transform.CATEGORY)
+    by_name = {f.name: f for f in _schema().feature}
+    compared = {f.name for f in by_name.values() if f.HasField("drift_comparator")}
+    assert compared == {c.name for c in features.FEATURES} | {features.LABEL.name}
+    for column in list(features.FEATURES) + [features.LABEL]:
+        feature = by_name[column.name]
+        comparators = [feature.drift_comparator] + ([feature.skew_comparator] if column in features.FEATURES else [])
+        for comparator in comparators:
+            kind = "infinity_norm" if column.transform in categorical else "jensen_shannon_divergence"
+            assert comparator.HasField(kind), (column.name, kind)
+            assert 0 < getattr(comparator, kind).threshold <= 0.5
+        if column.transform is features.Transform.CATEGORY:  # TFDV then counts its values like strings
+            assert feature.int_domain.is_categorical

@@ -27,6 +27,9 @@ def test_overrides_are_typed_like_the_field():
     ({"orchestrator": "airflow"}, "orchestrator 'airflow' is not one of local, vertex"),
     ({"batch_size": "many"}, "setting 'batch_size': cannot read 'many'"),
     ({"eval_hash_buckets": "0"}, "eval_hash_buckets must be at least 1"),
+    ({"warning_checks": "drift,colour"}, "warning_checks: unknown check(s) colour; known: drift, missing"),
+    ({"training_window_spans": "0"}, "training_window_spans must be at least 1"),
+    ({"recency_half_life_spans": "-1"}, "recency_half_life_spans must be 0 (off) or positive"),
 ])
 def test_bad_settings_say_which_and_where(overrides, message):
     with pytest.raises(config_lib.ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
@@ -41,3 +44,18 @@ def test_unknown_profile_lists_the_known_ones():
 def test_set_flag_needs_key_and_value():
     with pytest.raises(config_lib.ConfigError, match="expected KEY=VALUE"):
         config_lib.parse_overrides(["train_epochs"])
+
+
+def test_input_pattern_reads_the_newest_span_when_data_comes_in_span_folders(tmp_path):
+    assert config_lib.load_config(overrides={"data_dir": str(tmp_path)}).input_pattern == "*.csv"
+    (tmp_path / "span-1").mkdir()
+    (tmp_path / "span-12").mkdir()
+    assert config_lib.load_config(overrides={"data_dir": str(tmp_path)}).input_pattern == "span-{SPAN}/*.csv"
+    assert config_lib.load_config(overrides={"data_dir": str(tmp_path), "input_pattern": "x/*.csv"}).input_pattern \
+        == "x/*.csv"
+
+
+def test_warning_checks_come_as_a_list_or_comma_separated():
+    assert config_lib.load_config().warning_checks == ()
+    assert config_lib.load_config(overrides={"warning_checks": "drift, unexpected"}).warning_checks == (
+        "drift", "unexpected")

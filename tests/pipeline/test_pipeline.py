@@ -13,9 +13,12 @@ def _components(config):
 def test_one_definition_wires_every_component():
     components = _components(config_lib.load_config())
     assert set(components) == {
-        "CsvExampleGen", "StatisticsGen", "ImportSchemaGen", "ExampleValidator", "AnomaliesGate", "Transform",
-        "Trainer", "latest_blessed_model_resolver", "Evaluator", "Pusher"}
-    assert "AnomaliesGate" in {node.id for node in components["Transform"].upstream_nodes}
+        "CsvExampleGen", "StatisticsGen", "ImportSchemaGen", "previous_validated_span", "DataValidator", "DataGate",
+        "training_window", "Transform", "Trainer", "latest_blessed_model_resolver", "Evaluator", "previous_predictions",
+        "PredictionMonitor", "Pusher"}
+    assert "DataGate" in {node.id for node in components["Transform"].upstream_nodes}
+    assert "DataGate" in {node.id for node in components["training_window"].upstream_nodes}
+    assert components["Trainer"].inputs["examples"] is components["training_window"].outputs["examples"]
 
 
 def test_config_reaches_the_components():
@@ -25,6 +28,9 @@ def test_config_reaches_the_components():
     assert '"hash_buckets": 9' in components["CsvExampleGen"].exec_properties["output_config"]
     trainer_config = json.loads(components["Trainer"].exec_properties["custom_config"])
     assert trainer_config["strategy"] == "mirrored"
+    assert components["DataValidator"].exec_properties["warning_checks"] == ""
+    warned = _components(config_lib.load_config(overrides={"warning_checks": "drift,unexpected"}))
+    assert warned["DataValidator"].exec_properties["warning_checks"] == "drift,unexpected"
     assert "/tmp/somewhere/serving_model" in str(components["Pusher"].exec_properties["push_destination"])
 
 

@@ -1,0 +1,34 @@
+"""Which spans count: the previous validated span and the training window, from ML Metadata records."""
+from ml_metadata.proto import metadata_store_pb2
+
+from models.model import recency_weights
+from pipeline import spans
+
+
+def _examples(artifact_id: int, span: int) -> metadata_store_pb2.Artifact:
+    artifact = metadata_store_pb2.Artifact(id=artifact_id)
+    artifact.custom_properties["span"].int_value = span  # where TFX 1.16's ExampleGen records it
+    return artifact
+
+
+def test_previous_span_is_the_newest_validated_earlier_span():
+    validated = [_examples(1, 1), _examples(5, 3), _examples(9, 2)]
+    assert spans.previous_span(_examples(12, 4), validated).id == 5
+    assert spans.previous_span(_examples(12, 1), []) is None
+    # A span ingested again (the same folder with new files) compares with its version validated before.
+    assert spans.previous_span(_examples(12, 1), [_examples(1, 1)]).id == 1
+    assert spans.previous_span(_examples(1, 1), [_examples(1, 1)]) is None
+
+
+def test_window_takes_the_newest_version_of_the_last_validated_spans():
+    validated = [_examples(1, 1), _examples(2, 2), _examples(3, 2), _examples(4, 5)]
+    current = _examples(7, 6)
+    assert [a.id for a in spans.window(current, validated, 3)] == [3, 4, 7]
+    assert [a.id for a in spans.window(current, validated, 1)] == [7]
+    assert [a.id for a in spans.window(_examples(2, 2), validated, 5)] == [1, 2]  # no later spans
+
+
+def test_recency_weights_halve_every_half_life_and_are_equal_when_off():
+    file_spans = {"a": 4, "b": 2, "c": 3}
+    assert recency_weights(file_spans, 2) == {"a": 1.0, "b": 0.5, "c": 2 ** -0.5}
+    assert recency_weights(file_spans, 0) == {"a": 1.0, "b": 1.0, "c": 1.0}
