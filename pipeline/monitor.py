@@ -116,7 +116,8 @@ def _predict(model_uri: str, files: List[str]) -> tuple:
     model = tf.saved_model.load(path_utils.serving_model_path(model_uri))
     serve = model.signatures["serving_default"]
     dtypes = {"string": tf.string, "int": tf.int64, "float": tf.float32}
-    spec = {column.name: tf.io.VarLenFeature(dtypes[column.dtype]) for column in list(features.FEATURES) + [features.LABEL]}
+    spec = {column.name: tf.io.VarLenFeature(dtypes[column.dtype])
+            for column in list(features.FEATURES) + [features.LABEL]}
     predictions, labels, slices = [], [], []
     for batch in tf.data.TFRecordDataset(files, compression_type="GZIP").batch(BATCH):
         predictions.append(serve(examples=batch)["predictions"].numpy().ravel())

@@ -8,7 +8,7 @@ from google.protobuf import text_format
 from tensorflow_metadata.proto.v0 import schema_pb2
 from tfx import v1 as tfx
 
-from pipeline import csv_check, summary
+from pipeline import csv_check, report, summary
 from pipeline.config import PipelineConfig
 from pipeline.pipeline import SCHEMA_FILE, create_pipeline
 from pipeline.validation import DataValidationError
@@ -84,7 +84,10 @@ def run_local(config: PipelineConfig) -> Outcome:
     except Exception as error:  # a failed component: report it, then summarise what did run
         logging.exception("pipeline run failed")
         failure = _failure_reason(error)
-    text = summary.summarize_latest_run(config, checked)
-    if failure:
-        return Outcome(False, f"{text}\nRun FAILED: {failure}\nNo model was pushed by this run.")
-    return Outcome(True, text)
+    run = summary.latest_run(config)
+    if run is None:
+        return Outcome(False, f"Run FAILED before any step ran: {failure}")
+    ending = f"Run FAILED: {failure}\nNo model was pushed by this run." if failure else ""
+    path = report.write_report(config, run[0], run[1], ending or "Run complete.")
+    lines = [summary.summarize_run(config, *run, checked), f"  report: {path}"] + ([ending] if failure else [])
+    return Outcome(not failure, "\n".join(lines))

@@ -58,9 +58,16 @@ def read_requests(path: pathlib.Path) -> List[Dict[str, Any]]:
     return requests
 
 
+def _integer(value: Any) -> int:
+    number = float(value)  # 30, 30.0 and "30" are all the integer 30; "thirty" and 30.5 are not
+    if not number.is_integer():
+        raise ValueError(value)
+    return int(number)
+
+
 def _column(values: List[List[Any]], arrow_type: pa.DataType) -> pa.Array:
     """Values as the schema's type; if one doesn't convert, all as text, as CsvExampleGen would infer."""
-    convert = {pa.int64(): lambda v: int(str(v)), pa.float32(): lambda v: float(v)}.get(arrow_type)
+    convert = {pa.int64(): _integer, pa.float32(): float}.get(arrow_type)
     if convert is not None:
         try:
             return pa.array([[convert(v) for v in row] for row in values], type=pa.list_(arrow_type))
@@ -84,7 +91,8 @@ def to_record_batch(requests: Sequence[Dict[str, Any]], schema: schema_pb2.Schem
     return pa.RecordBatch.from_arrays(columns, names)
 
 
-def statistics_of(requests: Sequence[Dict[str, Any]], schema: schema_pb2.Schema) -> statistics_pb2.DatasetFeatureStatisticsList:
+def statistics_of(requests: Sequence[Dict[str, Any]],
+                  schema: schema_pb2.Schema) -> statistics_pb2.DatasetFeatureStatisticsList:
     """TFDV statistics of the requests, computed in memory (what TFDV's DataFrame path does)."""
     return stats_impl.generate_statistics_in_memory(to_record_batch(requests, schema), tfdv.StatsOptions(schema=schema))
 

@@ -60,7 +60,8 @@ def span_result(config: config_lib.PipelineConfig, span: int) -> SpanResult:
 
 def table(results: List[SpanResult]) -> str:
     """The per-span table the command prints."""
-    lines = [f"{'span':>4}  {'drift found':<28} {'blocking':>8}  {'trained':<7}  {'eval RMSE':>9}  {'blessed':<7}  pushed"]
+    lines = [f"{'span':>4}  {'drift found':<28} {'blocking':>8}  {'trained':<7}  {'eval RMSE':>9}  "
+             f"{'blessed':<7}  pushed"]
     for r in results:
         rmse = f"{r.eval_rmse:.3f}" if r.eval_rmse is not None else "-"
         blessed = "-" if r.blessed is None else "yes" if r.blessed else "no"

@@ -73,10 +73,16 @@ def _evaluation_lines(evaluation: metadata_store_pb2.Artifact, blessing: Optiona
     lines.extend(f"    {name:<32} RMSE {values['root_mean_squared_error']:6.3f}  "
                  f"MAE {values['mean_absolute_error']:6.3f}  n={values['weighted_example_count']:.0f}"
                  for name, values in sorted(metrics.items()))
+    return lines + evaluation_verdict_lines(evaluation.uri, blessing)
+
+
+def evaluation_verdict_lines(evaluation_uri: str, blessing: Optional[metadata_store_pb2.Artifact]) -> List[str]:
+    """Blessed or not, and each threshold the model failed."""
+    lines = []
     if blessing is not None:
         blessed = blessing.custom_properties["blessed"].int_value == 1
         lines.append(f"  blessed: {'yes' if blessed else 'no'}")
-    validation = tfma.load_validation_result(evaluation.uri)
+    validation = tfma.load_validation_result(evaluation_uri)
     for per_slice in validation.metric_validations_per_slice:
         for failure in per_slice.failures:
             threshold = text_format.MessageToString(failure.metric_threshold, as_one_line=True)
@@ -118,7 +124,8 @@ def monitor_lines(record: Dict) -> List[str]:
         lines.append("    no earlier run's predictions to compare with")
     else:
         verdict = "MOVED beyond" if change["shifted"] else "within"
-        lines.append(f"    since the previous run (span {change['previous']['span']}): mean {change['mean_change']:+.3f} lb, "
+        lines.append(f"    since the previous run (span {change['previous']['span']}): "
+                     f"mean {change['mean_change']:+.3f} lb, "
                      f"median {change['quantile_changes']['0.5']:+.3f} lb: {verdict} {change['threshold']:.2f} lb")
     lines.append("    residuals (label - prediction) by slice:")
     lines.extend(f"      {name:<30} mean {values['mean_residual']:+.3f}  RMSE {values['rmse']:.3f}  n={values['n']}"
@@ -126,14 +133,17 @@ def monitor_lines(record: Dict) -> List[str]:
     return lines
 
 
-def summarize_latest_run(config: PipelineConfig, checked: Optional[CsvSummary] = None) -> str:
-    """A short human summary of the latest run: data checks, RMSE, blessing, push, seconds per step."""
+def latest_run(config: PipelineConfig) -> Optional[Tuple[str, List[mlmd.StepRecord]]]:
+    """The latest run's name and steps, or None before the first run."""
     store = mlmd.open_sqlite(config.metadata_path)
     runs = store.runs()
-    if not runs:
-        return "no pipeline run recorded yet"
-    steps = store.steps(runs[-1])
-    lines = [f"Run {runs[-1].name} of pipeline {config.pipeline_name}"]
+    return (runs[-1].name, store.steps(runs[-1])) if runs else None
+
+
+def summarize_run(config: PipelineConfig, run_name: str, steps: List[mlmd.StepRecord],
+                  checked: Optional[CsvSummary] = None) -> str:
+    """A short human summary of a run: data checks, RMSE, blessing, push, seconds per step."""
+    lines = [f"Run {run_name} of pipeline {config.pipeline_name}"]
 
     statistics = _output(steps, "StatisticsGen", "statistics")
     stats_by_split = split_stats(statistics) if statistics else {}

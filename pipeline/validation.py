@@ -109,7 +109,8 @@ def read_verdict(anomalies_uri: str) -> Verdict:
     return Verdict.from_json(io_utils.read_string_file(os.path.join(anomalies_uri, VERDICT_FILE)))
 
 
-def csv_presence(statistics: statistics_pb2.DatasetFeatureStatisticsList) -> statistics_pb2.DatasetFeatureStatisticsList:
+def csv_presence(
+        statistics: statistics_pb2.DatasetFeatureStatisticsList) -> statistics_pb2.DatasetFeatureStatisticsList:
     """Statistics in which a NULL CSV field counts as a missing value.
 
     CsvExampleGen turns an empty field into a feature with no values, which TFDV counts as present;

@@ -24,8 +24,8 @@ from tests.conftest import run_pipeline
 pytestmark = pytest.mark.slow
 
 NODES = {"CsvExampleGen", "StatisticsGen", "ImportSchemaGen", "previous_validated_span", "DataValidator", "DataGate",
-         "training_window", "Transform", "Trainer", "latest_blessed_model_resolver", "Evaluator", "previous_predictions",
-         "PredictionMonitor", "Pusher"}
+         "training_window", "Transform", "Trainer", "latest_blessed_model_resolver", "Evaluator",
+         "previous_predictions", "PredictionMonitor", "Pusher"}
 CACHEABLE = {"CsvExampleGen", "StatisticsGen", "ImportSchemaGen", "DataValidator", "DataGate", "Transform", "Trainer"}
 
 
@@ -44,10 +44,10 @@ def test_data_failing_validation_stops_before_transform_and_pushes_nothing(pipel
     assert not corrupt.outcome.ok
     failure = corrupt.outcome.summary.split("Run FAILED: ")[-1]
     assert failure.startswith("span 0 failed data validation"), corrupt.outcome.summary
-    assert "[BLOCKING] domain: feature 'is_male' (train): Unexpected string values" in failure, failure
+    assert "[BLOCKING] domain: feature 'is_male' (train, eval): Unexpected string values" in failure, failure
     assert "M (~50%)" in failure
     # The same file replaced in place is compared with the version validated before it: a drift too.
-    assert "[BLOCKING] drift: feature 'is_male' (train)" in failure
+    assert "[BLOCKING] drift: feature 'is_male' (train, eval)" in failure
     assert corrupt.steps["DataGate"].state == "failed"
     assert not {"Transform", "Trainer", "Evaluator", "Pusher"} & set(corrupt.steps)
     assert corrupt.pushed_versions == pipeline_runs["first"].pushed_versions
