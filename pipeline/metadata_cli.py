@@ -95,6 +95,8 @@ def _lineage(store: Store, artifact: metadata_store_pb2.Artifact) -> Dict[str, A
 def _show(store: Store, artifact: metadata_store_pb2.Artifact) -> Dict[str, Any]:
     """A readable summary of an artifact's content, by its type."""
     from pipeline import summary
+    from pipeline import monitor
+    from pipeline.monitor import PredictionStatistics
     from pipeline.validation import read_verdict
 
     described = store.describe(artifact)
@@ -139,6 +141,8 @@ def _show(store: Store, artifact: metadata_store_pb2.Artifact) -> Dict[str, Any]
         content = {"pushed": described["properties"].get("pushed") == 1,
                    "path": described["properties"].get("pushed_destination"),
                    "version": described["properties"].get("pushed_version")}
+    elif kind == PredictionStatistics.TYPE_NAME:
+        content = monitor.read(artifact.uri)
     else:
         content = {}
     return dict(described, content=content)

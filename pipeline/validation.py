@@ -27,6 +27,9 @@ ANOMALIES_FILE = "SchemaDiff.pb"
 STATISTICS_FILE = "FeatureStats.pb"
 VERDICT_FILE = "verdict.json"
 ENVIRONMENT = "TRAINING"
+# Drift is measured on the train split only: the eval split is a hash sample of the same span, a
+# quarter of the size, so its distances would add sampling noise and no information.
+DRIFT_SPLIT = "train"
 
 
 class DataValidationError(RuntimeError):
@@ -177,7 +180,8 @@ def DataValidator(
     warning_checks: tfx.dsl.components.Parameter[str] = "",
 ) -> None:
     """Validates each split of the new span (`statistics` of `examples`) against the schema and, when given,
-    the previous validated span; checks named in `warning_checks` (comma-separated) report but don't block."""
+    its train split against the previous validated span's; checks named in `warning_checks` (comma-separated)
+    report but don't block."""
     schema_proto = tfdv.load_schema_text(io_utils.get_only_uri_in_dir(schema.uri))
     current = _split_statistics(statistics)
     previous = _split_statistics(previous_statistics) if previous_statistics is not None else {}
@@ -187,7 +191,7 @@ def DataValidator(
     anomalies.span = span
     found: List[Finding] = []
     for split, split_statistics in current.items():
-        result = validate_split(split_statistics, schema_proto, previous.get(split))
+        result = validate_split(split_statistics, schema_proto, previous.get(split) if split == DRIFT_SPLIT else None)
         io_utils.write_bytes_file(os.path.join(artifact_utils.get_split_uri([anomalies], split), ANOMALIES_FILE),
                                   result.SerializeToString())
         found.extend(findings(result, split, warn))

@@ -82,8 +82,11 @@ def test_show_summarises_statistics_evaluation_and_anomalies(capsys, store):
     assert evaluation["validation_ok"] and evaluation["blessed"]
     assert evaluation["metrics"]["overall"]["root_mean_squared_error"] < 1.2
     assert evaluation["thresholds"]["RootMeanSquaredError"][0]["value_threshold"]["upper_bound"] == 1.2
-    anomalies = [_json(capsys, store, "show", str(i))["content"]["anomalies"] for i in by_type["ExampleAnomalies"]]
-    assert any(any("is_male" in line for line in found) for found in anomalies)
+    anomalies = [_json(capsys, store, "show", str(i))["content"] for i in by_type["ExampleAnomalies"]]
+    assert any(any("is_male" in line for line in found["anomalies"]) for found in anomalies)
+    assert {len(found["questions"]) for found in anomalies} == {6}
+    predictions = _json(capsys, store, "show", str(by_type["babyweight.PredictionStatistics"][0]))["content"]
+    assert 6 < predictions["mean"] < 8.5 and predictions["residuals"]["overall"]["n"] > 0
 
 
 def test_diff_of_a_run_and_its_cached_rerun_reports_the_cached_steps(capsys, store):
