@@ -29,7 +29,7 @@ from pipeline.validation import read_verdict
 class SpanResult:
     span: int
     drift: str  # features whose distribution moved beyond their threshold, or '-'
-    blocking: int  # blocking anomalies
+    blocking: str  # blocking anomalies as check:feature, or '-'
     trained: bool
     eval_rmse: Optional[float]
     blessed: Optional[bool]
@@ -54,18 +54,19 @@ def span_result(config: config_lib.PipelineConfig, span: int) -> SpanResult:
         artifact = pushed.outputs["pushed_model"][0]
         if artifact.custom_properties["pushed"].int_value == 1:
             version = pathlib.Path(artifact.custom_properties["pushed_destination"].string_value).name
-    return SpanResult(span, ", ".join(drift) or "-", len(verdict.lines(blocking_only=True)) if verdict else 0,
+    blocking = sorted({f"{f.check}:{f.feature or 'dataset'}" for f in verdict.blocking}) if verdict else []
+    return SpanResult(span, ", ".join(drift) or "-", ", ".join(blocking) or "-",
                       trainer is not None and trainer.state in ("complete", "cached"), rmse, blessed, version)
 
 
 def table(results: List[SpanResult]) -> str:
     """The per-span table the command prints."""
-    lines = [f"{'span':>4}  {'drift found':<28} {'blocking':>8}  {'trained':<7}  {'eval RMSE':>9}  "
+    lines = [f"{'span':>4}  {'drift found':<20} {'blocking anomalies':<28} {'trained':<7}  {'eval RMSE':>9}  "
              f"{'blessed':<7}  pushed"]
     for r in results:
         rmse = f"{r.eval_rmse:.3f}" if r.eval_rmse is not None else "-"
         blessed = "-" if r.blessed is None else "yes" if r.blessed else "no"
-        lines.append(f"{r.span:>4}  {r.drift:<28} {r.blocking:>8}  {'yes' if r.trained else 'no':<7}  {rmse:>9}  "
+        lines.append(f"{r.span:>4}  {r.drift:<20} {r.blocking:<28} {'yes' if r.trained else 'no':<7}  {rmse:>9}  "
                      f"{blessed:<7}  {r.pushed_version}")
     return "\n".join(lines)
 

@@ -14,9 +14,9 @@ def test_simulation_prints_what_each_span_did(tmp_path, capsys):
     lines = capsys.readouterr().out.splitlines()
     header = lines.index(next(line for line in lines if line.split()[:3] == ["span", "drift", "found"]))
     rows = [line.split() for line in lines[header + 1:header + 4]]
-    assert rows[0][:3] == ["1", "-", "0"] and rows[0][3] == "yes" and rows[0][-1].isdigit()
-    assert rows[1][:2] == ["2", "mother_married"] and rows[1][2] != "0" and rows[1][3:] == ["no", "-", "-", "-"]
-    assert rows[2][:4] == ["3", "-", "0", "yes"] and rows[2][-1].isdigit() and rows[2][-1] != rows[0][-1]
+    assert rows[0][:4] == ["1", "-", "-", "yes"] and rows[0][-1].isdigit()
+    assert rows[1] == ["2", "mother_married", "drift:mother_married", "no", "-", "-", "-"]
+    assert rows[2][:4] == ["3", "-", "-", "yes"] and rows[2][-1].isdigit() and rows[2][-1] != rows[0][-1]
     assert float(rows[2][4]) < 1.2  # eval RMSE, below the mean predictor's ~1.3
     assert (tmp_path / "simulation.log").is_file()
 
