@@ -4,6 +4,7 @@
 that fails validation, and a rerun after the data is fixed; the tests assert on what ML Metadata recorded.
 """
 import glob
+import json
 import pathlib
 import shutil
 import subprocess
@@ -11,6 +12,7 @@ import sys
 from typing import List
 
 import numpy as np
+import pandas as pd
 import pytest
 import tensorflow as tf
 import tensorflow_transform as tft
@@ -18,7 +20,7 @@ import tensorflow_transform as tft
 from data import generator
 from models import features
 from pipeline import config as config_lib
-from pipeline import mlmd, summary
+from pipeline import mlmd, serving_check, summary
 from tests.conftest import run_pipeline
 
 pytestmark = pytest.mark.slow
@@ -146,3 +148,19 @@ def test_real_bigquery_export_trains_a_model_well_below_the_mean_predictor(tmp_p
     rmse = summary.slice_metrics(evaluation.uri)["overall"]["root_mean_squared_error"]
     mean_rmse = summary.mean_predictor_rmse(summary.split_stats(stats))
     assert rmse < 0.85 * mean_rmse, (rmse, mean_rmse)
+
+
+def test_validate_serving_checks_requests_against_the_stores_training_statistics(pipeline_runs, tmp_path, capsys):
+    config = pipeline_runs["config"]
+    names = [c.name for c in features.FEATURES]
+    frame = pd.read_csv(pathlib.Path(config.data_dir) / "natality.csv", dtype=str, keep_default_na=False)
+    rows = [{k: v for k, v in row.items() if k in names and v != ""} for row in frame.head(500).to_dict("records")]
+    good = tmp_path / "requests.jsonl"
+    good.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    assert serving_check.main([str(good), "--output-dir", config.output_dir]) == 0
+    assert "500 request(s)" in capsys.readouterr().out
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("".join(json.dumps(dict(row, session_id="x")) + "\n" for row in rows))
+    assert serving_check.main([str(bad), "--output-dir", config.output_dir]) == 1
+    assert "unexpected: session_id" in capsys.readouterr().out
+    assert serving_check.main([str(tmp_path / "none.jsonl"), "--output-dir", config.output_dir]) == 2
