@@ -83,6 +83,10 @@ class PipelineConfig:
         return str(pathlib.Path(self.output_dir) / "pipeline")
 
     @property
+    def schema_path(self) -> str:
+        return str(pathlib.Path(self.schema_dir) / "schema.pbtxt")
+
+    @property
     def metadata_path(self) -> str:
         return str(pathlib.Path(self.output_dir) / "metadata.sqlite")
 

@@ -1,6 +1,5 @@
 """The one definition of the babyweight pipeline; runners pick an orchestrator and call it."""
 import hashlib
-import os
 import pathlib
 from typing import List
 
@@ -18,7 +17,6 @@ from pipeline.validation import DataGate, DataValidator
 
 PREPROCESSING_FN = "models.preprocessing.preprocessing_fn"
 RUN_FN = "models.model.run_fn"
-SCHEMA_FILE = "schema.pbtxt"
 GATE_ID = "DataGate"
 MODELS_DIR = pathlib.Path(features.__file__).resolve().parent
 
@@ -169,7 +167,7 @@ def create_pipeline(config: PipelineConfig) -> tfx.dsl.Pipeline:
     fingerprint = code_fingerprint()
     local = config.orchestrator != "vertex"
     example_gen = example_gen_component(config)
-    schema_importer = tfx.components.ImportSchemaGen(schema_file=os.path.join(config.schema_dir, SCHEMA_FILE))
+    schema_importer = tfx.components.ImportSchemaGen(schema_file=config.schema_path)
     # With the schema, TFDV describes coded integer categories (is_categorical) by their values.
     statistics_gen = tfx.components.StatisticsGen(
         examples=example_gen.outputs["examples"], schema=schema_importer.outputs["schema"])

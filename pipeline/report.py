@@ -7,20 +7,18 @@ Tables are plain HTML, so the file opens anywhere; TFDV's interactive Facets vie
 for browsers that can load Facets from the web.
 """
 import html
-import os
 import pathlib
 import re
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import pandas as pd
-import tensorflow_data_validation as tfdv
 from tensorflow_data_validation.utils import display_util
 from tensorflow_metadata.proto.v0 import anomalies_pb2, statistics_pb2
 from tfx.utils import io_utils
 
 from models import features
 from pipeline import mlmd, monitor, summary
-from pipeline.validation import ANOMALIES_FILE, STATISTICS_FILE, Verdict, read_verdict
+from pipeline.validation import ANOMALIES_FILE, DRIFT_SPLIT, Verdict, load_statistics, read_verdict, split_file
 
 STYLE = """body{font-family:sans-serif;margin:2em;max-width:80em}table{border-collapse:collapse;margin:.5em 0}
 td,th{border:1px solid #ccc;padding:.2em .5em;text-align:left;font-size:90%}h2{margin-top:1.5em}
@@ -76,7 +74,8 @@ def _statistics_section(current: statistics_pb2.DatasetFeatureStatisticsList,
     return "\n".join(parts)
 
 
-def _validation_section(anomalies_uri: str, verdict: Verdict) -> str:
+def _validation_section(anomalies_uri: str, verdict: Verdict) -> Tuple[str, pd.DataFrame]:
+    """The answers and anomalies as HTML, and TFDV's drift measurements of the train split."""
     questions = "".join(
         f"<tr><td>{number}</td><td>{html.escape(a['question'])}</td>"
         f"<td class='{a['status'].split(':')[0]}'>{html.escape(a['status'])}</td>"
@@ -85,9 +84,8 @@ def _validation_section(anomalies_uri: str, verdict: Verdict) -> str:
     parts = [f"<table><tr><th></th><th>question</th><th>answer</th><th>features</th></tr>{questions}</table>",
              "<h3>Anomalies</h3>", "<ul>" + "".join(f"<li>{html.escape(line)}</li>" for line in verdict.lines())
              + "</ul>" if verdict.findings else "<p>none</p>"]
-    path = os.path.join(anomalies_uri, "Split-train", ANOMALIES_FILE)
     anomalies = anomalies_pb2.Anomalies()
-    anomalies.ParseFromString(io_utils.read_bytes_file(path))
+    anomalies.ParseFromString(io_utils.read_bytes_file(split_file(anomalies_uri, DRIFT_SPLIT, ANOMALIES_FILE)))
     parts += ["<h3>TFDV's anomalies table (train split)</h3>", _table(display_util.get_anomalies_dataframe(anomalies))]
     return "\n".join(parts), display_util.get_drift_skew_dataframe(anomalies)
 
@@ -106,24 +104,22 @@ def _predictions_section(record: Dict) -> str:
 
 def write_report(config, run_name: str, steps: List[mlmd.StepRecord], outcome: str) -> pathlib.Path:
     """Writes outputs/reports/<run>.html for the run's steps and returns its path."""
-    outputs = {(step.node_id, key): artifacts[-1] for step in steps for key, artifacts in step.outputs.items()}
     sections = [f"<h1>babyweight run {html.escape(run_name)}</h1><p>{html.escape(outcome)}</p>"]
-    anomalies = outputs.get(("DataValidator", "anomalies"))
-    statistics = outputs.get(("StatisticsGen", "statistics"))
+    anomalies = summary.output_of(steps, "DataValidator", "anomalies")
+    statistics = summary.output_of(steps, "StatisticsGen", "statistics")
     if anomalies is not None and statistics is not None:
         verdict = read_verdict(anomalies.uri)
         validation, drift = _validation_section(anomalies.uri, verdict)
         sections += [f"<h2>Data validation of span {verdict.span}</h2>", validation]
-        current = tfdv.load_stats_binary(os.path.join(statistics.uri, "Split-train", STATISTICS_FILE))
-        previous = (tfdv.load_stats_binary(os.path.join(verdict.baseline_statistics, "Split-train", STATISTICS_FILE))
-                    if verdict.baseline_statistics else None)
+        current = load_statistics(statistics.uri, DRIFT_SPLIT)
+        previous = load_statistics(verdict.baseline_statistics, DRIFT_SPLIT) if verdict.baseline_statistics else None
         sections += ["<h2>Statistics: the new span next to the previous validated span</h2>",
                      _statistics_section(current, previous, drift, verdict)]
-    evaluation = outputs.get(("Evaluator", "evaluation"))
+    evaluation = summary.output_of(steps, "Evaluator", "evaluation")
     if evaluation is not None:
         sections += ["<h2>Evaluation by slice (TFMA)</h2>",
-                     _evaluation_section(evaluation.uri, outputs.get(("Evaluator", "blessing")))]
-    predictions = outputs.get(("PredictionMonitor", "monitoring"))
+                     _evaluation_section(evaluation.uri, summary.output_of(steps, "Evaluator", "blessing"))]
+    predictions = summary.output_of(steps, "PredictionMonitor", "monitoring")
     if predictions is not None:
         sections += ["<h2>Predictions on the new span</h2>", _predictions_section(monitor.read(predictions.uri))]
     steps_frame = pd.DataFrame([{"step": s.node_id, "state": s.state, "seconds": s.seconds} for s in steps])

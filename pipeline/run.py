@@ -10,7 +10,7 @@ from tfx import v1 as tfx
 
 from pipeline import csv_check, report, summary
 from pipeline.config import PipelineConfig
-from pipeline.pipeline import SCHEMA_FILE, create_pipeline
+from pipeline.pipeline import create_pipeline
 from pipeline.validation import DataValidationError
 
 
@@ -53,7 +53,7 @@ def setup_logging(log_path: pathlib.Path, console: bool = True) -> None:
 
 def load_schema(config: PipelineConfig) -> schema_pb2.Schema:
     """The curated schema that ImportSchemaGen brings into the pipeline."""
-    return text_format.Parse((pathlib.Path(config.schema_dir) / SCHEMA_FILE).read_text(), schema_pb2.Schema())
+    return text_format.Parse(pathlib.Path(config.schema_path).read_text(), schema_pb2.Schema())
 
 
 def _failure_reason(error: BaseException) -> str:

@@ -45,7 +45,7 @@ def main() -> None:
     draft = work_dir / "schema_draft.pbtxt"
     shutil.copyfile(inferred, draft)
     logging.info("SchemaGen output: %s", inferred)
-    print(f"draft schema: {draft}\ncompare: diff {pathlib.Path(config.schema_dir) / 'schema.pbtxt'} {draft}")
+    print(f"draft schema: {draft}\ncompare: diff {config.schema_path} {draft}")
 
 
 if __name__ == "__main__":

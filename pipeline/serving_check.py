@@ -25,7 +25,7 @@ from tensorflow_metadata.proto.v0 import schema_pb2, statistics_pb2
 
 from pipeline import config as config_lib
 from pipeline import mlmd, spans
-from pipeline.validation import STATISTICS_FILE, Finding, csv_presence, findings, validate_split
+from pipeline.validation import DRIFT_SPLIT, Finding, csv_presence, findings, load_statistics, validate_split
 
 SERVING = "SERVING"
 _ARROW_TYPES = {schema_pb2.INT: pa.int64(), schema_pb2.FLOAT: pa.float32(), schema_pb2.BYTES: pa.binary()}
@@ -105,7 +105,7 @@ def training_statistics(config: config_lib.PipelineConfig) -> statistics_pb2.Dat
     if not passed:
         raise mlmd.MetadataError(f"no span has passed validation in {config.metadata_path} yet (make run)")
     _, statistics = max(passed, key=lambda pair: (spans.span_of(pair[0]), pair[0].id))
-    return tfdv.load_stats_binary(f"{statistics.uri}/Split-train/{STATISTICS_FILE}")
+    return load_statistics(statistics.uri, DRIFT_SPLIT)  # skew against the split drift is measured on
 
 
 def check_requests(requests: Sequence[Dict[str, Any]], schema: schema_pb2.Schema,
@@ -127,7 +127,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     config = config_lib.load_config(overrides={"output_dir": args.output_dir} if args.output_dir else {})
-    schema = tfdv.load_schema_text(str(pathlib.Path(config.schema_dir) / "schema.pbtxt"))
+    schema = tfdv.load_schema_text(config.schema_path)
     try:
         requests = read_requests(args.requests)
         found = check_requests(requests, schema, training_statistics(config))

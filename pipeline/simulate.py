@@ -19,7 +19,6 @@ from typing import Dict, List, Optional
 
 from data import generator
 from pipeline import config as config_lib
-from pipeline import mlmd
 from pipeline import run as run_lib
 from pipeline import summary
 from pipeline.validation import read_verdict
@@ -38,25 +37,22 @@ class SpanResult:
 
 def span_result(config: config_lib.PipelineConfig, span: int) -> SpanResult:
     """What the latest run did with `span`, read from ML Metadata."""
-    store = mlmd.open_sqlite(config.metadata_path)
-    steps = {step.node_id: step for step in store.steps(store.runs()[-1])}
-    verdict = read_verdict(steps["DataValidator"].outputs["anomalies"][0].uri) if "DataValidator" in steps else None
+    run = summary.latest_run(config)
+    steps = run[1] if run else []
+    anomalies = summary.output_of(steps, "DataValidator", "anomalies")
+    verdict = read_verdict(anomalies.uri) if anomalies is not None else None
     drift = sorted({f.feature for f in verdict.findings if f.check == "drift"}) if verdict else []
-    trainer = steps.get("Trainer")
-    evaluation = steps.get("Evaluator")
-    rmse, blessed = None, None
-    if evaluation is not None and evaluation.outputs.get("evaluation"):
-        rmse = summary.slice_metrics(evaluation.outputs["evaluation"][0].uri)["overall"]["root_mean_squared_error"]
-        blessed = evaluation.outputs["blessing"][0].custom_properties["blessed"].int_value == 1
-    pushed = steps.get("Pusher")
+    trained = summary.output_of(steps, "Trainer", "model") is not None
+    evaluation = summary.output_of(steps, "Evaluator", "evaluation")
+    blessing = summary.output_of(steps, "Evaluator", "blessing")
+    rmse = summary.slice_metrics(evaluation.uri)["overall"]["root_mean_squared_error"] if evaluation else None
+    blessed = blessing.custom_properties["blessed"].int_value == 1 if blessing else None
+    pushed = summary.output_of(steps, "Pusher", "pushed_model")
     version = "-"
-    if pushed is not None and pushed.outputs.get("pushed_model"):
-        artifact = pushed.outputs["pushed_model"][0]
-        if artifact.custom_properties["pushed"].int_value == 1:
-            version = pathlib.Path(artifact.custom_properties["pushed_destination"].string_value).name
+    if pushed is not None and pushed.custom_properties["pushed"].int_value == 1:
+        version = pathlib.Path(pushed.custom_properties["pushed_destination"].string_value).name
     blocking = sorted({f"{f.check}:{f.feature or 'dataset'}" for f in verdict.blocking}) if verdict else []
-    return SpanResult(span, ", ".join(drift) or "-", ", ".join(blocking) or "-",
-                      trainer is not None and trainer.state in ("complete", "cached"), rmse, blessed, version)
+    return SpanResult(span, ", ".join(drift) or "-", ", ".join(blocking) or "-", trained, rmse, blessed, version)
 
 
 def table(results: List[SpanResult]) -> str:

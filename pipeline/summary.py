@@ -2,22 +2,22 @@
 import math
 from typing import Dict, List, Optional, Tuple
 
-import tensorflow_data_validation as tfdv
 import tensorflow_model_analysis as tfma
 from google.protobuf import text_format
 from ml_metadata.proto import metadata_store_pb2
 from tensorflow_metadata.proto.v0 import statistics_pb2
-from tfx.types import artifact, artifact_utils, standard_artifacts
+from tfx.types import artifact_utils
 
 from models import features
 from pipeline import mlmd, monitor
 from pipeline.config import PipelineConfig
 from pipeline.csv_check import CsvSummary
 from pipeline.spans import span_of
-from pipeline.validation import Verdict, read_verdict
+from pipeline.validation import Verdict, load_statistics, read_verdict
 
 
-def _output(steps: List[mlmd.StepRecord], node_id: str, key: str) -> Optional[metadata_store_pb2.Artifact]:
+def output_of(steps: List[mlmd.StepRecord], node_id: str, key: str) -> Optional[metadata_store_pb2.Artifact]:
+    """The artifact a step of the run wrote under `key`, or None if it didn't run or wrote none."""
     for step in steps:
         if step.node_id == node_id and step.outputs.get(key):
             return step.outputs[key][-1]
@@ -26,12 +26,8 @@ def _output(steps: List[mlmd.StepRecord], node_id: str, key: str) -> Optional[me
 
 def split_stats(statistics: metadata_store_pb2.Artifact) -> Dict[str, statistics_pb2.DatasetFeatureStatistics]:
     """The statistics of each split of a StatisticsGen output."""
-    result = {}
-    artifact = _artifact_as_tfx(statistics, standard_artifacts.ExampleStatistics)
-    for split in artifact_utils.decode_split_names(artifact.split_names):
-        path = f"{artifact_utils.get_split_uri([artifact], split)}/FeatureStats.pb"
-        result[split] = tfdv.load_stats_binary(path).datasets[0]
-    return result
+    splits = artifact_utils.decode_split_names(statistics.properties["split_names"].string_value)
+    return {split: load_statistics(statistics.uri, split).datasets[0] for split in splits}
 
 
 def _label_mean_std(dataset: statistics_pb2.DatasetFeatureStatistics) -> Tuple[float, float]:
@@ -46,13 +42,6 @@ def mean_predictor_rmse(split_stats: Dict[str, statistics_pb2.DatasetFeatureStat
     train_mean, _ = _label_mean_std(split_stats["train"])
     eval_mean, eval_std = _label_mean_std(split_stats["eval"])
     return math.sqrt(eval_std ** 2 + (eval_mean - train_mean) ** 2)
-
-
-def _artifact_as_tfx(mlmd_artifact: metadata_store_pb2.Artifact, artifact_class: type) -> artifact.Artifact:
-    """The TFX view of an artifact read from ML Metadata, for TFX's own artifact helpers."""
-    wrapped = artifact_class()
-    wrapped.set_mlmd_artifact(mlmd_artifact)
-    return wrapped
 
 
 def slice_metrics(evaluation_uri: str) -> Dict[str, Dict[str, float]]:
@@ -145,7 +134,7 @@ def summarize_run(config: PipelineConfig, run_name: str, steps: List[mlmd.StepRe
     """A short human summary of a run: data checks, RMSE, blessing, push, seconds per step."""
     lines = [f"Run {run_name} of pipeline {config.pipeline_name}"]
 
-    statistics = _output(steps, "StatisticsGen", "statistics")
+    statistics = output_of(steps, "StatisticsGen", "statistics")
     stats_by_split = split_stats(statistics) if statistics else {}
     if stats_by_split:
         lines.append("  rows: " + ", ".join(f"{split} {stats.num_examples}" for split, stats in stats_by_split.items()))
@@ -155,23 +144,23 @@ def summarize_run(config: PipelineConfig, run_name: str, steps: List[mlmd.StepRe
                      + (f", span {checked.span}" if checked.span is not None else ""))
         lines.extend(f"    {note}" for note in checked.notes)
 
-    anomalies = _output(steps, "DataValidator", "anomalies")
+    anomalies = output_of(steps, "DataValidator", "anomalies")
     if anomalies:
         lines.extend(validation_lines(read_verdict(anomalies.uri)))
     window = _window_line(steps)
     if window:
         lines.append(window)
 
-    evaluation = _output(steps, "Evaluator", "evaluation")
+    evaluation = output_of(steps, "Evaluator", "evaluation")
     if evaluation and stats_by_split:
-        lines.extend(_evaluation_lines(evaluation, _output(steps, "Evaluator", "blessing"),
+        lines.extend(_evaluation_lines(evaluation, output_of(steps, "Evaluator", "blessing"),
                                        mean_predictor_rmse(stats_by_split)))
 
-    predictions = _output(steps, "PredictionMonitor", "monitoring")
+    predictions = output_of(steps, "PredictionMonitor", "monitoring")
     if predictions is not None:
         lines.extend(monitor_lines(monitor.read(predictions.uri)))
 
-    pushed = _output(steps, "Pusher", "pushed_model")
+    pushed = output_of(steps, "Pusher", "pushed_model")
     if pushed is not None and pushed.custom_properties["pushed"].int_value == 1:
         lines.append(f"  pushed: {pushed.custom_properties['pushed_destination'].string_value}")
     elif pushed is not None:

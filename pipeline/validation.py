@@ -15,7 +15,6 @@ from typing import Dict, List, Optional, Sequence
 
 import tensorflow_data_validation as tfdv
 from tensorflow_metadata.proto.v0 import anomalies_pb2, schema_pb2, statistics_pb2
-from tfx import types
 from tfx import v1 as tfx
 from tfx.types import artifact_utils
 from tfx.utils import io_utils
@@ -107,6 +106,16 @@ class Verdict:
                    [Finding(**f) for f in values["findings"]])
 
 
+def split_file(uri: str, split: str, name: str) -> str:
+    """A file of one split in a TFX artifact's folder (TFX's Split-<name> layout)."""
+    return os.path.join(uri, f"Split-{split}", name)
+
+
+def load_statistics(uri: str, split: str) -> statistics_pb2.DatasetFeatureStatisticsList:
+    """One split's statistics from a StatisticsGen output folder."""
+    return tfdv.load_stats_binary(split_file(uri, split, STATISTICS_FILE))
+
+
 def read_verdict(anomalies_uri: str) -> Verdict:
     """The verdict DataValidator wrote into its anomalies artifact."""
     return Verdict.from_json(io_utils.read_string_file(os.path.join(anomalies_uri, VERDICT_FILE)))
@@ -163,12 +172,6 @@ def validate_split(current: statistics_pb2.DatasetFeatureStatisticsList, schema:
         previous_statistics=csv_presence(previous) if previous is not None else None)
 
 
-def _split_statistics(artifact: types.Artifact) -> Dict[str, statistics_pb2.DatasetFeatureStatisticsList]:
-    return {split: tfdv.load_stats_binary(os.path.join(artifact_utils.get_split_uri([artifact], split),
-                                                      STATISTICS_FILE))
-            for split in artifact_utils.decode_split_names(artifact.split_names)}
-
-
 @tfx.dsl.components.component
 def DataValidator(
     examples: tfx.dsl.components.InputArtifact[tfx.types.standard_artifacts.Examples],
@@ -183,17 +186,17 @@ def DataValidator(
     its train split against the previous validated span's; checks named in `warning_checks` (comma-separated)
     report but don't block."""
     schema_proto = tfdv.load_schema_text(io_utils.get_only_uri_in_dir(schema.uri))
-    current = _split_statistics(statistics)
-    previous = _split_statistics(previous_statistics) if previous_statistics is not None else {}
+    current = {split: load_statistics(statistics.uri, split)
+               for split in artifact_utils.decode_split_names(statistics.split_names)}
+    previous = load_statistics(previous_statistics.uri, DRIFT_SPLIT) if previous_statistics is not None else None
     warn = [check for check in warning_checks.split(",") if check]
     span = span_of(examples.mlmd_artifact)
     anomalies.split_names = artifact_utils.encode_split_names(list(current))
     anomalies.span = span
     found: List[Finding] = []
     for split, split_statistics in current.items():
-        result = validate_split(split_statistics, schema_proto, previous.get(split) if split == DRIFT_SPLIT else None)
-        io_utils.write_bytes_file(os.path.join(artifact_utils.get_split_uri([anomalies], split), ANOMALIES_FILE),
-                                  result.SerializeToString())
+        result = validate_split(split_statistics, schema_proto, previous if split == DRIFT_SPLIT else None)
+        io_utils.write_bytes_file(split_file(anomalies.uri, split, ANOMALIES_FILE), result.SerializeToString())
         found.extend(findings(result, split, warn))
     has_baseline = previous_statistics is not None and previous_examples is not None
     verdict = Verdict(span, span_of(previous_examples.mlmd_artifact) if has_baseline else None,
