@@ -5,7 +5,8 @@ the model, the serving signatures, the evaluation slices) reads it from `COLUMNS
 """
 import dataclasses
 import enum
-from typing import Dict, List, Tuple
+import math
+from typing import Any, Dict, List, Mapping, Tuple
 
 
 class Role(enum.Enum):
@@ -36,6 +37,9 @@ class Column:
     categories: Tuple[int, ...] = ()
     # Bucket boundaries of a ZSCORE_AND_BUCKETS column (also used to slice evaluation).
     bucket_boundaries: Tuple[float, ...] = ()
+    # Serving contract of a FEATURE: a request must carry it (a known value, not NULL or an 'unknown'
+    # code), or it is refused naming it. The other features may be missing; the model is trained for that.
+    required: bool = False
 
 
 # The 31 columns of bigquery-public-data.samples.natality, in the table's (and the export's) order.
@@ -54,7 +58,7 @@ COLUMNS: Tuple[Column, ...] = (
     Column("apgar_5min", "int", missing_codes=(99,)),
     Column("mother_residence_state", "string"),
     Column("mother_race", "int"),
-    Column("mother_age", "int", Role.FEATURE, Transform.ZSCORE),
+    Column("mother_age", "int", Role.FEATURE, Transform.ZSCORE, required=True),
     Column(
         "gestation_weeks",
         "int",
@@ -63,6 +67,7 @@ COLUMNS: Tuple[Column, ...] = (
         missing_codes=(99,),
         # extremely / very / moderately preterm, term, post-term
         bucket_boundaries=(28, 32, 37, 42),
+        required=True,
     ),
     Column("lmp", "int", missing_codes=(99999999,)),  # MMDDYYYY of the last menstrual period
     Column("mother_married", "string", Role.FEATURE, Transform.VOCABULARY),
@@ -85,6 +90,12 @@ COLUMN_NAMES: Tuple[str, ...] = tuple(c.name for c in COLUMNS)
 BY_NAME: Dict[str, Column] = {c.name: c for c in COLUMNS}
 LABEL: Column = next(c for c in COLUMNS if c.role is Role.LABEL)
 FEATURES: Tuple[Column, ...] = tuple(c for c in COLUMNS if c.role is Role.FEATURE)
+# Who asks is a clinician or a parent before the birth: the mother's age and the weeks of gestation
+# (from the last period or the dating scan) are always known and carry most of what the model can say;
+# the baby's sex, plurality (before an ultrasound), marital status, weight gain so far, earlier births
+# and the father's age may be unknown, and a request may leave them out.
+REQUIRED_FEATURES: Tuple[Column, ...] = tuple(c for c in FEATURES if c.required)
+OPTIONAL_FEATURES: Tuple[Column, ...] = tuple(c for c in FEATURES if not c.required)
 
 # Pairs of categorical ids (see `id_sizes`) crossed for the wide part of the model: multiples are
 # born earlier, and the gestation effect differs between boys and girls.
@@ -152,3 +163,26 @@ def slice_keys() -> List[List[str]]:
     """Evaluation slices: overall, each raw slice feature, and each transformed bucket id."""
     buckets = [transformed_name(bucket_name(c)) for c in FEATURES if c.transform is Transform.ZSCORE_AND_BUCKETS]
     return [[]] + [[name] for name in SLICE_FEATURES] + [[key] for key in buckets]
+
+
+def is_missing_value(column: Column, value: Any) -> bool:
+    """Python twin of `models.preprocessing.is_missing` for one request value: None, '', NaN or an 'unknown' code.
+
+    A value of the wrong type is not missing here: naming it is the type check's job.
+    """
+    if isinstance(value, (list, tuple)):
+        value = value[0] if value else None
+    if value is None or value == "":
+        return True
+    if column.dtype == "string" or isinstance(value, bool):
+        return False
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return False
+    return math.isnan(number) or number in column.missing_codes
+
+
+def missing_required(request: Mapping[str, Any]) -> List[str]:
+    """The names of the required features (the serving contract) that a request lacks."""
+    return [c.name for c in REQUIRED_FEATURES if is_missing_value(c, request.get(c.name))]

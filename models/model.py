@@ -3,11 +3,14 @@
 The exported SavedModel carries the TF Transform graph, so every signature takes raw features:
 - `serving_default`: serialized tf.Example (no label) -> {"predictions": pounds};
 - `serving_raw`: one tensor per raw feature (NaN or "" = missing) -> {"predictions": pounds};
+  both refuse (InvalidArgumentError, naming the feature and rows) a call in which a row lacks a
+  required feature (features.REQUIRED_FEATURES) and answer rows that lack optional ones;
+- `score_examples`: serialized tf.Example -> {"predictions": pounds} for every row (evaluation, monitoring);
 - `transform_features`: serialized tf.Example -> transformed features (TFMA slices and labels on it).
 """
 import logging
 import math
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List, Sequence, Tuple
 
 import tensorflow as tf
 import tensorflow_transform as tft
@@ -16,11 +19,15 @@ from tfx import v1 as tfx
 
 from models import features
 from models.distribution import global_batch_size, select_strategy
+from models.preprocessing import dense_raw, is_missing
 
 PREDICTIONS = "predictions"
 SHUFFLE_BUFFER = 20_000
 TRANSFORM_BATCH = 1024
 FILE_SPANS_KEY = "file_spans"  # set by the pipeline's Trainer executor: {file pattern: span}
+# Features never shown to the model (removed from every row): a model "trained without" them, the reference
+# that the serving-contract tests and `make quality` compare a model asked without them against.
+DROPPED_KEY = "dropped_features"
 
 # TensorFlow's AutoGraph leaves the `keras` package unconverted, as Keras code runs as it is in graphs,
 # but not its Keras 2 twin `tf_keras` that TFX 1.16 needs: converting it costs about 30 s of the
@@ -30,7 +37,8 @@ if not any(getattr(rule, "_prefix", None) == "tf_keras" for rule in autograph_co
         (autograph_config.DoNotConvert("tf_keras"),) + tuple(autograph_config.CONVERSION_RULES))
 
 
-def build_keras_model(hidden_units: List[int], embedding_dim: int, learning_rate: float) -> tf.keras.Model:
+def build_keras_model(hidden_units: List[int], embedding_dim: int, learning_rate: float,
+                      decay_steps: int = 0) -> tf.keras.Model:
     """Wide part: one-hot ids, buckets and crosses; deep part: embeddings and scaled numerics."""
     inputs: Dict[str, tf.keras.Input] = {}
     wide, deep = [], []
@@ -54,7 +62,10 @@ def build_keras_model(hidden_units: List[int], embedding_dim: int, learning_rate
     model = tf.keras.Model(inputs=inputs, outputs=output)
     # jit_compile=False: Keras' default XLA compilation costs about 25 s on CPU for a model that then
     # trains an epoch of 16k rows in under a second.
-    model.compile(optimizer=tf.keras.optimizers.Adam(learning_rate), loss="mse",
+    # Cosine decay to 0 over the training steps: the last steps settle instead of jittering at the full
+    # rate, so the exported model doesn't depend on where in a noisy last epoch training stopped.
+    schedule = tf.keras.optimizers.schedules.CosineDecay(learning_rate, decay_steps) if decay_steps else learning_rate
+    model.compile(optimizer=tf.keras.optimizers.Adam(schedule), loss="mse",
                   weighted_metrics=[tf.keras.metrics.RootMeanSquaredError(name="rmse")], jit_compile=False)
     return model
 
@@ -67,18 +78,64 @@ def recency_weights(file_spans: Dict[str, int], half_life_spans: float) -> Dict[
     return {pattern: 0.5 ** ((newest - span) / half_life_spans) for pattern, span in file_spans.items()}
 
 
-def _input_fn(file_patterns: List[str], weights: Dict[str, float], tf_transform_output: tft.TFTransformOutput,
-              batch_size: int, shuffle: bool) -> tf.data.Dataset:
-    """Raw examples of each span, transformed by the Transform graph, as (features, label, weight).
+def sparse_raw(dense: Dict[str, tf.Tensor], raw_spec: Dict[str, Any]) -> Dict[str, tf.SparseTensor]:
+    """Dense raw features ("" or NaN where a row has no value) as the sparse tensors the transform graph takes.
 
-    The weight is the span's recency weight, and 0 where the row has no label. Examples are transformed
-    once and cached, so later epochs cost only the model's own work.
+    The one way from a row's values to the transform's input, used by training and by `serving_raw`.
+    """
+    raw = {}
+    for name, value in dense.items():
+        present = tf.not_equal(value, "") if value.dtype == tf.string else ~tf.math.is_nan(value)
+        indices = tf.where(present)
+        raw[name] = tf.sparse.SparseTensor(
+            tf.concat([indices, tf.zeros_like(indices)], axis=1),
+            tf.cast(tf.boolean_mask(value, present), raw_spec[name].dtype),
+            tf.stack([tf.shape(value, out_type=tf.int64)[0], tf.constant(1, tf.int64)]))
+    return raw
+
+
+def mask_features(dense: Dict[str, tf.Tensor], mask_rate: float, dropped: Sequence[str] = ()) -> Dict[str, tf.Tensor]:
+    """Training rows as requests send them: a `mask_rate` share of rows lose some of their optional features.
+
+    In such a row each optional feature is removed with a probability drawn for the row, uniform in [0, 1],
+    so rows lacking one feature and rows lacking all of them are both common: clients leave out several
+    at once. Features in `dropped` are removed from every row. The transform graph then treats a removed
+    value exactly as a missing one, as it does at serving time.
+    """
+    rows = tf.shape(dense[features.LABEL.name])
+    partial = tf.random.uniform(rows) < mask_rate
+    share = tf.random.uniform(rows)
+    masked = dict(dense)
+    for column in features.FEATURES:
+        if column.name in dropped:
+            drop = tf.fill(rows, True)
+        elif column.required or not mask_rate:
+            continue
+        else:
+            drop = partial & (tf.random.uniform(rows) < share)
+        value = dense[column.name]
+        masked[column.name] = tf.where(drop, tf.fill(rows, "" if value.dtype == tf.string else float("nan")), value)
+    return masked
+
+
+def _input_fn(file_patterns: List[str], weights: Dict[str, float], tf_transform_output: tft.TFTransformOutput,
+              batch_size: int, shuffle: bool, mask_rate: float = 0.0,
+              dropped: Sequence[str] = ()) -> tf.data.Dataset:
+    """Raw examples of each span, masked by `mask_features`, transformed by the Transform graph, as
+    (features, label, weight).
+
+    The weight is the span's recency weight, and 0 where the row has no label. Examples are parsed once and
+    cached; each epoch masks them afresh and applies the transform graph to each batch.
     """
     raw_spec = _raw_feature_spec(tf_transform_output, with_label=True)
     tft_layer = tf_transform_output.transform_features_layer()
 
-    def transform(records: tf.Tensor, recency: tf.Tensor):
-        transformed = tft_layer(tf.io.parse_example(records, raw_spec))
+    def parse(records: tf.Tensor, recency: tf.Tensor):
+        parsed = tf.io.parse_example(records, raw_spec)
+        return {name: dense_raw(value) for name, value in parsed.items()}, recency
+
+    def transform(dense: Dict[str, tf.Tensor], recency: tf.Tensor):
+        transformed = tft_layer(sparse_raw(mask_features(dense, mask_rate, dropped), raw_spec))
         batch = {key: tf.reshape(value, [-1]) for key, value in transformed.items()}
         label = batch.pop(features.label_key())
         weight = batch.pop(features.label_weight_key()) * recency
@@ -88,7 +145,7 @@ def _input_fn(file_patterns: List[str], weights: Dict[str, float], tf_transform_
     for pattern in file_patterns:
         records = tf.data.TFRecordDataset(tf.io.gfile.glob(pattern), compression_type="GZIP")
         recency = tf.constant(weights.get(pattern, 1.0), tf.float32)
-        parts.append(records.batch(TRANSFORM_BATCH).map(lambda batch, w=recency: transform(batch, tf.fill(
+        parts.append(records.batch(TRANSFORM_BATCH).map(lambda batch, w=recency: parse(batch, tf.fill(
             tf.shape(batch), w)), num_parallel_calls=tf.data.AUTOTUNE).unbatch())
     dataset = parts[0]
     for part in parts[1:]:
@@ -96,7 +153,7 @@ def _input_fn(file_patterns: List[str], weights: Dict[str, float], tf_transform_
     dataset = dataset.cache()
     if shuffle:
         dataset = dataset.shuffle(SHUFFLE_BUFFER, reshuffle_each_iteration=True)
-    return dataset.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+    return dataset.batch(batch_size).map(transform, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
 
 
 def _raw_feature_spec(tf_transform_output: tft.TFTransformOutput, with_label: bool) -> Dict[str, Any]:
@@ -106,8 +163,24 @@ def _raw_feature_spec(tf_transform_output: tft.TFTransformOutput, with_label: bo
     return spec
 
 
+def _require(dense: Dict[str, tf.Tensor]) -> List[tf.Operation]:
+    """Asserts that fail a call whose rows lack a required feature (features.REQUIRED_FEATURES), naming it."""
+    checks = []
+    for column in features.REQUIRED_FEATURES:
+        missing = is_missing(column, dense[column.name])
+        checks.append(tf.debugging.Assert(
+            ~tf.reduce_any(missing),
+            [f"missing required feature {column.name} (no value, or an unknown code) in instance(s)",
+             tf.where(missing)[:, 0]], summarize=20))
+    return checks
+
+
 def serving_signatures(model: tf.keras.Model, tf_transform_output: tft.TFTransformOutput) -> Dict[str, Any]:
-    """The exported model's signatures, each applying the transform graph to raw features."""
+    """The exported model's signatures, each applying the transform graph to raw features.
+
+    `serving_default` and `serving_raw` answer clients and refuse a call in which a row lacks a required
+    feature; `score_examples` predicts every row, as evaluation and monitoring score whole splits.
+    """
     model.tft_layer = tf_transform_output.transform_features_layer()
     label_keys = (features.label_key(), features.label_weight_key())
 
@@ -116,10 +189,20 @@ def serving_signatures(model: tf.keras.Model, tf_transform_output: tft.TFTransfo
         inputs = {key: value for key, value in transformed.items() if key not in label_keys}
         return {PREDICTIONS: model(inputs)}
 
-    raw_spec = _raw_feature_spec(tf_transform_output, with_label=False)
+    def predict_checked(raw_features: Dict[str, Any], dense: Dict[str, tf.Tensor]) -> Dict[str, tf.Tensor]:
+        with tf.control_dependencies(_require(dense)):
+            return {key: tf.identity(value) for key, value in predict(raw_features).items()}
 
-    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="examples")], autograph=False)
+    raw_spec = _raw_feature_spec(tf_transform_output, with_label=False)
+    examples_spec = [tf.TensorSpec([None], tf.string, name="examples")]
+
+    @tf.function(input_signature=examples_spec, autograph=False)
     def serve_examples(serialized: tf.Tensor) -> Dict[str, tf.Tensor]:
+        parsed = tf.io.parse_example(serialized, raw_spec)
+        return predict_checked(parsed, {c.name: dense_raw(parsed[c.name]) for c in features.REQUIRED_FEATURES})
+
+    @tf.function(input_signature=examples_spec, autograph=False)
+    def score_examples(serialized: tf.Tensor) -> Dict[str, tf.Tensor]:
         return predict(tf.io.parse_example(serialized, raw_spec))
 
     raw_inputs = [
@@ -128,23 +211,17 @@ def serving_signatures(model: tf.keras.Model, tf_transform_output: tft.TFTransfo
 
     @tf.function(input_signature=raw_inputs, autograph=False)
     def serve_raw(*values: tf.Tensor) -> Dict[str, tf.Tensor]:
-        raw = {}
-        for column, value in zip(features.FEATURES, values):
-            present = tf.not_equal(value, "") if value.dtype == tf.string else ~tf.math.is_nan(value)
-            indices = tf.where(present)
-            kept = tf.cast(tf.boolean_mask(value, present), raw_spec[column.name].dtype)
-            raw[column.name] = tf.sparse.SparseTensor(
-                tf.concat([indices, tf.zeros_like(indices)], axis=1), kept,
-                tf.stack([tf.shape(value, out_type=tf.int64)[0], tf.constant(1, tf.int64)]))
-        return predict(raw)
+        dense = {column.name: value for column, value in zip(features.FEATURES, values)}
+        return predict_checked(sparse_raw(dense, raw_spec), dense)
 
-    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="examples")], autograph=False)
+    @tf.function(input_signature=examples_spec, autograph=False)
     def transform_features(serialized: tf.Tensor) -> Dict[str, tf.Tensor]:
         return model.tft_layer(tf.io.parse_example(serialized, _raw_feature_spec(tf_transform_output, True)))
 
     return {
         "serving_default": serve_examples,
         "serving_raw": serve_raw,
+        "score_examples": score_examples,
         "transform_features": transform_features,
     }
 
@@ -172,14 +249,16 @@ def run_fn(fn_args: tfx.components.FnArgs) -> None:
     weights = recency_weights(hyperparameters.get(FILE_SPANS_KEY) or {p: 0 for p in fn_args.train_files},
                               hyperparameters["recency_half_life_spans"])
     logging.info("training files and their recency weights: %s", weights)
-    train_dataset = _input_fn(fn_args.train_files, weights, tf_transform_output, batch_size, shuffle=True)
+    train_dataset = _input_fn(fn_args.train_files, weights, tf_transform_output, batch_size, shuffle=True,
+                              mask_rate=hyperparameters["mask_rate"], dropped=hyperparameters.get(DROPPED_KEY, ()))
     eval_dataset = _input_fn(fn_args.eval_files, weights, tf_transform_output, batch_size, shuffle=False)
     steps_per_epoch, epochs = training_schedule(
         _count_records(fn_args.train_files), batch_size, hyperparameters["train_epochs"],
         hyperparameters["min_train_steps"])
     with strategy.scope():
         model = build_keras_model(
-            hyperparameters["hidden_units"], hyperparameters["embedding_dim"], hyperparameters["learning_rate"])
+            hyperparameters["hidden_units"], hyperparameters["embedding_dim"], hyperparameters["learning_rate"],
+            decay_steps=steps_per_epoch * epochs)
     model.fit(
         train_dataset.repeat(),
         steps_per_epoch=steps_per_epoch,

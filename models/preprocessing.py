@@ -2,7 +2,8 @@
 
 Vocabularies, means and variances are computed by TFT analyzers over the training split and frozen
 into the transform graph, which the exported model applies to raw examples at serving time, so
-training and serving cannot skew. 'Unknown' codes (e.g. 99 for father_age) are missing values here.
+training and serving cannot skew. 'Unknown' codes (e.g. 99 for father_age) are missing values here
+(`is_missing`), as they are to the serving contract's check and to training's masking of inputs.
 """
 from typing import Dict
 
@@ -13,22 +14,36 @@ from models import features
 from models.features import Column, Transform
 
 
-def _dense(value: tf.Tensor, default) -> tf.Tensor:
-    """A [batch] tensor from a raw feature that may be sparse (missing in some rows)."""
+def dense_raw(value: tf.Tensor) -> tf.Tensor:
+    """A raw feature as one value per row: text ("" where none) or float32 (NaN where none).
+
+    Takes the sparse tensor parsed from tf.Examples (a row may have no value) or a dense one.
+    """
     if isinstance(value, tf.sparse.SparseTensor):
-        value = tf.sparse.to_dense(
-            tf.sparse.SparseTensor(value.indices, value.values, [value.dense_shape[0], 1]), default)
+        if value.dtype != tf.string:
+            value = tf.sparse.map_values(tf.cast, value, tf.float32)
+        default = "" if value.dtype == tf.string else float("nan")
+        value = tf.sparse.to_dense(tf.sparse.SparseTensor(value.indices, value.values, [value.dense_shape[0], 1]),
+                                   default)
+    elif value.dtype != tf.string:
+        value = tf.cast(value, tf.float32)
     return tf.reshape(value, [-1])
+
+
+def is_missing(column: Column, value: tf.Tensor) -> tf.Tensor:
+    """The one definition of a missing value: none ("" or NaN in `dense_raw`'s form), or an 'unknown' code."""
+    if value.dtype == tf.string:
+        return tf.equal(value, "")
+    missing = tf.math.is_nan(value)
+    for code in column.missing_codes:
+        missing = missing | tf.equal(value, code)
+    return missing
 
 
 def _numeric(column: Column, value: tf.Tensor) -> Dict[str, tf.Tensor]:
     """Imputed z-score and missing indicator (plus bucket id) of a numeric feature."""
-    x = _dense(tf.cast(value, tf.float32) if not isinstance(value, tf.sparse.SparseTensor)
-               else tf.sparse.SparseTensor(value.indices, tf.cast(value.values, tf.float32), value.dense_shape),
-               float("nan"))
-    missing = tf.math.is_nan(x)
-    for code in column.missing_codes:
-        missing = missing | tf.equal(x, code)
+    x = dense_raw(value)
+    missing = is_missing(column, x)
     known = tf.boolean_mask(x, ~missing)
     mean = tft.mean(known)
     std = tf.sqrt(tft.var(known))
@@ -46,8 +61,8 @@ def _numeric(column: Column, value: tf.Tensor) -> Dict[str, tf.Tensor]:
 
 def _category_ids(column: Column, value: tf.Tensor) -> tf.Tensor:
     """Position of an integer code in column.categories; unknown or missing codes share the last id."""
-    x = _dense(value, tf.constant(-1, tf.int64))
-    matches = tf.equal(tf.expand_dims(x, 1), tf.constant(column.categories, tf.int64))
+    x = dense_raw(value)
+    matches = tf.equal(tf.expand_dims(x, 1), tf.constant(column.categories, tf.float32))
     return tf.where(tf.reduce_any(matches, axis=1), tf.argmax(tf.cast(matches, tf.int64), axis=1),
                     tf.constant(len(column.categories), tf.int64))
 
@@ -60,7 +75,7 @@ def preprocessing_fn(inputs: Dict[str, tf.Tensor]) -> Dict[str, tf.Tensor]:
         if column.transform is Transform.VOCABULARY:
             # The approximate vocabulary is a single-pass combiner that TFT runs together with the
             # means and variances (exact for so few distinct values); it saves Transform a few seconds.
-            strings = _dense(value, "")
+            strings = dense_raw(value)
             vocabulary = tft.experimental.approximate_vocabulary(
                 strings, top_k=features.VOCABULARY_SIZE, vocab_filename=column.name)
             outputs[features.transformed_name(column.name)] = tft.apply_vocabulary(
@@ -74,7 +89,7 @@ def preprocessing_fn(inputs: Dict[str, tf.Tensor]) -> Dict[str, tf.Tensor]:
         outputs[features.transformed_name(features.cross_name(first, second))] = (
             outputs[features.transformed_name(first)] * sizes[second] + outputs[features.transformed_name(second)])
     if features.LABEL.name in inputs:  # absent at serving time
-        label = _dense(inputs[features.LABEL.name], float("nan"))
+        label = dense_raw(inputs[features.LABEL.name])
         present = ~tf.math.is_nan(label)
         outputs[features.label_key()] = tf.where(present, label, 0.0)
         outputs[features.label_weight_key()] = tf.cast(present, tf.float32)

@@ -49,6 +49,7 @@ class PipelineConfig:
     learning_rate: float
     hidden_units: Tuple[int, ...]
     embedding_dim: int
+    mask_rate: float  # share of training rows that lose some optional features (models/model.py, mask_features)
     eval_rmse_threshold: float  # pounds: a model whose eval RMSE is above this is not blessed
     eval_mae_threshold: float  # pounds: a model whose eval MAE is above this is not blessed
     eval_rmse_max_increase: float  # pounds: a model this much worse than the blessed baseline is not blessed
@@ -229,6 +230,8 @@ def _check(config: PipelineConfig, profile_path: pathlib.Path) -> None:
         raise ConfigError(f"training_window_spans must be at least 1, not {config.training_window_spans}")
     if config.recency_half_life_spans < 0:
         raise ConfigError(f"recency_half_life_spans must be 0 (off) or positive, not {config.recency_half_life_spans}")
+    if not 0 <= config.mask_rate <= 1:
+        raise ConfigError(f"mask_rate must be between 0 and 1, not {config.mask_rate}")
     if config.train_epochs <= 0:
         raise ConfigError(f"train_epochs must be positive, not {config.train_epochs}")
     if config.orchestrator not in ORCHESTRATORS:

@@ -114,7 +114,7 @@ def read(uri: str) -> Dict[str, Any]:
 
 def _predict(model_uri: str, files: List[str]) -> tuple:
     model = tf.saved_model.load(path_utils.serving_model_path(model_uri))
-    serve = model.signatures["serving_default"]
+    serve = model.signatures["score_examples"]
     dtypes = {"string": tf.string, "int": tf.int64, "float": tf.float32}
     spec = {column.name: tf.io.VarLenFeature(dtypes[column.dtype])
             for column in list(features.FEATURES) + [features.LABEL]}

@@ -11,6 +11,7 @@ from tfx.dsl.components.base import executor_spec
 
 from models import features
 from pipeline import spans
+from pipeline.baseline import TreeBaseline
 from pipeline.config import PipelineConfig
 from pipeline.monitor import PredictionMonitor, PredictionStatistics, PreviousPredictions
 from pipeline.validation import DataGate, DataValidator
@@ -45,7 +46,8 @@ def eval_config(config: PipelineConfig) -> tfma.EvalConfig:
 
     return tfma.EvalConfig(
         model_specs=[tfma.ModelSpec(
-            signature_name="serving_default",
+            # Every row of the eval split is scored, also those a client's request would be refused for.
+            signature_name="score_examples",
             preprocessing_function_names=["transform_features"],
             label_key=features.label_key(),
             example_weight_key=features.label_weight_key(),
@@ -220,6 +222,11 @@ def create_pipeline(config: PipelineConfig) -> tfx.dsl.Pipeline:
         train_args=tfx.proto.TrainArgs(splits=["train"]),
         eval_args=tfx.proto.EvalArgs(splits=["eval"]))
 
+    # Gradient-boosted trees and the training mean on the Trainer's rows, scored on the Evaluator's.
+    tree_baseline = TreeBaseline(training_examples=training_examples, examples=example_gen.outputs["examples"],
+                                 recency_half_life_spans=config.recency_half_life_spans)
+    tree_baseline.add_upstream_node(gate)
+
     model_resolver = tfx.dsl.Resolver(
         strategy_class=tfx.dsl.experimental.LatestBlessedModelStrategy,
         model=tfx.dsl.Channel(type=tfx.types.standard_artifacts.Model),
@@ -245,7 +252,7 @@ def create_pipeline(config: PipelineConfig) -> tfx.dsl.Pipeline:
 
     pusher = pusher_component(config, model=trainer.outputs["model"], model_blessing=evaluator.outputs["blessing"])
 
-    components += [transform, trainer, model_resolver, evaluator, monitor, pusher]
+    components += [transform, trainer, tree_baseline, model_resolver, evaluator, monitor, pusher]
     return tfx.dsl.Pipeline(
         pipeline_name=config.pipeline_name,
         pipeline_root=config.pipeline_root,
@@ -270,5 +277,6 @@ def model_config(config: PipelineConfig, fingerprint: str) -> dict:
         "learning_rate": config.learning_rate,
         "hidden_units": list(config.hidden_units),
         "embedding_dim": config.embedding_dim,
+        "mask_rate": config.mask_rate,
         "recency_half_life_spans": config.recency_half_life_spans,
     }

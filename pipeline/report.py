@@ -17,7 +17,7 @@ from tensorflow_metadata.proto.v0 import anomalies_pb2, statistics_pb2
 from tfx.utils import io_utils
 
 from models import features
-from pipeline import mlmd, monitor, summary
+from pipeline import baseline, mlmd, monitor, summary
 from pipeline.validation import ANOMALIES_FILE, DRIFT_SPLIT, Verdict, load_statistics, read_verdict, split_file
 
 STYLE = """body{font-family:sans-serif;margin:2em;max-width:80em}table{border-collapse:collapse;margin:.5em 0}
@@ -90,9 +90,11 @@ def _validation_section(anomalies_uri: str, verdict: Verdict) -> Tuple[str, pd.D
     return "\n".join(parts), display_util.get_drift_skew_dataframe(anomalies)
 
 
-def _evaluation_section(evaluation_uri: str, blessing) -> str:
+def _evaluation_section(evaluation_uri: str, blessing, reference: Optional[Dict]) -> str:
     metrics = pd.DataFrame(summary.slice_metrics(evaluation_uri)).T.sort_index()
     lines = summary.evaluation_verdict_lines(evaluation_uri, blessing)
+    if reference is not None:
+        lines.insert(0, f"Reference models on the same rows: {summary.reference_line(reference)}.")
     return _table(metrics) + "<p>" + "<br>".join(html.escape(line.strip()) for line in lines) + "</p>"
 
 
@@ -117,8 +119,10 @@ def write_report(config, run_name: str, steps: List[mlmd.StepRecord], outcome: s
                      _statistics_section(current, previous, drift, verdict)]
     evaluation = summary.output_of(steps, "Evaluator", "evaluation")
     if evaluation is not None:
+        reference = summary.output_of(steps, "TreeBaseline", "baseline")
         sections += ["<h2>Evaluation by slice (TFMA)</h2>",
-                     _evaluation_section(evaluation.uri, summary.output_of(steps, "Evaluator", "blessing"))]
+                     _evaluation_section(evaluation.uri, summary.output_of(steps, "Evaluator", "blessing"),
+                                         baseline.read(reference.uri) if reference else None)]
     predictions = summary.output_of(steps, "PredictionMonitor", "monitoring")
     if predictions is not None:
         sections += ["<h2>Predictions on the new span</h2>", _predictions_section(monitor.read(predictions.uri))]

@@ -6,7 +6,8 @@
 Each line of a JSON-lines file is one request: {"is_male": "true", "mother_age": 31, ...}; a value may
 be a list (a feature with several values) and null or a missing key means no value; in a CSV file an
 empty field means no value. The requests are checked with TFDV against the curated schema's SERVING
-environment (expected and unexpected features, types, presence, value counts, domains) and against the
+environment (expected and unexpected features, types, presence, value counts, domains), for the features
+the serving contract requires (models/features.py: a request lacking one is refused), and against the
 statistics of the newest span that passed validation in the store (skew, by the schema's
 skew_comparator thresholds). Exit code 0: no anomaly; 1: anomalies, listed; 2: the file can't be read.
 """
@@ -23,6 +24,7 @@ import tensorflow_data_validation as tfdv
 from tensorflow_data_validation.statistics import stats_impl
 from tensorflow_metadata.proto.v0 import schema_pb2, statistics_pb2
 
+from models import features
 from pipeline import config as config_lib
 from pipeline import mlmd, spans
 from pipeline.validation import DRIFT_SPLIT, Finding, csv_presence, findings, load_statistics, validate_split
@@ -108,11 +110,28 @@ def training_statistics(config: config_lib.PipelineConfig) -> statistics_pb2.Dat
     return load_statistics(statistics.uri, DRIFT_SPLIT)  # skew against the split drift is measured on
 
 
+def contract_findings(requests: Sequence[Dict[str, Any]], first_number: int = 1) -> List[Finding]:
+    """A finding per required feature (models/features.py, the serving contract) that some requests lack.
+
+    Requests are numbered from `first_number` (the line of a JSON-lines file; CSV files: the data row).
+    """
+    lacking: Dict[str, List[int]] = {}
+    for number, request in enumerate(requests, start=first_number):
+        for name in features.missing_required(request):
+            lacking.setdefault(name, []).append(number)
+    return [Finding("serving", name, "required", "SERVING_CONTRACT_REQUIRED_FEATURE",
+                    f"{len(numbers)} request(s) lack this required feature (no value or an 'unknown' code), "
+                    f"which the model's serving signatures refuse: request(s) "
+                    + ", ".join(map(str, numbers[:10])) + (", ..." if len(numbers) > 10 else ""), True)
+            for name, numbers in lacking.items()]
+
+
 def check_requests(requests: Sequence[Dict[str, Any]], schema: schema_pb2.Schema,
                    training: statistics_pb2.DatasetFeatureStatisticsList) -> List[Finding]:
-    """Anomalies of the requests against the SERVING environment, then skew against training."""
+    """Requests lacking a required feature, anomalies against the SERVING environment, then skew against training."""
     serving = statistics_of(requests, schema)
-    found = findings(validate_split(serving, schema, None, environment=SERVING), "serving", ())
+    found = contract_findings(requests)
+    found += findings(validate_split(serving, schema, None, environment=SERVING), "serving", ())
     skew = tfdv.validate_statistics(csv_presence(training), schema, serving_statistics=csv_presence(serving))
     found += [dataclasses.replace(f, check="skew") for f in findings(skew, "serving vs training", ())
               if f.check == "drift"]

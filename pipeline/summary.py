@@ -1,5 +1,4 @@
 """What a run did, read back from ML Metadata and the artifacts it recorded."""
-import math
 from typing import Dict, List, Optional, Tuple
 
 import tensorflow_model_analysis as tfma
@@ -8,8 +7,7 @@ from ml_metadata.proto import metadata_store_pb2
 from tensorflow_metadata.proto.v0 import statistics_pb2
 from tfx.types import artifact_utils
 
-from models import features
-from pipeline import mlmd, monitor
+from pipeline import baseline, mlmd, monitor
 from pipeline.config import PipelineConfig
 from pipeline.csv_check import CsvSummary
 from pipeline.spans import span_of
@@ -30,20 +28,6 @@ def split_stats(statistics: metadata_store_pb2.Artifact) -> Dict[str, statistics
     return {split: load_statistics(statistics.uri, split).datasets[0] for split in splits}
 
 
-def _label_mean_std(dataset: statistics_pb2.DatasetFeatureStatistics) -> Tuple[float, float]:
-    for feature in dataset.features:
-        if feature.path.step and feature.path.step[0] == features.LABEL.name:
-            return feature.num_stats.mean, feature.num_stats.std_dev
-    raise KeyError(f"no statistics for {features.LABEL.name}")
-
-
-def mean_predictor_rmse(split_stats: Dict[str, statistics_pb2.DatasetFeatureStatistics]) -> float:
-    """Eval RMSE of always predicting the training mean, from the statistics of both splits."""
-    train_mean, _ = _label_mean_std(split_stats["train"])
-    eval_mean, eval_std = _label_mean_std(split_stats["eval"])
-    return math.sqrt(eval_std ** 2 + (eval_mean - train_mean) ** 2)
-
-
 def slice_metrics(evaluation_uri: str) -> Dict[str, Dict[str, float]]:
     """TFMA metrics of an Evaluator output by slice name ('overall', 'is_male=true', ...)."""
     result = {}
@@ -53,12 +37,18 @@ def slice_metrics(evaluation_uri: str) -> Dict[str, Dict[str, float]]:
     return result
 
 
+def reference_line(record: Dict) -> str:
+    """The reference models' eval RMSE (pipeline/baseline.py), on the rows the model was evaluated on."""
+    return (f"gradient-boosted trees: RMSE {record['trees_rmse']:.3f} lb; predicting the training mean: "
+            f"RMSE {record['mean_rmse']:.3f} lb; {record['eval_rows']} eval rows")
+
+
 def _evaluation_lines(evaluation: metadata_store_pb2.Artifact, blessing: Optional[metadata_store_pb2.Artifact],
-                      baseline_rmse: float) -> List[str]:
+                      reference: Optional[Dict]) -> List[str]:
     metrics = slice_metrics(evaluation.uri)
     overall = metrics.pop("overall")
-    lines = [f"  eval RMSE {overall['root_mean_squared_error']:.3f} lb, MAE {overall['mean_absolute_error']:.3f} lb "
-             f"(predicting the training mean: RMSE {baseline_rmse:.3f} lb)", "  per slice:"]
+    lines = [f"  eval RMSE {overall['root_mean_squared_error']:.3f} lb, MAE {overall['mean_absolute_error']:.3f} lb"
+             + (f" ({reference_line(reference)})" if reference else ""), "  per slice:"]
     lines.extend(f"    {name:<32} RMSE {values['root_mean_squared_error']:6.3f}  "
                  f"MAE {values['mean_absolute_error']:6.3f}  n={values['weighted_example_count']:.0f}"
                  for name, values in sorted(metrics.items()))
@@ -152,9 +142,10 @@ def summarize_run(config: PipelineConfig, run_name: str, steps: List[mlmd.StepRe
         lines.append(window)
 
     evaluation = output_of(steps, "Evaluator", "evaluation")
-    if evaluation and stats_by_split:
+    if evaluation:
+        reference = output_of(steps, "TreeBaseline", "baseline")
         lines.extend(_evaluation_lines(evaluation, output_of(steps, "Evaluator", "blessing"),
-                                       mean_predictor_rmse(stats_by_split)))
+                                       baseline.read(reference.uri) if reference else None))
 
     predictions = output_of(steps, "PredictionMonitor", "monitoring")
     if predictions is not None:

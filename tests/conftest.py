@@ -30,6 +30,18 @@ def real_export_csv() -> pathlib.Path:
     return path
 
 
+@pytest.fixture(scope="session")
+def real_export_run(tmp_path_factory, real_export_csv):
+    """One pipeline run on the real export, unchanged, in a folder of its own (the shared one holds other formats)."""
+    import shutil
+
+    root = tmp_path_factory.mktemp("real")
+    (root / "export").mkdir()
+    shutil.copy(real_export_csv, root / "export")
+    config = config_lib.load_config(overrides={"data_dir": str(root / "export"), "output_dir": str(root / "out")})
+    return config, run_pipeline(config)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def plain_argv():
     """TFX's Beam executors parse sys.argv with absl flags, where pytest's own -v would take a value."""

@@ -6,7 +6,6 @@ that fails validation, and a rerun after the data is fixed; the tests assert on 
 import glob
 import json
 import pathlib
-import shutil
 import subprocess
 import sys
 from typing import List
@@ -20,15 +19,16 @@ import tensorflow_transform as tft
 from data import generator
 from models import features
 from pipeline import config as config_lib
-from pipeline import mlmd, serving_check, summary
+from pipeline import baseline, serving_check, summary
 from tests.conftest import run_pipeline
 
 pytestmark = pytest.mark.slow
 
 NODES = {"CsvExampleGen", "StatisticsGen", "ImportSchemaGen", "previous_validated_span", "DataValidator", "DataGate",
-         "training_window", "Transform", "Trainer", "latest_blessed_model_resolver", "Evaluator",
+         "training_window", "Transform", "Trainer", "TreeBaseline", "latest_blessed_model_resolver", "Evaluator",
          "previous_predictions", "PredictionMonitor", "Pusher"}
-CACHEABLE = {"CsvExampleGen", "StatisticsGen", "ImportSchemaGen", "DataValidator", "DataGate", "Transform", "Trainer"}
+CACHEABLE = {"CsvExampleGen", "StatisticsGen", "ImportSchemaGen", "DataValidator", "DataGate", "Transform", "Trainer",
+             "TreeBaseline"}
 
 
 def test_first_run_executes_each_component_once_and_pushes(pipeline_runs):
@@ -133,20 +133,13 @@ def test_bad_values_are_named_by_file_and_line_and_stop_the_run_before_training(
     assert not (tmp_path / "out" / "serving_model").exists()
 
 
-def test_real_bigquery_export_trains_a_model_well_below_the_mean_predictor(tmp_path, real_export_csv):
-    data_dir = tmp_path / "export"
-    data_dir.mkdir()
-    shutil.copy(real_export_csv, data_dir)  # into a folder of its own: the shared folder holds other formats
-    config = config_lib.load_config(overrides={"data_dir": str(data_dir), "output_dir": str(tmp_path / "out")})
-    result = run_pipeline(config)
+def test_real_bigquery_export_trains_a_model_well_below_the_mean_predictor(real_export_run):
+    config, result = real_export_run
     assert result.outcome.ok, result.outcome.summary
     assert result.pushed_versions
-    store = mlmd.open_sqlite(config.metadata_path)
-    statistics = store.steps(store.runs()[-1])
-    evaluation = next(s for s in statistics if s.node_id == "Evaluator").outputs["evaluation"][0]
-    stats = next(s for s in statistics if s.node_id == "StatisticsGen").outputs["statistics"][0]
+    evaluation = result.steps["Evaluator"].outputs["evaluation"][0]
     rmse = summary.slice_metrics(evaluation.uri)["overall"]["root_mean_squared_error"]
-    mean_rmse = summary.mean_predictor_rmse(summary.split_stats(stats))
+    mean_rmse = baseline.read(result.steps["TreeBaseline"].outputs["baseline"][0].uri)["mean_rmse"]
     assert rmse < 0.85 * mean_rmse, (rmse, mean_rmse)
 
 

@@ -36,3 +36,55 @@ def test_model_learns_a_simple_signal():
 ])
 def test_training_schedule_covers_small_and_large_data(examples, expected):
     assert model.training_schedule(examples, 256, 4, 400) == expected
+
+
+def _raw_rows(rows: int):
+    """Dense raw rows as `serving_raw` takes them: every feature known, and a label."""
+    import tensorflow as tf
+
+    values = {c.name: tf.fill([rows], "true") if c.dtype == "string" else tf.fill([rows], 30.0)
+              for c in features.FEATURES}
+    values[features.LABEL.name] = tf.fill([rows], 7.5)
+    return values
+
+
+def test_masking_removes_optional_features_in_about_the_configured_share_of_rows_and_never_required_ones():
+    import tensorflow as tf
+
+    tf.random.set_seed(3)
+    rows = 20_000
+    masked = model.mask_features(_raw_rows(rows), 0.5)
+    for column in features.REQUIRED_FEATURES:
+        assert not model.is_missing(column, masked[column.name]).numpy().any(), column.name
+    removed = np.stack([model.is_missing(c, masked[c.name]).numpy() for c in features.OPTIONAL_FEATURES])
+    # Half the rows are partial, and a partial row loses each optional feature with a probability drawn
+    # uniformly for the row: a quarter of all values, and rows lacking every optional feature are common.
+    assert 0.22 < removed.mean() < 0.28
+    assert 0.5 * rows / 7 * 0.8 < removed.all(axis=0).sum() < 0.5 * rows / 7 * 1.2
+    assert 0.5 < (~removed.any(axis=0)).mean() < 0.6  # unmasked rows and partial rows that lost nothing
+    np.testing.assert_array_equal(masked[features.LABEL.name].numpy(), 7.5)
+
+
+def test_masking_off_keeps_every_value_and_dropped_features_lose_every_value():
+    rows = _raw_rows(100)
+    unmasked = model.mask_features(rows, 0.0)
+    for column in features.FEATURES:
+        assert not model.is_missing(column, unmasked[column.name]).numpy().any()
+    dropped = model.mask_features(rows, 0.0, dropped=["father_age", "is_male"])
+    assert model.is_missing(features.BY_NAME["father_age"], dropped["father_age"]).numpy().all()
+    assert model.is_missing(features.BY_NAME["is_male"], dropped["is_male"]).numpy().all()
+    assert not model.is_missing(features.BY_NAME["plurality"], dropped["plurality"]).numpy().any()
+
+
+def test_python_and_graph_agree_on_what_is_missing():
+    import tensorflow as tf
+
+    for column in features.FEATURES:
+        if column.dtype == "string":
+            values = ["true", "", "false"]
+            tensor = tf.constant(values)
+        else:
+            values = [30.0, float("nan"), 99.0, 0.0]
+            tensor = tf.constant(values, tf.float32)
+        graph = model.is_missing(column, tensor).numpy().tolist()
+        assert graph == [features.is_missing_value(column, v) for v in values], column.name

@@ -26,11 +26,13 @@ def training(tmp_path_factory, schema):
 
 @pytest.fixture(scope="module")
 def requests(tmp_path_factory):
-    """Logged requests as a client sends them: the model's features only, JSON numbers and strings."""
+    """Logged requests as a client sends them: the model's features only, JSON numbers and strings, and the
+    required ones always (rows of the data without them are births the contract would refuse)."""
     path = generator.write(400, 4, tmp_path_factory.mktemp("serve"))[0]
     frame = pd.read_csv(path, dtype={c.name: str for c in features.FEATURES if c.dtype == "string"})
     frame = frame[[c.name for c in features.FEATURES]]
-    return [{k: (None if pd.isna(v) else v) for k, v in row.items()} for row in frame.to_dict("records")]
+    rows = [{k: (None if pd.isna(v) else v) for k, v in row.items()} for row in frame.to_dict("records")]
+    return [row for row in rows if not features.missing_required(row)]
 
 
 def _write_jsonl(path: pathlib.Path, rows) -> pathlib.Path:
@@ -71,3 +73,15 @@ def test_csv_requests_and_unreadable_files(schema, training, tmp_path, requests)
     broken.write_text('{"is_male": "true"}\n{"is_male": \n')
     with pytest.raises(serving_check.RequestsError, match="broken.jsonl, line 2: not JSON"):
         serving_check.read_requests(broken)
+
+
+def test_requests_lacking_a_required_feature_are_named_with_their_numbers(requests, schema, training):
+    bad = [dict(row) for row in requests]
+    bad[4]["gestation_weeks"] = None
+    bad[9]["gestation_weeks"] = 99  # the table's 'unknown' code
+    bad[9]["mother_age"] = ""
+    bad[12]["is_male"] = None  # optional: accepted as missing
+    found = {f.feature: f for f in serving_check.check_requests(bad, schema, training) if f.check == "required"}
+    assert set(found) == {"gestation_weeks", "mother_age"}
+    assert found["gestation_weeks"].description.endswith("request(s) 5, 10")
+    assert found["mother_age"].blocking and "1 request(s) lack" in found["mother_age"].description
