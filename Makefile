@@ -11,7 +11,7 @@ export TF_USE_LEGACY_KERAS := 1
 export TF_CPP_MIN_LOG_LEVEL := 2
 export PYTHONWARNINGS := ignore::FutureWarning
 
-.PHONY: run test test-fast mariadb metadata simulate validate-serving vertex bench schema-draft data clean
+.PHONY: run test test-fast mariadb metadata simulate validate-serving vertex bench quality schema-draft data clean
 
 run: $(VENV)/.installed
 	$(PY) runner_local.py $(ARGS)
@@ -49,6 +49,10 @@ vertex: $(VENV)/.installed
 
 bench: $(VENV)/.installed
 	$(PY) -m pipeline.bench $(ARGS)
+
+# Model quality on the real export and the course samples in ../shared (README, Model quality): ARGS="--ablations"
+quality: $(VENV)/.installed
+	$(PY) -m pipeline.quality $(ARGS)
 
 schema-draft: $(VENV)/.installed
 	$(PY) -m pipeline.schema_draft $(ARGS)

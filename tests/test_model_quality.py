@@ -3,9 +3,7 @@
 All on one pipeline run over the team's real export (`real_export_run`, conftest.py), scored on that
 run's eval split: real births, with the NULL patterns of their years.
 """
-import glob
 import pathlib
-import types
 
 import numpy as np
 import pandas as pd
@@ -13,19 +11,14 @@ import pytest
 import tensorflow as tf
 
 from data import course
-from models import features, model
-from pipeline import baseline, summary
-from pipeline.pipeline import code_fingerprint, model_config
+from models import features
+from pipeline import baseline, quality, summary
 from tests.conftest import SHARED_NATALITY
 
 pytestmark = pytest.mark.slow
 
 # A request lacking one optional feature is answered within this of a model that never had the feature.
 MISSING_FEATURE_TOLERANCE = 1.03
-
-
-def _split_files(config, split: str):
-    return sorted(glob.glob(f"{config.pipeline_root}/CsvExampleGen/examples/*/Split-{split}/*.gz"))
 
 
 @pytest.fixture(scope="module")
@@ -39,9 +32,7 @@ def served(real_export_run):
 def requests(real_export_run) -> pd.DataFrame:
     """The eval split's rows that a client could send: every required feature known."""
     config, _ = real_export_run
-    rows = baseline.read_examples(_split_files(config, "eval"))
-    accepted = [not features.missing_required(row) for row in rows.to_dict("records")]
-    rows = rows[accepted].reset_index(drop=True)
+    rows = quality.accepted(baseline.read_examples(quality.split_files(config, "eval")))
     assert len(rows) > 3000
     return rows
 
@@ -51,46 +42,24 @@ def _raw_inputs(rows: pd.DataFrame):
             for c in features.FEATURES}
 
 
-def _rmse(signature, rows: pd.DataFrame) -> float:
-    predictions = signature(**_raw_inputs(rows))["predictions"].numpy().ravel()
-    return baseline.rmse(predictions, rows[features.LABEL.name].to_numpy())
-
-
-def _without(rows: pd.DataFrame, name: str) -> pd.DataFrame:
-    blanked = rows.copy()
-    blanked[name] = "" if features.BY_NAME[name].dtype == "string" else np.nan
-    return blanked
+def _rmse(predict, rows: pd.DataFrame) -> float:
+    return baseline.rmse(predict(rows), rows[features.LABEL.name].to_numpy())
 
 
 @pytest.fixture(scope="module")
-def trained_without(real_export_run, tmp_path_factory):
-    """Trains, once per feature asked for, the pipeline's model on the same data with that feature never seen."""
-    config, _ = real_export_run
-    models = {}
-
-    def train(name: str):
-        if name not in models:
-            out = tmp_path_factory.mktemp(f"without-{name}")
-            tf.keras.utils.set_random_seed(1)
-            model.run_fn(types.SimpleNamespace(
-                custom_config=dict(model_config(config, code_fingerprint()), **{model.DROPPED_KEY: [name]}),
-                transform_output=sorted(glob.glob(f"{config.pipeline_root}/Transform/transform_graph/*"))[-1],
-                train_files=[f"{config.pipeline_root}/CsvExampleGen/examples/*/Split-train/*"],
-                eval_files=[f"{config.pipeline_root}/CsvExampleGen/examples/*/Split-eval/*"],
-                serving_model_dir=str(out / "serving"), model_run_dir=str(out / "logs")))
-            models[name] = tf.saved_model.load(str(out / "serving"))
-        return models[name]
-
-    return train
+def served_predict(real_export_run):
+    config, result = real_export_run
+    return quality.predictor(str(pathlib.Path(config.serving_dir) / result.pushed_versions[-1]))
 
 
 @pytest.mark.parametrize("name", [c.name for c in features.OPTIONAL_FEATURES])
 def test_a_request_without_an_optional_feature_is_answered_about_as_well_as_by_a_model_never_given_it(
-        name, served, requests, trained_without):
-    asked_without = _rmse(served.signatures["serving_raw"], _without(requests, name))
-    reference = _rmse(trained_without(name).signatures["serving_raw"], _without(requests, name))
+        name, real_export_run, served_predict, requests, tmp_path):
+    config, _ = real_export_run
+    asked_without = _rmse(served_predict, quality.without(requests, name))
+    reference = _rmse(quality.predictor(quality.train_without(config, name, tmp_path)), quality.without(requests, name))
     assert asked_without <= MISSING_FEATURE_TOLERANCE * reference, (asked_without, reference)
-    assert asked_without < _rmse(served.signatures["serving_raw"], requests) + 0.05
+    assert asked_without < _rmse(served_predict, requests) + 0.05
 
 
 @pytest.mark.parametrize("name", [c.name for c in features.REQUIRED_FEATURES])
@@ -132,8 +101,8 @@ def test_the_summarys_trees_are_fit_on_the_trainers_rows_and_scored_on_the_evalu
     metrics = summary.slice_metrics(steps["Evaluator"].outputs["evaluation"][0].uri)["overall"]
     assert record["eval_rows"] == metrics["weighted_example_count"]  # rows with a label, as TFMA weighs them
 
-    train = baseline.read_examples(_split_files(config, "train"))
-    evaluation = baseline.read_examples(_split_files(config, "eval"))
+    train = baseline.read_examples(quality.split_files(config, "train"))
+    evaluation = baseline.read_examples(quality.split_files(config, "eval"))
     trees = baseline.fit_trees(train)
     again = baseline.rmse(trees.predict(baseline.tree_inputs(evaluation)), evaluation[features.LABEL.name].to_numpy())
     assert again == pytest.approx(record["trees_rmse"], abs=1e-9)
@@ -144,21 +113,16 @@ def test_the_summarys_trees_are_fit_on_the_trainers_rows_and_scored_on_the_evalu
 
 @pytest.mark.parametrize("name", ["course5col_large_65k.csv", "course10col_2017.csv"])
 def test_births_of_other_samples_are_predicted_as_well_as_by_trees_fit_on_their_own_features(
-        name, real_export_run, served):
+        name, real_export_run, served_predict):
     path = SHARED_NATALITY / name
     if not path.is_file():
         pytest.skip(f"course file not found at {path}")
     config, _ = real_export_run
-    rows = course.read_course_file(path)
-    rows = rows[[not features.missing_required(row) for row in rows.to_dict("records")]]
-    for column in features.FEATURES + (features.LABEL,):
-        if column.dtype != "string":
-            rows[column.name] = pd.to_numeric(rows[column.name].replace("", np.nan))
-    own = [c for c in features.FEATURES if (rows[c.name] != "").any() and rows[c.name].notna().any()]
-    trees = baseline.fit_trees(baseline.read_examples(_split_files(config, "train")), columns=own)
-    labels = rows[features.LABEL.name].to_numpy()
-    trees_rmse = baseline.rmse(trees.predict(baseline.tree_inputs(rows, own)), labels)
-    model_rmse = _rmse(served.signatures["serving_raw"], rows)
+    rows = quality.numeric(quality.accepted(course.read_course_file(path)))
+    own = quality.present_features(rows)
+    trees = baseline.fit_trees(baseline.read_examples(quality.split_files(config, "train")), columns=own)
+    trees_rmse = baseline.rmse(trees.predict(baseline.tree_inputs(rows, own)), rows[features.LABEL.name].to_numpy())
+    model_rmse = _rmse(served_predict, rows)
     # Trees fit on exactly the file's features are a specialist for these requests; the model answers
     # every combination of missing features and is held to within 1% of them (README: Model quality).
     assert model_rmse <= 1.01 * trees_rmse, (model_rmse, trees_rmse)

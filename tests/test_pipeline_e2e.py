@@ -75,9 +75,18 @@ def test_summary_reports_rows_rmse_against_the_mean_predictor_and_seconds(pipeli
 
 
 def _eval_examples(config: config_lib.PipelineConfig, count: int) -> List[bytes]:
+    """The first `count` eval examples that a client could send (every required feature known)."""
     files = sorted(glob.glob(f"{config.pipeline_root}/CsvExampleGen/examples/*/Split-eval/*.gz"))
-    dataset = tf.data.TFRecordDataset(files, compression_type="GZIP").take(count)
-    return [record.numpy() for record in dataset]
+    examples = []
+    for record in tf.data.TFRecordDataset(files, compression_type="GZIP"):
+        example = tf.train.Example.FromString(record.numpy())
+        values = {name: list(getattr(feature, feature.WhichOneof("kind")).value) if feature.WhichOneof("kind") else []
+                  for name, feature in example.features.feature.items()}
+        if not features.missing_required(values):
+            examples.append(record.numpy())
+        if len(examples) == count:
+            return examples
+    raise AssertionError(f"fewer than {count} eval examples with the required features")
 
 
 def test_pushed_model_predicts_what_the_training_transform_and_model_predict(pipeline_runs):
@@ -148,10 +157,18 @@ def test_validate_serving_checks_requests_against_the_stores_training_statistics
     names = [c.name for c in features.FEATURES]
     frame = pd.read_csv(pathlib.Path(config.data_dir) / "natality.csv", dtype=str, keep_default_na=False)
     rows = [{k: v for k, v in row.items() if k in names and v != ""} for row in frame.head(500).to_dict("records")]
+    lacking = [number for number, row in enumerate(rows, start=1) if features.missing_required(row)]
+    assert lacking  # births without a known gestation: a client can't ask about them
+    sendable = [row for row in rows if not features.missing_required(row)]
     good = tmp_path / "requests.jsonl"
-    good.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    good.write_text("".join(json.dumps(row) + "\n" for row in sendable))
     assert serving_check.main([str(good), "--output-dir", config.output_dir]) == 0
-    assert "500 request(s)" in capsys.readouterr().out
+    assert f"{len(sendable)} request(s)" in capsys.readouterr().out
+    unsendable = tmp_path / "unsendable.jsonl"
+    unsendable.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    assert serving_check.main([str(unsendable), "--output-dir", config.output_dir]) == 1
+    assert (f"required: gestation_weeks: {len(lacking)} request(s) lack this required feature"
+            in capsys.readouterr().out)
     bad = tmp_path / "bad.jsonl"
     bad.write_text("".join(json.dumps(dict(row, session_id="x")) + "\n" for row in rows))
     assert serving_check.main([str(bad), "--output-dir", config.output_dir]) == 1

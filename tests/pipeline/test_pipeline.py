@@ -14,11 +14,14 @@ def test_one_definition_wires_every_component():
     components = _components(config_lib.load_config())
     assert set(components) == {
         "CsvExampleGen", "StatisticsGen", "ImportSchemaGen", "previous_validated_span", "DataValidator", "DataGate",
-        "training_window", "Transform", "Trainer", "latest_blessed_model_resolver", "Evaluator", "previous_predictions",
-        "PredictionMonitor", "Pusher"}
+        "training_window", "Transform", "Trainer", "TreeBaseline", "latest_blessed_model_resolver", "Evaluator",
+        "previous_predictions", "PredictionMonitor", "Pusher"}
     assert "DataGate" in {node.id for node in components["Transform"].upstream_nodes}
     assert "DataGate" in {node.id for node in components["training_window"].upstream_nodes}
     assert components["Trainer"].inputs["examples"] is components["training_window"].outputs["examples"]
+    # The trees learn from the Trainer's rows and are scored on the Evaluator's.
+    assert components["TreeBaseline"].inputs["training_examples"] is components["Trainer"].inputs["examples"]
+    assert components["TreeBaseline"].inputs["examples"] is components["Evaluator"].inputs["examples"]
 
 
 def test_config_reaches_the_components():

@@ -1,0 +1,188 @@
+"""Model quality on real rows: requests with features missing, other samples, and the trees beside the model.
+
+    make quality                                  # the team's real export and the course files in ../shared
+    make quality ARGS="--ablations"               # also train one model per optional feature without it
+    make quality ARGS="--export my.csv --course-dir my_samples/"
+
+Runs the pipeline on a real export (cached when rerun), then scores the pushed model through its
+`serving_raw` signature, as a client asks it:
+- on the run's eval split (rows a client could send: the required features known), with all features
+  and with each optional feature missing; next to gradient-boosted trees fit without that feature and,
+  with --ablations, the same model trained without it (the serving contract's goal: within 3%);
+- on each sample in the course's layouts (data/course.py), with the features the file has, with
+  `mother_married` left out or set to "true" (a guess a client might make); next to trees fit on the
+  export's training rows with exactly the file's features, trees fit on all model features (the run
+  summary's reference, asked with the file's missing columns empty), and the training mean.
+"""
+import argparse
+import glob
+import logging
+import pathlib
+import shutil
+import tempfile
+import types
+from typing import Callable, Dict, List, Sequence
+
+import numpy as np
+import pandas as pd
+
+from data import course
+from models import features
+from pipeline import baseline
+from pipeline import config as config_lib
+from pipeline import run as run_lib
+
+SHARED_NATALITY = config_lib.PROJECT_ROOT.parent / "shared" / "data" / "natality"
+MARRIED = "mother_married"
+
+
+def split_files(config: config_lib.PipelineConfig, split: str) -> List[str]:
+    """The newest ExampleGen output's files of a split."""
+    newest = sorted(glob.glob(f"{config.pipeline_root}/CsvExampleGen/examples/*"), key=lambda p: int(p.rsplit("/", 1)[1]))
+    return sorted(glob.glob(f"{newest[-1]}/Split-{split}/*.gz"))
+
+
+def accepted(rows: pd.DataFrame) -> pd.DataFrame:
+    """The rows a client could send: every required feature known."""
+    return rows[[not features.missing_required(row) for row in rows.to_dict("records")]].reset_index(drop=True)
+
+
+def numeric(rows: pd.DataFrame) -> pd.DataFrame:
+    """Text columns of numbers (course files, '' for none) as floats with NaN."""
+    rows = rows.copy()
+    for column in features.FEATURES + (features.LABEL,):
+        if column.dtype != "string" and rows[column.name].dtype == object:
+            rows[column.name] = pd.to_numeric(rows[column.name].replace("", np.nan))
+    return rows
+
+
+def without(rows: pd.DataFrame, name: str) -> pd.DataFrame:
+    """The rows with one feature blanked, as a request that leaves it out."""
+    blanked = rows.copy()
+    blanked[name] = "" if features.BY_NAME[name].dtype == "string" else np.nan
+    return blanked
+
+
+def predictor(saved_model_dir: str) -> Callable[[pd.DataFrame], np.ndarray]:
+    """A SavedModel's `serving_raw` signature as a function of rows."""
+    import tensorflow as tf
+
+    signature = tf.saved_model.load(saved_model_dir).signatures["serving_raw"]
+
+    def predict(rows: pd.DataFrame) -> np.ndarray:
+        inputs = {c.name: tf.constant(rows[c.name].to_numpy().astype(object if c.dtype == "string" else np.float32))
+                  for c in features.FEATURES}
+        return signature(**inputs)["predictions"].numpy().ravel()
+
+    return predict
+
+
+def train_without(config: config_lib.PipelineConfig, name: str, out_dir: pathlib.Path, seed: int = 1) -> str:
+    """The run's model trained again on the same data and transform with one feature never seen; its SavedModel."""
+    import tensorflow as tf
+
+    from models import model
+    from pipeline.pipeline import code_fingerprint, model_config
+
+    tf.keras.utils.set_random_seed(seed)
+    newest = sorted(glob.glob(f"{config.pipeline_root}/Transform/transform_graph/*"), key=lambda p: int(p.rsplit("/", 1)[1]))
+    model.run_fn(types.SimpleNamespace(
+        custom_config=dict(model_config(config, code_fingerprint()), **{model.DROPPED_KEY: [name]}),
+        transform_output=newest[-1],
+        train_files=[str(pathlib.Path(split_files(config, "train")[0]).parent / "*")],
+        eval_files=[str(pathlib.Path(split_files(config, "eval")[0]).parent / "*")],
+        serving_model_dir=str(out_dir / "serving"), model_run_dir=str(out_dir / "logs")))
+    return str(out_dir / "serving")
+
+
+def present_features(rows: pd.DataFrame) -> List[features.Column]:
+    """The model features that some of the rows have a value of."""
+    return [c for c in features.FEATURES if c.name in rows
+            and ((rows[c.name] != "").any() if c.dtype == "string" else rows[c.name].notna().any())]
+
+
+def _rmse(predict: Callable[[pd.DataFrame], np.ndarray], rows: pd.DataFrame) -> float:
+    return baseline.rmse(predict(rows), rows[features.LABEL.name].to_numpy())
+
+
+def _trees(train: pd.DataFrame, columns: Sequence[features.Column]) -> Callable[[pd.DataFrame], np.ndarray]:
+    trees = baseline.fit_trees(train, columns=columns)
+    return lambda rows: trees.predict(baseline.tree_inputs(rows, columns))
+
+
+def eval_split_table(config: config_lib.PipelineConfig, model: Callable, train: pd.DataFrame,
+                     ablations: bool, work: pathlib.Path) -> pd.DataFrame:
+    """RMSE on the eval split: all features, then each optional feature missing."""
+    rows = accepted(baseline.read_examples(split_files(config, "eval")))
+    records = [{"request": "all features", "rows": len(rows), "model": _rmse(model, rows),
+                "trees": _rmse(_trees(train, features.FEATURES), rows)}]
+    for column in features.OPTIONAL_FEATURES:
+        asked = without(rows, column.name)
+        others = [c for c in features.FEATURES if c is not column]
+        record = {"request": f"without {column.name}", "rows": len(rows), "model": _rmse(model, asked),
+                  "trees": _rmse(_trees(train, others), asked)}
+        if ablations:
+            retrained = predictor(train_without(config, column.name, work / column.name))
+            record["model trained without it"] = _rmse(retrained, asked)
+        records.append(record)
+    return pd.DataFrame(records)
+
+
+def course_table(course_dir: pathlib.Path, model: Callable, train: pd.DataFrame) -> pd.DataFrame:
+    """RMSE on each course-layout sample, with and without mother_married, next to the trees and the mean."""
+    everything = _trees(train, features.FEATURES)
+    train_mean = train[features.LABEL.name].mean()
+    records = []
+    for path in sorted(course_dir.glob("course*.csv")):
+        rows = numeric(accepted(course.read_course_file(path)))
+        has_married = (rows[MARRIED] != "").any()
+        variants = {"file's features": rows,
+                    ("without mother_married" if has_married else "mother_married=true"):
+                        without(rows, MARRIED) if has_married else rows.assign(**{MARRIED: "true"})}
+        for variant, asked in variants.items():
+            own = present_features(asked)
+            records.append({"file": path.name, "request": variant, "rows": len(asked),
+                            "model": _rmse(model, asked), "trees, file's features": _rmse(_trees(train, own), asked),
+                            "trees, all features": _rmse(everything, asked),
+                            "training mean": baseline.rmse(np.full(len(asked), train_mean),
+                                                           asked[features.LABEL.name].to_numpy())})
+    return pd.DataFrame(records)
+
+
+def main(argv=None) -> int:
+    """Runs the pipeline on the export, then prints the quality tables."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--export", type=pathlib.Path, default=SHARED_NATALITY / "bq_export_31col.csv")
+    parser.add_argument("--course-dir", type=pathlib.Path, default=SHARED_NATALITY)
+    parser.add_argument("--output-dir", type=pathlib.Path, default=config_lib.PROJECT_ROOT / "outputs" / "quality")
+    parser.add_argument("--ablations", action="store_true", help="train one model per optional feature without it")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    args = parser.parse_args(argv)
+    if not args.export.is_file():
+        parser.error(f"no export at {args.export}")
+    data_dir = args.output_dir / "data"
+    data_dir.mkdir(parents=True, exist_ok=True)
+    shutil.copy(args.export, data_dir / args.export.name)
+    config = config_lib.load_config("local", {"data_dir": str(data_dir), "output_dir": str(args.output_dir),
+                                              **config_lib.parse_overrides(args.set)})
+    run_lib.setup_logging(pathlib.Path(config.log_path), console=False)
+    outcome = run_lib.run_local(config)
+    if not outcome.ok:
+        print(outcome.summary)
+        return 1
+    pushed = sorted(pathlib.Path(config.serving_dir).iterdir(), key=lambda p: int(p.name))[-1]
+    model = predictor(str(pushed))
+    train = baseline.read_examples(split_files(config, "train"))
+    pd.set_option("display.width", 200)
+    pd.set_option("display.float_format", lambda v: f"{v:.3f}")
+    with tempfile.TemporaryDirectory(prefix="babyweight-quality-") as work:
+        print(f"RMSE (lb) of model {pushed} on the run's eval split ({args.export.name}):")
+        print(eval_split_table(config, model, train, args.ablations, pathlib.Path(work)).to_string(index=False))
+    print(f"\nRMSE (lb) on the samples in {args.course_dir} (rows lacking a required feature left out):")
+    print(course_table(args.course_dir, model, train).to_string(index=False))
+    logging.info("quality tables printed")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
