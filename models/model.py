@@ -24,6 +24,8 @@ from models.preprocessing import dense_raw, is_missing
 PREDICTIONS = "predictions"
 SHUFFLE_BUFFER = 20_000
 TRANSFORM_BATCH = 1024
+# Differently masked copies of the training rows, cached (one per epoch up to this many; then reused).
+MAX_MASKED_COPIES = 8
 FILE_SPANS_KEY = "file_spans"  # set by the pipeline's Trainer executor: {file pattern: span}
 # Features never shown to the model (removed from every row): a model "trained without" them, the reference
 # that the serving-contract tests and `make quality` compare a model asked without them against.
@@ -119,23 +121,23 @@ def mask_features(dense: Dict[str, tf.Tensor], mask_rate: float, dropped: Sequen
 
 
 def _input_fn(file_patterns: List[str], weights: Dict[str, float], tf_transform_output: tft.TFTransformOutput,
-              batch_size: int, shuffle: bool, mask_rate: float = 0.0,
-              dropped: Sequence[str] = ()) -> tf.data.Dataset:
+              batch_size: int, shuffle: bool, mask_rate: float = 0.0, dropped: Sequence[str] = (),
+              masked_copies: int = 1) -> tf.data.Dataset:
     """Raw examples of each span, masked by `mask_features`, transformed by the Transform graph, as
     (features, label, weight).
 
-    The weight is the span's recency weight, and 0 where the row has no label. Examples are parsed once and
-    cached; each epoch masks them afresh and applies the transform graph to each batch.
+    The weight is the span's recency weight, and 0 where the row has no label. With masking, the rows are
+    masked and transformed `masked_copies` times, each time afresh, and the copies cached: epochs cycle
+    through them, so the transform graph runs once per copy, not once per epoch (it costs as much as a
+    training step).
     """
     raw_spec = _raw_feature_spec(tf_transform_output, with_label=True)
     tft_layer = tf_transform_output.transform_features_layer()
 
-    def parse(records: tf.Tensor, recency: tf.Tensor):
+    def transform(records: tf.Tensor, recency: tf.Tensor):
         parsed = tf.io.parse_example(records, raw_spec)
-        return {name: dense_raw(value) for name, value in parsed.items()}, recency
-
-    def transform(dense: Dict[str, tf.Tensor], recency: tf.Tensor):
-        transformed = tft_layer(sparse_raw(mask_features(dense, mask_rate, dropped), raw_spec))
+        dense = mask_features({name: dense_raw(value) for name, value in parsed.items()}, mask_rate, dropped)
+        transformed = tft_layer(sparse_raw(dense, raw_spec))
         batch = {key: tf.reshape(value, [-1]) for key, value in transformed.items()}
         label = batch.pop(features.label_key())
         weight = batch.pop(features.label_weight_key()) * recency
@@ -145,15 +147,15 @@ def _input_fn(file_patterns: List[str], weights: Dict[str, float], tf_transform_
     for pattern in file_patterns:
         records = tf.data.TFRecordDataset(tf.io.gfile.glob(pattern), compression_type="GZIP")
         recency = tf.constant(weights.get(pattern, 1.0), tf.float32)
-        parts.append(records.batch(TRANSFORM_BATCH).map(lambda batch, w=recency: parse(batch, tf.fill(
-            tf.shape(batch), w)), num_parallel_calls=tf.data.AUTOTUNE).unbatch())
+        parts.append(records.batch(TRANSFORM_BATCH).map(lambda batch, w=recency: (batch, tf.fill(tf.shape(batch), w))))
     dataset = parts[0]
     for part in parts[1:]:
         dataset = dataset.concatenate(part)
-    dataset = dataset.cache()
+    copies = masked_copies if mask_rate or dropped else 1
+    dataset = dataset.repeat(copies).map(transform, num_parallel_calls=tf.data.AUTOTUNE).unbatch().cache()
     if shuffle:
         dataset = dataset.shuffle(SHUFFLE_BUFFER, reshuffle_each_iteration=True)
-    return dataset.batch(batch_size).map(transform, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
+    return dataset.batch(batch_size).prefetch(tf.data.AUTOTUNE)
 
 
 def _raw_feature_spec(tf_transform_output: tft.TFTransformOutput, with_label: bool) -> Dict[str, Any]:
@@ -249,12 +251,13 @@ def run_fn(fn_args: tfx.components.FnArgs) -> None:
     weights = recency_weights(hyperparameters.get(FILE_SPANS_KEY) or {p: 0 for p in fn_args.train_files},
                               hyperparameters["recency_half_life_spans"])
     logging.info("training files and their recency weights: %s", weights)
-    train_dataset = _input_fn(fn_args.train_files, weights, tf_transform_output, batch_size, shuffle=True,
-                              mask_rate=hyperparameters["mask_rate"], dropped=hyperparameters.get(DROPPED_KEY, ()))
-    eval_dataset = _input_fn(fn_args.eval_files, weights, tf_transform_output, batch_size, shuffle=False)
     steps_per_epoch, epochs = training_schedule(
         _count_records(fn_args.train_files), batch_size, hyperparameters["train_epochs"],
         hyperparameters["min_train_steps"])
+    train_dataset = _input_fn(fn_args.train_files, weights, tf_transform_output, batch_size, shuffle=True,
+                              mask_rate=hyperparameters["mask_rate"], dropped=hyperparameters.get(DROPPED_KEY, ()),
+                              masked_copies=min(epochs, MAX_MASKED_COPIES))
+    eval_dataset = _input_fn(fn_args.eval_files, weights, tf_transform_output, batch_size, shuffle=False)
     with strategy.scope():
         model = build_keras_model(
             hyperparameters["hidden_units"], hyperparameters["embedding_dim"], hyperparameters["learning_rate"],
