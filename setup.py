@@ -25,6 +25,7 @@ setuptools.setup(
         "ml-metadata",
         "pandas",
         "pyyaml",
+        "scikit-learn",  # the reference trees beside every model (pipeline/baseline.py)
     ],
     extras_require={"test": ["pytest"]},
     entry_points={"console_scripts": [

@@ -8,6 +8,8 @@ import enum
 import math
 from typing import Any, Dict, List, Mapping, Tuple
 
+import numpy
+
 
 class Role(enum.Enum):
     LABEL = "label"
@@ -168,16 +170,18 @@ def slice_keys() -> List[List[str]]:
 def is_missing_value(column: Column, value: Any) -> bool:
     """Python twin of `models.preprocessing.is_missing` for one request value: None, '', NaN or an 'unknown' code.
 
-    A value of the wrong type is not missing here: naming it is the type check's job.
+    A list is judged by its first value (the transform reads one value per row). A value of the wrong type
+    is not missing here: naming it is the type check's job. Numbers are compared as the graph holds them,
+    in float32.
     """
     if isinstance(value, (list, tuple)):
         value = value[0] if value else None
-    if value is None or value == "":
+    if value is None or value in ("", b""):
         return True
-    if column.dtype == "string" or isinstance(value, bool):
+    if column.dtype == "string" or isinstance(value, (bool, bytes)):
         return False
     try:
-        number = float(value)
+        number = float(numpy.float32(value))
     except (TypeError, ValueError):
         return False
     return math.isnan(number) or number in column.missing_codes

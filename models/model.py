@@ -22,6 +22,8 @@ from models.distribution import global_batch_size, select_strategy
 from models.preprocessing import dense_raw, is_missing
 
 PREDICTIONS = "predictions"
+# The signature that predicts every row of a split, required features or not (TFMA, monitoring).
+SCORE_SIGNATURE = "score_examples"
 SHUFFLE_BUFFER = 20_000
 TRANSFORM_BATCH = 1024
 # Differently masked copies of the training rows, cached (one per epoch up to this many; then reused).
@@ -104,6 +106,10 @@ def mask_features(dense: Dict[str, tf.Tensor], mask_rate: float, dropped: Sequen
     at once. Features in `dropped` are removed from every row. The transform graph then treats a removed
     value exactly as a missing one, as it does at serving time.
     """
+    unknown = sorted(set(dropped) - {c.name for c in features.FEATURES})
+    if unknown:
+        raise ValueError(f"cannot drop {', '.join(unknown)}: not among the model features "
+                         f"{', '.join(c.name for c in features.FEATURES)}")
     rows = tf.shape(dense[features.LABEL.name])
     partial = tf.random.uniform(rows) < mask_rate
     share = tf.random.uniform(rows)
@@ -151,7 +157,7 @@ def _input_fn(file_patterns: List[str], weights: Dict[str, float], tf_transform_
     dataset = parts[0]
     for part in parts[1:]:
         dataset = dataset.concatenate(part)
-    copies = masked_copies if mask_rate or dropped else 1
+    copies = masked_copies if mask_rate else 1  # dropping alone is the same in every copy
     dataset = dataset.repeat(copies).map(transform, num_parallel_calls=tf.data.AUTOTUNE).unbatch().cache()
     if shuffle:
         dataset = dataset.shuffle(SHUFFLE_BUFFER, reshuffle_each_iteration=True)
@@ -213,8 +219,9 @@ def serving_signatures(model: tf.keras.Model, tf_transform_output: tft.TFTransfo
 
     @tf.function(input_signature=raw_inputs, autograph=False)
     def serve_raw(*values: tf.Tensor) -> Dict[str, tf.Tensor]:
-        dense = {column.name: value for column, value in zip(features.FEATURES, values)}
-        return predict_checked(sparse_raw(dense, raw_spec), dense)
+        raw = sparse_raw({column.name: value for column, value in zip(features.FEATURES, values)}, raw_spec)
+        # Checked as the transform will see them: 99.5 weeks becomes the integer 99, the 'unknown' code.
+        return predict_checked(raw, {c.name: dense_raw(raw[c.name]) for c in features.REQUIRED_FEATURES})
 
     @tf.function(input_signature=examples_spec, autograph=False)
     def transform_features(serialized: tf.Tensor) -> Dict[str, tf.Tensor]:
@@ -223,7 +230,7 @@ def serving_signatures(model: tf.keras.Model, tf_transform_output: tft.TFTransfo
     return {
         "serving_default": serve_examples,
         "serving_raw": serve_raw,
-        "score_examples": score_examples,
+        SCORE_SIGNATURE: score_examples,
         "transform_features": transform_features,
     }
 

@@ -23,6 +23,9 @@ from models import features
 BASELINE_FILE = "baseline.json"
 TRAIN_SPLIT, EVAL_SPLIT = "train", "eval"
 PARSE_BATCH = 4096
+# Rows read per split at most: a local run stays below it; the whole table on Vertex (about 110 million
+# training rows) would not fit the pipeline container, and the first 2 million tell the trees' RMSE as well.
+MAX_ROWS = 2_000_000
 
 
 class BaselineMetrics(types.Artifact):
@@ -31,8 +34,8 @@ class BaselineMetrics(types.Artifact):
     TYPE_NAME = "babyweight.BaselineMetrics"  # namespace.Name, as Vertex Pipelines requires
 
 
-def read_examples(files: Sequence[str]) -> pd.DataFrame:
-    """The model features and the label of gzipped tf.Example files, one row per example.
+def read_examples(files: Sequence[str], limit: Optional[int] = None) -> pd.DataFrame:
+    """The model features and the label of gzipped tf.Example files, one row per example (the first `limit`).
 
     Text features as str ('' where none), numbers as float (NaN where none), as `serving_raw` takes them.
     """
@@ -44,7 +47,8 @@ def read_examples(files: Sequence[str]) -> pd.DataFrame:
     columns = list(features.FEATURES) + [features.LABEL]
     spec = {c.name: tf.io.VarLenFeature(dtypes[c.dtype]) for c in columns}
     parts: Dict[str, List[np.ndarray]] = {c.name: [] for c in columns}
-    for batch in tf.data.TFRecordDataset(list(files), compression_type="GZIP").batch(PARSE_BATCH):
+    records = tf.data.TFRecordDataset(list(files), compression_type="GZIP")
+    for batch in (records.take(limit) if limit else records).batch(PARSE_BATCH):
         parsed = tf.io.parse_example(batch, spec)
         for column in columns:
             parts[column.name].append(dense_raw(parsed[column.name]).numpy())
@@ -106,17 +110,17 @@ def TreeBaseline(
     baseline: tfx.dsl.components.OutputArtifact[BaselineMetrics],
     recency_half_life_spans: tfx.dsl.components.Parameter[float] = 0.0,
 ) -> None:
-    """Fits trees on the train splits of `training_examples`, scores them and the training mean on `examples`' eval split."""
+    """Fits trees on the train splits of `training_examples`; scores them and the mean on `examples`' eval split."""
     from models.model import recency_weights
     from pipeline.spans import span_of
 
     window = list(training_examples)
     spans = [span_of(a.mlmd_artifact) for a in window]
     weights = recency_weights(dict(enumerate(spans)), recency_half_life_spans)
-    frames = [read_examples(files) for files in _split_files(window, TRAIN_SPLIT)]
+    frames = [read_examples(files, MAX_ROWS // len(window)) for files in _split_files(window, TRAIN_SPLIT)]
     train = pd.concat(frames, ignore_index=True)
     sample_weight = np.concatenate([np.full(len(f), weights[i]) for i, f in enumerate(frames)])
-    evaluation = read_examples(_split_files([examples], EVAL_SPLIT)[0])
+    evaluation = read_examples(_split_files([examples], EVAL_SPLIT)[0], MAX_ROWS)
     labels = evaluation[features.LABEL.name].to_numpy()
     trees = fit_trees(train, sample_weight)
     labelled = train[features.LABEL.name].notna().to_numpy()

@@ -20,6 +20,7 @@ from tfx.types import artifact_utils
 from tfx.utils import io_utils, path_utils
 
 from models import features
+from models.model import SCORE_SIGNATURE
 
 MONITOR_FILE = "prediction_statistics.json"
 QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
@@ -114,7 +115,7 @@ def read(uri: str) -> Dict[str, Any]:
 
 def _predict(model_uri: str, files: List[str]) -> tuple:
     model = tf.saved_model.load(path_utils.serving_model_path(model_uri))
-    serve = model.signatures["score_examples"]
+    serve = model.signatures[SCORE_SIGNATURE]
     dtypes = {"string": tf.string, "int": tf.int64, "float": tf.float32}
     spec = {column.name: tf.io.VarLenFeature(dtypes[column.dtype])
             for column in list(features.FEATURES) + [features.LABEL]}

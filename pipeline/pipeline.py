@@ -10,6 +10,7 @@ from tfx import v1 as tfx
 from tfx.dsl.components.base import executor_spec
 
 from models import features
+from models.model import SCORE_SIGNATURE
 from pipeline import spans
 from pipeline.baseline import TreeBaseline
 from pipeline.config import PipelineConfig
@@ -47,7 +48,7 @@ def eval_config(config: PipelineConfig) -> tfma.EvalConfig:
     return tfma.EvalConfig(
         model_specs=[tfma.ModelSpec(
             # Every row of the eval split is scored, also those a client's request would be refused for.
-            signature_name="score_examples",
+            signature_name=SCORE_SIGNATURE,
             preprocessing_function_names=["transform_features"],
             label_key=features.label_key(),
             example_weight_key=features.label_weight_key(),
@@ -228,7 +229,8 @@ def create_pipeline(config: PipelineConfig) -> tfx.dsl.Pipeline:
     tree_baseline.add_upstream_node(gate)
 
     model_resolver = tfx.dsl.Resolver(
-        strategy_class=tfx.dsl.experimental.LatestBlessedModelStrategy,
+        # Vertex compiles only TFX's own strategies; see spans.LatestBlessedScorableModel for what that misses.
+        strategy_class=spans.LatestBlessedScorableModel if local else tfx.dsl.experimental.LatestBlessedModelStrategy,
         model=tfx.dsl.Channel(type=tfx.types.standard_artifacts.Model),
         model_blessing=tfx.dsl.Channel(type=tfx.types.standard_artifacts.ModelBlessing),
     ).with_id("latest_blessed_model_resolver")

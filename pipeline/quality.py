@@ -15,13 +15,14 @@ Runs the pipeline on a real export (cached when rerun), then scores the pushed m
   summary's reference, asked with the file's missing columns empty), and the training mean.
 """
 import argparse
+import dataclasses
 import glob
 import logging
 import pathlib
 import shutil
 import tempfile
 import types
-from typing import Callable, Dict, List, Sequence
+from typing import Callable, List, Optional, Sequence
 
 import numpy as np
 import pandas as pd
@@ -31,15 +32,46 @@ from models import features
 from pipeline import baseline
 from pipeline import config as config_lib
 from pipeline import run as run_lib
+from pipeline import summary
 
 SHARED_NATALITY = config_lib.PROJECT_ROOT.parent / "shared" / "data" / "natality"
 MARRIED = "mother_married"
 
 
-def split_files(config: config_lib.PipelineConfig, split: str) -> List[str]:
-    """The newest ExampleGen output's files of a split."""
-    newest = sorted(glob.glob(f"{config.pipeline_root}/CsvExampleGen/examples/*"), key=lambda p: int(p.rsplit("/", 1)[1]))
-    return sorted(glob.glob(f"{newest[-1]}/Split-{split}/*.gz"))
+@dataclasses.dataclass(frozen=True)
+class RunArtifacts:
+    """What the latest run trained on, evaluated on and pushed, read from ML Metadata."""
+
+    train_files: List[str]  # file patterns of the Trainer's train splits
+    eval_files: List[str]  # file patterns of the Evaluator's eval split
+    transform_graph: str
+    pushed: Optional[str]  # the pushed SavedModel's folder, None if the run pushed nothing
+
+
+def run_artifacts(config: config_lib.PipelineConfig) -> RunArtifacts:
+    """The latest run's artifacts, from its executions (cached ones included) in ML Metadata."""
+    run = summary.latest_run(config)
+    if run is None:
+        raise ValueError(f"no run in {config.metadata_path}")
+    steps = run[1]
+    trainer = next(step for step in steps if step.node_id == "Trainer")
+    evaluator = next(step for step in steps if step.node_id == "Evaluator")
+    pushed = summary.output_of(steps, "Pusher", "pushed_model")
+
+    def patterns(artifacts, split: str) -> List[str]:
+        return [f"{artifact.uri}/Split-{split}/*" for artifact in artifacts]
+
+    return RunArtifacts(
+        train_files=patterns(trainer.inputs["examples"], "train"),
+        eval_files=patterns(evaluator.inputs["examples"], "eval"),
+        transform_graph=trainer.inputs["transform_graph"][0].uri,
+        pushed=pushed.custom_properties["pushed_destination"].string_value
+        if pushed is not None and pushed.custom_properties["pushed"].int_value == 1 else None)
+
+
+def read_rows(patterns: Sequence[str]) -> pd.DataFrame:
+    """The model features and label of the examples matching `patterns`."""
+    return baseline.read_examples([path for pattern in patterns for path in sorted(glob.glob(pattern))])
 
 
 def accepted(rows: pd.DataFrame) -> pd.DataFrame:
@@ -77,7 +109,8 @@ def predictor(saved_model_dir: str) -> Callable[[pd.DataFrame], np.ndarray]:
     return predict
 
 
-def train_without(config: config_lib.PipelineConfig, name: str, out_dir: pathlib.Path, seed: int = 1) -> str:
+def train_without(config: config_lib.PipelineConfig, artifacts: RunArtifacts, name: str, out_dir: pathlib.Path,
+                  seed: int = 1) -> str:
     """The run's model trained again on the same data and transform with one feature never seen; its SavedModel."""
     import tensorflow as tf
 
@@ -85,13 +118,11 @@ def train_without(config: config_lib.PipelineConfig, name: str, out_dir: pathlib
     from pipeline.pipeline import code_fingerprint, model_config
 
     tf.keras.utils.set_random_seed(seed)
-    newest = sorted(glob.glob(f"{config.pipeline_root}/Transform/transform_graph/*"), key=lambda p: int(p.rsplit("/", 1)[1]))
     model.run_fn(types.SimpleNamespace(
         custom_config=dict(model_config(config, code_fingerprint()), **{model.DROPPED_KEY: [name]}),
-        transform_output=newest[-1],
-        train_files=[str(pathlib.Path(split_files(config, "train")[0]).parent / "*")],
-        eval_files=[str(pathlib.Path(split_files(config, "eval")[0]).parent / "*")],
-        serving_model_dir=str(out_dir / "serving"), model_run_dir=str(out_dir / "logs")))
+        transform_output=artifacts.transform_graph, train_files=artifacts.train_files,
+        eval_files=artifacts.eval_files, serving_model_dir=str(out_dir / "serving"),
+        model_run_dir=str(out_dir / "logs")))
     return str(out_dir / "serving")
 
 
@@ -110,10 +141,10 @@ def _trees(train: pd.DataFrame, columns: Sequence[features.Column]) -> Callable[
     return lambda rows: trees.predict(baseline.tree_inputs(rows, columns))
 
 
-def eval_split_table(config: config_lib.PipelineConfig, model: Callable, train: pd.DataFrame,
-                     ablations: bool, work: pathlib.Path) -> pd.DataFrame:
+def eval_split_table(config: config_lib.PipelineConfig, artifacts: RunArtifacts, model: Callable,
+                     train: pd.DataFrame, ablations: bool, work: pathlib.Path) -> pd.DataFrame:
     """RMSE on the eval split: all features, then each optional feature missing."""
-    rows = accepted(baseline.read_examples(split_files(config, "eval")))
+    rows = accepted(read_rows(artifacts.eval_files))
     records = [{"request": "all features", "rows": len(rows), "model": _rmse(model, rows),
                 "trees": _rmse(_trees(train, features.FEATURES), rows)}]
     for column in features.OPTIONAL_FEATURES:
@@ -122,7 +153,7 @@ def eval_split_table(config: config_lib.PipelineConfig, model: Callable, train: 
         record = {"request": f"without {column.name}", "rows": len(rows), "model": _rmse(model, asked),
                   "trees": _rmse(_trees(train, others), asked)}
         if ablations:
-            retrained = predictor(train_without(config, column.name, work / column.name))
+            retrained = predictor(train_without(config, artifacts, column.name, work / column.name))
             record["model trained without it"] = _rmse(retrained, asked)
         records.append(record)
     return pd.DataFrame(records)
@@ -133,7 +164,10 @@ def course_table(course_dir: pathlib.Path, model: Callable, train: pd.DataFrame)
     everything = _trees(train, features.FEATURES)
     train_mean = train[features.LABEL.name].mean()
     records = []
-    for path in sorted(course_dir.glob("course*.csv")):
+    paths = sorted(course_dir.glob("course*.csv"))
+    if not paths:
+        raise ValueError(f"no course*.csv samples in {course_dir}")
+    for path in paths:
         rows = numeric(accepted(course.read_course_file(path)))
         has_married = (rows[MARRIED] != "").any()
         variants = {"file's features": rows,
@@ -161,7 +195,8 @@ def main(argv=None) -> int:
     if not args.export.is_file():
         parser.error(f"no export at {args.export}")
     data_dir = args.output_dir / "data"
-    data_dir.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(data_dir, ignore_errors=True)  # only this export: an earlier one would be read with it
+    data_dir.mkdir(parents=True)
     shutil.copy(args.export, data_dir / args.export.name)
     config = config_lib.load_config("local", {"data_dir": str(data_dir), "output_dir": str(args.output_dir),
                                               **config_lib.parse_overrides(args.set)})
@@ -170,16 +205,25 @@ def main(argv=None) -> int:
     if not outcome.ok:
         print(outcome.summary)
         return 1
-    pushed = sorted(pathlib.Path(config.serving_dir).iterdir(), key=lambda p: int(p.name))[-1]
-    model = predictor(str(pushed))
-    train = baseline.read_examples(split_files(config, "train"))
+    artifacts = run_artifacts(config)
+    if artifacts.pushed is None:
+        print(outcome.summary + "\nThe run pushed no model (not blessed): nothing to score.")
+        return 1
+    model = predictor(artifacts.pushed)
+    train = read_rows(artifacts.train_files)
     pd.set_option("display.width", 200)
     pd.set_option("display.float_format", lambda v: f"{v:.3f}")
     with tempfile.TemporaryDirectory(prefix="babyweight-quality-") as work:
-        print(f"RMSE (lb) of model {pushed} on the run's eval split ({args.export.name}):")
-        print(eval_split_table(config, model, train, args.ablations, pathlib.Path(work)).to_string(index=False))
+        print(f"RMSE (lb) of model {artifacts.pushed} on the run's eval split ({args.export.name}):")
+        print(eval_split_table(config, artifacts, model, train, args.ablations, pathlib.Path(work)).to_string(
+            index=False))
+    try:
+        table = course_table(args.course_dir, model, train)
+    except ValueError as error:
+        print(f"error: {error}")
+        return 2
     print(f"\nRMSE (lb) on the samples in {args.course_dir} (rows lacking a required feature left out):")
-    print(course_table(args.course_dir, model, train).to_string(index=False))
+    print(table.to_string(index=False))
     logging.info("quality tables printed")
     return 0
 

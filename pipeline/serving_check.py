@@ -110,13 +110,13 @@ def training_statistics(config: config_lib.PipelineConfig) -> statistics_pb2.Dat
     return load_statistics(statistics.uri, DRIFT_SPLIT)  # skew against the split drift is measured on
 
 
-def contract_findings(requests: Sequence[Dict[str, Any]], first_number: int = 1) -> List[Finding]:
+def contract_findings(requests: Sequence[Dict[str, Any]]) -> List[Finding]:
     """A finding per required feature (models/features.py, the serving contract) that some requests lack.
 
-    Requests are numbered from `first_number` (the line of a JSON-lines file; CSV files: the data row).
+    Requests are numbered from 1 in file order (JSON lines: blank lines not counted; CSV: the header not counted).
     """
     lacking: Dict[str, List[int]] = {}
-    for number, request in enumerate(requests, start=first_number):
+    for number, request in enumerate(requests, start=1):
         for name in features.missing_required(request):
             lacking.setdefault(name, []).append(number)
     return [Finding("serving", name, "required", "SERVING_CONTRACT_REQUIRED_FEATURE",

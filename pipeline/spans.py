@@ -16,9 +16,9 @@ from tfx import types
 from tfx import v1 as tfx
 from tfx.components.trainer import executor as trainer_executor
 from tfx.types import artifact_utils
-from tfx.utils import io_utils
+from tfx.utils import io_utils, path_utils
 
-from models.model import FILE_SPANS_KEY
+from models.model import FILE_SPANS_KEY, SCORE_SIGNATURE
 from pipeline import mlmd
 
 PASSED = (metadata_store_pb2.Execution.COMPLETE, metadata_store_pb2.Execution.CACHED)
@@ -118,3 +118,26 @@ class SpanAwareTrainerExecutor(trainer_executor.GenericExecutor):
                 file_spans[pattern] = span_of(artifact.mlmd_artifact)
         fn_args.custom_config = dict(fn_args.custom_config or {}, **{FILE_SPANS_KEY: file_spans})
         return fn_args
+
+
+def has_signature(model: types.Artifact, signature: str) -> bool:
+    """Whether a Model artifact's SavedModel has `signature` (read from its saved_model.pb, not loaded)."""
+    from tensorflow.python.saved_model import loader_impl
+
+    saved_model = loader_impl.parse_saved_model(path_utils.serving_model_path(model.uri))
+    return any(signature in graph.signature_def for graph in saved_model.meta_graphs)
+
+
+class LatestBlessedScorableModel(tfx.dsl.experimental.LatestBlessedModelStrategy):
+    """TFX's latest blessed model, among those the Evaluator can score: with the `SCORE_SIGNATURE` signature.
+
+    Models blessed before the serving contract lack it, and TFMA looks the candidate's signature up in the
+    baseline too: such a baseline would fail every run. The first run after the upgrade has no baseline.
+    """
+
+    def resolve_artifacts(self, store: metadata_store.MetadataStore,
+                          input_dict: Dict[str, List[types.Artifact]]) -> Optional[Dict[str, List[types.Artifact]]]:
+        models = [key for key, artifacts in input_dict.items()
+                  if artifacts and isinstance(artifacts[0], tfx.types.standard_artifacts.Model)]
+        scorable = {key: [m for m in input_dict[key] if has_signature(m, SCORE_SIGNATURE)] for key in models}
+        return super().resolve_artifacts(store, {**input_dict, **scorable})

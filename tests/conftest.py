@@ -16,9 +16,10 @@ from data import generator  # noqa: E402
 from pipeline import config as config_lib  # noqa: E402
 from pipeline import run as run_lib  # noqa: E402
 from pipeline import mlmd  # noqa: E402
+from pipeline import quality  # noqa: E402
 
 PROJECT_ROOT = pathlib.Path(__file__).resolve().parent.parent
-SHARED_NATALITY = PROJECT_ROOT.parent / "shared" / "data" / "natality"
+SHARED_NATALITY = quality.SHARED_NATALITY
 
 
 @pytest.fixture(scope="session")

@@ -3,7 +3,6 @@
 All on one pipeline run over the team's real export (`real_export_run`, conftest.py), scored on that
 run's eval split: real births, with the NULL patterns of their years.
 """
-import pathlib
 
 import numpy as np
 import pandas as pd
@@ -13,7 +12,7 @@ import tensorflow as tf
 from data import course
 from models import features
 from pipeline import baseline, quality, summary
-from tests.conftest import SHARED_NATALITY
+from pipeline.quality import SHARED_NATALITY
 
 pytestmark = pytest.mark.slow
 
@@ -22,17 +21,21 @@ MISSING_FEATURE_TOLERANCE = 1.03
 
 
 @pytest.fixture(scope="module")
-def served(real_export_run):
-    config, result = real_export_run
-    assert result.outcome.ok, result.outcome.summary
-    return tf.saved_model.load(str(pathlib.Path(config.serving_dir) / result.pushed_versions[-1]))
+def served(artifacts):
+    return tf.saved_model.load(artifacts.pushed)
 
 
 @pytest.fixture(scope="module")
-def requests(real_export_run) -> pd.DataFrame:
+def artifacts(real_export_run) -> quality.RunArtifacts:
+    config, result = real_export_run
+    assert result.outcome.ok, result.outcome.summary
+    return quality.run_artifacts(config)
+
+
+@pytest.fixture(scope="module")
+def requests(artifacts) -> pd.DataFrame:
     """The eval split's rows that a client could send: every required feature known."""
-    config, _ = real_export_run
-    rows = quality.accepted(baseline.read_examples(quality.split_files(config, "eval")))
+    rows = quality.accepted(quality.read_rows(artifacts.eval_files))
     assert len(rows) > 3000
     return rows
 
@@ -47,17 +50,17 @@ def _rmse(predict, rows: pd.DataFrame) -> float:
 
 
 @pytest.fixture(scope="module")
-def served_predict(real_export_run):
-    config, result = real_export_run
-    return quality.predictor(str(pathlib.Path(config.serving_dir) / result.pushed_versions[-1]))
+def served_predict(artifacts):
+    return quality.predictor(artifacts.pushed)
 
 
 @pytest.mark.parametrize("name", [c.name for c in features.OPTIONAL_FEATURES])
 def test_a_request_without_an_optional_feature_is_answered_about_as_well_as_by_a_model_never_given_it(
-        name, real_export_run, served_predict, requests, tmp_path):
+        name, real_export_run, artifacts, served_predict, requests, tmp_path):
     config, _ = real_export_run
     asked_without = _rmse(served_predict, quality.without(requests, name))
-    reference = _rmse(quality.predictor(quality.train_without(config, name, tmp_path)), quality.without(requests, name))
+    retrained = quality.predictor(quality.train_without(config, artifacts, name, tmp_path))
+    reference = _rmse(retrained, quality.without(requests, name))
     assert asked_without <= MISSING_FEATURE_TOLERANCE * reference, (asked_without, reference)
     assert asked_without < _rmse(served_predict, requests) + 0.05
 
@@ -89,8 +92,8 @@ def test_a_request_without_a_required_feature_is_refused_naming_it_and_the_row(n
     assert 2 < served.signatures["score_examples"](examples=serialized)["predictions"].numpy()[0, 0] < 12
 
 
-def test_the_summarys_trees_are_fit_on_the_trainers_rows_and_scored_on_the_evaluators(real_export_run):
-    config, result = real_export_run
+def test_the_summarys_trees_are_fit_on_the_trainers_rows_and_scored_on_the_evaluators(real_export_run, artifacts):
+    _, result = real_export_run
     steps = result.steps
     trees_step = steps["TreeBaseline"]
     # ML Metadata records an artifact once per execution: the new span is both window and eval data here.
@@ -101,8 +104,8 @@ def test_the_summarys_trees_are_fit_on_the_trainers_rows_and_scored_on_the_evalu
     metrics = summary.slice_metrics(steps["Evaluator"].outputs["evaluation"][0].uri)["overall"]
     assert record["eval_rows"] == metrics["weighted_example_count"]  # rows with a label, as TFMA weighs them
 
-    train = baseline.read_examples(quality.split_files(config, "train"))
-    evaluation = baseline.read_examples(quality.split_files(config, "eval"))
+    train = quality.read_rows(artifacts.train_files)
+    evaluation = quality.read_rows(artifacts.eval_files)
     trees = baseline.fit_trees(train)
     again = baseline.rmse(trees.predict(baseline.tree_inputs(evaluation)), evaluation[features.LABEL.name].to_numpy())
     assert again == pytest.approx(record["trees_rmse"], abs=1e-9)
@@ -113,14 +116,13 @@ def test_the_summarys_trees_are_fit_on_the_trainers_rows_and_scored_on_the_evalu
 
 @pytest.mark.parametrize("name", ["course5col_large_65k.csv", "course10col_2017.csv"])
 def test_births_of_other_samples_are_predicted_as_well_as_by_trees_fit_on_their_own_features(
-        name, real_export_run, served_predict):
+        name, artifacts, served_predict):
     path = SHARED_NATALITY / name
     if not path.is_file():
         pytest.skip(f"course file not found at {path}")
-    config, _ = real_export_run
     rows = quality.numeric(quality.accepted(course.read_course_file(path)))
     own = quality.present_features(rows)
-    trees = baseline.fit_trees(baseline.read_examples(quality.split_files(config, "train")), columns=own)
+    trees = baseline.fit_trees(quality.read_rows(artifacts.train_files), columns=own)
     trees_rmse = baseline.rmse(trees.predict(baseline.tree_inputs(rows, own)), rows[features.LABEL.name].to_numpy())
     model_rmse = _rmse(served_predict, rows)
     # Trees fit on exactly the file's features are a specialist for these requests; the model answers

@@ -20,7 +20,6 @@ from data import generator
 from models import features
 from pipeline import config as config_lib
 from pipeline import baseline, serving_check, summary
-from tests.conftest import run_pipeline
 
 pytestmark = pytest.mark.slow
 

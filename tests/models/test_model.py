@@ -88,3 +88,14 @@ def test_python_and_graph_agree_on_what_is_missing():
             tensor = tf.constant(values, tf.float32)
         graph = model.is_missing(column, tensor).numpy().tolist()
         assert graph == [features.is_missing_value(column, v) for v in values], column.name
+
+
+def test_parsed_integers_reach_the_missing_check_as_the_python_twin_sees_them():
+    import tensorflow as tf
+
+    from models import preprocessing
+
+    weeks = features.BY_NAME["gestation_weeks"]
+    parsed = tf.sparse.SparseTensor([[0, 0], [1, 0], [3, 0]], tf.constant([39, 99, 17], tf.int64), [4, 1])
+    graph = preprocessing.is_missing(weeks, preprocessing.dense_raw(parsed)).numpy().tolist()
+    assert graph == [features.is_missing_value(weeks, v) for v in (39, 99, None, 17)] == [False, True, True, False]

@@ -32,3 +32,26 @@ def test_recency_weights_halve_every_half_life_and_are_equal_when_off():
     file_spans = {"a": 4, "b": 2, "c": 3}
     assert recency_weights(file_spans, 2) == {"a": 1.0, "b": 0.5, "c": 2 ** -0.5}
     assert recency_weights(file_spans, 0) == {"a": 1.0, "b": 1.0, "c": 1.0}
+
+
+def test_the_baseline_resolver_skips_blessed_models_the_evaluator_cannot_score(tmp_path):
+    import tensorflow as tf
+    from tfx.types import standard_artifacts
+
+    from models.model import SCORE_SIGNATURE
+
+    identity = tf.function(lambda x: {"predictions": x}, input_signature=[tf.TensorSpec([None], tf.float32)])
+    models, blessings = [], []
+    for model_id, signatures in ((1, ("serving_default", SCORE_SIGNATURE)), (2, ("serving_default",))):
+        model = standard_artifacts.Model()
+        model.uri, model.id = str(tmp_path / str(model_id)), model_id
+        tf.saved_model.save(tf.Module(), f"{model.uri}/Format-Serving", signatures={s: identity for s in signatures})
+        blessing = standard_artifacts.ModelBlessing()
+        blessing.set_int_custom_property("current_model_id", model_id)
+        blessing.set_int_custom_property("blessed", 1)
+        models.append(model)
+        blessings.append(blessing)
+    strategy = spans.LatestBlessedScorableModel()
+    resolved = strategy.resolve_artifacts(None, {"model": models, "model_blessing": blessings})
+    assert [m.id for m in resolved["model"]] == [1]  # model 2 is newer, but was exported before the contract
+    assert strategy.resolve_artifacts(None, {"model": models[1:], "model_blessing": blessings})["model"] == []
