@@ -28,6 +28,9 @@ SHUFFLE_BUFFER = 20_000
 TRANSFORM_BATCH = 1024
 # Differently masked copies of the training rows, cached (one per epoch up to this many; then reused).
 MAX_MASKED_COPIES = 8
+# Training steps per call into the graph: with the input cached, Keras' per-step round trip from Python
+# costs about as much as a step of this model (1,500 steps: 16 s -> 12 s).
+STEPS_PER_EXECUTION = 20
 FILE_SPANS_KEY = "file_spans"  # set by the pipeline's Trainer executor: {file pattern: span}
 # Features never shown to the model (removed from every row): a model "trained without" them, the reference
 # that the serving-contract tests and `make quality` compare a model asked without them against.
@@ -70,7 +73,8 @@ def build_keras_model(hidden_units: List[int], embedding_dim: int, learning_rate
     # rate, so the exported model doesn't depend on where in a noisy last epoch training stopped.
     schedule = tf.keras.optimizers.schedules.CosineDecay(learning_rate, decay_steps) if decay_steps else learning_rate
     model.compile(optimizer=tf.keras.optimizers.Adam(schedule), loss="mse",
-                  weighted_metrics=[tf.keras.metrics.RootMeanSquaredError(name="rmse")], jit_compile=False)
+                  weighted_metrics=[tf.keras.metrics.RootMeanSquaredError(name="rmse")], jit_compile=False,
+                  steps_per_execution=STEPS_PER_EXECUTION)
     return model
 
 
@@ -274,6 +278,7 @@ def run_fn(fn_args: tfx.components.FnArgs) -> None:
         steps_per_epoch=steps_per_epoch,
         epochs=epochs,
         validation_data=eval_dataset,
+        validation_steps=max(1, math.ceil(_count_records(fn_args.eval_files) / batch_size)),
         callbacks=[
             tf.keras.callbacks.TensorBoard(log_dir=fn_args.model_run_dir, update_freq="epoch"),
             tf.keras.callbacks.LambdaCallback(
