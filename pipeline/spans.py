@@ -8,6 +8,7 @@ each training file's span to `run_fn`, which weights older spans down (models/mo
 Vertex Pipelines compiles only TFX's built-in resolver strategies, so these run with the local
 orchestrator; see create_pipeline.
 """
+import logging
 from typing import Any, Dict, List, Optional, Tuple
 
 from ml_metadata import metadata_store
@@ -121,10 +122,17 @@ class SpanAwareTrainerExecutor(trainer_executor.GenericExecutor):
 
 
 def has_signature(model: types.Artifact, signature: str) -> bool:
-    """Whether a Model artifact's SavedModel has `signature` (read from its saved_model.pb, not loaded)."""
+    """Whether a Model artifact's SavedModel has `signature` (read from its saved_model.pb, not loaded).
+
+    A model whose folder can't be read (deleted to save disk) has none.
+    """
     from tensorflow.python.saved_model import loader_impl
 
-    saved_model = loader_impl.parse_saved_model(path_utils.serving_model_path(model.uri))
+    try:
+        saved_model = loader_impl.parse_saved_model(path_utils.serving_model_path(model.uri))
+    except OSError as error:
+        logging.warning("model %d can't be a baseline: %s", model.id, error)
+        return False
     return any(signature in graph.signature_def for graph in saved_model.meta_graphs)
 
 
@@ -133,11 +141,17 @@ class LatestBlessedScorableModel(tfx.dsl.experimental.LatestBlessedModelStrategy
 
     Models blessed before the serving contract lack it, and TFMA looks the candidate's signature up in the
     baseline too: such a baseline would fail every run. The first run after the upgrade has no baseline.
+    Blessed models are read newest first, each SavedModel's signatures only until one qualifies.
     """
 
     def resolve_artifacts(self, store: metadata_store.MetadataStore,
                           input_dict: Dict[str, List[types.Artifact]]) -> Optional[Dict[str, List[types.Artifact]]]:
-        models = [key for key, artifacts in input_dict.items()
-                  if artifacts and isinstance(artifacts[0], tfx.types.standard_artifacts.Model)]
-        scorable = {key: [m for m in input_dict[key] if has_signature(m, SCORE_SIGNATURE)] for key in models}
-        return super().resolve_artifacts(store, {**input_dict, **scorable})
+        model_key = next((key for key, artifacts in input_dict.items()
+                          if artifacts and isinstance(artifacts[0], tfx.types.standard_artifacts.Model)), None)
+        blessed = {blessing.get_int_custom_property("current_model_id")
+                   for key, artifacts in input_dict.items() if key != model_key for blessing in artifacts
+                   if blessing.get_int_custom_property("blessed") == 1}
+        for model in sorted(input_dict.get(model_key) or [], key=lambda a: a.id, reverse=True):
+            if model.id in blessed and has_signature(model, SCORE_SIGNATURE):
+                return super().resolve_artifacts(store, {**input_dict, model_key: [model]})
+        return {key: [] for key in input_dict}

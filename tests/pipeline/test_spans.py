@@ -54,4 +54,13 @@ def test_the_baseline_resolver_skips_blessed_models_the_evaluator_cannot_score(t
     strategy = spans.LatestBlessedScorableModel()
     resolved = strategy.resolve_artifacts(None, {"model": models, "model_blessing": blessings})
     assert [m.id for m in resolved["model"]] == [1]  # model 2 is newer, but was exported before the contract
-    assert strategy.resolve_artifacts(None, {"model": models[1:], "model_blessing": blessings})["model"] == []
+    assert [b.get_int_custom_property("current_model_id") for b in resolved["model_blessing"]] == [1]
+    assert strategy.resolve_artifacts(None, {"model": models[1:], "model_blessing": blessings}) == {
+        "model": [], "model_blessing": []}
+    gone = standard_artifacts.Model()  # a newer blessed model whose folder was deleted: skipped, not an error
+    gone.uri, gone.id = str(tmp_path / "deleted"), 3
+    blessing = standard_artifacts.ModelBlessing()
+    blessing.set_int_custom_property("current_model_id", 3)
+    blessing.set_int_custom_property("blessed", 1)
+    resolved = strategy.resolve_artifacts(None, {"model": models + [gone], "model_blessing": blessings + [blessing]})
+    assert [m.id for m in resolved["model"]] == [1]
