@@ -97,10 +97,11 @@ def read(uri: str) -> Dict:
     return json.loads(io_utils.read_string_file(os.path.join(uri, BASELINE_FILE)))
 
 
-def _split_files(examples: List[types.Artifact], split: str) -> List[List[str]]:
+def split_files(examples: types.Artifact, split: str) -> List[str]:
+    """The files of one split of an Examples artifact."""
     import tensorflow as tf
 
-    return [tf.io.gfile.glob(io_utils.all_files_pattern(artifact_utils.get_split_uri([a], split))) for a in examples]
+    return tf.io.gfile.glob(io_utils.all_files_pattern(artifact_utils.get_split_uri([examples], split)))
 
 
 @tfx.dsl.components.component
@@ -117,10 +118,10 @@ def TreeBaseline(
     window = list(training_examples)
     spans = [span_of(a.mlmd_artifact) for a in window]
     weights = recency_weights(dict(enumerate(spans)), recency_half_life_spans)
-    frames = [read_examples(files, MAX_ROWS // len(window)) for files in _split_files(window, TRAIN_SPLIT)]
+    frames = [read_examples(split_files(artifact, TRAIN_SPLIT), MAX_ROWS // len(window)) for artifact in window]
     train = pd.concat(frames, ignore_index=True)
     sample_weight = np.concatenate([np.full(len(f), weights[i]) for i, f in enumerate(frames)])
-    evaluation = read_examples(_split_files([examples], EVAL_SPLIT)[0], MAX_ROWS)
+    evaluation = read_examples(split_files(examples, EVAL_SPLIT), MAX_ROWS)
     labels = evaluation[features.LABEL.name].to_numpy()
     trees = fit_trees(train, sample_weight)
     labelled = train[features.LABEL.name].notna().to_numpy()

@@ -12,15 +12,16 @@ import os
 from typing import Any, Dict, List, Optional
 
 import numpy as np
+import pandas as pd
 import tensorflow as tf
 from ml_metadata import metadata_store
 from tfx import types
 from tfx import v1 as tfx
-from tfx.types import artifact_utils
 from tfx.utils import io_utils, path_utils
 
 from models import features
 from models.model import SCORE_SIGNATURE
+from pipeline.baseline import read_examples, split_files
 
 MONITOR_FILE = "prediction_statistics.json"
 QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
@@ -45,24 +46,13 @@ class PreviousPredictions(tfx.dsl.experimental.ResolverStrategy):
         return {key: sorted(artifacts, key=lambda a: a.id)[-1:] for key, artifacts in input_dict.items()}
 
 
-def _first_values(sparse: tf.SparseTensor, count: int) -> np.ndarray:
-    """Each example's first value: text ('' if none) for strings, float (NaN if none) for numbers."""
-    is_string = sparse.dtype == tf.string
-    values = np.full(count, "" if is_string else np.nan, dtype=object if is_string else float)
-    indices = sparse.indices.numpy()
-    first = indices[:, 1] == 0
-    raw = sparse.values.numpy()[first]
-    values[indices[first, 0]] = [v.decode() for v in raw] if is_string else raw.astype(float)
-    return values
-
-
-def _slice_values(parsed: Dict[str, tf.SparseTensor], count: int) -> Dict[str, np.ndarray]:
+def _slice_values(rows: pd.DataFrame) -> Dict[str, np.ndarray]:
     """Each slice feature's value per example as text; a numeric feature with buckets by its bucket."""
     result = {}
     for column in features.FEATURES:
         if column.name not in features.SLICE_FEATURES and not column.bucket_boundaries:
             continue
-        values = _first_values(parsed[column.name], count)
+        values = rows[column.name].to_numpy()
         if column.bucket_boundaries:
             known = ~np.isnan(values) & ~np.isin(values, column.missing_codes)
             edges = (-np.inf,) + tuple(column.bucket_boundaries) + (np.inf,)
@@ -116,17 +106,10 @@ def read(uri: str) -> Dict[str, Any]:
 def _predict(model_uri: str, files: List[str]) -> tuple:
     model = tf.saved_model.load(path_utils.serving_model_path(model_uri))
     serve = model.signatures[SCORE_SIGNATURE]
-    dtypes = {"string": tf.string, "int": tf.int64, "float": tf.float32}
-    spec = {column.name: tf.io.VarLenFeature(dtypes[column.dtype])
-            for column in list(features.FEATURES) + [features.LABEL]}
-    predictions, labels, slices = [], [], []
-    for batch in tf.data.TFRecordDataset(files, compression_type="GZIP").batch(BATCH):
-        predictions.append(serve(examples=batch)["predictions"].numpy().ravel())
-        parsed = tf.io.parse_example(batch, spec)
-        labels.append(_first_values(parsed[features.LABEL.name], len(predictions[-1])))
-        slices.append(_slice_values(parsed, len(predictions[-1])))
-    merged = {name: np.concatenate([s[name] for s in slices]) for name in slices[0]}
-    return np.concatenate(predictions), np.concatenate(labels), merged
+    predictions = [serve(examples=batch)["predictions"].numpy().ravel()
+                   for batch in tf.data.TFRecordDataset(files, compression_type="GZIP").batch(BATCH)]
+    rows = read_examples(files)
+    return np.concatenate(predictions), rows[features.LABEL.name].to_numpy(), _slice_values(rows)
 
 
 @tfx.dsl.components.component
@@ -140,8 +123,7 @@ def PredictionMonitor(
     """Predicts the eval split of `examples`, records the distribution and residuals, compares with `previous`."""
     from pipeline.spans import span_of
 
-    files = tf.io.gfile.glob(io_utils.all_files_pattern(artifact_utils.get_split_uri([examples], SPLIT)))
-    predictions, labels, slices = _predict(model.uri, files)
+    predictions, labels, slices = _predict(model.uri, split_files(examples, SPLIT))
     record = describe(predictions, labels, slices)
     record["span"] = span_of(examples.mlmd_artifact)
     record["change"] = compare(record, read(previous.uri) if previous is not None else None, shift_threshold)
