@@ -1,21 +1,36 @@
 """Checks the input CSV files of the newest span before the pipeline starts, naming file, line and column.
 
-Only what would break CsvExampleGen stops the run here: an empty file, a row with the wrong number of
-fields (Beam fails deep inside), files of one span with different headers (CsvExampleGen reads them all
-with the first file's). Missing or extra columns and values of the wrong type are data validation's to
-report (pipeline/validation.py); this check adds where the first such values are, which TFDV can't say.
+Only what would break CsvExampleGen, or make it read something else than the file says, stops the run
+here: an empty file, text that isn't UTF-8, a header that isn't comma-separated or names a column twice
+(CsvExampleGen would keep one silently), a row with the wrong number of fields (Beam fails deep inside),
+files of one span with different headers (CsvExampleGen reads them all with the first file's). Missing
+or extra columns and values of the wrong type are data validation's to report (pipeline/validation.py);
+this check adds where the first such values are, which TFDV can't say.
+
+Files are read as the tools people use save them: a UTF-8 byte-order mark (Excel's "CSV UTF-8") and
+CRLF line ends are read as a plain file's, here and by the pipeline's ExampleGen (pipeline/example_gen.py).
 """
+import collections
 import csv
 import dataclasses
 import fnmatch
 import pathlib
 import re
-from typing import Dict, List, Optional
+import shlex
+from typing import Dict, List, Optional, Tuple
 
 from tensorflow_metadata.proto.v0 import schema_pb2
 
 
 MAX_REPORTED = 10
+# A UTF-8 byte-order mark at the start of a file is not part of its first column's name.
+ENCODING = "utf-8-sig"
+OTHER_DELIMITERS = {";": "semicolon", "\t": "tab", "|": "vertical bar"}
+UTF16_MARKS = (b"\xff\xfe", b"\xfe\xff")
+# Remedies to copy: each rewrites the file in place, through a file the input pattern doesn't match.
+TO_COMMAS = ('python3 -c "import csv, sys; csv.writer(sys.stdout).writerows(csv.reader(sys.stdin, '
+             'delimiter={delimiter!r}))" < {path} > {path}.tmp && mv {path}.tmp {path}')
+TO_UTF8 = "iconv -f {encoding} -t UTF-8 {path} > {path}.tmp && mv {path}.tmp {path}"
 
 
 class InputDataError(ValueError):
@@ -67,40 +82,107 @@ def check_csv_files(data_dir: pathlib.Path, pattern: str, schema: schema_pb2.Sch
     rows = 0
     first_header = None
     for path in files:
-        with path.open(newline="") as handle:
-            reader = csv.reader(handle)
-            header = next(reader, None)
-            if header is None:
-                problems.append(f"{path}: the file is empty (expected a header line and rows)")
-                continue
-            header = [name.strip() for name in header]
-            if first_header is None:
-                first_header = header
-            elif header != first_header:
-                problems.append(f"{path}: its header differs from {files[0]}'s "
-                                "(CsvExampleGen reads every file of a span with the first file's header)")
-                continue
-            file_rows = 0
-            for line, row in enumerate(reader, start=2):
-                if len(problems) >= MAX_REPORTED:
-                    break
-                if not row:
-                    continue
-                file_rows += 1
-                if len(row) != len(header):
-                    problems.append(f"{path}, line {line}: {len(row)} fields, expected {len(header)}")
-                    continue
-                if len(notes) < MAX_REPORTED:
-                    notes.extend(_type_notes(path, line, header, row, numeric))
-            if file_rows == 0 and not problems:
-                problems.append(f"{path}: the file has a header but no rows")
-            rows += file_rows
+        if path.open("rb").read(2) in UTF16_MARKS:
+            problems.append(f"{path}: the file is UTF-16 text (Excel's 'Unicode Text'); save it as "
+                            "'CSV UTF-8 (Comma delimited)' or convert it: "
+                            + TO_UTF8.format(encoding="UTF-16", path=shlex.quote(str(path))))
+            continue
+        try:
+            checked = _check_file(path, files[0], first_header, numeric, problems, notes)
+        except UnicodeDecodeError:
+            problems.append(_not_utf8(path))
+            continue
+        if checked is not None:
+            first_header = first_header or checked[0]
+            rows += checked[1]
         if len(problems) >= MAX_REPORTED:
             problems.append(f"(stopped after {MAX_REPORTED} problems)")
             break
     if problems:
         raise InputDataError("input data can't be used:\n  " + "\n  ".join(problems))
     return CsvSummary(files, rows, newest_span(data_dir, pattern), notes[:MAX_REPORTED])
+
+
+def _check_file(path: pathlib.Path, first_file: pathlib.Path, first_header: Optional[List[str]],
+                numeric: Dict[str, type], problems: List[str],
+                notes: List[str]) -> Optional[Tuple[List[str], int]]:
+    """Checks one file, adding to `problems` and `notes`; its header and rows, None if the header is unusable."""
+    with path.open(newline="", encoding=ENCODING) as handle:
+        reader = csv.reader(handle)
+        header = next(reader, None)
+        if header is None:
+            problems.append(f"{path}: the file is empty (expected a header line and rows)")
+            return None
+        header = [name.strip() for name in header]
+        header_problem = _header_problem(path, header, next(reader, None))
+        if header_problem:
+            problems.append(header_problem)
+            return None
+        if first_header is not None and header != first_header:
+            problems.append(f"{path}: its header differs from {first_file}'s (CsvExampleGen reads every file of "
+                            "a span with the first file's header); write the same columns, in the same order, "
+                            "in every file")
+            return None
+        handle.seek(0)
+        reader = csv.reader(handle)
+        next(reader)
+        file_rows = 0
+        for line, row in enumerate(reader, start=2):
+            if len(problems) >= MAX_REPORTED:
+                break
+            if not row:
+                continue
+            file_rows += 1
+            if len(row) != len(header):
+                problems.append(f"{path}, line {line}: {len(row)} fields, expected {len(header)} as in the header "
+                                "(a value with a comma needs quotes: \"7,5\"; or a field is missing or extra)")
+                continue
+            if len(notes) < MAX_REPORTED:
+                notes.extend(_type_notes(path, line, header, row, numeric))
+        if file_rows == 0 and len(problems) < MAX_REPORTED:
+            problems.append(f"{path}: the file has a header but no rows")
+        return header, file_rows
+
+
+def _header_problem(path: pathlib.Path, header: List[str], first_row: Optional[List[str]]) -> Optional[str]:
+    """What makes a header unusable: another delimiter than a comma, or a column named twice."""
+    if len(header) == 1:
+        counts = {delimiter: header[0].count(delimiter) for delimiter in OTHER_DELIMITERS}
+        delimiter = max(counts, key=counts.get)
+        if counts[delimiter]:
+            line = ",".join(first_row or [])  # the first row as written, read back with its own delimiter
+            decimal_comma = any(re.fullmatch(r"-?\d+,\d+", value.strip()) for value in line.split(delimiter))
+            return (f"{path}: its header has one field, {_shorten(header[0])!r}: the file looks "
+                    f"{OTHER_DELIMITERS[delimiter]}-separated ({counts[delimiter] + 1} names split by "
+                    f"{delimiter!r}), and the pipeline reads comma-separated files. Save it as CSV with commas "
+                    "(in Excel: 'CSV UTF-8 (Comma delimited)'), or convert it: "
+                    + TO_COMMAS.format(delimiter=delimiter, path=shlex.quote(str(path)))
+                    + (" (its numbers have decimal commas, e.g. 7,5: write them with a point, 7.5)"
+                       if decimal_comma else ""))
+    duplicated = [name for name, count in collections.Counter(header).items() if count > 1]
+    if duplicated:
+        columns = ", ".join(f"{name!r} (columns {', '.join(str(i + 1) for i, n in enumerate(header) if n == name)})"
+                            for name in duplicated)
+        return (f"{path}: its header names {columns} more than once; CsvExampleGen would keep only one of them. "
+                "Remove or rename the duplicates")
+    return None
+
+
+def _not_utf8(path: pathlib.Path) -> str:
+    """Where a file stops being UTF-8 text, and how to convert it (most such files are Latin-1 / Windows-1252)."""
+    raw = path.read_bytes()
+    try:
+        raw.decode("utf-8")
+        return f"{path}: not UTF-8 text"
+    except UnicodeDecodeError as error:
+        line = raw[:error.start].count(b"\n") + 1
+        return (f"{path}, line {line}: byte {raw[error.start:error.start + 1]!r} is not UTF-8 text; save the file "
+                "as UTF-8 (in Excel: 'CSV UTF-8 (Comma delimited)') or convert it, e.g. "
+                + TO_UTF8.format(encoding="WINDOWS-1252", path=shlex.quote(str(path))))
+
+
+def _shorten(text: str, width: int = 60) -> str:
+    return text if len(text) <= width else text[:width] + "..."
 
 
 def _type_notes(path: pathlib.Path, line: int, header: List[str], row: List[str],

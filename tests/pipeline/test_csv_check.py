@@ -1,5 +1,6 @@
 """The CSV check stops what CsvExampleGen can't read, naming file and line, and locates wrong-type values."""
 import pathlib
+import subprocess
 
 import pytest
 
@@ -38,7 +39,7 @@ def test_real_export_passes_unchanged(schema, real_export_csv):
 @pytest.mark.parametrize("text, message", [
     ("", "the file is empty"),
     (HEADER + "\n", "has a header but no rows"),
-    (HEADER + "\n" + GOOD_ROW + "\n" + GOOD_ROW + ",7\n", "line 3: 32 fields, expected 31"),
+    (HEADER + "\n" + GOOD_ROW + "\n" + GOOD_ROW + ",7\n", "line 3: 32 fields, expected 31 as in the header"),
     (HEADER + "\n" + GOOD_ROW.replace("7.68751907594", "7,7") + "\n", "line 2: 32 fields"),
 ])
 def test_each_problem_names_the_file_and_place(tmp_path, schema, text, message):
@@ -93,3 +94,75 @@ def test_files_with_columns_in_another_order_are_refused(tmp_path, schema):
     _write(tmp_path, "b.csv", ",".join(names) + "\n" + GOOD_ROW + "\n")
     with pytest.raises(csv_check.InputDataError, match="b.csv: its header differs from .*a.csv's"):
         csv_check.check_csv_files(tmp_path, "*.csv", schema)
+
+
+@pytest.fixture(scope="module")
+def real_rows(real_export_csv) -> str:
+    """The header and first 200 rows of the real export, as BigQuery wrote them."""
+    with real_export_csv.open() as handle:
+        return "".join(next(handle) for _ in range(201))
+
+
+def _remedy(message: str) -> str:
+    """The shell command an error message offers as the fix."""
+    return message.split("convert it: ")[-1].split(" (its numbers")[0] if "convert it: " in message \
+        else message.split("convert it, e.g. ")[-1]
+
+
+def _refused(folder: pathlib.Path, schema) -> str:
+    with pytest.raises(csv_check.InputDataError) as error:
+        csv_check.check_csv_files(folder, "*.csv", schema)
+    return str(error.value)
+
+
+def test_byte_order_mark_and_crlf_read_like_the_plain_file(tmp_path, schema, real_rows):
+    _write(tmp_path / "plain", "a.csv", real_rows)
+    (tmp_path / "excel").mkdir()
+    (tmp_path / "excel" / "a.csv").write_bytes(b"\xef\xbb\xbf" + real_rows.replace("\n", "\r\n").encode())
+    plain = csv_check.check_csv_files(tmp_path / "plain", "*.csv", schema)
+    excel = csv_check.check_csv_files(tmp_path / "excel", "*.csv", schema)
+    assert (excel.rows, excel.notes) == (plain.rows, plain.notes) == (200, [])
+
+
+def test_a_duplicated_column_is_named_with_its_places(tmp_path, schema, real_rows):
+    header, rows = real_rows.split("\n", 1)
+    path = _write(tmp_path, "a.csv", header.replace("father_age", "mother_age") + "\n" + rows)
+    message = _refused(tmp_path, schema)
+    assert f"{path}: its header names 'mother_age' (columns 15, 30) more than once" in message
+    assert "Remove or rename" in message
+
+
+def test_a_semicolon_file_is_named_and_its_remedy_works(tmp_path, schema, real_rows):
+    """As a European locale's spreadsheet saves it: ';' between fields, decimal commas in numbers."""
+    lines = [line.split(",") for line in real_rows.splitlines()]
+    european = "\n".join(";".join(value.replace(".", ",") for value in line) for line in lines) + "\n"
+    folder = tmp_path / "my data"  # the remedy is a shell command: a space must not break it
+    path = _write(folder, "a.csv", european)
+    message = _refused(folder, schema)
+    assert f"{path}: its header has one field, 'source_year;year;month;" in message
+    assert "semicolon-separated (31 names split by ';')" in message
+    assert "decimal commas, e.g. 7,5: write them with a point" in message
+    subprocess.run(_remedy(message), shell=True, check=True)
+    converted = csv_check.check_csv_files(folder, "*.csv", schema)
+    assert converted.rows == 200 and "is not a number" in converted.notes[0]  # the decimal commas, as said
+    assert [p.name for p in folder.iterdir()] == ["a.csv"]
+
+
+@pytest.mark.parametrize("encoding, expected", [
+    ("windows-1252", "line 4: byte b'\\xe9' is not UTF-8 text"),
+    ("utf-16", "the file is UTF-16 text"),
+])
+def test_other_encodings_are_named_and_their_remedy_works(tmp_path, schema, real_rows, encoding, expected):
+    lines = real_rows.splitlines(keepends=True)
+    state = features.COLUMN_NAMES.index("state")
+    row = lines[3].split(",")
+    row[state] = "Québec"  # a text column, as a spreadsheet user might type it
+    lines[3] = ",".join(row)
+    path = tmp_path / "a.csv"
+    path.write_bytes("".join(lines).encode(encoding))
+    message = _refused(tmp_path, schema)
+    assert str(path) in message and expected in message
+    subprocess.run(_remedy(message), shell=True, check=True)
+    assert csv_check.check_csv_files(tmp_path, "*.csv", schema).rows == 200
+    assert "Québec" in path.read_text(encoding="utf-8")
+
