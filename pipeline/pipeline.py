@@ -11,7 +11,7 @@ from tfx.dsl.components.base import executor_spec
 
 from models import features
 from models.model import SCORE_SIGNATURE
-from pipeline import spans
+from pipeline import example_gen, spans
 from pipeline.baseline import TreeBaseline
 from pipeline.config import PipelineConfig
 from pipeline.monitor import PredictionMonitor, PredictionStatistics, PreviousPredictions
@@ -97,7 +97,7 @@ def example_gen_component(config: PipelineConfig) -> tfx.types.BaseNode:
             input_config=tfx.proto.Input(splits=[
                 tfx.proto.Input.Split(name=split, pattern=bigquery_query(config, split))
                 for split in ("train", "eval")]))
-    return tfx.components.CsvExampleGen(
+    return example_gen.CsvExampleGen(
         input_base=config.data_dir,
         input_config=tfx.proto.Input(splits=[tfx.proto.Input.Split(name="all", pattern=config.input_pattern)]),
         output_config=tfx.proto.Output(split_config=tfx.proto.SplitConfig(splits=[

@@ -1,0 +1,63 @@
+"""TFX's CsvExampleGen, reading a file's header as the CSV check does (pipeline/csv_check.py).
+
+TFX 1.16 splits the first line on commas as it is: a UTF-8 byte-order mark (Excel's "CSV UTF-8", many
+Windows tools) becomes part of the first column's name (`\\ufeffsource_year`), and a header written
+with quotes (R's write.csv) keeps them in every name. Here the header is parsed by Python's csv module
+without the mark; everything else (reading the rows, CRLF line ends included, inferring types, splits,
+spans, fingerprints, caching) is TFX's own executor.
+"""
+import csv
+from typing import List
+
+import apache_beam as beam
+from tfx import v1 as tfx
+from tfx.components.example_gen.csv_example_gen import executor as csv_executor
+from tfx.dsl.components.base import executor_spec
+from tfx.dsl.io import fileio
+from tfx_bsl.coders import csv_decoder
+
+BYTE_ORDER_MARK = "\ufeff"
+
+
+def column_names(path: str) -> List[str]:
+    """The column names in a CSV file's first line."""
+    with fileio.open(path, "rb") as handle:
+        first_line = handle.readline().decode("utf-8")
+    return [name.strip() for name in next(csv.reader([first_line.lstrip(BYTE_ORDER_MARK)]), [])]
+
+
+class _CsvToExample(csv_executor._CsvToExample):  # pylint: disable=protected-access
+    """TFX's CSV-to-tf.Example transform with the header read by `column_names`."""
+
+    def expand(self, pipeline: beam.Pipeline) -> beam.pvalue.PCollection:
+        csv_files = fileio.glob(self._csv_pattern)
+        if not csv_files:
+            raise RuntimeError(f"Split pattern {self._csv_pattern} does not match any files.")
+        names = column_names(csv_files[0])
+        for path in csv_files[1:]:
+            if column_names(path) != names:
+                raise RuntimeError(f"Files in same split {self._csv_pattern} have different header.")
+        parsed_csv_lines = (
+            pipeline
+            | "CreateFilenames" >> beam.Create(csv_files)
+            | "ReadFromText" >> beam.ParDo(csv_executor._ReadCsvRecordsFromTextFile())  # pylint: disable=protected-access
+            | "ParseCSVLine" >> beam.ParDo(csv_decoder.ParseCSVLine(delimiter=","))
+            | "ExtractParsedCSVLines" >> beam.Keys())
+        column_infos = beam.pvalue.AsSingleton(
+            parsed_csv_lines
+            | "InferColumnTypes" >> beam.CombineGlobally(csv_decoder.ColumnTypeInferrer(names, skip_blank_lines=True)))
+        return parsed_csv_lines | "ToTFExample" >> beam.ParDo(
+            csv_executor._ParsedCsvToTfExample(), column_infos)  # pylint: disable=protected-access
+
+
+class Executor(csv_executor.Executor):
+    """CsvExampleGen's executor with `_CsvToExample` above."""
+
+    def GetInputSourceToExamplePTransform(self) -> beam.PTransform:  # noqa: N802 (TFX's name)
+        return _CsvToExample
+
+
+class CsvExampleGen(tfx.components.CsvExampleGen):
+    """TFX's CsvExampleGen (same parameters, artifacts and node id) with `Executor` above."""
+
+    EXECUTOR_SPEC = executor_spec.BeamExecutorSpec(Executor)
