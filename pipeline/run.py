@@ -3,6 +3,7 @@ import dataclasses
 import logging
 import pathlib
 import sys
+from typing import Tuple
 
 from google.protobuf import text_format
 from tensorflow_metadata.proto.v0 import schema_pb2
@@ -20,8 +21,16 @@ class Outcome:
     summary: str
 
 
+# A record logged with extra={CONSOLE: False} goes to the log file only.
+CONSOLE = "console"
+# TFX's own line for any failed step; the run's summary says which step failed and why.
+TFX_STEP_FAILED = "Execution %d failed."
+
+
 def _console_worthy(record: logging.LogRecord) -> bool:
     """Errors, our own warnings and component progress; the libraries' chatter stays in the file."""
+    if not getattr(record, CONSOLE, True) or record.msg == TFX_STEP_FAILED:
+        return False
     own = record.name == "root" or record.name.split(".")[0] in ("pipeline", "models", "data")
     return (record.levelno >= logging.ERROR or (own and record.levelno >= logging.WARNING)
             or str(record.msg).startswith("Component "))
@@ -56,16 +65,17 @@ def load_schema(config: PipelineConfig) -> schema_pb2.Schema:
     return text_format.Parse(pathlib.Path(config.schema_path).read_text(), schema_pb2.Schema())
 
 
-def _failure_reason(error: BaseException) -> str:
-    """Our own validation error if it is in the exception chain, else the root cause."""
+def _failure_reason(error: BaseException) -> Tuple[str, bool]:
+    """Why the run failed, and whether that is an expected outcome (our own validation error is in the
+    exception chain: the data was blocked) rather than a crash (the root cause is named)."""
     chain = []
     while error is not None:
         chain.append(error)
         error = error.__cause__ or error.__context__
     validation = next((item for item in chain if isinstance(item, DataValidationError)), None)
     if validation is not None:
-        return str(validation)
-    return f"{type(chain[-1]).__name__}: {chain[-1]}"
+        return str(validation), True
+    return f"{type(chain[-1]).__name__}: {chain[-1]}", False
 
 
 def run_local(config: PipelineConfig) -> Outcome:
@@ -82,8 +92,10 @@ def run_local(config: PipelineConfig) -> Outcome:
     try:
         tfx.orchestration.LocalDagRunner().run(create_pipeline(config))
     except Exception as error:  # a failed component: report it, then summarise what did run
-        logging.exception("pipeline run failed")
-        failure = _failure_reason(error)
+        failure, blocked = _failure_reason(error)
+        # A span blocked by validation is an expected outcome: its traceback goes to the log file only.
+        logging.error("pipeline run %s", "blocked by data validation" if blocked else "failed", exc_info=True,
+                      extra={CONSOLE: not blocked})
     run = summary.latest_run(config)
     if run is None:
         return Outcome(False, f"Run FAILED before any step ran: {failure}")

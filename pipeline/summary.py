@@ -1,4 +1,5 @@
 """What a run did, read back from ML Metadata and the artifacts it recorded."""
+import pathlib
 from typing import Dict, List, Optional, Tuple
 
 import tensorflow_model_analysis as tfma
@@ -114,6 +115,8 @@ def monitor_lines(record: Dict) -> List[str]:
 
 def latest_run(config: PipelineConfig) -> Optional[Tuple[str, List[mlmd.StepRecord]]]:
     """The latest run's name and steps, or None before the first run."""
+    if not pathlib.Path(config.metadata_path).is_file():
+        return None
     store = mlmd.open_sqlite(config.metadata_path)
     runs = store.runs()
     return (runs[-1].name, store.steps(runs[-1])) if runs else None

@@ -1,0 +1,60 @@
+"""A blocked run is an expected outcome: its traceback goes to the log file, a crash's to the console too."""
+import logging
+import pathlib
+
+import pytest
+
+from pipeline import config as config_lib
+from pipeline import run as run_lib
+from pipeline.validation import DataValidationError
+
+
+class _FailingRunner:
+    """LocalDagRunner as it fails: TFX wraps the component's exception in its own."""
+
+    def __init__(self, error: BaseException):
+        self.error = error
+
+    def run(self, _pipeline):
+        try:
+            raise self.error
+        except BaseException as cause:
+            raise RuntimeError("component DataGate failed") from cause
+
+
+@pytest.fixture
+def logged(tmp_path):
+    """setup_logging as runner_local calls it; the test's own handlers are put back afterwards."""
+    root = logging.getLogger()
+    saved = (list(root.handlers), root.level)
+    yield tmp_path / "run.log"
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+        handler.close()
+    for handler in saved[0]:
+        root.addHandler(handler)
+    root.setLevel(saved[1])
+
+
+def _run(monkeypatch, capsys, log_path: pathlib.Path, error: BaseException):
+    config = config_lib.load_config(overrides={"output_dir": str(log_path.parent / "out")})
+    monkeypatch.setattr(run_lib.tfx.orchestration, "LocalDagRunner", lambda: _FailingRunner(error))
+    run_lib.setup_logging(log_path)
+    outcome = run_lib.run_local(config)
+    logging.getLogger().handlers[0].flush()
+    return outcome, capsys.readouterr().err, log_path.read_text()
+
+
+def test_a_run_blocked_by_validation_keeps_its_traceback_in_the_log(monkeypatch, capsys, logged):
+    error = DataValidationError("span 3 failed data validation (1 blocking anomaly):\n  [BLOCKING] presence: ...")
+    outcome, console, log = _run(monkeypatch, capsys, logged, error)
+    assert not outcome.ok and "span 3 failed data validation" in outcome.summary
+    assert "Traceback" not in console and "blocked by data validation" not in console
+    assert "pipeline run blocked by data validation" in log and "Traceback" in log
+
+
+def test_a_crash_shows_its_traceback_on_the_console(monkeypatch, capsys, logged):
+    outcome, console, log = _run(monkeypatch, capsys, logged, ValueError("something broke"))
+    assert not outcome.ok and "ValueError: something broke" in outcome.summary
+    assert "pipeline run failed" in console and "Traceback" in console
+    assert "Traceback" in log
