@@ -8,7 +8,7 @@ or extra columns and values of the wrong type are data validation's to report (p
 this check adds where the first such values are, which TFDV can't say.
 
 Files are read as the tools people use save them: a UTF-8 byte-order mark (Excel's "CSV UTF-8") and
-CRLF line ends are read as a plain file's, here and by the pipeline's ExampleGen (pipeline/example_gen.py).
+CRLF line ends are read as a plain file's, here and by the pipeline's ExampleGen (pipeline/csv_example_gen.py).
 """
 import collections
 import csv
@@ -24,13 +24,28 @@ from tensorflow_metadata.proto.v0 import schema_pb2
 
 MAX_REPORTED = 10
 # A UTF-8 byte-order mark at the start of a file is not part of its first column's name.
+BYTE_ORDER_MARK = "\ufeff"
 ENCODING = "utf-8-sig"
 OTHER_DELIMITERS = {";": "semicolon", "\t": "tab", "|": "vertical bar"}
 UTF16_MARKS = (b"\xff\xfe", b"\xfe\xff")
-# Remedies to copy: each rewrites the file in place, through a file the input pattern doesn't match.
-TO_COMMAS = ('python3 -c "import csv, sys; csv.writer(sys.stdout).writerows(csv.reader(sys.stdin, '
-             'delimiter={delimiter!r}))" < {path} > {path}.tmp && mv {path}.tmp {path}')
-TO_UTF8 = "iconv -f {encoding} -t UTF-8 {path} > {path}.tmp && mv {path}.tmp {path}"
+# Remedies to copy: each rewrites the file in place, through a hidden file that no input pattern reads.
+# TO_COMMAS also writes decimal commas (7,5) with a point, as the locales that separate by ';' write them.
+TO_COMMAS = ("python3 -c \"import csv, re, sys; w = csv.writer(sys.stdout); [w.writerow([re.sub(r'^(-?[0-9]+),"
+             "([0-9]+)$', r'\\1.\\2', v) for v in row]) for row in csv.reader(sys.stdin, delimiter={delimiter!r})]\" "
+             "< {path} > {tmp} && mv {tmp} {path}")
+TO_UTF8 = "iconv -f {encoding} -t UTF-8 {path} > {tmp} && mv {tmp} {path}"
+TO_LF = "tr '\\r' '\\n' < {path} > {tmp} && mv {tmp} {path}"
+
+
+def remedy(command: str, path: pathlib.Path, **values: str) -> str:
+    """A remedy with the file's path (and its hidden temporary twin) quoted for the shell."""
+    return command.format(path=shlex.quote(str(path)), tmp=shlex.quote(str(path.parent / f".{path.name}.tmp")),
+                          **values)
+
+
+def header_names(first_line: str) -> List[str]:
+    """The column names in a CSV file's first line, as the csv module reads them, without a byte-order mark."""
+    return [name.strip() for name in next(csv.reader([first_line.lstrip(BYTE_ORDER_MARK)]), [])]
 
 
 class InputDataError(ValueError):
@@ -52,7 +67,8 @@ def newest_span(data_dir: pathlib.Path, pattern: str) -> Optional[int]:
     folder = re.compile(re.escape(pattern.split("/")[0]).replace(re.escape("{SPAN}"), r"(\d+)") + "$")
     spans = [int(m.group(1)) for p in data_dir.iterdir() if p.is_dir() and (m := folder.match(p.name))]
     if not spans:
-        raise InputDataError(f"no span folders matching {pattern.split('/')[0]!r} in {data_dir}")
+        raise InputDataError(f"no span folders matching {pattern.split('/')[0]!r} in {data_dir} (name them "
+                             f"{pattern.split('/')[0].replace('{SPAN}', '1')}, ..., or set input_pattern)")
     return max(spans)
 
 
@@ -64,7 +80,8 @@ def input_files(data_dir: pathlib.Path, pattern: str) -> List[pathlib.Path]:
     glob = pattern if span is None else pattern.replace("{SPAN}", str(span))
     files = sorted(p for p in data_dir.glob(glob) if p.is_file() and not fnmatch.fnmatch(p.name, ".*"))
     if not files:
-        raise InputDataError(f"no input files match {glob!r} in {data_dir}")
+        raise InputDataError(f"no input files match {glob!r} in {data_dir} (point --data-dir at the folder of your "
+                             "CSV files, or match their names with --set input_pattern=...)")
     return files
 
 
@@ -80,65 +97,86 @@ def check_csv_files(data_dir: pathlib.Path, pattern: str, schema: schema_pb2.Sch
     problems: List[str] = []
     notes: List[str] = []
     rows = 0
-    first_header = None
-    for path in files:
-        if path.open("rb").read(2) in UTF16_MARKS:
-            problems.append(f"{path}: the file is UTF-16 text (Excel's 'Unicode Text'); save it as "
-                            "'CSV UTF-8 (Comma delimited)' or convert it: "
-                            + TO_UTF8.format(encoding="UTF-16", path=shlex.quote(str(path))))
-            continue
-        try:
-            checked = _check_file(path, files[0], first_header, numeric, problems, notes)
-        except UnicodeDecodeError:
-            problems.append(_not_utf8(path))
-            continue
-        if checked is not None:
-            first_header = first_header or checked[0]
-            rows += checked[1]
+    reference: Optional[Tuple[pathlib.Path, List[str]]] = None  # the first file with a usable header
+    for number, path in enumerate(files):
         if len(problems) >= MAX_REPORTED:
-            problems.append(f"(stopped after {MAX_REPORTED} problems)")
+            problems.append(f"(stopped after {MAX_REPORTED} problems; {len(files) - number} file(s) not checked)")
             break
+        problem = _encoding_problem(path)
+        if problem:
+            problems.append(problem)
+            continue
+        checked = _check_file(path, reference, numeric, problems, notes)
+        if checked is not None:
+            reference = reference or (path, checked[0])
+            rows += checked[1]
     if problems:
-        raise InputDataError("input data can't be used:\n  " + "\n  ".join(problems))
+        raise InputDataError("input data can't be used:\n  " + "\n  ".join(problems[:MAX_REPORTED + 1]))
     return CsvSummary(files, rows, newest_span(data_dir, pattern), notes[:MAX_REPORTED])
 
 
-def _check_file(path: pathlib.Path, first_file: pathlib.Path, first_header: Optional[List[str]],
-                numeric: Dict[str, type], problems: List[str],
-                notes: List[str]) -> Optional[Tuple[List[str], int]]:
+def _encoding_problem(path: pathlib.Path) -> Optional[str]:
+    """Text that isn't UTF-8, or lines that end in CR alone (old Macs), with a command that converts the file."""
+    raw = path.read_bytes()
+    if raw[:2] in UTF16_MARKS or b"\x00" in raw[:4096]:
+        return (f"{path}: the file is UTF-16 text (Excel's 'Unicode Text'); save it as 'CSV UTF-8 (Comma "
+                "delimited)' or convert it: " + remedy(TO_UTF8, path, encoding="UTF-16"))
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = raw[:error.start].count(b"\n") + 1
+        return (f"{path}, line {line}: byte {raw[error.start:error.start + 1]!r} is not UTF-8 text; save the file "
+                "as UTF-8 (in Excel: 'CSV UTF-8 (Comma delimited)') or convert it, e.g. "
+                + remedy(TO_UTF8, path, encoding="WINDOWS-1252"))
+    if b"\r" in raw and b"\n" not in raw:
+        return (f"{path}: its lines end in a carriage return alone (as classic Mac OS wrote them), which "
+                "CsvExampleGen reads as one line; convert it: " + remedy(TO_LF, path))
+    return None
+
+
+def _check_file(path: pathlib.Path, reference: Optional[Tuple[pathlib.Path, List[str]]], numeric: Dict[str, type],
+                problems: List[str], notes: List[str]) -> Optional[Tuple[List[str], int]]:
     """Checks one file, adding to `problems` and `notes`; its header and rows, None if the header is unusable."""
     with path.open(newline="", encoding=ENCODING) as handle:
         reader = csv.reader(handle)
-        header = next(reader, None)
-        if header is None:
-            problems.append(f"{path}: the file is empty (expected a header line and rows)")
+        try:
+            header = next(reader, None)
+            if header is None:
+                problems.append(f"{path}: the file is empty (expected a header line and rows)")
+                return None
+            header = [name.strip() for name in header]
+            header_problem = _header_problem(path, header, next(reader, None))
+            if header_problem:
+                problems.append(header_problem)
+                return None
+            if reference is not None and header != reference[1]:
+                problems.append(f"{path}: its header differs from {reference[0]}'s (CsvExampleGen reads every file "
+                                "of a span with the first file's header); write the same columns, in the same "
+                                "order, in every file")
+                return None
+            handle.seek(0)
+            reader = csv.reader(handle)
+            next(reader)
+            file_rows = 0
+            start = reader.line_num + 1
+            for row in reader:
+                line, start = start, reader.line_num + 1  # a quoted value may span lines
+                if len(problems) >= MAX_REPORTED:
+                    break
+                if not row:
+                    continue
+                file_rows += 1
+                if len(row) != len(header):
+                    problems.append(f"{path}, line {line}: {len(row)} fields, expected {len(header)} as in the "
+                                    "header (a value with a comma needs quotes: \"7,5\"; or a field is missing "
+                                    "or extra)")
+                    continue
+                if len(notes) < MAX_REPORTED:
+                    notes.extend(_type_notes(path, line, header, row, numeric))
+        except csv.Error as error:
+            problems.append(f"{path}, line {reader.line_num}: {error} (an unbalanced quote \" makes the rest of "
+                            "the file one value; quote values that contain quotes, commas or line breaks)")
             return None
-        header = [name.strip() for name in header]
-        header_problem = _header_problem(path, header, next(reader, None))
-        if header_problem:
-            problems.append(header_problem)
-            return None
-        if first_header is not None and header != first_header:
-            problems.append(f"{path}: its header differs from {first_file}'s (CsvExampleGen reads every file of "
-                            "a span with the first file's header); write the same columns, in the same order, "
-                            "in every file")
-            return None
-        handle.seek(0)
-        reader = csv.reader(handle)
-        next(reader)
-        file_rows = 0
-        for line, row in enumerate(reader, start=2):
-            if len(problems) >= MAX_REPORTED:
-                break
-            if not row:
-                continue
-            file_rows += 1
-            if len(row) != len(header):
-                problems.append(f"{path}, line {line}: {len(row)} fields, expected {len(header)} as in the header "
-                                "(a value with a comma needs quotes: \"7,5\"; or a field is missing or extra)")
-                continue
-            if len(notes) < MAX_REPORTED:
-                notes.extend(_type_notes(path, line, header, row, numeric))
         if file_rows == 0 and len(problems) < MAX_REPORTED:
             problems.append(f"{path}: the file has a header but no rows")
         return header, file_rows
@@ -156,8 +194,8 @@ def _header_problem(path: pathlib.Path, header: List[str], first_row: Optional[L
                     f"{OTHER_DELIMITERS[delimiter]}-separated ({counts[delimiter] + 1} names split by "
                     f"{delimiter!r}), and the pipeline reads comma-separated files. Save it as CSV with commas "
                     "(in Excel: 'CSV UTF-8 (Comma delimited)'), or convert it: "
-                    + TO_COMMAS.format(delimiter=delimiter, path=shlex.quote(str(path)))
-                    + (" (its numbers have decimal commas, e.g. 7,5: write them with a point, 7.5)"
+                    + remedy(TO_COMMAS, path, delimiter=delimiter)
+                    + (" (it also writes the decimal commas of its numbers, e.g. 7,5, with a point)"
                        if decimal_comma else ""))
     duplicated = [name for name, count in collections.Counter(header).items() if count > 1]
     if duplicated:
@@ -166,19 +204,6 @@ def _header_problem(path: pathlib.Path, header: List[str], first_row: Optional[L
         return (f"{path}: its header names {columns} more than once; CsvExampleGen would keep only one of them. "
                 "Remove or rename the duplicates")
     return None
-
-
-def _not_utf8(path: pathlib.Path) -> str:
-    """Where a file stops being UTF-8 text, and how to convert it (most such files are Latin-1 / Windows-1252)."""
-    raw = path.read_bytes()
-    try:
-        raw.decode("utf-8")
-        return f"{path}: not UTF-8 text"
-    except UnicodeDecodeError as error:
-        line = raw[:error.start].count(b"\n") + 1
-        return (f"{path}, line {line}: byte {raw[error.start:error.start + 1]!r} is not UTF-8 text; save the file "
-                "as UTF-8 (in Excel: 'CSV UTF-8 (Comma delimited)') or convert it, e.g. "
-                + TO_UTF8.format(encoding="WINDOWS-1252", path=shlex.quote(str(path))))
 
 
 def _shorten(text: str, width: int = 60) -> str:

@@ -11,7 +11,7 @@ from tfx.dsl.components.base import executor_spec
 
 from models import features
 from models.model import SCORE_SIGNATURE
-from pipeline import example_gen, spans
+from pipeline import csv_example_gen, spans
 from pipeline.baseline import TreeBaseline
 from pipeline.config import PipelineConfig
 from pipeline.monitor import PredictionMonitor, PredictionStatistics, PreviousPredictions
@@ -97,7 +97,7 @@ def example_gen_component(config: PipelineConfig) -> tfx.types.BaseNode:
             input_config=tfx.proto.Input(splits=[
                 tfx.proto.Input.Split(name=split, pattern=bigquery_query(config, split))
                 for split in ("train", "eval")]))
-    return example_gen.CsvExampleGen(
+    return csv_example_gen.CsvExampleGen(
         input_base=config.data_dir,
         input_config=tfx.proto.Input(splits=[tfx.proto.Input.Split(name="all", pattern=config.input_pattern)]),
         output_config=tfx.proto.Output(split_config=tfx.proto.SplitConfig(splits=[
@@ -188,7 +188,8 @@ def create_pipeline(config: PipelineConfig) -> tfx.dsl.Pipeline:
                     "previous_statistics": previous.outputs["statistics"]}
     validator = DataValidator(
         examples=example_gen.outputs["examples"], statistics=statistics_gen.outputs["statistics"],
-        schema=schema_importer.outputs["schema"], warning_checks=",".join(config.warning_checks), **baseline)
+        schema=schema_importer.outputs["schema"], warning_checks=",".join(config.warning_checks),
+        min_imputed_presence=config.min_imputed_presence, min_drift_rows=config.min_drift_rows, **baseline)
     gate = DataGate(anomalies=validator.outputs["anomalies"], statistics=statistics_gen.outputs["statistics"],
                     examples=example_gen.outputs["examples"]).with_id(GATE_ID)
     components += [validator, gate]

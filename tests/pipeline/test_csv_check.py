@@ -105,8 +105,8 @@ def real_rows(real_export_csv) -> str:
 
 def _remedy(message: str) -> str:
     """The shell command an error message offers as the fix."""
-    return message.split("convert it: ")[-1].split(" (its numbers")[0] if "convert it: " in message \
-        else message.split("convert it, e.g. ")[-1]
+    marker = "convert it: " if "convert it: " in message else "convert it, e.g. "
+    return message.split(marker)[-1].split(" (it also writes")[0]
 
 
 def _refused(folder: pathlib.Path, schema) -> str:
@@ -141,10 +141,11 @@ def test_a_semicolon_file_is_named_and_its_remedy_works(tmp_path, schema, real_r
     message = _refused(folder, schema)
     assert f"{path}: its header has one field, 'source_year;year;month;" in message
     assert "semicolon-separated (31 names split by ';')" in message
-    assert "decimal commas, e.g. 7,5: write them with a point" in message
+    assert "also writes the decimal commas of its numbers, e.g. 7,5, with a point" in message
     subprocess.run(_remedy(message), shell=True, check=True)
     converted = csv_check.check_csv_files(folder, "*.csv", schema)
-    assert converted.rows == 200 and "is not a number" in converted.notes[0]  # the decimal commas, as said
+    assert (converted.rows, converted.notes) == (200, [])
+    assert path.read_text() == real_rows  # exactly what BigQuery wrote
     assert [p.name for p in folder.iterdir()] == ["a.csv"]
 
 
@@ -166,3 +167,39 @@ def test_other_encodings_are_named_and_their_remedy_works(tmp_path, schema, real
     assert csv_check.check_csv_files(tmp_path, "*.csv", schema).rows == 200
     assert "Québec" in path.read_text(encoding="utf-8")
 
+
+
+def test_lines_ending_in_a_carriage_return_alone_are_named_and_their_remedy_works(tmp_path, schema, real_rows):
+    path = tmp_path / "a.csv"
+    path.write_bytes(real_rows.replace("\n", "\r").encode())
+    message = _refused(tmp_path, schema)
+    assert f"{path}: its lines end in a carriage return alone" in message
+    subprocess.run(_remedy(message), shell=True, check=True)
+    assert csv_check.check_csv_files(tmp_path, "*.csv", schema).rows == 200
+
+
+def test_an_unbalanced_quote_is_named_with_its_line(tmp_path, schema, real_rows):
+    lines = real_rows.splitlines(keepends=True)
+    lines[5] = lines[5].replace(",true,", ',"true,', 1)  # the quote is never closed: the rest is one value
+    path = _write(tmp_path, "a.csv", "".join(lines) + ",".join(["x" * 140_000] * 2) + "\n")
+    message = _refused(tmp_path, schema)
+    assert f"{path}, line " in message and "unbalanced quote" in message
+
+
+def test_files_after_a_bad_header_are_compared_with_the_first_usable_one(tmp_path, schema, real_rows):
+    _write(tmp_path, "a.csv", real_rows.replace(",", ";"))
+    _write(tmp_path, "b.csv", real_rows)
+    header, rows = real_rows.split("\n", 1)
+    names = header.split(",")
+    names[0], names[1] = names[1], names[0]
+    _write(tmp_path, "c.csv", ",".join(names) + "\n" + rows)
+    message = _refused(tmp_path, schema)
+    assert "c.csv: its header differs from " in message and "b.csv's" in message
+
+
+def test_the_report_stops_after_ten_problems_and_says_how_many_files_were_left(tmp_path, schema, real_rows):
+    for number in range(12):
+        (tmp_path / f"{number:02}.csv").write_bytes(real_rows.encode("utf-16"))
+    message = _refused(tmp_path, schema)
+    assert message.count("the file is UTF-16 text") == 10
+    assert "(stopped after 10 problems; 2 file(s) not checked)" in message

@@ -3,6 +3,7 @@ import json
 import shutil
 
 from pipeline import config as config_lib
+from pipeline import csv_example_gen
 from pipeline import pipeline as pipeline_lib
 
 
@@ -35,6 +36,10 @@ def test_config_reaches_the_components():
     warned = _components(config_lib.load_config(overrides={"warning_checks": "drift,unexpected"}))
     assert warned["DataValidator"].exec_properties["warning_checks"] == "drift,unexpected"
     assert "/tmp/somewhere/serving_model" in str(components["Pusher"].exec_properties["push_destination"])
+    assert components["CsvExampleGen"].executor_spec.executor_class is csv_example_gen.Executor
+    tuned = _components(config_lib.load_config(overrides={"min_imputed_presence": "0.35", "min_drift_rows": "5000"}))
+    assert tuned["DataValidator"].exec_properties["min_imputed_presence"] == 0.35
+    assert tuned["DataValidator"].exec_properties["min_drift_rows"] == 5000
 
 
 def test_model_code_changes_change_the_cache_key(tmp_path):

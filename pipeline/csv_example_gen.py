@@ -6,7 +6,6 @@ with quotes (R's write.csv) keeps them in every name. Here the header is parsed 
 without the mark; everything else (reading the rows, CRLF line ends included, inferring types, splits,
 spans, fingerprints, caching) is TFX's own executor.
 """
-import csv
 from typing import List
 
 import apache_beam as beam
@@ -16,14 +15,13 @@ from tfx.dsl.components.base import executor_spec
 from tfx.dsl.io import fileio
 from tfx_bsl.coders import csv_decoder
 
-BYTE_ORDER_MARK = "\ufeff"
+from pipeline import csv_check
 
 
 def column_names(path: str) -> List[str]:
-    """The column names in a CSV file's first line."""
+    """The column names in a CSV file's first line, as the CSV check reads them."""
     with fileio.open(path, "rb") as handle:
-        first_line = handle.readline().decode("utf-8")
-    return [name.strip() for name in next(csv.reader([first_line.lstrip(BYTE_ORDER_MARK)]), [])]
+        return csv_check.header_names(handle.readline().decode("utf-8"))
 
 
 class _CsvToExample(csv_executor._CsvToExample):  # pylint: disable=protected-access
@@ -40,7 +38,8 @@ class _CsvToExample(csv_executor._CsvToExample):  # pylint: disable=protected-ac
         parsed_csv_lines = (
             pipeline
             | "CreateFilenames" >> beam.Create(csv_files)
-            | "ReadFromText" >> beam.ParDo(csv_executor._ReadCsvRecordsFromTextFile())  # pylint: disable=protected-access
+            | "ReadFromText" >> beam.ParDo(
+                csv_executor._ReadCsvRecordsFromTextFile())  # pylint: disable=protected-access
             | "ParseCSVLine" >> beam.ParDo(csv_decoder.ParseCSVLine(delimiter=","))
             | "ExtractParsedCSVLines" >> beam.Keys())
         column_infos = beam.pvalue.AsSingleton(

@@ -7,7 +7,7 @@ import tensorflow as tf
 from tfx.components.example_gen.csv_example_gen import executor as tfx_csv_executor
 
 from models import features
-from pipeline import example_gen
+from pipeline import csv_example_gen
 
 ROWS = 300
 
@@ -19,7 +19,7 @@ def plain_text(real_export_csv) -> str:
         return "".join(next(handle) for _ in range(ROWS + 1))
 
 
-def _examples(folder: pathlib.Path, to_example=example_gen._CsvToExample):
+def _examples(folder: pathlib.Path, to_example=csv_example_gen._CsvToExample):
     """The tf.Examples an ExampleGen transform makes of the CSV files in `folder`, sorted."""
     output = folder.parent / f"{folder.name}-examples"
     with beam.Pipeline() as pipeline:
@@ -65,4 +65,4 @@ def test_tfx_own_reader_is_what_this_fixes(tmp_path, plain_text):
 def test_column_names_strip_the_mark_and_quotes(tmp_path):
     path = tmp_path / "a.csv"
     path.write_bytes(b'\xef\xbb\xbf"source_year", year ,month\r\n2005,2005,1\r\n')
-    assert example_gen.column_names(str(path)) == ["source_year", "year", "month"]
+    assert csv_example_gen.column_names(str(path)) == ["source_year", "year", "month"]
