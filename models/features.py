@@ -98,6 +98,8 @@ FEATURES: Tuple[Column, ...] = tuple(c for c in COLUMNS if c.role is Role.FEATUR
 # and the father's age may be unknown, and a request may leave them out.
 REQUIRED_FEATURES: Tuple[Column, ...] = tuple(c for c in FEATURES if c.required)
 OPTIONAL_FEATURES: Tuple[Column, ...] = tuple(c for c in FEATURES if not c.required)
+# The features the model imputes (it has a missing indicator for them and is trained with them removed).
+OPTIONAL_NAMES = frozenset(c.name for c in OPTIONAL_FEATURES)
 
 # Pairs of categorical ids (see `id_sizes`) crossed for the wide part of the model: multiples are
 # born earlier, and the gestation effect differs between boys and girls.

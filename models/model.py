@@ -10,7 +10,7 @@ The exported SavedModel carries the TF Transform graph, so every signature takes
 """
 import logging
 import math
-from typing import Any, Dict, List, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import tensorflow as tf
 import tensorflow_transform as tft
@@ -32,9 +32,11 @@ MAX_MASKED_COPIES = 8
 # costs about as much as a step of this model (1,500 steps: 16 s -> 12 s).
 STEPS_PER_EXECUTION = 20
 FILE_SPANS_KEY = "file_spans"  # set by the pipeline's Trainer executor: {file pattern: span}
-# Features never shown to the model (removed from every row): a model "trained without" them, the reference
-# that the serving-contract tests and `make quality` compare a model asked without them against.
-DROPPED_KEY = "dropped_features"
+# {feature: share of training rows that keep its value}, the rest lose it: 0 trains a model "without" the
+# feature, the reference that the serving-contract tests and `make quality --ablations` compare a model asked
+# without it against; a share between 0 and 1 is a span where the feature is that rare (`make quality
+# --presence`, the measurement behind the pipeline's min_imputed_presence).
+PRESENCE_KEY = "feature_presence"
 
 # TensorFlow's AutoGraph leaves the `keras` package unconverted, as Keras code runs as it is in graphs,
 # but not its Keras 2 twin `tf_keras` that TFX 1.16 needs: converting it costs about 30 s of the
@@ -102,36 +104,41 @@ def sparse_raw(dense: Dict[str, tf.Tensor], raw_spec: Dict[str, Any]) -> Dict[st
     return raw
 
 
-def mask_features(dense: Dict[str, tf.Tensor], mask_rate: float, dropped: Sequence[str] = ()) -> Dict[str, tf.Tensor]:
+def mask_features(dense: Dict[str, tf.Tensor], mask_rate: float,
+                  presence: Optional[Mapping[str, float]] = None) -> Dict[str, tf.Tensor]:
     """Training rows as requests send them: a `mask_rate` share of rows lose some of their optional features.
 
     In such a row each optional feature is removed with a probability drawn for the row, uniform in [0, 1],
     so rows lacking one feature and rows lacking all of them are both common: clients leave out several
-    at once. Features in `dropped` are removed from every row. The transform graph then treats a removed
-    value exactly as a missing one, as it does at serving time.
+    at once. A feature in `presence` also keeps its value in only that share of rows, chosen at random
+    (0: in none), as in a span where it is that rare. The transform graph then treats a removed value
+    exactly as a missing one, as it does at serving time.
     """
-    unknown = sorted(set(dropped) - {c.name for c in features.FEATURES})
+    presence = dict(presence or {})
+    unknown = sorted(set(presence) - {c.name for c in features.FEATURES})
     if unknown:
-        raise ValueError(f"cannot drop {', '.join(unknown)}: not among the model features "
+        raise ValueError(f"cannot remove {', '.join(unknown)}: not among the model features "
                          f"{', '.join(c.name for c in features.FEATURES)}")
     rows = tf.shape(dense[features.LABEL.name])
     partial = tf.random.uniform(rows) < mask_rate
     share = tf.random.uniform(rows)
     masked = dict(dense)
     for column in features.FEATURES:
-        if column.name in dropped:
-            drop = tf.fill(rows, True)
-        elif column.required or not mask_rate:
+        masks = []
+        if mask_rate and not column.required:
+            masks.append(partial & (tf.random.uniform(rows) < share))
+        if column.name in presence:
+            masks.append(tf.random.uniform(rows) >= presence[column.name])
+        if not masks:
             continue
-        else:
-            drop = partial & (tf.random.uniform(rows) < share)
+        drop = masks[0] if len(masks) == 1 else masks[0] | masks[1]
         value = dense[column.name]
         masked[column.name] = tf.where(drop, tf.fill(rows, "" if value.dtype == tf.string else float("nan")), value)
     return masked
 
 
 def _input_fn(file_patterns: List[str], weights: Dict[str, float], tf_transform_output: tft.TFTransformOutput,
-              batch_size: int, shuffle: bool, mask_rate: float = 0.0, dropped: Sequence[str] = (),
+              batch_size: int, shuffle: bool, mask_rate: float = 0.0, presence: Optional[Mapping[str, float]] = None,
               masked_copies: int = 1) -> tf.data.Dataset:
     """Raw examples of each span, masked by `mask_features`, transformed by the Transform graph, as
     (features, label, weight).
@@ -146,7 +153,7 @@ def _input_fn(file_patterns: List[str], weights: Dict[str, float], tf_transform_
 
     def transform(records: tf.Tensor, recency: tf.Tensor):
         parsed = tf.io.parse_example(records, raw_spec)
-        dense = mask_features({name: dense_raw(value) for name, value in parsed.items()}, mask_rate, dropped)
+        dense = mask_features({name: dense_raw(value) for name, value in parsed.items()}, mask_rate, presence)
         transformed = tft_layer(sparse_raw(dense, raw_spec))
         batch = {key: tf.reshape(value, [-1]) for key, value in transformed.items()}
         label = batch.pop(features.label_key())
@@ -161,7 +168,8 @@ def _input_fn(file_patterns: List[str], weights: Dict[str, float], tf_transform_
     dataset = parts[0]
     for part in parts[1:]:
         dataset = dataset.concatenate(part)
-    copies = masked_copies if mask_rate else 1  # dropping alone is the same in every copy
+    random = mask_rate or any(0 < share < 1 for share in (presence or {}).values())
+    copies = masked_copies if random else 1  # without randomness every copy is the same
     dataset = dataset.repeat(copies).map(transform, num_parallel_calls=tf.data.AUTOTUNE).unbatch().cache()
     if shuffle:
         dataset = dataset.shuffle(SHUFFLE_BUFFER, reshuffle_each_iteration=True)
@@ -266,7 +274,7 @@ def run_fn(fn_args: tfx.components.FnArgs) -> None:
         _count_records(fn_args.train_files), batch_size, hyperparameters["train_epochs"],
         hyperparameters["min_train_steps"])
     train_dataset = _input_fn(fn_args.train_files, weights, tf_transform_output, batch_size, shuffle=True,
-                              mask_rate=hyperparameters["mask_rate"], dropped=hyperparameters.get(DROPPED_KEY, ()),
+                              mask_rate=hyperparameters["mask_rate"], presence=hyperparameters.get(PRESENCE_KEY),
                               masked_copies=min(epochs, MAX_MASKED_COPIES))
     eval_dataset = _input_fn(fn_args.eval_files, weights, tf_transform_output, batch_size, shuffle=False)
     with strategy.scope():

@@ -57,6 +57,8 @@ class PipelineConfig:
     training_window_spans: int  # Transform and Trainer read the last this many validated spans
     recency_half_life_spans: float  # a span this many spans older weighs half as much in training (0 = equal)
     warning_checks: Tuple[str, ...]  # checks (pipeline/checks.py) whose anomalies warn; all others stop the run
+    min_imputed_presence: float  # a feature the model imputes blocks a span only in fewer training rows than this
+    min_drift_rows: int  # drift blocks only when both spans' train splits have at least this many rows
     orchestrator: str = "local"  # local: LocalDagRunner here; vertex: Vertex Pipelines, Dataflow, Vertex AI
     tpu_address: str = ""  # strategy tpu: the TPU to connect to ('' = the training job's own)
     # Google Cloud, for the vertex orchestrator
@@ -226,12 +228,15 @@ def _check(config: PipelineConfig, profile_path: pathlib.Path) -> None:
     if unknown_checks:
         raise ConfigError(f"warning_checks: unknown check(s) {', '.join(unknown_checks)}; "
                           f"known: {', '.join(CHECKS)}")
+    if config.min_drift_rows < 0:
+        raise ConfigError(f"min_drift_rows must be 0 (always a verdict) or positive, not {config.min_drift_rows}")
     if config.training_window_spans < 1:
         raise ConfigError(f"training_window_spans must be at least 1, not {config.training_window_spans}")
     if config.recency_half_life_spans < 0:
         raise ConfigError(f"recency_half_life_spans must be 0 (off) or positive, not {config.recency_half_life_spans}")
-    if not 0 <= config.mask_rate <= 1:
-        raise ConfigError(f"mask_rate must be between 0 and 1, not {config.mask_rate}")
+    for name in ("mask_rate", "min_imputed_presence"):
+        if not 0 <= getattr(config, name) <= 1:
+            raise ConfigError(f"{name} must be between 0 and 1, not {getattr(config, name)}")
     if config.train_epochs <= 0:
         raise ConfigError(f"train_epochs must be positive, not {config.train_epochs}")
     if config.orchestrator not in ORCHESTRATORS:

@@ -2,6 +2,7 @@
 
     make quality                                  # the team's real export and the course files in ../shared
     make quality ARGS="--ablations"               # also train one model per optional feature without it
+    make quality ARGS="--presence"                # also train models on spans where optional features are rare
     make quality ARGS="--export my.csv --course-dir my_samples/"
 
 Runs the pipeline on a real export (cached when rerun), then scores the pushed model through its
@@ -9,6 +10,9 @@ Runs the pipeline on a real export (cached when rerun), then scores the pushed m
 - on the run's eval split (rows a client could send: the required features known), with all features
   and with each optional feature missing; next to gradient-boosted trees fit without that feature and,
   with --ablations, the same model trained without it (the serving contract's goal: within 3%);
+- with --presence, models trained where the optional features are rare (each alone and all at once, in a
+  share of the training rows), asked with and without them: how rare a feature may be in a span before
+  the model answers worse with it than without it (the pipeline's min_imputed_presence);
 - on each sample in the course's layouts (data/course.py), with the features the file has, with
   `mother_married` left out or set to "true" (a guess a client might make); next to trees fit on the
   export's training rows with exactly the file's features, trees fit on all model features (the run
@@ -22,7 +26,7 @@ import pathlib
 import shutil
 import tempfile
 import types
-from typing import Callable, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 import pandas as pd
@@ -36,6 +40,9 @@ from pipeline import summary
 
 SHARED_NATALITY = config_lib.PROJECT_ROOT.parent / "shared" / "data" / "natality"
 MARRIED = "mother_married"
+# --presence: the feature whose share of rows changes most with the year in the real table, and the shares.
+PRESENCE_FEATURES = ("ever_born",)
+PRESENCE_SHARES = (1.0, 0.3, 0.1, 0.03, 0.0)  # and the config's min_imputed_presence
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,9 +116,10 @@ def predictor(saved_model_dir: str) -> Callable[[pd.DataFrame], np.ndarray]:
     return predict
 
 
-def train_without(config: config_lib.PipelineConfig, artifacts: RunArtifacts, name: str, out_dir: pathlib.Path,
-                  seed: int = 1) -> str:
-    """The run's model trained again on the same data and transform with one feature never seen; its SavedModel."""
+def train_with_presence(config: config_lib.PipelineConfig, artifacts: RunArtifacts, presence: Dict[str, float],
+                        out_dir: pathlib.Path, seed: int = 1) -> str:
+    """The run's model trained again on the same data and transform with features kept in only a share of
+    the rows (models/model.py, PRESENCE_KEY; 0: never seen); its SavedModel."""
     import tensorflow as tf
 
     from models import model
@@ -119,7 +127,7 @@ def train_without(config: config_lib.PipelineConfig, artifacts: RunArtifacts, na
 
     tf.keras.utils.set_random_seed(seed)
     model.run_fn(types.SimpleNamespace(
-        custom_config=dict(model_config(config, code_fingerprint()), **{model.DROPPED_KEY: [name]}),
+        custom_config=dict(model_config(config, code_fingerprint()), **{model.PRESENCE_KEY: presence}),
         transform_output=artifacts.transform_graph, train_files=artifacts.train_files,
         eval_files=artifacts.eval_files, serving_model_dir=str(out_dir / "serving"),
         model_run_dir=str(out_dir / "logs")))
@@ -153,9 +161,29 @@ def eval_split_table(config: config_lib.PipelineConfig, artifacts: RunArtifacts,
         record = {"request": f"without {column.name}", "rows": len(rows), "model": _rmse(model, asked),
                   "trees": _rmse(_trees(train, others), asked)}
         if ablations:
-            retrained = predictor(train_without(config, artifacts, column.name, work / column.name))
+            retrained = predictor(train_with_presence(config, artifacts, {column.name: 0.0}, work / column.name))
             record["model trained without it"] = _rmse(retrained, asked)
         records.append(record)
+    return pd.DataFrame(records)
+
+
+def presence_table(config: config_lib.PipelineConfig, artifacts: RunArtifacts, shares: Sequence[float],
+                   work: pathlib.Path) -> pd.DataFrame:
+    """RMSE on the eval split of models trained with optional features in only a share of the rows."""
+    rows = accepted(read_rows(artifacts.eval_files))
+    groups = {column.name: [column.name] for column in features.OPTIONAL_FEATURES
+              if column.name in PRESENCE_FEATURES}
+    groups["all optional features"] = [column.name for column in features.OPTIONAL_FEATURES]
+    records = []
+    for label, names in groups.items():
+        asked_without = rows
+        for name in names:
+            asked_without = without(asked_without, name)
+        for share in shares:
+            folder = work / f"{label}-{share}".replace(" ", "_")
+            model = predictor(train_with_presence(config, artifacts, {name: share for name in names}, folder))
+            records.append({"rare in training": label, "share of rows": share, "rows": len(rows),
+                            "asked with them": _rmse(model, rows), "asked without them": _rmse(model, asked_without)})
     return pd.DataFrame(records)
 
 
@@ -190,6 +218,8 @@ def main(argv=None) -> int:
     parser.add_argument("--course-dir", type=pathlib.Path, default=SHARED_NATALITY)
     parser.add_argument("--output-dir", type=pathlib.Path, default=config_lib.PROJECT_ROOT / "outputs" / "quality")
     parser.add_argument("--ablations", action="store_true", help="train one model per optional feature without it")
+    parser.add_argument("--presence", action="store_true",
+                        help="train models with optional features in only a share of the training rows")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args(argv)
     if not args.export.is_file():
@@ -221,6 +251,11 @@ def main(argv=None) -> int:
         print(f"RMSE (lb) of model {artifacts.pushed} on the run's eval split ({args.export.name}):")
         print(eval_split_table(config, artifacts, model, train, args.ablations, pathlib.Path(work)).to_string(
             index=False))
+        if args.presence:
+            print(f"\nRMSE (lb) on the same rows of models trained with features in only a share of the rows "
+                  f"(the pipeline blocks a span below min_imputed_presence = {config.min_imputed_presence}):")
+            shares = sorted(set(PRESENCE_SHARES) | {config.min_imputed_presence}, reverse=True)
+            print(presence_table(config, artifacts, shares, pathlib.Path(work)).to_string(index=False))
     print(f"\nRMSE (lb) on the samples in {args.course_dir} (rows lacking a required feature left out):")
     print(course_table(args.course_dir, model, train).to_string(index=False))
     logging.info("quality tables printed")

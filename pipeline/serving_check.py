@@ -131,7 +131,9 @@ def check_requests(requests: Sequence[Dict[str, Any]], schema: schema_pb2.Schema
     """Requests lacking a required feature, anomalies against the SERVING environment, then skew against training."""
     serving = statistics_of(requests, schema)
     found = contract_findings(requests)
-    found += findings(validate_split(serving, schema, None, environment=SERVING), "serving", ())
+    # The contract lets a request leave an optional feature out; one that no request carries is still reported.
+    found += [f for f in findings(validate_split(serving, schema, None, environment=SERVING), "serving", ())
+              if not (f.check == "presence" and f.feature in features.OPTIONAL_NAMES)]
     skew = tfdv.validate_statistics(csv_presence(training), schema, serving_statistics=csv_presence(serving))
     found += [dataclasses.replace(f, check="skew") for f in findings(skew, "serving vs training", ())
               if f.check == "drift"]

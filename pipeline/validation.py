@@ -11,7 +11,7 @@ import dataclasses
 import json
 import logging
 import os
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import tensorflow_data_validation as tfdv
 from tensorflow_metadata.proto.v0 import anomalies_pb2, schema_pb2, statistics_pb2
@@ -19,6 +19,8 @@ from tfx import v1 as tfx
 from tfx.types import artifact_utils
 from tfx.utils import io_utils
 
+from models import features
+from pipeline.baseline import TRAIN_SPLIT
 from pipeline.checks import QUESTIONS, check_of
 from pipeline.spans import span_of
 
@@ -28,7 +30,10 @@ VERDICT_FILE = "verdict.json"
 ENVIRONMENT = "TRAINING"
 # Drift is measured on the train split only: the eval split is a hash sample of the same span, a
 # quarter of the size, so its distances would add sampling noise and no information.
-DRIFT_SPLIT = "train"
+DRIFT_SPLIT = TRAIN_SPLIT
+WHAT_TO_DO = ("What to do (README, When a run is blocked): if the data is wrong, fix the files and rerun; if the "
+              "change is real, update schema/schema.pbtxt, or let the check warn for a run with "
+              "--set warning_checks={checks}, and rerun.")
 
 
 class DataValidationError(RuntimeError):
@@ -70,7 +75,7 @@ class Verdict:
         splits: Dict[tuple, List[str]] = {}
         first: Dict[tuple, Finding] = {}
         for finding in self.blocking if blocking_only else self.findings:
-            key = (finding.check, finding.feature, finding.kind)
+            key = (finding.check, finding.feature, finding.kind, finding.blocking)
             splits.setdefault(key, []).append(finding.split)
             first.setdefault(key, finding)
         return [first[key].line(", ".join(names)) for key, names in splits.items()]
@@ -163,6 +168,42 @@ def findings(anomalies: anomalies_pb2.Anomalies, split: str, warning_checks: Seq
     return result
 
 
+def presence_fractions(statistics: statistics_pb2.DatasetFeatureStatisticsList) -> Dict[str, float]:
+    """The share of examples with a value of each feature (a NULL CSV field counts as none)."""
+    result = {}
+    for feature in csv_presence(statistics).datasets[0].features:
+        kind = feature.WhichOneof("stats")
+        if kind in ("num_stats", "string_stats", "bytes_stats"):
+            common = getattr(feature, kind).common_stats
+            total = common.num_non_missing + common.num_missing
+            result[feature.path.step[-1]] = common.num_non_missing / total if total else 0.0
+    return result
+
+
+def imputed_presence(found: List[Finding], fractions: Dict[str, float], min_fraction: float) -> List[Finding]:
+    """`found` with the presence anomalies of features the model imputes blocking only where it can't be trusted.
+
+    The schema's presence floors come from the real export's years: a feature below its floor is unusual
+    and reported. For a feature the model imputes (an optional feature of the serving contract) that alone
+    is no reason to stop a span: it blocks only when also below `min_fraction` of the training rows, where
+    the model's answers get markedly worse (README, Presence by year). So a span blocks below the lower of
+    the two levels. The eval split only warns: it trains nothing.
+    """
+    result = []
+    for finding in found:
+        if finding.check != "presence" or finding.feature not in features.OPTIONAL_NAMES or not finding.blocking:
+            result.append(finding)
+            continue
+        fraction = fractions.get(finding.feature, 0.0)
+        untrusted = finding.split == TRAIN_SPLIT and fraction < min_fraction
+        note = (f" [the model imputes {finding.feature}; present in {fraction:.1%} of {finding.split} rows, "
+                + (f"below {min_fraction:.0%}: too few to train on]" if untrusted
+                   else f"at least {min_fraction:.0%} of training rows: reported, not blocking]"
+                   if finding.split == TRAIN_SPLIT else "the eval split trains nothing: reported, not blocking]"))
+        result.append(dataclasses.replace(finding, description=finding.description + note, blocking=untrusted))
+    return result
+
+
 def validate_split(current: statistics_pb2.DatasetFeatureStatisticsList, schema: schema_pb2.Schema,
                    previous: Optional[statistics_pb2.DatasetFeatureStatisticsList],
                    environment: str = ENVIRONMENT) -> anomalies_pb2.Anomalies:
@@ -172,19 +213,54 @@ def validate_split(current: statistics_pb2.DatasetFeatureStatisticsList, schema:
         previous_statistics=csv_presence(previous) if previous is not None else None)
 
 
+def small_span_drift(found: List[Finding], rows: int, previous_rows: int, min_rows: int) -> List[Finding]:
+    """`found` with drift reported, not blocking, when either span's train split has fewer than `min_rows` rows.
+
+    Between two random halves of one year of the real export, TFDV's distances at 150 rows reach the
+    thresholds by chance alone (README, Data validation), so a distance between small spans says little.
+    """
+    if rows >= min_rows and previous_rows >= min_rows:
+        return found
+    note = (f" [{rows} rows against {previous_rows}: under min_drift_rows ({min_rows}) a distance is mostly "
+            "sampling noise: reported, not blocking]")
+    return [dataclasses.replace(f, description=f.description + note, blocking=False)
+            if f.check == "drift" and f.blocking else f for f in found]
+
+
+def validate_span(current: Dict[str, statistics_pb2.DatasetFeatureStatisticsList], schema: schema_pb2.Schema,
+                  previous: Optional[statistics_pb2.DatasetFeatureStatisticsList], warning_checks: Sequence[str],
+                  min_imputed_presence: float,
+                  min_drift_rows: int) -> Tuple[Dict[str, anomalies_pb2.Anomalies], List[Finding]]:
+    """TFDV's anomalies of each split of a span (drift on the train split only), and the findings they make."""
+    results, found = {}, []
+    for split, statistics in current.items():
+        results[split] = validate_split(statistics, schema, previous if split == DRIFT_SPLIT else None)
+        split_found = imputed_presence(findings(results[split], split, warning_checks),
+                                       presence_fractions(statistics), min_imputed_presence)
+        if split == DRIFT_SPLIT and previous is not None:
+            split_found = small_span_drift(split_found, statistics.datasets[0].num_examples,
+                                           previous.datasets[0].num_examples, min_drift_rows)
+        found.extend(split_found)
+    return results, found
+
+
 @tfx.dsl.components.component
 def DataValidator(
     examples: tfx.dsl.components.InputArtifact[tfx.types.standard_artifacts.Examples],
     statistics: tfx.dsl.components.InputArtifact[tfx.types.standard_artifacts.ExampleStatistics],
     schema: tfx.dsl.components.InputArtifact[tfx.types.standard_artifacts.Schema],
     anomalies: tfx.dsl.components.OutputArtifact[tfx.types.standard_artifacts.ExampleAnomalies],
+    min_imputed_presence: tfx.dsl.components.Parameter[float],
+    min_drift_rows: tfx.dsl.components.Parameter[int],
     previous_examples: tfx.dsl.components.InputArtifact[tfx.types.standard_artifacts.Examples] = None,
     previous_statistics: tfx.dsl.components.InputArtifact[tfx.types.standard_artifacts.ExampleStatistics] = None,
     warning_checks: tfx.dsl.components.Parameter[str] = "",
 ) -> None:
     """Validates each split of the new span (`statistics` of `examples`) against the schema and, when given,
     its train split against the previous validated span's; checks named in `warning_checks` (comma-separated)
-    report but don't block."""
+    report but don't block, a feature the model imputes blocks on presence only below
+    `min_imputed_presence` of the training rows (`imputed_presence`), and drift blocks only between train
+    splits of at least `min_drift_rows` rows (`small_span_drift`)."""
     schema_proto = tfdv.load_schema_text(io_utils.get_only_uri_in_dir(schema.uri))
     current = {split: load_statistics(statistics.uri, split)
                for split in artifact_utils.decode_split_names(statistics.split_names)}
@@ -193,11 +269,9 @@ def DataValidator(
     span = span_of(examples.mlmd_artifact)
     anomalies.split_names = artifact_utils.encode_split_names(list(current))
     anomalies.span = span
-    found: List[Finding] = []
-    for split, split_statistics in current.items():
-        result = validate_split(split_statistics, schema_proto, previous if split == DRIFT_SPLIT else None)
+    results, found = validate_span(current, schema_proto, previous, warn, min_imputed_presence, min_drift_rows)
+    for split, result in results.items():
         io_utils.write_bytes_file(split_file(anomalies.uri, split, ANOMALIES_FILE), result.SerializeToString())
-        found.extend(findings(result, split, warn))
     has_baseline = previous_statistics is not None and previous_examples is not None
     verdict = Verdict(span, span_of(previous_examples.mlmd_artifact) if has_baseline else None,
                       previous_statistics.uri if has_baseline else "", found)
@@ -224,5 +298,6 @@ def DataGate(
     if blocking:
         raise DataValidationError(
             f"span {verdict.span} failed data validation ({len(blocking)} blocking "
-            f"anomal{'y' if len(blocking) == 1 else 'ies'}):\n  " + "\n  ".join(blocking))
+            f"anomal{'y' if len(blocking) == 1 else 'ies'}):\n  " + "\n  ".join(blocking) + "\n"
+            + WHAT_TO_DO.format(checks=",".join(sorted({f.check for f in verdict.blocking}))))
     logging.info("span %d passed validation: examples %s, statistics %s", verdict.span, examples.uri, statistics.uri)

@@ -59,10 +59,32 @@ def test_a_request_without_an_optional_feature_is_answered_about_as_well_as_by_a
         name, real_export_run, artifacts, served_predict, requests, tmp_path):
     config, _ = real_export_run
     asked_without = _rmse(served_predict, quality.without(requests, name))
-    retrained = quality.predictor(quality.train_without(config, artifacts, name, tmp_path))
+    retrained = quality.predictor(quality.train_with_presence(config, artifacts, {name: 0.0}, tmp_path))
     reference = _rmse(retrained, quality.without(requests, name))
     assert asked_without <= MISSING_FEATURE_TOLERANCE * reference, (asked_without, reference)
     assert asked_without < _rmse(served_predict, requests) + 0.05
+
+
+def test_min_imputed_presence_is_where_a_rare_feature_stops_costing_little(
+        real_export_run, artifacts, served_predict, requests, tmp_path):
+    """The level below which a span blocks on an imputed feature's presence (README, Data validation): trained
+    with every optional feature in that share of the rows, the model stays close to the served one; trained
+    with them in almost no row, it answers worse with them than without them."""
+    config, _ = real_export_run
+    optional = [c.name for c in features.OPTIONAL_FEATURES]
+    asked_without = requests
+    for name in optional:
+        asked_without = quality.without(asked_without, name)
+
+    def trained(share):
+        folder = tmp_path / str(share)
+        return quality.predictor(quality.train_with_presence(config, artifacts, dict.fromkeys(optional, share), folder))
+
+    at_level = trained(config.min_imputed_presence)
+    assert _rmse(at_level, requests) < 1.02 * _rmse(served_predict, requests)
+    assert _rmse(at_level, requests) < _rmse(at_level, asked_without)
+    rare = trained(0.03)
+    assert _rmse(rare, requests) > _rmse(rare, asked_without)
 
 
 @pytest.mark.parametrize("name", [c.name for c in features.REQUIRED_FEATURES])

@@ -51,7 +51,7 @@ def _raw_rows(rows: int):
 def test_masking_removes_optional_features_in_about_the_configured_share_of_rows_and_never_required_ones():
     import tensorflow as tf
 
-    tf.random.set_seed(3)
+    model.tf.random.set_seed(3)
     rows = 20_000
     masked = model.mask_features(_raw_rows(rows), 0.5)
     for column in features.REQUIRED_FEATURES:
@@ -65,15 +65,24 @@ def test_masking_removes_optional_features_in_about_the_configured_share_of_rows
     np.testing.assert_array_equal(masked[features.LABEL.name].numpy(), 7.5)
 
 
-def test_masking_off_keeps_every_value_and_dropped_features_lose_every_value():
-    rows = _raw_rows(100)
+def test_masking_off_keeps_every_value_and_presence_keeps_its_share():
+    model.tf.random.set_seed(3)
+    rows = _raw_rows(2000)
     unmasked = model.mask_features(rows, 0.0)
     for column in features.FEATURES:
         assert not model.is_missing(column, unmasked[column.name]).numpy().any()
-    dropped = model.mask_features(rows, 0.0, dropped=["father_age", "is_male"])
-    assert model.is_missing(features.BY_NAME["father_age"], dropped["father_age"]).numpy().all()
-    assert model.is_missing(features.BY_NAME["is_male"], dropped["is_male"]).numpy().all()
-    assert not model.is_missing(features.BY_NAME["plurality"], dropped["plurality"]).numpy().any()
+    cut = model.mask_features(rows, 0.0, presence={"father_age": 0.0, "is_male": 0.0, "ever_born": 0.2})
+    assert model.is_missing(features.BY_NAME["father_age"], cut["father_age"]).numpy().all()
+    assert model.is_missing(features.BY_NAME["is_male"], cut["is_male"]).numpy().all()
+    assert 0.17 < 1 - model.is_missing(features.BY_NAME["ever_born"], cut["ever_born"]).numpy().mean() < 0.23
+    assert not model.is_missing(features.BY_NAME["plurality"], cut["plurality"]).numpy().any()
+    both = model.mask_features(rows, 0.5, presence={"ever_born": 1.0, "father_age": 0.5})
+    kept = {name: 1 - model.is_missing(features.BY_NAME[name], both[name]).numpy().mean()
+            for name in ("ever_born", "father_age")}
+    assert 0.7 < kept["ever_born"] < 0.8  # masked as without `presence`: a quarter of the values
+    assert 0.33 < kept["father_age"] < 0.42  # and then half of those kept
+    with pytest.raises(ValueError, match="cannot remove hospital_id: not among the model features"):
+        model.mask_features(rows, 0.0, presence={"hospital_id": 0.0})
 
 
 def test_python_and_graph_agree_on_what_is_missing():

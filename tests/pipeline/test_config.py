@@ -30,6 +30,9 @@ def test_overrides_are_typed_like_the_field():
     ({"warning_checks": "drift,colour"}, "warning_checks: unknown check(s) colour; known: drift, missing"),
     ({"training_window_spans": "0"}, "training_window_spans must be at least 1"),
     ({"recency_half_life_spans": "-1"}, "recency_half_life_spans must be 0 (off) or positive"),
+    ({"min_imputed_presence": "1.5"}, "min_imputed_presence must be between 0 and 1, not 1.5"),
+    ({"mask_rate": "-0.1"}, "mask_rate must be between 0 and 1, not -0.1"),
+    ({"min_drift_rows": "-1"}, "min_drift_rows must be 0 (always a verdict) or positive, not -1"),
 ])
 def test_bad_settings_say_which_and_where(overrides, message):
     with pytest.raises(config_lib.ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):

@@ -16,6 +16,7 @@ class _FailingRunner:
         self.error = error
 
     def run(self, _pipeline):
+        logging.getLogger("absl").error(run_lib.TFX_STEP_FAILED, 8)  # as TFX's launcher logs it
         try:
             raise self.error
         except BaseException as cause:
@@ -50,6 +51,7 @@ def test_a_run_blocked_by_validation_keeps_its_traceback_in_the_log(monkeypatch,
     outcome, console, log = _run(monkeypatch, capsys, logged, error)
     assert not outcome.ok and "span 3 failed data validation" in outcome.summary
     assert "Traceback" not in console and "blocked by data validation" not in console
+    assert "Execution 8 failed" not in console and "Execution 8 failed" in log
     assert "pipeline run blocked by data validation" in log and "Traceback" in log
 
 

@@ -80,8 +80,13 @@ def test_requests_lacking_a_required_feature_are_named_with_their_numbers(reques
     bad[4]["gestation_weeks"] = None
     bad[9]["gestation_weeks"] = 99  # the table's 'unknown' code
     bad[9]["mother_age"] = ""
-    bad[12]["is_male"] = None  # optional: accepted as missing
-    found = {f.feature: f for f in serving_check.check_requests(bad, schema, training) if f.check == "required"}
+    bad[12]["is_male"] = None  # optional: accepted as missing, though every row of the table has one
+    bad[13]["mother_married"] = None
+    every = serving_check.check_requests(bad, schema, training)
+    assert not [f for f in every if f.check == "presence"], every
+    without_ever_born = [{k: v for k, v in row.items() if k != "ever_born"} for row in requests]
+    assert _checks(serving_check.check_requests(without_ever_born, schema, training)) == {("missing", "ever_born")}
+    found = {f.feature: f for f in every if f.check == "required"}
     assert set(found) == {"gestation_weeks", "mother_age"}
     assert found["gestation_weeks"].description.endswith("request(s) 5, 10")
     assert found["mother_age"].blocking and "1 request(s) lack" in found["mother_age"].description

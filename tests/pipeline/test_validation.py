@@ -10,9 +10,10 @@ import pytest
 import tensorflow_data_validation as tfdv
 
 from data import generator
+from pipeline import config as config_lib
 from pipeline import serving_check
 from pipeline.checks import CHECKS, QUESTIONS, check_of
-from pipeline.validation import Verdict, csv_presence, findings, validate_split
+from pipeline.validation import Verdict, csv_presence, findings, validate_span, validate_split
 from tensorflow_metadata.proto.v0 import anomalies_pb2, statistics_pb2
 
 SCHEMA_PATH = pathlib.Path(__file__).resolve().parents[2] / "schema" / "schema.pbtxt"
@@ -112,3 +113,103 @@ def test_csv_nulls_count_as_missing_values():
     common = csv_presence(statistics).datasets[0].features[0].num_stats.common_stats
     assert (common.num_non_missing, common.num_missing, common.min_num_values) == (3, 7, 1)
     assert statistics.datasets[0].features[0].num_stats.common_stats.num_non_missing == 10  # a copy
+
+
+@pytest.fixture(scope="module")
+def real_spans(real_export_csv, schema):
+    """The real export as the pipeline's spans would hold it: by year, and its first and last 2,000 rows,
+    each split train/eval 4:1 (as ExampleGen's hash buckets), as statistics."""
+    rows = serving_check.read_requests(real_export_csv)
+
+    def span(part):
+        return {"train": serving_check.statistics_of([r for i, r in enumerate(part) if i % 5], schema),
+                "eval": serving_check.statistics_of([r for i, r in enumerate(part) if i % 5 == 0], schema)}
+
+    years = sorted({row["year"] for row in rows})
+    result = {f"year {year}": span([r for r in rows if r["year"] == year]) for year in years}
+    result.update({"first 2,000 rows": span(rows[:2000]), "last 2,000 rows": span(rows[-2000:])})
+    return result
+
+
+def _validate(current, schema, previous=None, warning_checks=()):
+    config = config_lib.load_config()
+    return validate_span(current, schema, previous, warning_checks, config.min_imputed_presence,
+                         config.min_drift_rows)[1]
+
+
+def test_every_year_of_the_real_export_and_both_its_ends_pass_validation(real_spans, schema):
+    """The share of rows with ever_born (and other columns) changes with the year: 30% in 2004, 96% in 2006."""
+    assert len(real_spans) == 8
+    for name, span in real_spans.items():
+        blocking = [f.line() for f in _validate(span, schema) if f.blocking]
+        assert not blocking, (name, blocking)
+
+
+def test_years_in_order_pass_and_report_drift_on_small_spans(real_spans, schema):
+    years = [name for name in real_spans if name.startswith("year")]
+    reported = {}
+    for previous, current in zip(years, years[1:]):
+        found = _validate(real_spans[current], schema, real_spans[previous]["train"])
+        assert not [f.line() for f in found if f.blocking], current
+        reported[current] = {f.feature for f in found if f.check == "drift"}
+    # 2008's rows (411 to train on) all have ever_born 8, 2007's mostly 1: reported, under min_drift_rows.
+    assert "ever_born" in reported["year 2008"]
+    assert not reported["year 2007"]  # two large years: no distance above its threshold
+
+
+def test_the_same_drift_between_large_spans_blocks(real_spans, schema):
+    """2005 against 2003-2004's rows would be small; 2008's drift against 2007 blocks once both are large."""
+    config = config_lib.load_config()
+    found = validate_span(real_spans["year 2008"], schema, real_spans["year 2007"]["train"], (),
+                          config.min_imputed_presence, min_drift_rows=400)[1]
+    assert ("drift", "ever_born", True) in {(f.check, f.feature, f.blocking) for f in found}
+
+
+def _with_presence(span: dict, schema, feature: str, share: float, split: str = "train"):
+    """A span whose `split` has `feature` in `share` of its rows (the others NULL)."""
+    requests = serving_check.read_requests(SCHEMA_PATH.parents[1] / "data" / "natality" / "natality.csv")[:1000]
+    value = next(request[feature] for request in requests if request[feature] is not None)
+    for number, request in enumerate(requests):
+        request[feature] = (request[feature] or value) if number < share * len(requests) else None
+    return dict(span, **{split: serving_check.statistics_of(requests, schema)})
+
+
+@pytest.mark.parametrize("feature, share, split, blocks", [
+    ("ever_born", 0.22, "train", False),  # below the schema's floor (0.25), above min_imputed_presence (0.2)
+    ("ever_born", 0.1, "train", True),  # too few training rows: the model would answer worse with it
+    ("ever_born", 0.0, "train", True),
+    ("ever_born", 0.1, "eval", False),  # the eval split trains nothing
+    ("mother_married", 0.9, "train", False),  # always present in the table: reported
+    ("gestation_weeks", 0.7, "train", True),  # required by the serving contract: its floor blocks
+    ("weight_pounds", 0.7, "eval", True),  # the label
+])
+def test_presence_blocks_an_imputed_feature_only_where_the_model_cant_be_trusted(
+        real_spans, schema, feature, share, split, blocks):
+    found = [f for f in _validate(_with_presence(real_spans["year 2006"], schema, feature, share, split), schema)
+             if f.check == "presence"]
+    assert [(f.feature, f.split) for f in found] == [(feature, split)] * len(found) and found, found
+    assert {f.blocking for f in found} == {blocks}, found
+    if feature == "ever_born":
+        assert f"present in {share:.1%} of {split} rows" in found[0].description
+
+
+def test_presence_can_be_made_a_warning(real_spans, schema):
+    span = _with_presence(real_spans["year 2006"], schema, "ever_born", 0.0)
+    assert not [f for f in _validate(span, schema, warning_checks=("presence",)) if f.blocking]
+
+
+def test_drift_between_random_halves_of_one_year_is_noise_below_min_drift_rows(real_export_csv, schema):
+    """Why min_drift_rows (README, Presence by year, and small spans): between two random halves of the
+    same year, TFDV's distances cross thresholds at 150 rows and stay under them at min_drift_rows."""
+    import random
+
+    pool = [r for r in serving_check.read_requests(real_export_csv) if r["year"] == "2006"]
+    crossed, limit = {}, config_lib.load_config().min_drift_rows
+    for rows in (150, limit):
+        crossed[rows] = set()
+        for seed in range(4):
+            sample = random.Random(seed).sample(pool, 2 * rows)
+            found = findings(validate_split(serving_check.statistics_of(sample[:rows], schema), schema,
+                                            serving_check.statistics_of(sample[rows:], schema)), "train", ())
+            crossed[rows] |= {f.feature for f in found if f.check == "drift"}
+    assert crossed[150] and not crossed[limit], crossed
