@@ -1,5 +1,6 @@
 """Distribution strategies of the Trainer, chosen by name from the config."""
 import logging
+import tempfile
 
 import tensorflow as tf
 
@@ -34,3 +35,22 @@ def global_batch_size(per_replica_batch_size: int, strategy: tf.distribute.Strat
     size = per_replica_batch_size * strategy.num_replicas_in_sync
     logging.info("batch size %d per replica, %d in all", per_replica_batch_size, size)
     return size
+
+
+def is_chief(strategy: tf.distribute.Strategy) -> bool:
+    """Whether this process writes the model and its logs: the only process, or the chief of a multi-worker
+    cluster (worker 0 where the cluster names no chief), as TensorFlow's multi-worker guide does."""
+    resolver = getattr(strategy, "cluster_resolver", None)
+    cluster = resolver.cluster_spec().as_dict() if resolver is not None else {}
+    if not cluster:
+        return True
+    task_type, task_id = resolver.task_type, resolver.task_id
+    return task_type in (None, "chief") or (task_type == "worker" and task_id == 0 and "chief" not in cluster)
+
+
+def write_dir(path: str, strategy: tf.distribute.Strategy) -> str:
+    """Where this process writes what belongs at `path`: `path` on the chief, a temporary folder of its own
+    on the other workers (they must write too: saving under MultiWorkerMirroredStrategy is collective)."""
+    if is_chief(strategy):
+        return path
+    return tempfile.mkdtemp(prefix=f"babyweight-worker-{strategy.cluster_resolver.task_id}-")

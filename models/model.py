@@ -8,8 +8,10 @@ The exported SavedModel carries the TF Transform graph, so every signature takes
 - `score_examples`: serialized tf.Example -> {"predictions": pounds} for every row (evaluation, monitoring);
 - `transform_features`: serialized tf.Example -> transformed features (TFMA slices and labels on it).
 """
+import json
 import logging
 import math
+import os
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import tensorflow as tf
@@ -18,7 +20,7 @@ from tensorflow.python.autograph.core import config as autograph_config
 from tfx import v1 as tfx
 
 from models import features
-from models.distribution import global_batch_size, select_strategy
+from models.distribution import global_batch_size, select_strategy, write_dir
 from models.preprocessing import dense_raw, is_missing
 
 PREDICTIONS = "predictions"
@@ -32,6 +34,7 @@ MAX_MASKED_COPIES = 8
 # costs about as much as a step of this model (1,500 steps: 16 s -> 12 s).
 STEPS_PER_EXECUTION = 20
 FILE_SPANS_KEY = "file_spans"  # set by the pipeline's Trainer executor: {file pattern: span}
+WEIGHTS_FILE = "recency_weights.json"  # {file pattern: weight} the Trainer used, in its ModelRun folder
 # {feature: share of training rows that keep its value}, the rest lose it: 0 trains a model "without" the
 # feature, the reference that the serving-contract tests and `make quality --ablations` compare a model asked
 # without it against; a share between 0 and 1 is a span where the feature is that rare (`make quality
@@ -88,6 +91,21 @@ def recency_weights(file_spans: Dict[str, int], half_life_spans: float) -> Dict[
     return {pattern: 0.5 ** ((newest - span) / half_life_spans) for pattern, span in file_spans.items()}
 
 
+def file_weights(train_files: List[str], eval_files: List[str], file_spans: Optional[Dict[str, int]],
+                 half_life_spans: float) -> Dict[str, float]:
+    """The recency weight of each train and eval file pattern, from the span map the pipeline's Trainer
+    executor adds (pipeline/spans.py). Without a map (one span, or `run_fn` called outside the pipeline)
+    every file weighs 1; a map that misses a file is an error, not a silent weight of 1."""
+    if file_spans is None:
+        logging.info("no span map: every file weighs 1")
+        return {pattern: 1.0 for pattern in train_files + eval_files}
+    unmapped = [pattern for pattern in train_files + eval_files if pattern not in file_spans]
+    if unmapped:
+        raise ValueError(f"the span map ({', '.join(sorted(file_spans))}) has no span for the Trainer's file "
+                         f"pattern(s) {', '.join(unmapped)}: recency weights can't be given")
+    return recency_weights(file_spans, half_life_spans)
+
+
 def sparse_raw(dense: Dict[str, tf.Tensor], raw_spec: Dict[str, Any]) -> Dict[str, tf.SparseTensor]:
     """Dense raw features ("" or NaN where a row has no value) as the sparse tensors the transform graph takes.
 
@@ -104,15 +122,16 @@ def sparse_raw(dense: Dict[str, tf.Tensor], raw_spec: Dict[str, Any]) -> Dict[st
     return raw
 
 
-def mask_features(dense: Dict[str, tf.Tensor], mask_rate: float,
-                  presence: Optional[Mapping[str, float]] = None) -> Dict[str, tf.Tensor]:
+def mask_features(dense: Dict[str, tf.Tensor], mask_rate: float, presence: Optional[Mapping[str, float]] = None,
+                  seed: Any = (0, 0)) -> Dict[str, tf.Tensor]:
     """Training rows as requests send them: a `mask_rate` share of rows lose some of their optional features.
 
     In such a row each optional feature is removed with a probability drawn for the row, uniform in [0, 1],
     so rows lacking one feature and rows lacking all of them are both common: clients leave out several
     at once. A feature in `presence` also keeps its value in only that share of rows, chosen at random
     (0: in none), as in a span where it is that rare. The transform graph then treats a removed value
-    exactly as a missing one, as it does at serving time.
+    exactly as a missing one, as it does at serving time. The draws are stateless, from `seed` (two
+    integers): the same seed removes the same values, however tf.data orders its parallel calls.
     """
     presence = dict(presence or {})
     unknown = sorted(set(presence) - {c.name for c in features.FEATURES})
@@ -120,15 +139,21 @@ def mask_features(dense: Dict[str, tf.Tensor], mask_rate: float,
         raise ValueError(f"cannot remove {', '.join(unknown)}: not among the model features "
                          f"{', '.join(c.name for c in features.FEATURES)}")
     rows = tf.shape(dense[features.LABEL.name])
-    partial = tf.random.uniform(rows) < mask_rate
-    share = tf.random.uniform(rows)
+    seed = tf.cast(seed, tf.int64)
+    draws = iter(range(2 + 2 * len(features.FEATURES)))
+
+    def uniform() -> tf.Tensor:  # each draw its own stream, folded in from the seed
+        return tf.random.stateless_uniform(rows, seed=tf.random.experimental.stateless_fold_in(seed, next(draws)))
+
+    partial = uniform() < mask_rate
+    share = uniform()
     masked = dict(dense)
     for column in features.FEATURES:
         masks = []
         if mask_rate and not column.required:
-            masks.append(partial & (tf.random.uniform(rows) < share))
+            masks.append(partial & (uniform() < share))
         if column.name in presence:
-            masks.append(tf.random.uniform(rows) >= presence[column.name])
+            masks.append(uniform() >= presence[column.name])
         if not masks:
             continue
         drop = masks[0] if len(masks) == 1 else masks[0] | masks[1]
@@ -139,21 +164,23 @@ def mask_features(dense: Dict[str, tf.Tensor], mask_rate: float,
 
 def _input_fn(file_patterns: List[str], weights: Dict[str, float], tf_transform_output: tft.TFTransformOutput,
               batch_size: int, shuffle: bool, mask_rate: float = 0.0, presence: Optional[Mapping[str, float]] = None,
-              masked_copies: int = 1) -> tf.data.Dataset:
+              masked_copies: int = 1, seed: int = 0) -> tf.data.Dataset:
     """Raw examples of each span, masked by `mask_features`, transformed by the Transform graph, as
     (features, label, weight).
 
     The weight is the span's recency weight, and 0 where the row has no label. With masking, the rows are
     masked and transformed `masked_copies` times, each time afresh, and the copies cached: epochs cycle
     through them, so the transform graph runs once per copy, not once per epoch (it costs as much as a
-    training step).
+    training step). Each batch is masked with its own seed, from `seed` and the batch's place in the input.
     """
     raw_spec = _raw_feature_spec(tf_transform_output, with_label=True)
     tft_layer = tf_transform_output.transform_features_layer()
 
-    def transform(records: tf.Tensor, recency: tf.Tensor):
+    def transform(index: tf.Tensor, batch: Tuple[tf.Tensor, tf.Tensor]):
+        records, recency = batch
         parsed = tf.io.parse_example(records, raw_spec)
-        dense = mask_features({name: dense_raw(value) for name, value in parsed.items()}, mask_rate, presence)
+        dense = mask_features({name: dense_raw(value) for name, value in parsed.items()}, mask_rate, presence,
+                              seed=tf.stack([tf.constant(seed, tf.int64), index]))
         transformed = tft_layer(sparse_raw(dense, raw_spec))
         batch = {key: tf.reshape(value, [-1]) for key, value in transformed.items()}
         label = batch.pop(features.label_key())
@@ -163,14 +190,14 @@ def _input_fn(file_patterns: List[str], weights: Dict[str, float], tf_transform_
     parts = []
     for pattern in file_patterns:
         records = tf.data.TFRecordDataset(tf.io.gfile.glob(pattern), compression_type="GZIP")
-        recency = tf.constant(weights.get(pattern, 1.0), tf.float32)
+        recency = tf.constant(weights[pattern], tf.float32)
         parts.append(records.batch(TRANSFORM_BATCH).map(lambda batch, w=recency: (batch, tf.fill(tf.shape(batch), w))))
     dataset = parts[0]
     for part in parts[1:]:
         dataset = dataset.concatenate(part)
     random = mask_rate or any(0 < share < 1 for share in (presence or {}).values())
     copies = masked_copies if random else 1  # without randomness every copy is the same
-    dataset = dataset.repeat(copies).map(transform, num_parallel_calls=tf.data.AUTOTUNE).unbatch().cache()
+    dataset = dataset.repeat(copies).enumerate().map(transform, num_parallel_calls=tf.data.AUTOTUNE).unbatch().cache()
     if shuffle:
         dataset = dataset.shuffle(SHUFFLE_BUFFER, reshuffle_each_iteration=True)
     return dataset.batch(batch_size).prefetch(tf.data.AUTOTUNE)
@@ -264,19 +291,26 @@ def training_schedule(train_examples: int, batch_size: int, epochs: int, min_ste
 def run_fn(fn_args: tfx.components.FnArgs) -> None:
     """TFX Trainer entry point: trains on the train split of the window's spans and exports the serving model."""
     hyperparameters = fn_args.custom_config
+    # Seeded: the same data, code and config give the same model (initial weights, shuffling, masking).
+    tf.keras.utils.set_random_seed(hyperparameters["seed"])
     tf_transform_output = tft.TFTransformOutput(fn_args.transform_output)
     strategy = select_strategy(hyperparameters["strategy"], hyperparameters["tpu_address"])
     batch_size = global_batch_size(hyperparameters["batch_size"], strategy)
-    weights = recency_weights(hyperparameters.get(FILE_SPANS_KEY) or {p: 0 for p in fn_args.train_files},
-                              hyperparameters["recency_half_life_spans"])
+    weights = file_weights(fn_args.train_files, fn_args.eval_files, hyperparameters.get(FILE_SPANS_KEY),
+                           hyperparameters["recency_half_life_spans"])
     logging.info("training files and their recency weights: %s", weights)
     steps_per_epoch, epochs = training_schedule(
         _count_records(fn_args.train_files), batch_size, hyperparameters["train_epochs"],
         hyperparameters["min_train_steps"])
     train_dataset = _input_fn(fn_args.train_files, weights, tf_transform_output, batch_size, shuffle=True,
                               mask_rate=hyperparameters["mask_rate"], presence=hyperparameters.get(PRESENCE_KEY),
-                              masked_copies=min(epochs, MAX_MASKED_COPIES))
+                              masked_copies=min(epochs, MAX_MASKED_COPIES), seed=hyperparameters["seed"])
     eval_dataset = _input_fn(fn_args.eval_files, weights, tf_transform_output, batch_size, shuffle=False)
+    # Only the chief writes the model and the logs where TFX expects them (the other workers to temporary folders).
+    serving_dir, log_dir = write_dir(fn_args.serving_model_dir, strategy), write_dir(fn_args.model_run_dir, strategy)
+    tf.io.gfile.makedirs(log_dir)
+    with tf.io.gfile.GFile(os.path.join(log_dir, WEIGHTS_FILE), "w") as handle:  # the weights, for whoever asks
+        json.dump(weights, handle, indent=1)
     with strategy.scope():
         model = build_keras_model(
             hyperparameters["hidden_units"], hyperparameters["embedding_dim"], hyperparameters["learning_rate"],
@@ -288,12 +322,15 @@ def run_fn(fn_args: tfx.components.FnArgs) -> None:
         validation_data=eval_dataset,
         validation_steps=max(1, math.ceil(_count_records(fn_args.eval_files) / batch_size)),
         callbacks=[
-            tf.keras.callbacks.TensorBoard(log_dir=fn_args.model_run_dir, update_freq="epoch"),
+            tf.keras.callbacks.TensorBoard(log_dir=log_dir, update_freq="epoch"),
             tf.keras.callbacks.LambdaCallback(
                 on_epoch_end=lambda epoch, logs: logging.info("epoch %d/%d: %s", epoch + 1, epochs, logs)),
         ],
         verbose=0)
     # save_traces=False: the signatures are all that serving and TFMA call, and tracing every layer
     # for Keras' own reloading would double the export time and the model's load time.
-    model.save(fn_args.serving_model_dir, save_format="tf", save_traces=False,
+    model.save(serving_dir, save_format="tf", save_traces=False,
                signatures=serving_signatures(model, tf_transform_output))
+    for own, shared in ((serving_dir, fn_args.serving_model_dir), (log_dir, fn_args.model_run_dir)):
+        if own != shared:  # a worker's copy, written only because saving is collective
+            tf.io.gfile.rmtree(own)

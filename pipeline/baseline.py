@@ -109,6 +109,7 @@ def TreeBaseline(
     training_examples: tfx.dsl.components.InputArtifact[List[tfx.types.standard_artifacts.Examples]],
     examples: tfx.dsl.components.InputArtifact[tfx.types.standard_artifacts.Examples],
     baseline: tfx.dsl.components.OutputArtifact[BaselineMetrics],
+    code_fingerprint: tfx.dsl.components.Parameter[str],  # pipeline/cache.py: reruns the step when its code changes
     recency_half_life_spans: tfx.dsl.components.Parameter[float] = 0.0,
 ) -> None:
     """Fits trees on the train splits of `training_examples`; scores them and the mean on `examples`' eval split."""

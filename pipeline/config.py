@@ -50,6 +50,7 @@ class PipelineConfig:
     hidden_units: Tuple[int, ...]
     embedding_dim: int
     mask_rate: float  # share of training rows that lose some optional features (models/model.py, mask_features)
+    seed: int  # the Trainer's random seed: the same data, code and config give the same model
     eval_rmse_threshold: float  # pounds: a model whose eval RMSE is above this is not blessed
     eval_mae_threshold: float  # pounds: a model whose eval MAE is above this is not blessed
     eval_rmse_max_increase: float  # pounds: a model this much worse than the blessed baseline is not blessed

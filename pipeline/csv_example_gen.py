@@ -9,10 +9,13 @@ spans, fingerprints, caching) is TFX's own executor.
 from typing import List
 
 import apache_beam as beam
+from google.protobuf import wrappers_pb2
 from tfx import v1 as tfx
+from tfx.components.example_gen.component import FileBasedExampleGen
 from tfx.components.example_gen.csv_example_gen import executor as csv_executor
 from tfx.dsl.components.base import executor_spec
 from tfx.dsl.io import fileio
+from tfx.proto import example_gen_pb2
 from tfx_bsl.coders import csv_decoder
 
 from pipeline import csv_check
@@ -57,6 +60,14 @@ class Executor(csv_executor.Executor):
 
 
 class CsvExampleGen(tfx.components.CsvExampleGen):
-    """TFX's CsvExampleGen (same parameters, artifacts and node id) with `Executor` above."""
+    """TFX's CsvExampleGen (same artifacts and node id) with `Executor` above, and the fingerprint of its
+    code (pipeline/cache.py) as its custom_config, so that a change of this module reruns it."""
 
     EXECUTOR_SPEC = executor_spec.BeamExecutorSpec(Executor)
+
+    def __init__(self, input_base: str, input_config: example_gen_pb2.Input, output_config: example_gen_pb2.Output,
+                 code_fingerprint: str):  # pylint: disable=super-init-not-called
+        custom_config = example_gen_pb2.CustomConfig()
+        custom_config.custom_config.Pack(wrappers_pb2.StringValue(value=code_fingerprint))
+        FileBasedExampleGen.__init__(self, input_base=input_base, input_config=input_config,
+                                     output_config=output_config, custom_config=custom_config)

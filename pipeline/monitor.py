@@ -117,6 +117,7 @@ def PredictionMonitor(
     model: tfx.dsl.components.InputArtifact[tfx.types.standard_artifacts.Model],
     examples: tfx.dsl.components.InputArtifact[tfx.types.standard_artifacts.Examples],
     monitoring: tfx.dsl.components.OutputArtifact[PredictionStatistics],
+    code_fingerprint: tfx.dsl.components.Parameter[str],  # pipeline/cache.py: reruns the step when its code changes
     previous: tfx.dsl.components.InputArtifact[PredictionStatistics] = None,
     shift_threshold: tfx.dsl.components.Parameter[float] = 0.25,
 ) -> None:

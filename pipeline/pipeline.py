@@ -1,5 +1,4 @@
 """The one definition of the babyweight pipeline; runners pick an orchestrator and call it."""
-import hashlib
 import pathlib
 from typing import List
 
@@ -12,6 +11,7 @@ from tfx.dsl.components.base import executor_spec
 from models import features
 from models.model import SCORE_SIGNATURE
 from pipeline import csv_example_gen, spans
+from pipeline.cache import CODE_FINGERPRINT, PROJECT_ROOT, ImportSchemaGen, code_fingerprint, file_fingerprint
 from pipeline.baseline import TreeBaseline
 from pipeline.config import PipelineConfig
 from pipeline.monitor import PredictionMonitor, PredictionStatistics, PreviousPredictions
@@ -20,20 +20,15 @@ from pipeline.validation import DataGate, DataValidator
 PREPROCESSING_FN = "models.preprocessing.preprocessing_fn"
 RUN_FN = "models.model.run_fn"
 GATE_ID = "DataGate"
-MODELS_DIR = pathlib.Path(features.__file__).resolve().parent
+# The project modules each step runs (pipeline/cache.py hashes them and what they import into its cache key).
+TRAINER_MODULES = ("models.model", "pipeline.spans")
 
 
-def code_fingerprint(package_dir: pathlib.Path = MODELS_DIR) -> str:
-    """Hash of the model package's sources.
-
-    Transform and Trainer name their code by dotted path, which TFX's cache key does not cover (it
-    fingerprints only a module_file): without this, editing models/ would rerun nothing.
-    """
-    digest = hashlib.sha256()
-    for path in sorted(package_dir.rglob("*.py")):
-        digest.update(path.relative_to(package_dir).as_posix().encode())
-        digest.update(path.read_bytes())
-    return digest.hexdigest()[:16]
+def schema_fingerprint(config: PipelineConfig) -> str:
+    """Hash of the schema the run imports: the file itself, or for Vertex (where the path is inside the
+    pipeline image, built from this project) the project's copy of it."""
+    path = pathlib.Path(config.schema_path)
+    return file_fingerprint(path if path.is_file() else PROJECT_ROOT / "schema" / path.name)
 
 
 def eval_config(config: PipelineConfig) -> tfma.EvalConfig:
@@ -99,6 +94,7 @@ def example_gen_component(config: PipelineConfig) -> tfx.types.BaseNode:
                 for split in ("train", "eval")]))
     return csv_example_gen.CsvExampleGen(
         input_base=config.data_dir,
+        code_fingerprint=code_fingerprint(csv_example_gen.__name__),
         input_config=tfx.proto.Input(splits=[tfx.proto.Input.Split(name="all", pattern=config.input_pattern)]),
         output_config=tfx.proto.Output(split_config=tfx.proto.SplitConfig(splits=[
             tfx.proto.SplitConfig.Split(name="train", hash_buckets=config.train_hash_buckets),
@@ -106,9 +102,9 @@ def example_gen_component(config: PipelineConfig) -> tfx.types.BaseNode:
         ])))
 
 
-def trainer_component(config: PipelineConfig, fingerprint: str, **inputs) -> tfx.types.BaseNode:
+def trainer_component(config: PipelineConfig, **inputs) -> tfx.types.BaseNode:
     """Local: TFX's Trainer in this process, told each file's span. Vertex: a Vertex AI custom job."""
-    custom_config = model_config(config, fingerprint)
+    custom_config = model_config(config)
     if config.orchestrator != "vertex":
         return tfx.components.Trainer(
             run_fn=RUN_FN, custom_config=custom_config,
@@ -167,10 +163,9 @@ def create_pipeline(config: PipelineConfig) -> tfx.dsl.Pipeline:
     ML Metadata; on Vertex (whose compiler takes only TFX's built-in resolvers) they read the new data.
     The orchestrator also picks where ExampleGen reads, where the Trainer runs and where the Pusher pushes.
     """
-    fingerprint = code_fingerprint()
     local = config.orchestrator != "vertex"
     example_gen = example_gen_component(config)
-    schema_importer = tfx.components.ImportSchemaGen(schema_file=config.schema_path)
+    schema_importer = ImportSchemaGen(schema_file=config.schema_path, schema_fingerprint=schema_fingerprint(config))
     # With the schema, TFDV describes coded integer categories (is_categorical) by their values.
     statistics_gen = tfx.components.StatisticsGen(
         examples=example_gen.outputs["examples"], schema=schema_importer.outputs["schema"])
@@ -189,9 +184,11 @@ def create_pipeline(config: PipelineConfig) -> tfx.dsl.Pipeline:
     validator = DataValidator(
         examples=example_gen.outputs["examples"], statistics=statistics_gen.outputs["statistics"],
         schema=schema_importer.outputs["schema"], warning_checks=",".join(config.warning_checks),
-        min_imputed_presence=config.min_imputed_presence, min_drift_rows=config.min_drift_rows, **baseline)
+        min_imputed_presence=config.min_imputed_presence, min_drift_rows=config.min_drift_rows,
+        code_fingerprint=code_fingerprint(DataValidator.__module__), **baseline)
     gate = DataGate(anomalies=validator.outputs["anomalies"], statistics=statistics_gen.outputs["statistics"],
-                    examples=example_gen.outputs["examples"]).with_id(GATE_ID)
+                    examples=example_gen.outputs["examples"],
+                    code_fingerprint=code_fingerprint(DataGate.__module__)).with_id(GATE_ID)
     components += [validator, gate]
 
     if local:
@@ -209,7 +206,7 @@ def create_pipeline(config: PipelineConfig) -> tfx.dsl.Pipeline:
         examples=training_examples,
         schema=schema_importer.outputs["schema"],
         preprocessing_fn=PREPROCESSING_FN,
-        custom_config={"code_fingerprint": fingerprint},
+        custom_config={CODE_FINGERPRINT: code_fingerprint(PREPROCESSING_FN.rpartition(".")[0])},
         # The Trainer applies the transform graph to the raw examples of each span, weighted by the
         # span's age; StatisticsGen already describes the raw data.
         materialize=False, disable_statistics=True, force_tf_compat_v1=True)
@@ -217,7 +214,6 @@ def create_pipeline(config: PipelineConfig) -> tfx.dsl.Pipeline:
 
     trainer = trainer_component(
         config,
-        fingerprint,
         examples=training_examples,
         transform_graph=transform.outputs["transform_graph"],
         schema=schema_importer.outputs["schema"],
@@ -226,7 +222,8 @@ def create_pipeline(config: PipelineConfig) -> tfx.dsl.Pipeline:
 
     # Gradient-boosted trees and the training mean on the Trainer's rows, scored on the Evaluator's.
     tree_baseline = TreeBaseline(training_examples=training_examples, examples=example_gen.outputs["examples"],
-                                 recency_half_life_spans=config.recency_half_life_spans)
+                                 recency_half_life_spans=config.recency_half_life_spans,
+                                 code_fingerprint=code_fingerprint(TreeBaseline.__module__))
     tree_baseline.add_upstream_node(gate)
 
     model_resolver = tfx.dsl.Resolver(
@@ -251,7 +248,8 @@ def create_pipeline(config: PipelineConfig) -> tfx.dsl.Pipeline:
         components.append(previous_predictions)
         previous_run["previous"] = previous_predictions.outputs["predictions"]
     monitor = PredictionMonitor(model=trainer.outputs["model"], examples=example_gen.outputs["examples"],
-                                shift_threshold=config.prediction_shift_threshold, **previous_run)
+                                shift_threshold=config.prediction_shift_threshold,
+                                code_fingerprint=code_fingerprint(PredictionMonitor.__module__), **previous_run)
 
     pusher = pusher_component(config, model=trainer.outputs["model"], model_blessing=evaluator.outputs["blessing"])
 
@@ -268,10 +266,11 @@ def create_pipeline(config: PipelineConfig) -> tfx.dsl.Pipeline:
     )
 
 
-def model_config(config: PipelineConfig, fingerprint: str) -> dict:
-    """Hyperparameters handed to `run_fn` through the Trainer's custom_config."""
+def model_config(config: PipelineConfig) -> dict:
+    """Hyperparameters handed to `run_fn` through the Trainer's custom_config, and its code's fingerprint."""
     return {
-        "code_fingerprint": fingerprint,
+        CODE_FINGERPRINT: code_fingerprint(*TRAINER_MODULES),
+        "seed": config.seed,
         "strategy": config.strategy,
         "tpu_address": config.tpu_address,
         "train_epochs": config.train_epochs,

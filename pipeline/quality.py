@@ -117,17 +117,14 @@ def predictor(saved_model_dir: str) -> Callable[[pd.DataFrame], np.ndarray]:
 
 
 def train_with_presence(config: config_lib.PipelineConfig, artifacts: RunArtifacts, presence: Dict[str, float],
-                        out_dir: pathlib.Path, seed: int = 1) -> str:
-    """The run's model trained again on the same data and transform with features kept in only a share of
+                        out_dir: pathlib.Path) -> str:
+    """The run's model trained again (same data, transform and seed) with features kept in only a share of
     the rows (models/model.py, PRESENCE_KEY; 0: never seen); its SavedModel."""
-    import tensorflow as tf
-
     from models import model
-    from pipeline.pipeline import code_fingerprint, model_config
+    from pipeline.pipeline import model_config
 
-    tf.keras.utils.set_random_seed(seed)
     model.run_fn(types.SimpleNamespace(
-        custom_config=dict(model_config(config, code_fingerprint()), **{model.PRESENCE_KEY: presence}),
+        custom_config=dict(model_config(config), **{model.PRESENCE_KEY: presence}),
         transform_output=artifacts.transform_graph, train_files=artifacts.train_files,
         eval_files=artifacts.eval_files, serving_model_dir=str(out_dir / "serving"),
         model_run_dir=str(out_dir / "logs")))

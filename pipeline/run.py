@@ -19,6 +19,7 @@ from pipeline.validation import DataValidationError
 class Outcome:
     ok: bool
     summary: str
+    crash: str = ""  # why the run failed, when not because of its data (a block, or input the CSV check refused)
 
 
 # A record logged with extra={CONSOLE: False} goes to the log file only.
@@ -88,7 +89,8 @@ def run_local(config: PipelineConfig) -> Outcome:
     for note in checked.notes:
         logging.warning("input: %s", note)
 
-    failure = None
+    failure, blocked = None, False
+    earlier = summary.latest_run(config)
     try:
         tfx.orchestration.LocalDagRunner().run(create_pipeline(config))
     except Exception as error:  # a failed component: report it, then summarise what did run
@@ -97,9 +99,11 @@ def run_local(config: PipelineConfig) -> Outcome:
         logging.error("pipeline run %s", "blocked by data validation" if blocked else "failed", exc_info=True,
                       extra={CONSOLE: not blocked})
     run = summary.latest_run(config)
-    if run is None:
-        return Outcome(False, f"Run FAILED before any step ran: {failure}")
+    if run is None or (earlier is not None and run[0] == earlier[0]):
+        # Nothing of this run is in ML Metadata: the latest run there is an earlier one, left as it was.
+        return Outcome(False, f"Run FAILED before it was recorded in ML Metadata: {failure}",
+                       crash="" if blocked else failure)
     ending = f"Run FAILED: {failure}\nNo model was pushed by this run." if failure else ""
     path = report.write_report(config, run[0], run[1], ending or "Run complete.")
     lines = [summary.summarize_run(config, *run, checked), f"  report: {path}"] + ([ending] if failure else [])
-    return Outcome(not failure, "\n".join(lines))
+    return Outcome(not failure, "\n".join(lines), crash="" if blocked else failure or "")

@@ -33,6 +33,7 @@ class SpanResult:
     eval_rmse: Optional[float]
     blessed: Optional[bool]
     pushed_version: str  # '-' when nothing was pushed
+    crash: str = ""  # why the run failed, when not because of the data
 
 
 def span_result(config: config_lib.PipelineConfig, span: int) -> SpanResult:
@@ -62,7 +63,8 @@ def table(results: List[SpanResult]) -> str:
     for r in results:
         rmse = f"{r.eval_rmse:.3f}" if r.eval_rmse is not None else "-"
         blessed = "-" if r.blessed is None else "yes" if r.blessed else "no"
-        lines.append(f"{r.span:>4}  {r.drift:<20} {r.blocking:<28} {'yes' if r.trained else 'no':<7}  {rmse:>9}  "
+        trained = "CRASHED" if r.crash else "yes" if r.trained else "no"
+        lines.append(f"{r.span:>4}  {r.drift:<20} {r.blocking:<28} {trained:<7}  {rmse:>9}  "
                      f"{blessed:<7}  {r.pushed_version}")
     return "\n".join(lines)
 
@@ -94,7 +96,8 @@ def simulate(spans: int, rows: int, seed: int, output_dir: pathlib.Path, drift: 
                                                   "output_dir": str(output_dir / "pipeline_out")})
         outcome = run_lib.run_local(config)
         logging.info("span %d: %s", span, outcome.summary)
-        results.append(span_result(config, span))
+        results.append(SpanResult(span, "-", "-", False, None, None, "-", outcome.crash) if outcome.crash
+                       else span_result(config, span))
         print(table(results).splitlines()[-1] if span > 1 else table(results), flush=True)
     return results
 
@@ -122,7 +125,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 2
     args.output_dir.mkdir(parents=True, exist_ok=True)
     run_lib.setup_logging(args.output_dir / "simulation.log", console=False)
-    simulate(args.spans, args.rows, args.seed, args.output_dir.resolve(),
-             generator.Drift(args.weight_shift_per_span, args.married_rate_shift_per_span), corruptions, overrides)
+    results = simulate(args.spans, args.rows, args.seed, args.output_dir.resolve(),
+                       generator.Drift(args.weight_shift_per_span, args.married_rate_shift_per_span), corruptions,
+                       overrides)
     print(f"(per-run summaries: {args.output_dir / 'simulation.log'})")
-    return 0
+    crashed = [r for r in results if r.crash]
+    for result in crashed:
+        print(f"span {result.span}: the run crashed: {result.crash}", file=sys.stderr)
+    return 1 if crashed else 0

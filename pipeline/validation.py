@@ -252,6 +252,7 @@ def DataValidator(
     anomalies: tfx.dsl.components.OutputArtifact[tfx.types.standard_artifacts.ExampleAnomalies],
     min_imputed_presence: tfx.dsl.components.Parameter[float],
     min_drift_rows: tfx.dsl.components.Parameter[int],
+    code_fingerprint: tfx.dsl.components.Parameter[str],  # pipeline/cache.py: reruns the step when its code changes
     previous_examples: tfx.dsl.components.InputArtifact[tfx.types.standard_artifacts.Examples] = None,
     previous_statistics: tfx.dsl.components.InputArtifact[tfx.types.standard_artifacts.ExampleStatistics] = None,
     warning_checks: tfx.dsl.components.Parameter[str] = "",
@@ -287,6 +288,7 @@ def DataGate(
     anomalies: tfx.dsl.components.InputArtifact[tfx.types.standard_artifacts.ExampleAnomalies],
     statistics: tfx.dsl.components.InputArtifact[tfx.types.standard_artifacts.ExampleStatistics],
     examples: tfx.dsl.components.InputArtifact[tfx.types.standard_artifacts.Examples],
+    code_fingerprint: tfx.dsl.components.Parameter[str],  # pipeline/cache.py: reruns the step when its code changes
 ) -> None:
     """Fails the run when validation found a blocking anomaly.
 

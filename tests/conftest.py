@@ -1,5 +1,6 @@
 """Shared fixtures: the team's real natality samples, and one sequence of real pipeline runs."""
 import dataclasses
+import logging
 import os
 import pathlib
 import sys
@@ -22,13 +23,36 @@ PROJECT_ROOT = pathlib.Path(__file__).resolve().parent.parent
 SHARED_NATALITY = quality.SHARED_NATALITY
 
 
+def skip_or_fail_in_ci(reason: str) -> None:
+    """Skips a test whose requirement is missing on a developer's machine; in CI (CI=true) fails it instead."""
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"{reason}; CI runs every test (CI=true)", pytrace=False)
+    pytest.skip(reason)
+
+
 @pytest.fixture(scope="session")
 def real_export_csv() -> pathlib.Path:
-    """The team's real 31-column BigQuery export (16,000 rows); tests using it skip only if it is absent."""
+    """The team's real 31-column BigQuery export (16,000 rows); tests using it skip if it is absent (CI fails)."""
     path = SHARED_NATALITY / "bq_export_31col.csv"
     if not path.is_file():
-        pytest.skip(f"real natality export not found at {path}")
+        skip_or_fail_in_ci(f"real natality export not found at {path} (the team's ../shared beside the project)")
     return path
+
+
+@pytest.fixture(autouse=True)
+def root_log_handlers():
+    """Puts back the root logger's handlers and level after a test (run.setup_logging replaces pytest's)."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    for handler in list(root.handlers):
+        if handler not in handlers:
+            root.removeHandler(handler)
+            handler.close()
+    for handler in handlers:
+        if handler not in root.handlers:
+            root.addHandler(handler)
+    root.setLevel(level)
 
 
 @pytest.fixture(scope="session")
@@ -71,7 +95,9 @@ def run_pipeline(config: config_lib.PipelineConfig) -> Run:
 
 @pytest.fixture(scope="session")
 def pipeline_runs(tmp_path_factory):
-    """Clean data -> data with a bad value domain -> the clean data again, in one output folder."""
+    """In one output folder: clean data -> data with a bad value domain -> the clean data again; then the
+    schema edited (mother_age at most 20) -> the schema reverted; then a copy of the project whose
+    pipeline/checks.py was edited runs on the same store."""
     root = tmp_path_factory.mktemp("e2e")
     clean = generator.write(6_000, 21, root / "clean")[0]
     corrupt = root / "corrupt" / "natality.csv"
@@ -79,13 +105,40 @@ def pipeline_runs(tmp_path_factory):
     frame = pd.read_csv(clean, dtype=str, keep_default_na=False)
     frame["is_male"] = np.where(frame.is_male == "true", "M", "F")  # a coding change upstream
     frame.to_csv(corrupt, index=False)
+    schema = root / "schema" / "schema.pbtxt"
+    schema.parent.mkdir()
+    original = (PROJECT_ROOT / "schema" / "schema.pbtxt").read_text()
+    schema.write_text(original)
 
     def config(data_dir: pathlib.Path) -> config_lib.PipelineConfig:
-        return config_lib.load_config(overrides={"data_dir": str(data_dir), "output_dir": str(root / "out")})
+        return config_lib.load_config(overrides={"data_dir": str(data_dir), "output_dir": str(root / "out"),
+                                                 "schema_dir": str(schema.parent)})
 
-    return {
-        "first": run_pipeline(config(clean.parent)),
-        "corrupt": run_pipeline(config(corrupt.parent)),
-        "fixed": run_pipeline(config(clean.parent)),
-        "config": config(clean.parent),
-    }
+    runs = {"first": run_pipeline(config(clean.parent)), "corrupt": run_pipeline(config(corrupt.parent)),
+            "fixed": run_pipeline(config(clean.parent)), "config": config(clean.parent)}
+    mother_age = original.index('name: "mother_age"')
+    schema.write_text(original[:mother_age] + original[mother_age:].replace("max: 64", "max: 20", 1))
+    runs["schema_edited"] = run_pipeline(config(clean.parent))
+    schema.write_text(original)
+    runs["schema_reverted"] = run_pipeline(config(clean.parent))
+    runs["code_edited"] = _run_edited_copy(root / "copy", runs["config"])
+    return runs
+
+
+def _run_edited_copy(copy: pathlib.Path, config: config_lib.PipelineConfig) -> Run:
+    """runner_local.py from a copy of the project in which pipeline/checks.py (which the validator imports)
+    has one more line, on the same data, schema and store as `config`."""
+    import shutil
+    import subprocess
+
+    for package in ("data", "models", "pipeline"):
+        shutil.copytree(PROJECT_ROOT / package, copy / package, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(PROJECT_ROOT / "runner_local.py", copy)
+    checks = copy / "pipeline" / "checks.py"
+    checks.write_text(checks.read_text() + "\n# edited\n")
+    done = subprocess.run([sys.executable, "runner_local.py", "--data-dir", config.data_dir, "--output-dir",
+                           config.output_dir, "--set", f"schema_dir={config.schema_dir}"],
+                          cwd=copy, env=dict(os.environ, PYTHONPATH=str(copy)), capture_output=True, text=True)
+    store = mlmd.open_sqlite(config.metadata_path)
+    steps = store.steps(store.runs()[-1])
+    return Run(run_lib.Outcome(done.returncode == 0, done.stdout + done.stderr), {s.node_id: s for s in steps}, [])

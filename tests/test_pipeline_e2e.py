@@ -3,8 +3,10 @@
 `pipeline_runs` (conftest.py) is one sequence of runs in one output folder: a clean run, a run on data
 that fails validation, and a rerun after the data is fixed; the tests assert on what ML Metadata recorded.
 """
+import dataclasses
 import glob
 import json
+import os
 import pathlib
 import subprocess
 import sys
@@ -19,7 +21,7 @@ import tensorflow_transform as tft
 from data import generator
 from models import features
 from pipeline import config as config_lib
-from pipeline import baseline, serving_check, summary
+from pipeline import baseline, quality, serving_check, summary
 
 pytestmark = pytest.mark.slow
 
@@ -61,6 +63,91 @@ def test_rerun_after_the_fix_is_served_from_cache(pipeline_runs):
     # The first model is now the blessed baseline: the Evaluator compares against it and blesses again.
     assert fixed.steps["Evaluator"].state == "complete"
     assert "blessed: yes" in fixed.outcome.summary
+
+
+def test_an_edited_schema_takes_effect_on_the_rerun_and_reverting_it_reuses_the_earlier_steps(pipeline_runs):
+    edited = pipeline_runs["schema_edited"]
+    assert not edited.outcome.ok, edited.outcome.summary
+    assert edited.steps["ImportSchemaGen"].state == "complete"  # a new schema artifact...
+    assert edited.steps["DataValidator"].state == "complete"  # ...validated against, with the same data
+    assert "[BLOCKING] domain: feature 'mother_age'" in edited.outcome.summary.split("Run FAILED: ")[-1]
+    reverted = pipeline_runs["schema_reverted"]
+    assert reverted.outcome.ok, reverted.outcome.summary
+    assert {name for name, step in reverted.steps.items() if step.state == "cached"} >= CACHEABLE
+    schema = {name: run.steps["ImportSchemaGen"].outputs["schema"][0].id
+              for name, run in pipeline_runs.items() if name in ("first", "schema_edited", "schema_reverted")}
+    assert schema["schema_reverted"] == schema["first"] != schema["schema_edited"]
+
+
+def test_editing_the_code_a_step_runs_reruns_that_step_only(pipeline_runs):
+    """A copy of the project with pipeline/checks.py edited (the validator imports it) on the same store."""
+    edited = pipeline_runs["code_edited"]
+    assert edited.outcome.ok, edited.outcome.summary
+    states = {name: step.state for name, step in edited.steps.items()}
+    assert states["DataValidator"] == states["DataGate"] == "complete", states
+    assert {states[name] for name in ("CsvExampleGen", "StatisticsGen", "Transform", "Trainer")} == {"cached"}
+
+
+def test_training_is_seeded_the_same_inputs_and_seed_give_the_same_model(pipeline_runs, tmp_path):
+    config = pipeline_runs["config"]
+    artifacts = quality.run_artifacts(config)
+    rows = quality.accepted(quality.read_rows(artifacts.eval_files)).head(300)
+
+    def predictions(seed: int, folder: str) -> np.ndarray:
+        seeded = dataclasses.replace(config, seed=seed)
+        return quality.predictor(quality.train_with_presence(seeded, artifacts, {}, tmp_path / folder))(rows)
+
+    first = predictions(config.seed, "first")
+    np.testing.assert_allclose(predictions(config.seed, "again"), first, atol=1e-4)
+    assert np.abs(predictions(config.seed + 1, "other") - first).max() > 1e-3
+
+
+WORKER = """
+import json, os, sys, types
+paths = json.loads(sys.argv[1])
+os.environ["TF_CONFIG"] = json.dumps({"cluster": {"worker": paths["workers"]},
+                                      "task": {"type": "worker", "index": int(sys.argv[2])}})
+from models import model
+from pipeline import config as config_lib
+from pipeline.pipeline import model_config
+custom = dict(model_config(config_lib.load_config()), strategy="multi_worker_mirrored", train_epochs=1,
+              min_train_steps=10)
+model.run_fn(types.SimpleNamespace(custom_config=custom, transform_output=paths["transform"],
+                                   train_files=paths["train"], eval_files=paths["eval"],
+                                   serving_model_dir=paths["serving"], model_run_dir=paths["logs"]))
+"""
+
+
+def _free_ports(count: int) -> List[int]:
+    import socket
+
+    sockets = [socket.socket() for _ in range(count)]
+    for sock in sockets:
+        sock.bind(("127.0.0.1", 0))
+    ports = [sock.getsockname()[1] for sock in sockets]
+    for sock in sockets:
+        sock.close()
+    return ports
+
+
+def test_two_workers_train_together_and_only_the_chief_writes_the_model(pipeline_runs, tmp_path):
+    """MultiWorkerMirroredStrategy on two local processes (TF_CONFIG on localhost ports), as on Vertex AI."""
+    artifacts = quality.run_artifacts(pipeline_runs["config"])
+    paths = {"workers": [f"localhost:{port}" for port in _free_ports(2)], "transform": artifacts.transform_graph,
+             "train": artifacts.train_files, "eval": artifacts.eval_files,
+             "serving": str(tmp_path / "serving"), "logs": str(tmp_path / "logs")}
+    temp = tmp_path / "temp"
+    temp.mkdir()
+    workers = [subprocess.Popen([sys.executable, "-c", WORKER, json.dumps(paths), str(index)],
+                                env=dict(os.environ, TMPDIR=str(temp)), stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True) for index in range(2)]
+    outputs = [worker.communicate(timeout=600)[0] for worker in workers]
+    assert [worker.returncode for worker in workers] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+    assert (tmp_path / "serving" / "saved_model.pb").is_file()
+    assert list((tmp_path / "logs").iterdir())
+    assert not list(temp.glob("babyweight-worker-*"))  # worker 1's copies are gone
+    rows = quality.accepted(quality.read_rows(artifacts.eval_files)).head(20)
+    assert np.isfinite(quality.predictor(str(tmp_path / "serving"))(rows)).all()
 
 
 def test_summary_reports_rows_rmse_against_the_mean_predictor_and_seconds(pipeline_runs):

@@ -77,7 +77,7 @@ def test_drift_and_skew_comparators_sit_on_the_model_features_by_kind():
         for comparator in comparators:
             kind = "infinity_norm" if column.transform in categorical else "jensen_shannon_divergence"
             assert comparator.HasField(kind), (column.name, kind)
-            assert 0 < getattr(comparator, kind).threshold <= 0.5
+            assert 0 < getattr(comparator, kind).threshold < 1  # both distances are at most 1: 1 never fires
         if column.transform is features.Transform.CATEGORY:  # TFDV then counts its values like strings
             assert feature.int_domain.is_categorical
 

@@ -65,8 +65,17 @@ def test_masking_removes_optional_features_in_about_the_configured_share_of_rows
     np.testing.assert_array_equal(masked[features.LABEL.name].numpy(), 7.5)
 
 
+def test_masking_is_the_same_for_the_same_seed():
+    rows = _raw_rows(500)
+    first, again, other = (model.mask_features(rows, 0.5, seed=seed) for seed in ((1, 7), (1, 7), (1, 8)))
+    for column in features.OPTIONAL_FEATURES:
+        removed = [model.is_missing(column, masked[column.name]).numpy() for masked in (first, again, other)]
+        np.testing.assert_array_equal(removed[0], removed[1])
+    assert any((model.is_missing(c, first[c.name]).numpy() != model.is_missing(c, other[c.name]).numpy()).any()
+               for c in features.OPTIONAL_FEATURES)
+
+
 def test_masking_off_keeps_every_value_and_presence_keeps_its_share():
-    model.tf.random.set_seed(3)
     rows = _raw_rows(2000)
     unmasked = model.mask_features(rows, 0.0)
     for column in features.FEATURES:

@@ -28,7 +28,8 @@ def transformed():
         schema_utils.schema_from_feature_spec({name: spec[name] for name in USED}))
     rows = [{k: np.array(v, dtype=np.object_ if v and isinstance(v[0], bytes) else None) for k, v in row.items()}
             for row in ROWS]
-    with tempfile.TemporaryDirectory() as temp_dir, tft_beam.Context(temp_dir=temp_dir, force_tf_compat_v1=False):
+    # TF1 mode, as the pipeline's Transform runs it (pipeline/pipeline.py, force_tf_compat_v1=True).
+    with tempfile.TemporaryDirectory() as temp_dir, tft_beam.Context(temp_dir=temp_dir, force_tf_compat_v1=True):
         (outputs, _), _ = (rows, metadata) | tft_beam.AnalyzeAndTransformDataset(
             preprocessing.preprocessing_fn, output_record_batches=False)
     return outputs

@@ -2,6 +2,9 @@
 import json
 import shutil
 
+import pytest
+
+from pipeline import cache
 from pipeline import config as config_lib
 from pipeline import csv_example_gen
 from pipeline import pipeline as pipeline_lib
@@ -42,13 +45,44 @@ def test_config_reaches_the_components():
     assert tuned["DataValidator"].exec_properties["min_drift_rows"] == 5000
 
 
-def test_model_code_changes_change_the_cache_key(tmp_path):
-    package = tmp_path / "models"
-    shutil.copytree(pipeline_lib.MODELS_DIR, package, ignore=shutil.ignore_patterns("__pycache__"))
-    before = pipeline_lib.code_fingerprint(package)
-    assert before == pipeline_lib.code_fingerprint(pipeline_lib.MODELS_DIR)
-    (package / "model.py").write_text((package / "model.py").read_text() + "\n# a change\n")
-    assert pipeline_lib.code_fingerprint(package) != before
+def _copy_of_the_project(tmp_path):
+    for package in cache.PROJECT_PACKAGES:
+        shutil.copytree(cache.PROJECT_ROOT / package, tmp_path / package, ignore=shutil.ignore_patterns("__pycache__"))
+    return tmp_path
+
+
+@pytest.mark.parametrize("edited, changes, keeps", [
+    ("pipeline/checks.py", ["pipeline.validation"], ["models.preprocessing", "pipeline.csv_example_gen"]),
+    ("pipeline/csv_check.py", ["pipeline.csv_example_gen"], ["models.preprocessing"]),
+    ("models/features.py", ["models.preprocessing", "models.model", "pipeline.baseline"], []),
+    ("pipeline/report.py", [], ["pipeline.validation", "models.model", "pipeline.monitor", "pipeline.baseline"]),
+])
+def test_a_code_change_changes_the_fingerprint_of_the_steps_that_run_it(tmp_path, edited, changes, keeps):
+    """Modules imported by a step's module count too (pipeline/checks.py by pipeline/validation.py)."""
+    root = _copy_of_the_project(tmp_path)
+    before = {module: cache.code_fingerprint(module, root=root) for module in changes + keeps}
+    assert before == {module: cache.code_fingerprint(module) for module in before}
+    (root / edited).write_text((root / edited).read_text() + "\n# a change\n")
+    after = {module: cache.code_fingerprint(module, root=root) for module in before}
+    assert [m for m in before if before[m] != after[m]] == changes
+
+
+def test_every_step_running_project_code_has_its_fingerprint():
     components = _components(config_lib.load_config())
-    for component_id in ("Transform", "Trainer"):
-        assert json.loads(components[component_id].exec_properties["custom_config"])["code_fingerprint"] == before
+    for step, modules in {"DataValidator": ["pipeline.validation"], "DataGate": ["pipeline.validation"],
+                          "TreeBaseline": ["pipeline.baseline"], "PredictionMonitor": ["pipeline.monitor"]}.items():
+        assert components[step].exec_properties["code_fingerprint"] == cache.code_fingerprint(*modules), step
+    custom = {step: json.loads(components[step].exec_properties["custom_config"]) for step in ("Transform", "Trainer")}
+    example_gen = json.loads(components["CsvExampleGen"].exec_properties["custom_config"])["custom_config"]
+    assert example_gen["value"] == cache.code_fingerprint("pipeline.csv_example_gen")
+    assert custom["Transform"]["code_fingerprint"] == cache.code_fingerprint("models.preprocessing")
+    assert custom["Trainer"]["code_fingerprint"] == cache.code_fingerprint("models.model", "pipeline.spans")
+
+
+def test_the_schema_file_s_contents_are_in_the_cache_key(tmp_path):
+    shutil.copy(cache.PROJECT_ROOT / "schema" / "schema.pbtxt", tmp_path / "schema.pbtxt")
+    config = config_lib.load_config(overrides={"schema_dir": str(tmp_path)})
+    before = _components(config)["ImportSchemaGen"].exec_properties["schema_fingerprint"]
+    assert before == cache.file_fingerprint(cache.PROJECT_ROOT / "schema" / "schema.pbtxt")
+    (tmp_path / "schema.pbtxt").write_text((tmp_path / "schema.pbtxt").read_text().replace("max: 64", "max: 20"))
+    assert _components(config)["ImportSchemaGen"].exec_properties["schema_fingerprint"] != before

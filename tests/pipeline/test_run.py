@@ -25,16 +25,8 @@ class _FailingRunner:
 
 @pytest.fixture
 def logged(tmp_path):
-    """setup_logging as runner_local calls it; the test's own handlers are put back afterwards."""
-    root = logging.getLogger()
-    saved = (list(root.handlers), root.level)
-    yield tmp_path / "run.log"
-    for handler in list(root.handlers):
-        root.removeHandler(handler)
-        handler.close()
-    for handler in saved[0]:
-        root.addHandler(handler)
-    root.setLevel(saved[1])
+    """Where setup_logging writes, as runner_local calls it (conftest puts pytest's handlers back after)."""
+    return tmp_path / "run.log"
 
 
 def _run(monkeypatch, capsys, log_path: pathlib.Path, error: BaseException):
@@ -60,3 +52,20 @@ def test_a_crash_shows_its_traceback_on_the_console(monkeypatch, capsys, logged)
     assert not outcome.ok and "ValueError: something broke" in outcome.summary
     assert "pipeline run failed" in console and "Traceback" in console
     assert "Traceback" in log
+
+
+def test_a_failure_before_the_run_is_recorded_leaves_the_earlier_run_alone(monkeypatch, capsys, logged):
+    from ml_metadata import metadata_store
+    from ml_metadata.proto import metadata_store_pb2
+
+    config = config_lib.load_config(overrides={"output_dir": str(logged.parent / "out")})
+    pathlib.Path(config.metadata_path).parent.mkdir(parents=True)
+    connection = metadata_store_pb2.ConnectionConfig()
+    connection.sqlite.filename_uri = config.metadata_path
+    store = metadata_store.MetadataStore(connection)
+    run_type = store.put_context_type(metadata_store_pb2.ContextType(name="pipeline_run"))
+    store.put_contexts([metadata_store_pb2.Context(type_id=run_type, name="2026-11-01T10:00:00")])
+    outcome, console, _ = _run(monkeypatch, capsys, logged, ValueError("no such executor"))
+    assert outcome.summary == "Run FAILED before it was recorded in ML Metadata: ValueError: no such executor"
+    assert outcome.crash == "ValueError: no such executor"
+    assert not (pathlib.Path(config.output_dir) / "reports").exists()  # no report rewritten for the earlier run

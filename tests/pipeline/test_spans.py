@@ -1,7 +1,8 @@
 """Which spans count: the previous validated span and the training window, from ML Metadata records."""
+import pytest
 from ml_metadata.proto import metadata_store_pb2
 
-from models.model import recency_weights
+from models.model import file_weights, recency_weights
 from pipeline import spans
 
 
@@ -64,3 +65,12 @@ def test_the_baseline_resolver_skips_blessed_models_the_evaluator_cannot_score(t
     blessing.set_int_custom_property("blessed", 1)
     resolved = strategy.resolve_artifacts(None, {"model": models + [gone], "model_blessing": blessings + [blessing]})
     assert [m.id for m in resolved["model"]] == [1]
+
+
+def test_a_span_map_that_misses_a_file_is_an_error_and_no_map_weighs_every_file_the_same():
+    spans = {"s1/Split-train/*": 1, "s2/Split-train/*": 2, "s2/Split-eval/*": 2}
+    weights = file_weights(["s1/Split-train/*", "s2/Split-train/*"], ["s2/Split-eval/*"], spans, 1)
+    assert weights == {"s1/Split-train/*": 0.5, "s2/Split-train/*": 1.0, "s2/Split-eval/*": 1.0}
+    with pytest.raises(ValueError, match=r"no span for the Trainer's file pattern\(s\) s3/Split-train/\*"):
+        file_weights(["s3/Split-train/*"], [], spans, 1)
+    assert file_weights(["a"], ["b"], None, 1) == {"a": 1.0, "b": 1.0}

@@ -213,3 +213,25 @@ def test_drift_between_random_halves_of_one_year_is_noise_below_min_drift_rows(r
                                             serving_check.statistics_of(sample[rows:], schema)), "train", ())
             crossed[rows] |= {f.feature for f in found if f.check == "drift"}
     assert crossed[150] and not crossed[limit], crossed
+
+
+def test_drift_thresholds_keep_a_margin_over_consecutive_clean_real_years(real_spans, schema):
+    """2005, 2006 and 2007 of the real export (thousands of rows each): every distance TFDV measures between
+    consecutive years stays under 1/1.4 of its threshold (the margin the schema's header states)."""
+    import copy
+
+    measuring = copy.deepcopy(schema)  # thresholds at ~0: TFDV then reports every distance
+    thresholds = {}
+    for feature in measuring.feature:
+        if feature.HasField("drift_comparator"):
+            comparator = feature.drift_comparator
+            kind = "jensen_shannon_divergence" if comparator.HasField("jensen_shannon_divergence") else "infinity_norm"
+            thresholds[feature.name] = getattr(comparator, kind).threshold
+            getattr(comparator, kind).threshold = 1e-9
+    for previous, current in (("year 2005", "year 2006"), ("year 2006", "year 2007")):
+        found = findings(validate_split(real_spans[current]["train"], measuring, real_spans[previous]["train"]),
+                         "train", ())
+        assert {f.feature for f in found} == set(thresholds), found  # a distance for every compared feature
+        for finding in found:
+            distance = float(finding.description.split(" is ")[1].split(" ")[0])
+            assert distance * 1.4 < thresholds[finding.feature], (current, finding.feature, distance)
