@@ -164,7 +164,7 @@ def mask_features(dense: Dict[str, tf.Tensor], mask_rate: float, presence: Optio
 
 def _input_fn(file_patterns: List[str], weights: Dict[str, float], tf_transform_output: tft.TFTransformOutput,
               batch_size: int, shuffle: bool, mask_rate: float = 0.0, presence: Optional[Mapping[str, float]] = None,
-              masked_copies: int = 1, seed: int = 0) -> tf.data.Dataset:
+              masked_copies: int = 1, seed: int = 0, repeat: bool = False) -> tf.data.Dataset:
     """Raw examples of each span, masked by `mask_features`, transformed by the Transform graph, as
     (features, label, weight).
 
@@ -172,6 +172,8 @@ def _input_fn(file_patterns: List[str], weights: Dict[str, float], tf_transform_
     masked and transformed `masked_copies` times, each time afresh, and the copies cached: epochs cycle
     through them, so the transform graph runs once per copy, not once per epoch (it costs as much as a
     training step). Each batch is masked with its own seed, from `seed` and the batch's place in the input.
+    With `repeat` the rows repeat without end before they are batched, so every batch is full: workers of
+    MultiWorkerMirroredStrategy must all step with batches of one shape.
     """
     raw_spec = _raw_feature_spec(tf_transform_output, with_label=True)
     tft_layer = tf_transform_output.transform_features_layer()
@@ -200,6 +202,8 @@ def _input_fn(file_patterns: List[str], weights: Dict[str, float], tf_transform_
     dataset = dataset.repeat(copies).enumerate().map(transform, num_parallel_calls=tf.data.AUTOTUNE).unbatch().cache()
     if shuffle:
         dataset = dataset.shuffle(SHUFFLE_BUFFER, reshuffle_each_iteration=True)
+    if repeat:
+        dataset = dataset.repeat()
     return dataset.batch(batch_size).prefetch(tf.data.AUTOTUNE)
 
 
@@ -304,8 +308,8 @@ def run_fn(fn_args: tfx.components.FnArgs) -> None:
         hyperparameters["min_train_steps"])
     train_dataset = _input_fn(fn_args.train_files, weights, tf_transform_output, batch_size, shuffle=True,
                               mask_rate=hyperparameters["mask_rate"], presence=hyperparameters.get(PRESENCE_KEY),
-                              masked_copies=min(epochs, MAX_MASKED_COPIES), seed=hyperparameters["seed"])
-    eval_dataset = _input_fn(fn_args.eval_files, weights, tf_transform_output, batch_size, shuffle=False)
+                              masked_copies=min(epochs, MAX_MASKED_COPIES), seed=hyperparameters["seed"], repeat=True)
+    eval_dataset = _input_fn(fn_args.eval_files, weights, tf_transform_output, batch_size, shuffle=False, repeat=True)
     # Only the chief writes the model and the logs where TFX expects them (the other workers to temporary folders).
     serving_dir, log_dir = write_dir(fn_args.serving_model_dir, strategy), write_dir(fn_args.model_run_dir, strategy)
     tf.io.gfile.makedirs(log_dir)
@@ -316,7 +320,7 @@ def run_fn(fn_args: tfx.components.FnArgs) -> None:
             hyperparameters["hidden_units"], hyperparameters["embedding_dim"], hyperparameters["learning_rate"],
             decay_steps=steps_per_epoch * epochs)
     model.fit(
-        train_dataset.repeat(),
+        train_dataset,
         steps_per_epoch=steps_per_epoch,
         epochs=epochs,
         validation_data=eval_dataset,
