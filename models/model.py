@@ -295,10 +295,10 @@ def training_schedule(train_examples: int, batch_size: int, epochs: int, min_ste
 def run_fn(fn_args: tfx.components.FnArgs) -> None:
     """TFX Trainer entry point: trains on the train split of the window's spans and exports the serving model."""
     hyperparameters = fn_args.custom_config
-    # Seeded: the same data, code and config give the same model (initial weights, shuffling, masking).
-    tf.keras.utils.set_random_seed(hyperparameters["seed"])
     tf_transform_output = tft.TFTransformOutput(fn_args.transform_output)
     strategy = select_strategy(hyperparameters["strategy"], hyperparameters["tpu_address"])
+    # Seeded: the same data, code and config give the same model (initial weights, shuffling, masking).
+    tf.keras.utils.set_random_seed(hyperparameters["seed"])
     batch_size = global_batch_size(hyperparameters["batch_size"], strategy)
     weights = file_weights(fn_args.train_files, fn_args.eval_files, hyperparameters.get(FILE_SPANS_KEY),
                            hyperparameters["recency_half_life_spans"])
@@ -338,3 +338,6 @@ def run_fn(fn_args: tfx.components.FnArgs) -> None:
     for own, shared in ((serving_dir, fn_args.serving_model_dir), (log_dir, fn_args.model_run_dir)):
         if own != shared:  # a worker's copy, written only because saving is collective
             tf.io.gfile.rmtree(own)
+    # Every worker waits here until the chief has written the model: TFX's executor then checks, on each
+    # worker, that the model exists.
+    strategy.reduce(tf.distribute.ReduceOp.SUM, strategy.run(lambda: tf.constant(1.0)), axis=None)

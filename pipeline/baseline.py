@@ -19,9 +19,9 @@ from tfx.types import artifact_utils
 from tfx.utils import io_utils
 
 from models import features
+from pipeline.artifacts import EVAL_SPLIT, TRAIN_SPLIT
 
 BASELINE_FILE = "baseline.json"
-TRAIN_SPLIT, EVAL_SPLIT = "train", "eval"
 PARSE_BATCH = 4096
 # Rows read per split at most: a local run stays below it; the whole table on Vertex (about 110 million
 # training rows) would not fit the pipeline container, and the first 2 million tell the trees' RMSE as well.
@@ -114,7 +114,7 @@ def TreeBaseline(
 ) -> None:
     """Fits trees on the train splits of `training_examples`; scores them and the mean on `examples`' eval split."""
     from models.model import recency_weights
-    from pipeline.spans import span_of
+    from pipeline.artifacts import span_of
 
     window = list(training_examples)
     spans = [span_of(a.mlmd_artifact) for a in window]

@@ -17,7 +17,8 @@ from tfx.components.schema_gen.import_schema_gen import component as import_sche
 from tfx.types import standard_artifacts, standard_component_specs
 from tfx.types.component_spec import ExecutionParameter
 
-PROJECT_ROOT = pathlib.Path(__file__).resolve().parent.parent
+from pipeline.config import PROJECT_ROOT
+
 PROJECT_PACKAGES = ("data", "models", "pipeline")
 CODE_FINGERPRINT = "code_fingerprint"
 SCHEMA_FINGERPRINT = "schema_fingerprint"

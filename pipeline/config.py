@@ -229,6 +229,10 @@ def _check(config: PipelineConfig, profile_path: pathlib.Path) -> None:
     if unknown_checks:
         raise ConfigError(f"warning_checks: unknown check(s) {', '.join(unknown_checks)}; "
                           f"known: {', '.join(CHECKS)}")
+    if config.trainer_replica_count > 1 and config.strategy != "multi_worker_mirrored":
+        raise ConfigError(f"trainer_replica_count {config.trainer_replica_count} needs strategy "
+                          f"multi_worker_mirrored, not {config.strategy!r}: other strategies would train a model "
+                          "per replica, each writing to the same folder")
     if config.min_drift_rows < 0:
         raise ConfigError(f"min_drift_rows must be 0 (always a verdict) or positive, not {config.min_drift_rows}")
     if config.training_window_spans < 1:

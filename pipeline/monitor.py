@@ -122,7 +122,7 @@ def PredictionMonitor(
     shift_threshold: tfx.dsl.components.Parameter[float] = 0.25,
 ) -> None:
     """Predicts the eval split of `examples`, records the distribution and residuals, compares with `previous`."""
-    from pipeline.spans import span_of
+    from pipeline.artifacts import span_of
 
     predictions, labels, slices = _predict(model.uri, split_files(examples, SPLIT))
     record = describe(predictions, labels, slices)

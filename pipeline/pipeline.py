@@ -10,25 +10,27 @@ from tfx.dsl.components.base import executor_spec
 
 from models import features
 from models.model import SCORE_SIGNATURE
-from pipeline import csv_example_gen, spans
-from pipeline.cache import CODE_FINGERPRINT, PROJECT_ROOT, ImportSchemaGen, code_fingerprint, file_fingerprint
+from pipeline import csv_example_gen, spans, trainer_executor
+from pipeline.cache import CODE_FINGERPRINT, ImportSchemaGen, code_fingerprint, file_fingerprint
 from pipeline.baseline import TreeBaseline
-from pipeline.config import PipelineConfig
+from pipeline.config import PROJECT_ROOT, PipelineConfig
 from pipeline.monitor import PredictionMonitor, PredictionStatistics, PreviousPredictions
 from pipeline.validation import DataGate, DataValidator
 
 PREPROCESSING_FN = "models.preprocessing.preprocessing_fn"
 RUN_FN = "models.model.run_fn"
 GATE_ID = "DataGate"
-# The project modules each step runs (pipeline/cache.py hashes them and what they import into its cache key).
-TRAINER_MODULES = ("models.model", "pipeline.spans")
+# The project modules the local Trainer runs (pipeline/cache.py hashes them, and what they import, into its key).
+TRAINER_MODULES = (RUN_FN.rpartition(".")[0], trainer_executor.__name__)
 
 
 def schema_fingerprint(config: PipelineConfig) -> str:
     """Hash of the schema the run imports: the file itself, or for Vertex (where the path is inside the
-    pipeline image, built from this project) the project's copy of it."""
+    pipeline image, which the Dockerfile builds from this project) the project's copy of it."""
     path = pathlib.Path(config.schema_path)
-    return file_fingerprint(path if path.is_file() else PROJECT_ROOT / "schema" / path.name)
+    if config.orchestrator == "vertex" and not path.is_file():
+        path = PROJECT_ROOT / "schema" / path.name
+    return file_fingerprint(path)
 
 
 def eval_config(config: PipelineConfig) -> tfma.EvalConfig:
@@ -108,7 +110,7 @@ def trainer_component(config: PipelineConfig, **inputs) -> tfx.types.BaseNode:
     if config.orchestrator != "vertex":
         return tfx.components.Trainer(
             run_fn=RUN_FN, custom_config=custom_config,
-            custom_executor_spec=executor_spec.ExecutorClassSpec(spans.SpanAwareTrainerExecutor), **inputs)
+            custom_executor_spec=executor_spec.ExecutorClassSpec(trainer_executor.SpanAwareTrainerExecutor), **inputs)
     vertex = tfx.extensions.google_cloud_ai_platform
     machine_spec = {"machine_type": config.trainer_machine_type}
     if config.trainer_accelerator_type:

@@ -37,6 +37,7 @@ from pipeline import baseline
 from pipeline import config as config_lib
 from pipeline import run as run_lib
 from pipeline import summary
+from pipeline.artifacts import span_of
 
 SHARED_NATALITY = config_lib.PROJECT_ROOT.parent / "shared" / "data" / "natality"
 MARRIED = "mother_married"
@@ -51,6 +52,7 @@ class RunArtifacts:
 
     train_files: List[str]  # file patterns of the Trainer's train splits
     eval_files: List[str]  # file patterns of the Evaluator's eval split
+    file_spans: Dict[str, int]  # the span of each of those patterns, as the pipeline's Trainer executor gives them
     transform_graph: str
     pushed: Optional[str]  # the pushed SavedModel's folder, None if the run pushed nothing
 
@@ -68,9 +70,13 @@ def run_artifacts(config: config_lib.PipelineConfig) -> RunArtifacts:
     def patterns(artifacts, split: str) -> List[str]:
         return [f"{artifact.uri}/Split-{split}/*" for artifact in artifacts]
 
+    spans = {pattern: span_of(artifact) for split, artifacts in (("train", trainer.inputs["examples"]),
+                                                                  ("eval", evaluator.inputs["examples"]))
+             for artifact, pattern in zip(artifacts, patterns(artifacts, split))}
     return RunArtifacts(
         train_files=patterns(trainer.inputs["examples"], "train"),
         eval_files=patterns(evaluator.inputs["examples"], "eval"),
+        file_spans=spans,
         transform_graph=trainer.inputs["transform_graph"][0].uri,
         pushed=pushed.custom_properties["pushed_destination"].string_value
         if pushed is not None and pushed.custom_properties["pushed"].int_value == 1 else None)
@@ -118,13 +124,14 @@ def predictor(saved_model_dir: str) -> Callable[[pd.DataFrame], np.ndarray]:
 
 def train_with_presence(config: config_lib.PipelineConfig, artifacts: RunArtifacts, presence: Dict[str, float],
                         out_dir: pathlib.Path) -> str:
-    """The run's model trained again (same data, transform and seed) with features kept in only a share of
-    the rows (models/model.py, PRESENCE_KEY; 0: never seen); its SavedModel."""
+    """The run's model trained again (same data, recency weights, transform and seed) with features kept in
+    only a share of the rows (models/model.py, PRESENCE_KEY; 0: never seen); its SavedModel."""
     from models import model
     from pipeline.pipeline import model_config
 
     model.run_fn(types.SimpleNamespace(
-        custom_config=dict(model_config(config), **{model.PRESENCE_KEY: presence}),
+        custom_config=dict(model_config(config), **{model.PRESENCE_KEY: presence,
+                                                     model.FILE_SPANS_KEY: artifacts.file_spans}),
         transform_output=artifacts.transform_graph, train_files=artifacts.train_files,
         eval_files=artifacts.eval_files, serving_model_dir=str(out_dir / "serving"),
         model_run_dir=str(out_dir / "logs")))

@@ -20,6 +20,7 @@ class Outcome:
     ok: bool
     summary: str
     crash: str = ""  # why the run failed, when not because of its data (a block, or input the CSV check refused)
+    recorded: bool = True  # whether ML Metadata has this run (not when the input was refused or it failed early)
 
 
 # A record logged with extra={CONSOLE: False} goes to the log file only.
@@ -84,7 +85,7 @@ def run_local(config: PipelineConfig) -> Outcome:
     try:
         checked = csv_check.check_csv_files(pathlib.Path(config.data_dir), config.input_pattern, load_schema(config))
     except csv_check.InputDataError as error:
-        return Outcome(False, f"Run stopped before the pipeline started: {error}")
+        return Outcome(False, f"Run stopped before the pipeline started: {error}", recorded=False)
     logging.info("input: %d rows in %d file(s) under %s", checked.rows, len(checked.files), config.data_dir)
     for note in checked.notes:
         logging.warning("input: %s", note)
@@ -102,7 +103,7 @@ def run_local(config: PipelineConfig) -> Outcome:
     if run is None or (earlier is not None and run[0] == earlier[0]):
         # Nothing of this run is in ML Metadata: the latest run there is an earlier one, left as it was.
         return Outcome(False, f"Run FAILED before it was recorded in ML Metadata: {failure}",
-                       crash="" if blocked else failure)
+                       crash="" if blocked else failure, recorded=False)
     ending = f"Run FAILED: {failure}\nNo model was pushed by this run." if failure else ""
     path = report.write_report(config, run[0], run[1], ending or "Run complete.")
     lines = [summary.summarize_run(config, *run, checked), f"  report: {path}"] + ([ending] if failure else [])

@@ -96,8 +96,11 @@ def simulate(spans: int, rows: int, seed: int, output_dir: pathlib.Path, drift: 
                                                   "output_dir": str(output_dir / "pipeline_out")})
         outcome = run_lib.run_local(config)
         logging.info("span %d: %s", span, outcome.summary)
-        results.append(SpanResult(span, "-", "-", False, None, None, "-", outcome.crash) if outcome.crash
-                       else span_result(config, span))
+        if outcome.recorded and not outcome.crash:
+            results.append(span_result(config, span))
+        else:  # nothing of this run in ML Metadata to read (the latest run there is an earlier one), or a crash
+            results.append(SpanResult(span, "-", "-" if outcome.crash else "input refused (see log)", False, None,
+                                      None, "-", outcome.crash))
         print(table(results).splitlines()[-1] if span > 1 else table(results), flush=True)
     return results
 

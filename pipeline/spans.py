@@ -2,34 +2,27 @@
 
 A span passed validation when a DataGate execution that consumed its statistics and examples completed
 (or was served from cache). The two resolver strategies read that from ML Metadata, never from folder
-listings, so a blocked span is neither a drift baseline nor training data. The Trainer's executor hands
-each training file's span to `run_fn`, which weights older spans down (models/model.py).
+listings, so a blocked span is neither a drift baseline nor training data. The Trainer's executor
+(pipeline/trainer_executor.py) hands each training file's span to `run_fn`, which weights older spans down.
 
 Vertex Pipelines compiles only TFX's built-in resolver strategies, so these run with the local
 orchestrator; see create_pipeline.
 """
 import logging
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 from ml_metadata import metadata_store
 from ml_metadata.proto import metadata_store_pb2
 from tfx import types
 from tfx import v1 as tfx
-from tfx.components.trainer import executor as trainer_executor
 from tfx.types import artifact_utils
-from tfx.utils import io_utils, path_utils
+from tfx.utils import path_utils
 
-from models.model import FILE_SPANS_KEY, SCORE_SIGNATURE
+from models.model import SCORE_SIGNATURE
 from pipeline import mlmd
+from pipeline.artifacts import span_of
 
 PASSED = (metadata_store_pb2.Execution.COMPLETE, metadata_store_pb2.Execution.CACHED)
-
-
-def span_of(examples: metadata_store_pb2.Artifact) -> int:
-    """The span of an Examples artifact (TFX 1.16's ExampleGen records it as a custom property)."""
-    if "span" in examples.custom_properties:
-        return examples.custom_properties["span"].int_value
-    return examples.properties["span"].int_value
 
 
 def validated(reader: mlmd.Store, pipeline_name: str,
@@ -104,21 +97,6 @@ class ValidatedSpanWindow(tfx.dsl.experimental.ResolverStrategy):
         current = input_dict["examples"][0].mlmd_artifact
         candidates = [examples for examples, _ in validated(mlmd.Store(store), self._pipeline_name, self._gate_id)]
         return {"examples": _as_tfx(store, window(current, candidates, self._spans))}
-
-
-class SpanAwareTrainerExecutor(trainer_executor.GenericExecutor):
-    """TFX's Trainer executor, plus the span of each training and eval file pattern in custom_config."""
-
-    def _GetFnArgs(self, input_dict: Dict[str, List[types.Artifact]], output_dict: Dict[str, List[types.Artifact]],
-                   exec_properties: Dict[str, Any]):
-        fn_args = super()._GetFnArgs(input_dict, output_dict, exec_properties)
-        file_spans = {}
-        for artifact in input_dict["examples"]:
-            for split in artifact_utils.decode_split_names(artifact.split_names):
-                pattern = io_utils.all_files_pattern(artifact_utils.get_split_uri([artifact], split))
-                file_spans[pattern] = span_of(artifact.mlmd_artifact)
-        fn_args.custom_config = dict(fn_args.custom_config or {}, **{FILE_SPANS_KEY: file_spans})
-        return fn_args
 
 
 def has_signature(model: types.Artifact, signature: str) -> bool:

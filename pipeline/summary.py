@@ -11,7 +11,7 @@ from tfx.types import artifact_utils
 from pipeline import baseline, mlmd, monitor
 from pipeline.config import PipelineConfig
 from pipeline.csv_check import CsvSummary
-from pipeline.spans import span_of
+from pipeline.artifacts import span_of
 from pipeline.validation import Verdict, load_statistics, read_verdict
 
 

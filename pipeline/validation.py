@@ -20,9 +20,8 @@ from tfx.types import artifact_utils
 from tfx.utils import io_utils
 
 from models import features
-from pipeline.baseline import TRAIN_SPLIT
 from pipeline.checks import QUESTIONS, check_of
-from pipeline.spans import span_of
+from pipeline.artifacts import TRAIN_SPLIT, span_of
 
 ANOMALIES_FILE = "SchemaDiff.pb"
 STATISTICS_FILE = "FeatureStats.pb"

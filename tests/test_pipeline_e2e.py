@@ -105,7 +105,8 @@ def test_editing_the_code_a_step_runs_reruns_that_step_only(tmp_path):
     checks.write_text(checks.read_text() + "\n# edited\n")
     states = run()
     assert states["DataValidator"] == states["DataGate"] == "complete", states
-    assert {states[name] for name in ("CsvExampleGen", "StatisticsGen", "Transform", "Trainer")} == {"cached"}
+    assert {states[name] for name in ("CsvExampleGen", "ImportSchemaGen", "StatisticsGen", "Transform", "Trainer",
+                                      "TreeBaseline")} == {"cached"}
 
 
 def test_training_is_seeded_the_same_inputs_and_seed_give_the_same_model(pipeline_runs, tmp_path):
@@ -130,6 +131,9 @@ os.environ["TF_CONFIG"] = json.dumps({"cluster": {"worker": paths["workers"]},
 from models import model
 from pipeline import config as config_lib
 from pipeline.pipeline import model_config
+chosen = model.write_dir
+model.write_dir = lambda path, strategy: print("WRITES", path, "TO", chosen(path, strategy), flush=True) or chosen(
+    path, strategy)
 custom = dict(model_config(config_lib.load_config()), strategy="multi_worker_mirrored", train_epochs=1,
               min_train_steps=10)
 model.run_fn(types.SimpleNamespace(custom_config=custom, transform_output=paths["transform"],
@@ -161,10 +165,19 @@ def test_two_workers_train_together_and_only_the_chief_writes_the_model(pipeline
     workers = [subprocess.Popen([sys.executable, "-c", WORKER, json.dumps(paths), str(index)],
                                 env=dict(os.environ, TMPDIR=str(temp)), stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True) for index in range(2)]
-    outputs = [worker.communicate(timeout=600)[0] for worker in workers]
+    try:
+        outputs = [worker.communicate(timeout=600)[0] for worker in workers]
+    finally:
+        for worker in workers:
+            worker.kill()
     assert [worker.returncode for worker in workers] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
     assert (tmp_path / "serving" / "saved_model.pb").is_file()
     assert list((tmp_path / "logs").iterdir())
+    writes = [dict(tuple(line.split()[1::2]) for line in output.splitlines() if line.startswith("WRITES "))
+              for output in outputs]
+    assert writes[0] == {paths["serving"]: paths["serving"], paths["logs"]: paths["logs"]}  # the chief
+    assert set(writes[1]) == {paths["serving"], paths["logs"]}
+    assert all(folder.startswith(str(temp / "babyweight-worker-1-")) for folder in writes[1].values())
     assert not list(temp.glob("babyweight-worker-*"))  # worker 1's copies are gone
     rows = quality.accepted(quality.read_rows(artifacts.eval_files)).head(20)
     assert np.isfinite(quality.predictor(str(tmp_path / "serving"))(rows)).all()

@@ -31,7 +31,8 @@ def test_a_crashed_run_is_told_from_a_block_and_fails_the_command(tmp_path, caps
     """A run that fails for another reason than its data (here: a crash in span 2) is not 'trained no'."""
     outcomes = {1: run_lib.Outcome(True, "Run complete."),
                 2: run_lib.Outcome(False, "Run FAILED: OSError: disk full", crash="OSError: disk full"),
-                3: run_lib.Outcome(False, "Run FAILED: span 3 failed data validation")}
+                3: run_lib.Outcome(False, "Run FAILED: span 3 failed data validation"),
+                4: run_lib.Outcome(False, "Run stopped before the pipeline started: ...", recorded=False)}
     arrived = []
 
     def fake_run(config):
@@ -41,8 +42,9 @@ def test_a_crashed_run_is_told_from_a_block_and_fails_the_command(tmp_path, caps
     monkeypatch.setattr(simulate.run_lib, "run_local", fake_run)
     monkeypatch.setattr(simulate, "span_result", lambda config, span: simulate.SpanResult(
         span, "-", "drift:is_male" if span == 3 else "-", span == 1, None, None, "-"))
-    code = simulate.main(["--spans", "3", "--rows", "300", "--output-dir", str(tmp_path)])
+    code = simulate.main(["--spans", "4", "--rows", "300", "--output-dir", str(tmp_path)])
     captured = capsys.readouterr()
     rows = [line.split() for line in captured.out.splitlines() if line.strip()[:1].isdigit()]
-    assert [row[3] for row in rows] == ["yes", "CRASHED", "no"]
+    assert [row[3] for row in rows[:3]] == ["yes", "CRASHED", "no"]
+    assert rows[3][:4] == ["4", "-", "input", "refused"]  # not span 3's row read again from ML Metadata
     assert code == 1 and "span 2: the run crashed: OSError: disk full" in captured.err

@@ -1,5 +1,4 @@
 """The course's babyweight files, read as rows of the table's 31 columns."""
-import pytest
 
 from data import course
 from models import features

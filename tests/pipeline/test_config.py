@@ -33,6 +33,7 @@ def test_overrides_are_typed_like_the_field():
     ({"min_imputed_presence": "1.5"}, "min_imputed_presence must be between 0 and 1, not 1.5"),
     ({"mask_rate": "-0.1"}, "mask_rate must be between 0 and 1, not -0.1"),
     ({"min_drift_rows": "-1"}, "min_drift_rows must be 0 (always a verdict) or positive, not -1"),
+    ({"trainer_replica_count": "2"}, "trainer_replica_count 2 needs strategy multi_worker_mirrored, not 'default'"),
 ])
 def test_bad_settings_say_which_and_where(overrides, message):
     with pytest.raises(config_lib.ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):

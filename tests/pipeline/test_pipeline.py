@@ -56,6 +56,9 @@ def _copy_of_the_project(tmp_path):
     ("pipeline/csv_check.py", ["pipeline.csv_example_gen"], ["models.preprocessing"]),
     ("models/features.py", ["models.preprocessing", "models.model", "pipeline.baseline"], []),
     ("pipeline/report.py", [], ["pipeline.validation", "models.model", "pipeline.monitor", "pipeline.baseline"]),
+    # The metadata reader of the commands and the resolvers run no step: the Trainer and validator keep their keys.
+    ("pipeline/mlmd.py", [], ["models.model", "pipeline.trainer_executor", "pipeline.validation"]),
+    ("pipeline/spans.py", [], ["models.model", "pipeline.trainer_executor", "pipeline.validation"]),
 ])
 def test_a_code_change_changes_the_fingerprint_of_the_steps_that_run_it(tmp_path, edited, changes, keeps):
     """Modules imported by a step's module count too (pipeline/checks.py by pipeline/validation.py)."""
@@ -76,7 +79,7 @@ def test_every_step_running_project_code_has_its_fingerprint():
     example_gen = json.loads(components["CsvExampleGen"].exec_properties["custom_config"])["custom_config"]
     assert example_gen["value"] == cache.code_fingerprint("pipeline.csv_example_gen")
     assert custom["Transform"]["code_fingerprint"] == cache.code_fingerprint("models.preprocessing")
-    assert custom["Trainer"]["code_fingerprint"] == cache.code_fingerprint("models.model", "pipeline.spans")
+    assert custom["Trainer"]["code_fingerprint"] == cache.code_fingerprint("models.model", "pipeline.trainer_executor")
 
 
 def test_the_schema_file_s_contents_are_in_the_cache_key(tmp_path):
