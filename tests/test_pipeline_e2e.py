@@ -67,17 +67,39 @@ def test_rerun_after_the_fix_is_served_from_cache(pipeline_runs):
     assert "blessed: yes" in fixed.outcome.summary
 
 
-def test_an_edited_schema_takes_effect_on_the_rerun_and_reverting_it_reuses_the_earlier_steps(pipeline_runs):
-    edited = pipeline_runs["schema_edited"]
+@pytest.fixture(scope="module")
+def schema_runs(tmp_path_factory):
+    """In one output folder, on the same data: a run, a rerun with the schema edited (mother_age at most
+    20, which the data breaks), a rerun with the schema reverted."""
+    from tests.conftest import run_pipeline
+
+    root = tmp_path_factory.mktemp("schema")
+    data = generator.write(2_000, 8, root / "data")[0].parent
+    schema = root / "schema" / "schema.pbtxt"
+    schema.parent.mkdir()
+    original = (PROJECT_ROOT / "schema" / "schema.pbtxt").read_text()
+    config = config_lib.load_config(overrides={"data_dir": str(data), "output_dir": str(root / "out"),
+                                               "schema_dir": str(schema.parent), "min_train_steps": "100"})
+    mother_age = original.index('name: "mother_age"')
+    runs = {}
+    for name, text in (("first", original), ("schema_edited", original[:mother_age] + original[mother_age:].replace(
+            "max: 64", "max: 20", 1)), ("schema_reverted", original)):
+        schema.write_text(text)
+        runs[name] = run_pipeline(config)
+    return runs
+
+
+def test_an_edited_schema_takes_effect_on_the_rerun_and_reverting_it_reuses_the_earlier_steps(schema_runs):
+    assert schema_runs["first"].outcome.ok, schema_runs["first"].outcome.summary
+    edited = schema_runs["schema_edited"]
     assert not edited.outcome.ok, edited.outcome.summary
     assert edited.steps["ImportSchemaGen"].state == "complete"  # a new schema artifact...
     assert edited.steps["DataValidator"].state == "complete"  # ...validated against, with the same data
     assert "[BLOCKING] domain: feature 'mother_age'" in edited.outcome.summary.split("Run FAILED: ")[-1]
-    reverted = pipeline_runs["schema_reverted"]
+    reverted = schema_runs["schema_reverted"]
     assert reverted.outcome.ok, reverted.outcome.summary
     assert {name for name, step in reverted.steps.items() if step.state == "cached"} >= CACHEABLE
-    schema = {name: run.steps["ImportSchemaGen"].outputs["schema"][0].id
-              for name, run in pipeline_runs.items() if name in ("first", "schema_edited", "schema_reverted")}
+    schema = {name: run.steps["ImportSchemaGen"].outputs["schema"][0].id for name, run in schema_runs.items()}
     assert schema["schema_reverted"] == schema["first"] != schema["schema_edited"]
 
 
@@ -132,8 +154,11 @@ from models import model
 from pipeline import config as config_lib
 from pipeline.pipeline import model_config
 chosen = model.write_dir
-model.write_dir = lambda path, strategy: print("WRITES", path, "TO", chosen(path, strategy), flush=True) or chosen(
-    path, strategy)
+def write_dir(path, strategy):
+    folder = chosen(path, strategy)
+    print("WRITES", path, "TO", folder, flush=True)
+    return folder
+model.write_dir = write_dir
 custom = dict(model_config(config_lib.load_config()), strategy="multi_worker_mirrored", train_epochs=1,
               min_train_steps=10)
 model.run_fn(types.SimpleNamespace(custom_config=custom, transform_output=paths["transform"],
