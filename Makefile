@@ -37,11 +37,11 @@ metadata: $(VENV)/.installed
 
 # A year of arriving spans through the pipeline (README, Data validation): make simulate ARGS="--spans 6"
 simulate: $(VENV)/.installed
-	$(PY) -m pipeline.cli simulate $(ARGS)
+	$(PY) -m babyweight_cli simulate $(ARGS)
 
 # Serving requests (CSV or JSON lines) against the schema and the training data: make validate-serving ARGS=FILE
 validate-serving: $(VENV)/.installed
-	$(PY) -m pipeline.cli validate-serving $(ARGS)
+	$(PY) -m babyweight_cli validate-serving $(ARGS)
 
 # Compiles the pipeline for Vertex Pipelines (README, Google Cloud); ARGS="--submit --wait" runs it.
 vertex: $(VENV)/.installed

@@ -11,9 +11,9 @@ setuptools.setup(
     version="0.1.0",
     description="Production TFX pipeline predicting a newborn's birth weight from US natality data",
     python_requires=">=3.10,<3.11",
-    packages=setuptools.find_packages(include=["pipeline", "pipeline.*", "models", "models.*", "data"]),
+    packages=setuptools.find_packages(include=["pipeline", "pipeline.*", "models", "models.*", "serving", "serving.*", "data"]),
     package_data={"pipeline": ["profiles/*.yaml"]},
-    py_modules=["runner_local", "runner_dataflow"],
+    py_modules=["runner_local", "runner_dataflow", "babyweight_cli"],
     install_requires=[
         "tfx[kfp]",
         "apache-beam[gcp]",
@@ -31,6 +31,6 @@ setuptools.setup(
     entry_points={"console_scripts": [
         "babyweight-local=runner_local:main",
         "babyweight-vertex=runner_dataflow:main",
-        "babyweight=pipeline.cli:main",  # babyweight metadata|simulate|validate-serving ...
+        "babyweight=babyweight_cli:main",  # babyweight metadata|simulate|validate-serving|serve|predict ...
     ]},
 )

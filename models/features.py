@@ -92,6 +92,7 @@ COLUMN_NAMES: Tuple[str, ...] = tuple(c.name for c in COLUMNS)
 BY_NAME: Dict[str, Column] = {c.name: c for c in COLUMNS}
 LABEL: Column = next(c for c in COLUMNS if c.role is Role.LABEL)
 FEATURES: Tuple[Column, ...] = tuple(c for c in COLUMNS if c.role is Role.FEATURE)
+FEATURE_NAMES: Tuple[str, ...] = tuple(c.name for c in FEATURES)
 # Who asks is a clinician or a parent before the birth: the mother's age and the weeks of gestation
 # (from the last period or the dating scan) are always known and carry most of what the model can say;
 # the baby's sex, plurality (before an ultrasound), marital status, weight gain so far, earlier births
@@ -192,3 +193,34 @@ def is_missing_value(column: Column, value: Any) -> bool:
 def missing_required(request: Mapping[str, Any]) -> List[str]:
     """The names of the required features (the serving contract) that a request lacks."""
     return [c.name for c in REQUIRED_FEATURES if is_missing_value(c, request.get(c.name))]
+
+
+# The training data's most frequent instances, with their counts, written by the Trainer beside the SavedModel
+# (TF Serving's assets.extra folder, which the Pusher copies with it): a server predicts them when it loads the
+# version and answers them from a table (serving/cache.py).
+FREQUENT_INSTANCES_FILE = "assets.extra/frequent_instances.json"
+
+InstanceKey = Tuple[Any, ...]
+
+
+def instance_key(values: Mapping[str, Any]) -> InstanceKey:
+    """An instance as the model is fed it: one value per feature in FEATURES order, None where it has none.
+
+    Numbers are float32 values (as `serving_raw` takes them), texts are str; None, "", NaN and an empty list
+    are no value. Two instances with the same key get the same prediction: the key of the prediction cache.
+    """
+    key = []
+    for column in FEATURES:
+        value = values.get(column.name)
+        if isinstance(value, (list, tuple)):
+            value = value[0] if value else None
+        if isinstance(value, bytes):
+            value = value.decode()
+        if value is None or value == "":
+            key.append(None)
+        elif column.dtype == "string":
+            key.append(str(value).lower() if isinstance(value, bool) else str(value))
+        else:
+            number = float(numpy.float32(value))
+            key.append(None if math.isnan(number) else number)
+    return tuple(key)

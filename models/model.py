@@ -8,6 +8,7 @@ The exported SavedModel carries the TF Transform graph, so every signature takes
 - `score_examples`: serialized tf.Example -> {"predictions": pounds} for every row (evaluation, monitoring);
 - `transform_features`: serialized tf.Example -> transformed features (TFMA slices and labels on it).
 """
+import collections
 import json
 import logging
 import math
@@ -40,6 +41,9 @@ WEIGHTS_FILE = "recency_weights.json"  # {file pattern: weight} the Trainer used
 # without it against; a share between 0 and 1 is a span where the feature is that rare (`make quality
 # --presence`, the measurement behind the pipeline's min_imputed_presence).
 PRESENCE_KEY = "feature_presence"
+# How many of the training data's most frequent instances the Trainer writes beside the model
+# (features.FREQUENT_INSTANCES_FILE); a server precomputes as many of them as its cache is configured for.
+FREQUENT_INSTANCES_MAX = 50_000
 
 # TensorFlow's AutoGraph leaves the `keras` package unconverted, as Keras code runs as it is in graphs,
 # but not its Keras 2 twin `tf_keras` that TFX 1.16 needs: converting it costs about 30 s of the
@@ -278,6 +282,31 @@ def serving_signatures(model: tf.keras.Model, tf_transform_output: tft.TFTransfo
     }
 
 
+def frequent_instances(file_patterns: List[str], tf_transform_output: tft.TFTransformOutput,
+                       limit: int = FREQUENT_INSTANCES_MAX) -> Dict[str, Any]:
+    """The most frequent instances of the raw training rows, with their counts: {"rows": N, "instances": [...]}.
+
+    Each row counts twice: as it is, and as the smallest request the serving contract takes (its required
+    features alone), the two shapes a client sends most.
+    """
+    raw_spec = _raw_feature_spec(tf_transform_output, with_label=False)
+    counts: collections.Counter = collections.Counter()
+    rows = 0
+    files = [name for pattern in file_patterns for name in tf.io.gfile.glob(pattern)]
+    dataset = tf.data.TFRecordDataset(files, compression_type="GZIP").batch(TRANSFORM_BATCH).map(
+        lambda records: {name: dense_raw(value) for name, value in tf.io.parse_example(records, raw_spec).items()})
+    required = [index for index, column in enumerate(features.FEATURES) if column.required]
+    for batch in dataset.as_numpy_iterator():
+        columns = [batch[column.name] for column in features.FEATURES]
+        for values in zip(*columns):
+            key = features.instance_key(dict(zip(features.FEATURE_NAMES, values)))
+            counts[key] += 1
+            counts[tuple(value if index in required else None for index, value in enumerate(key))] += 1
+            rows += 1
+    return {"rows": rows, "instances": [[count, dict(zip(features.FEATURE_NAMES, key))]
+                                        for key, count in counts.most_common(limit)]}
+
+
 def _count_records(file_pattern: List[str]) -> int:
     """Number of examples in gzipped TFRecord files, counted without parsing them."""
     files = tf.io.gfile.glob(file_pattern)
@@ -335,6 +364,10 @@ def run_fn(fn_args: tfx.components.FnArgs) -> None:
     # for Keras' own reloading would double the export time and the model's load time.
     model.save(serving_dir, save_format="tf", save_traces=False,
                signatures=serving_signatures(model, tf_transform_output))
+    frequent_path = os.path.join(serving_dir, features.FREQUENT_INSTANCES_FILE)
+    tf.io.gfile.makedirs(os.path.dirname(frequent_path))
+    with tf.io.gfile.GFile(frequent_path, "w") as handle:
+        json.dump(frequent_instances(fn_args.train_files, tf_transform_output), handle)
     for own, shared in ((serving_dir, fn_args.serving_model_dir), (log_dir, fn_args.model_run_dir)):
         if own != shared:  # a worker's copy, written only because saving is collective
             tf.io.gfile.rmtree(own)

@@ -1,18 +1,19 @@
 """Validates serving requests (features without the label) against the schema and the training data.
 
     babyweight validate-serving requests.jsonl           # or a CSV file with a header line
+    babyweight validate-serving outputs/serving_logs     # what the prediction server answered
     babyweight validate-serving requests.csv --output-dir outputs --json
 
 Each line of a JSON-lines file is one request: {"is_male": "true", "mother_age": 31, ...}; a value may
 be a list (a feature with several values) and null or a missing key means no value; in a CSV file an
-empty field means no value. The requests are checked with TFDV against the curated schema's SERVING
+empty field means no value. The prediction server's request log (a folder, or one of its files) and Vertex
+AI's request-response log exported from BigQuery are read as they are (models/requests.py). The requests are checked with TFDV against the curated schema's SERVING
 environment (expected and unexpected features, types, presence, value counts, domains), for the features
 the serving contract requires (models/features.py: a request lacking one is refused), and against the
 statistics of the newest span that passed validation in the store (skew, by the schema's
 skew_comparator thresholds). Exit code 0: no anomaly; 1: anomalies, listed; 2: the file can't be read.
 """
 import argparse
-import csv
 import dataclasses
 import json
 import pathlib
@@ -25,39 +26,13 @@ from tensorflow_data_validation.statistics import stats_impl
 from tensorflow_metadata.proto.v0 import schema_pb2, statistics_pb2
 
 from models import features
+from models.requests import RequestsError, read_requests
 from pipeline import config as config_lib
 from pipeline import mlmd, spans
 from pipeline.validation import DRIFT_SPLIT, Finding, csv_presence, findings, load_statistics, validate_split
 
 SERVING = "SERVING"
 _ARROW_TYPES = {schema_pb2.INT: pa.int64(), schema_pb2.FLOAT: pa.float32(), schema_pb2.BYTES: pa.binary()}
-
-
-class RequestsError(ValueError):
-    """The requests file can't be read; the message names the file and line."""
-
-
-def read_requests(path: pathlib.Path) -> List[Dict[str, Any]]:
-    """Requests as dicts of feature -> value (scalar, list or None) from a .csv or JSON-lines file."""
-    if not path.is_file():
-        raise RequestsError(f"{path}: no such file")
-    if path.suffix == ".csv":
-        with path.open(newline="") as handle:
-            return [{k: (v if v != "" else None) for k, v in row.items()} for row in csv.DictReader(handle)]
-    requests = []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            request = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise RequestsError(f"{path}, line {number}: not JSON ({error.msg})") from None
-        if not isinstance(request, dict):
-            raise RequestsError(f"{path}, line {number}: expected an object of feature values")
-        requests.append(request)
-    if not requests:
-        raise RequestsError(f"{path}: no requests")
-    return requests
 
 
 def _integer(value: Any) -> int:
@@ -143,7 +118,7 @@ def check_requests(requests: Sequence[Dict[str, Any]], schema: schema_pb2.Schema
 def main(argv: Optional[List[str]] = None) -> int:
     """`babyweight validate-serving FILE`: prints the anomalies; exit code 1 if there are any."""
     parser = argparse.ArgumentParser(prog="babyweight validate-serving", description=__doc__.split("\n\n")[0])
-    parser.add_argument("requests", type=pathlib.Path, help="a .csv file, or JSON lines (any other name)")
+    parser.add_argument("requests", type=pathlib.Path, help="a .csv file, JSON lines (any other name), or a folder of them (the server's request log)")
     parser.add_argument("--output-dir", help="the pipeline's output folder (default: the local profile's)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)

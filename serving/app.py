@@ -1,0 +1,252 @@
+"""The HTTP layer: TensorFlow Serving's REST API on Starlette, over the manager, the batcher and the cache.
+
+    GET  /v1/models/NAME[/versions/N|/labels/L]            version status (AVAILABLE, LOADING, ...)
+    GET  /v1/models/NAME[/versions/N|/labels/L]/metadata   signatures with their inputs and outputs
+    POST /v1/models/NAME[/versions/N|/labels/L]:predict    {"instances": [...]} or {"inputs": {...}}
+    POST /v1/models/NAME[/versions/N|/labels/L]:regress    {"examples": [...], "context": {...}}
+    GET  /metrics                                          Prometheus' text format
+Errors answer {"error": "..."}: 400 a bad request (naming the instance and feature), 404 an unknown model,
+version or label, 413 a request too large, 503 no version available yet. Each answer carries the request's id
+and the version that answered in the X-Request-Id and X-Model-Version headers.
+"""
+import contextlib
+import itertools
+import logging
+import os
+import re
+import secrets
+import time
+from typing import Any, Dict, List, Optional, Sequence
+
+import orjson
+import tensorflow as tf
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from models import features
+from serving import batching, cache, contract, manager, metrics, request_log
+from serving.settings import ServerSettings
+
+MODELS_ROUTE = re.compile(r"^/v1/models/(?P<name>[^/:]+)(?:/versions/(?P<version>[^/:]+)|/labels/(?P<label>[^/:]+))?"
+                          r"(?P<action>/metadata|:predict|:regress)?$")
+JSON = "application/json"
+TRAFFIC_HEAD_RECORDS = 200_000  # request log records read for the traffic's head when a version loads
+
+
+def default_paths(settings: ServerSettings) -> Dict[str, str]:
+    """The model folder and the log folder: the settings', else the local profile's outputs."""
+    if settings.model_dir and settings.log_dir:
+        return {"model_dir": settings.model_dir, "log_dir": settings.log_dir}
+    from pipeline import config as config_lib  # the profile's paths only; serving uses no pipeline component
+
+    config = config_lib.load_config()
+    return {"model_dir": settings.model_dir or config.serving_dir,
+            "log_dir": settings.log_dir or os.path.join(config.output_dir, "serving_logs")}
+
+
+class ModelServer:
+    """What the routes share: the manager, the batcher, the request log and the metrics of one process."""
+
+    def __init__(self, settings: ServerSettings):
+        self.settings = settings
+        paths = default_paths(settings)
+        self.log_dir = paths["log_dir"]
+        self.metrics = metrics.Metrics()
+        self.batcher = batching.Batcher(settings.max_batch_size, settings.batch_timeout_micros / 1e6,
+                                        on_batch=self.metrics.batched)
+        self.manager = manager.Manager(settings, paths["model_dir"], traffic_head=self.traffic_head)
+        self.log: Optional[request_log.RequestLog] = None
+        self._ids = itertools.count()
+        self._id_prefix = secrets.token_hex(4)
+
+    def start(self) -> None:
+        if self.settings.request_log_enabled:
+            self.log = request_log.RequestLog(self.log_dir, self.settings.log_max_bytes, self.settings.log_keep_files)
+        self.manager.start()
+
+    def stop(self) -> None:
+        self.manager.stop()
+        if self.log is not None:
+            self.log.close()
+
+    def traffic_head(self) -> Sequence[features.InstanceKey]:
+        """The most frequent instances of the request log, for a loading version's table."""
+        if not self.settings.request_log_enabled:
+            return ()
+        keys = []
+        for record in request_log.recent_records(self.log_dir, TRAFFIC_HEAD_RECORDS):
+            if record.get("signature") == contract.RAW_SIGNATURE and isinstance(record.get("instance"), dict):
+                try:
+                    keys.append(contract.check_instance(0, record["instance"]))
+                except contract.RequestError:
+                    continue
+        return cache.most_frequent(keys, self.settings.cache_head_size)
+
+    # Routes
+
+    async def models(self, request: Request) -> Response:
+        match = MODELS_ROUTE.match(request.scope["path"])
+        if match is None:
+            return _error(404, f"no such route: {request.scope['path']}")
+        name, version, label, action = match.group("name", "version", "label", "action")
+        if name != self.manager.config.name or (version is not None and not version.isdigit()):
+            status, message = ((404, f"no model named {name!r} (this server serves {self.manager.config.name!r})")
+                               if name != self.manager.config.name else (400, f"version {version!r} is not a number"))
+            if request.method == "POST":
+                return self._refused(status, message, self._request_id(request), "none", (action or ":")[1:])
+            return _error(status, message)
+        number = int(version) if version is not None else None
+        if request.method == "GET":
+            if action not in (None, "/metadata"):
+                return _error(405, f"{action} takes POST")
+            return self._metadata(number, label) if action else self._status(number, label)
+        if action not in (":predict", ":regress"):
+            return _error(405, "POST goes to :predict or :regress")
+        return await self.predict(request, number, label, action[1:])
+
+    def _status(self, version: Optional[int], label: Optional[str]) -> Response:
+        try:
+            return _json({"model_version_status": self.manager.status(version, label)})
+        except manager.NotFound as error:
+            return _error(404, str(error))
+
+    def _metadata(self, version: Optional[int], label: Optional[str]) -> Response:
+        try:
+            handle = self.manager.resolve(version, label)
+        except manager.NotFound as error:
+            return _error(404, str(error))
+        except manager.Unavailable as error:
+            return _error(503, str(error))
+        return _json({"model_spec": {"name": self.manager.config.name, "signature_name": "",
+                                     "version": str(handle.version)},
+                      "metadata": {"signature_def": handle.signature_defs}})
+
+    async def predict(self, request: Request, version: Optional[int], label: Optional[str], route: str) -> Response:
+        started = time.perf_counter()
+        request_id = self._request_id(request)
+        version_name = "none"
+        try:
+            declared = request.headers.get("content-length")
+            if declared is not None and declared.isdigit() and int(declared) > self.settings.max_body_bytes:
+                raise contract.RequestError(f"the body has {declared} bytes; the server takes at most "
+                                            f"{self.settings.max_body_bytes}", 413)
+            body = await request.body()
+            if len(body) > self.settings.max_body_bytes:
+                raise contract.RequestError(f"the body has {len(body)} bytes; the server takes at most "
+                                            f"{self.settings.max_body_bytes}", 413)
+            handle = self.manager.resolve(version, label)
+            version_name = str(handle.version)
+            parsed = (contract.parse_regress(body, self.settings.max_instances) if route == "regress"
+                      else contract.parse_predict(body, self.settings.max_instances))
+            predictions, path = await self._predictions(handle, parsed)
+        except contract.RequestError as error:
+            return self._refused(error.status, str(error), request_id, version_name, route)
+        except manager.NotFound as error:
+            return self._refused(404, str(error), request_id, version_name, route)
+        except manager.Unavailable as error:
+            return self._refused(503, str(error), request_id, version_name, route)
+        except tf.errors.InvalidArgumentError as error:  # a tf.Example the model refuses (names the rows)
+            return self._refused(400, _first_reason(error.message), request_id, version_name, route)
+        if route == "regress":
+            content = orjson.dumps({"results": predictions})
+        else:
+            content = contract.response(parsed, predictions)
+        seconds = time.perf_counter() - started
+        self.metrics.request(version_name, route, 200)
+        self.metrics.observe(version_name, path, seconds)
+        if self.log is not None:
+            now = time.time()
+            for index, (instance, prediction) in enumerate(zip(parsed.instances, predictions)):
+                self.log.write({"request_id": request_id, "time": now, "model": self.manager.config.name,
+                                "version": handle.version, "signature": parsed.signature, "index": index,
+                                "instance": instance, "prediction": prediction, "latency_ms": seconds * 1e3,
+                                "path": path})
+        return Response(content, media_type=JSON,
+                        headers={"x-request-id": request_id, "x-model-version": version_name})
+
+    async def _predictions(self, handle: Any, parsed: contract.Request) -> tuple:
+        """The version's predictions for a checked request (floats, in order) and the path they took."""
+        if parsed.signature == contract.EXAMPLES_SIGNATURE:
+            return handle.predict_examples(parsed.examples).tolist(), "examples"
+        table = handle.table
+        predictions: List[Optional[float]] = [table.get(key) for key in parsed.keys]
+        misses = [index for index, value in enumerate(predictions) if value is None]
+        self.metrics.lookups(str(handle.version), len(predictions) - len(misses), len(misses))
+        if not misses:
+            return predictions, "cache"
+        answered = (await self.batcher.predict(handle, [parsed.keys[index] for index in misses])).tolist()
+        for index, value in zip(misses, answered):
+            predictions[index] = value
+        return predictions, "model"
+
+    def _request_id(self, request: Request) -> str:
+        """The client's X-Request-Id, else a new one (unique: a random prefix per process, then a counter)."""
+        return request.headers.get("x-request-id") or f"{self._id_prefix}-{next(self._ids):x}"
+
+    def _refused(self, status: int, message: str, request_id: str, version: str, route: str) -> Response:
+        self.metrics.request(version, route, status)
+        return Response(contract.error_body(message), status_code=status, media_type=JSON,
+                        headers={"x-request-id": request_id, "x-model-version": version})
+
+    async def vertex_predict(self, request: Request) -> Response:
+        """Vertex AI's AIP_PREDICT_ROUTE: the default version, Vertex's body ({"instances": ...})."""
+        return await self.predict(request, None, None, "predict")
+
+    async def health(self, request: Request) -> Response:
+        """Vertex AI's AIP_HEALTH_ROUTE: 200 once a version is available, else 503."""
+        if self.manager.available:
+            return _json({"status": "AVAILABLE", "versions": sorted(self.manager.available)})
+        return _error(503, "no version available yet")
+
+    async def prometheus(self, request: Request) -> Response:
+        return Response(self.metrics.exposition(), media_type=metrics.CONTENT_TYPE)
+
+
+def _first_reason(message: str) -> str:
+    """The line of a TensorFlow error that says what is wrong (an assertion's text), not where."""
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    return next((line for line in lines if "assertion failed" in line), lines[-1] if lines else message)
+
+
+def _json(payload: Any, status: int = 200) -> Response:
+    return Response(orjson.dumps(payload), status_code=status, media_type=JSON)
+
+
+def _error(status: int, message: str) -> Response:
+    return Response(contract.error_body(message), status_code=status, media_type=JSON)
+
+
+def create_app(settings: ServerSettings) -> Starlette:
+    """The ASGI app of one server process."""
+    threads = max(1, (os.cpu_count() or 1) // max(1, settings.workers or os.cpu_count() or 1))
+    tf.config.threading.set_intra_op_parallelism_threads(threads)
+    tf.config.threading.set_inter_op_parallelism_threads(threads)
+    server = ModelServer(settings)
+    routes = [Route("/v1/models/{rest:path}", server.models, methods=["GET", "POST"]),
+              Route("/metrics", server.prometheus, methods=["GET"])]
+    if settings.health_route:
+        routes.append(Route(settings.health_route, server.health, methods=["GET"]))
+    if settings.predict_route:
+        routes.append(Route(settings.predict_route, server.vertex_predict, methods=["POST"]))
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette):
+        server.start()
+        try:
+            yield
+        finally:
+            server.stop()
+
+    app = Starlette(routes=routes, lifespan=lifespan)
+    app.state.server = server
+    return app
+
+
+def app_from_environment() -> Starlette:
+    """uvicorn's factory in each worker process: the settings `babyweight serve` was started with."""
+    from serving import settings as settings_lib
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(process)d %(levelname)s %(message)s")
+    return create_app(settings_lib.from_environment())

@@ -1,0 +1,132 @@
+"""Loads one version of the model, checks it, warms it up and builds its prediction table.
+
+A version is ready only when all of that has worked: a manager (serving/manager.py) never hands out a version
+that is still loading or that failed to load.
+"""
+import dataclasses
+import json
+import logging
+import os
+import time
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+import numpy
+import tensorflow as tf
+from google.protobuf import json_format
+from tensorflow.core.protobuf import saved_model_pb2
+
+from models import features
+from serving import cache, contract
+
+PREDICTIONS = "predictions"
+WARMUP_BATCHES = (1, 64)  # batch shapes run once before a version takes traffic
+
+
+class LoadError(RuntimeError):
+    """A version can't be served; the message says why (missing files, a broken graph, a wrong signature)."""
+
+
+@dataclasses.dataclass
+class LoadedVersion:
+    """One version in memory, ready to answer: its signatures, metadata and prediction table."""
+
+    version: int
+    path: str
+    predict_keys: Callable[[Sequence[features.InstanceKey]], numpy.ndarray]
+    predict_examples: Callable[[Sequence[bytes]], numpy.ndarray]
+    signature_defs: Dict[str, Any]  # TF Serving's metadata JSON of the signatures
+    table: cache.PredictionTable
+    seconds_to_load: float
+    model: Any = dataclasses.field(repr=False, default=None)  # keeps the SavedModel's objects alive
+
+
+def columns_of(keys: Sequence[features.InstanceKey]) -> Dict[str, tf.Tensor]:
+    """serving_raw's inputs: one tensor per feature, NaN or "" where an instance has no value."""
+    columns = {}
+    for index, column in enumerate(features.FEATURES):
+        values = [key[index] for key in keys]
+        if column.dtype == "string":
+            columns[column.name] = tf.constant(["" if v is None else v for v in values], tf.string)
+        else:
+            columns[column.name] = tf.constant(numpy.array(
+                [numpy.nan if v is None else v for v in values], numpy.float32))
+    return columns
+
+
+def _signature_defs(path: str) -> Dict[str, Any]:
+    """The SavedModel's signatures as TF Serving's GetModelMetadata answers them."""
+    saved_model = saved_model_pb2.SavedModel()
+    with tf.io.gfile.GFile(os.path.join(path, "saved_model.pb"), "rb") as handle:
+        saved_model.ParseFromString(handle.read())
+    signatures = saved_model.meta_graphs[0].signature_def
+    return {"signature_def": {name: json_format.MessageToDict(signatures[name], preserving_proto_field_name=True)
+                              for name in contract.SIGNATURES if name in signatures}}
+
+
+def _fast_call(function: Any) -> Callable[[Dict[str, tf.Tensor]], Dict[str, tf.Tensor]]:
+    """The signature called with its inputs already in order.
+
+    A loaded signature's public call sorts and checks its keyword arguments on every call, which costs about
+    as much as the model itself for one instance; `_call_flat` skips that. It is TensorFlow's private API, so
+    a version uses it only after it gave the public call's answers at warm-up (`load`).
+    """
+    names = sorted(function.structured_input_signature[1])
+    flat = getattr(function, "_call_flat", None)
+    if flat is None:
+        return lambda columns: function(**columns)
+    captured = function.captured_inputs
+    return lambda columns: flat([columns[name] for name in names], captured)
+
+
+def read_frequent_instances(path: str) -> List[Dict[str, Any]]:
+    """The instances the Trainer found most frequent in the training data (most frequent first), if any."""
+    file = os.path.join(path, features.FREQUENT_INSTANCES_FILE)
+    if not tf.io.gfile.exists(file):
+        return []
+    with tf.io.gfile.GFile(file) as handle:
+        return [instance for _, instance in json.load(handle)["instances"]]
+
+
+def load(path: str, version: int, head_size: int, capacity: int, admit_after: int,
+         traffic_head: Sequence[features.InstanceKey] = ()) -> LoadedVersion:
+    """Loads, checks and warms up a version; predicts its head (training data first, then traffic)."""
+    started = time.monotonic()
+    try:
+        model = tf.saved_model.load(path)
+        raw = model.signatures[contract.RAW_SIGNATURE]
+        examples = model.signatures[contract.EXAMPLES_SIGNATURE]
+        defs = _signature_defs(path)
+    except (KeyError, OSError, ValueError, tf.errors.OpError) as error:
+        raise LoadError(f"version {version} at {path} can't be loaded: {type(error).__name__}: {error}") from None
+    fast = _fast_call(raw)
+
+    def predict_keys(keys: Sequence[features.InstanceKey]) -> numpy.ndarray:
+        return fast(columns_of(keys))[PREDICTIONS].numpy().reshape(-1)
+
+    def predict_examples(serialized: Sequence[bytes]) -> numpy.ndarray:
+        return examples(examples=tf.constant(list(serialized), tf.string))[PREDICTIONS].numpy().reshape(-1)
+
+    head = [features.instance_key(instance) for instance in read_frequent_instances(path)]
+    head = list(dict.fromkeys(head + list(traffic_head)))[:head_size]
+    warmup = head[:max(WARMUP_BATCHES)] or [_typical_key()]
+    try:
+        for size in WARMUP_BATCHES:
+            keys = (warmup * size)[:size]
+            public = raw(**columns_of(keys))[PREDICTIONS].numpy().reshape(-1)
+            if not numpy.array_equal(public, predict_keys(keys)):
+                logging.warning("version %d: the fast signature call disagrees with the public one; using the "
+                                "public call", version)
+                predict_keys = lambda keys: raw(**columns_of(keys))[PREDICTIONS].numpy().reshape(-1)  # noqa: E731
+            if not numpy.all(numpy.isfinite(public)):
+                raise LoadError(f"version {version} at {path} predicts {public[:3]} at warm-up, not numbers")
+    except tf.errors.OpError as error:
+        raise LoadError(f"version {version} at {path} fails at warm-up: {error.message.splitlines()[0]}") from None
+    table = cache.PredictionTable(capacity, admit_after)
+    table.fill(head, predict_keys)
+    return LoadedVersion(version, path, predict_keys, predict_examples, defs, table,
+                         time.monotonic() - started, model)
+
+
+def _typical_key() -> features.InstanceKey:
+    """An instance with only the required features, for warming up a version without a head file."""
+    return features.instance_key({column.name: 30 for column in features.REQUIRED_FEATURES})
