@@ -142,9 +142,12 @@ class Manager:
             if version in available:
                 return available[version]
             state = self.states.get(version)
+            if state is None and label is not None:
+                raise NotFound(f"label {label!r} points to version {version}, which is not served (serving: "
+                               f"{', '.join(map(str, sorted(available, reverse=True))) or 'none'})")
             if state is None:
-                raise NotFound(f"model {self.config.name!r} has no version {version}"
-                               + (f" (label {label!r})" if label else ""))
+                raise NotFound(f"model {self.config.name!r} has no version {version} (serving: "
+                               f"{', '.join(map(str, sorted(available, reverse=True))) or 'none'})")
             raise Unavailable(f"version {version} of {self.config.name!r} is {state.state}"
                               + (f": {state.error}" if state.error else ""))
         if not available:

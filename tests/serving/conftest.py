@@ -73,8 +73,13 @@ def running_server(model_dir: pathlib.Path, log_dir: pathlib.Path, *flags: str,
         finally:
             if process.poll() is None:
                 os.killpg(process.pid, signal.SIGKILL)
-        # Its worker processes are in its session: none may be left.
-        leftovers = subprocess.run(["pgrep", "-s", str(process.pid)], capture_output=True, text=True).stdout.split()
+        # Its worker processes (and multiprocessing's helper) are in its session: none may be left.
+        deadline = time.monotonic() + 10
+        while True:
+            leftovers = subprocess.run(["pgrep", "-s", str(process.pid)], capture_output=True, text=True).stdout.split()
+            if not leftovers or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
         assert not leftovers, f"server processes left running: {leftovers}"
 
 
