@@ -11,7 +11,7 @@ export TF_USE_LEGACY_KERAS := 1
 export TF_CPP_MIN_LOG_LEVEL := 2
 export PYTHONWARNINGS := ignore::FutureWarning
 
-.PHONY: run test test-fast mariadb metadata simulate validate-serving vertex bench quality schema-draft data clean
+.PHONY: run test test-fast mariadb wrk metadata simulate validate-serving serve predict bench-serving vertex bench quality schema-draft data clean
 
 run: $(VENV)/.installed
 	$(PY) runner_local.py $(ARGS)
@@ -42,6 +42,27 @@ simulate: $(VENV)/.installed
 # Serving requests (CSV or JSON lines) against the schema and the training data: make validate-serving ARGS=FILE
 validate-serving: $(VENV)/.installed
 	$(PY) -m babyweight_cli validate-serving $(ARGS)
+
+# The prediction server over the pushed models (README, Serving): make serve ARGS="--port 8501 --workers 2"
+serve: $(VENV)/.installed
+	$(PY) -m babyweight_cli serve $(ARGS)
+
+# Predictions for a CSV or JSON-lines file from a server: make predict ARGS="--url http://127.0.0.1:8501 FILE"
+predict: $(VENV)/.installed
+	$(PY) -m babyweight_cli predict $(ARGS)
+
+# The server under wrk's load beside the references (README, Serving benchmark): ARGS="--seconds 10"
+bench-serving: $(VENV)/.installed wrk
+	$(PY) -m serving.bench $(ARGS)
+
+# wrk, the HTTP load generator of the serving benchmark (Debian's package).
+wrk:
+	@command -v wrk >/dev/null 2>&1 || \
+	  if command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+	    echo "installing wrk for the serving benchmark"; \
+	    (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q wrk) >/dev/null \
+	      || echo "note: could not install wrk"; \
+	  else echo "note: wrk is not installed (apt-get install wrk)"; fi
 
 # Compiles the pipeline for Vertex Pipelines (README, Google Cloud); ARGS="--submit --wait" runs it.
 vertex: $(VENV)/.installed

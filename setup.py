@@ -4,7 +4,13 @@ Transform and Trainer reference `models.preprocessing.preprocessing_fn` and `mod
 dotted path, so the same installed package runs locally, on Dataflow workers and in Vertex containers.
 Versions are pinned in constraints.txt: pip install -c constraints.txt -e '.[test]'.
 """
+import pathlib
+
 import setuptools
+
+# The prediction server's own dependencies, listed once for the project and for its image (serving/Dockerfile).
+SERVING_REQUIRES = [line.strip() for line in (pathlib.Path(__file__).parent / "serving" / "requirements.txt")
+                    .read_text().splitlines() if line.strip() and not line.startswith("#")]
 
 setuptools.setup(
     name="babyweight-tfx",
@@ -26,7 +32,7 @@ setuptools.setup(
         "pandas",
         "pyyaml",
         "scikit-learn",  # the reference trees beside every model (pipeline/baseline.py)
-    ],
+    ] + SERVING_REQUIRES,
     extras_require={"test": ["pytest"]},
     entry_points={"console_scripts": [
         "babyweight-local=runner_local:main",

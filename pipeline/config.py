@@ -78,7 +78,11 @@ class PipelineConfig:
     trainer_replica_count: int = 1  # workers of the training job (strategy multi_worker_mirrored for > 1)
     vertex_endpoint_name: str = "babyweight"
     serving_machine_type: str = "n1-standard-2"
-    serving_image: str = "us-docker.pkg.dev/vertex-ai/prediction/tf2-cpu.2-15:latest"
+    serving_image: str = ""  # this project's serving image (serving/Dockerfile), pushed to Artifact Registry
+    serving_min_replicas: int = 1  # the endpoint's replicas: Vertex autoscales between these two
+    serving_max_replicas: int = 3
+    serving_log_table: str = ""  # bq://PROJECT.DATASET.TABLE of request-response logging ('' = PROJECT.NAME_serving...)
+    serving_log_sampling_rate: float = 1.0  # share of requests logged
 
     @property
     def pipeline_root(self) -> str:
@@ -248,7 +252,7 @@ def _check(config: PipelineConfig, profile_path: pathlib.Path) -> None:
         raise ConfigError(f"orchestrator {config.orchestrator!r} is not one of {', '.join(ORCHESTRATORS)} "
                           f"(set it in {profile_path})")
     if config.orchestrator == "vertex":
-        missing = [name for name in ("gcp_project", "gcp_region", "gcs_bucket", "pipeline_image")
+        missing = [name for name in ("gcp_project", "gcp_region", "gcs_bucket", "pipeline_image", "serving_image")
                    if not getattr(config, name)]
         if missing:
             raise ConfigError(

@@ -10,7 +10,7 @@ from tfx.dsl.components.base import executor_spec
 
 from models import features
 from models.model import SCORE_SIGNATURE
-from pipeline import csv_example_gen, spans, trainer_executor
+from pipeline import csv_example_gen, spans, trainer_executor, vertex_pusher
 from pipeline.cache import CODE_FINGERPRINT, ImportSchemaGen, code_fingerprint, file_fingerprint
 from pipeline.baseline import TreeBaseline
 from pipeline.config import PROJECT_ROOT, PipelineConfig
@@ -145,14 +145,22 @@ def pusher_component(config: PipelineConfig, **inputs) -> tfx.types.BaseNode:
                 filesystem=tfx.proto.PushDestination.Filesystem(base_directory=config.serving_dir)),
             **inputs)
     vertex = tfx.extensions.google_cloud_ai_platform
-    return vertex.Pusher(custom_config={
+    return vertex_pusher.Pusher(custom_config={
         vertex.ENABLE_VERTEX_KEY: True,
         vertex.VERTEX_REGION_KEY: config.gcp_region,
+        # This project's server (serving/Dockerfile): it honours Vertex's AIP_* variables.
         vertex.VERTEX_CONTAINER_IMAGE_URI_KEY: config.serving_image,
         vertex.SERVING_ARGS_KEY: {
             "project_id": config.gcp_project,
             "endpoint_name": config.vertex_endpoint_name,
             "machine_type": config.serving_machine_type,
+            "min_replica_count": config.serving_min_replicas,  # Vertex autoscales between the two
+            "max_replica_count": config.serving_max_replicas,
+        },
+        vertex_pusher.REQUEST_LOGGING_KEY: {
+            "bq_destination_table": config.serving_log_table
+            or f"bq://{config.gcp_project}.{config.pipeline_name}_serving.request_response_logging",
+            "sampling_rate": config.serving_log_sampling_rate,
         },
     }, **inputs)
 

@@ -13,9 +13,30 @@ def test_base_image_is_the_pinned_tfx_release():
 
 
 def test_image_holds_the_code_and_schema_where_the_vertex_profile_looks():
-    vertex = config_lib.load_config("vertex", {"gcp_project": "p", "gcs_bucket": "gs://b", "pipeline_image": "i"})
+    vertex = config_lib.load_config("vertex", {"gcp_project": "p", "gcs_bucket": "gs://b", "pipeline_image": "i",
+                                            "serving_image": "s"})
     assert vertex.schema_dir == "/pipeline/schema"
     assert "WORKDIR /pipeline" in DOCKERFILE and "COPY schema/ schema/" in DOCKERFILE
     for package in ("pipeline/", "models/"):
         assert f"COPY {package} {package}" in DOCKERFILE
     assert "ENV TF_USE_LEGACY_KERAS=1" in DOCKERFILE
+
+
+SERVING_DOCKERFILE = (config_lib.PROJECT_ROOT / "serving" / "Dockerfile").read_text()
+
+
+def test_serving_image_holds_the_server_and_its_pinned_dependencies_only():
+    python = (config_lib.PROJECT_ROOT / ".python-version").read_text().strip()
+    assert f"ARG PYTHON_VERSION={python}" in SERVING_DOCKERFILE
+    assert "pip install --no-cache-dir -c constraints.txt -r serving/requirements.txt" in SERVING_DOCKERFILE
+    for path in ("babyweight_cli.py", "models/", "serving/", "constraints.txt", "serving/requirements.txt"):
+        assert f"COPY {path}" in SERVING_DOCKERFILE and (config_lib.PROJECT_ROOT / path).exists()
+    assert "COPY pipeline/" not in SERVING_DOCKERFILE
+    # Every module the server imports is in the image: models/ and serving/ import nothing of pipeline/ at the
+    # top (serving/app.py reads the local profile's folders only when --model-dir or --log-dir is not given).
+    for package in ("models", "serving"):
+        for module in (config_lib.PROJECT_ROOT / package).glob("*.py"):
+            if module.name != "bench.py":  # the benchmark runs beside the project, not in the image
+                assert not re.search(r"^(from|import) (pipeline|data)\b", module.read_text(), re.M), module
+    assert '"serve", "--host", "0.0.0.0"' in SERVING_DOCKERFILE and '"--model-dir", "/models"' in SERVING_DOCKERFILE
+    assert '"--log-dir", "/tmp/serving_logs"' in SERVING_DOCKERFILE

@@ -8,8 +8,9 @@ from pipeline import config as config_lib
 from pipeline import pipeline as pipeline_lib
 
 IMAGE = "us-central1-docker.pkg.dev/my-project/babyweight/pipeline:7"
+SERVING_IMAGE = "us-central1-docker.pkg.dev/my-project/babyweight/serving:7"
 SETTINGS = ["gcp_project=my-project", "gcs_bucket=gs://my-bucket", f"pipeline_image={IMAGE}",
-            "service_account=runner@my-project.iam.gserviceaccount.com"]
+            f"serving_image={SERVING_IMAGE}", "service_account=runner@my-project.iam.gserviceaccount.com"]
 
 
 def _compile(tmp_path, *extra):
@@ -107,8 +108,13 @@ def test_pusher_deploys_to_the_configured_vertex_endpoint(compiled):
     custom_config = json.loads(_parameters(tasks["Pusher"])["custom_config"])
     assert custom_config["ai_platform_enable_vertex"] is True
     assert custom_config["ai_platform_serving_args"] == {
-        "project_id": "my-project", "endpoint_name": "babyweight", "machine_type": "n1-standard-2"}
-    assert custom_config["ai_platform_vertex_container_image_uri"].startswith("us-docker.pkg.dev/vertex-ai/prediction/")
+        "project_id": "my-project", "endpoint_name": "babyweight", "machine_type": "n1-standard-2",
+        "min_replica_count": 1, "max_replica_count": 3}
+    # This project's server, which honours Vertex's AIP_* variables (tests/serving/test_deployment.py).
+    assert custom_config["ai_platform_vertex_container_image_uri"] == SERVING_IMAGE
+    assert custom_config["request_response_logging"] == {
+        "bq_destination_table": "bq://my-project.babyweight_serving.request_response_logging", "sampling_rate": 1.0}
+    assert any("pipeline.vertex_pusher.Executor" in json.dumps(executor) for executor in compiled[2].values())
 
 
 def test_every_step_runs_the_configured_image(compiled):
@@ -118,14 +124,15 @@ def test_every_step_runs_the_configured_image(compiled):
 
 
 @pytest.mark.parametrize("settings, message", [
-    (["gcs_bucket=gs://b", f"pipeline_image={IMAGE}"], "needs gcp_project: set BABYWEIGHT_GCP_PROJECT"),
-    (["gcp_project=p", f"pipeline_image={IMAGE}"], "needs gcs_bucket: set BABYWEIGHT_GCS_BUCKET"),
-    (["gcp_project=p", "gcs_bucket=gs://b", f"pipeline_image={IMAGE}", "gcp_region="], "needs gcp_region"),
-    (["gcp_project=p", "gcs_bucket=my-bucket", f"pipeline_image={IMAGE}"], "must be a Cloud Storage path like gs://"),
+    (["gcs_bucket=gs://b", f"pipeline_image={IMAGE}", "serving_image=s"], "needs gcp_project: set BABYWEIGHT_GCP_PROJECT"),
+    (["gcp_project=p", f"pipeline_image={IMAGE}", "serving_image=s"], "needs gcs_bucket: set BABYWEIGHT_GCS_BUCKET"),
+    (["gcp_project=p", "gcs_bucket=gs://b", f"pipeline_image={IMAGE}"], "needs serving_image: set BABYWEIGHT_SERVING_IMAGE"),
+    (["gcp_project=p", "gcs_bucket=gs://b", f"pipeline_image={IMAGE}", "serving_image=s", "gcp_region="], "needs gcp_region"),
+    (["gcp_project=p", "gcs_bucket=my-bucket", f"pipeline_image={IMAGE}", "serving_image=s"], "must be a Cloud Storage path like gs://"),
 ])
 def test_missing_or_wrong_cloud_settings_fail_before_any_network_call(tmp_path, capsys, monkeypatch, settings,
                                                                       message):
-    for name in ("GCP_PROJECT", "GCS_BUCKET", "GCP_REGION", "PIPELINE_IMAGE"):
+    for name in ("GCP_PROJECT", "GCS_BUCKET", "GCP_REGION", "PIPELINE_IMAGE", "SERVING_IMAGE"):
         monkeypatch.delenv(f"BABYWEIGHT_{name}", raising=False)
     args = [arg for setting in settings for arg in ("--set", setting)]
     assert runner_dataflow.main(args + ["--output", str(tmp_path / "spec.json")]) == 2
@@ -144,6 +151,7 @@ def test_environment_variables_fill_the_profile(tmp_path, monkeypatch):
     monkeypatch.setenv("BABYWEIGHT_GCP_PROJECT", "env-project")
     monkeypatch.setenv("BABYWEIGHT_GCS_BUCKET", "gs://env-bucket")
     monkeypatch.setenv("BABYWEIGHT_PIPELINE_IMAGE", IMAGE)
+    monkeypatch.setenv("BABYWEIGHT_SERVING_IMAGE", SERVING_IMAGE)
     config = config_lib.load_config("vertex")
     assert (config.gcp_project, config.gcs_bucket) == ("env-project", "gs://env-bucket")
     assert config.pipeline_root == "gs://env-bucket/babyweight/pipeline_root"
