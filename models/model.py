@@ -287,7 +287,7 @@ def frequent_instances(file_patterns: List[str], tf_transform_output: tft.TFTran
     """The most frequent instances of the raw training rows, with their counts: {"rows": N, "instances": [...]}.
 
     Each row counts twice: as it is, and as the smallest request the serving contract takes (its required
-    features alone), the two shapes a client sends most.
+    features alone), the two shapes a client sends most. Rows lacking a required feature are not requests.
     """
     raw_spec = _raw_feature_spec(tf_transform_output, with_label=False)
     counts: collections.Counter = collections.Counter()
@@ -299,7 +299,10 @@ def frequent_instances(file_patterns: List[str], tf_transform_output: tft.TFTran
     for batch in dataset.as_numpy_iterator():
         columns = [batch[column.name] for column in features.FEATURES]
         for values in zip(*columns):
-            key = features.instance_key(dict(zip(features.FEATURE_NAMES, values)))
+            instance = dict(zip(features.FEATURE_NAMES, values))
+            if features.missing_required(instance):  # a request like it is refused: nothing to precompute
+                continue
+            key = features.instance_key(instance)
             counts[key] += 1
             counts[tuple(value if index in required else None for index, value in enumerate(key))] += 1
             rows += 1

@@ -106,7 +106,8 @@ def load(path: str, version: int, head_size: int, capacity: int, admit_after: in
     def predict_examples(serialized: Sequence[bytes]) -> numpy.ndarray:
         return examples(examples=tf.constant(list(serialized), tf.string))[PREDICTIONS].numpy().reshape(-1)
 
-    head = [features.instance_key(instance) for instance in read_frequent_instances(path)]
+    head = [features.instance_key(instance) for instance in read_frequent_instances(path)
+            if not features.missing_required(instance)]  # the signature refuses those
     head = list(dict.fromkeys(head + list(traffic_head)))[:head_size]
     warmup = head[:max(WARMUP_BATCHES)] or [_typical_key()]
     try:

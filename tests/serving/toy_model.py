@@ -12,7 +12,8 @@ from models import features
 
 
 # The toy training data's most frequent instances (written beside each version as the Trainer does).
-FREQUENT = [{"mother_age": 30, "gestation_weeks": 39, "is_male": "true"}, {"mother_age": 28, "gestation_weeks": 40}]
+FREQUENT = [{"mother_age": 30, "gestation_weeks": 39, "is_male": "true"}, {"mother_age": 28, "gestation_weeks": 40},
+            {"mother_age": 33}]  # the last lacks a required feature: a server must skip it, not fail
 
 
 def _predict(columns, offset):

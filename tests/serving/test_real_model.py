@@ -1,0 +1,59 @@
+"""The pipeline's own model, pushed from a run on the real export, served and checked end to end."""
+import csv
+import json
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from models import features
+from serving import client, loader
+from tests.serving.conftest import PROJECT_ROOT, call, running_server
+
+pytestmark = pytest.mark.slow
+
+
+def test_served_predictions_equal_the_signatures_on_real_rows(real_export_run, real_export_csv, tmp_path):
+    config, _ = real_export_run
+    version_dir = max(pathlib.Path(config.serving_dir).iterdir(), key=lambda p: int(p.name))
+    head = json.loads((version_dir / features.FREQUENT_INSTANCES_FILE).read_text())
+    assert head["rows"] > 10_000 and head["instances"][0][0] > 1  # the Trainer wrote the training data's head
+    rows = list(csv.DictReader(real_export_csv.open()))[:1500]
+    instances = []
+    for row in rows:
+        try:
+            instances.append(client.to_instance(row))
+        except ValueError:
+            continue
+    signature = tf.saved_model.load(str(version_dir)).signatures["serving_raw"]
+    expected = signature(**loader.columns_of([features.instance_key(i) for i in instances]))["predictions"].numpy()
+    logs = tmp_path / "logs"
+    with running_server(version_dir.parent, logs) as url:
+        served = []
+        for start in range(0, len(instances), 100):
+            status, headers, body = call(f"{url}/v1/models/babyweight:predict", {"instances": instances[start:start + 100]})
+            assert status == 200, body
+            served += [p[0] for p in body["predictions"]]
+        # Asked again, the frequent ones come from the version's table: the same numbers.
+        again = [call(f"{url}/v1/models/babyweight:predict", {"instances": [i]})[2]["predictions"][0][0]
+                 for i in instances[:200]]
+        metrics = urlopen_text(f"{url}/metrics")
+    # float32 answers; a row's answer may differ in the last bit with the batch it was computed in.
+    np.testing.assert_allclose(served, expected.reshape(-1), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(again, served[:200], rtol=1e-6, atol=1e-6)
+    assert 'babyweight_cache_lookups_total{result="hit"' in metrics
+    # The request log is what validate-serving checks against the run's training data.
+    checked = subprocess.run([sys.executable, "-m", "babyweight_cli", "validate-serving", str(logs),
+                              "--output-dir", config.output_dir], cwd=PROJECT_ROOT, capture_output=True, text=True)
+    assert checked.returncode in (0, 1), checked.stderr
+    assert f"{len(instances) + 200} request(s) in {logs}" in checked.stdout
+
+
+def urlopen_text(url: str) -> str:
+    import urllib.request
+
+    with urllib.request.urlopen(url, timeout=30) as response:
+        return response.read().decode()
