@@ -203,24 +203,31 @@ FREQUENT_INSTANCES_FILE = "assets.extra/frequent_instances.json"
 InstanceKey = Tuple[Any, ...]
 
 
+_KEY_COLUMNS: Tuple[Tuple[str, bool], ...] = tuple((c.name, c.dtype == "string") for c in FEATURES)
+
+
 def instance_key(values: Mapping[str, Any]) -> InstanceKey:
     """An instance as the model is fed it: one value per feature in FEATURES order, None where it has none.
 
-    Numbers are float32 values (as `serving_raw` takes them), texts are str; None, "", NaN and an empty list
-    are no value. Two instances with the same key get the same prediction: the key of the prediction cache.
+    Numbers are floats (`serving_raw` takes them as float32, so two numbers that differ only beyond float32's
+    precision are two keys with one answer), texts are str (true/false for booleans); None, "", NaN and an
+    empty list are no value. Two instances with the same key get the same prediction: the key of the
+    prediction cache. Called once per request instance, so written for speed.
     """
     key = []
-    for column in FEATURES:
-        value = values.get(column.name)
-        if isinstance(value, (list, tuple)):
+    append = key.append
+    for name, text in _KEY_COLUMNS:
+        value = values.get(name)
+        if value.__class__ in (list, tuple):
             value = value[0] if value else None
-        if isinstance(value, bytes):
-            value = value.decode()
-        if value is None or value == "":
-            key.append(None)
-        elif column.dtype == "string":
-            key.append(str(value).lower() if isinstance(value, bool) else str(value))
+        if value is None or value == "" or value == b"":
+            append(None)
+        elif text:
+            if value.__class__ is bool:
+                append("true" if value else "false")
+            else:
+                append(value.decode() if isinstance(value, bytes) else str(value))
         else:
-            number = float(numpy.float32(value))
-            key.append(None if math.isnan(number) else number)
+            number = float(value)
+            append(None if number != number else number)  # NaN is no value
     return tuple(key)

@@ -10,6 +10,7 @@ version or label, 413 a request too large, 503 no version available yet. Each an
 and the version that answered in the X-Request-Id and X-Model-Version headers.
 """
 import contextlib
+import gc
 import itertools
 import logging
 import os
@@ -56,7 +57,8 @@ class ModelServer:
         self.metrics = metrics.Metrics()
         self.batcher = batching.Batcher(settings.max_batch_size, settings.batch_timeout_micros / 1e6,
                                         on_batch=self.metrics.batched)
-        self.manager = manager.Manager(settings, paths["model_dir"], traffic_head=self.traffic_head)
+        self.manager = manager.Manager(settings, paths["model_dir"], traffic_head=self.traffic_head,
+                                       on_change=_settle_memory)
         self.log: Optional[request_log.RequestLog] = None
         self._ids = itertools.count()
         self._id_prefix = secrets.token_hex(4)
@@ -202,6 +204,16 @@ class ModelServer:
 
     async def prometheus(self, request: Request) -> Response:
         return Response(self.metrics.exposition(), media_type=metrics.CONTENT_TYPE)
+
+
+def _settle_memory() -> None:
+    """After a version loads or leaves: collect, then keep what is live out of later collections.
+
+    A version's objects and its table (up to 100,000 keys) would otherwise be walked by every full collection
+    of the garbage collector, a pause of milliseconds in the middle of requests.
+    """
+    gc.collect()
+    gc.freeze()
 
 
 def _first_reason(message: str) -> str:

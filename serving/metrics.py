@@ -28,7 +28,7 @@ class Metrics:
         self._children: Dict[Tuple, object] = {}
 
     def _child(self, metric, *labels):
-        key = (metric.describe()[0].name,) + labels
+        key = (id(metric),) + labels
         child = self._children.get(key)
         if child is None:
             child = self._children[key] = metric.labels(*labels)
