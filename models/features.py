@@ -170,6 +170,9 @@ def slice_keys() -> List[List[str]]:
     return [[]] + [[name] for name in SLICE_FEATURES] + [[key] for key in buckets]
 
 
+FLOAT32_EXACT = 2 ** 24  # integers below this are exact in float32
+
+
 def is_missing_value(column: Column, value: Any) -> bool:
     """Python twin of `models.preprocessing.is_missing` for one request value: None, '', NaN or an 'unknown' code.
 
@@ -183,10 +186,13 @@ def is_missing_value(column: Column, value: Any) -> bool:
         return True
     if column.dtype == "string" or isinstance(value, (bool, bytes)):
         return False
-    try:
-        number = float(numpy.float32(value))
-    except (TypeError, ValueError):
-        return False
+    if value.__class__ is int and -FLOAT32_EXACT < value < FLOAT32_EXACT:
+        number = float(value)  # the same in float32: no conversion needed (most requests: ages, weeks)
+    else:
+        try:
+            number = float(numpy.float32(value))
+        except (TypeError, ValueError):
+            return False
     return math.isnan(number) or number in column.missing_codes
 
 

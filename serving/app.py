@@ -9,6 +9,7 @@ Errors answer {"error": "..."}: 400 a bad request (naming the instance and featu
 version or label, 413 a request too large, 503 no version available yet. Each answer carries the request's id
 and the version that answered in the X-Request-Id and X-Model-Version headers.
 """
+import asyncio
 import contextlib
 import gc
 import itertools
@@ -130,14 +131,7 @@ class ModelServer:
         request_id = self._request_id(request)
         version_name = "none"
         try:
-            declared = request.headers.get("content-length")
-            if declared is not None and declared.isdigit() and int(declared) > self.settings.max_body_bytes:
-                raise contract.RequestError(f"the body has {declared} bytes; the server takes at most "
-                                            f"{self.settings.max_body_bytes}", 413)
-            body = await request.body()
-            if len(body) > self.settings.max_body_bytes:
-                raise contract.RequestError(f"the body has {len(body)} bytes; the server takes at most "
-                                            f"{self.settings.max_body_bytes}", 413)
+            body = await self._body(request)
             handle = self.manager.resolve(version, label)
             version_name = str(handle.version)
             parsed = (contract.parse_regress(body, self.settings.max_instances) if route == "regress"
@@ -165,8 +159,7 @@ class ModelServer:
                                 "version": handle.version, "signature": parsed.signature, "index": index,
                                 "instance": instance, "prediction": prediction, "latency_ms": seconds * 1e3,
                                 "path": path})
-        return Response(content, media_type=JSON,
-                        headers={"x-request-id": request_id, "x-model-version": version_name})
+        return _Answer(content, 200, request_id, version_name)
 
     async def _predictions(self, handle: Any, parsed: contract.Request) -> tuple:
         """The version's predictions for a checked request (floats, in order) and the path they took."""
@@ -183,14 +176,31 @@ class ModelServer:
             predictions[index] = value
         return predictions, "model"
 
+    async def _body(self, request: Request) -> bytes:
+        """The request's body, refused (413) as soon as it is larger than the server takes."""
+        limit = self.settings.max_body_bytes
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            raise contract.RequestError(f"the body has {declared} bytes; the server takes at most {limit}", 413)
+        chunks, size = [], 0
+        while True:  # ASGI's messages, read directly: Starlette's body() costs a stream of generators
+            message = await request.receive()
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                raise contract.RequestError(f"the body has more than {limit} bytes; the server takes at most "
+                                            f"{limit}", 413)
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
     def _request_id(self, request: Request) -> str:
         """The client's X-Request-Id, else a new one (unique: a random prefix per process, then a counter)."""
         return request.headers.get("x-request-id") or f"{self._id_prefix}-{next(self._ids):x}"
 
     def _refused(self, status: int, message: str, request_id: str, version: str, route: str) -> Response:
         self.metrics.request(version, route, status)
-        return Response(contract.error_body(message), status_code=status, media_type=JSON,
-                        headers={"x-request-id": request_id, "x-model-version": version})
+        return _Answer(contract.error_body(message), status, request_id, version)
 
     async def vertex_predict(self, request: Request) -> Response:
         """Vertex AI's AIP_PREDICT_ROUTE: the default version, Vertex's body ({"instances": ...})."""
@@ -204,6 +214,18 @@ class ModelServer:
 
     async def prometheus(self, request: Request) -> Response:
         return Response(self.metrics.exposition(), media_type=metrics.CONTENT_TYPE)
+
+
+class _Answer(Response):
+    """A JSON answer with the request's id and version: Starlette's Response with its headers written directly
+    (its general header handling costs as much as the rest of a cached answer)."""
+
+    def __init__(self, content: bytes, status: int, request_id: str, version: str):
+        self.status_code = status
+        self.body = content
+        self.background = None
+        self.raw_headers = [(b"content-length", str(len(content)).encode()), (b"content-type", b"application/json"),
+                            (b"x-request-id", request_id.encode()), (b"x-model-version", version.encode())]
 
 
 def _settle_memory() -> None:
@@ -243,12 +265,20 @@ def create_app(settings: ServerSettings) -> Starlette:
     if settings.predict_route:
         routes.append(Route(settings.predict_route, server.vertex_predict, methods=["POST"]))
 
+    async def flush_metrics() -> None:
+        while True:
+            await asyncio.sleep(metrics.FLUSH_SECONDS)
+            server.metrics.flush()
+
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette):
         server.start()
+        flusher = asyncio.get_running_loop().create_task(flush_metrics())
         try:
             yield
         finally:
+            flusher.cancel()
+            server.metrics.flush()
             server.stop()
 
     app = Starlette(routes=routes, lifespan=lifespan)

@@ -2,15 +2,35 @@
 
 With several worker processes, each writes its counters to PROMETHEUS_MULTIPROC_DIR (set by `babyweight serve`
 before the workers start) and /metrics adds up every process's, as prometheus_client does under gunicorn.
+A request only adds to plain counters in memory; `flush` moves them into prometheus_client's values (shared
+memory files in multiprocess mode, a few microseconds a write) every FLUSH_SECONDS and before /metrics answers.
 """
+import bisect
+import collections
 import os
-from typing import Dict, Tuple
+from typing import Dict, List, Tuple
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest, multiprocess
 
 LATENCY_BUCKETS = (0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+FLUSH_SECONDS = 0.5
+
+
+class _PendingHistogram:
+    """Observations not yet flushed: a count per bucket (the last for +Inf) and their sum."""
+
+    __slots__ = ("bounds", "counts", "total")
+
+    def __init__(self, bounds: Tuple[float, ...]):
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)
+        self.total = 0.0
+
+    def add(self, value: float) -> None:
+        self.counts[bisect.bisect_left(self.bounds, value)] += 1
+        self.total += value
 
 
 class Metrics:
@@ -25,32 +45,49 @@ class Metrics:
                                buckets=BATCH_BUCKETS, registry=self.registry)
         self.cache = Counter("babyweight_cache_lookups", "Instances looked up in the prediction table, by result.",
                              ["version", "result"], registry=self.registry)
-        self._children: Dict[Tuple, object] = {}
-
-    def _child(self, metric, *labels):
-        key = (id(metric),) + labels
-        child = self._children.get(key)
-        if child is None:
-            child = self._children[key] = metric.labels(*labels)
-        return child
+        self._counts: Dict[Tuple, float] = collections.defaultdict(float)  # (counter, labels...) -> increment
+        self._histograms: Dict[Tuple, _PendingHistogram] = {}
 
     def request(self, version: str, route: str, code: int) -> None:
-        self._child(self.requests, version, route, str(code)).inc()
+        self._counts[(self.requests, version, route, str(code))] += 1
 
     def observe(self, version: str, path: str, seconds: float) -> None:
-        self._child(self.latency, version, path).observe(seconds)
+        self._pending(self.latency, LATENCY_BUCKETS, version, path).add(seconds)
 
     def lookups(self, version: str, hits: int, misses: int) -> None:
         if hits:
-            self._child(self.cache, version, "hit").inc(hits)
+            self._counts[(self.cache, version, "hit")] += hits
         if misses:
-            self._child(self.cache, version, "miss").inc(misses)
+            self._counts[(self.cache, version, "miss")] += misses
 
     def batched(self, version: int, instances: int) -> None:
-        self._child(self.batch, str(version)).observe(instances)
+        self._pending(self.batch, BATCH_BUCKETS, str(version)).add(instances)
+
+    def _pending(self, metric: Histogram, bounds: Tuple[float, ...], *labels: str) -> _PendingHistogram:
+        key = (metric,) + labels
+        pending = self._histograms.get(key)
+        if pending is None:
+            pending = self._histograms[key] = _PendingHistogram(bounds)
+        return pending
+
+    def flush(self) -> None:
+        """Moves what requests added into prometheus_client's values (call it from the thread that adds)."""
+        counts, self._counts = self._counts, collections.defaultdict(float)
+        histograms, self._histograms = self._histograms, {}
+        for (metric, *labels), amount in counts.items():
+            metric.labels(*labels).inc(amount)
+        for (metric, *labels), pending in histograms.items():
+            child = metric.labels(*labels)
+            # prometheus_client has no call for many observations at once: add them to its buckets and sum.
+            buckets: List = child._buckets  # noqa: SLF001 (a test reads the exposition back)
+            for bucket, count in zip(buckets, pending.counts):
+                if count:
+                    bucket.inc(count)
+            child._sum.inc(pending.total)  # noqa: SLF001
 
     def exposition(self) -> bytes:
         """Every process's metrics (multiprocess mode) or this one's."""
+        self.flush()
         if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
             registry = CollectorRegistry()
             multiprocess.MultiProcessCollector(registry)

@@ -3,11 +3,12 @@ import csv
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
 from models import features
-from serving import client
+from serving import client, metrics
 from tests.serving import toy_model
 from tests.serving.conftest import PROJECT_ROOT, call, free_port, running_server
 from tests.serving.test_server import call_text
@@ -40,9 +41,11 @@ def test_worker_processes_share_the_port_and_the_metrics(toy_versions, tmp_path)
         streak = 0
         while streak < 20:
             streak = streak + 1 if call(f"{url}/v1/models/babyweight:predict", {"instances": [ROW]})[0] == 200 else 0
+        time.sleep(metrics.FLUSH_SECONDS * 3)  # each process moves its counts to the shared files every flush
         before = answered()
         for number in range(40):
             assert call(f"{url}/v1/models/babyweight:predict", {"instances": [{**ROW, "mother_age": 20 + number}]})[0] == 200
+        time.sleep(metrics.FLUSH_SECONDS * 3)
         assert answered() == before + 40  # both processes' counters, added up
         pid = int(subprocess.run(["pgrep", "-f", "--", f"--port {url.rsplit(':', 1)[1]}"], capture_output=True,
                                  text=True).stdout.split()[0])
