@@ -128,10 +128,16 @@ class ModelServer:
 
     async def predict(self, request: Request, version: Optional[int], label: Optional[str], route: str) -> Response:
         started = time.perf_counter()
-        request_id = self._request_id(request)
+        declared, request_id = None, None
+        for key, value in request.scope["headers"]:  # one pass over the raw headers for the two we read
+            if key == b"content-length":
+                declared = value
+            elif key == b"x-request-id":
+                request_id = value.decode("latin-1")
+        request_id = request_id or self._new_id()
         version_name = "none"
         try:
-            body = await self._body(request)
+            body = await self._body(request, declared)
             handle = self.manager.resolve(version, label)
             version_name = str(handle.version)
             parsed = (contract.parse_regress(body, self.settings.max_instances) if route == "regress"
@@ -176,12 +182,11 @@ class ModelServer:
             predictions[index] = value
         return predictions, "model"
 
-    async def _body(self, request: Request) -> bytes:
+    async def _body(self, request: Request, declared: Optional[bytes]) -> bytes:
         """The request's body, refused (413) as soon as it is larger than the server takes."""
         limit = self.settings.max_body_bytes
-        declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
-            raise contract.RequestError(f"the body has {declared} bytes; the server takes at most {limit}", 413)
+            raise contract.RequestError(f"the body has {int(declared)} bytes; the server takes at most {limit}", 413)
         chunks, size = [], 0
         while True:  # ASGI's messages, read directly: Starlette's body() costs a stream of generators
             message = await request.receive()
@@ -195,8 +200,12 @@ class ModelServer:
                 return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
     def _request_id(self, request: Request) -> str:
-        """The client's X-Request-Id, else a new one (unique: a random prefix per process, then a counter)."""
-        return request.headers.get("x-request-id") or f"{self._id_prefix}-{next(self._ids):x}"
+        """The client's X-Request-Id, else a new one."""
+        return request.headers.get("x-request-id") or self._new_id()
+
+    def _new_id(self) -> str:
+        """Unique: a random prefix per process, then a counter."""
+        return f"{self._id_prefix}-{next(self._ids):x}"
 
     def _refused(self, status: int, message: str, request_id: str, version: str, route: str) -> Response:
         self.metrics.request(version, route, status)

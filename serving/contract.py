@@ -15,8 +15,6 @@ from models import features
 RAW_SIGNATURE = "serving_raw"  # named raw features
 EXAMPLES_SIGNATURE = "serving_default"  # serialized tf.Examples, base64 in JSON ({"b64": ...})
 SIGNATURES = (RAW_SIGNATURE, EXAMPLES_SIGNATURE)
-_NUMERIC = {c.name for c in features.FEATURES if c.dtype != "string"}
-_TEXT = {c.name for c in features.FEATURES if c.dtype == "string"}
 
 
 class RequestError(Exception):
@@ -38,29 +36,36 @@ class Request:
     examples: List[bytes]  # serving_default: serialized tf.Examples
 
 
-def _check_value(index: int, name: str, value: Any) -> None:
+# The JSON types each feature takes: numbers for the numeric ones, text or true/false for the others.
+_KINDS = {c.name: ((int, float) if c.dtype != "string" else (str, bool)) for c in features.FEATURES}
+
+
+def _wrong_value(index: int, name: str, value: Any, kind: tuple) -> Optional[str]:
+    """Why a value that is not plainly of its feature's type is refused, or None if it is taken (a list of one)."""
     if isinstance(value, list):
         if len(value) > 1:
-            raise RequestError(f"instance {index}: feature {name!r} has {len(value)} values; the model takes one")
-        value = value[0] if value else None
-    if value is None:
-        return
-    if name in _NUMERIC:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise RequestError(f"instance {index}: feature {name!r} must be a number, got {value!r}")
-    elif not isinstance(value, (str, bool)):
-        raise RequestError(f"instance {index}: feature {name!r} must be a string (or true/false), got {value!r}")
+            return f"instance {index}: feature {name!r} has {len(value)} values; the model takes one"
+        if not value or value[0] is None or value[0].__class__ in kind:
+            return None
+        value = value[0]
+    if kind == (int, float):
+        return f"instance {index}: feature {name!r} must be a number, got {value!r}"
+    return f"instance {index}: feature {name!r} must be a string (or true/false), got {value!r}"
 
 
 def check_instance(index: int, instance: Any) -> features.InstanceKey:
     """The model's input for one instance of named raw features, or a RequestError naming what is wrong."""
-    if not isinstance(instance, dict):
+    if instance.__class__ is not dict:
         raise RequestError(f"instance {index}: expected an object of feature values, got {type(instance).__name__}")
     for name, value in instance.items():
-        if name not in _NUMERIC and name not in _TEXT:
+        kind = _KINDS.get(name)
+        if kind is None:
             raise RequestError(f"instance {index}: unknown feature {name!r} (the model takes: "
                                f"{', '.join(features.FEATURE_NAMES)})")
-        _check_value(index, name, value)
+        if value is not None and value.__class__ not in kind:  # bool is not int here: true is no number
+            reason = _wrong_value(index, name, value, kind)
+            if reason:
+                raise RequestError(reason)
     lacking = features.missing_required(instance)
     if lacking:
         raise RequestError(f"instance {index}: missing required feature {lacking[0]!r} (no value, or an "

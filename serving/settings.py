@@ -28,8 +28,8 @@ class ServerSettings:
     batch_timeout_micros: int = 0  # wait this long for more requests before a call (0: take what is queued)
     max_instances: int = 1024  # instances per request; more is refused with 413
     max_body_bytes: int = 1 << 20  # bytes per request body; more is refused with 413
-    cache_head_size: int = 10_000  # frequent instances predicted when a version loads (training data, request log)
-    cache_capacity: int = 100_000  # answers kept per version (the head and what traffic repeats)
+    cache_head_size: int = 50_000  # frequent instances predicted when a version loads (training data, request log)
+    cache_capacity: int = 200_000  # answers kept per version (the head and what traffic repeats)
     cache_admit_after: int = 2  # an instance is kept after this many model answers for it
     log_dir: str = ""  # request log folder ('' = OUTPUT_DIR/serving_logs); 'off' = no request log
     log_max_bytes: int = 64 << 20  # a log file is closed and a new one started at this size

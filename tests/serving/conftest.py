@@ -40,12 +40,14 @@ def call(url: str, body: Optional[Any] = None, headers: Optional[Dict[str, str]]
 
 @contextlib.contextmanager
 def running_server(model_dir: pathlib.Path, log_dir: pathlib.Path, *flags: str,
-                   env: Optional[Dict[str, str]] = None, available: int = 1) -> Iterator[str]:
+                   env: Optional[Dict[str, str]] = None, available: int = 1, through_make: bool = False) -> Iterator[str]:
     """`babyweight serve` on a free port once `available` versions are; yields its URL; SIGTERM at the end, and
     every process must be gone."""
     port = free_port()
-    command = [sys.executable, "-m", "babyweight_cli", "serve", "--model-dir", str(model_dir), "--port", str(port),
-               "--log-dir", str(log_dir), "--poll-seconds", "0.2", "--workers", "1", *flags]
+    arguments = ["--model-dir", str(model_dir), "--port", str(port), "--log-dir", str(log_dir), "--poll-seconds", "0.2",
+                 "--workers", "1", *flags]
+    command = ([sys.executable, "-m", "babyweight_cli", "serve", *arguments] if not through_make
+               else ["make", "-s", "serve", "ARGS=" + " ".join(arguments)])  # as the README says
     environment = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", **(env or {})}
     port = int(environment.get("AIP_HTTP_PORT", port))
     output = log_dir.parent / f"server-{port}.log"

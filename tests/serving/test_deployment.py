@@ -87,3 +87,15 @@ def test_predict_command_says_when_the_server_is_not_there(tmp_path):
     done = subprocess.run([sys.executable, "-m", "babyweight_cli", "predict", "--url", f"http://127.0.0.1:{free_port()}",
                            str(requests)], cwd=PROJECT_ROOT, capture_output=True, text=True)
     assert done.returncode == 2 and "error: can't reach http://127.0.0.1:" in done.stderr
+
+
+def test_the_readmes_commands_make_serve_then_babyweight_predict(toy_versions, tmp_path):
+    """make serve, then the installed `babyweight predict` on the bundled CSV, as the README shows them."""
+    output = tmp_path / "predictions.csv"
+    with running_server(toy_versions, tmp_path / "logs", through_make=True) as url:
+        done = subprocess.run([str(PROJECT_ROOT / ".venv" / "bin" / "babyweight") if (PROJECT_ROOT / ".venv").is_dir()
+                               else "babyweight", "predict", "--url", url, "data/natality/natality.csv",
+                               "--output", str(output)], cwd=PROJECT_ROOT, capture_output=True, text=True)
+    results = list(csv.DictReader(output.open()))
+    assert len(results) == 20_000 and "predicted by version(s) 2" in done.stderr
+    assert sum(1 for r in results if r["prediction"]) > 19_000
