@@ -258,9 +258,11 @@ def _push_under_load(url: str, models: pathlib.Path, newest: int, seconds: float
 
 def _row(result: Dict) -> str:
     hit = f"{result['hit_rate']:.0%}" if "hit_rate" in result else "-"
+    pushed = ("" if "new_version_available" not in result
+              else f"  new version serving: {'yes' if result['new_version_available'] else 'NO'}")
     return (f"{result['server']:7} {result['workload']:27} c={result['concurrency']:<3} {result['rps']:9.0f} req/s  "
             f"p50 {result['p50_ms']:7.2f} ms  p99 {result['p99_ms']:7.2f} ms  errors {result['non2xx'] + result['socket_errors']:<4}"
-            f" cache hits {hit}")
+            f" cache hits {hit}{pushed}")
 
 
 def _report(results: List[Dict], path: pathlib.Path) -> None:
@@ -272,6 +274,12 @@ def _report(results: List[Dict], path: pathlib.Path) -> None:
     print(f"  peaked c=64: server/limit {rps('server', 'peaked', 64) / rps('limit', 'peaked', 64):.2f} (goal >= 0.5)")
     print(f"  flat c=64: server/limit {rps('server', 'flat', 64) / rps('limit', 'flat', 64):.2f} (goal >= 0.25), "
           f"server/simple {rps('server', 'flat', 64) / rps('simple', 'flat', 64):.1f} (goal >= 3)")
+    print("\n| server | workload | concurrency | requests/s | p50 ms | p99 ms | errors | cache hits |")
+    print("|---|---|---|---|---|---|---|---|")
+    for result in results:
+        hit = f"{result['hit_rate']:.0%}" if "hit_rate" in result else "-"
+        print(f"| {result['server']} | {result['workload']} | {result['concurrency']} | {result['rps']:,.0f} | "
+              f"{result['p50_ms']:.2f} | {result['p99_ms']:.2f} | {result['non2xx'] + result['socket_errors']} | {hit} |")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(results, indent=1))
     print(f"figures: {path}")
