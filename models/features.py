@@ -177,8 +177,8 @@ def is_missing_value(column: Column, value: Any) -> bool:
     """Python twin of `models.preprocessing.is_missing` for one request value: None, '', NaN or an 'unknown' code.
 
     A list is judged by its first value (the transform reads one value per row). A value of the wrong type
-    is not missing here: naming it is the type check's job. Numbers are compared as the graph holds them,
-    in float32.
+    is not missing here: naming it is the type check's job. Numbers are compared as the graph holds them:
+    in float32, and an integer column's as the integer the transform reads (99.5 weeks is 99, 'unknown').
     """
     if isinstance(value, (list, tuple)):
         value = value[0] if value else None
@@ -193,6 +193,8 @@ def is_missing_value(column: Column, value: Any) -> bool:
             number = float(numpy.float32(value))
         except (TypeError, ValueError):
             return False
+        if column.dtype == "int" and math.isfinite(number):
+            number = float(math.trunc(number))  # serving_raw casts to the column's int64, as training read it
     return math.isnan(number) or number in column.missing_codes
 
 

@@ -50,6 +50,8 @@ def _read_file(path: pathlib.Path) -> List[Instance]:
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as error:
+                if not line.endswith("\n"):  # the last line, still being written (a live server's log)
+                    break
                 raise RequestsError(f"{path}, line {number}: not JSON ({error.msg})") from None
             if not isinstance(record, dict):
                 raise RequestsError(f"{path}, line {number}: expected an object of feature values")

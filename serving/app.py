@@ -80,7 +80,7 @@ class ModelServer:
             return ()
         keys = []
         for record in request_log.recent_records(self.log_dir, TRAFFIC_HEAD_RECORDS):
-            if record.get("signature") == contract.RAW_SIGNATURE and isinstance(record.get("instance"), dict):
+            if isinstance(record.get("instance"), dict):
                 try:
                     keys.append(contract.check_instance(0, record["instance"]))
                 except contract.RequestError:
@@ -149,8 +149,12 @@ class ModelServer:
             return self._refused(404, str(error), request_id, version_name, route)
         except manager.Unavailable as error:
             return self._refused(503, str(error), request_id, version_name, route)
-        except tf.errors.InvalidArgumentError as error:  # a tf.Example the model refuses (names the rows)
+        except tf.errors.InvalidArgumentError as error:  # the model refuses what the contract's check let through
             return self._refused(400, _first_reason(error.message), request_id, version_name, route)
+        except Exception:  # a bug, not the request's fault: an answer in the API's form, counted, logged
+            logging.exception("request %s failed", request_id)
+            return self._refused(500, f"internal error answering request {request_id} (see the server's log)",
+                                 request_id, version_name, route)
         if route == "regress":
             content = orjson.dumps({"results": predictions})
         else:
@@ -169,8 +173,6 @@ class ModelServer:
 
     async def _predictions(self, handle: Any, parsed: contract.Request) -> tuple:
         """The version's predictions for a checked request (floats, in order) and the path they took."""
-        if parsed.signature == contract.EXAMPLES_SIGNATURE:
-            return handle.predict_examples(parsed.examples).tolist(), "examples"
         table = handle.table
         predictions: List[Optional[float]] = [table.get(key) for key in parsed.keys]
         misses = [index for index, value in enumerate(predictions) if value is None]

@@ -7,9 +7,7 @@ under load, the requests that came in while the model ran go together in the nex
 """
 import asyncio
 import logging
-from typing import Callable, Dict, List, Sequence, Tuple
-
-import numpy
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from models import features
 from serving import loader
@@ -24,6 +22,7 @@ class Batcher:
         self._on_batch = on_batch  # (version, instances): for the metrics
         self._queue: Dict[int, Tuple[loader.LoadedVersion, List[Pending]]] = {}
         self._scheduled = False
+        self._timer: Optional[asyncio.Handle] = None
 
     def predict(self, version: loader.LoadedVersion, keys: Sequence[features.InstanceKey]) -> asyncio.Future:
         """A future of the version's predictions for `keys` (a numpy array, in order)."""
@@ -32,10 +31,10 @@ class Batcher:
         self._queue.setdefault(version.version, (version, []))[1].append((keys, future))
         if not self._scheduled:
             self._scheduled = True
-            if self.timeout > 0:
-                loop.call_later(self.timeout, self._run)
-            else:
-                loop.call_soon(self._run)
+            self._timer = loop.call_later(self.timeout, self._run) if self.timeout > 0 else loop.call_soon(self._run)
+        elif self.timeout > 0 and sum(len(keys) for keys, _ in self._queue[version.version][1]) >= self.max_batch_size:
+            self._timer.cancel()  # a full batch doesn't wait for the timeout
+            self._timer = loop.call_soon(self._run)
         return future
 
     def _run(self) -> None:
@@ -57,8 +56,10 @@ class Batcher:
                 for one in batch:
                     self._call(version, [one])
                 return
-            logging.exception("version %d failed on a checked request", version.version)
-            batch[0][1].set_exception(error)
+            logging.error("version %d refused a request that the serving contract's check passed: %s",
+                          version.version, error)
+            if not batch[0][1].done():
+                batch[0][1].set_exception(error)
             return
         self._on_batch(version.version, len(keys))
         start = 0

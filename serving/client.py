@@ -6,8 +6,8 @@
 
 The file is read as `babyweight validate-serving` reads it (models/requests.py): a CSV of the natality table's
 columns or JSON lines of features. The model's features are sent (the table's other columns are not); a row
-lacking a required feature, or with a value that is not of its type, is not sent and gets an error naming the
-row and feature. Output: CSV with row, prediction, model_version and error, one line per input row (stdout, or
+the serving contract refuses (a required feature missing, a value not of its type) is not sent and gets an
+error naming the row and feature, and so does a row the server refuses; the other rows are answered. Output: CSV with row, prediction, model_version and error, one line per input row (stdout, or
 --output). Exit code 0: every row predicted; 1: some rows refused; 2: the file or the server can't be reached.
 A Vertex AI endpoint is called with the application-default credentials (gcloud auth application-default login).
 """
@@ -15,6 +15,7 @@ import argparse
 import csv
 import json
 import pathlib
+import re
 import sys
 import urllib.error
 import urllib.parse
@@ -23,6 +24,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from models import features
 from models.requests import RequestsError, read_requests
+from serving import contract
 from serving.settings import MODEL_NAME
 
 TIMEOUT_SECONDS = 60
@@ -30,6 +32,10 @@ TIMEOUT_SECONDS = 60
 
 class ServerError(RuntimeError):
     """The server can't be reached or answered something other than predictions."""
+
+    def __init__(self, message: str, status: int = 0, reason: str = ""):
+        super().__init__(message)
+        self.status, self.reason = status, reason
 
 
 def predict_url(url: str, model: str = MODEL_NAME, version: Optional[int] = None, label: Optional[str] = None) -> str:
@@ -54,9 +60,10 @@ def to_instance(row: Dict[str, Any]) -> Dict[str, Any]:
                 raise ValueError(f"feature {column.name!r}: {value!r} is not a number") from None
             value = int(value) if value.is_integer() else value
         instance[column.name] = value
-    lacking = features.missing_required(instance)
-    if lacking:
-        raise ValueError(f"missing required feature {lacking[0]!r} (no value, or an 'unknown' code)")
+    try:
+        contract.check_instance(0, instance)  # the server's own check: types, value counts, required features
+    except contract.RequestError as error:
+        raise ValueError(str(error).split(": ", 1)[1]) from None
     return instance
 
 
@@ -85,7 +92,7 @@ def post(url: str, instances: List[Dict[str, Any]]) -> Tuple[List[float], str]:
             body = json.loads(body).get("error", body)
         except (json.JSONDecodeError, AttributeError):
             pass
-        raise ServerError(f"{url} answered {error.code}: {body}") from None
+        raise ServerError(f"{url} answered {error.code}: {body}", error.code, str(body)) from None
     except (urllib.error.URLError, OSError) as error:
         raise ServerError(f"can't reach {url}: {getattr(error, 'reason', error)}") from None
     predictions = answer.get("predictions")
@@ -106,9 +113,19 @@ def predict_rows(url: str, rows: List[Dict[str, Any]], batch_size: int) -> List[
             results[index]["error"] = f"row {index + 1}: {error}"
     for start in range(0, len(ready), batch_size):
         batch = ready[start:start + batch_size]
-        predictions, version = post(url, [instance for _, instance in batch])
-        for (index, _), prediction in zip(batch, predictions):
-            results[index].update(prediction=prediction, model_version=version)
+        while batch:
+            try:
+                predictions, version = post(url, [instance for _, instance in batch])
+            except ServerError as error:
+                refused = re.match(r"instance (\d+): (.*)", error.reason, re.S)
+                if error.status != 400 or not refused or int(refused.group(1)) >= len(batch):
+                    raise
+                index = batch.pop(int(refused.group(1)))[0]  # that row alone is refused; the others go again
+                results[index]["error"] = f"row {index + 1}: {refused.group(2)}"
+                continue
+            for (index, _), prediction in zip(batch, predictions):
+                results[index].update(prediction=prediction, model_version=version)
+            break
     return results
 
 

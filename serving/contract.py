@@ -27,13 +27,12 @@ class RequestError(Exception):
 
 @dataclasses.dataclass
 class Request:
-    """A checked request: raw instances (as logged) and their keys, or serialized tf.Examples."""
+    """A checked request: its instances' raw features (as logged) and the model's input for each."""
 
     signature: str
     columnar: bool  # "inputs" (answered with "outputs") rather than "instances" (answered with "predictions")
-    instances: List[Dict[str, Any]]  # the raw features as sent (serving_raw), or {} per example
-    keys: List[features.InstanceKey]  # serving_raw: the model's input per instance
-    examples: List[bytes]  # serving_default: serialized tf.Examples
+    instances: List[Dict[str, Any]]  # the raw features as sent (a tf.Example's, read)
+    keys: List[features.InstanceKey]  # the model's input per instance
 
 
 # The JSON types each feature takes: numbers for the numeric ones, text or true/false for the others.
@@ -73,17 +72,39 @@ def check_instance(index: int, instance: Any) -> features.InstanceKey:
     return features.instance_key(instance)
 
 
-def _example(index: int, instance: Any) -> bytes:
-    """A serialized tf.Example from {"b64": ...} or {"examples": {"b64": ...}}."""
+def _example(index: int, instance: Any) -> Dict[str, Any]:
+    """The model's features of a serialized tf.Example ({"b64": ...} or {"examples": {"b64": ...}}).
+
+    Read in Python, so the example is checked, cached, batched and logged as named features are; the model's
+    serving_raw answers it, which applies the same transform as serving_default (tests check they agree).
+    Features the model doesn't take are ignored, as serving_default's parsing ignores them.
+    """
+    from tensorflow.core.example import example_pb2  # only for this format: the client doesn't need TensorFlow
+
     if isinstance(instance, dict) and set(instance) == {"examples"}:
         instance = instance["examples"]
     if not (isinstance(instance, dict) and set(instance) == {"b64"} and isinstance(instance["b64"], str)):
         raise RequestError(f"instance {index}: {EXAMPLES_SIGNATURE} takes serialized tf.Examples as "
                            '{"b64": "..."}; send named features with "signature_name": "serving_raw"')
     try:
-        return base64.b64decode(instance["b64"], validate=True)
+        example = example_pb2.Example.FromString(base64.b64decode(instance["b64"], validate=True))
     except (binascii.Error, ValueError):
         raise RequestError(f"instance {index}: 'b64' is not base64") from None
+    except Exception:  # protobuf's DecodeError
+        raise RequestError(f"instance {index}: 'b64' is not a serialized tf.Example") from None
+    values = {}
+    for name, feature in example.features.feature.items():
+        if name not in _KINDS:
+            continue
+        kind = feature.WhichOneof("kind")
+        listed = list(getattr(feature, kind).value) if kind else []
+        if kind == "bytes_list":
+            try:
+                listed = [value.decode() for value in listed]
+            except UnicodeDecodeError:
+                raise RequestError(f"instance {index}: feature {name!r} is not UTF-8 text") from None
+        values[name] = listed
+    return values
 
 
 def _columns_to_rows(inputs: Any) -> List[Any]:
@@ -139,13 +160,12 @@ def _request(rows: Sequence[Any], signature: Optional[str], columnar: bool, max_
     if signature is None:  # TF Serving's default is serving_default; named features mean serving_raw
         is_example = isinstance(rows[0], dict) and set(rows[0]) in ({"b64"}, {"examples"})
         signature = EXAMPLES_SIGNATURE if is_example else RAW_SIGNATURE
-    if signature == RAW_SIGNATURE:
-        keys = [check_instance(index, row) for index, row in enumerate(rows)]
-        return Request(signature, columnar, list(rows), keys, [])
     if signature == EXAMPLES_SIGNATURE:
-        examples = [_example(index, row) for index, row in enumerate(rows)]
-        return Request(signature, columnar, [{} for _ in examples], [], examples)
-    raise RequestError(f"unknown signature_name {signature!r}; the model serves {', '.join(SIGNATURES)}")
+        rows = [_example(index, row) for index, row in enumerate(rows)]
+    elif signature != RAW_SIGNATURE:
+        raise RequestError(f"unknown signature_name {signature!r}; the model serves {', '.join(SIGNATURES)}")
+    keys = [check_instance(index, row) for index, row in enumerate(rows)]
+    return Request(signature, columnar, list(rows), keys)
 
 
 def response(request: Request, predictions: Sequence[float]) -> bytes:

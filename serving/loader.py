@@ -33,7 +33,6 @@ class LoadedVersion:
     version: int
     path: str
     predict_keys: Callable[[Sequence[features.InstanceKey]], numpy.ndarray]
-    predict_examples: Callable[[Sequence[bytes]], numpy.ndarray]
     signature_defs: Dict[str, Any]  # TF Serving's metadata JSON of the signatures
     table: cache.PredictionTable
     seconds_to_load: float
@@ -110,40 +109,44 @@ def load(path: str, version: int, head_size: int, capacity: int, admit_after: in
     """Loads, checks and warms up a version; predicts its head (training data first, then traffic)."""
     started = time.monotonic()
     try:
-        model = tf.saved_model.load(path)
-        raw = model.signatures[contract.RAW_SIGNATURE]
-        examples = model.signatures[contract.EXAMPLES_SIGNATURE]
-        defs = _signature_defs(path)
-    except (KeyError, OSError, ValueError, tf.errors.OpError) as error:
+        return _load(path, version, head_size, capacity, admit_after, traffic_head, started)
+    except LoadError:
+        raise
+    except tf.errors.OpError as error:
+        raise LoadError(f"version {version} at {path} can't be loaded: {type(error).__name__}: "
+                        f"{error.message.splitlines()[0]}") from None
+    except Exception as error:  # a damaged folder can break any step: it is a version that can't be served
         raise LoadError(f"version {version} at {path} can't be loaded: {type(error).__name__}: {error}") from None
+
+
+def _load(path: str, version: int, head_size: int, capacity: int, admit_after: int,
+          traffic_head: Sequence[features.InstanceKey], started: float) -> LoadedVersion:
+    model = tf.saved_model.load(path)
+    raw = model.signatures[contract.RAW_SIGNATURE]
+    if contract.EXAMPLES_SIGNATURE not in model.signatures:  # its metadata is served; examples are read in Python
+        raise LoadError(f"version {version} at {path} has no {contract.EXAMPLES_SIGNATURE} signature")
+    defs = _signature_defs(path)
+
     def public_call(keys: Sequence[features.InstanceKey]) -> numpy.ndarray:
         return raw(**columns_of(keys))[PREDICTIONS].numpy().reshape(-1)
 
     predict_keys = _fast_call(raw)
-
-    def predict_examples(serialized: Sequence[bytes]) -> numpy.ndarray:
-        return examples(examples=tf.constant(list(serialized), tf.string))[PREDICTIONS].numpy().reshape(-1)
-
     head = [features.instance_key(instance) for instance in read_frequent_instances(path)
             if not features.missing_required(instance)]  # the signature refuses those
     head = list(dict.fromkeys(head + list(traffic_head)))[:head_size]
     warmup = head[:max(WARMUP_BATCHES)] or [_typical_key()]
-    try:
-        for size in WARMUP_BATCHES:
-            keys = (warmup * size)[:size]
-            public = public_call(keys)
-            if not numpy.allclose(public, predict_keys(keys), rtol=1e-6, atol=1e-6):
-                logging.warning("version %d: the fast signature call disagrees with the public one; using the "
-                                "public call", version)
-                predict_keys = public_call
-            if not numpy.all(numpy.isfinite(public)):
-                raise LoadError(f"version {version} at {path} predicts {public[:3]} at warm-up, not numbers")
-    except tf.errors.OpError as error:
-        raise LoadError(f"version {version} at {path} fails at warm-up: {error.message.splitlines()[0]}") from None
+    for size in WARMUP_BATCHES:
+        keys = (warmup * size)[:size]
+        public = public_call(keys)
+        if not numpy.allclose(public, predict_keys(keys), rtol=1e-6, atol=1e-6):
+            logging.warning("version %d: the fast signature call disagrees with the public one; using the "
+                            "public call", version)
+            predict_keys = public_call
+        if not numpy.all(numpy.isfinite(public)):
+            raise LoadError(f"version {version} at {path} predicts {public[:3]} at warm-up, not numbers")
     table = cache.PredictionTable(capacity, admit_after)
     table.fill(head, predict_keys)
-    return LoadedVersion(version, path, predict_keys, predict_examples, defs, table,
-                         time.monotonic() - started, model)
+    return LoadedVersion(version, path, predict_keys, defs, table, time.monotonic() - started, model)
 
 
 def _typical_key() -> features.InstanceKey:

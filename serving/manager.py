@@ -156,22 +156,24 @@ class Manager:
         return available[max(available)]
 
     def _why_none(self) -> str:
-        loading = [v for v, s in self.states.items() if s.state == LOADING]
-        failed = [f"{v}: {s.error}" for v, s in self.states.items() if s.error]
+        states = dict(self.states)  # the poll thread changes it
+        loading = [v for v, s in states.items() if s.state == LOADING]
+        failed = [f"{v}: {s.error}" for v, s in states.items() if s.error]
         return (f" (loading {loading})" if loading else "") + (f" (failed: {'; '.join(failed)})" if failed else "")
 
     def status(self, version: Optional[int] = None, label: Optional[str] = None) -> List[Dict]:
         """TF Serving's model_version_status list."""
+        states = dict(self.states)  # the poll thread changes it
         if label is not None or version is not None:
             version = self.resolve_number(version, label)
-            if version not in self.states:
+            if version not in states:
                 raise NotFound(f"model {self.config.name!r} has no version {version}")
             versions = [version]
         else:
-            versions = sorted(self.states, reverse=True)
-        return [{"version": str(v), "state": self.states[v].state,
-                 "status": {"error_code": "UNKNOWN" if self.states[v].error else "OK",
-                            "error_message": self.states[v].error}} for v in versions]
+            versions = sorted(states, reverse=True)
+        return [{"version": str(v), "state": states[v].state,
+                 "status": {"error_code": "UNKNOWN" if states[v].error else "OK",
+                            "error_message": states[v].error}} for v in versions]
 
     def resolve_number(self, version: Optional[int], label: Optional[str]) -> int:
         if label is not None:
@@ -209,16 +211,17 @@ class Manager:
         for version, fingerprint in list(self._failed.items()):
             if version in found and files_fingerprint(found[version]) != fingerprint:
                 del self._failed[version]  # its files changed (a copy finished): try it again
-        candidates = [v for v in found if v not in self._failed]
-        aspired = self.config.aspired(candidates)
-        for version in aspired:
-            if version not in self.available and not self._stop.is_set():
-                self._load(version, found[version])
+        while True:  # a version that fails to load gives its place to the next one the policy would take
+            aspired = self.config.aspired([v for v in found if v not in self._failed])
+            pending = [v for v in aspired if v not in self.available]
+            if not pending or self._stop.is_set():
+                break
+            self._load(pending[0], found[pending[0]])
         ready = [v for v in aspired if v in self.available]
         if ready or not aspired:
             for version in [v for v in self.available if v not in aspired]:
                 self._unload(version)
-        for version in [v for v in self.states if v not in found and v not in self.available]:
+        for version in [v for v in list(self.states) if v not in found and v not in self.available]:
             del self.states[version]  # deleted from the folder: forgotten
             self._failed.pop(version, None)
 

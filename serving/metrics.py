@@ -39,8 +39,8 @@ class Metrics:
         self.requests = Counter("babyweight_requests", "Requests answered, by version, route and HTTP status.",
                                 ["version", "route", "code"], registry=self.registry)
         self.latency = Histogram("babyweight_request_seconds",
-                                 "Time from a request's body to its answer, by version and path (cache, model, "
-                                 "examples).", ["version", "path"], buckets=LATENCY_BUCKETS, registry=self.registry)
+                                 "Time from a request's body to its answer, by version and path (cache: every "
+                                 "instance from the table; model: some from the model).", ["version", "path"], buckets=LATENCY_BUCKETS, registry=self.registry)
         self.batch = Histogram("babyweight_batch_instances", "Instances per model call.", ["version"],
                                buckets=BATCH_BUCKETS, registry=self.registry)
         self.cache = Counter("babyweight_cache_lookups", "Instances looked up in the prediction table, by result.",

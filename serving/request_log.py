@@ -2,8 +2,8 @@
 
 One line per instance: {"request_id", "time", "model", "version", "signature", "index", "instance" (the raw
 features as sent), "prediction", "latency_ms", "path" ("cache" or "model")}. Each server process writes its
-own file, requests-<start time>-<pid>.jsonl, in the log folder, and starts a new one when it reaches
-`max_bytes`; the oldest files beyond `keep_files` are deleted. `babyweight validate-serving FOLDER` reads
+own files, requests-<start time>-<pid>-<n>.jsonl, in the log folder, and starts a new one when it reaches
+`max_bytes`; its oldest files beyond `keep_files` are deleted (each process's own: another's may be open). `babyweight validate-serving FOLDER` reads
 the files as they are (models/requests.py), and the next version's cache learns its head from them.
 """
 import collections
@@ -47,7 +47,9 @@ class RequestLog:
         path = self.folder / f"requests-{stamp}-{os.getpid()}-{time.monotonic_ns() % 10**6:06d}.jsonl"
         self._file = path.open("ab")
         self._size = 0
-        for old in sorted(self.folder.glob(PATTERN), key=lambda p: p.stat().st_mtime)[:-self.keep_files]:
+        # Each process deletes only its own old files: another's may still be open.
+        own = self.folder.glob(f"requests-*-{os.getpid()}-*.jsonl")
+        for old in sorted(own, key=lambda p: p.stat().st_mtime)[:-self.keep_files]:
             old.unlink(missing_ok=True)
 
     def _flush(self) -> None:

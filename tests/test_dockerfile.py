@@ -36,7 +36,13 @@ def test_serving_image_holds_the_server_and_its_pinned_dependencies_only():
     # top (serving/app.py reads the local profile's folders only when --model-dir or --log-dir is not given).
     for package in ("models", "serving"):
         for module in (config_lib.PROJECT_ROOT / package).glob("*.py"):
-            if module.name != "bench.py":  # the benchmark runs beside the project, not in the image
-                assert not re.search(r"^(from|import) (pipeline|data)\b", module.read_text(), re.M), module
+            assert not re.search(r"^(from|import) (pipeline|data)\b", module.read_text(), re.M), module
     assert '"serve", "--host", "0.0.0.0"' in SERVING_DOCKERFILE and '"--model-dir", "/models"' in SERVING_DOCKERFILE
     assert '"--log-dir", "/tmp/serving_logs"' in SERVING_DOCKERFILE
+
+
+def test_cloud_build_config_builds_the_serving_dockerfile():
+    build = (config_lib.PROJECT_ROOT / "serving" / "cloudbuild.yaml").read_text()
+    assert '"-f", "serving/Dockerfile"' in build and 'images: ["${_IMAGE}"]' in build
+    readme = (config_lib.PROJECT_ROOT / "README.md").read_text()
+    assert "gcloud builds submit --config serving/cloudbuild.yaml" in readme and "BABYWEIGHT_SERVING_IMAGE=" in readme

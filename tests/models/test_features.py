@@ -88,6 +88,9 @@ def test_serving_contract_requires_what_every_caller_knows_before_birth():
     assert features.missing_required({"mother_age": "30", "gestation_weeks": 99}) == ["gestation_weeks"]
     assert features.missing_required({"gestation_weeks": [39], "mother_age": None}) == ["mother_age"]
     assert features.missing_required({"mother_age": [], "gestation_weeks": ""}) == ["mother_age", "gestation_weeks"]
+    # As serving_raw reads an integer column: 99.5 weeks is the integer 99, the 'unknown' code.
+    assert features.missing_required({"mother_age": 30, "gestation_weeks": 99.5}) == ["gestation_weeks"]
+    assert features.missing_required({"mother_age": 30.7, "gestation_weeks": 38.9}) == []
 
 
 def test_a_value_of_the_wrong_type_is_not_missing_but_left_to_the_type_check():

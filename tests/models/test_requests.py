@@ -23,6 +23,9 @@ def test_the_servers_request_log_gives_its_instances(tmp_path):
                {"request_id": "a-2", "index": 0, "signature": "serving_default", "instance": {}}]  # a tf.Example
     (folder / "requests-20261129T100000-1-000001.jsonl").write_text("\n".join(map(json.dumps, records)) + "\n")
     assert requests.read_requests(folder) == [{"mother_age": 31}]
+    with (folder / "requests-20261129T100000-1-000001.jsonl").open("a") as log:
+        log.write('{"request_id": "a-3", "index": 0, "instance": {"mother_a')  # a live log's last line, half written
+    assert requests.read_requests(folder) == [{"mother_age": 31}]
 
 
 def test_vertex_request_response_log_rows_give_each_payloads_instances(tmp_path):

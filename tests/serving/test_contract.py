@@ -36,11 +36,20 @@ def test_regress_merges_the_context_into_each_example():
     assert [key[features.FEATURE_NAMES.index("mother_age")] for key in request.keys] == [30.0, 20.0]
 
 
-def test_serialized_examples_go_to_serving_default():
-    encoded = base64.b64encode(b"\x0a\x00").decode()
+def test_serialized_examples_go_to_serving_default_as_their_features():
+    from tensorflow.core.example import example_pb2
+
+    example = example_pb2.Example()
+    example.features.feature["mother_age"].int64_list.value.append(31)
+    example.features.feature["gestation_weeks"].float_list.value.append(39.0)
+    example.features.feature["is_male"].bytes_list.value.append(b"true")
+    example.features.feature["weight_pounds"].float_list.value.append(7.5)  # not a feature: ignored
+    encoded = base64.b64encode(example.SerializeToString()).decode()
     for instance in ({"b64": encoded}, {"examples": {"b64": encoded}}):
         request = contract.parse_predict(body({"instances": [instance]}), 10)
-        assert request.signature == contract.EXAMPLES_SIGNATURE and request.examples == [b"\x0a\x00"]
+        assert request.signature == contract.EXAMPLES_SIGNATURE
+        assert request.instances == [{"mother_age": [31], "gestation_weeks": [39.0], "is_male": ["true"]}]
+        assert request.keys == [features.instance_key({"mother_age": 31, "gestation_weeks": 39, "is_male": "true"})]
 
 
 @pytest.mark.parametrize("payload, message", [
@@ -57,6 +66,8 @@ def test_serialized_examples_go_to_serving_default():
     ({"instances": [ROW], "signature_name": "score_examples"}, "unknown signature_name 'score_examples'"),
     ({"signature_name": "serving_default", "instances": [ROW]}, 'instance 0: serving_default takes serialized'),
     ({"instances": [{"b64": "not base64!"}]}, "instance 0: 'b64' is not base64"),
+    ({"instances": [{"b64": base64.b64encode(b"\xff\xfe garbage").decode()}]}, "instance 0: 'b64' is not a serialized"),
+    ({"instances": [{"b64": base64.b64encode(b"").decode()}]}, "instance 0: missing required feature 'mother_age'"),
 ])
 def test_bad_requests_are_refused_naming_the_instance_and_feature(payload, message):
     with pytest.raises(contract.RequestError, match=message) as refused:

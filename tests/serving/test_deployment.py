@@ -43,8 +43,12 @@ def test_worker_processes_share_the_port_and_the_metrics(toy_versions, tmp_path)
             streak = streak + 1 if call(f"{url}/v1/models/babyweight:predict", {"instances": [ROW]})[0] == 200 else 0
         time.sleep(metrics.FLUSH_SECONDS * 3)  # each process moves its counts to the shared files every flush
         before = answered()
+        prefixes = set()
         for number in range(40):
-            assert call(f"{url}/v1/models/babyweight:predict", {"instances": [{**ROW, "mother_age": 20 + number}]})[0] == 200
+            status, headers, _ = call(f"{url}/v1/models/babyweight:predict", {"instances": [{**ROW, "mother_age": 20 + number}]})
+            assert status == 200
+            prefixes.add(headers["x-request-id"].split("-")[0])  # each process numbers its requests after its own prefix
+        assert len(prefixes) == 2  # both workers answered
         time.sleep(metrics.FLUSH_SECONDS * 3)
         assert answered() == before + 40  # both processes' counters, added up
         pid = int(subprocess.run(["pgrep", "-f", "--", f"--port {url.rsplit(':', 1)[1]}"], capture_output=True,

@@ -1,4 +1,5 @@
 """The pipeline's own model, pushed from a run on the real export, served and checked end to end."""
+import base64
 import csv
 import json
 import pathlib
@@ -37,6 +38,12 @@ def test_served_predictions_equal_the_signatures_on_real_rows(real_export_run, r
             status, headers, body = call(f"{url}/v1/models/babyweight:predict", {"instances": instances[start:start + 100]})
             assert status == 200, body
             served += [p[0] for p in body["predictions"]]
+        # The same rows as serialized tf.Examples (serving_default's form), as the training data holds them.
+        examples = [_example(instance) for instance in instances[:300]]
+        status, _, body = call(f"{url}/v1/models/babyweight:predict", {"signature_name": "serving_default",
+                               "instances": [{"b64": base64.b64encode(e).decode()} for e in examples]})
+        assert status == 200, body
+        by_examples = [p[0] for p in body["predictions"]]
         # Asked again, the frequent ones come from the version's table: the same numbers.
         again = [call(f"{url}/v1/models/babyweight:predict", {"instances": [i]})[2]["predictions"][0][0]
                  for i in instances[:200]]
@@ -44,12 +51,31 @@ def test_served_predictions_equal_the_signatures_on_real_rows(real_export_run, r
     # float32 answers; a row's answer may differ in the last bit with the batch it was computed in.
     np.testing.assert_allclose(served, expected.reshape(-1), rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(again, served[:200], rtol=1e-6, atol=1e-6)
+    default = tf.saved_model.load(str(version_dir)).signatures["serving_default"]
+    np.testing.assert_allclose(by_examples, default(examples=tf.constant(examples))["predictions"].numpy().reshape(-1),
+                               rtol=1e-6, atol=1e-6)
     assert 'babyweight_cache_lookups_total{result="hit"' in metrics
     # The request log is what validate-serving checks against the run's training data.
     checked = subprocess.run([sys.executable, "-m", "babyweight_cli", "validate-serving", str(logs),
                               "--output-dir", config.output_dir], cwd=PROJECT_ROOT, capture_output=True, text=True)
     assert checked.returncode in (0, 1), checked.stderr
-    assert f"{len(instances) + 200} request(s) in {logs}" in checked.stdout
+    assert f"{len(instances) + 300 + 200} request(s) in {logs}" in checked.stdout
+
+
+def _example(instance: dict) -> bytes:
+    """A row's features as a tf.Example with the table's types (integers as int64, flags as bytes)."""
+    feature = {}
+    for column in features.FEATURES:
+        value = instance.get(column.name)
+        if value is None:
+            continue
+        if column.dtype == "string":
+            feature[column.name] = tf.train.Feature(bytes_list=tf.train.BytesList(value=[str(value).encode()]))
+        elif column.dtype == "int":
+            feature[column.name] = tf.train.Feature(int64_list=tf.train.Int64List(value=[int(value)]))
+        else:
+            feature[column.name] = tf.train.Feature(float_list=tf.train.FloatList(value=[float(value)]))
+    return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
 
 
 def urlopen_text(url: str) -> str:

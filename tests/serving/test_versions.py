@@ -1,5 +1,6 @@
 """New versions under load, versions that fail to load, the version policy and labels that move."""
 import concurrent.futures
+import itertools
 import shutil
 import threading
 import time
@@ -30,11 +31,11 @@ def test_a_pushed_version_takes_over_under_load_without_an_error(tmp_path):
     toy_model.save(models / "1", 1.0)
     staged = toy_model.save(tmp_path / "staged", 2.0)
     with running_server(models, tmp_path / "logs") as url:
-        stop, answers, errors = threading.Event(), [], []
+        stop, answers, errors, ages = threading.Event(), [], [], itertools.count(20, 0.001)
 
         def client():
             while not stop.is_set():
-                row = {**ROW, "mother_age": 20 + len(answers) % 25}  # mostly the model's path, not the table
+                row = {**ROW, "father_age": float(next(ages))}  # each instance new: the model's path, not the table
                 status, headers, body = call(f"{url}/v1/models/babyweight:predict", {"instances": [row]})
                 if status != 200:
                     errors.append((status, body))
