@@ -34,7 +34,7 @@ from serving.settings import ServerSettings
 MODELS_ROUTE = re.compile(r"^/v1/models/(?P<name>[^/:]+)(?:/versions/(?P<version>[^/:]+)|/labels/(?P<label>[^/:]+))?"
                           r"(?P<action>/metadata|:predict|:regress)?$")
 JSON = "application/json"
-TRAFFIC_HEAD_RECORDS = 200_000  # request log records read for the traffic's head when a version loads
+TRAFFIC_HEAD_RECORDS = 50_000  # newest request log records read for the traffic's head when a version loads
 
 
 def default_paths(settings: ServerSettings) -> Dict[str, str]:

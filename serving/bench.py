@@ -7,7 +7,8 @@ Servers, each on the same HTTP stack (Starlette on uvicorn):
 - server: `babyweight serve` with its defaults (batching, prediction table, request log, metrics).
 Workloads of one instance per request: peaked (rows of the bundled data, drawn with their frequencies from a
 pool of BODIES requests) and flat (every feature uniform over its range, a new instance each request), at
-concurrency 1, 8 and 64. Then a new version is pushed while the server is under load: errors are counted.
+concurrency 1, 8 and 64. Then a new version is pushed while the server is under load: errors are counted, and
+the time until the new version serves.
 The table goes to stdout and outputs/bench/serving.json.
 """
 import argparse
@@ -228,7 +229,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                     results.append({"server": name, "workload": workload, "concurrency": concurrency, **result})
                     print(_row(results[-1]), flush=True)
             if name == "server":
-                results.append(_push_under_load(url, models, newest, args.seconds * 2, str(peaked), script))
+                results.append(_push_under_load(url, models, newest, args.seconds * 3, str(peaked), script))
                 print(_row(results[-1]), flush=True)
     _report(results, pathlib.Path(args.output_dir) / "bench" / "serving.json")
     shutil.rmtree(work, ignore_errors=True)
@@ -237,29 +238,39 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 def _push_under_load(url: str, models: pathlib.Path, newest: int, seconds: float, bodies: str,
                      script: pathlib.Path) -> Dict:
-    """wrk at concurrency 64 while a new version is copied in; then the new version must be the one serving."""
+    """wrk at concurrency 64 while a new version is copied in; then how long until the new version served."""
     import threading
 
+    pushed = {}
+
     def push() -> None:
-        time.sleep(seconds / 4)
+        time.sleep(2)
         staging = models.parent / "staging"
         shutil.copytree(models / str(newest), staging)
         staging.rename(models / str(newest + 1))  # as the Pusher does: the version appears whole
+        pushed["at"] = time.monotonic()
+
+    def serving_new() -> bool:
+        with urllib.request.urlopen(url + "/v1/models/babyweight", timeout=10) as response:
+            states = {v["version"]: v["state"] for v in json.loads(response.read())["model_version_status"]}
+        return states.get(str(newest + 1)) == "AVAILABLE" and states.get(str(newest)) != "AVAILABLE"
 
     pusher = threading.Thread(target=push)
     pusher.start()
     result = wrk(url + PATH, 64, seconds, bodies, script)
     pusher.join()
-    with urllib.request.urlopen(url + "/v1/models/babyweight", timeout=10) as response:
-        states = {v["version"]: v["state"] for v in json.loads(response.read())["model_version_status"]}
+    deadline = time.monotonic() + 120
+    while not serving_new() and time.monotonic() < deadline:
+        time.sleep(0.2)
     return {"server": "server", "workload": "peaked, new version pushed", "concurrency": 64, **result,
-            "new_version_available": states.get(str(newest + 1)) == "AVAILABLE"}
+            "new_version_available": serving_new(), "switch_seconds": time.monotonic() - pushed["at"]}
 
 
 def _row(result: Dict) -> str:
     hit = f"{result['hit_rate']:.0%}" if "hit_rate" in result else "-"
     pushed = ("" if "new_version_available" not in result
-              else f"  new version serving: {'yes' if result['new_version_available'] else 'NO'}")
+              else f"  new version serving: {'yes' if result['new_version_available'] else 'NO'} "
+                   f"({result['switch_seconds']:.1f} s after the push; that worker's view)")
     return (f"{result['server']:7} {result['workload']:27} c={result['concurrency']:<3} {result['rps']:9.0f} req/s  "
             f"p50 {result['p50_ms']:7.2f} ms  p99 {result['p99_ms']:7.2f} ms  errors {result['non2xx'] + result['socket_errors']:<4}"
             f" cache hits {hit}{pushed}")
