@@ -99,7 +99,10 @@ def files_fingerprint(path: str) -> Tuple[Tuple[str, int], ...]:
     for folder, _, files in tf.io.gfile.walk(path):
         for name in files:
             full = os.path.join(folder, name)
-            found.append((full, tf.io.gfile.stat(full).length))
+            try:
+                found.append((full, tf.io.gfile.stat(full).length))
+            except tf.errors.NotFoundError:  # gone since the listing (a copy in progress)
+                continue
     return tuple(sorted(found))
 
 

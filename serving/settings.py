@@ -47,8 +47,8 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
     """One --flag per setting, with the field's default and comment."""
     comments = _field_comments()
     for field in dataclasses.fields(ServerSettings):
-        parser.add_argument("--" + field.name.replace("_", "-"), type=field.type if field.type != bool else None,
-                            default=field.default, help=comments.get(field.name, ""))
+        parser.add_argument("--" + field.name.replace("_", "-"), type=field.type, default=field.default,
+                            help=comments.get(field.name, "") + " (default: %(default)r)")
 
 
 def from_args(args: argparse.Namespace) -> ServerSettings:
