@@ -7,7 +7,7 @@ Servers, each on the same HTTP stack (Starlette on uvicorn):
 - server: `babyweight serve` with its defaults (batching, prediction table, request log, metrics).
 Workloads of one instance per request: peaked (rows of the bundled data, drawn with their frequencies from a
 pool of BODIES requests) and flat (every feature uniform over its range, a new instance each request), at
-concurrency 1, 8 and 64. Then a new version is pushed while the server is under load: errors are counted, and
+concurrency 1, 8 and 64, after WARMUP_SECONDS of load. Then a new version is pushed while the server is under load: errors are counted, and
 the time until the new version serves.
 The table goes to stdout and outputs/bench/serving.json.
 """
@@ -31,6 +31,7 @@ from models.requests import read_requests
 PATH = "/v1/models/babyweight:predict"
 CONCURRENCIES = (1, 8, 64)
 BODIES = 20_000
+WARMUP_SECONDS = 10  # per server and workload, at concurrency 64, before the measurements
 FIXED = b'{"predictions":[[7.25]]}'
 WRK_SCRIPT = r"""
 local bodies_file = os.getenv("BENCH_BODIES")
@@ -218,7 +219,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         port = _free_port()
         with _server(command + ["--port", str(port)], port, env, work / f"{name}.log", PATH) as url:
             for workload, bodies in workloads.items():
-                wrk(url + PATH, 64, 2, bodies, script)  # warm-up (the server's table learns the peaked pool)
+                # Warm-up: the steady state is measured (the server's table has learned what the pool repeats).
+                wrk(url + PATH, 64, WARMUP_SECONDS, bodies, script)
                 for concurrency in CONCURRENCIES:
                     before = _cache_counts(url) if name == "server" else None
                     result = wrk(url + PATH, concurrency, args.seconds, bodies, script)
