@@ -242,7 +242,7 @@ class _Answer(Response):
 def _settle_memory() -> None:
     """After a version loads or leaves: collect, then keep what is live out of later collections.
 
-    A version's objects and its table (up to 100,000 keys) would otherwise be walked by every full collection
+    A version's objects and its table (up to --cache-capacity keys) would otherwise be walked by every full collection
     of the garbage collector, a pause of milliseconds in the middle of requests.
     """
     gc.collect()
