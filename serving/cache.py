@@ -5,7 +5,6 @@ request log's; the model predicts them at load, in batches, so those requests ar
 the head, an instance the model has answered `admit_after` times is kept, up to `capacity` answers. A table
 belongs to one loaded version: a new version starts its own, so it never answers with an older model's numbers.
 """
-import threading
 from typing import Callable, Dict, Iterable, List, Optional, Sequence
 
 import numpy
@@ -23,7 +22,6 @@ class PredictionTable:
         self.admit_after = max(1, admit_after)
         self._answers: Dict[features.InstanceKey, float] = {}
         self._seen: Dict[features.InstanceKey, int] = {}
-        self._lock = threading.Lock()
         self.head_size = 0
 
     def fill(self, keys: Sequence[features.InstanceKey],
@@ -39,17 +37,19 @@ class PredictionTable:
         return self._answers.get(key)
 
     def offer(self, keys: Iterable[features.InstanceKey], predictions: Iterable[float]) -> None:
-        """Counts the model's answers; keeps those asked `admit_after` times while there is room."""
-        with self._lock:
-            for key, prediction in zip(keys, predictions):
-                seen = self._seen.get(key, 0) + 1
-                if seen >= self.admit_after and len(self._answers) < self.capacity:
-                    self._answers[key] = prediction
-                    self._seen.pop(key, None)
-                else:
-                    self._seen[key] = seen
-            if len(self._seen) > self.capacity:  # the counts of one-off instances are forgotten, not the answers
-                self._seen.clear()
+        """Counts the model's answers; keeps those asked `admit_after` times while there is room.
+
+        Called only on the server's event loop (the batcher), as `get` is; `fill` runs before the version is served.
+        """
+        for key, prediction in zip(keys, predictions):
+            seen = self._seen.get(key, 0) + 1
+            if seen >= self.admit_after and len(self._answers) < self.capacity:
+                self._answers[key] = prediction
+                self._seen.pop(key, None)
+            else:
+                self._seen[key] = seen
+        if len(self._seen) > self.capacity:  # the counts of one-off instances are forgotten, not the answers
+            self._seen.clear()
 
     def __len__(self) -> int:
         return len(self._answers)

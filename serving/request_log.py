@@ -32,7 +32,6 @@ class RequestLog:
         self._stop = threading.Event()
         self._file = None
         self._size = 0
-        self.dropped = 0
         self._thread = threading.Thread(target=self._run, name="request-log", daemon=True)
         self._thread.start()
 
@@ -65,8 +64,7 @@ class RequestLog:
             self._file.write(data)
             self._file.flush()
             self._size += len(data)
-        except OSError as error:  # a full disk must not stop serving; the loss is counted and logged
-            self.dropped += len(lines)
+        except OSError as error:  # a full disk must not stop serving; the loss is logged
             logging.error("request log: %d records not written to %s: %s", len(lines), self.folder, error)
 
     def _run(self) -> None:

@@ -13,6 +13,7 @@ import tensorflow as tf
 from models import features
 from serving import client, loader
 from tests.serving.conftest import PROJECT_ROOT, call, running_server
+from tests.serving.test_server import call_text
 
 pytestmark = pytest.mark.slow
 
@@ -47,7 +48,7 @@ def test_served_predictions_equal_the_signatures_on_real_rows(real_export_run, r
         # Asked again, the frequent ones come from the version's table: the same numbers.
         again = [call(f"{url}/v1/models/babyweight:predict", {"instances": [i]})[2]["predictions"][0][0]
                  for i in instances[:200]]
-        metrics = urlopen_text(f"{url}/metrics")
+        metrics = call_text(f"{url}/metrics")
     # float32 answers; a row's answer may differ in the last bit with the batch it was computed in.
     np.testing.assert_allclose(served, expected.reshape(-1), rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(again, served[:200], rtol=1e-6, atol=1e-6)
@@ -76,10 +77,3 @@ def _example(instance: dict) -> bytes:
         else:
             feature[column.name] = tf.train.Feature(float_list=tf.train.FloatList(value=[float(value)]))
     return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
-
-
-def urlopen_text(url: str) -> str:
-    import urllib.request
-
-    with urllib.request.urlopen(url, timeout=30) as response:
-        return response.read().decode()
