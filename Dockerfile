@@ -10,9 +10,12 @@ ENV TF_USE_LEGACY_KERAS=1
 COPY constraints.txt setup.py ./
 COPY pipeline/ pipeline/
 COPY models/ models/
+# The InfraValidator serves each candidate with the project's server (babyweight serve) inside this image.
+COPY serving/ serving/
 COPY data/__init__.py data/generator.py data/
 COPY schema/ schema/
-COPY runner_local.py runner_dataflow.py ./
-# The image already has TFX and its dependencies; add Keras 2 at the pinned version, then this package.
-RUN pip install --no-cache-dir -c constraints.txt tf-keras \
+COPY runner_local.py runner_dataflow.py babyweight_cli.py ./
+# The image already has TFX and its dependencies; add Keras 2 and the server's dependencies at the pinned
+# versions, then this package.
+RUN pip install --no-cache-dir -c constraints.txt tf-keras psutil -r serving/requirements.txt \
  && pip install --no-cache-dir --no-deps -e .

@@ -32,6 +32,7 @@ setuptools.setup(
         "pandas",
         "pyyaml",
         "scikit-learn",  # the reference trees beside every model (pipeline/baseline.py)
+        "psutil",  # the served candidate's memory (pipeline/infra_validator.py)
     ] + SERVING_REQUIRES,
     extras_require={"test": ["pytest"]},
     entry_points={"console_scripts": [

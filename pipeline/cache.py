@@ -19,7 +19,7 @@ from tfx.types.component_spec import ExecutionParameter
 
 from pipeline.config import PROJECT_ROOT
 
-PROJECT_PACKAGES = ("data", "models", "pipeline")
+PROJECT_PACKAGES = ("data", "models", "pipeline", "serving")
 CODE_FINGERPRINT = "code_fingerprint"
 SCHEMA_FINGERPRINT = "schema_fingerprint"
 

@@ -60,6 +60,10 @@ class PipelineConfig:
     warning_checks: Tuple[str, ...]  # checks (pipeline/checks.py) whose anomalies warn; all others stop the run
     min_imputed_presence: float  # a feature the model imputes blocks a span only in fewer training rows than this
     min_drift_rows: int  # drift blocks only when both spans' train splits have at least this many rows
+    infra_eval_requests: int  # eval rows the infra validator sends the served candidate, one per request
+    infra_max_memory_mb: float  # MiB: a server process that peaks above this does not get the infra blessing
+    infra_max_p99_ms: float  # ms: nor one whose single-row requests' p99 is above this
+    infra_load_timeout_seconds: float  # nor one that has not loaded the model after this long
     orchestrator: str = "local"  # local: LocalDagRunner here; vertex: Vertex Pipelines, Dataflow, Vertex AI
     tpu_address: str = ""  # strategy tpu: the TPU to connect to ('' = the training job's own)
     # Google Cloud, for the vertex orchestrator
@@ -246,6 +250,9 @@ def _check(config: PipelineConfig, profile_path: pathlib.Path) -> None:
     for name in ("mask_rate", "min_imputed_presence"):
         if not 0 <= getattr(config, name) <= 1:
             raise ConfigError(f"{name} must be between 0 and 1, not {getattr(config, name)}")
+    for name in ("infra_eval_requests", "infra_max_memory_mb", "infra_max_p99_ms", "infra_load_timeout_seconds"):
+        if getattr(config, name) <= 0:
+            raise ConfigError(f"{name} must be positive, not {getattr(config, name)} (set it in {profile_path})")
     if config.train_epochs <= 0:
         raise ConfigError(f"train_epochs must be positive, not {config.train_epochs}")
     if config.orchestrator not in ORCHESTRATORS:

@@ -94,8 +94,7 @@ def _lineage(store: Store, artifact: metadata_store_pb2.Artifact) -> Dict[str, A
 
 def _show(store: Store, artifact: metadata_store_pb2.Artifact) -> Dict[str, Any]:
     """A readable summary of an artifact's content, by its type."""
-    from pipeline import summary
-    from pipeline import monitor
+    from pipeline import infra_validator, monitor, summary
     from pipeline.monitor import PredictionStatistics
     from pipeline.validation import read_verdict
 
@@ -143,6 +142,8 @@ def _show(store: Store, artifact: metadata_store_pb2.Artifact) -> Dict[str, Any]
                    "version": described["properties"].get("pushed_version")}
     elif kind == PredictionStatistics.TYPE_NAME:
         content = monitor.read(artifact.uri)
+    elif kind == "InfraBlessing":
+        content = infra_validator.read(artifact.uri)
     else:
         content = {}
     return dict(described, content=content)
@@ -228,6 +229,13 @@ def _human(command: str, result: Any) -> None:
             for metric, thresholds in content["thresholds"].items():
                 print(f"threshold {metric}: {json.dumps(thresholds)}")
             print(f"blessed: {content['blessed']}" + "".join(f"\n  failed: {f}" for f in content["failures"]))
+        elif result["type"] == "InfraBlessing":
+            from pipeline.summary import infra_lines
+
+            print("\n".join(line[2:] for line in infra_lines(content)))
+            budget = content["budget"]
+            print(f"budget: {budget['max_memory_mb']:g} MiB, p99 {budget['max_p99_ms']:g} ms, "
+                  f"load within {budget['load_timeout_seconds']:g} s")
         else:
             for key, value in list(content.items()) + list(result["properties"].items()):
                 print(f"{key}: {value if not isinstance(value, list) else chr(10).join(['', *value])}")

@@ -14,6 +14,7 @@ from pipeline import csv_example_gen, spans, trainer_executor, vertex_pusher
 from pipeline.cache import CODE_FINGERPRINT, ImportSchemaGen, code_fingerprint, file_fingerprint
 from pipeline.baseline import TreeBaseline
 from pipeline.config import PROJECT_ROOT, PipelineConfig
+from pipeline.infra_validator import InfraValidator
 from pipeline.monitor import PredictionMonitor, PredictionStatistics, PreviousPredictions
 from pipeline.validation import DataGate, DataValidator
 
@@ -22,6 +23,8 @@ RUN_FN = "models.model.run_fn"
 GATE_ID = "DataGate"
 # The project modules the local Trainer runs (pipeline/cache.py hashes them, and what they import, into its key).
 TRAINER_MODULES = (RUN_FN.rpartition(".")[0], trainer_executor.__name__)
+# The server the InfraValidator starts (`babyweight serve`): its code is part of that step's cache key.
+SERVER_MODULES = ("serving.server", "serving.app")
 
 
 def schema_fingerprint(config: PipelineConfig) -> str:
@@ -166,7 +169,8 @@ def pusher_component(config: PipelineConfig, **inputs) -> tfx.types.BaseNode:
 
 
 def create_pipeline(config: PipelineConfig) -> tfx.dsl.Pipeline:
-    """Wires ExampleGen -> statistics, schema, validation and gate -> Transform -> Trainer -> Evaluator -> Pusher.
+    """Wires ExampleGen -> statistics, schema, validation and gate -> Transform -> Trainer -> Evaluator ->
+    InfraValidator -> Pusher.
 
     Each run ingests the newest span. Locally, validation compares it with the previous validated span
     and Transform and Trainer read the last `training_window_spans` validated spans, all resolved from
@@ -261,9 +265,18 @@ def create_pipeline(config: PipelineConfig) -> tfx.dsl.Pipeline:
                                 shift_threshold=config.prediction_shift_threshold,
                                 code_fingerprint=code_fingerprint(PredictionMonitor.__module__), **previous_run)
 
-    pusher = pusher_component(config, model=trainer.outputs["model"], model_blessing=evaluator.outputs["blessing"])
+    # The Evaluator-blessed candidate served by the project's own server: it loads, answers, fits the budget.
+    infra_validator = InfraValidator(
+        model=trainer.outputs["model"], model_blessing=evaluator.outputs["blessing"],
+        examples=example_gen.outputs["examples"], schema=schema_importer.outputs["schema"],
+        eval_requests=config.infra_eval_requests, max_memory_mb=config.infra_max_memory_mb,
+        max_p99_ms=config.infra_max_p99_ms, load_timeout_seconds=config.infra_load_timeout_seconds,
+        code_fingerprint=code_fingerprint(InfraValidator.__module__, *SERVER_MODULES))
 
-    components += [transform, trainer, tree_baseline, model_resolver, evaluator, monitor, pusher]
+    pusher = pusher_component(config, model=trainer.outputs["model"], model_blessing=evaluator.outputs["blessing"],
+                              infra_blessing=infra_validator.outputs["blessing"])
+
+    components += [transform, trainer, tree_baseline, model_resolver, evaluator, monitor, infra_validator, pusher]
     return tfx.dsl.Pipeline(
         pipeline_name=config.pipeline_name,
         pipeline_root=config.pipeline_root,

@@ -8,7 +8,7 @@ from ml_metadata.proto import metadata_store_pb2
 from tensorflow_metadata.proto.v0 import statistics_pb2
 from tfx.types import artifact_utils
 
-from pipeline import baseline, mlmd, monitor
+from pipeline import baseline, infra_validator, mlmd, monitor
 from pipeline.config import PipelineConfig
 from pipeline.csv_check import CsvSummary
 from pipeline.artifacts import span_of
@@ -113,6 +113,18 @@ def monitor_lines(record: Dict) -> List[str]:
     return lines
 
 
+def infra_lines(record: Dict) -> List[str]:
+    """The infra validation's verdict, and each check with its figure and the requests that failed it."""
+    if "skipped" in record:
+        return [f"  infra validation: not run ({record['skipped']})"]
+    lines = [f"  infra validation (the candidate served by babyweight serve): "
+             f"{'blessed' if record['blessed'] else 'REFUSED'}"]
+    for check in record["checks"]:
+        lines.append(f"    {check['name']:<8} {'ok' if check['passed'] else 'FAILED':<6} {check['figure']}")
+        lines.extend(f"      {failure}" for failure in check["failures"])
+    return lines
+
+
 def latest_run(config: PipelineConfig) -> Optional[Tuple[str, List[mlmd.StepRecord]]]:
     """The latest run's name and steps, or None before the first run."""
     if not pathlib.Path(config.metadata_path).is_file():
@@ -154,11 +166,18 @@ def summarize_run(config: PipelineConfig, run_name: str, steps: List[mlmd.StepRe
     if predictions is not None:
         lines.extend(monitor_lines(monitor.read(predictions.uri)))
 
+    infra = output_of(steps, "InfraValidator", "blessing")
+    infra_record = infra_validator.read(infra.uri) if infra is not None else None
+    if infra_record is not None:
+        lines.extend(infra_lines(infra_record))
+
     pushed = output_of(steps, "Pusher", "pushed_model")
     if pushed is not None and pushed.custom_properties["pushed"].int_value == 1:
         lines.append(f"  pushed: {pushed.custom_properties['pushed_destination'].string_value}")
     elif pushed is not None:
-        lines.append("  pushed: no (the model was not blessed)")
+        refused = [check["name"] for check in (infra_record or {}).get("checks", []) if not check["passed"]]
+        lines.append("  pushed: no (" + (f"infra validation failed: {', '.join(refused)}" if refused
+                                        else "the Evaluator did not bless the model") + ")")
 
     lines.append("  seconds per component:")
     lines.extend(f"    {step.node_id:<32} {step.state:<9} {step.seconds:6.1f}" for step in steps)

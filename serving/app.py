@@ -1,7 +1,7 @@
 """The HTTP layer: TensorFlow Serving's REST API on Starlette, over the manager, the batcher and the cache.
 
     GET  /v1/models/NAME[/versions/N|/labels/L]            version status (AVAILABLE, LOADING, ...)
-    GET  /v1/models/NAME[/versions/N|/labels/L]/metadata   signatures with their inputs and outputs
+    GET  /v1/models/NAME[/versions/N|/labels/L]/metadata   signatures with their inputs and outputs; request limits
     POST /v1/models/NAME[/versions/N|/labels/L]:predict    {"instances": [...]} or {"inputs": {...}}
     POST /v1/models/NAME[/versions/N|/labels/L]:regress    {"examples": [...], "context": {...}}
     GET  /metrics                                          Prometheus' text format
@@ -124,7 +124,10 @@ class ModelServer:
             return _error(503, str(error))
         return _json({"model_spec": {"name": self.manager.config.name, "signature_name": "",
                                      "version": str(handle.version)},
-                      "metadata": {"signature_def": handle.signature_defs}})
+                      "metadata": {"signature_def": handle.signature_defs},
+                      # Beyond TF Serving's answer: what one request may hold, for clients and infra validation.
+                      "limits": {"max_instances": self.settings.max_instances,
+                                 "max_body_bytes": self.settings.max_body_bytes}})
 
     async def predict(self, request: Request, version: Optional[int], label: Optional[str], route: str) -> Response:
         started = time.perf_counter()

@@ -17,9 +17,17 @@ def test_image_holds_the_code_and_schema_where_the_vertex_profile_looks():
                                             "serving_image": "s"})
     assert vertex.schema_dir == "/pipeline/schema"
     assert "WORKDIR /pipeline" in DOCKERFILE and "COPY schema/ schema/" in DOCKERFILE
-    for package in ("pipeline/", "models/"):
+    for package in ("pipeline/", "models/", "serving/"):
         assert f"COPY {package} {package}" in DOCKERFILE
     assert "ENV TF_USE_LEGACY_KERAS=1" in DOCKERFILE
+
+
+def test_pipeline_image_can_start_the_server_the_infra_validator_runs():
+    """The InfraValidator runs `python -m babyweight_cli serve` in this image: the module, the serving package and
+    the server's pinned dependencies are in it."""
+    assert re.search(r"^COPY [^\n]*\bbabyweight_cli\.py\b", DOCKERFILE, re.M)
+    assert re.search(r"pip install --no-cache-dir -c constraints.txt [^\n]*-r serving/requirements.txt", DOCKERFILE)
+    assert re.search(r"pip install --no-cache-dir -c constraints.txt [^\n]*\bpsutil\b", DOCKERFILE)
 
 
 SERVING_DOCKERFILE = (config_lib.PROJECT_ROOT / "serving" / "Dockerfile").read_text()

@@ -117,6 +117,26 @@ def test_pusher_deploys_to_the_configured_vertex_endpoint(compiled):
     assert any("pipeline.vertex_pusher.Executor" in json.dumps(executor) for executor in compiled[2].values())
 
 
+def test_infra_validator_serves_the_candidate_before_the_pusher_in_the_pipeline_image(compiled):
+    """The same step as locally, run in the pipeline image (which holds the server: tests/test_dockerfile.py)."""
+    spec, tasks, executors = compiled
+    infra = tasks["InfraValidator"]
+    assert {(name, a["taskOutputArtifact"]["producerTask"]) for name, a in infra["inputs"]["artifacts"].items()} == {
+        ("model", "Trainer"), ("model_blessing", "Evaluator"), ("examples", "BigQueryExampleGen"),
+        ("schema", "ImportSchemaGen")}
+    config = config_lib.load_config("vertex", config_lib.parse_overrides(SETTINGS))
+    constants = {name: value["runtimeValue"]["constantValue"] for name, value in infra["inputs"]["parameters"].items()}
+    assert constants["max_memory_mb"]["doubleValue"] == config.infra_max_memory_mb
+    assert constants["max_p99_ms"]["doubleValue"] == config.infra_max_p99_ms
+    assert constants["eval_requests"]["intValue"] == str(config.infra_eval_requests)
+    pusher_inputs = tasks["Pusher"]["inputs"]["artifacts"]
+    assert pusher_inputs["infra_blessing"]["taskOutputArtifact"] == {"producerTask": "InfraValidator",
+                                                                     "outputArtifactKey": "blessing"}
+    assert pusher_inputs["model_blessing"]["taskOutputArtifact"]["producerTask"] == "Evaluator"
+    executor = json.dumps(executors[spec["components"][infra["componentRef"]["name"]]["executorLabel"]])
+    assert "pipeline.infra_validator.InfraValidator" in executor and IMAGE in executor
+
+
 def test_every_step_runs_the_configured_image(compiled):
     _, _, executors = compiled
     images = {executor["container"]["image"] for executor in executors.values() if "container" in executor}

@@ -19,7 +19,12 @@ def test_one_definition_wires_every_component():
     assert set(components) == {
         "CsvExampleGen", "StatisticsGen", "ImportSchemaGen", "previous_validated_span", "DataValidator", "DataGate",
         "training_window", "Transform", "Trainer", "TreeBaseline", "latest_blessed_model_resolver", "Evaluator",
-        "previous_predictions", "PredictionMonitor", "Pusher"}
+        "previous_predictions", "PredictionMonitor", "InfraValidator", "Pusher"}
+    # The Pusher needs both blessings: the Evaluator's, and the InfraValidator's of the same model.
+    assert components["Pusher"].inputs["model_blessing"] is components["Evaluator"].outputs["blessing"]
+    assert components["Pusher"].inputs["infra_blessing"] is components["InfraValidator"].outputs["blessing"]
+    assert components["InfraValidator"].inputs["model"] is components["Pusher"].inputs["model"]
+    assert components["InfraValidator"].inputs["model_blessing"] is components["Evaluator"].outputs["blessing"]
     assert "DataGate" in {node.id for node in components["Transform"].upstream_nodes}
     assert "DataGate" in {node.id for node in components["training_window"].upstream_nodes}
     assert components["Trainer"].inputs["examples"] is components["training_window"].outputs["examples"]
@@ -40,7 +45,10 @@ def test_config_reaches_the_components():
     assert warned["DataValidator"].exec_properties["warning_checks"] == "drift,unexpected"
     assert "/tmp/somewhere/serving_model" in str(components["Pusher"].exec_properties["push_destination"])
     assert components["CsvExampleGen"].executor_spec.executor_class is csv_example_gen.Executor
-    tuned = _components(config_lib.load_config(overrides={"min_imputed_presence": "0.35", "min_drift_rows": "5000"}))
+    assert components["InfraValidator"].exec_properties["max_memory_mb"] == config.infra_max_memory_mb
+    tuned = _components(config_lib.load_config(overrides={"min_imputed_presence": "0.35", "min_drift_rows": "5000",
+                                                         "infra_max_p99_ms": "7"}))
+    assert tuned["InfraValidator"].exec_properties["max_p99_ms"] == 7
     assert tuned["DataValidator"].exec_properties["min_imputed_presence"] == 0.35
     assert tuned["DataValidator"].exec_properties["min_drift_rows"] == 5000
 
@@ -59,6 +67,8 @@ def _copy_of_the_project(tmp_path):
     # The metadata reader of the commands and the resolvers run no step: the Trainer and validator keep their keys.
     ("pipeline/mlmd.py", [], ["models.model", "pipeline.trainer_executor", "pipeline.validation"]),
     ("pipeline/spans.py", [], ["models.model", "pipeline.trainer_executor", "pipeline.validation"]),
+    # The server the InfraValidator starts is part of its key, and of no other step's.
+    ("serving/batching.py", ["serving.app"], ["pipeline.infra_validator", "models.model", "pipeline.monitor"]),
 ])
 def test_a_code_change_changes_the_fingerprint_of_the_steps_that_run_it(tmp_path, edited, changes, keeps):
     """Modules imported by a step's module count too (pipeline/checks.py by pipeline/validation.py)."""
@@ -73,7 +83,8 @@ def test_a_code_change_changes_the_fingerprint_of_the_steps_that_run_it(tmp_path
 def test_every_step_running_project_code_has_its_fingerprint():
     components = _components(config_lib.load_config())
     for step, modules in {"DataValidator": ["pipeline.validation"], "DataGate": ["pipeline.validation"],
-                          "TreeBaseline": ["pipeline.baseline"], "PredictionMonitor": ["pipeline.monitor"]}.items():
+                          "TreeBaseline": ["pipeline.baseline"], "PredictionMonitor": ["pipeline.monitor"],
+                          "InfraValidator": ["pipeline.infra_validator", *pipeline_lib.SERVER_MODULES]}.items():
         assert components[step].exec_properties["code_fingerprint"] == cache.code_fingerprint(*modules), step
     custom = {step: json.loads(components[step].exec_properties["custom_config"]) for step in ("Transform", "Trainer")}
     example_gen = json.loads(components["CsvExampleGen"].exec_properties["custom_config"])["custom_config"]

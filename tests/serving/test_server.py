@@ -53,6 +53,7 @@ def test_metadata_names_the_signatures_inputs_and_outputs(server):
     assert set(signatures["serving_raw"]["inputs"]) == set(features.FEATURE_NAMES)
     assert signatures["serving_raw"]["inputs"]["is_male"]["dtype"] == "DT_STRING"
     assert "predictions" in signatures["serving_default"]["outputs"]
+    assert body["limits"] == {"max_instances": 8, "max_body_bytes": 4000}  # the fixture's flags
 
 
 @pytest.mark.parametrize("path, offset", [("", 2), ("/versions/1", 1), ("/labels/stable", 1), ("/labels/canary", 2)])
