@@ -227,6 +227,7 @@ class Server:
     def __init__(self, model_dir: str, scratch: str):
         self.model_dir = model_dir
         self.scratch = scratch
+        os.makedirs(scratch, exist_ok=True)
         self.log_path = os.path.join(scratch, SERVER_LOG)
         self.process: Optional[subprocess.Popen] = None
         self.port = 0

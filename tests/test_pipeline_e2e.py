@@ -8,6 +8,7 @@ import glob
 import json
 import os
 import pathlib
+import re
 import shutil
 import subprocess
 import sys
@@ -29,7 +30,7 @@ pytestmark = pytest.mark.slow
 
 NODES = {"CsvExampleGen", "StatisticsGen", "ImportSchemaGen", "previous_validated_span", "DataValidator", "DataGate",
          "training_window", "Transform", "Trainer", "TreeBaseline", "latest_blessed_model_resolver", "Evaluator",
-         "previous_predictions", "PredictionMonitor", "Pusher"}
+         "previous_predictions", "PredictionMonitor", "InfraValidator", "Pusher"}
 CACHEABLE = {"CsvExampleGen", "StatisticsGen", "ImportSchemaGen", "DataValidator", "DataGate", "Transform", "Trainer",
              "TreeBaseline"}
 
@@ -42,6 +43,13 @@ def test_first_run_executes_each_component_once_and_pushes(pipeline_runs):
     assert len(first.pushed_versions) == 1
     assert "blessed: yes" in first.outcome.summary and "anomalies: none" in first.outcome.summary
     assert "not checked: no earlier validated span" in first.outcome.summary
+    # Served by babyweight serve before the push: every check passed, with its figure.
+    assert "infra validation (the candidate served by babyweight serve): blessed" in first.outcome.summary
+    for check in ("load", "answers", "memory", "latency"):
+        assert re.search(rf"^    {check} +ok ", first.outcome.summary, re.M), first.outcome.summary
+    infra = first.steps["InfraValidator"].outputs["blessing"][0]
+    assert infra.custom_properties["blessed"].int_value == 1
+    assert 100 < infra.custom_properties["peak_memory_mb"].double_value < 1536
 
 
 def test_data_failing_validation_stops_before_transform_and_pushes_nothing(pipeline_runs):

@@ -1,6 +1,7 @@
 """`babyweight metadata`: read back a real run's store, and a MySQL-compatible server written by TFX."""
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -65,7 +66,8 @@ def test_lineage_of_the_pushed_model_reaches_the_examples(capsys, store):
     lineage = _json(capsys, store, "lineage")
     assert lineage["artifact"]["type"] == "PushedModel"
     upstream = {(a["type"], a["producer"]) for a in lineage["upstream"]}
-    assert {("Model", "Trainer"), ("ModelBlessing", "Evaluator"), ("TransformGraph", "Transform"),
+    assert {("Model", "Trainer"), ("ModelBlessing", "Evaluator"), ("InfraBlessing", "InfraValidator"),
+            ("TransformGraph", "Transform"),
             ("Schema", "ImportSchemaGen"), ("Examples", "CsvExampleGen"), ("ExampleAnomalies", "DataValidator"),
             ("ExampleStatistics", "StatisticsGen")} <= upstream
 
@@ -88,6 +90,13 @@ def test_show_summarises_statistics_evaluation_and_anomalies(capsys, store):
     assert {len(found["questions"]) for found in anomalies} == {6}
     predictions = _json(capsys, store, "show", str(by_type["babyweight.PredictionStatistics"][0]))["content"]
     assert 6 < predictions["mean"] < 8.5 and predictions["residuals"]["overall"]["n"] > 0
+    infra = _json(capsys, store, "show", str(by_type["InfraBlessing"][0]))["content"]
+    assert infra["blessed"] and [c["name"] for c in infra["checks"]] == ["load", "answers", "memory", "latency"]
+    assert 0 < infra["figures"]["p99_ms"] < infra["budget"]["max_p99_ms"]
+    assert metadata_cli.main(["--store", store, "show", str(by_type["InfraBlessing"][0])]) == 0
+    printed = capsys.readouterr().out
+    assert re.search(r"^  memory +ok +peak \d+ MiB resident \(budget 1536 MiB\)$", printed, re.M), printed
+    assert "budget: 1536 MiB, p99 50 ms, load within 300 s" in printed
 
 
 def test_diff_of_a_run_and_its_cached_rerun_reports_the_cached_steps(capsys, store):

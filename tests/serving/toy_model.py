@@ -5,6 +5,7 @@ lacking a required feature as the real model does (InvalidArgumentError); the of
 """
 import json
 import pathlib
+from typing import Optional, Tuple
 
 import tensorflow as tf
 
@@ -16,18 +17,23 @@ FREQUENT = [{"mother_age": 30, "gestation_weeks": 39, "is_male": "true"}, {"moth
             {"mother_age": 33}]  # the last lacks a required feature: a server must skip it, not fail
 
 
-def _predict(columns, offset):
+def _predict(columns, offset, nonsense_when=None):
     age, weeks = columns["mother_age"], columns["gestation_weeks"]
     missing = tf.math.is_nan(age) | tf.math.is_nan(weeks) | tf.equal(weeks, 99.0)
     check = tf.debugging.Assert(~tf.reduce_any(missing), ["missing required feature in instance(s)",
                                                           tf.where(missing)[:, 0]])
     with tf.control_dependencies([check]):
         boy = tf.cast(tf.equal(columns["is_male"], "true"), tf.float32)
-        return {"predictions": tf.reshape(offset + 0.1 * age + 0.05 * weeks + 0.5 * boy, [-1, 1])}
+        predictions = offset + 0.1 * age + 0.05 * weeks + 0.5 * boy
+        if nonsense_when:  # a broken model: NaN for a rare value (not in the head it is warmed up with)
+            name, value = nonsense_when
+            predictions = tf.where(tf.equal(columns[name], value), float("nan"), predictions)
+        return {"predictions": tf.reshape(predictions, [-1, 1])}
 
 
-def save(path: pathlib.Path, offset: float) -> pathlib.Path:
-    """Writes a toy version to `path` (e.g. serving_model/3) and returns it."""
+def save(path: pathlib.Path, offset: float, nonsense_when: Optional[Tuple[str, float]] = None) -> pathlib.Path:
+    """Writes a toy version to `path` (e.g. serving_model/3) and returns it; with `nonsense_when` (a numeric
+    feature and a value) it answers NaN for instances with that value."""
     module = tf.Module()
     module.offset = tf.Variable(offset, dtype=tf.float32)
     specs = [tf.TensorSpec([None], tf.string if c.dtype == "string" else tf.float32, name=c.name)
@@ -35,7 +41,7 @@ def save(path: pathlib.Path, offset: float) -> pathlib.Path:
 
     @tf.function(input_signature=specs)
     def serve_raw(*values):
-        return _predict(dict(zip(features.FEATURE_NAMES, values)), module.offset)
+        return _predict(dict(zip(features.FEATURE_NAMES, values)), module.offset, nonsense_when)
 
     parse_spec = {c.name: tf.io.FixedLenFeature([], tf.string if c.dtype == "string" else tf.float32,
                                                 default_value="" if c.dtype == "string" else float("nan"))
@@ -43,7 +49,7 @@ def save(path: pathlib.Path, offset: float) -> pathlib.Path:
 
     @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="examples")])
     def serve_examples(examples):
-        return _predict(tf.io.parse_example(examples, parse_spec), module.offset)
+        return _predict(tf.io.parse_example(examples, parse_spec), module.offset, nonsense_when)
 
     tf.saved_model.save(module, str(path), signatures={"serving_raw": serve_raw, "serving_default": serve_examples})
     head = path / features.FREQUENT_INSTANCES_FILE

@@ -1,0 +1,133 @@
+"""Infra validation: toy candidates served by `babyweight serve` and judged; the requests it sends; no server left."""
+import pathlib
+
+import pandas as pd
+import psutil
+import pytest
+import tensorflow_data_validation as tfdv
+
+from models import features
+from pipeline import config as config_lib
+from pipeline import infra_validator
+from tests.serving import toy_model
+
+SCHEMA = tfdv.load_schema_text(config_lib.load_config().schema_path)
+GOOD = infra_validator.Budget(max_memory_mb=4096, max_p99_ms=1000, load_timeout_seconds=120)
+
+
+@pytest.fixture(scope="module")
+def instances(real_export_csv):
+    """Real rows (their NULLs and 'unknown' codes as exported), as the validator reads the eval split."""
+    kinds = {c.name: (str if c.dtype == "string" else float) for c in features.FEATURES}
+    rows = pd.read_csv(real_export_csv, nrows=300, usecols=list(kinds), dtype=kinds, keep_default_na=False,
+                       na_values={name: [""] for name, kind in kinds.items() if kind is float})
+    return [infra_validator.instance_of(row) for row in rows.to_dict("records")]
+
+
+def servers_of(model_dir: pathlib.Path):
+    """Processes serving `model_dir` (a validating server left behind would be one)."""
+    found = []
+    for process in psutil.process_iter(["cmdline"]):
+        cmdline = process.info["cmdline"] or []
+        if "serve" in cmdline and str(model_dir) in cmdline:
+            found.append(process)
+    return found
+
+
+def validate(model_dir, instances, budget, tmp_path):
+    checks, figures = infra_validator.validate(str(model_dir), instances, SCHEMA, budget, str(tmp_path))
+    assert not servers_of(model_dir), "the validating server is still running"
+    return {check.name: check for check in checks}, figures
+
+
+def test_requests_cover_the_contracts_edge_cases_with_the_answers_it_promises(instances):
+    cases = {case.name: case for case in infra_validator.request_cases(instances, SCHEMA, max_instances=50)}
+    for column in features.OPTIONAL_FEATURES:
+        assert cases[f"{column.name} missing"].status == 200
+        assert column.name not in cases[f"{column.name} missing"].instances[0]
+        for code in column.missing_codes:
+            assert cases[f"{column.name} = {code:g} (its 'unknown' code)"].status == 200
+    for column in features.REQUIRED_FEATURES:  # refused, naming the feature
+        assert (cases[f"{column.name} missing"].status, cases[f"{column.name} missing"].names) == (400, (column.name,))
+    assert cases["gestation_weeks = 99 (its 'unknown' code)"].status == 400
+    # Bounds from the curated schema, texts from its domains.
+    assert cases["mother_age = 10 (its schema minimum)"].instances[0]["mother_age"] == 10
+    assert cases["mother_age = 64 (its schema maximum)"].status == 200
+    assert {"is_male = true (a value of its domain)", "is_male = false (a value of its domain)"} <= set(cases)
+    only_required = cases["only the required features"].instances[0]
+    assert set(only_required) == {c.name for c in features.REQUIRED_FEATURES}
+    assert len(cases["the largest request the server takes (50 instances)"].instances) == 50
+    assert cases["one instance over the limit (51)"].status == 413
+    assert cases["64 eval rows through :regress"].route == "regress"
+    # Each eval row one by one, timed; those lacking a required feature are expected refused.
+    rows = [case for case in cases.values() if case.timed]
+    assert len(rows) == len(instances)
+    assert {case.status for case in rows} == {200, 400}, "the real rows include some without gestation_weeks"
+
+
+@pytest.mark.parametrize("status, body, reason", [
+    (200, {"predictions": [[7.5]]}, None),
+    (200, {"predictions": [[None]]}, "prediction null is not a number within the label's schema domain [0.2, 20]"),
+    (200, {"predictions": [[25.0]]}, "prediction 25.0 is not a number"),
+    (200, {"predictions": [[7.5], [7.1]]}, "expected 1 predictions"),
+    (500, {"error": "internal error"}, "expected predictions, got 500"),
+])
+def test_an_answer_is_judged_by_the_contract_and_the_labels_schema_domain(status, body, reason):
+    case = infra_validator.expect("eval row 0", [{"mother_age": 30, "gestation_weeks": 39}])
+    found = infra_validator.judge(case, status, body, infra_validator.label_bounds(SCHEMA))
+    assert found == reason if reason is None else reason in found
+
+
+def test_a_refusal_must_name_the_lacking_feature():
+    case = infra_validator.expect("gestation_weeks missing", [{"mother_age": 30}])
+    assert infra_validator.judge(case, 400, {"error": "missing required feature 'gestation_weeks'"}, (0, 1)) is None
+    assert "without naming the lacking feature 'gestation_weeks'" in infra_validator.judge(
+        case, 400, {"error": "bad request"}, (0, 1))
+    assert "expected a refusal (400), got 200" in infra_validator.judge(case, 200, {"predictions": [[7.0]]}, (0, 9))
+
+
+def test_a_good_candidate_passes_every_check_with_its_figures(tmp_path, instances):
+    model = toy_model.save(tmp_path / "model", offset=1.0)
+    checks, figures = validate(model, instances, GOOD, tmp_path / "scratch")
+    assert all(check.passed for check in checks.values()), checks
+    assert list(checks) == ["load", "answers", "memory", "latency"]
+    sent = len(infra_validator.request_cases(instances, SCHEMA, max_instances=1024))  # the server's default
+    assert checks["answers"].figure.startswith(f"{sent} of {sent} requests answered")
+    assert 50 < figures["peak_memory_mb"] < GOOD.max_memory_mb and 0 < figures["p50_ms"] <= figures["p99_ms"]
+    assert "babyweight_cli serve" in (tmp_path / "scratch" / infra_validator.SERVER_LOG).read_text()
+
+
+def test_a_damaged_savedmodel_is_refused_at_load_with_the_servers_reason(tmp_path, instances):
+    model = toy_model.save(tmp_path / "model", offset=1.0)
+    (model / "saved_model.pb").write_bytes(b"not a SavedModel")
+    checks, _ = validate(model, instances, GOOD, tmp_path / "scratch")
+    assert list(checks) == ["load"] and not checks["load"].passed
+    assert checks["load"].figure.startswith("the server refused the model: ")
+    assert "saved_model.pb" in checks["load"].figure or "SavedModel" in checks["load"].figure, checks["load"].figure
+
+
+def test_a_model_answering_nonsense_on_an_edge_case_is_refused_naming_it(tmp_path, instances):
+    """Quintuplets: a valid, rare value, at the schema's bound; the server's warm-up on frequent instances passes."""
+    model = toy_model.save(tmp_path / "model", offset=1.0, nonsense_when=("plurality", 5.0))
+    checks, _ = validate(model, instances, GOOD, tmp_path / "scratch")
+    answers = checks["answers"]
+    assert checks["load"].passed and not answers.passed
+    assert answers.failures == ["plurality = 5 (its schema maximum): instance 0: prediction null is not a number "
+                                "within the label's schema domain [0.2, 20]"]
+
+
+def test_a_budget_below_the_figures_is_refused_with_both(tmp_path, instances):
+    model = toy_model.save(tmp_path / "model", offset=1.0)
+    tight = infra_validator.Budget(max_memory_mb=50, max_p99_ms=0.01, load_timeout_seconds=120)
+    checks, figures = validate(model, instances, tight, tmp_path / "scratch")
+    assert checks["answers"].passed and not checks["memory"].passed and not checks["latency"].passed
+    assert checks["memory"].figure == f"peak {figures['peak_memory_mb']:.0f} MiB resident (budget 50 MiB)"
+    assert checks["latency"].figure.startswith(f"p99 {figures['p99_ms']:.1f} ms")
+    assert checks["latency"].figure.endswith("(budget p99 0.01 ms)")
+
+
+def test_a_server_that_never_loads_is_stopped_at_the_timeout(tmp_path, instances):
+    empty = tmp_path / "no_model_here"
+    empty.mkdir()
+    checks, _ = validate(empty, instances, infra_validator.Budget(4096, 1000, load_timeout_seconds=3), tmp_path / "s")
+    assert list(checks) == ["load"] and checks["load"].figure.startswith("not loaded after 3 s")
