@@ -131,3 +131,98 @@ def test_a_server_that_never_loads_is_stopped_at_the_timeout(tmp_path, instances
     empty.mkdir()
     checks, _ = validate(empty, instances, infra_validator.Budget(4096, 1000, load_timeout_seconds=3), tmp_path / "s")
     assert list(checks) == ["load"] and checks["load"].figure.startswith("not loaded after 3 s")
+
+
+def _examples(rows: pd.DataFrame, folder: pathlib.Path) -> pathlib.Path:
+    """An Examples artifact's folder as ExampleGen writes it: gzipped tf.Examples per split."""
+    import tensorflow as tf
+
+    for split in ("train", "eval"):
+        (folder / f"Split-{split}").mkdir(parents=True)
+        with tf.io.TFRecordWriter(str(folder / f"Split-{split}" / "data.gz"), "GZIP") as writer:
+            for row in rows.to_dict("records"):
+                example = tf.train.Example()
+                for column in features.FEATURES:
+                    value = row[column.name]
+                    if column.dtype == "string" and value:
+                        example.features.feature[column.name].bytes_list.value.append(value.encode())
+                    elif column.dtype != "string" and not pd.isna(value):
+                        feature = example.features.feature[column.name]
+                        if column.dtype == "int":
+                            feature.int64_list.value.append(int(value))
+                        else:
+                            feature.float_list.value.append(value)
+                writer.write(example.SerializeToString())
+    return folder
+
+
+def _run_infra_then_push(tmp_path: pathlib.Path, rows: pd.DataFrame, damaged: bool = False,
+                         evaluator_blessed: bool = True):
+    """Importers of a toy model, its Evaluator blessing, eval examples and the schema, then InfraValidator and
+    TFX's Pusher, run by TFX's LocalDagRunner; the pushed versions and the run's ML Metadata steps."""
+    from tfx import v1 as tfx
+
+    from pipeline import mlmd
+
+    model = toy_model.save(tmp_path / "model" / "Format-Serving", offset=1.0)
+    if damaged:
+        (model / "saved_model.pb").write_bytes(b"")
+    config = config_lib.load_config(overrides={"output_dir": str(tmp_path / "out")})
+    standard = tfx.types.standard_artifacts
+    imported = {
+        "model": tfx.dsl.Importer(source_uri=str(tmp_path / "model"), artifact_type=standard.Model),
+        "model_blessing": tfx.dsl.Importer(source_uri=str(tmp_path / "model"), artifact_type=standard.ModelBlessing,
+                                           custom_properties={"blessed": int(evaluator_blessed)}),
+        "examples": tfx.dsl.Importer(source_uri=str(_examples(rows, tmp_path / "examples")),
+                                     artifact_type=standard.Examples, properties={"split_names": '["train", "eval"]'}),
+        "schema": tfx.dsl.Importer(source_uri=str(pathlib.Path(config.schema_path).parent), artifact_type=standard.Schema),
+    }
+    for name, importer in imported.items():
+        importer.with_id(f"import_{name}")
+    inputs = {name: importer.outputs["result"] for name, importer in imported.items()}
+    validator = infra_validator.InfraValidator(
+        **inputs, eval_requests=100, max_memory_mb=4096.0, max_p99_ms=1000.0, load_timeout_seconds=120.0,
+        code_fingerprint="test")
+    pusher = tfx.components.Pusher(
+        model=inputs["model"], model_blessing=inputs["model_blessing"], infra_blessing=validator.outputs["blessing"],
+        push_destination=tfx.proto.PushDestination(
+            filesystem=tfx.proto.PushDestination.Filesystem(base_directory=config.serving_dir)))
+    tfx.orchestration.LocalDagRunner().run(tfx.dsl.Pipeline(
+        pipeline_name="infra", pipeline_root=str(tmp_path / "root"), components=[*imported.values(), validator, pusher],
+        metadata_connection_config=tfx.orchestration.metadata.sqlite_metadata_connection_config(config.metadata_path)))
+    assert not servers_of(model), "the validating server is still running"
+    store = mlmd.open_sqlite(config.metadata_path)
+    steps = store.steps(store.runs()[-1])
+    pushed = sorted(p.name for p in pathlib.Path(config.serving_dir).glob("*"))
+    return config, steps, pushed
+
+
+@pytest.fixture(scope="module")
+def eval_rows(real_export_csv):
+    kinds = {c.name: (str if c.dtype == "string" else float) for c in features.FEATURES}
+    return pd.read_csv(real_export_csv, nrows=100, usecols=list(kinds), dtype=kinds, keep_default_na=False,
+                       na_values={name: [""] for name, kind in kinds.items() if kind is float})
+
+
+@pytest.mark.parametrize("damaged, evaluator_blessed, pushed_count, verdict", [
+    (False, True, 1, "infra validation (the candidate served by babyweight serve): blessed"),
+    (True, True, 0, "pushed: no (infra validation failed: load)"),
+    (False, False, 0, "infra validation: not run (the Evaluator did not bless the model, so it was not served)"),
+])
+def test_tfx_pusher_pushes_only_a_model_with_both_blessings(tmp_path, eval_rows, damaged, evaluator_blessed,
+                                                             pushed_count, verdict):
+    from pipeline import summary
+
+    config, steps, pushed = _run_infra_then_push(tmp_path, eval_rows, damaged, evaluator_blessed)
+    assert len(pushed) == pushed_count
+    blessing = summary.output_of(steps, "InfraValidator", "blessing")
+    assert blessing.custom_properties["blessed"].int_value == (pushed_count == 1)
+    marker = "INFRA_BLESSED" if pushed_count else "INFRA_NOT_BLESSED"
+    assert (pathlib.Path(blessing.uri) / marker).is_file()  # TFX's own marks
+    text = summary.summarize_run(config, "run", steps)
+    assert verdict in text, text
+    if damaged:
+        assert "    load     FAILED the server refused the model: " in text, text
+        assert blessing.custom_properties["failed_checks"].string_value == "load"
+    if evaluator_blessed:  # the server's log is kept beside the verdict
+        assert "babyweight_cli serve" in (pathlib.Path(blessing.uri) / infra_validator.SERVER_LOG).read_text()
