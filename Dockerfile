@@ -10,11 +10,11 @@ ENV TF_USE_LEGACY_KERAS=1
 COPY constraints.txt setup.py ./
 COPY pipeline/ pipeline/
 COPY models/ models/
-# The InfraValidator serves each candidate with the project's server (babyweight serve) inside this image.
+# The InfraValidator serves each candidate with the project's server (python -m serving.server) in this image.
 COPY serving/ serving/
 COPY data/__init__.py data/generator.py data/
 COPY schema/ schema/
-COPY runner_local.py runner_dataflow.py babyweight_cli.py ./
+COPY runner_local.py runner_dataflow.py ./
 # The image already has TFX and its dependencies; add Keras 2 and the server's dependencies at the pinned
 # versions, then this package.
 RUN pip install --no-cache-dir -c constraints.txt tf-keras psutil -r serving/requirements.txt \

@@ -1,20 +1,21 @@
 """Infra validation: the candidate model served by the project's own server before the Pusher may push it.
 
 TFX's InfraValidator starts TensorFlow Serving's binary on the candidate; this project serves with its own server
-(serving/, README: Serving), so this step starts that one: `babyweight serve` in a subprocess on a free local
-port, one worker process with the server's default settings (its cache, batching and request log included).
-It blesses the model (TFX's InfraBlessing, which TFX's Pusher checks beside the Evaluator's blessing) only if
-every check passes:
+(serving/, README: Serving), so this step starts that one: `babyweight serve` (`python -m serving.server`) in a
+subprocess on a free local port, one worker process with the server's default settings (its warm-up, cache,
+batching and request log included), on CPUs as the serving image runs. It blesses the model (TFX's
+InfraBlessing, which TFX's Pusher checks beside the Evaluator's blessing) only if every check passes:
 
     load      the server loaded the model (its status says AVAILABLE) within the load timeout
     answers   every request got the answer the serving contract (models/features.py) promises: one finite
               prediction within the label's schema domain per instance, or a refusal naming the feature.
               The requests: eval-split rows, one per request; each feature missing, and as each of its
-              'unknown' codes; only the required features; each number at its schema domain's bounds and each
-              value of a text feature's domain; the largest request the server takes (its max_instances) and
-              one instance more (413); eval rows through :regress.
+              'unknown' codes; only the required features; each number at its schema domain's bounds (the
+              next value where a bound is the 'unknown' code) and each value of a text feature's domain; the
+              largest request the server takes (its max_instances) and one instance more (413); eval rows
+              through :regress.
     memory    the server process's peak resident memory (VmHWM) within the budget
-    latency   the p99 of the single-row requests, sent one after another, within the budget
+    latency   the p99 of the single-row requests the model answers, sent one after another, within the budget
 
 The blessing's folder holds the checks with their figures (infra_validation.json), the server's log, and TFX's
 INFRA_BLESSED or INFRA_NOT_BLESSED file. The server is stopped (SIGTERM, then SIGKILL to its process group) pass
@@ -36,6 +37,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import psutil
+import tensorflow as tf
 from tensorflow_metadata.proto.v0 import schema_pb2
 from tfx import v1 as tfx
 from tfx.utils import io_utils, path_utils
@@ -46,6 +48,7 @@ RECORD_FILE = "infra_validation.json"
 SERVER_LOG = "server.log"
 MODEL_NAME = "candidate"  # the NAME in the validating server's /v1/models/NAME
 REQUEST_TIMEOUT_SECONDS = 60.0
+STATUS_TIMEOUT_SECONDS = 5.0
 STOP_SECONDS = 15.0
 PORT_ATTEMPTS = 3  # a free port can be taken by another process before the server binds it
 FAILURES_KEPT = 20  # failed requests listed in the record (all are counted)
@@ -144,8 +147,12 @@ def edge_cases(base: Dict[str, Any], schema: schema_pb2.Schema) -> List[Case]:
             cases.append(expect(f"{column.name} = {code:g} (its 'unknown' code)", [dict(base, **{column.name: int(code)})]))
         if column.name in in_schema:
             for why, value in domain_values(in_schema[column.name], schema):
-                if value not in column.missing_codes:
-                    cases.append(expect(f"{column.name} = {value} ({why})", [dict(base, **{column.name: value})]))
+                if value in column.missing_codes:  # the domain's bound is the 'unknown' code: the next value in
+                    step = -1 if "maximum" in why else 1
+                    while value in column.missing_codes:
+                        value += step
+                    why += ", next to the 'unknown' code"
+                cases.append(expect(f"{column.name} = {value} ({why})", [dict(base, **{column.name: value})]))
     return cases
 
 
@@ -155,7 +162,8 @@ def request_cases(instances: Sequence[Dict[str, Any]], schema: schema_pb2.Schema
     if not answerable:
         raise ValueError(f"none of the {len(instances)} eval rows has every required feature "
                          f"({', '.join(c.name for c in features.REQUIRED_FEATURES)}): nothing to send")
-    cases = [expect(f"eval row {number}", [instance], timed=True) for number, instance in enumerate(instances)]
+    cases = [expect(f"eval row {number}", [instance]) for number, instance in enumerate(instances)]
+    cases = [dataclasses.replace(case, timed=case.status == 200) for case in cases]  # refusals never reach the model
     cases += edge_cases(complete_instance(instances), schema)
     largest = [answerable[k % len(answerable)] for k in range(max_instances)]
     cases.append(Case(f"the largest request the server takes ({max_instances} instances)", {"instances": largest}))
@@ -186,7 +194,7 @@ def judge(case: Case, status: int, body: Any, bounds: Tuple[float, float]) -> Op
         return f"expected {wanted}, got {status}: {_short(body)}"
     if status == 400:
         error = body.get("error", "") if isinstance(body, dict) else ""
-        if not any(name in error for name in case.names):
+        if not any(repr(name) in error for name in case.names):  # quoted, as serving/contract.py names it
             return f"refused without naming the lacking feature {case.names[0]!r}: {_short(body)}"
     if status != 200:
         return None
@@ -197,7 +205,8 @@ def judge(case: Case, status: int, body: Any, bounds: Tuple[float, float]) -> Op
     low, high = bounds
     for index, answer in enumerate(answers):
         value = answer[0] if isinstance(answer, list) and len(answer) == 1 else answer
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or not low <= value <= high:
+        if (not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value)
+                or not low <= value <= high):
             return (f"instance {index}: prediction {_short(value)} is not a number within the label's schema "
                     f"domain [{low:g}, {high:g}]")
     return None
@@ -207,6 +216,13 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def server_environment() -> Dict[str, str]:
+    """The validator's environment for the server, less what would make it serve something else: Vertex AI's
+    AIP_* variables (another model folder and port) and the GPUs (the serving image runs on CPUs)."""
+    environment = {name: value for name, value in os.environ.items() if not name.startswith("AIP_")}
+    return {**environment, "TF_CPP_MIN_LOG_LEVEL": "2", "CUDA_VISIBLE_DEVICES": ""}
 
 
 def peak_memory_mb(pid: int) -> float:
@@ -222,7 +238,8 @@ def peak_memory_mb(pid: int) -> float:
 
 
 class Server:
-    """`babyweight serve` on one model folder in its own session (process group), on a free local port."""
+    """`babyweight serve` on one model folder in its own session (process group), on a free local port; the log
+    of every start in one file."""
 
     def __init__(self, model_dir: str, scratch: str):
         self.model_dir = model_dir
@@ -235,7 +252,8 @@ class Server:
 
     def start(self) -> None:
         self.port = free_port()
-        command = [sys.executable, "-m", "babyweight_cli", "serve", "--model-dir", self.model_dir,
+        self._connection = None
+        command = [sys.executable, "-m", "serving.server", "--model-dir", self.model_dir,
                    "--model-name", MODEL_NAME, "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
                    "--log-dir", os.path.join(self.scratch, "requests"),
                    "--metrics-dir", os.path.join(self.scratch, "metrics")]
@@ -243,7 +261,7 @@ class Server:
             log.write(f"$ {' '.join(command)}\n")
             log.flush()
             self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                                            env={"TF_CPP_MIN_LOG_LEVEL": "2", **os.environ})
+                                            env=server_environment())
 
     def stop(self) -> None:
         """SIGTERM, then SIGKILL to whatever of its process group is left."""
@@ -267,10 +285,14 @@ class Server:
         with open(self.log_path, errors="replace") as log:
             return " | ".join(line.strip() for line in log.readlines()[-lines:] if line.strip())
 
-    def request(self, method: str, path: str, body: Optional[bytes] = None) -> Tuple[int, Any]:
+    def request(self, method: str, path: str, body: Optional[bytes] = None,
+                timeout: float = REQUEST_TIMEOUT_SECONDS) -> Tuple[int, Any]:
         """(status, parsed JSON) on one kept-alive connection; raises OSError if there is no answer."""
         if self._connection is None:
-            self._connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=REQUEST_TIMEOUT_SECONDS)
+            self._connection = http.client.HTTPConnection("127.0.0.1", self.port)
+        self._connection.timeout = timeout
+        if self._connection.sock is not None:
+            self._connection.sock.settimeout(timeout)
         try:
             self._connection.request(method, path, body, {"Content-Type": "application/json"} if body else {})
             response = self._connection.getresponse()
@@ -293,22 +315,25 @@ class Server:
                 code = self.process.poll()
                 if code is not None:
                     if "address already in use" in self.log_tail().lower() and attempt + 1 < PORT_ATTEMPTS:
+                        self.stop()
                         break
                     return Check("load", False, f"the server exited (code {code}) before loading the model: "
                                                 f"{self.log_tail()}")
                 try:
-                    status, body = self.request("GET", f"/v1/models/{MODEL_NAME}")
-                    versions = body.get("model_version_status", []) if status == 200 else []
+                    status, body = self.request("GET", f"/v1/models/{MODEL_NAME}", timeout=STATUS_TIMEOUT_SECONDS)
+                    versions = body.get("model_version_status", []) if status == 200 and isinstance(body, dict) else []
                 except OSError:
                     versions = []
+                if self.process.poll() is not None:
+                    continue  # whatever answered, it was not this server: it has exited
                 if any(v["state"] == "AVAILABLE" for v in versions):
                     return Check("load", True, f"loaded in {time.monotonic() - started:.1f} s "
-                                               f"(timeout {timeout:.0f} s)")
+                                               f"(timeout {timeout:g} s)")
                 refused = [v["status"]["error_message"] for v in versions if v["status"]["error_message"]]
                 if refused:
                     return Check("load", False, f"the server refused the model: {refused[0]}")
                 if time.monotonic() - started > timeout:
-                    return Check("load", False, f"not loaded after {timeout:.0f} s: {self.log_tail()}")
+                    return Check("load", False, f"not loaded after {timeout:g} s: {self.log_tail()}")
                 time.sleep(0.2)
         raise AssertionError("unreachable: the last attempt returns")
 
@@ -323,13 +348,14 @@ def send(server: Server, cases: Sequence[Case], bounds: Tuple[float, float]) -> 
         sent += 1
         try:
             status, answer = server.request("POST", f"/v1/models/{MODEL_NAME}:{case.route}", json.dumps(case.body).encode())
-        except OSError as error:
-            code = server.process.poll()
-            if code is None:
-                failures.append(f"{case.name}: {error}")
-                continue
-            failures.append(f"{case.name}: the server died answering it (exit code {code}): {server.log_tail()}; "
-                            f"the {len(cases) - sent} request(s) after it were not sent")
+        except OSError as error:  # a server that doesn't answer one request is not sent more
+            try:
+                code = server.process.wait(timeout=2)  # a closed connection: is it dying?
+            except subprocess.TimeoutExpired:
+                code = None
+            why = (f"the server died answering it (exit code {code}): {server.log_tail()}" if code is not None
+                   else f"{error} (after {REQUEST_TIMEOUT_SECONDS:.0f} s at most)")
+            failures.append(f"{case.name}: {why}; the {len(cases) - sent} request(s) after it were not sent")
             break
         if case.timed:
             latencies.append(time.perf_counter() - started)
@@ -347,15 +373,24 @@ def validate(model_dir: str, instances: Sequence[Dict[str, Any]], schema: schema
     """Serves `model_dir` and runs the checks; the checks and their figures. The server is gone on return."""
     server = Server(model_dir, scratch)
     figures: Dict[str, float] = {}
+    if not tf.io.gfile.exists(os.path.join(model_dir, "saved_model.pb")):
+        return [Check("load", False, f"no SavedModel in {model_dir} (no saved_model.pb)")], figures
     try:
         load = server.wait_until_loaded(budget.load_timeout_seconds)
         if not load.passed:
             return [load], figures
-        status, metadata = server.request("GET", f"/v1/models/{MODEL_NAME}/metadata")
+        try:
+            status, metadata = server.request("GET", f"/v1/models/{MODEL_NAME}/metadata")
+        except OSError as error:
+            status, metadata = None, str(error)
         if status != 200:
             return [load, Check("answers", False, f"the metadata request got {status}: {_short(metadata)}")], figures
+        max_instances = (metadata.get("limits") or {}).get("max_instances") if isinstance(metadata, dict) else None
+        if not isinstance(max_instances, int):
+            return [load, Check("answers", False, f"the server's metadata names no max_instances: "
+                                                  f"{_short(metadata)}")], figures
         try:
-            cases = request_cases(instances, schema, metadata["limits"]["max_instances"])
+            cases = request_cases(instances, schema, max_instances)
         except ValueError as error:
             return [load, Check("answers", False, str(error))], figures
         answers, latencies = send(server, cases, label_bounds(schema))
@@ -418,7 +453,8 @@ def InfraValidator(
             try:
                 checks, record["figures"] = validate(model_dir, instances, schema_proto, budget, scratch)
             finally:
-                io_utils.copy_file(os.path.join(scratch, SERVER_LOG), os.path.join(blessing.uri, SERVER_LOG), True)
+                if os.path.exists(os.path.join(scratch, SERVER_LOG)):
+                    io_utils.copy_file(os.path.join(scratch, SERVER_LOG), os.path.join(blessing.uri, SERVER_LOG), True)
         record["checks"] = [dataclasses.asdict(check) for check in checks]
     failed = [check["name"] for check in record["checks"] if not check["passed"]]
     blessed = bool(record["checks"]) and not failed

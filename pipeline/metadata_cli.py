@@ -94,6 +94,8 @@ def _lineage(store: Store, artifact: metadata_store_pb2.Artifact) -> Dict[str, A
 
 def _show(store: Store, artifact: metadata_store_pb2.Artifact) -> Dict[str, Any]:
     """A readable summary of an artifact's content, by its type."""
+    from tfx.types.standard_artifacts import InfraBlessing
+
     from pipeline import infra_validator, monitor, summary
     from pipeline.monitor import PredictionStatistics
     from pipeline.validation import read_verdict
@@ -142,7 +144,7 @@ def _show(store: Store, artifact: metadata_store_pb2.Artifact) -> Dict[str, Any]
                    "version": described["properties"].get("pushed_version")}
     elif kind == PredictionStatistics.TYPE_NAME:
         content = monitor.read(artifact.uri)
-    elif kind == "InfraBlessing":
+    elif kind == InfraBlessing.TYPE_NAME:
         content = infra_validator.read(artifact.uri)
     else:
         content = {}
@@ -232,7 +234,7 @@ def _human(command: str, result: Any) -> None:
         elif result["type"] == "InfraBlessing":
             from pipeline.summary import infra_lines
 
-            print("\n".join(line[2:] for line in infra_lines(content)))
+            print("\n".join(infra_lines(content, indent="")))
             budget = content["budget"]
             print(f"budget: {budget['max_memory_mb']:g} MiB, p99 {budget['max_p99_ms']:g} ms, "
                   f"load within {budget['load_timeout_seconds']:g} s")

@@ -129,8 +129,8 @@ def write_report(config, run_name: str, steps: List[mlmd.StepRecord], outcome: s
     infra = summary.output_of(steps, "InfraValidator", "blessing")
     if infra is not None:
         sections += ["<h2>Infra validation: the candidate served before the push</h2>",
-                     "<pre>" + html.escape("\n".join(line[2:] for line in summary.infra_lines(
-                         infra_validator.read(infra.uri)))) + "</pre>"]
+                     "<pre>" + html.escape("\n".join(summary.infra_lines(infra_validator.read(infra.uri), indent="")))
+                     + "</pre>"]
     steps_frame = pd.DataFrame([{"step": s.node_id, "state": s.state, "seconds": s.seconds} for s in steps])
     sections += ["<h2>Steps</h2>", _table(steps_frame.set_index("step"))]
     name = re.sub(r"[^0-9A-Za-z]+", "-", run_name).strip("-")

@@ -113,15 +113,15 @@ def monitor_lines(record: Dict) -> List[str]:
     return lines
 
 
-def infra_lines(record: Dict) -> List[str]:
+def infra_lines(record: Dict, indent: str = "  ") -> List[str]:
     """The infra validation's verdict, and each check with its figure and the requests that failed it."""
     if "skipped" in record:
-        return [f"  infra validation: not run ({record['skipped']})"]
-    lines = [f"  infra validation (the candidate served by babyweight serve): "
+        return [f"{indent}infra validation: not run ({record['skipped']})"]
+    lines = [f"{indent}infra validation (the candidate served by babyweight serve): "
              f"{'blessed' if record['blessed'] else 'REFUSED'}"]
     for check in record["checks"]:
-        lines.append(f"    {check['name']:<8} {'ok' if check['passed'] else 'FAILED':<6} {check['figure']}")
-        lines.extend(f"      {failure}" for failure in check["failures"])
+        lines.append(f"{indent}  {check['name']:<8} {'ok' if check['passed'] else 'FAILED':<6} {check['figure']}")
+        lines.extend(f"{indent}    {failure}" for failure in check["failures"])
     return lines
 
 
@@ -167,15 +167,15 @@ def summarize_run(config: PipelineConfig, run_name: str, steps: List[mlmd.StepRe
         lines.extend(monitor_lines(monitor.read(predictions.uri)))
 
     infra = output_of(steps, "InfraValidator", "blessing")
-    infra_record = infra_validator.read(infra.uri) if infra is not None else None
-    if infra_record is not None:
+    infra_record = infra_validator.read(infra.uri) if infra is not None else {}
+    if infra_record:
         lines.extend(infra_lines(infra_record))
 
     pushed = output_of(steps, "Pusher", "pushed_model")
     if pushed is not None and pushed.custom_properties["pushed"].int_value == 1:
         lines.append(f"  pushed: {pushed.custom_properties['pushed_destination'].string_value}")
     elif pushed is not None:
-        refused = [check["name"] for check in (infra_record or {}).get("checks", []) if not check["passed"]]
+        refused = [check["name"] for check in infra_record.get("checks", []) if not check["passed"]]
         lines.append("  pushed: no (" + (f"infra validation failed: {', '.join(refused)}" if refused
                                         else "the Evaluator did not bless the model") + ")")
 

@@ -1,6 +1,9 @@
 """Infra validation: toy candidates served by `babyweight serve` and judged; the requests it sends; no server left."""
 import pathlib
 
+import os
+import re
+
 import pandas as pd
 import psutil
 import pytest
@@ -9,6 +12,7 @@ import tensorflow_data_validation as tfdv
 from models import features
 from pipeline import config as config_lib
 from pipeline import infra_validator
+from serving.settings import ServerSettings
 from tests.serving import toy_model
 
 SCHEMA = tfdv.load_schema_text(config_lib.load_config().schema_path)
@@ -53,22 +57,27 @@ def test_requests_cover_the_contracts_edge_cases_with_the_answers_it_promises(in
     # Bounds from the curated schema, texts from its domains.
     assert cases["mother_age = 10 (its schema minimum)"].instances[0]["mother_age"] == 10
     assert cases["mother_age = 64 (its schema maximum)"].status == 200
+    # A bound that is the 'unknown' code (99 weeks): the next value is asked instead, and answered.
+    assert cases["gestation_weeks = 98 (its schema maximum, next to the 'unknown' code)"].status == 200
+    assert "father_age = 98 (its schema maximum, next to the 'unknown' code)" in cases
     assert {"is_male = true (a value of its domain)", "is_male = false (a value of its domain)"} <= set(cases)
     only_required = cases["only the required features"].instances[0]
     assert set(only_required) == {c.name for c in features.REQUIRED_FEATURES}
     assert len(cases["the largest request the server takes (50 instances)"].instances) == 50
     assert cases["one instance over the limit (51)"].status == 413
     assert cases["64 eval rows through :regress"].route == "regress"
-    # Each eval row one by one, timed; those lacking a required feature are expected refused.
-    rows = [case for case in cases.values() if case.timed]
+    # Each eval row one by one; those lacking a required feature are expected refused, and not timed (the model
+    # never sees them).
+    rows = [case for name, case in cases.items() if name.startswith("eval row ")]
     assert len(rows) == len(instances)
-    assert {case.status for case in rows} == {200, 400}, "the real rows include some without gestation_weeks"
+    assert {(case.status, case.timed) for case in rows} == {(200, True), (400, False)}, "some real rows lack one"
 
 
 @pytest.mark.parametrize("status, body, reason", [
     (200, {"predictions": [[7.5]]}, None),
     (200, {"predictions": [[None]]}, "prediction null is not a number within the label's schema domain [0.2, 20]"),
     (200, {"predictions": [[25.0]]}, "prediction 25.0 is not a number"),
+    (200, {"predictions": [[float("inf")]]}, "prediction Infinity is not a number"),
     (200, {"predictions": [[7.5], [7.1]]}, "expected 1 predictions"),
     (500, {"error": "internal error"}, "expected predictions, got 500"),
 ])
@@ -76,6 +85,9 @@ def test_an_answer_is_judged_by_the_contract_and_the_labels_schema_domain(status
     case = infra_validator.expect("eval row 0", [{"mother_age": 30, "gestation_weeks": 39}])
     found = infra_validator.judge(case, status, body, infra_validator.label_bounds(SCHEMA))
     assert found == reason if reason is None else reason in found
+    # Without a label domain in the schema a prediction must still be a finite number.
+    if reason and ("Infinity" in reason or "null" in reason):
+        assert infra_validator.judge(case, status, body, (-float("inf"), float("inf"))) is not None
 
 
 def test_a_refusal_must_name_the_lacking_feature():
@@ -83,6 +95,10 @@ def test_a_refusal_must_name_the_lacking_feature():
     assert infra_validator.judge(case, 400, {"error": "missing required feature 'gestation_weeks'"}, (0, 1)) is None
     assert "without naming the lacking feature 'gestation_weeks'" in infra_validator.judge(
         case, 400, {"error": "bad request"}, (0, 1))
+    # The server's refusals list the required features at their end: naming the wrong one must not pass.
+    wrong = ("instance 0: missing required feature 'mother_age' (no value, or an 'unknown' code); every request "
+             "needs mother_age, gestation_weeks")
+    assert "without naming" in infra_validator.judge(case, 400, {"error": wrong}, (0, 1))
     assert "expected a refusal (400), got 200" in infra_validator.judge(case, 200, {"predictions": [[7.0]]}, (0, 9))
 
 
@@ -91,10 +107,10 @@ def test_a_good_candidate_passes_every_check_with_its_figures(tmp_path, instance
     checks, figures = validate(model, instances, GOOD, tmp_path / "scratch")
     assert all(check.passed for check in checks.values()), checks
     assert list(checks) == ["load", "answers", "memory", "latency"]
-    sent = len(infra_validator.request_cases(instances, SCHEMA, max_instances=1024))  # the server's default
+    sent = len(infra_validator.request_cases(instances, SCHEMA, ServerSettings().max_instances))
     assert checks["answers"].figure.startswith(f"{sent} of {sent} requests answered")
     assert 50 < figures["peak_memory_mb"] < GOOD.max_memory_mb and 0 < figures["p50_ms"] <= figures["p99_ms"]
-    assert "babyweight_cli serve" in (tmp_path / "scratch" / infra_validator.SERVER_LOG).read_text()
+    assert "-m serving.server" in (tmp_path / "scratch" / infra_validator.SERVER_LOG).read_text()
 
 
 def test_a_damaged_savedmodel_is_refused_at_load_with_the_servers_reason(tmp_path, instances):
@@ -126,11 +142,60 @@ def test_a_budget_below_the_figures_is_refused_with_both(tmp_path, instances):
     assert checks["latency"].figure.endswith("(budget p99 0.01 ms)")
 
 
-def test_a_server_that_never_loads_is_stopped_at_the_timeout(tmp_path, instances):
+def test_a_server_dying_mid_way_fails_the_answers_and_no_more_is_sent(tmp_path, instances):
+    model = toy_model.save(tmp_path / "model", offset=1.0)
+    server = infra_validator.Server(str(model), str(tmp_path / "scratch"))
+    try:
+        assert server.wait_until_loaded(120).passed
+        server.process.kill()  # as a crash in the model's kernels would
+        cases = infra_validator.request_cases(instances, SCHEMA, max_instances=8)
+        answers, latencies = infra_validator.send(server, cases, infra_validator.label_bounds(SCHEMA))
+    finally:
+        server.stop()
+    assert not answers.passed and not latencies and answers.figure.startswith(f"0 of {len(cases)} requests")
+    assert answers.failures == [answers.failures[0]] and answers.failures[0].startswith(
+        "eval row 0: the server died answering it (exit code -9)")
+    assert answers.failures[0].endswith(f"the {len(cases) - 1} request(s) after it were not sent")
+    assert not servers_of(model)
+
+
+def test_a_taken_port_is_retried_on_another(tmp_path, instances, monkeypatch):
+    import socket
+
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))  # bound by another process between the validator's pick and the server's bind
+    ports = iter([taken.getsockname()[1]])
+    free = infra_validator.free_port
+    monkeypatch.setattr(infra_validator, "free_port", lambda: next(ports, None) or free())
+    model = toy_model.save(tmp_path / "model", offset=1.0)
+    with taken:
+        checks, _ = validate(model, instances[:20], GOOD, tmp_path / "scratch")
+    assert all(check.passed for check in checks.values()), checks
+    log = (tmp_path / "scratch" / infra_validator.SERVER_LOG).read_text()
+    assert log.count("-m serving.server") == 2 and "address already in use" in log.lower()
+
+
+def test_a_server_not_loaded_in_time_is_stopped_at_the_timeout(tmp_path, instances):
+    model = toy_model.save(tmp_path / "model", offset=1.0)
+    slow = infra_validator.Budget(4096, 1000, load_timeout_seconds=0.5)  # the server's start alone takes longer
+    checks, _ = validate(model, instances, slow, tmp_path / "scratch")
+    assert list(checks) == ["load"] and checks["load"].figure.startswith("not loaded after 0.5 s"), checks
+
+
+def test_a_folder_without_a_savedmodel_is_refused_without_starting_a_server(tmp_path, instances):
     empty = tmp_path / "no_model_here"
     empty.mkdir()
-    checks, _ = validate(empty, instances, infra_validator.Budget(4096, 1000, load_timeout_seconds=3), tmp_path / "s")
-    assert list(checks) == ["load"] and checks["load"].figure.startswith("not loaded after 3 s")
+    checks, _ = validate(empty, instances, GOOD, tmp_path / "scratch")
+    assert checks["load"].figure == f"no SavedModel in {empty} (no saved_model.pb)"
+    assert not (tmp_path / "scratch" / infra_validator.SERVER_LOG).exists()
+
+
+def test_the_server_gets_neither_vertex_variables_nor_gpus(monkeypatch):
+    monkeypatch.setenv("AIP_STORAGE_URI", "gs://another/model")
+    monkeypatch.setenv("AIP_HTTP_PORT", "8080")
+    environment = infra_validator.server_environment()
+    assert not [name for name in environment if name.startswith("AIP_")]
+    assert environment["CUDA_VISIBLE_DEVICES"] == "" and environment["PATH"] == os.environ["PATH"]
 
 
 def _examples(rows: pd.DataFrame, folder: pathlib.Path) -> pathlib.Path:
@@ -157,14 +222,14 @@ def _examples(rows: pd.DataFrame, folder: pathlib.Path) -> pathlib.Path:
 
 
 def _run_infra_then_push(tmp_path: pathlib.Path, rows: pd.DataFrame, damaged: bool = False,
-                         evaluator_blessed: bool = True):
+                         evaluator_blessed: bool = True, nonsense_when=None, max_memory_mb: float = 4096.0):
     """Importers of a toy model, its Evaluator blessing, eval examples and the schema, then InfraValidator and
     TFX's Pusher, run by TFX's LocalDagRunner; the pushed versions and the run's ML Metadata steps."""
     from tfx import v1 as tfx
 
     from pipeline import mlmd
 
-    model = toy_model.save(tmp_path / "model" / "Format-Serving", offset=1.0)
+    model = toy_model.save(tmp_path / "model" / "Format-Serving", offset=1.0, nonsense_when=nonsense_when)
     if damaged:
         (model / "saved_model.pb").write_bytes(b"")
     config = config_lib.load_config(overrides={"output_dir": str(tmp_path / "out")})
@@ -181,7 +246,7 @@ def _run_infra_then_push(tmp_path: pathlib.Path, rows: pd.DataFrame, damaged: bo
         importer.with_id(f"import_{name}")
     inputs = {name: importer.outputs["result"] for name, importer in imported.items()}
     validator = infra_validator.InfraValidator(
-        **inputs, eval_requests=100, max_memory_mb=4096.0, max_p99_ms=1000.0, load_timeout_seconds=120.0,
+        **inputs, eval_requests=100, max_memory_mb=max_memory_mb, max_p99_ms=1000.0, load_timeout_seconds=120.0,
         code_fingerprint="test")
     pusher = tfx.components.Pusher(
         model=inputs["model"], model_blessing=inputs["model_blessing"], infra_blessing=validator.outputs["blessing"],
@@ -204,16 +269,18 @@ def eval_rows(real_export_csv):
                        na_values={name: [""] for name, kind in kinds.items() if kind is float})
 
 
-@pytest.mark.parametrize("damaged, evaluator_blessed, pushed_count, verdict", [
-    (False, True, 1, "infra validation (the candidate served by babyweight serve): blessed"),
-    (True, True, 0, "pushed: no (infra validation failed: load)"),
-    (False, False, 0, "infra validation: not run (the Evaluator did not bless the model, so it was not served)"),
+@pytest.mark.parametrize("candidate, pushed_count, verdict", [
+    ({}, 1, "infra validation (the candidate served by babyweight serve): blessed"),
+    ({"damaged": True}, 0, "pushed: no (infra validation failed: load)"),
+    ({"nonsense_when": ("plurality", 5.0)}, 0, "pushed: no (infra validation failed: answers)"),
+    ({"max_memory_mb": 50.0}, 0, "pushed: no (infra validation failed: memory)"),
+    ({"evaluator_blessed": False}, 0,
+     "infra validation: not run (the Evaluator did not bless the model, so it was not served)"),
 ])
-def test_tfx_pusher_pushes_only_a_model_with_both_blessings(tmp_path, eval_rows, damaged, evaluator_blessed,
-                                                             pushed_count, verdict):
+def test_tfx_pusher_pushes_only_a_model_with_both_blessings(tmp_path, eval_rows, candidate, pushed_count, verdict):
     from pipeline import summary
 
-    config, steps, pushed = _run_infra_then_push(tmp_path, eval_rows, damaged, evaluator_blessed)
+    config, steps, pushed = _run_infra_then_push(tmp_path, eval_rows, **candidate)
     assert len(pushed) == pushed_count
     blessing = summary.output_of(steps, "InfraValidator", "blessing")
     assert blessing.custom_properties["blessed"].int_value == (pushed_count == 1)
@@ -221,8 +288,13 @@ def test_tfx_pusher_pushes_only_a_model_with_both_blessings(tmp_path, eval_rows,
     assert (pathlib.Path(blessing.uri) / marker).is_file()  # TFX's own marks
     text = summary.summarize_run(config, "run", steps)
     assert verdict in text, text
-    if damaged:
+    if candidate.get("damaged"):
         assert "    load     FAILED the server refused the model: " in text, text
-        assert blessing.custom_properties["failed_checks"].string_value == "load"
-    if evaluator_blessed:  # the server's log is kept beside the verdict
-        assert "babyweight_cli serve" in (pathlib.Path(blessing.uri) / infra_validator.SERVER_LOG).read_text()
+    if "nonsense_when" in candidate:
+        assert "      plurality = 5 (its schema maximum): instance 0: prediction null is not a number" in text, text
+    if "max_memory_mb" in candidate:
+        assert re.search(r"^    memory   FAILED peak \d+ MiB resident \(budget 50 MiB\)$", text, re.M), text
+    if pushed_count == 0 and candidate.get("evaluator_blessed", True):
+        assert blessing.custom_properties["failed_checks"].string_value == verdict.split(": ")[-1].rstrip(")")
+    if candidate.get("evaluator_blessed", True):  # the server's log is kept beside the verdict
+        assert "-m serving.server" in (pathlib.Path(blessing.uri) / infra_validator.SERVER_LOG).read_text()

@@ -95,8 +95,11 @@ def test_show_summarises_statistics_evaluation_and_anomalies(capsys, store):
     assert 0 < infra["figures"]["p99_ms"] < infra["budget"]["max_p99_ms"]
     assert metadata_cli.main(["--store", store, "show", str(by_type["InfraBlessing"][0])]) == 0
     printed = capsys.readouterr().out
-    assert re.search(r"^  memory +ok +peak \d+ MiB resident \(budget 1536 MiB\)$", printed, re.M), printed
-    assert "budget: 1536 MiB, p99 50 ms, load within 300 s" in printed
+    config = config_lib.load_config()
+    assert re.search(rf"^  memory +ok +peak \d+ MiB resident \(budget {config.infra_max_memory_mb:g} MiB\)$",
+                     printed, re.M), printed
+    assert (f"budget: {config.infra_max_memory_mb:g} MiB, p99 {config.infra_max_p99_ms:g} ms, "
+            f"load within {config.infra_load_timeout_seconds:g} s") in printed
 
 
 def test_diff_of_a_run_and_its_cached_rerun_reports_the_cached_steps(capsys, store):

@@ -86,6 +86,9 @@ def test_every_step_running_project_code_has_its_fingerprint():
                           "TreeBaseline": ["pipeline.baseline"], "PredictionMonitor": ["pipeline.monitor"],
                           "InfraValidator": ["pipeline.infra_validator", *pipeline_lib.SERVER_MODULES]}.items():
         assert components[step].exec_properties["code_fingerprint"] == cache.code_fingerprint(*modules), step
+    # The server's modules are found (a misspelt name would hash nothing of the server).
+    hashed = {path.relative_to(cache.PROJECT_ROOT).as_posix() for path in cache.project_modules(pipeline_lib.SERVER_MODULES)}
+    assert {"serving/server.py", "serving/app.py", "serving/loader.py", "serving/batching.py"} <= hashed
     custom = {step: json.loads(components[step].exec_properties["custom_config"]) for step in ("Transform", "Trainer")}
     example_gen = json.loads(components["CsvExampleGen"].exec_properties["custom_config"])["custom_config"]
     assert example_gen["value"] == cache.code_fingerprint("pipeline.csv_example_gen")
