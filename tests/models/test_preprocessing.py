@@ -74,3 +74,29 @@ def test_every_model_input_is_produced(transformed):
         expected |= {features.transformed_name(column.name), features.missing_key(column)}
     expected |= {features.label_key(), features.label_weight_key()}
     assert set(transformed[0]) == expected
+
+
+def test_values_beyond_the_training_range_are_taken_as_its_ends():
+    """98 earlier births or a mother of 64 when training saw at most 2 and 40: the model is asked about the
+    range's end, not about a z-score it never saw (an extrapolation the infra validator caught at 64 lb)."""
+    spec = schema_utils.schema_as_feature_spec(load_schema(config_lib.load_config())).feature_spec
+    metadata = dataset_metadata.DatasetMetadata(
+        schema_utils.schema_from_feature_spec({name: spec[name] for name in USED}))
+
+    def arrays(rows):
+        return [{k: np.array(v, dtype=np.object_ if v and isinstance(v[0], bytes) else None) for k, v in row.items()}
+                for row in rows]
+
+    beyond = [dict(ROWS[0], mother_age=[64], ever_born=[98], gestation_weeks=[98]),
+              dict(ROWS[0], mother_age=[12], ever_born=[0])]
+    with tempfile.TemporaryDirectory() as temp_dir, tft_beam.Context(temp_dir=temp_dir, force_tf_compat_v1=True):
+        transform_fn = (arrays(ROWS), metadata) | tft_beam.AnalyzeDataset(preprocessing.preprocessing_fn)
+        (served, _) = ((arrays(beyond), metadata), transform_fn) | tft_beam.TransformDataset(
+            output_record_batches=False)
+        (trained, _) = ((arrays(ROWS), metadata), transform_fn) | tft_beam.TransformDataset(
+            output_record_batches=False)
+    for name, highest in (("mother_age", 2), ("ever_born", 1), ("gestation_weeks", 0)):  # rows of the maximum
+        assert _column(served, name)[0] == pytest.approx(_column(trained, name)[highest]), name
+    for name in ("mother_age", "ever_born"):  # 12 and 0 below the minimum, which row 0 has
+        assert _column(served, name)[1] == pytest.approx(_column(trained, name)[0]), name
+    assert _column(served, "gestation_weeks_bucket")[0] == 3  # 98 weeks: as 40, the training maximum
