@@ -5,7 +5,8 @@ into the transform graph, which the exported model applies to raw examples at se
 training and serving cannot skew. 'Unknown' codes (e.g. 99 for father_age) are missing values here
 (`is_missing`), as they are to the serving contract's check and to training's masking of inputs.
 """
-from typing import Dict
+import math
+from typing import Dict, Tuple
 
 import tensorflow as tf
 import tensorflow_transform as tft
@@ -40,7 +41,19 @@ def is_missing(column: Column, value: tf.Tensor) -> tf.Tensor:
     return missing
 
 
-def _numeric(column: Column, value: tf.Tensor) -> Dict[str, tf.Tensor]:
+def training_ranges(inputs: Dict[str, tf.Tensor]) -> Dict[str, Tuple[tf.Tensor, tf.Tensor]]:
+    """Each numeric feature's smallest and largest known value in the training data (two analyzers for all)."""
+    columns = features.numeric_features()
+    values = [dense_raw(inputs[c.name]) for c in columns]
+    missing = [is_missing(c, v) for c, v in zip(columns, values)]
+    lows = tft.min(tf.stack([tf.where(m, math.inf, v) for m, v in zip(missing, values)], axis=1),
+                   reduce_instance_dims=False)
+    highs = tft.max(tf.stack([tf.where(m, -math.inf, v) for m, v in zip(missing, values)], axis=1),
+                    reduce_instance_dims=False)
+    return {c.name: (lows[i], highs[i]) for i, c in enumerate(columns)}
+
+
+def _numeric(column: Column, value: tf.Tensor, value_range: Tuple[tf.Tensor, tf.Tensor]) -> Dict[str, tf.Tensor]:
     """Imputed z-score and missing indicator (plus bucket id) of a numeric feature."""
     x = dense_raw(value)
     missing = is_missing(column, x)
@@ -50,7 +63,7 @@ def _numeric(column: Column, value: tf.Tensor) -> Dict[str, tf.Tensor]:
     # A value beyond the training data's range (98 earlier births, 98 weeks: the schema allows up to the
     # 'unknown' code 99) is taken as the range's end: the model has learnt nothing out there, and a linear
     # extrapolation answered 64 lb (the infra validator's edge cases found it).
-    x = tf.clip_by_value(x, tft.min(known), tft.max(known))
+    x = tf.clip_by_value(x, *value_range)
     imputed = tf.where(missing, mean, x)
     outputs = {
         features.transformed_name(column.name): (imputed - mean) / tf.maximum(std, 1e-6),
@@ -74,6 +87,7 @@ def _category_ids(column: Column, value: tf.Tensor) -> tf.Tensor:
 def preprocessing_fn(inputs: Dict[str, tf.Tensor]) -> Dict[str, tf.Tensor]:
     """Maps raw natality features to the model's inputs, and the label to a label plus a weight."""
     outputs: Dict[str, tf.Tensor] = {}
+    ranges = training_ranges(inputs)
     for column in features.FEATURES:
         value = inputs[column.name]
         if column.transform is Transform.VOCABULARY:
@@ -87,7 +101,7 @@ def preprocessing_fn(inputs: Dict[str, tf.Tensor]) -> Dict[str, tf.Tensor]:
         elif column.transform is Transform.CATEGORY:
             outputs[features.transformed_name(column.name)] = _category_ids(column, value)
         else:
-            outputs.update(_numeric(column, value))
+            outputs.update(_numeric(column, value, ranges[column.name]))
     sizes = features.id_sizes()
     for first, second in features.CROSSES:
         outputs[features.transformed_name(features.cross_name(first, second))] = (
