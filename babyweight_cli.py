@@ -6,6 +6,8 @@
                                        (pipeline/serving_check.py)
     babyweight serve ...               the prediction server over the pushed models (serving/server.py)
     babyweight predict --url URL FILE  predictions for a CSV or JSON-lines file from a server (serving/client.py)
+    babyweight experiment ...          outcomes, report, promotion and simulation of an A/B test or bandit
+                                       between versions (serving/experiment_cli.py)
 """
 import importlib
 import sys
@@ -18,6 +20,7 @@ COMMANDS = {
     "validate-serving": "pipeline.serving_check",
     "serve": "serving.server",
     "predict": "serving.client",
+    "experiment": "serving.experiment_cli",
 }
 
 

@@ -4,6 +4,7 @@
     GET  /v1/models/NAME[/versions/N|/labels/L]/metadata   signatures with their inputs and outputs; request limits
     POST /v1/models/NAME[/versions/N|/labels/L]:predict    {"instances": [...]} or {"inputs": {...}}
     POST /v1/models/NAME[/versions/N|/labels/L]:regress    {"examples": [...], "context": {...}}
+    POST /v1/models/NAME:feedback                          {"feedback": [{"request_id": ..., "weight_pounds": ...}]}
     GET  /metrics                                          Prometheus' text format
 Errors answer {"error": "..."}: 400 a bad request (naming the instance and feature), 404 an unknown model,
 version or label, 413 a request too large, 503 no version available yet. Each answer carries the request's id
@@ -28,11 +29,11 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from models import features
-from serving import batching, cache, contract, manager, metrics, request_log
+from serving import batching, cache, contract, experiment, manager, metrics, request_log
 from serving.settings import ServerSettings
 
 MODELS_ROUTE = re.compile(r"^/v1/models/(?P<name>[^/:]+)(?:/versions/(?P<version>[^/:]+)|/labels/(?P<label>[^/:]+))?"
-                          r"(?P<action>/metadata|:predict|:regress)?$")
+                          r"(?P<action>/metadata|:predict|:regress|:feedback)?$")
 JSON = "application/json"
 TRAFFIC_HEAD_RECORDS = 50_000  # newest request log records read for the traffic's head when a version loads
 
@@ -61,6 +62,8 @@ class ModelServer:
         self.manager = manager.Manager(settings, paths["model_dir"], traffic_head=self.traffic_head,
                                        on_change=_settle_memory)
         self.log: Optional[request_log.RequestLog] = None
+        self.experiment = (experiment.Experiment(experiment.load_config(settings.experiment_file))
+                           if settings.experiment_file else None)
         self._ids = itertools.count()
         self._id_prefix = secrets.token_hex(4)
 
@@ -73,6 +76,8 @@ class ModelServer:
         self.manager.stop()
         if self.log is not None:
             self.log.close()
+        if self.experiment is not None:
+            self.experiment.store.close()
 
     def traffic_head(self) -> Sequence[features.InstanceKey]:
         """The most frequent instances of the request log, for a loading version's table."""
@@ -105,9 +110,23 @@ class ModelServer:
             if action not in (None, "/metadata"):
                 return _error(405, f"{action} takes POST")
             return self._metadata(number, label) if action else self._status(number, label)
+        if action == ":feedback":
+            return await self.feedback(request)
         if action not in (":predict", ":regress"):
-            return _error(405, "POST goes to :predict or :regress")
+            return _error(405, "POST goes to :predict, :regress or :feedback")
         return await self.predict(request, number, label, action[1:])
+
+    async def feedback(self, request: Request) -> Response:
+        """Outcomes joined with the experiment's recorded predictions: what was accepted, unknown or a duplicate."""
+        if self.experiment is None:
+            return _error(400, "this server runs no experiment (babyweight serve --experiment-file FILE)")
+        try:
+            items = experiment.parse_feedback(orjson.loads(await self._body(request, None)))
+        except orjson.JSONDecodeError as error:
+            return _error(400, f"the body is not JSON: {error}")
+        except (experiment.ExperimentError, contract.RequestError) as error:
+            return _error(400, str(error))
+        return _json(self.experiment.feedback(items).as_json())
 
     def _status(self, version: Optional[int], label: Optional[str]) -> Response:
         try:
@@ -131,14 +150,20 @@ class ModelServer:
 
     async def predict(self, request: Request, version: Optional[int], label: Optional[str], route: str) -> Response:
         started = time.perf_counter()
-        declared, request_id = None, None
-        for key, value in request.scope["headers"]:  # one pass over the raw headers for the two we read
+        declared, request_id, routing_key = None, None, None
+        for key, value in request.scope["headers"]:  # one pass over the raw headers for those we read
             if key == b"content-length":
                 declared = value
             elif key == b"x-request-id":
                 request_id = value.decode("latin-1")
+            elif key == b"x-routing-key":
+                routing_key = value.decode("latin-1")
         request_id = request_id or self._new_id()
         version_name = "none"
+        arm = shadow = None
+        if self.experiment is not None and version is None and label is None:
+            arm, shadow = self.experiment.route(routing_key)
+            version, label = (int(arm), None) if arm.isdigit() else (None, arm)
         try:
             body = await self._body(request, declared)
             handle = self.manager.resolve(version, label)
@@ -158,6 +183,8 @@ class ModelServer:
             logging.exception("request %s failed", request_id)
             return self._refused(500, f"internal error answering request {request_id} (see the server's log)",
                                  request_id, version_name, route)
+        if arm is not None:
+            await self._record(request_id, arm, handle, predictions, shadow, parsed)
         if route == "regress":
             content = orjson.dumps({"results": predictions})
         else:
@@ -172,7 +199,20 @@ class ModelServer:
                                 "version": handle.version, "signature": parsed.signature, "index": index,
                                 "instance": instance, "prediction": prediction, "latency_ms": seconds * 1e3,
                                 "path": path})
-        return _Answer(content, 200, request_id, version_name)
+        return _Answer(content, 200, request_id, version_name, arm)
+
+    async def _record(self, request_id: str, arm: str, handle: Any, predictions: List[float], shadow: Optional[str],
+                      parsed: contract.Request) -> None:
+        """The experiment's record of a routed request; in shadow mode the challenger's answer too (never returned)."""
+        self.experiment.store.record(request_id, arm, handle.version, predictions)
+        if shadow is None:
+            return
+        try:
+            challenger = self.manager.resolve(*((int(shadow), None) if shadow.isdigit() else (None, shadow)))
+            shadowed, _ = await self._predictions(challenger, parsed)
+            self.experiment.store.record(request_id, shadow, challenger.version, shadowed, shadow=True)
+        except Exception:  # the shadow's failure is logged, never the client's
+            logging.exception("shadow %s failed on request %s", shadow, request_id)
 
     async def _predictions(self, handle: Any, parsed: contract.Request) -> tuple:
         """The version's predictions for a checked request (floats, in order) and the path they took."""
@@ -234,12 +274,14 @@ class _Answer(Response):
     """A JSON answer with the request's id and version: Starlette's Response with its headers written directly
     (its general header handling costs as much as the rest of a cached answer)."""
 
-    def __init__(self, content: bytes, status: int, request_id: str, version: str):
+    def __init__(self, content: bytes, status: int, request_id: str, version: str, arm: Optional[str] = None):
         self.status_code = status
         self.body = content
         self.background = None
         self.raw_headers = [(b"content-length", str(len(content)).encode()), (b"content-type", b"application/json"),
                             (b"x-request-id", request_id.encode()), (b"x-model-version", version.encode())]
+        if arm is not None:
+            self.raw_headers.append((b"x-experiment-arm", arm.encode()))
 
 
 def _settle_memory() -> None:

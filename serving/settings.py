@@ -37,6 +37,7 @@ class ServerSettings:
     health_route: str = ""  # Vertex AI's AIP_HEALTH_ROUTE: 200 once a version is available
     predict_route: str = ""  # Vertex AI's AIP_PREDICT_ROUTE: predicts with the default version
     metrics_dir: str = ""  # where worker processes keep Prometheus counters ('' = a fresh temporary folder)
+    experiment_file: str = ""  # an A/B split, shadow or bandit between versions (serving/experiment.py); '' = none
 
     @property
     def request_log_enabled(self) -> bool:

@@ -1,0 +1,319 @@
+"""Experiments between versions: a fixed split (A/B), a shadow copy, or a multi-armed bandit fed by the outcome.
+
+An experiment file (YAML; `babyweight serve --experiment-file FILE`) names the arms and the policy:
+
+    arms: [stable, canary]          # labels of --model-config-file, or version numbers
+    policy: thompson                # split | thompson | epsilon_greedy | shadow
+    split: [0.9, 0.1]               # split: each arm's share; a request's X-Routing-Key always gets the same arm
+    epsilon: 0.1                    # epsilon_greedy: the share of requests sent to a random arm
+    reward: absolute                # the loss of an answer once its outcome is known: absolute or squared error
+    state: outputs/experiment.sqlite
+    promote_level: 0.95             # `babyweight experiment promote`: the probability of being best it needs
+
+Requests without a version or label in their URL are routed by the policy; each answer says its arm and version
+(X-Experiment-Arm, X-Model-Version). shadow: the first arm answers, the second is asked the same instances and
+only its prediction is recorded. Every routed instance is recorded in the state file (SQLite): request id,
+instance, arm, version, prediction. Feedback (POST /v1/models/NAME:feedback, or `babyweight experiment feedback
+FILE` for a batch) joins the actual weight with the recorded predictions, once per request, instance and arm;
+the policy's statistics are sums over those joins, so they survive a restart and every worker process reads the
+same, refreshed each `REFRESH_SECONDS` (at once in the process that took the feedback).
+"""
+import dataclasses
+import hashlib
+import math
+import pathlib
+import random
+import sqlite3
+import time
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+
+import numpy as np
+import yaml
+
+POLICIES = ("split", "thompson", "epsilon_greedy", "shadow")
+REWARDS = ("absolute", "squared")
+REFRESH_SECONDS = 1.0
+ROUTING_HEADER = "x-routing-key"
+PRIOR_WEIGHT = 1.0  # pseudo-observations at the pooled loss an arm's posterior starts from
+
+
+class ExperimentError(ValueError):
+    """A bad experiment file or feedback; the message names the field, file or row."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ExperimentConfig:
+    arms: Tuple[str, ...]
+    policy: str = "thompson"
+    split: Tuple[float, ...] = ()
+    epsilon: float = 0.1
+    reward: str = "absolute"
+    state: str = "outputs/experiment.sqlite"
+    promote_level: float = 0.95
+
+    def loss(self, error: float) -> float:
+        return abs(error) if self.reward == "absolute" else error * error
+
+
+def load_config(path: str) -> ExperimentConfig:
+    """The experiment file's settings, checked; relative `state` paths are relative to the file."""
+    try:
+        values = yaml.safe_load(pathlib.Path(path).read_text()) or {}
+    except (OSError, yaml.YAMLError) as error:
+        raise ExperimentError(f"experiment file {path}: {error}") from None
+    known = {f.name for f in dataclasses.fields(ExperimentConfig)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ExperimentError(f"experiment file {path}: unknown setting(s) {', '.join(unknown)}; known: "
+                              f"{', '.join(sorted(known))}")
+    arms = tuple(str(arm) for arm in values.get("arms") or ())
+    values.update(arms=arms, split=tuple(float(share) for share in values.get("split") or ()))
+    config = ExperimentConfig(**values)
+    where = f"experiment file {path}"
+    if len(arms) < 2 or len(set(arms)) != len(arms):
+        raise ExperimentError(f"{where}: 'arms' needs two or more different labels or versions, not {list(arms)}")
+    if config.policy not in POLICIES:
+        raise ExperimentError(f"{where}: policy {config.policy!r} is not one of {', '.join(POLICIES)}")
+    if config.reward not in REWARDS:
+        raise ExperimentError(f"{where}: reward {config.reward!r} is not one of {', '.join(REWARDS)}")
+    if config.policy == "split" and (len(config.split) != len(arms) or min(config.split) < 0
+                                     or not math.isclose(sum(config.split), 1.0)):
+        raise ExperimentError(f"{where}: 'split' needs one share per arm, adding up to 1, not {list(config.split)}")
+    if config.policy == "shadow" and len(arms) != 2:
+        raise ExperimentError(f"{where}: shadow takes two arms, the incumbent and the challenger")
+    if not 0 <= config.epsilon <= 1 or not 0 < config.promote_level < 1:
+        raise ExperimentError(f"{where}: epsilon must be in [0, 1] and promote_level in (0, 1)")
+    state = pathlib.Path(config.state)
+    if not state.is_absolute():
+        state = pathlib.Path(path).resolve().parent / state
+    return dataclasses.replace(config, state=str(state))
+
+
+@dataclasses.dataclass(frozen=True)
+class ArmStats:
+    """Sums over one arm's joined outcomes: enough for its mean loss and the spread of that mean."""
+
+    n: int = 0
+    loss_sum: float = 0.0
+    loss_squares: float = 0.0
+
+    @property
+    def mean(self) -> float:
+        return self.loss_sum / self.n if self.n else math.nan
+
+    def add(self, loss: float) -> "ArmStats":
+        return ArmStats(self.n + 1, self.loss_sum + loss, self.loss_squares + loss * loss)
+
+
+def _posterior(stats: Mapping[str, ArmStats]) -> Dict[str, Tuple[float, float]]:
+    """Each arm's mean loss as a normal belief (mean, sd): its data shrunk towards the pooled loss.
+
+    An arm without outcomes gets the pooled mean and the pooled spread, so it is tried; with n outcomes the
+    belief narrows as 1/sqrt(n + PRIOR_WEIGHT).
+    """
+    n = sum(s.n for s in stats.values())
+    pooled_mean = sum(s.loss_sum for s in stats.values()) / n if n else 0.0
+    pooled_var = (sum(s.loss_squares for s in stats.values()) / n - pooled_mean ** 2) if n > 1 else 1.0
+    pooled_var = max(pooled_var, 1e-6)
+    beliefs = {}
+    for arm, s in stats.items():
+        weight = s.n + PRIOR_WEIGHT
+        mean = (s.loss_sum + PRIOR_WEIGHT * pooled_mean) / weight
+        var = ((s.loss_squares - s.loss_sum ** 2 / s.n) / (s.n - 1)) if s.n > 1 else pooled_var
+        beliefs[arm] = (mean, math.sqrt(max(var, 1e-6) / weight))
+    return beliefs
+
+
+def probability_best(stats: Mapping[str, ArmStats], draws: int = 20_000, seed: int = 0) -> Dict[str, float]:
+    """The probability that each arm has the lowest mean loss, under the beliefs Thompson sampling draws from."""
+    beliefs = _posterior(stats)
+    arms = list(beliefs)
+    rng = np.random.default_rng(seed)
+    samples = np.stack([rng.normal(*beliefs[arm], size=draws) for arm in arms])
+    wins = np.bincount(samples.argmin(axis=0), minlength=len(arms))
+    return {arm: float(wins[i]) / draws for i, arm in enumerate(arms)}
+
+
+class Policy:
+    """Chooses an arm per request: the one place the server, the simulation and Vertex's split share."""
+
+    def __init__(self, config: ExperimentConfig, seed: Optional[int] = None):
+        self.config = config
+        self.rng = random.Random(seed)
+
+    def choose(self, stats: Mapping[str, ArmStats], routing_key: Optional[str] = None) -> str:
+        arms, config = self.config.arms, self.config
+        if config.policy == "shadow":
+            return arms[0]
+        if config.policy == "split":
+            # A routing key hashes to the same point of [0, 1) every time: the same arm for the same patient.
+            point = (int.from_bytes(hashlib.sha256(routing_key.encode()).digest()[:8], "big") / 2 ** 64
+                     if routing_key else self.rng.random())
+            total = 0.0
+            for arm, share in zip(arms, config.split):
+                total += share
+                if point < total:
+                    return arm
+            return arms[-1]
+        if config.policy == "epsilon_greedy":
+            untried = [arm for arm in arms if stats.get(arm, ArmStats()).n == 0]
+            if untried:
+                return self.rng.choice(untried)
+            if self.rng.random() < config.epsilon:
+                return self.rng.choice(arms)
+            return min(arms, key=lambda arm: stats[arm].mean)
+        beliefs = _posterior({arm: stats.get(arm, ArmStats()) for arm in arms})
+        return min(arms, key=lambda arm: self.rng.gauss(*beliefs[arm]))
+
+    def shares(self, stats: Mapping[str, ArmStats], draws: int = 10_000) -> Dict[str, float]:
+        """The share of traffic the policy would send each arm now (Vertex's traffic_split)."""
+        if self.config.policy == "split":
+            return dict(zip(self.config.arms, self.config.split))
+        if self.config.policy == "shadow":
+            return {arm: float(index == 0) for index, arm in enumerate(self.config.arms)}
+        counts = {arm: 0 for arm in self.config.arms}
+        for _ in range(draws):
+            counts[self.choose(stats)] += 1
+        return {arm: count / draws for arm, count in counts.items()}
+
+
+@dataclasses.dataclass
+class FeedbackResult:
+    accepted: int = 0
+    unknown: List[str] = dataclasses.field(default_factory=list)
+    duplicate: List[str] = dataclasses.field(default_factory=list)
+
+    def as_json(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS predictions (
+    request_id TEXT NOT NULL, instance INTEGER NOT NULL, arm TEXT NOT NULL, version INTEGER NOT NULL,
+    prediction REAL NOT NULL, shadow INTEGER NOT NULL, time REAL NOT NULL,
+    PRIMARY KEY (request_id, instance, arm));
+CREATE TABLE IF NOT EXISTS outcomes (
+    request_id TEXT NOT NULL, instance INTEGER NOT NULL, arm TEXT NOT NULL, actual REAL NOT NULL,
+    error REAL NOT NULL, loss REAL NOT NULL, time REAL NOT NULL,
+    PRIMARY KEY (request_id, instance, arm));
+"""
+
+
+class Store:
+    """The experiment's state in SQLite (WAL: several server processes write, the commands read)."""
+
+    def __init__(self, config: ExperimentConfig):
+        self.config = config
+        pathlib.Path(config.state).parent.mkdir(parents=True, exist_ok=True)
+        self.db = sqlite3.connect(config.state, timeout=30, isolation_level=None, check_same_thread=False)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=NORMAL")
+        self.db.executescript(SCHEMA)
+
+    def close(self) -> None:
+        self.db.close()
+
+    def record(self, request_id: str, arm: str, version: int, predictions: Sequence[float], shadow: bool = False,
+               when: Optional[float] = None) -> None:
+        """One routed (or shadowed) request's predictions, one row per instance."""
+        when = time.time() if when is None else when
+        self.db.executemany("INSERT OR REPLACE INTO predictions VALUES (?, ?, ?, ?, ?, ?, ?)",
+                            [(request_id, index, arm, version, float(p), int(shadow), when)
+                             for index, p in enumerate(predictions)])
+
+    def feedback(self, items: Iterable[Tuple[str, int, float]], when: Optional[float] = None) -> FeedbackResult:
+        """Joins (request id, instance, actual weight) with the recorded predictions; each once."""
+        when = time.time() if when is None else when
+        result = FeedbackResult()
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            for request_id, instance, actual in items:
+                name = f"{request_id}" + (f"#{instance}" if instance else "")
+                rows = self.db.execute("SELECT arm, prediction FROM predictions WHERE request_id = ? AND instance = ?",
+                                       (request_id, instance)).fetchall()
+                if not rows:
+                    result.unknown.append(name)
+                    continue
+                inserted = 0
+                for arm, prediction in rows:
+                    error = actual - prediction
+                    inserted += self.db.execute(
+                        "INSERT OR IGNORE INTO outcomes VALUES (?, ?, ?, ?, ?, ?, ?)",
+                        (request_id, instance, arm, actual, error, self.config.loss(error), when)).rowcount
+                if inserted:
+                    result.accepted += 1
+                else:
+                    result.duplicate.append(name)
+            self.db.execute("COMMIT")
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        return result
+
+    def stats(self) -> Dict[str, ArmStats]:
+        """Each arm's sums over its joined outcomes (arms without any: zero)."""
+        found = {arm: ArmStats(n, total, squares) for arm, n, total, squares in self.db.execute(
+            "SELECT arm, COUNT(*), SUM(loss), SUM(loss * loss) FROM outcomes GROUP BY arm")}
+        return {arm: found.get(arm, ArmStats()) for arm in self.config.arms}
+
+    def errors(self) -> Dict[str, np.ndarray]:
+        """Each arm's errors (actual - prediction) of the joined outcomes."""
+        result = {arm: [] for arm in self.config.arms}
+        for arm, error in self.db.execute("SELECT arm, error FROM outcomes"):
+            result.setdefault(arm, []).append(error)
+        return {arm: np.array(values) for arm, values in result.items()}
+
+    def routed(self) -> List[Tuple[float, str, int]]:
+        """(time, arm, version) of each answered (not shadow) request, in time order."""
+        return self.db.execute("SELECT time, arm, version FROM predictions WHERE shadow = 0 AND instance = 0 "
+                               "ORDER BY time").fetchall()
+
+    def versions(self) -> Dict[str, List[int]]:
+        """The versions each arm answered with (a label's version can change during an experiment)."""
+        found: Dict[str, List[int]] = {}
+        for arm, version in self.db.execute("SELECT arm, version FROM predictions GROUP BY arm, version "
+                                            "ORDER BY MIN(time)"):
+            found.setdefault(arm, []).append(version)
+        return found
+
+
+class Experiment:
+    """The server's side: routes requests, records them, takes feedback, keeps the statistics fresh."""
+
+    def __init__(self, config: ExperimentConfig):
+        self.config = config
+        self.store = Store(config)
+        self.policy = Policy(config)
+        self._stats = self.store.stats()
+        self._refreshed = time.monotonic()
+
+    def route(self, routing_key: Optional[str]) -> Tuple[str, Optional[str]]:
+        """(the arm that answers, the arm that shadows it or None)."""
+        if time.monotonic() - self._refreshed > REFRESH_SECONDS:  # other workers' feedback
+            self._stats, self._refreshed = self.store.stats(), time.monotonic()
+        arm = self.policy.choose(self._stats, routing_key)
+        return arm, (self.config.arms[1] if self.config.policy == "shadow" else None)
+
+    def feedback(self, items: Iterable[Tuple[str, int, float]]) -> FeedbackResult:
+        result = self.store.feedback(items)
+        self._stats, self._refreshed = self.store.stats(), time.monotonic()
+        return result
+
+
+def parse_feedback(payload: Any, where: str = "the body") -> List[Tuple[str, int, float]]:
+    """Feedback items from {"feedback": [{"request_id", "weight_pounds"[, "instance"]}, ...]} or one such object."""
+    items = payload.get("feedback", [payload]) if isinstance(payload, dict) else payload
+    if not isinstance(items, list) or not items:
+        raise ExperimentError(f'{where}: expected {{"feedback": [{{"request_id": ..., "weight_pounds": ...}}]}}')
+    parsed = []
+    for number, item in enumerate(items):
+        try:
+            request_id, actual = str(item["request_id"]), float(item["weight_pounds"])
+            instance = int(item.get("instance") or 0)
+        except (TypeError, KeyError, ValueError):
+            raise ExperimentError(f"{where}, item {number}: needs request_id and a numeric weight_pounds "
+                                  f"(and optionally instance), got {item!r}") from None
+        if not math.isfinite(actual):
+            raise ExperimentError(f"{where}, item {number}: weight_pounds {actual} is not a number")
+        parsed.append((request_id, instance, actual))
+    return parsed
