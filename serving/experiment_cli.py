@@ -4,6 +4,8 @@
     babyweight experiment report --experiment-file exp.yaml --output report.html
     babyweight experiment promote --experiment-file exp.yaml --model-config-file models.config
     babyweight experiment simulate --model-dir outputs/serving_model --versions 2,1 --data natality.csv
+    babyweight experiment vertex --experiment-file exp.yaml --project P --region R --endpoint babyweight \
+        --log-table P.babyweight_serving.request_response_logging --outcomes-table P.babyweight.outcomes
 """
 import argparse
 import csv
@@ -168,6 +170,56 @@ def promote(config: ExperimentConfig, model_config_file: str, model_name: str) -
             f"{path})")
 
 
+# Vertex AI logs each request and answer of the endpoint (pipeline/vertex_pusher.py turns it on); a client that
+# wants its outcomes joined sends its own id in the body's "parameters" (Vertex passes them to the container,
+# whose :predict ignores them) and writes (request_id, weight_pounds) to an outcomes table.
+VERTEX_QUERY = """SELECT log.deployed_model_id AS arm,
+  CAST(JSON_VALUE(log.response_payload[SAFE_OFFSET(0)], '$.predictions[0][0]') AS FLOAT64) AS prediction,
+  outcome.weight_pounds AS actual
+FROM `{log_table}` AS log
+JOIN `{outcomes_table}` AS outcome
+  ON JSON_VALUE(log.request_payload[SAFE_OFFSET(0)], '$.parameters.request_id') = outcome.request_id"""
+
+
+def percentages(shares: Dict[str, float]) -> Dict[str, int]:
+    """Whole percentages adding up to 100 (Vertex's traffic_split), by the largest remainders."""
+    exact = {arm: share * 100 for arm, share in shares.items()}
+    whole = {arm: int(math.floor(value)) for arm, value in exact.items()}
+    for arm in sorted(exact, key=lambda a: exact[a] - whole[a], reverse=True)[:100 - sum(whole.values())]:
+        whole[arm] += 1
+    return whole
+
+
+def vertex_split(config: ExperimentConfig, project: str, region: str, endpoint_name: str, log_table: str,
+                 outcomes_table: str, dry_run: bool = False, bigquery_client: Any = None) -> Dict[str, int]:
+    """The experiment's policy over the endpoint's deployed models, fed by the logged answers joined with the
+    outcomes table; sets the endpoint's traffic_split (unless dry_run) and returns it."""
+    from google.cloud import aiplatform
+
+    aiplatform.init(project=project, location=region)
+    endpoints = aiplatform.Endpoint.list(filter=f'display_name="{endpoint_name}"')
+    if not endpoints:
+        raise ExperimentError(f"no Vertex AI endpoint named {endpoint_name!r} in {project}/{region}")
+    endpoint = endpoints[0]
+    arms = tuple(sorted(endpoint.traffic_split))
+    if len(arms) < 2:
+        raise ExperimentError(f"endpoint {endpoint_name} has {len(arms)} deployed model(s); an experiment needs two")
+    if bigquery_client is None:
+        from google.cloud import bigquery
+
+        bigquery_client = bigquery.Client(project=project)
+    policy_config = dataclasses.replace(config, arms=arms, split=config.split if config.policy != "split" else
+                                        tuple(endpoint.traffic_split[arm] / 100 for arm in arms))
+    stats = {arm: ArmStats() for arm in arms}
+    for row in bigquery_client.query(VERTEX_QUERY.format(log_table=log_table, outcomes_table=outcomes_table)).result():
+        if row["arm"] in stats and row["prediction"] is not None:
+            stats[row["arm"]] = stats[row["arm"]].add(config.loss(row["actual"] - row["prediction"]))
+    split = percentages(Policy(policy_config, seed=0).shares(stats))
+    if not dry_run:
+        endpoint.update(traffic_split=split)
+    return split
+
+
 @dataclasses.dataclass
 class SimulationResult:
     policy: str
@@ -250,8 +302,19 @@ def main(argv: Optional[List[str]] = None) -> int:
     simulation.add_argument("--requests", type=int, default=20_000)
     simulation.add_argument("--delay", type=int, default=500, help="requests between an answer and its outcome")
     simulation.add_argument("--seed", type=int, default=1)
+    vertex = commands.add_parser("vertex", help="set a Vertex AI endpoint's traffic split by the experiment's policy")
+    vertex.add_argument("--experiment-file", required=True, help="its policy and reward (its arms: the endpoint's)")
+    for flag in ("project", "region", "endpoint", "log-table", "outcomes-table"):
+        vertex.add_argument(f"--{flag}", required=True)
+    vertex.add_argument("--dry-run", action="store_true", help="print the split without setting it")
     args = parser.parse_args(argv)
     try:
+        if args.command == "vertex":
+            split = vertex_split(experiment.load_config(args.experiment_file), args.project, args.region,
+                                 args.endpoint, args.log_table, args.outcomes_table, args.dry_run)
+            print(("would set" if args.dry_run else "set") + f" {args.endpoint}'s traffic_split: " +
+                  ", ".join(f"{arm} {share}%" for arm, share in split.items()))
+            return 0
         if args.command == "simulate":
             versions = args.versions.split(",")
             predictions, actual = version_predictions(args.model_dir, versions, args.data)

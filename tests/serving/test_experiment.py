@@ -208,3 +208,40 @@ def test_a_seeded_simulation_sends_the_best_version_most_traffic_with_less_regre
     assert bandit.best_share_last_half >= 0.9
     assert bandit.regret < 0.5 * split.regret
     assert split.best_share_last_half == pytest.approx(0.5, abs=0.05)
+
+
+def test_the_vertex_command_splits_an_endpoints_traffic_by_the_policy(tmp_path, monkeypatch, capsys):
+    """Offline: BigQuery's joined rows and Vertex AI's endpoint are faked, as the Pusher's tests fake them."""
+    from google.cloud import aiplatform
+
+    rng = np.random.default_rng(2)
+    rows = ([{"arm": "111", "prediction": 7.0, "actual": 7.0 + e} for e in rng.normal(0, 1.3, 400)]
+            + [{"arm": "222", "prediction": 7.0, "actual": 7.0 + e} for e in rng.normal(0, 0.8, 400)]
+            + [{"arm": "222", "prediction": None, "actual": 7.0}])  # an answer without a prediction: skipped
+    queries, updates, calls = [], [], {}
+
+    class FakeBigQuery:
+        def query(self, sql):
+            queries.append(sql)
+            return type("Job", (), {"result": lambda self: rows})()
+
+    class FakeEndpoint:
+        traffic_split = {"111": 50, "222": 50}
+
+        def update(self, traffic_split):
+            updates.append(traffic_split)
+
+    monkeypatch.setattr(aiplatform, "init", lambda **kwargs: calls.update(kwargs))
+    monkeypatch.setattr(aiplatform.Endpoint, "list", classmethod(lambda cls, filter: [FakeEndpoint()]))
+    config = experiment.load_config(str(_experiment_file(tmp_path)))
+    split = experiment_cli.vertex_split(config, "p", "us-central1", "babyweight", "p.logs.requests", "p.b.outcomes",
+                                        bigquery_client=FakeBigQuery())
+    assert calls == {"project": "p", "location": "us-central1"}
+    assert "FROM `p.logs.requests` AS log" in queries[0] and "JOIN `p.b.outcomes` AS outcome" in queries[0]
+    assert updates == [split] and sum(split.values()) == 100 and split["222"] >= 95
+    (tmp_path / "fixed").mkdir()
+    fixed = experiment.load_config(str(_experiment_file(tmp_path / "fixed", policy="split", split=[0.5, 0.5])))
+    assert experiment_cli.vertex_split(fixed, "p", "r", "babyweight", "l", "o", dry_run=True,
+                                       bigquery_client=FakeBigQuery()) == {"111": 50, "222": 50}
+    assert len(updates) == 1  # a dry run sets nothing
+    assert experiment_cli.percentages({"a": 1 / 3, "b": 1 / 3, "c": 1 / 3}) == {"a": 34, "b": 33, "c": 33}
