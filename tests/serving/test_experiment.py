@@ -245,3 +245,16 @@ def test_the_vertex_command_splits_an_endpoints_traffic_by_the_policy(tmp_path, 
                                        bigquery_client=FakeBigQuery()) == {"111": 50, "222": 50}
     assert len(updates) == 1  # a dry run sets nothing
     assert experiment_cli.percentages({"a": 1 / 3, "b": 1 / 3, "c": 1 / 3}) == {"a": 34, "b": 33, "c": 33}
+
+
+def test_the_simulate_command_replays_real_rows_through_served_versions(toy_versions, real_export_csv, tmp_path,
+                                                                       capsys):
+    rows = tmp_path / "rows.csv"
+    rows.write_text("".join(real_export_csv.open().readlines()[:1500]))
+    assert experiment_cli.main(["simulate", "--model-dir", str(toy_versions), "--versions", "1,2", "--data", str(rows),
+                                "--requests", "3000", "--delay", "100", "--seed", "3"]) == 0
+    printed = capsys.readouterr().out
+    lines = {line.split("  ")[0].strip(): line.split() for line in printed.splitlines()[2:]}
+    assert set(lines) == {"thompson", "split 50%/50%", "always 1"}, printed
+    assert float(lines["thompson"][-1]) >= 0.9 and float(lines["always 1"][-1]) == 0.0  # version 2 is nearer
+    assert float(lines["thompson"][-2]) < 0.5 * float(lines["split 50%/50%"][-2])
