@@ -35,6 +35,7 @@ from serving.settings import ServerSettings
 MODELS_ROUTE = re.compile(r"^/v1/models/(?P<name>[^/:]+)(?:/versions/(?P<version>[^/:]+)|/labels/(?P<label>[^/:]+))?"
                           r"(?P<action>/metadata|:predict|:regress|:feedback)?$")
 JSON = "application/json"
+ROUTING_HEADER = experiment.ROUTING_HEADER.encode()
 TRAFFIC_HEAD_RECORDS = 50_000  # newest request log records read for the traffic's head when a version loads
 
 
@@ -64,6 +65,7 @@ class ModelServer:
         self.log: Optional[request_log.RequestLog] = None
         self.experiment = (experiment.Experiment(experiment.load_config(settings.experiment_file))
                            if settings.experiment_file else None)
+        self._shadows: set = set()  # shadow predictions running after their requests were answered
         self._ids = itertools.count()
         self._id_prefix = secrets.token_hex(4)
 
@@ -122,11 +124,16 @@ class ModelServer:
             return _error(400, "this server runs no experiment (babyweight serve --experiment-file FILE)")
         try:
             items = experiment.parse_feedback(orjson.loads(await self._body(request, None)))
+            return _json(self.experiment.feedback(items).as_json())
         except orjson.JSONDecodeError as error:
             return _error(400, f"the body is not JSON: {error}")
-        except (experiment.ExperimentError, contract.RequestError) as error:
+        except experiment.ExperimentError as error:
             return _error(400, str(error))
-        return _json(self.experiment.feedback(items).as_json())
+        except contract.RequestError as error:
+            return _error(error.status, str(error))
+        except Exception:  # e.g. the state file locked too long: an answer in the API's form, logged
+            logging.exception("feedback failed")
+            return _error(500, "internal error taking the feedback (see the server's log)")
 
     def _status(self, version: Optional[int], label: Optional[str]) -> Response:
         try:
@@ -156,17 +163,26 @@ class ModelServer:
                 declared = value
             elif key == b"x-request-id":
                 request_id = value.decode("latin-1")
-            elif key == b"x-routing-key":
+            elif key == ROUTING_HEADER:
                 routing_key = value.decode("latin-1")
         request_id = request_id or self._new_id()
         version_name = "none"
         arm = shadow = None
         if self.experiment is not None and version is None and label is None:
             arm, shadow = self.experiment.route(routing_key)
-            version, label = (int(arm), None) if arm.isdigit() else (None, arm)
+            version, label = experiment.arm_target(arm)
         try:
             body = await self._body(request, declared)
-            handle = self.manager.resolve(version, label)
+            try:
+                handle = self.manager.resolve(version, label)
+            except (manager.NotFound, manager.Unavailable) as error:
+                incumbent = self.experiment.config.arms[0] if arm is not None else None
+                if arm is None or arm == incumbent:
+                    raise
+                # A client that asked for no version is answered: by the incumbent, while the arm can't.
+                logging.warning("arm %s can't answer (%s); the incumbent %s answers", arm, error, incumbent)
+                arm = incumbent
+                handle = self.manager.resolve(*experiment.arm_target(arm))
             version_name = str(handle.version)
             parsed = (contract.parse_regress(body, self.settings.max_instances) if route == "regress"
                       else contract.parse_predict(body, self.settings.max_instances))
@@ -203,12 +219,19 @@ class ModelServer:
 
     async def _record(self, request_id: str, arm: str, handle: Any, predictions: List[float], shadow: Optional[str],
                       parsed: contract.Request) -> None:
-        """The experiment's record of a routed request; in shadow mode the challenger's answer too (never returned)."""
-        self.experiment.store.record(request_id, arm, handle.version, predictions)
-        if shadow is None:
+        """The experiment's record of a routed request; in shadow mode the challenger is asked after the answer."""
+        if not self.experiment.store.record(request_id, arm, handle.version, predictions):
+            logging.warning("request id %s was recorded already: its first answer is the one outcomes join", request_id)
             return
+        if shadow is not None:
+            task = asyncio.get_running_loop().create_task(self._shadow(request_id, shadow, parsed))
+            self._shadows.add(task)
+            task.add_done_callback(self._shadows.discard)
+
+    async def _shadow(self, request_id: str, shadow: str, parsed: contract.Request) -> None:
+        """The challenger's predictions for a request already answered, recorded and never returned."""
         try:
-            challenger = self.manager.resolve(*((int(shadow), None) if shadow.isdigit() else (None, shadow)))
+            challenger = self.manager.resolve(*experiment.arm_target(shadow))
             shadowed, _ = await self._predictions(challenger, parsed)
             self.experiment.store.record(request_id, shadow, challenger.version, shadowed, shadow=True)
         except Exception:  # the shadow's failure is logged, never the client's

@@ -43,6 +43,8 @@ class ExperimentError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class ExperimentConfig:
+    """The experiment file's settings (see the module's docstring)."""
+
     arms: Tuple[str, ...]
     policy: str = "thompson"
     split: Tuple[float, ...] = ()
@@ -52,24 +54,36 @@ class ExperimentConfig:
     promote_level: float = 0.95
 
     def loss(self, error: float) -> float:
+        """An answer's loss from its error (actual - prediction), by the `reward` setting."""
         return abs(error) if self.reward == "absolute" else error * error
+
+
+def arm_target(arm: str) -> Tuple[Optional[int], Optional[str]]:
+    """(version, label) to resolve for an arm: a number names a version, anything else a label."""
+    return (int(arm), None) if arm.isdigit() else (None, arm)
 
 
 def load_config(path: str) -> ExperimentConfig:
     """The experiment file's settings, checked; relative `state` paths are relative to the file."""
+    where = f"experiment file {path}"
     try:
         values = yaml.safe_load(pathlib.Path(path).read_text()) or {}
     except (OSError, yaml.YAMLError) as error:
-        raise ExperimentError(f"experiment file {path}: {error}") from None
+        raise ExperimentError(f"{where}: {error}") from None
+    if not isinstance(values, dict):
+        raise ExperimentError(f"{where}: expected settings (arms: [...], policy: ...), got {values!r}")
     known = {f.name for f in dataclasses.fields(ExperimentConfig)}
     unknown = sorted(set(values) - known)
     if unknown:
-        raise ExperimentError(f"experiment file {path}: unknown setting(s) {', '.join(unknown)}; known: "
-                              f"{', '.join(sorted(known))}")
-    arms = tuple(str(arm) for arm in values.get("arms") or ())
-    values.update(arms=arms, split=tuple(float(share) for share in values.get("split") or ()))
+        raise ExperimentError(f"{where}: unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    try:
+        values.update(arms=tuple(str(arm) for arm in values.get("arms") or ()),
+                      split=tuple(float(share) for share in values.get("split") or ()),
+                      **{name: float(values[name]) for name in ("epsilon", "promote_level") if name in values})
+    except (TypeError, ValueError) as error:
+        raise ExperimentError(f"{where}: split, epsilon and promote_level take numbers: {error}") from None
     config = ExperimentConfig(**values)
-    where = f"experiment file {path}"
+    arms = config.arms
     if len(arms) < 2 or len(set(arms)) != len(arms):
         raise ExperimentError(f"{where}: 'arms' needs two or more different labels or versions, not {list(arms)}")
     if config.policy not in POLICIES:
@@ -102,6 +116,7 @@ class ArmStats:
         return self.loss_sum / self.n if self.n else math.nan
 
     def add(self, loss: float) -> "ArmStats":
+        """These sums with one more outcome's loss."""
         return ArmStats(self.n + 1, self.loss_sum + loss, self.loss_squares + loss * loss)
 
 
@@ -146,8 +161,10 @@ class Policy:
         if config.policy == "shadow":
             return arms[0]
         if config.policy == "split":
-            # A routing key hashes to the same point of [0, 1) every time: the same arm for the same patient.
-            point = (int.from_bytes(hashlib.sha256(routing_key.encode()).digest()[:8], "big") / 2 ** 64
+            # A routing key hashes to the same point of [0, 1) every time: the same arm for the same patient. The
+            # arms salt it, so the same patients aren't the first share of every experiment.
+            salted = "|".join(arms) + "|" + (routing_key or "")
+            point = (int.from_bytes(hashlib.sha256(salted.encode()).digest()[:8], "big") / 2 ** 64
                      if routing_key else self.rng.random())
             total = 0.0
             for arm, share in zip(arms, config.split):
@@ -156,12 +173,12 @@ class Policy:
                     return arm
             return arms[-1]
         if config.policy == "epsilon_greedy":
-            untried = [arm for arm in arms if stats.get(arm, ArmStats()).n == 0]
-            if untried:
-                return self.rng.choice(untried)
+            # Arms without outcomes are explored at the epsilon rate like the others (outcomes arrive days
+            # late: preferring them would send them everything meanwhile); with none scored, the incumbent.
+            tried = [arm for arm in arms if stats.get(arm, ArmStats()).n]
             if self.rng.random() < config.epsilon:
                 return self.rng.choice(arms)
-            return min(arms, key=lambda arm: stats[arm].mean)
+            return min(tried, key=lambda arm: stats[arm].mean) if tried else arms[0]
         beliefs = _posterior({arm: stats.get(arm, ArmStats()) for arm in arms})
         return min(arms, key=lambda arm: self.rng.gauss(*beliefs[arm]))
 
@@ -179,6 +196,8 @@ class Policy:
 
 @dataclasses.dataclass
 class FeedbackResult:
+    """What a batch of outcomes did: joined, or named as unknown or a duplicate."""
+
     accepted: int = 0
     unknown: List[str] = dataclasses.field(default_factory=list)
     duplicate: List[str] = dataclasses.field(default_factory=list)
@@ -214,12 +233,23 @@ class Store:
         self.db.close()
 
     def record(self, request_id: str, arm: str, version: int, predictions: Sequence[float], shadow: bool = False,
-               when: Optional[float] = None) -> None:
-        """One routed (or shadowed) request's predictions, one row per instance."""
+               when: Optional[float] = None) -> bool:
+        """One routed (or shadowed) request's predictions, one row per instance, in one transaction; False (and
+        nothing written) if the request id was recorded already (a client's retry keeps its first answer)."""
         when = time.time() if when is None else when
-        self.db.executemany("INSERT OR REPLACE INTO predictions VALUES (?, ?, ?, ?, ?, ?, ?)",
-                            [(request_id, index, arm, version, float(p), int(shadow), when)
-                             for index, p in enumerate(predictions)])
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            seen = self.db.execute("SELECT 1 FROM predictions WHERE request_id = ? AND shadow = ? LIMIT 1",
+                                   (request_id, int(shadow))).fetchone()
+            if not seen:
+                self.db.executemany("INSERT INTO predictions VALUES (?, ?, ?, ?, ?, ?, ?)",
+                                    [(request_id, index, arm, version, float(p), int(shadow), when)
+                                     for index, p in enumerate(predictions)])
+            self.db.execute("COMMIT")
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        return not seen
 
     def feedback(self, items: Iterable[Tuple[str, int, float]], when: Optional[float] = None) -> FeedbackResult:
         """Joins (request id, instance, actual weight) with the recorded predictions; each once."""
@@ -295,6 +325,7 @@ class Experiment:
         return arm, (self.config.arms[1] if self.config.policy == "shadow" else None)
 
     def feedback(self, items: Iterable[Tuple[str, int, float]]) -> FeedbackResult:
+        """Joins outcomes, then reads the statistics again at once."""
         result = self.store.feedback(items)
         self._stats, self._refreshed = self.store.stats(), time.monotonic()
         return result
@@ -308,11 +339,16 @@ def parse_feedback(payload: Any, where: str = "the body") -> List[Tuple[str, int
     parsed = []
     for number, item in enumerate(items):
         try:
+            if item["request_id"] in (None, ""):
+                raise ValueError("no request_id")
             request_id, actual = str(item["request_id"]), float(item["weight_pounds"])
-            instance = int(item.get("instance") or 0)
+            instance = float(item.get("instance") or 0)
+            if not instance.is_integer() or instance < 0:
+                raise ValueError("instance")
+            instance = int(instance)
         except (TypeError, KeyError, ValueError):
             raise ExperimentError(f"{where}, item {number}: needs request_id and a numeric weight_pounds "
-                                  f"(and optionally instance), got {item!r}") from None
+                                  f"(and optionally instance, a whole number), got {item!r}") from None
         if not math.isfinite(actual):
             raise ExperimentError(f"{where}, item {number}: weight_pounds {actual} is not a number")
         parsed.append((request_id, instance, actual))

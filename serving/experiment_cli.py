@@ -17,14 +17,13 @@ import math
 import pathlib
 import sys
 from collections import deque
-from typing import Any, Dict, List, Optional, Sequence
+import tempfile
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 
 from serving import experiment
 from serving.experiment import ArmStats, ExperimentConfig, ExperimentError, Policy
-
-Z95 = 1.96
 
 
 def read_feedback_file(path: pathlib.Path) -> List[tuple]:
@@ -34,11 +33,11 @@ def read_feedback_file(path: pathlib.Path) -> List[tuple]:
     except OSError as error:
         raise ExperimentError(f"{path}: {error}") from None
     if path.suffix == ".csv":
-        rows = list(csv.DictReader(io.StringIO(text)))
+        reader = csv.DictReader(io.StringIO(text))
         items = []
-        for number, row in enumerate(rows, start=2):
+        for row in reader:
             items += experiment.parse_feedback([{k: v for k, v in row.items() if v not in ("", None)}],
-                                               f"{path}, line {number}")
+                                               f"{path}, line {reader.line_num}")
         return items
     items = []
     for number, line in enumerate(text.splitlines(), start=1):
@@ -51,7 +50,8 @@ def read_feedback_file(path: pathlib.Path) -> List[tuple]:
     return items
 
 
-def _interval(values: np.ndarray, statistic, seed: int = 0, resamples: int = 2000) -> List[float]:
+def _interval(values: np.ndarray, statistic: Callable[[np.ndarray], float], seed: int = 0,
+              resamples: int = 2000) -> List[float]:
     """A 95% bootstrap interval of a statistic of the errors."""
     if len(values) < 2:
         return [math.nan, math.nan]
@@ -83,7 +83,7 @@ def report(config: ExperimentConfig, bins: int = 20) -> Dict[str, Any]:
         }
     shares: List[Dict[str, Any]] = []
     if routed:
-        edges = np.linspace(routed[0][0], routed[-1][0] + 1e-9, bins + 1)
+        edges = np.linspace(routed[0][0], np.nextafter(routed[-1][0], math.inf), bins + 1)  # the last one inside
         times = np.array([t for t, _, _ in routed])
         chosen = np.array([a for _, a, _ in routed])
         for low, high in zip(edges, edges[1:]):
@@ -154,18 +154,22 @@ def promote(config: ExperimentConfig, model_config_file: str, model_name: str) -
                               f"{winner}, is best with probability {chance:.3f} after "
                               f"{result['arms'][winner]['outcomes']} outcome(s); feed more outcomes")
     versions = result["arms"][winner]["versions"]
-    if not versions:
-        raise ExperimentError(f"arm {winner} answered no request, so it has no version to promote")
+    if len(versions) != 1:
+        raise ExperimentError(f"arm {winner} answered with versions {versions}: its outcomes can't say which version "
+                              "won; run a new experiment (a new state file) for the version it has now")
     path = pathlib.Path(model_config_file)
-    parsed = text_format.Parse(path.read_text(), model_server_config_pb2.ModelServerConfig())
+    try:
+        parsed = text_format.Parse(path.read_text(), model_server_config_pb2.ModelServerConfig())
+    except (OSError, text_format.ParseError) as error:
+        raise ExperimentError(f"{path}: {error}") from None
     entries = [c for c in parsed.model_config_list.config if c.name == model_name]
     if not entries:
         raise ExperimentError(f"{path}: no model named {model_name!r}")
     previous = entries[0].version_labels.get("stable")
     entries[0].version_labels["stable"] = versions[-1]
-    temporary = path.with_suffix(path.suffix + ".tmp")
-    temporary.write_text(text_format.MessageToString(parsed))
-    temporary.replace(path)  # the server re-reads the file whole, never half-written
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=path.name, delete=False) as temporary:
+        temporary.write(text_format.MessageToString(parsed))
+    pathlib.Path(temporary.name).replace(path)  # the server re-reads the file whole, never half-written
     return (f"stable: version {previous} -> {versions[-1]} (arm {winner}, best with probability {chance:.3f}; "
             f"{path})")
 
@@ -173,7 +177,7 @@ def promote(config: ExperimentConfig, model_config_file: str, model_name: str) -
 # Vertex AI logs each request and answer of the endpoint (pipeline/vertex_pusher.py turns it on); a client that
 # wants its outcomes joined sends its own id in the body's "parameters" (Vertex passes them to the container,
 # whose :predict ignores them) and writes (request_id, weight_pounds) to an outcomes table.
-VERTEX_QUERY = """SELECT log.deployed_model_id AS arm,
+VERTEX_QUERY = """SELECT outcome.request_id AS request_id, log.deployed_model_id AS arm,
   CAST(JSON_VALUE(log.response_payload[SAFE_OFFSET(0)], '$.predictions[0][0]') AS FLOAT64) AS prediction,
   outcome.weight_pounds AS actual
 FROM `{log_table}` AS log
@@ -201,19 +205,27 @@ def vertex_split(config: ExperimentConfig, project: str, region: str, endpoint_n
     if not endpoints:
         raise ExperimentError(f"no Vertex AI endpoint named {endpoint_name!r} in {project}/{region}")
     endpoint = endpoints[0]
-    arms = tuple(sorted(endpoint.traffic_split))
+    deployed = tuple(model.id for model in endpoint.list_models())  # also those at 0% of the traffic
+    if config.policy == "shadow":
+        raise ExperimentError("Vertex AI's traffic_split has no shadow mode: use split, thompson or epsilon_greedy")
+    if config.policy == "split" and not set(config.arms) <= set(deployed):
+        raise ExperimentError(f"a split on Vertex AI names deployed model ids as its arms; {endpoint_name} has "
+                              f"{', '.join(deployed)}, the file names {', '.join(config.arms)}")
+    arms = config.arms if set(config.arms) <= set(deployed) else deployed
     if len(arms) < 2:
         raise ExperimentError(f"endpoint {endpoint_name} has {len(arms)} deployed model(s); an experiment needs two")
     if bigquery_client is None:
         from google.cloud import bigquery
 
         bigquery_client = bigquery.Client(project=project)
-    policy_config = dataclasses.replace(config, arms=arms, split=config.split if config.policy != "split" else
-                                        tuple(endpoint.traffic_split[arm] / 100 for arm in arms))
     stats = {arm: ArmStats() for arm in arms}
+    seen = set()
     for row in bigquery_client.query(VERTEX_QUERY.format(log_table=log_table, outcomes_table=outcomes_table)).result():
-        if row["arm"] in stats and row["prediction"] is not None:
+        key = (row["request_id"], row["arm"])
+        if row["arm"] in stats and row["prediction"] is not None and key not in seen:  # each request once
+            seen.add(key)
             stats[row["arm"]] = stats[row["arm"]].add(config.loss(row["actual"] - row["prediction"]))
+    policy_config = dataclasses.replace(config, arms=arms)
     split = percentages(Policy(policy_config, seed=0).shares(stats))
     if not dry_run:
         endpoint.update(traffic_split=split)

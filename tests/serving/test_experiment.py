@@ -1,5 +1,6 @@
 """Experiments between versions: routing (sticky split, shadow, bandit), feedback joins, persistence, promotion."""
 import csv
+import dataclasses
 import json
 
 import numpy as np
@@ -57,7 +58,19 @@ def test_thompson_sampling_prefers_the_arm_with_the_lower_loss_and_still_tries_a
     assert chosen.count("b") < 0.02 * 2000 and chosen.count("a") > 0.4 * 2000
     assert chosen.count("c") > 0.2 * 2000  # no outcome yet: its belief is wide, so it is tried
     best = experiment.probability_best({**stats, "c": ArmStats(200, 200 * 0.9, 200 * 0.9 ** 2 + 200 * 0.3)})
-    assert best["a"] > 0.99 and sum(best.values()) == pytest.approx(1.0)
+    assert best["a"] > 0.99 and best["b"] < 0.01
+    shares = policy.shares(stats)
+    assert shares["b"] < 0.02 and shares["c"] > 0.2
+
+
+def test_epsilon_greedy_exploits_the_best_scored_arm_and_explores_at_its_rate_only():
+    policy = experiment.Policy(ExperimentConfig(("a", "b", "c"), "epsilon_greedy", epsilon=0.1), seed=2)
+    assert {policy.choose({}) for _ in range(200)} <= {"a", "b", "c"}
+    unscored = [policy.choose({}) for _ in range(3000)]
+    assert unscored.count("a") / 3000 == pytest.approx(0.9 + 0.1 / 3, abs=0.02)  # nothing scored: the incumbent
+    scored = [policy.choose({"b": ArmStats(5, 3.0, 2.0), "a": ArmStats(5, 4.0, 4.0)}) for _ in range(3000)]
+    assert scored.count("b") / 3000 == pytest.approx(0.9 + 0.1 / 3, abs=0.02)
+    assert scored.count("c") / 3000 == pytest.approx(0.1 / 3, abs=0.015)  # unscored: at the epsilon rate, no more
 
 
 def test_feedback_joins_late_outcomes_once_and_names_unknown_and_duplicate_ids(tmp_path):
@@ -69,6 +82,7 @@ def test_feedback_joins_late_outcomes_once_and_names_unknown_and_duplicate_ids(t
     first = store.feedback([("r1", 0, 7.5), ("r1", 1, 6.5), ("nope", 0, 7.0)])
     assert (first.accepted, first.unknown, first.duplicate) == (2, ["nope"], [])
     store.record("r3", "stable", 1, [9.0])  # more traffic before the late outcome of r2
+    assert not store.record("r2", "canary", 2, [1.0])  # a client's retry under the same id: the first answer stays
     again = store.feedback([("r1", 0, 7.5), ("r2", 0, 7.0)])
     assert (again.accepted, again.unknown, again.duplicate) == (1, [], ["r1"])
     store.close()
@@ -92,9 +106,9 @@ def test_the_batch_feedback_command_reads_csv_and_reports_what_it_could_not_join
     assert experiment_cli.main(["feedback", "--experiment-file", str(path), str(outcomes)]) == 1
     assert "0 outcome(s) joined; 1 unknown request id(s): b-9; 1 duplicate(s): a-1" in capsys.readouterr().out
     bad = tmp_path / "bad.csv"
-    bad.write_text("request_id,weight_pounds\na-1,heavy\n")
+    bad.write_text("request_id,weight_pounds\na-1,7\n\na-2,heavy\n")
     assert experiment_cli.main(["feedback", "--experiment-file", str(path), str(bad)]) == 1
-    assert "bad.csv, line 2, item 0: needs request_id and a numeric weight_pounds" in capsys.readouterr().err
+    assert "bad.csv, line 4, item 0: needs request_id and a numeric weight_pounds" in capsys.readouterr().err
 
 
 def test_a_served_split_is_sticky_says_its_arm_and_takes_feedback_across_a_restart(toy_versions, tmp_path):
@@ -128,12 +142,32 @@ def test_a_served_split_is_sticky_says_its_arm_and_takes_feedback_across_a_resta
     assert sum(a["requests"] for a in result["arms"].values()) == 50
 
 
+def test_a_restarted_bandit_routes_by_the_persisted_outcomes_and_an_absent_arm_falls_back(toy_versions, tmp_path):
+    exp = _experiment_file(tmp_path, arms=["stable", "canary", "ghost"])
+    store = experiment.Store(experiment.load_config(str(exp)))  # outcomes from before the restart
+    rng = np.random.default_rng(1)
+    for n, error in enumerate(np.concatenate([rng.normal(0, 1.5, 300), rng.normal(0, 0.5, 300)])):
+        arm = "stable" if n < 300 else "canary"
+        store.record(f"old-{n}", arm, {"stable": 1, "canary": 2}[arm], [7.0])
+        store.feedback([(f"old-{n}", 0, 7.0 + error)])
+    store.close()
+    flags = ("--model-config-file", str(_models_config(tmp_path, toy_versions)), "--experiment-file", str(exp))
+    with running_server(toy_versions, tmp_path / "logs", *flags, available=2) as url:
+        answers = [call(url + "/v1/models/babyweight:predict", {"instances": [MEDIUM]}) for _ in range(60)]
+    arms = [headers["x-experiment-arm"] for _, headers, _ in answers]
+    assert all(status == 200 for status, _, _ in answers)
+    # "ghost" is no label of the config: its draws are answered by the incumbent, and recorded as such.
+    assert "ghost" not in arms and arms.count("canary") > 0.5 * len(arms)
+    assert {headers["x-model-version"] for _, headers, _ in answers if headers["x-experiment-arm"] == "stable"} <= {"1"}
+
+
 def test_shadow_mode_answers_with_the_incumbent_and_records_the_challenger(toy_versions, tmp_path):
     exp = _experiment_file(tmp_path, policy="shadow")
     flags = ("--model-config-file", str(_models_config(tmp_path, toy_versions)), "--experiment-file", str(exp))
     with running_server(toy_versions, tmp_path / "logs", *flags, available=2) as url:
         answers = [call(url + "/v1/models/babyweight:predict", {"instances": [MEDIUM, dict(MEDIUM, mother_age=25)]},
                         {"X-Request-Id": f"s{n}"}) for n in range(5)]
+        call(url + "/v1/models/babyweight:predict", {"instances": [MEDIUM]})  # the shadows run after the answers
         call(url + "/v1/models/babyweight:feedback", {"feedback": [{"request_id": "s0", "weight_pounds": 9.0}]})
     for status, headers, body in answers:
         assert status == 200 and headers["x-model-version"] == "1" and headers["x-experiment-arm"] == "stable"
@@ -215,9 +249,12 @@ def test_the_vertex_command_splits_an_endpoints_traffic_by_the_policy(tmp_path, 
     from google.cloud import aiplatform
 
     rng = np.random.default_rng(2)
-    rows = ([{"arm": "111", "prediction": 7.0, "actual": 7.0 + e} for e in rng.normal(0, 1.3, 400)]
-            + [{"arm": "222", "prediction": 7.0, "actual": 7.0 + e} for e in rng.normal(0, 0.8, 400)]
-            + [{"arm": "222", "prediction": None, "actual": 7.0}])  # an answer without a prediction: skipped
+    rows = ([{"request_id": f"a{n}", "arm": "111", "prediction": 7.0, "actual": 7.0 + e}
+             for n, e in enumerate(rng.normal(0, 1.3, 400))]
+            + [{"request_id": f"b{n}", "arm": "222", "prediction": 7.0, "actual": 7.0 + e}
+               for n, e in enumerate(rng.normal(0, 0.8, 400))]
+            + [{"request_id": "c", "arm": "222", "prediction": None, "actual": 7.0}])  # no prediction: skipped
+    rows += [dict(rows[0])] * 500  # one request logged again and again: counted once
     queries, updates, calls = [], [], {}
 
     class FakeBigQuery:
@@ -227,6 +264,9 @@ def test_the_vertex_command_splits_an_endpoints_traffic_by_the_policy(tmp_path, 
 
     class FakeEndpoint:
         traffic_split = {"111": 50, "222": 50}
+
+        def list_models(self):
+            return [type("DeployedModel", (), {"id": model})() for model in ("111", "222")]
 
         def update(self, traffic_split):
             updates.append(traffic_split)
@@ -240,9 +280,13 @@ def test_the_vertex_command_splits_an_endpoints_traffic_by_the_policy(tmp_path, 
     assert "FROM `p.logs.requests` AS log" in queries[0] and "JOIN `p.b.outcomes` AS outcome" in queries[0]
     assert updates == [split] and sum(split.values()) == 100 and split["222"] >= 95
     (tmp_path / "fixed").mkdir()
-    fixed = experiment.load_config(str(_experiment_file(tmp_path / "fixed", policy="split", split=[0.5, 0.5])))
+    fixed = experiment.load_config(str(_experiment_file(tmp_path / "fixed", arms=["222", "111"], policy="split",
+                                                        split=[0.7, 0.3])))
     assert experiment_cli.vertex_split(fixed, "p", "r", "babyweight", "l", "o", dry_run=True,
-                                       bigquery_client=FakeBigQuery()) == {"111": 50, "222": 50}
+                                       bigquery_client=FakeBigQuery()) == {"222": 70, "111": 30}
+    with pytest.raises(ExperimentError, match="no shadow mode"):
+        experiment_cli.vertex_split(dataclasses.replace(config, policy="shadow"), "p", "r", "babyweight", "l", "o",
+                                    bigquery_client=FakeBigQuery())
     assert len(updates) == 1  # a dry run sets nothing
     assert experiment_cli.percentages({"a": 1 / 3, "b": 1 / 3, "c": 1 / 3}) == {"a": 34, "b": 33, "c": 33}
 
