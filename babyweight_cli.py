@@ -8,6 +8,7 @@
     babyweight predict --url URL FILE  predictions for a CSV or JSON-lines file from a server (serving/client.py)
     babyweight experiment ...          outcomes, report, promotion and simulation of an A/B test or bandit
                                        between versions (serving/experiment_cli.py)
+    babyweight predict-batch ...       predictions for CSV files in one Beam pipeline (serving/batch.py)
 """
 import importlib
 import sys
@@ -21,6 +22,7 @@ COMMANDS = {
     "serve": "serving.server",
     "predict": "serving.client",
     "experiment": "serving.experiment_cli",
+    "predict-batch": "serving.batch",
 }
 
 
