@@ -11,7 +11,7 @@ export TF_USE_LEGACY_KERAS := 1
 export TF_CPP_MIN_LOG_LEVEL := 2
 export PYTHONWARNINGS := ignore::FutureWarning
 
-.PHONY: run test test-fast mariadb wrk metadata simulate validate-serving serve predict bench-serving vertex bench quality schema-draft data clean
+.PHONY: run test test-fast mariadb wrk metadata simulate validate-serving serve predict predict-batch bench-serving vertex bench quality schema-draft data clean
 
 run: $(VENV)/.installed
 	$(PY) runner_local.py $(ARGS)
@@ -50,6 +50,11 @@ serve: $(VENV)/.installed
 # Predictions for a CSV or JSON-lines file from a server: make predict ARGS="--url http://127.0.0.1:8501 FILE"
 predict: $(VENV)/.installed
 	$(PY) -m babyweight_cli predict $(ARGS)
+
+# Predictions for CSV files in one Beam pipeline (README, Batch and streaming predictions):
+#   make predict-batch ARGS="--input 'data/natality/*.csv' --output outputs/predictions/run"
+predict-batch: $(VENV)/.installed
+	$(PY) -m babyweight_cli predict-batch $(ARGS)
 
 # The server under wrk's load beside the references (README, Serving benchmark): ARGS="--seconds 10"
 bench-serving: $(VENV)/.installed wrk
