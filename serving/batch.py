@@ -280,20 +280,27 @@ class Counts:
 def build(pipeline: beam.Pipeline, source: Source, sink: Sink, model_dir: str,
           version: Optional[str] = None) -> Predict:
     """source -> checks -> the core -> sink; returns the core (its version)."""
-    read = source.read(pipeline) | "CountRead" >> beam.Map(_count, "read")
+    read = source.read(pipeline) | "CountRead" >> beam.ParDo(Count("read"))
     records = read | "Checked" >> beam.ParDo(CheckedRecord()).with_outputs(REJECTED, main="ok")
     core = Predict(model_dir, version)
     outputs = records["ok"] | "Predict" >> core
     rejects = ((records[REJECTED], outputs[REJECTED]) | "AllRejected" >> beam.Flatten()
-               | "CountRejected" >> beam.Map(_count, "rejected"))
-    predictions = outputs[PREDICTIONS] | "CountPredicted" >> beam.Map(_count, "predicted")
+               | "CountRejected" >> beam.ParDo(Count("rejected")))
+    predictions = outputs[PREDICTIONS] | "CountPredicted" >> beam.ParDo(Count("predicted"))
     sink.write(predictions, rejects)
     return core
 
 
-def _count(element: Any, name: str) -> Any:
-    beam.metrics.Metrics.counter("babyweight", name).inc()
-    return element
+class Count(beam.DoFn):
+    """Passes elements on, counting them in the job's metrics (one counter object, not one per element)."""
+
+    def __init__(self, name: str):
+        super().__init__()
+        self.counter = beam.metrics.Metrics.counter("babyweight", name)
+
+    def process(self, element: Any) -> Iterator[Any]:
+        self.counter.inc()
+        yield element
 
 
 def counts(result: Any) -> Counts:
