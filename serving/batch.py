@@ -176,12 +176,43 @@ class CsvFiles(Source):
                 | "Rows" >> beam.FlatMap(csv_records))
 
 
-class Files(Sink):
-    """Development: predictions as JSON lines or CSV, rejected records as JSON lines, beside `prefix`."""
+class WatchedFolder(Source):
+    """Local streaming: CSV files landing in a folder (a glob), picked up as they appear, in fixed windows."""
 
-    def __init__(self, prefix: str, output_format: str = "jsonl"):
+    def __init__(self, pattern: str, poll_seconds: float = 5.0, window_seconds: int = 60,
+                 stop_after_seconds: float = 0):
+        self.pattern = pattern
+        self.poll_seconds = poll_seconds
+        self.window_seconds = window_seconds
+        self.stop_after_seconds = stop_after_seconds  # 0: until stopped
+
+    def read(self, pipeline: beam.Pipeline) -> beam.PCollection:
+        from apache_beam.utils.timestamp import MAX_TIMESTAMP, Timestamp
+
+        stop = Timestamp.now() + self.stop_after_seconds if self.stop_after_seconds else MAX_TIMESTAMP
+        return (pipeline | "Watch" >> fileio.MatchContinuously(self.pattern, interval=self.poll_seconds,
+                                                               start_timestamp=Timestamp.now(), stop_timestamp=stop)
+                | "Open" >> fileio.ReadMatches() | "Rows" >> beam.FlatMap(csv_records)
+                | "Window" >> beam.WindowInto(beam.window.FixedWindows(self.window_seconds)))
+
+
+class Files(Sink):
+    """Development: predictions as JSON lines or CSV, rejected records as JSON lines, beside `prefix`; from a
+    stream, files per window."""
+
+    def __init__(self, prefix: str, output_format: str = "jsonl", streaming: bool = False):
         self.prefix = prefix
         self.output_format = output_format
+        self.streaming = streaming
+
+    def _write_lines(self, lines: beam.PCollection, kind: str, suffix: str, header: Optional[str] = None) -> None:
+        name = f"{os.path.basename(self.prefix)}-{kind}"
+        if self.streaming:
+            lines | f"Write{kind}" >> fileio.WriteToFiles(
+                path=os.path.dirname(os.path.abspath(self.prefix)), shards=1,
+                file_naming=fileio.default_file_naming(prefix=name, suffix=suffix))
+        else:
+            lines | f"Write{kind}" >> beam.io.WriteToText(self.prefix + f"-{kind}", suffix, header=header)
 
     def write(self, predictions: beam.PCollection, rejects: beam.PCollection) -> None:
         if self.output_format == "csv":
@@ -192,14 +223,10 @@ class Files(Sink):
                 csv.writer(buffer, lineterminator="").writerow([row[c] for c in columns])
                 return buffer.getvalue()
 
-            (predictions | "CsvLines" >> beam.Map(line)
-             | "WritePredictions" >> beam.io.WriteToText(self.prefix + "-predictions", ".csv",
-                                                         header=",".join(columns)))
+            self._write_lines(predictions | "CsvLines" >> beam.Map(line), PREDICTIONS, ".csv", ",".join(columns))
         else:
-            (predictions | "JsonLines" >> beam.Map(json.dumps)
-             | "WritePredictions" >> beam.io.WriteToText(self.prefix + "-predictions", ".jsonl"))
-        (rejects | "RejectedLines" >> beam.Map(json.dumps)
-         | "WriteRejected" >> beam.io.WriteToText(self.prefix + "-rejected", ".jsonl"))
+            self._write_lines(predictions | "JsonLines" >> beam.Map(json.dumps), PREDICTIONS, ".jsonl")
+        self._write_lines(rejects | "RejectedLines" >> beam.Map(json.dumps), REJECTED, ".jsonl")
 
 
 def message_record(message: Any) -> Record:
@@ -333,6 +360,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--input", help="files: a glob of CSV files in the table's 31-column schema")
     parser.add_argument("--output", help="files: prefix of the predictions and rejected files")
     parser.add_argument("--format", choices=("jsonl", "csv"), default="jsonl", help="files: of the predictions")
+    parser.add_argument("--watch", action="store_true", help="files: keep picking up new files (streaming)")
+    parser.add_argument("--poll-seconds", type=float, default=5.0, help="--watch: how often the folder is listed")
+    parser.add_argument("--window-seconds", type=int, default=60, help="--watch: files are written per window")
+    parser.add_argument("--watch-seconds", type=float, default=0, help="--watch: stop after this long (0: Ctrl-C)")
     parser.add_argument("--profile", default="local", help="vertex: run on Dataflow with that profile's settings")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a profile setting")
     parser.add_argument("--subscription", help="vertex, streaming: projects/P/subscriptions/S of JSON messages")
@@ -371,8 +402,11 @@ def main(argv: Optional[List[str]] = None) -> int:
             pipeline.run()
             print(f"submitted to Dataflow: predictions into {args.table} (see the console's Dataflow jobs)")
             return 0
-        pipeline = beam.Pipeline(options=PipelineOptions(["--runner=DirectRunner"]))
-        core = build(pipeline, CsvFiles(args.input), Files(args.output, args.format), model_dir, args.version)
+        pipeline = beam.Pipeline(options=PipelineOptions(["--runner=DirectRunner"] + (["--streaming"] if args.watch
+                                                                                      else [])))
+        source = (WatchedFolder(args.input, args.poll_seconds, args.window_seconds, args.watch_seconds) if args.watch
+                  else CsvFiles(args.input))
+        core = build(pipeline, source, Files(args.output, args.format, streaming=args.watch), model_dir, args.version)
         result = pipeline.run()
         result.wait_until_finish()
     except (ValueError, OSError) as error:

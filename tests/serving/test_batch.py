@@ -187,3 +187,30 @@ def test_the_backfill_reads_a_query_and_cloud_settings_are_checked_before_any_ne
     assert batch.main(VERTEX + ["--query", "SELECT * FROM t", "--key-column", "id", "--table", "my-project:d.t",
                                 "--model-dir", str(version_dir), "--version", "3", "--dry-run"]) == 0
     assert "built the job for my-project; not submitted" in capsys.readouterr().out
+
+
+def test_the_watched_folder_predicts_a_file_written_after_the_job_started(version_dir, real_export_csv, tmp_path,
+                                                                          capsys):
+    import threading
+    import time
+
+    lines = real_export_csv.read_text().splitlines()
+    folder = tmp_path / "landing"
+    folder.mkdir()
+    (folder / "first.csv").write_text("\n".join(lines[:11]) + "\n")
+
+    def land_later():
+        time.sleep(3)
+        (folder / "second.csv.tmp").write_text("\n".join([lines[0]] + lines[11:21]) + "\n")
+        (folder / "second.csv.tmp").rename(folder / "second.csv")  # whole, as a copy tool would land it
+
+    writer = threading.Thread(target=land_later)
+    writer.start()
+    assert batch.main(["--input", str(folder / "*.csv"), "--output", str(tmp_path / "out" / "stream"), "--watch",
+                       "--poll-seconds", "0.5", "--window-seconds", "2", "--watch-seconds", "8",
+                       "--model-dir", str(version_dir)]) == 0
+    writer.join()
+    ids = {row["id"] for row in _read(str(tmp_path / "out" / "stream-predictions-*.jsonl"))}
+    ids |= {row["id"] for row in _read(str(tmp_path / "out" / "stream-rejected-*.jsonl"))}
+    assert ids == {f"first.csv:{n}" for n in range(2, 12)} | {f"second.csv:{n}" for n in range(2, 12)}
+    assert "20 row(s) read" in capsys.readouterr().out
