@@ -68,15 +68,17 @@ class VersionHandler(inference.ModelHandler):
         self.batch_size = batch_size
 
     def load_model(self) -> Any:
+        """The loaded SavedModel itself: its objects (the transform's tables) live as long as it does."""
         import tensorflow as tf
 
-        return tf.saved_model.load(self.version_dir).signatures["serving_raw"]
+        return tf.saved_model.load(self.version_dir)
 
     def run_inference(self, batch: Sequence[Tuple[Any, str]], model: Any,
                       inference_args: Optional[Dict[str, Any]] = None) -> Iterable[inference.PredictionResult]:
         from serving import loader
 
-        predictions = model(**loader.columns_of([key for key, _ in batch]))["predictions"].numpy().reshape(-1)
+        signature = model.signatures["serving_raw"]
+        predictions = signature(**loader.columns_of([key for key, _ in batch]))["predictions"].numpy().reshape(-1)
         return [inference.PredictionResult(example, float(value)) for example, value in zip(batch, predictions)]
 
     def batch_elements_kwargs(self) -> Dict[str, Any]:
@@ -136,23 +138,43 @@ class Sink(abc.ABC):
         """Adds the writes to the pipeline."""
 
 
-def csv_records(readable_file: Any) -> Iterator[Record]:
-    """The rows of one CSV file in the table's schema, named by file and line; a row whose field count isn't the
-    header's is a record without fields (it is rejected with its reason)."""
-    name = os.path.basename(readable_file.metadata.path)
-    text = readable_file.read().decode("utf-8-sig")
+def csv_records(readable_file: Any, root: str = "") -> Iterator[Record]:
+    """The rows of one CSV file in the table's schema, named by the file's path under `root` and the row's first
+    line; a row that can't be read (its field count isn't the header's, no value at all, a file that isn't UTF-8)
+    is a record without fields that is rejected with its reason."""
+    path = readable_file.metadata.path
+    name = os.path.relpath(path, root) if root else os.path.basename(path)
+    try:
+        text = readable_file.read().decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        yield Record(f"{name}:0", "", {"__error__": f"the file is not UTF-8 text: {error}"})
+        return
+    lines = io.StringIO(text).readlines()  # the same line breaks as the csv reader's
     reader = csv.reader(io.StringIO(text))
     header = next(reader, None)
-    lines = text.splitlines()
+    end = reader.line_num
     for row in reader:
-        where = f"{name}:{reader.line_num}"
-        original = lines[reader.line_num - 1] if reader.line_num - 1 < len(lines) else ",".join(row)
+        start, end = end + 1, reader.line_num  # a quoted field may hold line breaks: the row spans lines
+        where = f"{name}:{start}"
+        original = "".join(lines[start - 1:end]).rstrip("\r\n")
         if not any(field.strip() for field in row):
+            if row:  # a row of empty fields, not a blank line
+                yield Record(where, original, {"__error__": "no value in any field"})
             continue
         if len(row) != len(header):
             yield Record(where, original, {"__error__": f"{len(row)} fields; the header has {len(header)}"})
             continue
         yield Record(where, original, {key: value for key, value in zip(header, row) if value != ""})
+
+
+def glob_root(pattern: str) -> str:
+    """The folder of a glob before its first wildcard: ids are paths under it, so equal names in two folders differ."""
+    fixed = []
+    for part in pattern.split("/"):
+        if any(char in part for char in "*?["):
+            break
+        fixed.append(part)
+    return "/".join(fixed[:-1] if len(fixed) == len(pattern.split("/")) else fixed)
 
 
 class CheckedRecord(beam.DoFn):
@@ -173,7 +195,7 @@ class CsvFiles(Source):
 
     def read(self, pipeline: beam.Pipeline) -> beam.PCollection:
         return (pipeline | "Match" >> fileio.MatchFiles(self.pattern) | "Open" >> fileio.ReadMatches()
-                | "Rows" >> beam.FlatMap(csv_records))
+                | "Rows" >> beam.FlatMap(csv_records, glob_root(self.pattern)))
 
 
 class WatchedFolder(Source):
@@ -192,7 +214,7 @@ class WatchedFolder(Source):
         stop = Timestamp.now() + self.stop_after_seconds if self.stop_after_seconds else MAX_TIMESTAMP
         return (pipeline | "Watch" >> fileio.MatchContinuously(self.pattern, interval=self.poll_seconds,
                                                                start_timestamp=Timestamp.now(), stop_timestamp=stop)
-                | "Open" >> fileio.ReadMatches() | "Rows" >> beam.FlatMap(csv_records)
+                | "Open" >> fileio.ReadMatches() | "Rows" >> beam.FlatMap(csv_records, glob_root(self.pattern))
                 | "Window" >> beam.WindowInto(beam.window.FixedWindows(self.window_seconds)))
 
 
@@ -282,9 +304,15 @@ class BigQueryTables(Sink):
 
     def write(self, predictions: beam.PCollection, rejects: beam.PCollection) -> None:
         from apache_beam.io.gcp.bigquery import BigQueryDisposition, WriteToBigQuery
+        from apache_beam.io.gcp.bigquery_tools import RetryStrategy
+
+        # Transient errors are retried; a row BigQuery refuses for good goes to the error table (the default,
+        # retrying always, would stall the stream on it).
+        retry = RetryStrategy.RETRY_ON_TRANSIENT_ERROR
 
         written = predictions | "WritePredictions" >> WriteToBigQuery(
             self.table, schema=PREDICTION_SCHEMA, method=WriteToBigQuery.Method.STREAMING_INSERTS,
+            insert_retry_strategy=retry,
             create_disposition=BigQueryDisposition.CREATE_IF_NEEDED,
             write_disposition=BigQueryDisposition.WRITE_APPEND)
         refused = written.failed_rows_with_errors | "Refused" >> beam.Map(
@@ -293,6 +321,7 @@ class BigQueryTables(Sink):
         ((rejects, refused) | "AllErrors" >> beam.Flatten()
          | "WriteErrors" >> WriteToBigQuery(
              self.error_table, schema=REJECTED_SCHEMA, method=WriteToBigQuery.Method.STREAMING_INSERTS,
+             insert_retry_strategy=retry,
              create_disposition=BigQueryDisposition.CREATE_IF_NEEDED,
              write_disposition=BigQueryDisposition.WRITE_APPEND))
 
@@ -368,7 +397,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a profile setting")
     parser.add_argument("--subscription", help="vertex, streaming: projects/P/subscriptions/S of JSON messages")
     parser.add_argument("--query", help="vertex, backfill: a BigQuery query of rows in the table's schema")
-    parser.add_argument("--key-column", default="id", help="vertex, backfill: the column naming each row")
+    parser.add_argument("--key-column", help="vertex, backfill: the column naming each row")
     parser.add_argument("--table", help="vertex: PROJECT:DATASET.TABLE the predictions are written to")
     parser.add_argument("--error-table", help="vertex: rejected and refused rows (default: TABLE_errors)")
     parser.add_argument("--model-dir", help="the pushed models folder, local or gs:// (default: the profile's)")
@@ -381,6 +410,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         if cloud and not (args.table and bool(args.subscription) != bool(args.query)):
             raise config_lib.ConfigError("a vertex profile reads --subscription (streaming) or --query (backfill), "
                                          "one of them, and writes --table")
+        if cloud and args.query and not args.key_column:
+            raise config_lib.ConfigError("a backfill needs --key-column: the query's column that names each row")
+        if cloud and not (args.model_dir or "").startswith("gs://"):
+            raise config_lib.ConfigError("Dataflow's workers read the model from Cloud Storage: pass --model-dir "
+                                         "gs://... (the folder of pushed versions)")
         if not cloud and not (args.input and args.output):
             raise config_lib.ConfigError("files -> files needs --input GLOB and --output PREFIX")
     except config_lib.ConfigError as error:
@@ -411,6 +445,13 @@ def main(argv: Optional[List[str]] = None) -> int:
         result.wait_until_finish()
     except (ValueError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
+        return 2
+    except Exception as error:  # TensorFlow's file errors (a missing --model-dir) are no OSError
+        import tensorflow as tf
+
+        if not isinstance(error, tf.errors.OpError):
+            raise
+        print(f"error: {error.message}", file=sys.stderr)
         return 2
     found = counts(result)
     print(f"{found.read} row(s) read from {args.input}, {found.predicted} predicted by version {core.version}, "

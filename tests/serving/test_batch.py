@@ -38,8 +38,11 @@ def test_files_to_files_predict_every_good_row_as_the_signature_does_and_reject_
     assert batch.main(["--input", str(tmp_path / "in" / "*.csv"), "--output", str(tmp_path / "out" / "run"),
                        "--model-dir", str(version_dir)]) == 0
     summary = capsys.readouterr().out
-    predicted = {row["id"]: row for row in _read(str(tmp_path / "out" / "run-predictions-*.jsonl"))}
-    rejects = {row["id"]: row for row in _read(str(tmp_path / "out" / "run-rejected-*.jsonl"))}
+    predicted_rows = _read(str(tmp_path / "out" / "run-predictions-*.jsonl"))
+    rejected_rows = _read(str(tmp_path / "out" / "run-rejected-*.jsonl"))
+    predicted = {row["id"]: row for row in predicted_rows}
+    rejects = {row["id"]: row for row in rejected_rows}
+    assert len(predicted) == len(predicted_rows) and len(rejects) == len(rejected_rows)  # none doubled
     # Every row is predicted or rejected, never both, never lost; rows lacking a required feature are rejected.
     expected_ids = {f"a.csv:{n}" for n in range(2, 153)} | {f"b.csv:{n}" for n in range(2, 153)}
     assert set(predicted) | set(rejects) == expected_ids and not set(predicted) & set(rejects)
@@ -178,15 +181,53 @@ def test_the_production_graph_reads_the_subscription_and_streams_into_the_tables
     assert core.version == "3"
 
 
-def test_the_backfill_reads_a_query_and_cloud_settings_are_checked_before_any_network_call(version_dir, capsys):
-    assert batch.main(VERTEX + ["--query", "SELECT * FROM t", "--model-dir", str(version_dir), "--version", "3"]) == 2
-    assert "reads --subscription (streaming) or --query (backfill), one of them, and writes --table" in \
-        capsys.readouterr().err
-    assert batch.main(VERTEX[:-2] + ["--query", "SELECT 1", "--table", "p:d.t"]) == 2
+@pytest.mark.parametrize("args, message", [
+    (["--query", "SELECT 1", "--model-dir", "gs://b/m"], "reads --subscription (streaming) or --query (backfill)"),
+    (["--query", "SELECT 1", "--table", "p:d.t", "--model-dir", "gs://b/m"], "a backfill needs --key-column"),
+    (["--query", "SELECT 1", "--key-column", "k", "--table", "p:d.t"], "pass --model-dir gs://"),
+])
+def test_cloud_settings_are_checked_before_any_network_call(args, message, capsys):
+    assert batch.main(VERTEX + args) == 2
+    assert message in capsys.readouterr().err
+    assert batch.main(VERTEX[:-2] + args) == 2
     assert "needs serving_image" in capsys.readouterr().err
-    assert batch.main(VERTEX + ["--query", "SELECT * FROM t", "--key-column", "id", "--table", "my-project:d.t",
-                                "--model-dir", str(version_dir), "--version", "3", "--dry-run"]) == 0
+
+
+def test_a_backfill_job_is_built_from_a_query(capsys):
+    assert batch.main(VERTEX + ["--query", "SELECT * FROM t", "--key-column", "record_id", "--table", "my-project:b.p",
+                                "--model-dir", "gs://my-bucket/serving_model", "--version", "3", "--dry-run"]) == 0
     assert "built the job for my-project; not submitted" in capsys.readouterr().out
+
+
+class _File:
+    def __init__(self, path, data):
+        self.metadata = type("Metadata", (), {"path": path})()
+        self.data = data
+
+    def read(self):
+        return self.data
+
+
+def test_csv_rows_are_named_by_their_first_line_and_path_and_unreadable_ones_rejected():
+    text = 'a,b\n1,"two\nlines"\n,\n\n3,4\n5\n'
+    records = list(batch.csv_records(_File("/in/span-2/x.csv", text.encode()), "/in"))
+    assert [(r.id, r.text, r.fields) for r in records] == [
+        ("span-2/x.csv:2", '1,"two\nlines"', {"a": "1", "b": "two\nlines"}),
+        ("span-2/x.csv:4", ",", {"__error__": "no value in any field"}),
+        ("span-2/x.csv:6", "3,4", {"a": "3", "b": "4"}),
+        ("span-2/x.csv:7", "5", {"__error__": "1 fields; the header has 2"})]
+    broken = list(batch.csv_records(_File("/in/y.csv", b"a,b\n\xff\xfe,1\n"), "/in"))
+    assert broken[0].id == "y.csv:0" and "not UTF-8" in broken[0].fields["__error__"]
+
+
+def test_the_server_never_imports_beam():
+    """The serving image installs no Beam: what `babyweight serve` imports must not need it."""
+    import subprocess
+    import sys
+
+    loaded = subprocess.run([sys.executable, "-c", "import sys, serving.server, serving.app, serving.experiment_cli; "
+                             "print('apache_beam' in sys.modules)"], capture_output=True, text=True, check=True)
+    assert loaded.stdout.strip() == "False"
 
 
 def test_the_watched_folder_predicts_a_file_written_after_the_job_started(version_dir, real_export_csv, tmp_path,
