@@ -361,9 +361,11 @@ def main(argv: Optional[List[str]] = None) -> int:
                 print(json.dumps(result, indent=1))
             else:
                 for arm, a in result["arms"].items():
+                    mae_low, mae_high = a["mae_interval"]
+                    rmse_low, rmse_high = a["rmse_interval"]
                     print(f"{arm:<12} versions {a['versions']} requests {a['requests']} outcomes {a['outcomes']} "
-                          f"MAE {a['mae']:.3f} {a['mae_interval']} RMSE {a['rmse']:.3f} P(best) "
-                          f"{a['probability_best']:.3f}")
+                          f"MAE {a['mae']:.3f} [{mae_low:.3f}, {mae_high:.3f}] RMSE {a['rmse']:.3f} "
+                          f"[{rmse_low:.3f}, {rmse_high:.3f}] P(best) {a['probability_best']:.3f}")
                 if args.output:
                     print(f"report: {args.output}")
             return 0
