@@ -29,7 +29,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from models import features
-from serving import batching, cache, contract, experiment, manager, metrics, request_log
+from serving import batching, cache, contract, experiment, loader, manager, metrics, request_log
 from serving.settings import ServerSettings
 
 MODELS_ROUTE = re.compile(r"^/v1/models/(?P<name>[^/:]+)(?:/versions/(?P<version>[^/:]+)|/labels/(?P<label>[^/:]+))?"
@@ -194,7 +194,7 @@ class ModelServer:
         except manager.Unavailable as error:
             return self._refused(503, str(error), request_id, version_name, route)
         except tf.errors.InvalidArgumentError as error:  # the model refuses what the contract's check let through
-            return self._refused(400, _first_reason(error.message), request_id, version_name, route)
+            return self._refused(400, loader.first_reason(error.message), request_id, version_name, route)
         except Exception:  # a bug, not the request's fault: an answer in the API's form, counted, logged
             logging.exception("request %s failed", request_id)
             return self._refused(500, f"internal error answering request {request_id} (see the server's log)",
@@ -315,12 +315,6 @@ def _settle_memory() -> None:
     """
     gc.collect()
     gc.freeze()
-
-
-def _first_reason(message: str) -> str:
-    """The line of a TensorFlow error that says what is wrong (an assertion's text), not where."""
-    lines = [line.strip() for line in message.splitlines() if line.strip()]
-    return next((line for line in lines if "assertion failed" in line), lines[-1] if lines else message)
 
 
 def _json(payload: Any, status: int = 200) -> Response:

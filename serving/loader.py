@@ -39,6 +39,12 @@ class LoadedVersion:
     model: Any = dataclasses.field(repr=False, default=None)  # keeps the SavedModel's objects alive
 
 
+def first_reason(message: str) -> str:
+    """The line of a TensorFlow error that says what is wrong (an assertion's text), not where."""
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    return next((line for line in lines if "assertion failed" in line), lines[-1] if lines else message)
+
+
 def columns_of(keys: Sequence[features.InstanceKey]) -> Dict[str, tf.Tensor]:
     """serving_raw's inputs: one tensor per feature, NaN or "" where an instance has no value."""
     columns = {}

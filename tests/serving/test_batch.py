@@ -115,8 +115,8 @@ def test_streaming_messages_in_windows_a_late_one_and_a_malformed_one(version_di
         records = source.records(pipeline | stream)
         outputs = records | batch.Predict(str(version_dir))
         windows = (outputs[batch.PREDICTIONS]
-                   | beam.Map(lambda row, w=beam.DoFn.WindowParam: (row["id"], round(row["prediction"], 4),
-                                                                   row["model_version"], w.start)))
+                   | beam.FlatMap(lambda rows, w=beam.DoFn.WindowParam: [
+                       (row["id"], round(row["prediction"], 4), row["model_version"], w.start) for row in rows]))
         assert_that(windows, equal_to([
             ("m0", round(toy_model.expected(good, 2.5), 4), 12, 0),
             ("m1", round(toy_model.expected(dict(good, mother_age=25), 2.5), 4), 12, 0),
@@ -209,14 +209,15 @@ class _File:
 
 
 def test_csv_rows_are_named_by_their_first_line_and_path_and_unreadable_ones_rejected():
-    text = 'a,b\n1,"two\nlines"\n,\n\n3,4\n5\n'
-    records = list(batch.csv_records(_File("/in/span-2/x.csv", text.encode()), "/in"))
-    assert [(r.id, r.text, r.fields) for r in records] == [
-        ("span-2/x.csv:2", '1,"two\nlines"', {"a": "1", "b": "two\nlines"}),
-        ("span-2/x.csv:4", ",", {"__error__": "no value in any field"}),
-        ("span-2/x.csv:6", "3,4", {"a": "3", "b": "4"}),
-        ("span-2/x.csv:7", "5", {"__error__": "1 fields; the header has 2"})]
-    broken = list(batch.csv_records(_File("/in/y.csv", b"a,b\n\xff\xfe,1\n"), "/in"))
+    text = 'mother_age,state,is_male\n1,"two\nlines",true\n,,\n\n3,4,\n5\n'
+    batches = list(batch.csv_batches(_File("/in/span-2/x.csv", text.encode()), "/in", size=2))
+    assert [len(b) for b in batches] == [2, 2] and all(isinstance(b, batch.Batch) for b in batches)
+    assert [(r.id, r.text, r.fields) for b in batches for r in b] == [
+        ("span-2/x.csv:2", '1,"two\nlines",true', {"mother_age": "1", "is_male": "true"}),  # the model's features
+        ("span-2/x.csv:4", ",,", {"__error__": "no value in any field"}),
+        ("span-2/x.csv:6", "3,4,", {"mother_age": "3"}),
+        ("span-2/x.csv:7", "5", {"__error__": "1 fields; the header has 3"})]
+    broken = [r for b in batch.csv_batches(_File("/in/y.csv", b"a,b\n\xff\xfe,1\n"), "/in") for r in b]
     assert broken[0].id == "y.csv:0" and "not UTF-8" in broken[0].fields["__error__"]
 
 
@@ -230,28 +231,142 @@ def test_the_server_never_imports_beam():
     assert loaded.stdout.strip() == "False"
 
 
-def test_the_watched_folder_predicts_a_file_written_after_the_job_started(version_dir, real_export_csv, tmp_path,
-                                                                          capsys):
+def test_the_watched_folder_predicts_each_file_as_it_lands_while_the_job_runs(version_dir, real_export_csv, tmp_path,
+                                                                              capsys):
     import threading
     import time
 
     lines = real_export_csv.read_text().splitlines()
-    folder = tmp_path / "landing"
+    folder, out = tmp_path / "landing", tmp_path / "out"
     folder.mkdir()
     (folder / "first.csv").write_text("\n".join(lines[:11]) + "\n")
+    landed = []
 
-    def land_later():
-        time.sleep(3)
+    def land_after_the_first_is_predicted():
+        deadline = time.time() + 60
+        while not glob.glob(str(out / "stream-predictions-*.csv")) and time.time() < deadline:
+            time.sleep(0.2)
+        landed.append(bool(glob.glob(str(out / "stream-predictions-*.csv"))))  # written while the job runs
         (folder / "second.csv.tmp").write_text("\n".join([lines[0]] + lines[11:21]) + "\n")
         (folder / "second.csv.tmp").rename(folder / "second.csv")  # whole, as a copy tool would land it
 
-    writer = threading.Thread(target=land_later)
+    writer = threading.Thread(target=land_after_the_first_is_predicted)
     writer.start()
-    assert batch.main(["--input", str(folder / "*.csv"), "--output", str(tmp_path / "out" / "stream"), "--watch",
-                       "--poll-seconds", "0.5", "--window-seconds", "2", "--watch-seconds", "8",
+    assert batch.main(["--input", str(folder / "*.csv"), "--output", str(out / "stream"), "--watch", "--format",
+                       "csv", "--poll-seconds", "0.5", "--window-seconds", "2", "--watch-seconds", "12",
                        "--model-dir", str(version_dir)]) == 0
     writer.join()
-    ids = {row["id"] for row in _read(str(tmp_path / "out" / "stream-predictions-*.jsonl"))}
-    ids |= {row["id"] for row in _read(str(tmp_path / "out" / "stream-rejected-*.jsonl"))}
+    assert landed == [True]
+    files = sorted(glob.glob(str(out / "stream-predictions-*.csv")))
+    assert len(files) >= 2 and all(open(path).readline().strip() == "id,prediction,model_version,timestamp"
+                                   for path in files)
+    ids = {row["id"] for path in files for row in csv.DictReader(open(path))}
+    ids |= {row["id"] for row in _read(str(out / "stream-rejected-*.jsonl"))}
     assert ids == {f"first.csv:{n}" for n in range(2, 12)} | {f"second.csv:{n}" for n in range(2, 12)}
     assert "20 row(s) read" in capsys.readouterr().out
+
+
+def test_ctrl_c_stops_a_watching_job_and_says_what_it_wrote(version_dir, real_export_csv, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.csv").write_text("\n".join(real_export_csv.read_text().splitlines()[:31]) + "\n")
+    job = subprocess.Popen([sys.executable, "-m", "babyweight_cli", "predict-batch", "--input",
+                            str(tmp_path / "in" / "*.csv"), "--output", str(tmp_path / "out" / "s"), "--watch",
+                            "--poll-seconds", "0.5", "--model-dir", str(version_dir)],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                           env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
+    try:
+        deadline = time.time() + 90
+        while not glob.glob(str(tmp_path / "out" / "s-predictions-*")) and time.time() < deadline:
+            time.sleep(0.2)
+        job.send_signal(signal.SIGINT)
+        out, err = job.communicate(timeout=60)
+    finally:
+        job.kill()
+    predicted = len(_read(str(tmp_path / "out" / "s-predictions-*.jsonl")))
+    rejected = len(_read(str(tmp_path / "out" / "s-rejected-*.jsonl")))
+    assert job.returncode == 0, err[-2000:]
+    assert predicted + rejected == 30 and predicted > 0
+    assert f"stopped (Ctrl-C): {predicted} prediction(s) and {rejected} rejected row(s) written" in out
+
+
+def _one_by_one(records):
+    """The contract applied to each record alone (the server's path): accepted id -> model input, rejected -> why."""
+    accepted, reasons = {}, {}
+    for record in records:
+        try:
+            fields = record.fields if record.fields is not None else json.loads(record.text)
+            if not isinstance(fields, dict):
+                raise ValueError("expected an object of feature values")
+            accepted[record.id] = features.instance_key(client.to_instance(fields))
+        except ValueError as error:
+            reasons[record.id] = str(error)
+    return accepted, reasons
+
+
+def _assert_parsed_as_one_by_one(records):
+    parsed, rejects = batch.parse(records)
+    accepted, reasons = _one_by_one(records)
+    assert {row["id"]: row["reason"] for row in rejects} == reasons
+    assert parsed.ids == [record.id for record in records if record.id in accepted]
+    expected = loader.columns_of([accepted[record_id] for record_id in parsed.ids])
+    for name, values in expected.items():
+        if values.dtype == tf.string:
+            texts = [value.decode() if isinstance(value, bytes) else value for value in parsed.columns[name]]
+            assert texts == [value.decode() for value in values.numpy()], name
+        else:
+            np.testing.assert_array_equal(parsed.columns[name], values.numpy())
+
+
+def test_a_batch_is_read_column_by_column_exactly_as_the_contract_reads_each_row(real_export_csv):
+    """Real rows (plain values, some lacking a required feature) take the column path, and give what each row
+    gives through the server's contract; so does a batch of odd JSON values, which goes row by row."""
+    plain = [r for b in batch.csv_batches(_File(str(real_export_csv), real_export_csv.read_bytes()), size=2000)
+             for r in b][:2000]
+    assert batch._plain_columns([r.fields for r in plain]) is not None  # the column path really runs
+    lacking = [r for r in plain if "gestation_weeks" not in r.fields or r.fields["gestation_weeks"] == "99"]
+    assert lacking  # real rows lack gestation weeks: they are checked one by one and rejected
+    _assert_parsed_as_one_by_one(plain)
+    good = {"mother_age": 30, "gestation_weeks": 39}
+    odd = [dict(good), dict(good, mother_age="31"), dict(good, mother_age=True), dict(good, mother_age=[32]),
+           dict(good, mother_age=[32, 33]), dict(good, is_male=True), dict(good, is_male=1), dict(good, plurality=""),
+           dict(good, gestation_weeks=99), dict(good, gestation_weeks=None), dict(good, unknown_feature=1),
+           dict(good, mother_age="thirty"), dict(good, father_age=float("nan"))]
+    records = [batch.Record(f"m{n}", json.dumps(values)) for n, values in enumerate(odd)]
+    records += [batch.Record("list", "[1, 2]"), batch.Record("broken", "{not json"),
+                batch.Record("cut", "", {"__error__": "2 fields; the header has 31"})]
+    assert batch._plain_columns([json.loads(r.text) for r in records[:len(odd)]]) is None
+    _assert_parsed_as_one_by_one(records[:-1])
+    assert {"id": "cut", "reason": "2 fields; the header has 31", "text": ""} in batch.parse(records)[1]
+
+
+def test_an_instance_the_model_refuses_or_answers_without_a_number_is_rejected_and_the_rest_predicted(tmp_path):
+    import apache_beam as beam
+    from apache_beam.testing.util import assert_that, equal_to
+
+    toy_model.save(tmp_path / "5", offset=2.0, nonsense_when=("father_age", 77))
+    good = {"mother_age": 30, "gestation_weeks": 39}
+    records = batch.Batch(batch.Record(f"r{n}", json.dumps(dict(good, father_age=age)))
+                          for n, age in enumerate([40, 77, 41]))
+    with beam.Pipeline() as pipeline:
+        outputs = pipeline | beam.Create([records]) | batch.Predict(str(tmp_path))
+        assert_that(outputs[batch.PREDICTIONS] | beam.FlatMap(lambda rows: [(r["id"], round(r["prediction"], 4))
+                                                                             for r in rows]),
+                    equal_to([("r0", round(toy_model.expected(good, 2.0), 4)),
+                              ("r2", round(toy_model.expected(good, 2.0), 4))]), label="predicted")
+        assert_that(outputs[batch.REJECTED] | beam.Map(lambda row: (row["id"], row["reason"])),
+                    equal_to([("r1", "the model's prediction is not a number: nan")]), label="rejected")
+    # A batch the model refuses as a whole is predicted one by one: only the instance it refuses is rejected.
+    handler = batch.VersionHandler(str(tmp_path / "5"))
+    keys = [features.instance_key(good), features.instance_key({"mother_age": 30}), features.instance_key(good)]
+    parsed = batch.Parsed(["a", "b", "c"], ["", "", ""],
+                          {name: tensor.numpy() for name, tensor in loader.columns_of(keys).items()})
+    (result,) = handler.run_inference([parsed], handler.load_model())
+    predictions, refused = result.inference
+    assert list(refused) == [1] and "missing required feature in instance(s)" in refused[1]
+    np.testing.assert_allclose(predictions[[0, 2]], [toy_model.expected(good, 2.0)] * 2, rtol=1e-6)
