@@ -11,7 +11,7 @@ export TF_USE_LEGACY_KERAS := 1
 export TF_CPP_MIN_LOG_LEVEL := 2
 export PYTHONWARNINGS := ignore::FutureWarning
 
-.PHONY: run test test-fast mariadb wrk metadata simulate validate-serving serve predict predict-batch bench-serving vertex bench quality schema-draft data clean
+.PHONY: run test test-fast mariadb wrk metadata simulate validate-serving serve predict predict-batch bench-predict bench-serving vertex bench quality schema-draft data clean
 
 run: $(VENV)/.installed
 	$(PY) runner_local.py $(ARGS)
@@ -55,6 +55,10 @@ predict: $(VENV)/.installed
 #   make predict-batch ARGS="--input 'data/natality/*.csv' --output outputs/predictions/run"
 predict-batch: $(VENV)/.installed
 	$(PY) -m babyweight_cli predict-batch $(ARGS)
+
+# predict-batch on a million generated rows beside the server and the bare signature (README, Batch predictions)
+bench-predict: $(VENV)/.installed
+	$(PY) -m serving.bench_predict $(ARGS)
 
 # The server under wrk's load beside the references (README, Serving benchmark): ARGS="--seconds 10"
 bench-serving: $(VENV)/.installed wrk
