@@ -4,6 +4,7 @@ Any setting can come from the environment as BABYWEIGHT_<SETTING> (e.g. BABYWEIG
 the profile file's value yields to and a --set flag overrides.
 """
 import dataclasses
+import glob
 import os
 import pathlib
 import re
@@ -65,6 +66,9 @@ class PipelineConfig:
     infra_max_p99_ms: float  # ms: nor one whose single-row requests' p99 is above this
     infra_load_timeout_seconds: float  # nor one that has not loaded the model after this long
     orchestrator: str = "local"  # local: LocalDagRunner here; vertex: Vertex Pipelines, Dataflow, Vertex AI
+    # A folder (or gs:// one) of unlabelled CSV files in the table's schema that each run's blessed model predicts
+    # with TFX's BulkInferrer; '' = no such step
+    bulk_inference_dir: str = ""
     tpu_address: str = ""  # strategy tpu: the TPU to connect to ('' = the training job's own)
     # Google Cloud, for the vertex orchestrator
     gcp_project: str = ""
@@ -209,6 +213,10 @@ def load_config(profile: str = "local", overrides: Optional[Mapping[str, Any]] =
     for key in ("data_dir", "output_dir", "schema_dir"):
         path = pathlib.Path(typed[key]).expanduser()
         typed[key] = str(path if path.is_absolute() else (PROJECT_ROOT / path))
+    bulk = typed.get("bulk_inference_dir", "")
+    if bulk and "://" not in bulk:
+        path = pathlib.Path(bulk).expanduser()
+        typed["bulk_inference_dir"] = str(path if path.is_absolute() else (PROJECT_ROOT / path))
     if typed["input_pattern"] == "auto":
         typed["input_pattern"] = _input_pattern(pathlib.Path(typed["data_dir"]))
     config = PipelineConfig(profile=profile, **typed)
@@ -250,6 +258,10 @@ def _check(config: PipelineConfig, profile_path: pathlib.Path) -> None:
     for name in ("mask_rate", "min_imputed_presence"):
         if not 0 <= getattr(config, name) <= 1:
             raise ConfigError(f"{name} must be between 0 and 1, not {getattr(config, name)}")
+    bulk = config.bulk_inference_dir
+    if bulk and "://" not in bulk and not glob.glob(os.path.join(bulk, "*.csv")):
+        raise ConfigError(f"bulk_inference_dir {bulk} holds no CSV file (*.csv) to predict; set it to a folder of "
+                          "unlabelled rows in the table's schema, or to '' for no BulkInferrer step")
     for name in ("infra_eval_requests", "infra_max_memory_mb", "infra_max_p99_ms", "infra_load_timeout_seconds"):
         if getattr(config, name) <= 0:
             raise ConfigError(f"{name} must be positive, not {getattr(config, name)} (set it in {profile_path})")

@@ -6,7 +6,7 @@ with quotes (R's write.csv) keeps them in every name. Here the header is parsed 
 without the mark; everything else (reading the rows, CRLF line ends included, inferring types, splits,
 spans, fingerprints, caching) is TFX's own executor.
 """
-from typing import List
+from typing import Any, List
 
 import apache_beam as beam
 from google.protobuf import wrappers_pb2
@@ -18,6 +18,7 @@ from tfx.dsl.io import fileio
 from tfx.proto import example_gen_pb2
 from tfx_bsl.coders import csv_decoder
 
+from models import features
 from pipeline import csv_check
 
 
@@ -71,3 +72,34 @@ class CsvExampleGen(tfx.components.CsvExampleGen):
         custom_config.custom_config.Pack(wrappers_pb2.StringValue(value=code_fingerprint))
         FileBasedExampleGen.__init__(self, input_base=input_base, input_config=input_config,
                                      output_config=output_config, custom_config=custom_config)
+
+
+def lacks_required(example: Any) -> bool:
+    """Whether a tf.Example lacks a required feature of the serving contract (models/features.py)."""
+    values = {}
+    for column in features.REQUIRED_FEATURES:
+        if column.name in example.features.feature:
+            feature = example.features.feature[column.name]
+            kind = feature.WhichOneof("kind")
+            values[column.name] = list(getattr(feature, kind).value) if kind else []
+    return bool(features.missing_required(values))
+
+
+class _UnlabelledCsvToExample(_CsvToExample):  # pylint: disable=protected-access
+    """`_CsvToExample` without the rows that lack a required feature: the model refuses them (the serving
+    contract), and one such row in a batch fails BulkInferrer's whole step."""
+
+    def expand(self, pipeline: beam.Pipeline) -> beam.pvalue.PCollection:
+        return super().expand(pipeline) | "RequiredFeatures" >> beam.Filter(lambda example: not lacks_required(example))
+
+
+class UnlabelledExecutor(csv_executor.Executor):
+    def GetInputSourceToExamplePTransform(self) -> beam.PTransform:  # noqa: N802 (TFX's name)
+        return _UnlabelledCsvToExample
+
+
+class UnlabelledCsvExampleGen(CsvExampleGen):
+    """Unlabelled rows for BulkInferrer: `CsvExampleGen` leaving out the rows the model would refuse."""
+
+    EXECUTOR_SPEC = executor_spec.BeamExecutorSpec(UnlabelledExecutor)
+

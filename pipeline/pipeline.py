@@ -1,6 +1,6 @@
 """The one definition of the babyweight pipeline; runners pick an orchestrator and call it."""
 import pathlib
-from typing import List
+from typing import Any, List
 
 import tensorflow_model_analysis as tfma
 from google.protobuf.wrappers_pb2 import BoolValue
@@ -168,9 +168,34 @@ def pusher_component(config: PipelineConfig, **inputs) -> tfx.types.BaseNode:
     }, **inputs)
 
 
+PREDICTED_COLUMN = "predicted_weight_pounds"  # the feature BulkInferrer adds to each unlabelled example
+UNLABELLED_SPLIT = "unlabelled"
+
+
+def bulk_inference_components(config: PipelineConfig, model: Any, blessing: Any,
+                               after: tfx.types.BaseNode) -> List[tfx.types.BaseNode]:
+    """The unlabelled rows of bulk_inference_dir, predicted by the run's model if the Evaluator blessed it (TFX's
+    BulkInferrer, through its serving_default signature): tf.Examples with a `predicted_weight_pounds` feature,
+    so a scheduled run also delivers a batch of predictions. Rows lacking a required feature are left out (the
+    model refuses them); the step runs `after` the push, so its failure can't hold a model back."""
+    unlabelled = csv_example_gen.UnlabelledCsvExampleGen(
+        input_base=config.bulk_inference_dir, code_fingerprint=code_fingerprint(csv_example_gen.__name__),
+        input_config=tfx.proto.Input(splits=[tfx.proto.Input.Split(name=UNLABELLED_SPLIT, pattern="*.csv")]),
+        output_config=tfx.proto.Output()).with_id("UnlabelledExampleGen")
+    inferrer = tfx.components.BulkInferrer(
+        examples=unlabelled.outputs["examples"], model=model, model_blessing=blessing,
+        data_spec=tfx.proto.DataSpec(example_splits=[UNLABELLED_SPLIT]),
+        model_spec=tfx.proto.ModelSpec(model_signature_name=["serving_default"]),
+        output_example_spec=tfx.proto.OutputExampleSpec(output_columns_spec=[tfx.proto.OutputColumnsSpec(
+            predict_output=tfx.proto.PredictOutput(output_columns=[tfx.proto.PredictOutputCol(
+                output_key="predictions", output_column=PREDICTED_COLUMN)]))]))
+    inferrer.add_upstream_node(after)
+    return [unlabelled, inferrer]
+
+
 def create_pipeline(config: PipelineConfig) -> tfx.dsl.Pipeline:
     """Wires ExampleGen -> statistics, schema, validation and gate -> Transform -> Trainer -> Evaluator ->
-    InfraValidator -> Pusher.
+    InfraValidator -> Pusher (and, with bulk_inference_dir, the blessed model's predictions of unlabelled rows).
 
     Each run ingests the newest span. Locally, validation compares it with the previous validated span
     and Transform and Trainer read the last `training_window_spans` validated spans, all resolved from
@@ -277,6 +302,9 @@ def create_pipeline(config: PipelineConfig) -> tfx.dsl.Pipeline:
                               infra_blessing=infra_validator.outputs["blessing"])
 
     components += [transform, trainer, tree_baseline, model_resolver, evaluator, monitor, infra_validator, pusher]
+    if config.bulk_inference_dir:
+        components += bulk_inference_components(config, trainer.outputs["model"], evaluator.outputs["blessing"],
+                                                 after=pusher)
     return tfx.dsl.Pipeline(
         pipeline_name=config.pipeline_name,
         pipeline_root=config.pipeline_root,

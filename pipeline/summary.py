@@ -125,6 +125,28 @@ def infra_lines(record: Dict, indent: str = "  ") -> List[str]:
     return lines
 
 
+def bulk_inference_line(config: PipelineConfig, uri: str) -> str:
+    """How many of bulk_inference_dir's rows BulkInferrer predicted, and where the predictions are."""
+    import csv
+    import glob
+
+    import tensorflow as tf
+
+    from pipeline.pipeline import PREDICTED_COLUMN
+
+    files = tf.io.gfile.glob(f"{uri}/Split-*/*")
+    if not files:
+        return "  bulk inference: nothing predicted (the Evaluator did not bless the model)"
+    predicted = sum(1 for _ in tf.data.TFRecordDataset(files, compression_type="GZIP"))
+    rows = 0
+    for path in glob.glob(f"{config.bulk_inference_dir}/*.csv"):
+        with open(path, newline="", encoding="utf-8-sig") as handle:
+            rows += max(0, sum(1 for row in csv.reader(handle) if any(field.strip() for field in row)) - 1)
+    left_out = f", {rows - predicted} of {rows} left out: they lack a required feature" if rows > predicted else ""
+    return (f"  bulk inference: {predicted} unlabelled rows predicted{left_out}; tf.Examples with "
+            f"{PREDICTED_COLUMN}: {files[0].rsplit('/', 1)[0]}")
+
+
 def latest_run(config: PipelineConfig) -> Optional[Tuple[str, List[mlmd.StepRecord]]]:
     """The latest run's name and steps, or None before the first run."""
     if not pathlib.Path(config.metadata_path).is_file():
@@ -178,6 +200,10 @@ def summarize_run(config: PipelineConfig, run_name: str, steps: List[mlmd.StepRe
         refused = [check["name"] for check in infra_record.get("checks", []) if not check["passed"]]
         lines.append("  pushed: no (" + (f"infra validation failed: {', '.join(refused)}" if refused
                                         else "the Evaluator did not bless the model") + ")")
+
+    inferred = output_of(steps, "BulkInferrer", "output_examples")
+    if inferred is not None:
+        lines.append(bulk_inference_line(config, inferred.uri))
 
     lines.append("  seconds per component:")
     lines.extend(f"    {step.node_id:<32} {step.state:<9} {step.seconds:6.1f}" for step in steps)

@@ -14,6 +14,7 @@ import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
 
 from data import generator  # noqa: E402
+from models import features  # noqa: E402
 from pipeline import config as config_lib  # noqa: E402
 from pipeline import run as run_lib  # noqa: E402
 from pipeline import mlmd  # noqa: E402
@@ -63,8 +64,29 @@ def real_export_run(tmp_path_factory, real_export_csv):
     root = tmp_path_factory.mktemp("real")
     (root / "export").mkdir()
     shutil.copy(real_export_csv, root / "export")
-    config = config_lib.load_config(overrides={"data_dir": str(root / "export"), "output_dir": str(root / "out")})
+    # Unlabelled births for the BulkInferrer step: real rows without their weight, some lacking a required feature.
+    (root / "unlabelled").mkdir()
+    (root / "unlabelled" / "births.csv").write_text(_unlabelled_rows(real_export_csv))
+    config = config_lib.load_config(overrides={"data_dir": str(root / "export"), "output_dir": str(root / "out"),
+                                               "bulk_inference_dir": str(root / "unlabelled")})
     return config, run_pipeline(config)
+
+
+def _unlabelled_rows(path: pathlib.Path) -> str:
+    """The header and rows 2-301 of a CSV export with weight_pounds emptied, and the first rows after them lacking
+    gestation weeks (no value, or the 'unknown' code 99)."""
+    import csv
+    import io
+
+    rows = list(csv.reader(path.open()))
+    header, body = rows[0], rows[1:]
+    label, weeks = header.index(features.LABEL.name), header.index("gestation_weeks")
+    chosen = body[:300] + [row for row in body[300:] if row[weeks] in ("", "99")][:5]
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(header)
+    writer.writerows(row[:label] + [""] + row[label + 1:] for row in chosen)
+    return out.getvalue()
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -247,3 +247,16 @@ def test_the_pusher_creates_the_endpoint_with_request_response_logging(monkeypat
     vertex_pusher.ensure_logging_endpoint("p", "us-central1", "babyweight", logging_config)
     assert [name for name, _ in calls] == ["init", "list"]
     assert "exists without request-response logging" in caplog.text
+
+
+def test_bulk_inference_predicts_unlabelled_rows_on_dataflow_after_the_push(tmp_path):
+    """With bulk_inference_dir (a gs:// folder of CSV files), the run also predicts them with TFX's BulkInferrer."""
+    spec, tasks, executors = _compile(tmp_path, "bulk_inference_dir=gs://my-bucket/unlabelled")
+    assert _parameters(tasks["UnlabelledExampleGen"])["input_base"] == "gs://my-bucket/unlabelled"
+    inferrer = tasks["BulkInferrer"]
+    assert {(name, a["taskOutputArtifact"]["producerTask"]) for name, a in inferrer["inputs"]["artifacts"].items()} == {
+        ("examples", "UnlabelledExampleGen"), ("model", "Trainer"), ("model_blessing", "Evaluator")}
+    assert "Pusher" in inferrer["dependentTasks"]
+    executor = json.dumps(executors[spec["components"][inferrer["componentRef"]["name"]]["executorLabel"]])
+    assert "--runner=DataflowRunner" in executor and IMAGE in executor
+    assert "BulkInferrer" not in _compile(tmp_path)[1]  # off by default

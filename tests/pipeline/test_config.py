@@ -63,3 +63,13 @@ def test_warning_checks_come_as_a_list_or_comma_separated():
     assert config_lib.load_config().warning_checks == ()
     assert config_lib.load_config(overrides={"warning_checks": "drift, unexpected"}).warning_checks == (
         "drift", "unexpected")
+
+
+def test_bulk_inference_dir_is_off_by_default_and_needs_csv_files_when_set(tmp_path):
+    assert config_lib.load_config().bulk_inference_dir == ""
+    with pytest.raises(config_lib.ConfigError, match=f"bulk_inference_dir {tmp_path} holds no CSV file"):
+        config_lib.load_config(overrides={"bulk_inference_dir": str(tmp_path)})
+    (tmp_path / "births.csv").write_text("mother_age\n30\n")
+    assert config_lib.load_config(overrides={"bulk_inference_dir": str(tmp_path)}).bulk_inference_dir == str(tmp_path)
+    cloud = config_lib.load_config(overrides={"bulk_inference_dir": "gs://b/unlabelled"})  # read by the workers
+    assert cloud.bulk_inference_dir == "gs://b/unlabelled"

@@ -77,3 +77,46 @@ def _example(instance: dict) -> bytes:
         else:
             feature[column.name] = tf.train.Feature(float_list=tf.train.FloatList(value=[float(value)]))
     return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
+
+
+def test_the_pipelines_bulk_inferrer_predicts_unlabelled_rows_as_predict_batch_does(real_export_run, tmp_path):
+    """TFX's BulkInferrer in the run (serving_default on the run's tf.Examples) and `babyweight predict-batch` (Beam's
+    RunInference on serving_raw) give each unlabelled row the same number; rows lacking a required feature are
+    left out of the one and rejected, with the reason, by the other."""
+    from serving import batch
+
+    config, result = real_export_run
+    unlabelled = pathlib.Path(config.bulk_inference_dir) / "births.csv"
+    rows = list(csv.DictReader(unlabelled.open()))
+    refused = []
+    for line, row in enumerate(rows, start=2):
+        try:
+            client.to_instance({k: v for k, v in row.items() if v})
+        except ValueError:
+            refused.append(f"births.csv:{line}")
+    assert len(refused) >= 5  # the fixture's rows without gestation weeks, and any others the contract refuses
+    assert result.outcome.ok, result.outcome.summary
+    assert (f"bulk inference: {len(rows) - len(refused)} unlabelled rows predicted, {len(refused)} of {len(rows)} "
+            "left out: they lack a required feature") in result.outcome.summary
+    # It runs after the Pusher, so that its failure can't hold back a model that passed every check.
+    assert result.steps["BulkInferrer"].seconds > 0
+    output = result.steps["BulkInferrer"].outputs["output_examples"][0]
+    records = tf.data.TFRecordDataset(tf.io.gfile.glob(f"{output.uri}/Split-unlabelled/*"), compression_type="GZIP")
+    inferred = {}
+    for record in records:
+        example = tf.train.Example.FromString(record.numpy())
+        values = {name: list(getattr(feature, feature.WhichOneof("kind")).value)
+                  for name, feature in example.features.feature.items() if feature.WhichOneof("kind")}
+        inferred[features.instance_key(values)] = values["predicted_weight_pounds"][0]
+    version = max(pathlib.Path(config.serving_dir).iterdir(), key=lambda p: int(p.name))
+    assert batch.main(["--input", str(unlabelled), "--output", str(tmp_path / "run"),
+                       "--model-dir", str(version.parent)]) == 0
+    predicted = [json.loads(line) for path in tmp_path.glob("run-predictions-*") for line in path.open()]
+    rejected = [json.loads(line) for path in tmp_path.glob("run-rejected-*") for line in path.open()]
+    assert len(predicted) == len(rows) - len(refused)  # (inferred holds each distinct instance once)
+    assert sorted(row["id"] for row in rejected) == sorted(refused)
+    assert all("missing required feature" in row["reason"] for row in rejected)
+    for row in predicted:
+        line = int(row["id"].split(":")[1])
+        key = features.instance_key(client.to_instance({k: v for k, v in rows[line - 2].items() if v}))
+        assert inferred[key] == pytest.approx(row["prediction"], abs=1e-4), row
