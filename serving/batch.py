@@ -114,7 +114,9 @@ def _perhaps_lacking(columns: Dict[str, numpy.ndarray]) -> numpy.ndarray:
         if column.dtype == "string":
             mask |= values == ""
         else:
-            mask |= numpy.isnan(values) | numpy.isin(values, numpy.array(column.missing_codes, numpy.float32))
+            # An integer column's value is read as the integer it truncates to (99.5 weeks is 99, 'unknown').
+            read = numpy.trunc(values) if column.dtype == "int" else values
+            mask |= numpy.isnan(values) | numpy.isin(read, numpy.array(column.missing_codes, numpy.float32))
     return mask
 
 

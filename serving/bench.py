@@ -23,7 +23,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from typing import Dict, Iterator, List, Optional
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 from models import features
 from models.requests import read_requests
@@ -175,6 +175,22 @@ def _cache_counts(url: str) -> Dict[str, float]:
     return counts
 
 
+def pushed_versions(output_dir: str) -> Tuple[Any, Dict[int, str]]:
+    """The local profile's settings and its pushed versions; the pipeline is run first if none is pushed."""
+    from pipeline import config as config_lib
+    from serving import manager
+
+    config = config_lib.load_config(overrides={"output_dir": output_dir})
+    versions = manager.list_versions(config.serving_dir)
+    if not versions:
+        print(f"no pushed model in {config.serving_dir}: running the pipeline first (make run)", file=sys.stderr)
+        import runner_local
+
+        runner_local.main([f"--set=output_dir={output_dir}"])
+        versions = manager.list_versions(config.serving_dir)
+    return config, versions
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="make bench-serving", description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=5.0, help="per measurement")
@@ -185,16 +201,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         print("error: wrk is not installed (make bench-serving installs it: apt-get install wrk)", file=sys.stderr)
         return 2
     from pipeline import config as config_lib
-    from serving import manager
 
-    config = config_lib.load_config(overrides={"output_dir": args.output_dir})
-    versions = manager.list_versions(config.serving_dir)
-    if not versions:
-        print(f"no pushed model in {config.serving_dir}: running the pipeline first (make run)", file=sys.stderr)
-        import runner_local
-
-        runner_local.main([f"--set=output_dir={args.output_dir}"])
-        versions = manager.list_versions(config.serving_dir)
+    config, versions = pushed_versions(args.output_dir)
     newest = max(versions)
     work = pathlib.Path(tempfile.mkdtemp(prefix="bench-serving-"))
     models = work / "serving_model"

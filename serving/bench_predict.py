@@ -86,17 +86,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--output-dir", default="outputs")
     args = parser.parse_args(argv)
     from data import generator
-    from pipeline import config as config_lib
-    from serving import manager
+    from serving import bench
 
-    config = config_lib.load_config(overrides={"output_dir": args.output_dir})
-    versions = manager.list_versions(config.serving_dir)
-    if not versions:
-        print(f"no pushed model in {config.serving_dir}: running the pipeline first (make run)", file=sys.stderr)
-        import runner_local
-
-        runner_local.main([f"--set=output_dir={args.output_dir}"])
-        versions = manager.list_versions(config.serving_dir)
+    config, versions = bench.pushed_versions(args.output_dir)
     newest = max(versions)
     with tempfile.TemporaryDirectory(prefix="bench-predict-") as folder:
         work = pathlib.Path(folder)
