@@ -81,11 +81,13 @@ beam.coders.registry.register_coder(Parsed, _BatchCoder)
 
 
 _PLAIN_NUMBER = {str, int, float, type(None)}  # what float() reads as the contract does: not bool, not a list
-_PLAIN_TEXT = {str, type(None)}
+_PLAIN_TEXT = {str, bool, type(None)}  # true/false: a BigQuery BOOL column's values
+_TEXT_OF = {None: "", True: "true", False: "false"}
 
 
 def _plain_columns(values: Sequence[Dict[str, Any]]) -> Optional[Dict[str, numpy.ndarray]]:
-    """serving_raw's inputs for instances whose values are all plain (a number or a number's text, a text, none),
+    """serving_raw's inputs for instances whose values are all plain (a number or a number's text, a text or
+    true/false, none),
     converted a column at a time; None if any value is not, and each instance then takes the contract's own path."""
     columns = {}
     for column in features.FEATURES:
@@ -94,7 +96,7 @@ def _plain_columns(values: Sequence[Dict[str, Any]]) -> Optional[Dict[str, numpy
         if column.dtype == "string":
             if not kinds <= _PLAIN_TEXT:
                 return None
-            columns[column.name] = numpy.array(["" if value is None else value for value in column_values], object)
+            columns[column.name] = numpy.array([_TEXT_OF.get(value, value) for value in column_values], object)
         else:
             if not kinds <= _PLAIN_NUMBER:
                 return None
@@ -131,18 +133,27 @@ def parse(records: Sequence[Record]) -> Tuple[Optional[Parsed], List[Dict[str, A
 
     kept, values, rejects = [], [], []
     for record in records:
-        try:
-            fields = record.fields if record.fields is not None else json.loads(record.text)
-        except ValueError as error:
-            rejects.append(rejected(record, str(error)))
-            continue
-        if not isinstance(fields, dict):
-            rejects.append(rejected(record, "expected an object of feature values"))
-        elif BROKEN in fields:
-            rejects.append(rejected(record, fields[BROKEN]))
+        if record.fields is not None:
+            if BROKEN in record.fields:
+                rejects.append(rejected(record, record.fields[BROKEN]))
+                continue
+            fields = record.fields
         else:
-            kept.append(record)
-            values.append(fields)
+            try:
+                fields = orjson.loads(record.text)  # as the server reads a body: 64-bit integers, nesting limited
+            except orjson.JSONDecodeError as error:
+                rejects.append(rejected(record, f"not JSON: {error}"))
+                continue
+            if not isinstance(fields, dict):
+                rejects.append(rejected(record, "expected an object of feature values"))
+                continue
+            unknown = [name for name in fields if name not in features.BY_NAME]
+            if unknown:  # a message may carry any of the table's columns; another name is a mistake, e.g. a typo
+                rejects.append(rejected(record, f"unknown column {unknown[0]!r} (a message takes the natality "
+                                                f"table's columns; the model reads {', '.join(features.FEATURE_NAMES)})"))
+                continue
+        kept.append(record)
+        values.append(fields)
     columns = _plain_columns(values) if values else None
     if columns is None:  # not plain (or nothing left): each instance through the contract
         keys, accepted = [], []
@@ -272,12 +283,13 @@ class Rows(beam.DoFn):
                         for record_id, value in zip(ids, values))
 
 
-def failed_batch(failure: Tuple[Sequence[Parsed], Exception]) -> Iterator[Dict[str, Any]]:
-    """RunInference's dead letter (a batch whose prediction raised) -> each instance rejected with the error."""
-    batch, error = failure
+def failed_batch(failure: Tuple[Sequence[Parsed], Tuple[type, str, List[str]]]) -> Iterator[Dict[str, Any]]:
+    """RunInference's dead letter (a batch whose prediction raised, with the error's type, repr and traceback)
+    -> each instance rejected with the error."""
+    batch, (_, error, _) = failure
     for parsed in batch:
         for record_id, text in zip(parsed.ids, parsed.texts):
-            yield {"id": record_id, "reason": f"prediction failed: {type(error).__name__}: {error}", "text": text}
+            yield {"id": record_id, "reason": f"prediction failed: {error}", "text": text}
 
 
 class Predict(beam.PTransform):
@@ -333,15 +345,29 @@ def csv_batches(readable_file: Any, root: str = "", size: int = BATCH_SIZE) -> I
     except UnicodeDecodeError as error:
         yield Batch([Record(f"{name}:0", "", {BROKEN: f"the file is not UTF-8 text: {error}"})])
         return
-    lines = io.StringIO(text).readlines()  # the same line breaks as the csv reader's
+    lines = io.StringIO(text, newline=None).readlines()  # \r\n and a lone \r end lines too
     reader = csv.reader(lines)
-    header = next(reader, None) or []
-    wanted = [(column, header.index(column)) for column in features.FEATURE_NAMES if column in header]
     batch = Batch()
+    try:
+        header = next(reader, None) or []
+    except csv.Error as error:
+        yield Batch([Record(f"{name}:1", lines[0].rstrip("\n"), {BROKEN: f"the header can't be read: {error}"})])
+        return
+    wanted = [(column, header.index(column)) for column in features.FEATURE_NAMES if column in header]
     end = reader.line_num
-    for row in reader:
+    rows = iter(reader)
+    while True:
+        try:
+            row = next(rows)
+        except StopIteration:
+            break
+        except csv.Error as error:  # a NUL byte; a quote left open, which makes the rest of the file one value
+            start, end = end + 1, reader.line_num
+            batch.append(Record(f"{name}:{start}", "".join(lines[start - 1:min(end, start + 2)]).rstrip("\n"),
+                                {BROKEN: f"lines {start}-{end} can't be read as CSV: {error}"}))
+            continue
         start, end = end + 1, reader.line_num  # a quoted field may hold line breaks: the row spans lines
-        original = (lines[start - 1] if start == end else "".join(lines[start - 1:end])).rstrip("\r\n")
+        original = (lines[start - 1] if start == end else "".join(lines[start - 1:end])).rstrip("\n")
         if len(row) == len(header):
             values = {column: row[index] for column, index in wanted if row[index]}
             if values or "".join(row).strip():
@@ -471,8 +497,13 @@ class Files(Sink):
 
 
 def message_record(message: Any) -> Record:
-    """A Pub/Sub message -> a record named by its message id, its data the original (JSON) text."""
-    return Record(message.message_id or "", message.data.decode("utf-8", errors="replace"))
+    """A Pub/Sub message -> a record named by its message id (or, where a runner gives none, its `id` attribute,
+    else a digest of its data), its data the original (JSON) text."""
+    import hashlib
+
+    record_id = (message.message_id or (message.attributes or {}).get("id")
+                 or "sha1:" + hashlib.sha1(message.data).hexdigest()[:16])
+    return Record(record_id, message.data.decode("utf-8", errors="replace"))
 
 
 class PubSubMessages(Source):
@@ -645,6 +676,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         if cloud and not (args.table and bool(args.subscription) != bool(args.query)):
             raise config_lib.ConfigError("a vertex profile reads --subscription (streaming) or --query (backfill), "
                                          "one of them, and writes --table")
+        if args.dry_run and not args.version:
+            raise config_lib.ConfigError("a dry run needs --version N: finding the newest would list the model "
+                                         "folder in Cloud Storage")
         if cloud and args.query and not args.key_column:
             raise config_lib.ConfigError("a backfill needs --key-column: the query's column that names each row")
         if cloud and not (args.model_dir or "").startswith("gs://"):
@@ -698,7 +732,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"error: {error.message}", file=sys.stderr)
         return 2
     found = written_counts(args.output, earlier) if args.watch else counts(result)
-    print(f"{found.read} row(s) read from {args.input}, {found.predicted} predicted by version {core.version}, "
+    print(f"{found.read} row(s) {'written' if args.watch else 'read'} from {args.input}, {found.predicted} "
+          f"predicted by version {core.version}, "
           f"{found.rejected} rejected\npredictions: {args.output}-predictions-*.{args.format}\n"
           f"rejected (with reasons): {args.output}-rejected-*.jsonl")
     return 0

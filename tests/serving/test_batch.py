@@ -123,7 +123,7 @@ def test_streaming_messages_in_windows_a_late_one_and_a_malformed_one(version_di
             ("m2", round(toy_model.expected(dict(good, gestation_weeks=40), 2.5), 4), 12, 60),
             ("m5", round(toy_model.expected(good, 2.5), 4), 12, 0)]), label="predictions")
         reasons = outputs[batch.REJECTED] | beam.Map(lambda row: (row["id"], row["reason"].split(":")[0]))
-        assert_that(reasons, equal_to([("m3", "Expecting property name enclosed in double quotes"),
+        assert_that(reasons, equal_to([("m3", "not JSON"),
                                        ("m4", "missing required feature 'gestation_weeks' (no value, or an 'unknown' "
                                               "code); every request needs mother_age, gestation_weeks")]),
                     label="rejected")
@@ -181,22 +181,37 @@ def test_the_production_graph_reads_the_subscription_and_streams_into_the_tables
     assert core.version == "3"
 
 
+@pytest.fixture
+def no_network(monkeypatch):
+    """Any connection attempt fails the test (Google Cloud's clients connect with sockets)."""
+    import socket
+
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"a network call: {args}")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+
+
 @pytest.mark.parametrize("args, message", [
     (["--query", "SELECT 1", "--model-dir", "gs://b/m"], "reads --subscription (streaming) or --query (backfill)"),
     (["--query", "SELECT 1", "--table", "p:d.t", "--model-dir", "gs://b/m"], "a backfill needs --key-column"),
     (["--query", "SELECT 1", "--key-column", "k", "--table", "p:d.t"], "pass --model-dir gs://"),
 ])
-def test_cloud_settings_are_checked_before_any_network_call(args, message, capsys):
+def test_cloud_settings_are_checked_before_any_network_call(args, message, capsys, no_network):
     assert batch.main(VERTEX + args) == 2
     assert message in capsys.readouterr().err
     assert batch.main(VERTEX[:-2] + args) == 2
     assert "needs serving_image" in capsys.readouterr().err
 
 
-def test_a_backfill_job_is_built_from_a_query(capsys):
-    assert batch.main(VERTEX + ["--query", "SELECT * FROM t", "--key-column", "record_id", "--table", "my-project:b.p",
-                                "--model-dir", "gs://my-bucket/serving_model", "--version", "3", "--dry-run"]) == 0
+def test_a_backfill_job_is_built_from_a_query(capsys, no_network):
+    job = VERTEX + ["--query", "SELECT * FROM t", "--key-column", "record_id", "--table", "my-project:b.p",
+                    "--model-dir", "gs://my-bucket/serving_model", "--dry-run"]
+    assert batch.main(job + ["--version", "3"]) == 0
     assert "built the job for my-project; not submitted" in capsys.readouterr().out
+    assert batch.main(job) == 2
+    assert "a dry run needs --version N" in capsys.readouterr().err
 
 
 class _File:
@@ -219,6 +234,13 @@ def test_csv_rows_are_named_by_their_first_line_and_path_and_unreadable_ones_rej
         ("span-2/x.csv:7", "5", {"__error__": "1 fields; the header has 3"})]
     broken = [r for b in batch.csv_batches(_File("/in/y.csv", b"a,b\n\xff\xfe,1\n"), "/in") for r in b]
     assert broken[0].id == "y.csv:0" and "not UTF-8" in broken[0].fields["__error__"]
+    # A NUL byte is one broken row, the rows after it are read; a file of old Mac line ends (\r) is read too.
+    nul = [r for b in batch.csv_batches(_File("/z.csv", b"mother_age\n30\n3\x001\n31\n")) for r in b]
+    assert [(r.id, r.fields) for r in nul] == [("z.csv:2", {"mother_age": "30"}), ("z.csv:3", {
+        "__error__": "lines 3-3 can't be read as CSV: line contains NUL"}), ("z.csv:4", {"mother_age": "31"})]
+    mac = [r for b in batch.csv_batches(_File("/m.csv", b"mother_age\r30\r31\r")) for r in b]
+    assert [(r.id, r.text, r.fields) for r in mac] == [("m.csv:2", "30", {"mother_age": "30"}),
+                                                       ("m.csv:3", "31", {"mother_age": "31"})]
 
 
 def test_the_server_never_imports_beam():
@@ -263,7 +285,7 @@ def test_the_watched_folder_predicts_each_file_as_it_lands_while_the_job_runs(ve
     ids = {row["id"] for path in files for row in csv.DictReader(open(path))}
     ids |= {row["id"] for row in _read(str(out / "stream-rejected-*.jsonl"))}
     assert ids == {f"first.csv:{n}" for n in range(2, 12)} | {f"second.csv:{n}" for n in range(2, 12)}
-    assert "20 row(s) read" in capsys.readouterr().out
+    assert "20 row(s) written from" in capsys.readouterr().out
 
 
 def test_ctrl_c_stops_a_watching_job_and_says_what_it_wrote(version_dir, real_export_csv, tmp_path):
@@ -296,14 +318,12 @@ def test_ctrl_c_stops_a_watching_job_and_says_what_it_wrote(version_dir, real_ex
 
 
 def _one_by_one(records):
-    """The contract applied to each record alone (the server's path): accepted id -> model input, rejected -> why."""
+    """The contract applied to each record's values alone (the server's path): accepted id -> model input,
+    rejected -> why."""
     accepted, reasons = {}, {}
     for record in records:
         try:
-            fields = record.fields if record.fields is not None else json.loads(record.text)
-            if not isinstance(fields, dict):
-                raise ValueError("expected an object of feature values")
-            accepted[record.id] = features.instance_key(client.to_instance(fields))
+            accepted[record.id] = features.instance_key(client.to_instance(record.fields))
         except ValueError as error:
             reasons[record.id] = str(error)
     return accepted, reasons
@@ -325,7 +345,7 @@ def _assert_parsed_as_one_by_one(records):
 
 def test_a_batch_is_read_column_by_column_exactly_as_the_contract_reads_each_row(real_export_csv):
     """Real rows (plain values, some lacking a required feature) take the column path, and give what each row
-    gives through the server's contract; so does a batch of odd JSON values, which goes row by row."""
+    gives through the server's contract; so does a batch of odd values, which goes row by row."""
     plain = [r for b in batch.csv_batches(_File(str(real_export_csv), real_export_csv.read_bytes()), size=2000)
              for r in b][:2000]
     assert batch._plain_columns([r.fields for r in plain]) is not None  # the column path really runs
@@ -333,23 +353,41 @@ def test_a_batch_is_read_column_by_column_exactly_as_the_contract_reads_each_row
     assert lacking  # real rows lack gestation weeks: they are checked one by one and rejected
     _assert_parsed_as_one_by_one(plain)
     good = {"mother_age": 30, "gestation_weeks": 39}
-    # Plain values near the contract's edges: an 'unknown' code hidden in a fraction, in text, beyond float32.
+    # Plain values near the contract's edges: an 'unknown' code hidden in a fraction, in text, beyond float32;
+    # true/false as a BigQuery BOOL column gives them.
     edges = [dict(good, gestation_weeks=99.5), dict(good, gestation_weeks="99.2"), dict(good, gestation_weeks=98.9),
              dict(good, mother_age="1e400"), dict(good, father_age=99), dict(good, mother_age=" 31 "),
-             dict(good, mother_age=2 ** 70), dict(good, gestation_weeks=float("nan")), dict(good, is_male="")]
-    edge_records = [batch.Record(f"e{n}", json.dumps(values)) for n, values in enumerate(edges)]
-    assert batch._plain_columns([json.loads(r.text) for r in edge_records]) is not None
+             dict(good, mother_age=2 ** 70), dict(good, gestation_weeks=float("nan")), dict(good, is_male=""),
+             dict(good, is_male=True), dict(good, mother_married=False)]
+    edge_records = [batch.Record(f"e{n}", "", values) for n, values in enumerate(edges)]
+    assert batch._plain_columns(edges) is not None
     _assert_parsed_as_one_by_one(edge_records)
     odd = [dict(good), dict(good, mother_age="31"), dict(good, mother_age=True), dict(good, mother_age=[32]),
            dict(good, mother_age=[32, 33]), dict(good, is_male=True), dict(good, is_male=1), dict(good, plurality=""),
-           dict(good, gestation_weeks=99), dict(good, gestation_weeks=None), dict(good, unknown_feature=1),
+           dict(good, gestation_weeks=99), dict(good, gestation_weeks=None), dict(good, year=2005),
            dict(good, mother_age="thirty"), dict(good, father_age=float("nan"))]
-    records = [batch.Record(f"m{n}", json.dumps(values)) for n, values in enumerate(odd)]
-    records += [batch.Record("list", "[1, 2]"), batch.Record("broken", "{not json"),
-                batch.Record("cut", "", {"__error__": "2 fields; the header has 31"})]
-    assert batch._plain_columns([json.loads(r.text) for r in records[:len(odd)]]) is None
-    _assert_parsed_as_one_by_one(records[:-1])
-    assert {"id": "cut", "reason": "2 fields; the header has 31", "text": ""} in batch.parse(records)[1]
+    assert batch._plain_columns(odd) is None
+    _assert_parsed_as_one_by_one([batch.Record(f"m{n}", "", values) for n, values in enumerate(odd)])
+    cut = batch.Record("cut", "", {"__error__": "2 fields; the header has 31"})
+    assert batch.parse([cut]) == (None, [{"id": "cut", "reason": "2 fields; the header has 31", "text": ""}])
+
+
+def test_a_message_is_read_as_the_server_reads_a_body_and_never_stops_the_job():
+    """JSON as orjson reads it (the server's reader: integers within 64 bits, nesting limited), any of the table's
+    columns, no other name: each bad message is rejected with its reason, the good one predicted."""
+    row = '{"mother_age": 30, "gestation_weeks": 39, "weight_pounds": 7.1, "year": 2005, "is_male": true}'
+    records = [batch.Record("big", '{"mother_age": 1' + "0" * 400 + ', "gestation_weeks": 39}'),
+               batch.Record("deep", "[" * 100_000), batch.Record("list", "[1, 2]"), batch.Record("nan", '{"a": NaN}'),
+               batch.Record("broken", "{not json"), batch.Record("ok", row),
+               batch.Record("typo", '{"mother_age": 30, "gestation_weeks": 39, "father_agee": 40}'),
+               batch.Record("sentinel", '{"__error__": "not from a source"}')]
+    parsed, rejects = batch.parse(records)
+    reasons = {row["id"]: row["reason"] for row in rejects}
+    assert parsed.ids == ["ok"] and list(parsed.columns["is_male"]) == ["true"]
+    assert all(reasons[name].startswith("not JSON: ") for name in ("big", "deep", "nan", "broken")), reasons
+    assert reasons["list"] == "expected an object of feature values"
+    assert reasons["typo"].startswith("unknown column 'father_agee' (a message takes the natality table's columns")
+    assert reasons["sentinel"].startswith("unknown column '__error__'")
 
 
 def test_an_instance_the_model_refuses_or_answers_without_a_number_is_rejected_and_the_rest_predicted(tmp_path):
@@ -377,3 +415,23 @@ def test_an_instance_the_model_refuses_or_answers_without_a_number_is_rejected_a
     predictions, refused = result.inference
     assert list(refused) == [1] and "missing required feature in instance(s)" in refused[1]
     np.testing.assert_allclose(predictions[[0, 2]], [toy_model.expected(good, 2.0)] * 2, rtol=1e-6)
+
+
+def test_a_batch_whose_prediction_raises_is_rejected_row_by_row_with_the_error(tmp_path, monkeypatch):
+    """Anything else the model call raises goes to RunInference's dead letters: each row of the batch rejected."""
+    import apache_beam as beam
+    from apache_beam.testing.util import assert_that, equal_to
+
+    toy_model.save(tmp_path / "5", offset=2.0)
+
+    def broken(self, batch_, model, inference_args=None):
+        raise ValueError("boom")
+
+    monkeypatch.setattr(batch.VersionHandler, "run_inference", broken)
+    records = batch.Batch(batch.Record(f"r{n}", json.dumps({"mother_age": 30, "gestation_weeks": 39}))
+                          for n in range(3))
+    with beam.Pipeline() as pipeline:
+        outputs = pipeline | beam.Create([records]) | batch.Predict(str(tmp_path))
+        assert_that(outputs[batch.PREDICTIONS], equal_to([]), label="predicted")
+        assert_that(outputs[batch.REJECTED] | beam.Map(lambda row: (row["id"], row["reason"])),
+                    equal_to([(f"r{n}", "prediction failed: ValueError('boom')") for n in range(3)]), label="rejected")
