@@ -259,6 +259,8 @@ def _check(config: PipelineConfig, profile_path: pathlib.Path) -> None:
         if not 0 <= getattr(config, name) <= 1:
             raise ConfigError(f"{name} must be between 0 and 1, not {getattr(config, name)}")
     bulk = config.bulk_inference_dir
+    if bulk and config.orchestrator == "vertex" and not bulk.startswith("gs://"):
+        raise ConfigError(f"bulk_inference_dir {bulk}: Dataflow's workers read it, so it must be a gs:// folder")
     if bulk and "://" not in bulk and not glob.glob(os.path.join(bulk, "*.csv")):
         raise ConfigError(f"bulk_inference_dir {bulk} holds no CSV file (*.csv) to predict; set it to a folder of "
                           "unlabelled rows in the table's schema, or to '' for no BulkInferrer step")

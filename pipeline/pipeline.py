@@ -177,7 +177,8 @@ def bulk_inference_components(config: PipelineConfig, model: Any, blessing: Any,
     """The unlabelled rows of bulk_inference_dir, predicted by the run's model if the Evaluator blessed it (TFX's
     BulkInferrer, through its serving_default signature): tf.Examples with a `predicted_weight_pounds` feature,
     so a scheduled run also delivers a batch of predictions. Rows lacking a required feature are left out (the
-    model refuses them); the step runs `after` the push, so its failure can't hold a model back."""
+    model refuses them); reading the rows waits for `after` (the push), so no failure here holds a model back.
+    BulkInferrer takes TFX's ModelBlessing only: a model the infra validation refused still predicts the rows."""
     unlabelled = csv_example_gen.UnlabelledCsvExampleGen(
         input_base=config.bulk_inference_dir, code_fingerprint=code_fingerprint(csv_example_gen.__name__),
         input_config=tfx.proto.Input(splits=[tfx.proto.Input.Split(name=UNLABELLED_SPLIT, pattern="*.csv")]),
@@ -189,7 +190,7 @@ def bulk_inference_components(config: PipelineConfig, model: Any, blessing: Any,
         output_example_spec=tfx.proto.OutputExampleSpec(output_columns_spec=[tfx.proto.OutputColumnsSpec(
             predict_output=tfx.proto.PredictOutput(output_columns=[tfx.proto.PredictOutputCol(
                 output_key="predictions", output_column=PREDICTED_COLUMN)]))]))
-    inferrer.add_upstream_node(after)
+    unlabelled.add_upstream_node(after)  # its input's problems, too, come after the push
     return [unlabelled, inferrer]
 
 

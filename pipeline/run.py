@@ -9,6 +9,7 @@ from google.protobuf import text_format
 from tensorflow_metadata.proto.v0 import schema_pb2
 from tfx import v1 as tfx
 
+from models import features
 from pipeline import csv_check, report, summary
 from pipeline.config import PipelineConfig
 from pipeline.pipeline import create_pipeline
@@ -80,6 +81,22 @@ def _failure_reason(error: BaseException) -> Tuple[str, bool]:
     return f"{type(chain[-1]).__name__}: {chain[-1]}", False
 
 
+def unusable_unlabelled_rows(config: PipelineConfig) -> str:
+    """Why bulk_inference_dir's files can't be predicted (the CSV check's findings, or a model feature's value of
+    the wrong type, which would make ExampleGen type the column differently from the model's parsing), or ''."""
+    if not config.bulk_inference_dir or "://" in config.bulk_inference_dir:
+        return ""
+    schema = load_schema(config)
+    features_only = schema_pb2.Schema(feature=[f for f in schema.feature if f.name in features.FEATURE_NAMES])
+    try:
+        checked = csv_check.check_csv_files(pathlib.Path(config.bulk_inference_dir), "*.csv", features_only)
+    except csv_check.InputDataError as error:
+        return str(error)
+    if checked.notes:
+        return "a model feature's value of the wrong type: " + "; ".join(checked.notes)
+    return ""
+
+
 def run_local(config: PipelineConfig) -> Outcome:
     """Runs the pipeline once; on bad input or a failed step, says why, and pushes nothing."""
     try:
@@ -89,6 +106,11 @@ def run_local(config: PipelineConfig) -> Outcome:
     logging.info("input: %d rows in %d file(s) under %s", checked.rows, len(checked.files), config.data_dir)
     for note in checked.notes:
         logging.warning("input: %s", note)
+
+    skipped = unusable_unlabelled_rows(config)
+    if skipped:  # the model is trained and pushed all the same; the summary says why nothing was predicted
+        logging.warning("bulk inference skipped: %s", skipped)
+        config = dataclasses.replace(config, bulk_inference_dir="")
 
     failure, blocked = None, False
     earlier = summary.latest_run(config)
@@ -106,5 +128,7 @@ def run_local(config: PipelineConfig) -> Outcome:
                        crash="" if blocked else failure, recorded=False)
     ending = f"Run FAILED: {failure}\nNo model was pushed by this run." if failure else ""
     path = report.write_report(config, run[0], run[1], ending or "Run complete.")
-    lines = [summary.summarize_run(config, *run, checked), f"  report: {path}"] + ([ending] if failure else [])
+    lines = ([summary.summarize_run(config, *run, checked)] + ([f"  bulk inference: skipped: {skipped}"] if skipped
+                                                                else [])
+             + [f"  report: {path}"] + ([ending] if failure else []))
     return Outcome(not failure, "\n".join(lines), crash="" if blocked else failure or "")

@@ -203,7 +203,8 @@ def summarize_run(config: PipelineConfig, run_name: str, steps: List[mlmd.StepRe
 
     inferred = output_of(steps, "BulkInferrer", "output_examples")
     if inferred is not None:
-        lines.append(bulk_inference_line(config, inferred.uri))
+        lines.append(bulk_inference_line(config, inferred.uri)
+                     + (" (by a model that was not pushed)" if lines[-1].startswith("  pushed: no") else ""))
 
     lines.append("  seconds per component:")
     lines.extend(f"    {step.node_id:<32} {step.state:<9} {step.seconds:6.1f}" for step in steps)

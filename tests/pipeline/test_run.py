@@ -69,3 +69,32 @@ def test_a_failure_before_the_run_is_recorded_leaves_the_earlier_run_alone(monke
     assert outcome.summary == "Run FAILED before it was recorded in ML Metadata: ValueError: no such executor"
     assert outcome.crash == "ValueError: no such executor"
     assert not (pathlib.Path(config.output_dir) / "reports").exists()  # no report rewritten for the earlier run
+
+
+@pytest.mark.parametrize("rows, reason", [
+    (["30,39", "31"], "births.csv, line 3: 1 fields, expected 2"),
+    (["30,39", "31,39.5"], "a model feature's value of the wrong type: {path}, line 3, column gestation_weeks: "
+                           "'39.5' is not an integer"),
+])
+def test_unusable_unlabelled_rows_skip_the_bulk_inferrer_not_the_run(monkeypatch, tmp_path, rows, reason):
+    """Rows ExampleGen can't read, or would type unlike the model's parsing, are named, and the run goes on
+    without the BulkInferrer step (the model is still trained and pushed)."""
+    (tmp_path / "unlabelled").mkdir()
+    path = tmp_path / "unlabelled" / "births.csv"
+    path.write_text("mother_age,gestation_weeks\n" + "\n".join(rows) + "\n")
+    config = config_lib.load_config(overrides={"output_dir": str(tmp_path / "out"),
+                                               "bulk_inference_dir": str(path.parent)})
+    assert reason.format(path=path) in run_lib.unusable_unlabelled_rows(config)
+    built = []
+
+    class Capturing:
+        def run(self, pipeline):
+            built.append({component.id for component in pipeline.components})
+            raise RuntimeError("stopped here")
+
+    monkeypatch.setattr(run_lib.tfx.orchestration, "LocalDagRunner", Capturing)
+    run_lib.run_local(config)
+    path.write_text("mother_age,gestation_weeks\n30,39\n31,\n")  # fixed: the step is back
+    assert run_lib.unusable_unlabelled_rows(config) == ""
+    run_lib.run_local(config)
+    assert "Trainer" in built[0] and "BulkInferrer" not in built[0] and "BulkInferrer" in built[1]
