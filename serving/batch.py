@@ -14,6 +14,7 @@ import csv
 import io
 import itertools
 import json
+import logging
 import os
 import pickle
 import time
@@ -570,12 +571,15 @@ class BigQueryTables(Sink):
         refused = written.failed_rows_with_errors | "Refused" >> beam.Map(
             lambda failed: {"id": str(failed[1].get("id")), "reason": f"BigQuery refused the row: {failed[2]}",
                             "text": json.dumps(failed[1])})
-        ((rejects, refused) | "AllErrors" >> beam.Flatten()
-         | "WriteErrors" >> WriteToBigQuery(
-             self.error_table, schema=REJECTED_SCHEMA, method=WriteToBigQuery.Method.STREAMING_INSERTS,
-             insert_retry_strategy=retry,
-             create_disposition=BigQueryDisposition.CREATE_IF_NEEDED,
-             write_disposition=BigQueryDisposition.WRITE_APPEND))
+        errors = ((rejects, refused) | "AllErrors" >> beam.Flatten()
+                  | "WriteErrors" >> WriteToBigQuery(
+                      self.error_table, schema=REJECTED_SCHEMA, method=WriteToBigQuery.Method.STREAMING_INSERTS,
+                      insert_retry_strategy=retry,
+                      create_disposition=BigQueryDisposition.CREATE_IF_NEEDED,
+                      write_disposition=BigQueryDisposition.WRITE_APPEND))
+        # The last resort for a row even the error table refuses: the job's log (Dataflow's Logs Explorer).
+        errors.failed_rows_with_errors | "ErrorTableRefused" >> beam.Map(
+            lambda failed: logging.error("the error table refused %s: %s", failed[1], failed[2]))
 
 
 class Counts(NamedTuple):
