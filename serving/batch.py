@@ -2,12 +2,13 @@
 
     babyweight predict-batch --input 'data/natality/*.csv' --output outputs/predictions/run1   # files -> files
 
-A source reads records (an id and the original text), a sink writes predictions and rejected records; the
-core between them is the same for every pair: each record is parsed into the serving contract's instance
-(`serving.contract.check_instance`, the server's own check), predicted by a pushed version through Beam's
-RunInference (a model handler calling the version's `serving_raw` signature on batches), and formatted as a
-row: the record's id, the prediction, the model version and a timestamp. A record that can't be parsed or
-predicted goes to the dead-letter output with its reason and original text; nothing stops the job.
+A source reads batches of records (an id and the original text), a sink writes predictions and rejected
+records; the core between them is the same for every pair: each batch is read into the model's inputs by the
+serving contract (`client.to_instance`, whose check is the server's, applied a column at a time where the values
+allow: `parse`), predicted by a pushed version through Beam's RunInference (a model handler calling the
+version's `serving_raw` signature on the batch), and formatted as rows: the record's id, the prediction, the
+model version and a timestamp. A record that can't be parsed or predicted goes to the dead-letter output with
+its reason and original text; nothing stops the job.
 """
 import abc
 import csv
@@ -151,7 +152,8 @@ def parse(records: Sequence[Record]) -> Tuple[Optional[Parsed], List[Dict[str, A
             unknown = [name for name in fields if name not in features.BY_NAME]
             if unknown:  # a message may carry any of the table's columns; another name is a mistake, e.g. a typo
                 rejects.append(rejected(record, f"unknown column {unknown[0]!r} (a message takes the natality "
-                                                f"table's columns; the model reads {', '.join(features.FEATURE_NAMES)})"))
+                                                "table's columns; the model reads "
+                                                f"{', '.join(features.FEATURE_NAMES)})"))
                 continue
         kept.append(record)
         values.append(fields)
