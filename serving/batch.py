@@ -638,6 +638,21 @@ def written_counts(prefix: str, earlier: Iterable[str]) -> Counts:
     return Counts(predicted + rejected, predicted, rejected)
 
 
+def quiet_tensorflow_at_exit() -> None:
+    """TensorFlow's functions freed while Python shuts down (the job's loaded model) report a TypeError, their
+    module's globals being gone already: noise on the console after every job. Only that report is dropped."""
+    import sys
+
+    default = sys.unraisablehook
+
+    def hook(unraisable: Any) -> None:
+        if not (getattr(unraisable.object, "__qualname__", "") == "AtomicFunction.__del__"
+                and isinstance(unraisable.exc_value, TypeError)):
+            default(unraisable)
+
+    sys.unraisablehook = hook
+
+
 def cloud_options(config: Any, streaming: bool) -> Any:
     """Dataflow's options from the vertex profile (project, region, bucket, image, account), streaming or not."""
     from apache_beam.options.pipeline_options import PipelineOptions
@@ -711,6 +726,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             pipeline.run()
             print(f"submitted to Dataflow: predictions into {args.table} (see the console's Dataflow jobs)")
             return 0
+        quiet_tensorflow_at_exit()
         pipeline = beam.Pipeline(options=PipelineOptions(["--runner=DirectRunner"] + (["--streaming"] if args.watch
                                                                                       else [])))
         source = (WatchedFolder(args.input, args.poll_seconds, args.window_seconds, args.watch_seconds) if args.watch

@@ -435,3 +435,4 @@ def test_a_batch_whose_prediction_raises_is_rejected_row_by_row_with_the_error(t
         assert_that(outputs[batch.PREDICTIONS], equal_to([]), label="predicted")
         assert_that(outputs[batch.REJECTED] | beam.Map(lambda row: (row["id"], row["reason"])),
                     equal_to([(f"r{n}", "prediction failed: ValueError('boom')") for n in range(3)]), label="rejected")
+
