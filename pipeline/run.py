@@ -3,7 +3,7 @@ import dataclasses
 import logging
 import pathlib
 import sys
-from typing import Tuple
+from typing import Dict, List, Tuple
 
 from google.protobuf import text_format
 from tensorflow_metadata.proto.v0 import schema_pb2
@@ -94,7 +94,33 @@ def unusable_unlabelled_rows(config: PipelineConfig) -> str:
         return str(error)
     if checked.notes:
         return "a model feature's value of the wrong type: " + "; ".join(checked.notes)
-    return ""
+    return _numbers_in_text_features(checked.files)
+
+
+def _numbers_in_text_features(files: List[pathlib.Path]) -> str:
+    """A text feature whose every value is a number (is_male written 1/0): ExampleGen would type it as integers,
+    unlike the model's parsing."""
+    import csv
+
+    seen: Dict[str, bool] = {}  # feature -> whether a value that is not a number was seen
+    for path in files:
+        with path.open(newline="", encoding="utf-8-sig") as handle:
+            for row in csv.DictReader(handle):
+                for column in features.FEATURES:
+                    value = (row.get(column.name) or "").strip()
+                    if column.dtype == "string" and value and not seen.get(column.name):
+                        seen[column.name] = not _is_number(value)
+    numeric = sorted(name for name, text in seen.items() if not text)
+    return (f"text feature(s) {', '.join(numeric)} hold only numbers in {files[0].parent} (the model reads text "
+            "such as true/false)") if numeric else ""
+
+
+def _is_number(value: str) -> bool:
+    try:
+        float(value)
+        return True
+    except ValueError:
+        return False
 
 
 def run_local(config: PipelineConfig) -> Outcome:
@@ -121,14 +147,19 @@ def run_local(config: PipelineConfig) -> Outcome:
         # A span blocked by validation is an expected outcome: its traceback goes to the log file only.
         logging.error("pipeline run %s", "blocked by data validation" if blocked else "failed", exc_info=True,
                       extra={CONSOLE: not blocked})
+    skipped_line = [f"  bulk inference: skipped: {skipped}"] if skipped else []
     run = summary.latest_run(config)
     if run is None or (earlier is not None and run[0] == earlier[0]):
         # Nothing of this run is in ML Metadata: the latest run there is an earlier one, left as it was.
-        return Outcome(False, f"Run FAILED before it was recorded in ML Metadata: {failure}",
-                       crash="" if blocked else failure, recorded=False)
-    ending = f"Run FAILED: {failure}\nNo model was pushed by this run." if failure else ""
-    path = report.write_report(config, run[0], run[1], ending or "Run complete.")
-    lines = ([summary.summarize_run(config, *run, checked)] + ([f"  bulk inference: skipped: {skipped}"] if skipped
-                                                                else [])
-             + [f"  report: {path}"] + ([ending] if failure else []))
+        return Outcome(False, "\n".join([f"Run FAILED before it was recorded in ML Metadata: {failure}"]
+                                        + skipped_line), crash="" if blocked else failure, recorded=False)
+    ending = ""
+    if failure:
+        pushed = summary.output_of(run[1], "Pusher", "pushed_model")
+        ending = (f"Run FAILED after the push: {failure}\nThe model was pushed; a step after the Pusher failed."
+                  if pushed is not None and pushed.custom_properties["pushed"].int_value == 1
+                  else f"Run FAILED: {failure}\nNo model was pushed by this run.")
+    path = report.write_report(config, run[0], run[1], "\n".join([ending or "Run complete."] + skipped_line))
+    lines = ([summary.summarize_run(config, *run, checked)] + skipped_line + [f"  report: {path}"]
+             + ([ending] if failure else []))
     return Outcome(not failure, "\n".join(lines), crash="" if blocked else failure or "")

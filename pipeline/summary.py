@@ -203,8 +203,9 @@ def summarize_run(config: PipelineConfig, run_name: str, steps: List[mlmd.StepRe
 
     inferred = output_of(steps, "BulkInferrer", "output_examples")
     if inferred is not None:
-        lines.append(bulk_inference_line(config, inferred.uri)
-                     + (" (by a model that was not pushed)" if lines[-1].startswith("  pushed: no") else ""))
+        line = bulk_inference_line(config, inferred.uri)
+        unpushed = lines[-1].startswith("  pushed: no") and "nothing predicted" not in line
+        lines.append(line + (" (by a model that was not pushed)" if unpushed else ""))
 
     lines.append("  seconds per component:")
     lines.extend(f"    {step.node_id:<32} {step.state:<9} {step.seconds:6.1f}" for step in steps)

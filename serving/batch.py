@@ -142,7 +142,7 @@ def parse(records: Sequence[Record]) -> Tuple[Optional[Parsed], List[Dict[str, A
             fields = record.fields
         else:
             try:
-                fields = orjson.loads(record.text)  # as the server reads a body: 64-bit integers, nesting limited
+                fields = orjson.loads(record.text)  # as the server reads a body: nesting limited, no NaN
             except orjson.JSONDecodeError as error:
                 rejects.append(rejected(record, f"not JSON: {error}"))
                 continue
@@ -638,18 +638,39 @@ def written_counts(prefix: str, earlier: Iterable[str]) -> Counts:
     return Counts(predicted + rejected, predicted, rejected)
 
 
+def stop_watching(prefix: str, earlier: Iterable[str]) -> Any:
+    """Ctrl-C's handler for a --watch job, the way such a job ends: says what the job wrote and exits at once.
+    (A KeyboardInterrupt could land inside Beam's local runner, which works in this thread, and leave its
+    threads running.) Files whose bundles were done are complete; a bundle's unfinished file keeps its .tmp
+    name, and the job's files are matched anew when it restarts."""
+    import sys
+
+    def stop(signum: int, frame: Any) -> None:
+        found = written_counts(prefix, earlier)
+        print(f"stopped (Ctrl-C): {found.predicted} prediction(s) and {found.rejected} rejected row(s) written "
+              f"beside {prefix}; files are matched anew when the job restarts", flush=True)
+        sys.stderr.flush()
+        os._exit(0)
+
+    return stop
+
+
 def quiet_tensorflow_at_exit() -> None:
     """TensorFlow's functions freed while Python shuts down (the job's loaded model) report a TypeError, their
-    module's globals being gone already: noise on the console after every job. Only that report is dropped."""
+    module's globals being gone already: noise on the console after every job. Only that report, made while
+    the interpreter is finalizing, is dropped; the hook is installed once."""
     import sys
 
     default = sys.unraisablehook
+    if getattr(default, "quiets_tensorflow", False):
+        return
 
     def hook(unraisable: Any) -> None:
-        if not (getattr(unraisable.object, "__qualname__", "") == "AtomicFunction.__del__"
-                and isinstance(unraisable.exc_value, TypeError)):
+        if not (sys.is_finalizing() and isinstance(unraisable.exc_value, TypeError)
+                and getattr(unraisable.object, "__qualname__", "") == "AtomicFunction.__del__"):
             default(unraisable)
 
+    hook.quiets_tensorflow = True  # type: ignore[attr-defined]
     sys.unraisablehook = hook
 
 
@@ -697,6 +718,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         if cloud and not (args.table and bool(args.subscription) != bool(args.query)):
             raise config_lib.ConfigError("a vertex profile reads --subscription (streaming) or --query (backfill), "
                                          "one of them, and writes --table")
+        if args.dry_run and not cloud:
+            raise config_lib.ConfigError("--dry-run builds a Dataflow job: it needs --profile vertex")
         if args.dry_run and not args.version:
             raise config_lib.ConfigError("a dry run needs --version N: finding the newest would list the model "
                                          "folder in Cloud Storage")
@@ -733,16 +756,16 @@ def main(argv: Optional[List[str]] = None) -> int:
                   else CsvFiles(args.input))
         core = build(pipeline, source, Files(args.output, args.format, streaming=args.watch), model_dir, args.version)
         import glob
+        import signal
 
         earlier = glob.glob(f"{args.output}-*")
+        previous = signal.signal(signal.SIGINT, stop_watching(args.output, earlier)) if args.watch else None
         try:
             result = pipeline.run()
             result.wait_until_finish()
-        except KeyboardInterrupt:  # how a --watch job ends: Beam's local runner works in this thread
-            found = written_counts(args.output, earlier)
-            print(f"stopped (Ctrl-C): {found.predicted} prediction(s) and {found.rejected} rejected row(s) written "
-                  f"beside {args.output}; files are matched anew when the job restarts")
-            return 0
+        finally:
+            if args.watch:
+                signal.signal(signal.SIGINT, previous)
     except (ValueError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -754,8 +777,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"error: {error.message}", file=sys.stderr)
         return 2
     found = written_counts(args.output, earlier) if args.watch else counts(result)
-    print(f"{found.read} row(s) {'written' if args.watch else 'read'} from {args.input}, {found.predicted} "
-          f"predicted by version {core.version}, "
+    print(f"{found.read} row(s) {'of ' + args.input + ' written' if args.watch else 'read from ' + args.input}, "
+          f"{found.predicted} predicted by version {core.version}, "
           f"{found.rejected} rejected\npredictions: {args.output}-predictions-*.{args.format}\n"
           f"rejected (with reasons): {args.output}-rejected-*.jsonl")
     return 0

@@ -98,3 +98,11 @@ def test_unusable_unlabelled_rows_skip_the_bulk_inferrer_not_the_run(monkeypatch
     assert run_lib.unusable_unlabelled_rows(config) == ""
     run_lib.run_local(config)
     assert "Trainer" in built[0] and "BulkInferrer" not in built[0] and "BulkInferrer" in built[1]
+
+
+def test_a_text_feature_written_as_numbers_makes_the_unlabelled_rows_unusable(tmp_path):
+    (tmp_path / "births.csv").write_text("mother_age,gestation_weeks,is_male\n30,39,1\n31,40,0\n32,38,\n")
+    config = config_lib.load_config(overrides={"output_dir": str(tmp_path / "out"), "bulk_inference_dir": str(tmp_path)})
+    assert run_lib.unusable_unlabelled_rows(config).startswith("text feature(s) is_male hold only numbers in")
+    (tmp_path / "births.csv").write_text("mother_age,gestation_weeks,is_male\n30,39,1\n31,40,true\n")
+    assert run_lib.unusable_unlabelled_rows(config) == ""

@@ -212,6 +212,8 @@ def test_a_backfill_job_is_built_from_a_query(capsys, no_network):
     assert "built the job for my-project; not submitted" in capsys.readouterr().out
     assert batch.main(job) == 2
     assert "a dry run needs --version N" in capsys.readouterr().err
+    assert batch.main(["--input", "x.csv", "--output", "o", "--dry-run", "--version", "3"]) == 2
+    assert "--dry-run builds a Dataflow job: it needs --profile vertex" in capsys.readouterr().err
 
 
 class _File:
@@ -285,7 +287,7 @@ def test_the_watched_folder_predicts_each_file_as_it_lands_while_the_job_runs(ve
     ids = {row["id"] for path in files for row in csv.DictReader(open(path))}
     ids |= {row["id"] for row in _read(str(out / "stream-rejected-*.jsonl"))}
     assert ids == {f"first.csv:{n}" for n in range(2, 12)} | {f"second.csv:{n}" for n in range(2, 12)}
-    assert "20 row(s) written from" in capsys.readouterr().out
+    assert f"20 row(s) of {folder / '*.csv'} written" in capsys.readouterr().out
 
 
 def test_ctrl_c_stops_a_watching_job_and_says_what_it_wrote(version_dir, real_export_csv, tmp_path):
@@ -373,10 +375,10 @@ def test_a_batch_is_read_column_by_column_exactly_as_the_contract_reads_each_row
 
 
 def test_a_message_is_read_as_the_server_reads_a_body_and_never_stops_the_job():
-    """JSON as orjson reads it (the server's reader: integers within 64 bits, nesting limited), any of the table's
+    """JSON as orjson reads it (the server's reader: numbers a double holds, nesting limited), any of the table's
     columns, no other name: each bad message is rejected with its reason, the good one predicted."""
     row = '{"mother_age": 30, "gestation_weeks": 39, "weight_pounds": 7.1, "year": 2005, "is_male": true}'
-    records = [batch.Record("big", '{"mother_age": 1' + "0" * 400 + ', "gestation_weeks": 39}'),
+    records = [batch.Record("big", '{"mother_age": 1' + "0" * 400 + ', "gestation_weeks": 39}'),  # beyond a double
                batch.Record("deep", "[" * 100_000), batch.Record("list", "[1, 2]"), batch.Record("nan", '{"a": NaN}'),
                batch.Record("broken", "{not json"), batch.Record("ok", row),
                batch.Record("typo", '{"mother_age": 30, "gestation_weeks": 39, "father_agee": 40}'),
