@@ -102,7 +102,8 @@ def test_unusable_unlabelled_rows_skip_the_bulk_inferrer_not_the_run(monkeypatch
 
 def test_a_text_feature_written_as_numbers_makes_the_unlabelled_rows_unusable(tmp_path):
     (tmp_path / "births.csv").write_text("mother_age,gestation_weeks,is_male\n30,39,1\n31,40,0\n32,38,\n")
-    config = config_lib.load_config(overrides={"output_dir": str(tmp_path / "out"), "bulk_inference_dir": str(tmp_path)})
+    config = config_lib.load_config(overrides={"output_dir": str(tmp_path / "out"),
+                                               "bulk_inference_dir": str(tmp_path)})
     assert run_lib.unusable_unlabelled_rows(config).startswith("text feature(s) is_male hold only numbers in")
     (tmp_path / "births.csv").write_text("mother_age,gestation_weeks,is_male\n30,39,1\n31,40,true\n")
     assert run_lib.unusable_unlabelled_rows(config) == ""

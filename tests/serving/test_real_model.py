@@ -127,8 +127,9 @@ def test_a_predict_batch_job_ends_without_tensorflows_noise_at_exit(real_export_
     """The real model's functions, freed while Python shuts down, reported a TypeError after every job."""
     config, _ = real_export_run
     (tmp_path / "rows.csv").write_text("\n".join(real_export_csv.read_text().splitlines()[:21]) + "\n")
-    job = subprocess.run([sys.executable, "-m", "babyweight_cli", "predict-batch", "--input", str(tmp_path / "rows.csv"),
-                          "--output", str(tmp_path / "run"), "--model-dir", config.serving_dir],
+    job = subprocess.run([sys.executable, "-m", "babyweight_cli", "predict-batch",
+                          "--input", str(tmp_path / "rows.csv"), "--output", str(tmp_path / "run"),
+                          "--model-dir", config.serving_dir],
                          capture_output=True, text=True, timeout=300)
     assert job.returncode == 0 and "20 row(s) read" in job.stdout, job.stderr[-2000:]
     assert "Exception ignored" not in job.stderr, job.stderr[-2000:]
