@@ -357,6 +357,11 @@ def csv_batches(readable_file: Any, root: str = "", size: int = BATCH_SIZE) -> I
         yield Batch([Record(f"{name}:1", lines[0].rstrip("\n"), {BROKEN: f"the header can't be read: {error}"})])
         return
     wanted = [(column, header.index(column)) for column in features.FEATURE_NAMES if column in header]
+    if header and not wanted:  # no header (a file saved without one), or another table's
+        yield Batch([Record(f"{name}:1", lines[0].rstrip("\n"), {BROKEN: (
+            "the first line names none of the model's features: predict-batch reads CSV files whose header names "
+            f"the natality table's columns ({', '.join(features.FEATURE_NAMES)}); the file was not read")})])
+        return
     end = reader.line_num
     rows = iter(reader)
     while True:

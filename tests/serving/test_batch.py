@@ -240,6 +240,11 @@ def test_csv_rows_are_named_by_their_first_line_and_path_and_unreadable_ones_rej
     nul = [r for b in batch.csv_batches(_File("/z.csv", b"mother_age\n30\n3\x001\n31\n")) for r in b]
     assert [(r.id, r.fields) for r in nul] == [("z.csv:2", {"mother_age": "30"}), ("z.csv:3", {
         "__error__": "lines 3-3 can't be read as CSV: line contains NUL"}), ("z.csv:4", {"mother_age": "31"})]
+    # A file without a header (its first row taken for one) is one rejected record that says so.
+    bare = [r for b in batch.csv_batches(_File("/b.csv", b"7.58,True,23,Unknown,1,39.0\n8.1,False,30,,1,40\n"))
+            for r in b]
+    assert [(r.id, r.text) for r in bare] == [("b.csv:1", "7.58,True,23,Unknown,1,39.0")]
+    assert bare[0].fields["__error__"].startswith("the first line names none of the model's features")
     mac = [r for b in batch.csv_batches(_File("/m.csv", b"mother_age\r30\r31\r")) for r in b]
     assert [(r.id, r.text, r.fields) for r in mac] == [("m.csv:2", "30", {"mother_age": "30"}),
                                                        ("m.csv:3", "31", {"mother_age": "31"})]
