@@ -15,7 +15,7 @@ COPY serving/ serving/
 COPY data/__init__.py data/generator.py data/
 COPY schema/ schema/
 COPY runner_local.py runner_dataflow.py ./
-# The image already has TFX and its dependencies; add Keras 2 and the server's dependencies at the pinned
-# versions, then this package.
-RUN pip install --no-cache-dir -c constraints.txt tf-keras psutil -r serving/requirements.txt \
+# The image already has TFX and its dependencies; add Keras 2, the TFLite interpreter (the TFLiteExporter checks its
+# models with it) and the server's dependencies at the pinned versions, then this package.
+RUN pip install --no-cache-dir -c constraints.txt tf-keras psutil tflite-runtime -r serving/requirements.txt \
  && pip install --no-cache-dir --no-deps -e .

@@ -33,6 +33,9 @@ setuptools.setup(
         "pyyaml",
         "scikit-learn",  # the reference trees beside every model (pipeline/baseline.py)
         "psutil",  # the served candidate's memory (pipeline/infra_validator.py)
+        # TensorFlow Lite's interpreter alone, as a device runs the TFLite models (serving/device.py): the pipeline
+        # checks them with it (pipeline/tflite_export.py), `babyweight predict --tflite` runs them with it.
+        "tflite-runtime",
     ] + SERVING_REQUIRES,
     extras_require={"test": ["pytest"]},
     entry_points={"console_scripts": [

@@ -6,7 +6,7 @@ the model, the serving signatures, the evaluation slices) reads it from `COLUMNS
 import dataclasses
 import enum
 import math
-from typing import Any, Dict, List, Mapping, Tuple
+from typing import Any, Dict, List, Mapping, Sequence, Tuple
 
 import numpy
 
@@ -19,7 +19,7 @@ class Role(enum.Enum):
 
 class Transform(enum.Enum):
     NONE = "none"
-    VOCABULARY = "vocabulary"  # string -> integer id (missing gets its own id)
+    VOCABULARY = "vocabulary"  # string -> integer id (missing and unseen values share one id)
     CATEGORY = "category"  # small integer code -> integer id (missing gets its own id)
     ZSCORE = "zscore"  # numeric -> imputed z-score plus a missing indicator
     ZSCORE_AND_BUCKETS = "zscore_and_buckets"  # ZSCORE, plus buckets at fixed boundaries
@@ -208,6 +208,10 @@ def missing_required(request: Mapping[str, Any]) -> List[str]:
 # version and answers them from a table (serving/cache.py).
 FREQUENT_INSTANCES_FILE = "assets.extra/frequent_instances.json"
 
+# The TFLite exports of a pushed version, beside its SavedModel (pipeline/tflite_export.py writes them,
+# serving/device.py runs them): its serving_raw signature with float32 weights, and with float16 weights.
+TFLITE_FILES = {"float32": "babyweight.tflite", "float16": "babyweight_float16.tflite"}
+
 InstanceKey = Tuple[Any, ...]
 
 
@@ -239,3 +243,16 @@ def instance_key(values: Mapping[str, Any]) -> InstanceKey:
             number = float(value)
             append(None if number != number else number)  # NaN is no value
     return tuple(key)
+
+
+def raw_columns(keys: Sequence[InstanceKey]) -> Dict[str, numpy.ndarray]:
+    """The `serving_raw` signature's inputs for instances: one array per feature, float32 with NaN or text with ""
+    where an instance has no value. NumPy only: the TFLite model on a device takes the same arrays."""
+    columns = {}
+    for index, column in enumerate(FEATURES):
+        if column.dtype == "string":
+            columns[column.name] = numpy.array(["" if key[index] is None else key[index] for key in keys], object)
+        else:
+            columns[column.name] = numpy.array([numpy.nan if key[index] is None else key[index] for key in keys],
+                                               numpy.float32)
+    return columns

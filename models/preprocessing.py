@@ -6,7 +6,7 @@ training and serving cannot skew. 'Unknown' codes (e.g. 99 for father_age) are m
 (`is_missing`), as they are to the serving contract's check and to training's masking of inputs.
 """
 import math
-from typing import Dict, Tuple
+from typing import Any, Dict, Tuple
 
 import tensorflow as tf
 import tensorflow_transform as tft
@@ -23,12 +23,16 @@ def dense_raw(value: tf.Tensor) -> tf.Tensor:
     if isinstance(value, tf.sparse.SparseTensor):
         if value.dtype != tf.string:
             value = tf.sparse.map_values(tf.cast, value, tf.float32)
-        default = "" if value.dtype == tf.string else float("nan")
-        value = tf.sparse.to_dense(tf.sparse.SparseTensor(value.indices, value.values, [value.dense_shape[0], 1]),
-                                   default)
-    elif value.dtype != tf.string:
+        return _one_per_row(value, "" if value.dtype == tf.string else float("nan"))
+    if value.dtype != tf.string:
         value = tf.cast(value, tf.float32)
     return tf.reshape(value, [-1])
+
+
+def _one_per_row(value: tf.sparse.SparseTensor, default: Any) -> tf.Tensor:
+    """A sparse feature's first value in each row, `default` where a row has none."""
+    return tf.reshape(tf.sparse.to_dense(
+        tf.sparse.SparseTensor(value.indices, value.values, [value.dense_shape[0], 1]), default), [-1])
 
 
 def is_missing(column: Column, value: tf.Tensor) -> tf.Tensor:
@@ -80,8 +84,30 @@ def _category_ids(column: Column, value: tf.Tensor) -> tf.Tensor:
     """Position of an integer code in column.categories; unknown or missing codes share the last id."""
     x = dense_raw(value)
     matches = tf.equal(tf.expand_dims(x, 1), tf.constant(column.categories, tf.float32))
-    return tf.where(tf.reduce_any(matches, axis=1), tf.argmax(tf.cast(matches, tf.int64), axis=1),
+    # ArgMax of float32, not of int64: TensorFlow Lite's builtin ArgMax takes no int64 input.
+    return tf.where(tf.reduce_any(matches, axis=1), tf.argmax(tf.cast(matches, tf.float32), axis=1),
                     tf.constant(len(column.categories), tf.int64))
+
+
+def _vocabulary_ids(column: Column, value: tf.Tensor) -> tf.Tensor:
+    """Position of a text value among the training data's VOCABULARY_SIZE most frequent values; a missing value
+    and one never seen share the id VOCABULARY_SIZE.
+
+    The values are compared with the vocabulary as a constant of the graph, not looked up in a table read from
+    a file, and only the values present are compared: TensorFlow Lite's builtin ops have no text made dense
+    (SparseToDense of strings) nor hashed out-of-vocabulary buckets, and its tables need an initialisation
+    the converter doesn't carry over from a SavedModel, and the TFLite model runs on builtin ops alone.
+    """
+    if not isinstance(value, tf.sparse.SparseTensor):
+        value = tf.sparse.from_dense(tf.reshape(value, [-1, 1]))  # "" is no value
+    # One pass over the data, with the means and variances: the values and their counts, as tensors.
+    keys, counts = tft.count_per_key(value)
+    vocabulary = tf.gather(keys, tf.argsort(-counts, stable=True))[:features.VOCABULARY_SIZE]
+    matches = tf.equal(tf.expand_dims(value.values, 1), tf.expand_dims(vocabulary, 0))
+    ids = tf.where(tf.reduce_any(matches, axis=1), tf.argmax(tf.cast(matches, tf.float32), axis=1),
+                   tf.constant(features.VOCABULARY_SIZE, tf.int64))
+    return _one_per_row(tf.sparse.SparseTensor(value.indices, ids, value.dense_shape),
+                        tf.constant(features.VOCABULARY_SIZE, tf.int64))
 
 
 def preprocessing_fn(inputs: Dict[str, tf.Tensor]) -> Dict[str, tf.Tensor]:
@@ -91,13 +117,7 @@ def preprocessing_fn(inputs: Dict[str, tf.Tensor]) -> Dict[str, tf.Tensor]:
     for column in features.FEATURES:
         value = inputs[column.name]
         if column.transform is Transform.VOCABULARY:
-            # The approximate vocabulary is a single-pass combiner that TFT runs together with the
-            # means and variances (exact for so few distinct values); it saves Transform a few seconds.
-            strings = dense_raw(value)
-            vocabulary = tft.experimental.approximate_vocabulary(
-                strings, top_k=features.VOCABULARY_SIZE, vocab_filename=column.name)
-            outputs[features.transformed_name(column.name)] = tft.apply_vocabulary(
-                strings, vocabulary, num_oov_buckets=1)
+            outputs[features.transformed_name(column.name)] = _vocabulary_ids(column, value)
         elif column.transform is Transform.CATEGORY:
             outputs[features.transformed_name(column.name)] = _category_ids(column, value)
         else:

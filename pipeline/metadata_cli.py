@@ -18,6 +18,7 @@ from typing import Any, Dict, List, Optional
 from ml_metadata import metadata_store
 from ml_metadata.proto import metadata_store_pb2
 
+from pipeline.artifacts import TFLITE_MODEL_TYPE
 from pipeline.mlmd import INPUT_EVENTS, STATES, MetadataError, Store, open_sqlite, value_of
 
 def _timestamp(milliseconds: int) -> str:
@@ -96,7 +97,7 @@ def _show(store: Store, artifact: metadata_store_pb2.Artifact) -> Dict[str, Any]
     """A readable summary of an artifact's content, by its type."""
     from tfx.types.standard_artifacts import InfraBlessing
 
-    from pipeline import infra_validator, monitor, summary
+    from pipeline import infra_validator, monitor, summary, tflite_export
     from pipeline.monitor import PredictionStatistics
     from pipeline.validation import read_verdict
 
@@ -146,6 +147,8 @@ def _show(store: Store, artifact: metadata_store_pb2.Artifact) -> Dict[str, Any]
         content = monitor.read(artifact.uri)
     elif kind == InfraBlessing.TYPE_NAME:
         content = infra_validator.read(artifact.uri)
+    elif kind == tflite_export.TFLiteModel.TYPE_NAME:
+        content = tflite_export.read(artifact.uri)
     else:
         content = {}
     return dict(described, content=content)
@@ -238,6 +241,10 @@ def _human(command: str, result: Any) -> None:
             budget = content["budget"]
             print(f"budget: {budget['max_memory_mb']:g} MiB, p99 {budget['max_p99_ms']:g} ms, "
                   f"load within {budget['load_timeout_seconds']:g} s")
+        elif result["type"] == TFLITE_MODEL_TYPE:
+            from pipeline.summary import tflite_lines
+
+            print("\n".join(tflite_lines(content, indent="")))
         else:
             for key, value in list(content.items()) + list(result["properties"].items()):
                 print(f"{key}: {value if not isinstance(value, list) else chr(10).join(['', *value])}")

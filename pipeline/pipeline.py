@@ -16,6 +16,7 @@ from pipeline.baseline import TreeBaseline
 from pipeline.config import PROJECT_ROOT, PipelineConfig
 from pipeline.infra_validator import InfraValidator
 from pipeline.monitor import PredictionMonitor, PredictionStatistics, PreviousPredictions
+from pipeline.tflite_export import TFLiteExporter
 from pipeline.validation import DataGate, DataValidator
 
 PREPROCESSING_FN = "models.preprocessing.preprocessing_fn"
@@ -196,7 +197,8 @@ def bulk_inference_components(config: PipelineConfig, model: Any, blessing: Any,
 
 def create_pipeline(config: PipelineConfig) -> tfx.dsl.Pipeline:
     """Wires ExampleGen -> statistics, schema, validation and gate -> Transform -> Trainer -> Evaluator ->
-    InfraValidator -> Pusher (and, with bulk_inference_dir, the blessed model's predictions of unlabelled rows).
+    InfraValidator -> Pusher -> TFLiteExporter (and, with bulk_inference_dir, the blessed model's predictions of
+    unlabelled rows).
 
     Each run ingests the newest span. Locally, validation compares it with the previous validated span
     and Transform and Trainer read the last `training_window_spans` validated spans, all resolved from
@@ -302,7 +304,13 @@ def create_pipeline(config: PipelineConfig) -> tfx.dsl.Pipeline:
     pusher = pusher_component(config, model=trainer.outputs["model"], model_blessing=evaluator.outputs["blessing"],
                               infra_blessing=infra_validator.outputs["blessing"])
 
-    components += [transform, trainer, tree_baseline, model_resolver, evaluator, monitor, infra_validator, pusher]
+    # The pushed model for devices: TFLite models beside the SavedModel, checked against it (pipeline/tflite_export.py).
+    tflite_exporter = TFLiteExporter(model=trainer.outputs["model"], pushed_model=pusher.outputs["pushed_model"],
+                                     examples=example_gen.outputs["examples"], destination=config.tflite_dir,
+                                     code_fingerprint=code_fingerprint(TFLiteExporter.__module__))
+
+    components += [transform, trainer, tree_baseline, model_resolver, evaluator, monitor, infra_validator, pusher,
+                   tflite_exporter]
     if config.bulk_inference_dir:
         components += bulk_inference_components(config, trainer.outputs["model"], evaluator.outputs["blessing"],
                                                  after=pusher)

@@ -8,7 +8,7 @@ from ml_metadata.proto import metadata_store_pb2
 from tensorflow_metadata.proto.v0 import statistics_pb2
 from tfx.types import artifact_utils
 
-from pipeline import baseline, infra_validator, mlmd, monitor
+from pipeline import baseline, infra_validator, mlmd, monitor, tflite_export
 from pipeline.config import PipelineConfig
 from pipeline.csv_check import CsvSummary
 from pipeline.artifacts import span_of
@@ -125,6 +125,21 @@ def infra_lines(record: Dict, indent: str = "  ") -> List[str]:
     return lines
 
 
+def tflite_lines(record: Dict, indent: str = "  ") -> List[str]:
+    """Where the TFLite models went (or why they didn't), their sizes, and each parity check with its figure."""
+    if "skipped" in record and not record["checks"]:
+        return [f"{indent}TFLite: not exported ({record['skipped']})"]
+    sizes = ", ".join(f"{described['name']} {described['bytes'] / 1024:.0f} KiB ({variant})"
+                      for variant, described in record["files"].items())
+    lines = [f"{indent}TFLite: {sizes}: " + (f"pushed to {record['destination']}" if record["pushed"]
+                                            else f"NOT pushed ({record['skipped']})"),
+             f"{indent}  checked against the SavedModel on {record['figures']['rows']} eval rows the serving "
+             "contract accepts:"]
+    lines.extend(f"{indent}    {item['name']:<8} {'ok' if item['passed'] else 'FAILED':<6} {item['figure']}"
+                 for item in record["checks"])
+    return lines
+
+
 def bulk_inference_line(config: PipelineConfig, uri: str) -> str:
     """How many of bulk_inference_dir's rows BulkInferrer predicted, and where the predictions are."""
     import csv
@@ -200,6 +215,10 @@ def summarize_run(config: PipelineConfig, run_name: str, steps: List[mlmd.StepRe
         refused = [check["name"] for check in infra_record.get("checks", []) if not check["passed"]]
         lines.append("  pushed: no (" + (f"infra validation failed: {', '.join(refused)}" if refused
                                         else "the Evaluator did not bless the model") + ")")
+
+    exported = output_of(steps, "TFLiteExporter", "tflite_model")
+    if exported is not None:
+        lines.extend(tflite_lines(tflite_export.read(exported.uri)))
 
     inferred = output_of(steps, "BulkInferrer", "output_examples")
     if inferred is not None:

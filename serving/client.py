@@ -1,14 +1,17 @@
-"""`babyweight predict --url URL FILE`: predictions for the rows of a CSV or JSON-lines file, from a server.
+"""`babyweight predict --url URL FILE`: predictions for the rows of a CSV or JSON-lines file, from a server
+(or, with --tflite, from a pushed version's TFLite model on this machine, as a device runs it: serving/device.py).
 
     babyweight predict --url http://127.0.0.1:8501 data/natality/natality.csv
     babyweight predict --url http://127.0.0.1:8501 --label stable requests.jsonl --output predictions.csv
     babyweight predict --url https://REGION-aiplatform.googleapis.com/v1/projects/P/locations/REGION/endpoints/E:predict FILE
+    babyweight predict --tflite outputs/serving_model/VERSION/babyweight.tflite data/natality/natality.csv
 
 The file is read as `babyweight validate-serving` reads it (models/requests.py): a CSV of the natality table's
 columns or JSON lines of features. The model's features are sent (the table's other columns are not); a row
 the serving contract refuses (a required feature missing, a value not of its type) is not sent and gets an
-error naming the row and feature, and so does a row the server refuses; the other rows are answered. Output: CSV with row, prediction, model_version and error, one line per input row (stdout, or
---output). Exit code 0: every row predicted; 1: some rows refused; 2: the file or the server can't be reached.
+error naming the row and feature, and so does a row the server refuses; the other rows are answered. Output: CSV
+with row, prediction, model_version and error, one line per input row (stdout, or --output). Exit code 0: every row
+predicted; 1: some rows refused; 2: the file, the server or the TFLite model can't be read or reached.
 A Vertex AI endpoint is called with the application-default credentials (gcloud auth application-default login).
 """
 import argparse
@@ -135,18 +138,29 @@ def main(argv: Optional[List[str]] = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog=__doc__.split("\n\n", 1)[1])
     parser.add_argument("file", type=pathlib.Path, help="CSV with a header line, or JSON lines")
-    parser.add_argument("--url", default="http://127.0.0.1:8501", help="the server (default: %(default)s)")
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--url", default="http://127.0.0.1:8501", help="the server (default: %(default)s)")
+    source.add_argument("--tflite", type=pathlib.Path,
+                        help="a TFLite export (babyweight.tflite or babyweight_float16.tflite in a pushed version's "
+                             "folder), run here by the TensorFlow Lite interpreter instead of asking a server")
     parser.add_argument("--model", default=MODEL_NAME)
     target = parser.add_mutually_exclusive_group()
     target.add_argument("--version", type=int, help="ask this version (default: the newest available)")
     target.add_argument("--label", help="ask the version with this label (e.g. stable)")
-    parser.add_argument("--batch-size", type=int, default=64, help="instances per request")
+    parser.add_argument("--batch-size", type=int, default=64, help="instances per request (per model call with --tflite)")
     parser.add_argument("--output", type=pathlib.Path, help="write the CSV here instead of printing it")
     args = parser.parse_args(argv)
+    if args.tflite and (args.version or args.label):
+        parser.error("--version and --label choose a server's version; a TFLite file is one version")
+    from serving import device
+
     try:
         rows = read_requests(args.file)
-        results = predict_rows(predict_url(args.url, args.model, args.version, args.label), rows, args.batch_size)
-    except (RequestsError, ServerError) as error:
+        if args.tflite:
+            results = device.predict_rows(device.DeviceModel(str(args.tflite)), rows, args.batch_size)
+        else:
+            results = predict_rows(predict_url(args.url, args.model, args.version, args.label), rows, args.batch_size)
+    except (RequestsError, ServerError, device.DeviceModelError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     handle = args.output.open("w", newline="") if args.output else sys.stdout

@@ -46,16 +46,8 @@ def first_reason(message: str) -> str:
 
 
 def columns_of(keys: Sequence[features.InstanceKey]) -> Dict[str, tf.Tensor]:
-    """serving_raw's inputs: one tensor per feature, NaN or "" where an instance has no value."""
-    columns = {}
-    for index, column in enumerate(features.FEATURES):
-        values = [key[index] for key in keys]
-        if column.dtype == "string":
-            columns[column.name] = tf.constant(["" if v is None else v for v in values], tf.string)
-        else:
-            columns[column.name] = tf.constant(numpy.array(
-                [numpy.nan if v is None else v for v in values], numpy.float32))
-    return columns
+    """serving_raw's inputs as tensors (features.raw_columns)."""
+    return {name: tf.constant(array) for name, array in features.raw_columns(keys).items()}
 
 
 def _signature_defs(path: str) -> Dict[str, Any]:

@@ -63,6 +63,12 @@ def test_categories_and_buckets_map_to_ids_with_unknown_or_missing_ids(transform
         3 * sizes["plurality"] + 0, 1 * sizes["plurality"] + 1, 5 * sizes["plurality"] + 5]
 
 
+def test_text_values_get_ids_by_frequency_and_a_missing_one_the_shared_last_id(transformed):
+    assert _column(transformed, "is_male") == [0, 1, 0]  # "true" twice, "false" once
+    married = _column(transformed, "mother_married")
+    assert sorted(married[:2]) == [0, 1] and married[2] == features.VOCABULARY_SIZE
+
+
 def test_missing_label_gets_weight_zero(transformed):
     assert [row[features.label_key()] for row in transformed] == [8.0, 3.0, 0.0]
     assert [row[features.label_weight_key()] for row in transformed] == [1.0, 1.0, 0.0]
