@@ -11,7 +11,7 @@ export TF_USE_LEGACY_KERAS := 1
 export TF_CPP_MIN_LOG_LEVEL := 2
 export PYTHONWARNINGS := ignore::FutureWarning
 
-.PHONY: run test test-fast mariadb wrk metadata simulate validate-serving serve predict predict-batch bench-predict bench-serving vertex bench quality schema-draft data clean
+.PHONY: run test test-fast mariadb wrk metadata simulate validate-serving serve predict predict-batch bench-predict bench-tflite bench-serving vertex bench quality schema-draft data clean
 
 run: $(VENV)/.installed
 	$(PY) runner_local.py $(ARGS)
@@ -59,6 +59,11 @@ predict-batch: $(VENV)/.installed
 # predict-batch on a million generated rows beside the server and the bare signature (README, Batch predictions)
 bench-predict: $(VENV)/.installed
 	$(PY) -m serving.bench_predict $(ARGS)
+
+# The newest version as SavedModel, TFLite float32 and float16 on the same rows (README, TFLite):
+#   ARGS="--input ../shared/data/natality/bq_export_31col.csv"
+bench-tflite: $(VENV)/.installed
+	$(PY) -m serving.bench_device $(ARGS)
 
 # The server under wrk's load beside the references (README, Serving benchmark): ARGS="--seconds 10"
 bench-serving: $(VENV)/.installed wrk

@@ -17,7 +17,7 @@ from tensorflow_metadata.proto.v0 import anomalies_pb2, statistics_pb2
 from tfx.utils import io_utils
 
 from models import features
-from pipeline import baseline, infra_validator, mlmd, monitor, summary
+from pipeline import baseline, infra_validator, mlmd, monitor, summary, tflite_export
 from pipeline.validation import ANOMALIES_FILE, DRIFT_SPLIT, Verdict, load_statistics, read_verdict, split_file
 
 STYLE = """body{font-family:sans-serif;margin:2em;max-width:80em}table{border-collapse:collapse;margin:.5em 0}
@@ -130,6 +130,11 @@ def write_report(config, run_name: str, steps: List[mlmd.StepRecord], outcome: s
     if infra is not None:
         sections += ["<h2>Infra validation: the candidate served before the push</h2>",
                      "<pre>" + html.escape("\n".join(summary.infra_lines(infra_validator.read(infra.uri), indent="")))
+                     + "</pre>"]
+    exported = summary.output_of(steps, "TFLiteExporter", "tflite_model")
+    if exported is not None:
+        sections += ["<h2>TFLite models for devices</h2>",
+                     "<pre>" + html.escape("\n".join(summary.tflite_lines(tflite_export.read(exported.uri), indent="")))
                      + "</pre>"]
     steps_frame = pd.DataFrame([{"step": s.node_id, "state": s.state, "seconds": s.seconds} for s in steps])
     sections += ["<h2>Steps</h2>", _table(steps_frame.set_index("step"))]

@@ -21,6 +21,7 @@ verdict; ML Metadata links it to the model and the push it came from.
 """
 import json
 import logging
+import math
 import os
 import time
 from typing import Any, Dict, List, Sequence, Tuple
@@ -121,7 +122,8 @@ def check(reference: np.ndarray, float32: np.ndarray, float16: np.ndarray, label
                    f"(row {worst + 1} of {len(reference)}; limit {MAX_FLOAT32_DIFFERENCE} lb)"},
         {"name": "float16", "passed": finite and not np.isnan(increase) and abs(increase) <= MAX_FLOAT16_RMSE_INCREASE,
          "figure": f"RMSE {figures['rmse_float16']:.4f} lb against the SavedModel's {figures['rmse_saved_model']:.4f} lb "
-                   f"on {figures['labelled_rows']} labelled rows (limit ±{MAX_FLOAT16_RMSE_INCREASE} lb)"},
+                   f"on {figures['labelled_rows']} labelled rows (limit ±{MAX_FLOAT16_RMSE_INCREASE} lb)"
+                   if figures["labelled_rows"] else "not judged: no eval row has a label to compare RMSEs on"},
     ]
     if not finite:
         checks[0]["figure"] += "; a TFLite model answered NaN or infinity"
@@ -191,7 +193,8 @@ def TFLiteExporter(
     tflite_model.set_string_custom_property("failed_checks", ",".join(c["name"] for c in record["checks"]
                                                                       if not c["passed"]))
     for name, value in record["figures"].items():
-        tflite_model.set_float_custom_property(name, value)
+        if not math.isnan(value):  # ML Metadata stores no NaN (an RMSE without labelled rows)
+            tflite_model.set_float_custom_property(name, value)
     for variant, described in record["files"].items():
         tflite_model.set_int_custom_property(f"{variant}_bytes", described["bytes"])
     for item in record["checks"]:

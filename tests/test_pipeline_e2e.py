@@ -30,7 +30,7 @@ pytestmark = pytest.mark.slow
 
 NODES = {"CsvExampleGen", "StatisticsGen", "ImportSchemaGen", "previous_validated_span", "DataValidator", "DataGate",
          "training_window", "Transform", "Trainer", "TreeBaseline", "latest_blessed_model_resolver", "Evaluator",
-         "previous_predictions", "PredictionMonitor", "InfraValidator", "Pusher"}
+         "previous_predictions", "PredictionMonitor", "InfraValidator", "Pusher", "TFLiteExporter"}
 CACHEABLE = {"CsvExampleGen", "StatisticsGen", "ImportSchemaGen", "DataValidator", "DataGate", "Transform", "Trainer",
              "TreeBaseline"}
 
@@ -50,6 +50,11 @@ def test_first_run_executes_each_component_once_and_pushes(pipeline_runs):
     infra = first.steps["InfraValidator"].outputs["blessing"][0]
     assert infra.custom_properties["blessed"].int_value == 1
     assert 100 < infra.custom_properties["peak_memory_mb"].double_value < 1536
+    # The device's models, beside the pushed SavedModel, checked against it.
+    version = pathlib.Path(pipeline_runs["config"].serving_dir) / first.pushed_versions[0]
+    assert all((version / name).stat().st_size > 50_000 for name in features.TFLITE_FILES.values())
+    for check in ("float32", "float16"):
+        assert re.search(rf"^      {check} +ok ", first.outcome.summary, re.M), first.outcome.summary
 
 
 def test_data_failing_validation_stops_before_transform_and_pushes_nothing(pipeline_runs):

@@ -136,6 +136,7 @@ def test_each_run_writes_a_self_contained_html_report(span_runs):
     assert "Drift: distance to the previous span" in page and "L_INFTY" in page
     assert "Evaluation by slice (TFMA)" in page and "Residuals (label - prediction) by slice" in page
     assert "Infra validation: the candidate served before the push" in page
+    assert "TFLite models for devices" in page and "float32  ok     largest difference from the SavedModel" in page
     blocked = pathlib.Path(span_runs[2].outcome.summary.split("  report: ")[1].splitlines()[0]).read_text()
     assert "BLOCKING" in blocked and "Evaluation by slice" not in blocked
 

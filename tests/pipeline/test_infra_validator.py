@@ -199,7 +199,8 @@ def test_the_server_gets_neither_vertex_variables_nor_gpus(monkeypatch):
 
 
 def _examples(rows: pd.DataFrame, folder: pathlib.Path) -> pathlib.Path:
-    """An Examples artifact's folder as ExampleGen writes it: gzipped tf.Examples per split."""
+    """An Examples artifact's folder as ExampleGen writes it: gzipped tf.Examples per split (the label too if the
+    rows have it)."""
     import tensorflow as tf
 
     for split in ("train", "eval"):
@@ -207,7 +208,7 @@ def _examples(rows: pd.DataFrame, folder: pathlib.Path) -> pathlib.Path:
         with tf.io.TFRecordWriter(str(folder / f"Split-{split}" / "data.gz"), "GZIP") as writer:
             for row in rows.to_dict("records"):
                 example = tf.train.Example()
-                for column in features.FEATURES:
+                for column in features.FEATURES + ((features.LABEL,) if features.LABEL.name in row else ()):
                     value = row[column.name]
                     if column.dtype == "string" and value:
                         example.features.feature[column.name].bytes_list.value.append(value.encode())

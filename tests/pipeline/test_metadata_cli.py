@@ -72,6 +72,17 @@ def test_lineage_of_the_pushed_model_reaches_the_examples(capsys, store):
             ("ExampleStatistics", "StatisticsGen")} <= upstream
 
 
+def test_the_tflite_models_lineage_reaches_the_model_and_its_push_and_show_prints_their_checks(capsys, store):
+    exported = [a for a in _json(capsys, store, "artifacts") if a["type"] == "babyweight.TFLiteModel"]
+    assert exported and exported[-1]["properties"]["pushed"] == 1
+    lineage = _json(capsys, store, "lineage", str(exported[-1]["id"]))
+    upstream = {(a["type"], a["producer"]) for a in lineage["upstream"]}
+    assert {("Model", "Trainer"), ("PushedModel", "Pusher"), ("Examples", "CsvExampleGen")} <= upstream
+    assert metadata_cli.main(["--store", store, "show", str(exported[-1]["id"])]) == 0
+    shown = capsys.readouterr().out
+    assert "TFLite: babyweight.tflite" in shown and re.search(r"^    float16  ok     RMSE ", shown, re.M), shown
+
+
 def test_show_summarises_statistics_evaluation_and_anomalies(capsys, store):
     artifacts = _json(capsys, store, "artifacts")
     by_type = {}

@@ -19,12 +19,15 @@ def test_one_definition_wires_every_component():
     assert set(components) == {
         "CsvExampleGen", "StatisticsGen", "ImportSchemaGen", "previous_validated_span", "DataValidator", "DataGate",
         "training_window", "Transform", "Trainer", "TreeBaseline", "latest_blessed_model_resolver", "Evaluator",
-        "previous_predictions", "PredictionMonitor", "InfraValidator", "Pusher"}
+        "previous_predictions", "PredictionMonitor", "InfraValidator", "Pusher", "TFLiteExporter"}
     # The Pusher needs both blessings: the Evaluator's, and the InfraValidator's of the same model.
     assert components["Pusher"].inputs["model_blessing"] is components["Evaluator"].outputs["blessing"]
     assert components["Pusher"].inputs["infra_blessing"] is components["InfraValidator"].outputs["blessing"]
     assert components["InfraValidator"].inputs["model"] is components["Pusher"].inputs["model"]
     assert components["InfraValidator"].inputs["model_blessing"] is components["Evaluator"].outputs["blessing"]
+    # The TFLite models are made of the model the Pusher pushed, after the push (nothing of them holds it back).
+    assert components["TFLiteExporter"].inputs["model"] is components["Pusher"].inputs["model"]
+    assert components["TFLiteExporter"].inputs["pushed_model"] is components["Pusher"].outputs["pushed_model"]
     assert "DataGate" in {node.id for node in components["Transform"].upstream_nodes}
     assert "DataGate" in {node.id for node in components["training_window"].upstream_nodes}
     assert components["Trainer"].inputs["examples"] is components["training_window"].outputs["examples"]
@@ -44,6 +47,7 @@ def test_config_reaches_the_components():
     warned = _components(config_lib.load_config(overrides={"warning_checks": "drift,unexpected"}))
     assert warned["DataValidator"].exec_properties["warning_checks"] == "drift,unexpected"
     assert "/tmp/somewhere/serving_model" in str(components["Pusher"].exec_properties["push_destination"])
+    assert components["TFLiteExporter"].exec_properties["destination"] == "/tmp/somewhere/serving_model"
     assert components["CsvExampleGen"].executor_spec.executor_class is csv_example_gen.Executor
     assert components["InfraValidator"].exec_properties["max_memory_mb"] == config.infra_max_memory_mb
     tuned = _components(config_lib.load_config(overrides={"min_imputed_presence": "0.35", "min_drift_rows": "5000",
@@ -84,7 +88,8 @@ def test_every_step_running_project_code_has_its_fingerprint():
     components = _components(config_lib.load_config())
     for step, modules in {"DataValidator": ["pipeline.validation"], "DataGate": ["pipeline.validation"],
                           "TreeBaseline": ["pipeline.baseline"], "PredictionMonitor": ["pipeline.monitor"],
-                          "InfraValidator": ["pipeline.infra_validator", *pipeline_lib.SERVER_MODULES]}.items():
+                          "InfraValidator": ["pipeline.infra_validator", *pipeline_lib.SERVER_MODULES],
+                          "TFLiteExporter": ["pipeline.tflite_export"]}.items():
         assert components[step].exec_properties["code_fingerprint"] == cache.code_fingerprint(*modules), step
     # The server's modules are found (a misspelt name would hash nothing of the server).
     hashed = {path.relative_to(cache.PROJECT_ROOT).as_posix() for path in cache.project_modules(pipeline_lib.SERVER_MODULES)}

@@ -1,0 +1,132 @@
+"""TFLite export: conversion to builtin ops, the parity checks, and the step in a TFX pipeline (toy models)."""
+import pathlib
+import re
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from models import features
+from pipeline import config as config_lib
+from pipeline import tflite_export
+from tests.pipeline.test_infra_validator import _examples
+from tests.serving import toy_model
+
+
+@pytest.fixture(scope="module")
+def eval_rows(real_export_csv):
+    kinds = {c.name: (str if c.dtype == "string" else float) for c in features.FEATURES + (features.LABEL,)}
+    return pd.read_csv(real_export_csv, nrows=1000, usecols=list(kinds), dtype=kinds, keep_default_na=False,
+                       na_values={name: [""] for name, kind in kinds.items() if kind is float})
+
+
+def test_a_model_converts_to_builtin_ops_and_the_interpreter_predicts_what_the_savedmodel_does(tmp_path, eval_rows):
+    model = toy_model.save(tmp_path / "model", offset=1.0)
+    keys, labels = tflite_export.accepted_rows(eval_rows.to_dict("records"))
+    assert 0 < len(keys) < len(eval_rows)  # real rows: some lack gestation weeks, and are left out
+    columns = features.raw_columns(keys)
+    reference = tflite_export.saved_model_predictions(str(model), columns)
+    for float16 in (False, True):
+        predictions = tflite_export.tflite_predictions(tflite_export.convert(str(model), float16), columns)
+        np.testing.assert_allclose(predictions, reference, atol=1e-4 if not float16 else 0.05)
+    assert not np.isnan(labels).all()
+
+
+@pytest.mark.parametrize("float32_shift, float16_shift, failed", [
+    (0.0, 0.0, []),
+    (0.009, 0.0, []),
+    (0.02, 0.0, ["float32"]),
+    (0.0, 0.5, ["float16"]),
+    (float("nan"), 0.0, ["float32", "float16"]),
+])
+def test_each_check_passes_only_within_its_limit(float32_shift, float16_shift, failed):
+    rng = np.random.default_rng(0)
+    labels = rng.normal(7.3, 1.2, 500)
+    reference = labels + rng.normal(0, 0.9, 500)
+    float32 = reference.copy()
+    float32[17] += float32_shift  # one row off
+    float16 = reference + float16_shift  # every row off: the RMSE moves
+    verdict = tflite_export.check(reference, float32, float16, labels)
+    assert [c["name"] for c in verdict["checks"] if not c["passed"]] == failed
+    if failed == ["float32"]:
+        assert "0.020000 lb (row 18 of 500; limit 0.01 lb)" in verdict["checks"][0]["figure"]
+    if failed == ["float16"]:
+        assert f"RMSE {verdict['figures']['rmse_float16']:.4f} lb against" in verdict["checks"][1]["figure"]
+
+
+def _run_export(tmp_path: pathlib.Path, rows: pd.DataFrame, pushed: bool = True):
+    """Importers of a toy model, a push of it (version 7) and eval examples, then the TFLiteExporter, run by TFX's
+    LocalDagRunner; the run's ML Metadata steps and the serving folder."""
+    from tfx import v1 as tfx
+
+    from pipeline import mlmd
+
+    toy_model.save(tmp_path / "model" / "Format-Serving", offset=1.0)
+    config = config_lib.load_config(overrides={"output_dir": str(tmp_path / "out")})
+    (pathlib.Path(config.serving_dir) / "7").mkdir(parents=True)
+    standard = tfx.types.standard_artifacts
+    imported = {
+        "model": tfx.dsl.Importer(source_uri=str(tmp_path / "model"), artifact_type=standard.Model),
+        "pushed_model": tfx.dsl.Importer(
+            source_uri=str(tmp_path / "pushed"), artifact_type=standard.PushedModel,
+            custom_properties={"pushed": int(pushed), "pushed_version": "7",
+                               "pushed_destination": str(pathlib.Path(config.serving_dir) / "7")}),
+        "examples": tfx.dsl.Importer(source_uri=str(_examples(rows, tmp_path / "examples")),
+                                     artifact_type=standard.Examples, properties={"split_names": '["train", "eval"]'}),
+    }
+    for name, importer in imported.items():
+        importer.with_id(f"import_{name}")
+    exporter = tflite_export.TFLiteExporter(**{name: i.outputs["result"] for name, i in imported.items()},
+                                            destination=config.tflite_dir, code_fingerprint="test")
+    tfx.orchestration.LocalDagRunner().run(tfx.dsl.Pipeline(
+        pipeline_name="tflite", pipeline_root=str(tmp_path / "root"), components=[*imported.values(), exporter],
+        metadata_connection_config=tfx.orchestration.metadata.sqlite_metadata_connection_config(config.metadata_path)))
+    store = mlmd.open_sqlite(config.metadata_path)
+    return config, store, store.steps(store.runs()[-1])
+
+
+def test_the_step_pushes_both_models_beside_the_savedmodel_and_records_them_with_their_lineage(tmp_path, eval_rows):
+    from pipeline import summary
+
+    config, store, steps = _run_export(tmp_path, eval_rows)
+    version = pathlib.Path(config.serving_dir) / "7"
+    assert sorted(p.name for p in version.iterdir()) == sorted(features.TFLITE_FILES.values())  # no temporary left
+    exported = summary.output_of(steps, "TFLiteExporter", "tflite_model")
+    record = tflite_export.read(exported.uri)
+    assert record["pushed"] and record["destination"] == str(version) and record["version"] == "7"
+    for variant, name in features.TFLITE_FILES.items():
+        assert (version / name).read_bytes() == (pathlib.Path(exported.uri) / name).read_bytes()
+        assert exported.custom_properties[f"{variant}_bytes"].int_value == (version / name).stat().st_size
+    step = next(s for s in steps if s.node_id == "TFLiteExporter")
+    assert {key: [a.uri for a in artifacts] for key, artifacts in step.inputs.items()}["model"] == [
+        str(tmp_path / "model")]
+    text = summary.summarize_run(config, "run", steps)
+    assert f"pushed to {version}" in text and "    float32  ok     largest difference from the SavedModel" in text
+
+
+def test_models_unlike_the_savedmodel_are_not_pushed_and_the_summary_says_why(tmp_path, eval_rows, monkeypatch):
+    from pipeline import summary
+
+    other = toy_model.save(tmp_path / "other", offset=1.5)  # a conversion gone wrong: half a pound off
+    converted = tflite_export.convert(str(other), float16=False)
+    monkeypatch.setattr(tflite_export, "convert", lambda saved_model_dir, float16: converted)
+    config, _, steps = _run_export(tmp_path, eval_rows)
+    assert not list((pathlib.Path(config.serving_dir) / "7").iterdir())
+    exported = summary.output_of(steps, "TFLiteExporter", "tflite_model")
+    assert exported.custom_properties["pushed"].int_value == 0
+    assert exported.custom_properties["failed_checks"].string_value == "float32,float16"
+    text = summary.summarize_run(config, "run", steps)
+    assert "NOT pushed (the TFLite models predict unlike the SavedModel, so they were not pushed)" in text, text
+    assert re.search(r"^      float32  FAILED largest difference from the SavedModel 0.50000\d lb", text, re.M), text
+
+
+def test_a_model_that_was_not_pushed_is_not_exported(tmp_path, eval_rows):
+    from pipeline import summary
+
+    config, _, steps = _run_export(tmp_path, eval_rows, pushed=False)
+    assert not list((pathlib.Path(config.serving_dir) / "7").iterdir())
+    record = tflite_export.read(summary.output_of(steps, "TFLiteExporter", "tflite_model").uri)
+    assert record == {"pushed": False, "checks": [], "figures": {}, "files": {},
+                      "skipped": "the model was not pushed, so it was not exported"}
+    assert "  TFLite: not exported (the model was not pushed, so it was not exported)" in summary.summarize_run(
+        config, "run", steps)
