@@ -55,6 +55,13 @@ def test_first_run_executes_each_component_once_and_pushes(pipeline_runs):
     assert all((version / name).stat().st_size > 50_000 for name in features.TFLITE_FILES.values())
     for check in ("float32", "float16"):
         assert re.search(rf"^      {check} +ok ", first.outcome.summary, re.M), first.outcome.summary
+    # The README's command, on the bundled data (as a device runs it: tflite-runtime, no TensorFlow needed).
+    device = subprocess.run([sys.executable, "-m", "babyweight_cli", "predict", "--tflite",
+                             str(version / "babyweight.tflite"), "data/natality/natality.csv"],
+                            cwd=PROJECT_ROOT, capture_output=True, text=True)
+    assert device.returncode == 1 and device.stdout.startswith("row,prediction,model_version,error\n1,")
+    assert (f"19823 of 20000 row(s) of data/natality/natality.csv predicted by version(s) "
+            f"{first.pushed_versions[0]}; 177 refused") in device.stderr, device.stderr
 
 
 def test_data_failing_validation_stops_before_transform_and_pushes_nothing(pipeline_runs):
