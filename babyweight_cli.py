@@ -5,7 +5,8 @@
     babyweight validate-serving FILE   requests or the server's request log against the training data
                                        (pipeline/serving_check.py)
     babyweight serve ...               the prediction server over the pushed models (serving/server.py)
-    babyweight predict --url URL FILE  predictions for a CSV or JSON-lines file from a server (serving/client.py)
+    babyweight predict --url URL FILE  predictions for a CSV or JSON-lines file from a server (serving/client.py),
+                   --tflite MODEL FILE or from a TFLite export on this machine, as a device runs it (serving/device.py)
     babyweight experiment ...          outcomes, report, promotion and simulation of an A/B test or bandit
                                        between versions (serving/experiment_cli.py)
     babyweight predict-batch ...       predictions for CSV files in one Beam pipeline (serving/batch.py)

@@ -34,8 +34,9 @@ setuptools.setup(
         "scikit-learn",  # the reference trees beside every model (pipeline/baseline.py)
         "psutil",  # the served candidate's memory (pipeline/infra_validator.py)
         # TensorFlow Lite's interpreter alone, as a device runs the TFLite models (serving/device.py): the pipeline
-        # checks them with it (pipeline/tflite_export.py), `babyweight predict --tflite` runs them with it.
-        "tflite-runtime",
+        # checks them with it (pipeline/tflite_export.py), `babyweight predict --tflite` runs them with it. It has
+        # Linux wheels only; elsewhere the pipeline checks them with TensorFlow's own interpreter.
+        "tflite-runtime; platform_system == 'Linux'",
     ] + SERVING_REQUIRES,
     extras_require={"test": ["pytest"]},
     entry_points={"console_scripts": [

@@ -208,10 +208,6 @@ def missing_required(request: Mapping[str, Any]) -> List[str]:
 # version and answers them from a table (serving/cache.py).
 FREQUENT_INSTANCES_FILE = "assets.extra/frequent_instances.json"
 
-# The TFLite exports of a pushed version, beside its SavedModel (pipeline/tflite_export.py writes them,
-# serving/device.py runs them): its serving_raw signature with float32 weights, and with float16 weights.
-TFLITE_FILES = {"float32": "babyweight.tflite", "float16": "babyweight_float16.tflite"}
-
 InstanceKey = Tuple[Any, ...]
 
 

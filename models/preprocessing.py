@@ -30,7 +30,7 @@ def dense_raw(value: tf.Tensor) -> tf.Tensor:
 
 
 def _one_per_row(value: tf.sparse.SparseTensor, default: Any) -> tf.Tensor:
-    """A sparse feature's first value in each row, `default` where a row has none."""
+    """A sparse feature's value in each row, `default` where a row has none (the schema allows one value a row)."""
     return tf.reshape(tf.sparse.to_dense(
         tf.sparse.SparseTensor(value.indices, value.values, [value.dense_shape[0], 1]), default), [-1])
 
@@ -89,17 +89,18 @@ def _category_ids(column: Column, value: tf.Tensor) -> tf.Tensor:
                     tf.constant(len(column.categories), tf.int64))
 
 
-def _vocabulary_ids(column: Column, value: tf.Tensor) -> tf.Tensor:
+def _vocabulary_ids(value: tf.Tensor) -> tf.Tensor:
     """Position of a text value among the training data's VOCABULARY_SIZE most frequent values; a missing value
-    and one never seen share the id VOCABULARY_SIZE.
+    ("" included, as `is_missing` says) and one never seen share the id VOCABULARY_SIZE.
 
     The values are compared with the vocabulary as a constant of the graph, not looked up in a table read from
     a file, and only the values present are compared: TensorFlow Lite's builtin ops have no text made dense
-    (SparseToDense of strings) nor hashed out-of-vocabulary buckets, and its tables need an initialisation
-    the converter doesn't carry over from a SavedModel, and the TFLite model runs on builtin ops alone.
+    (SparseToDense of strings) nor hashed out-of-vocabulary buckets, its tables need an initialisation the
+    converter doesn't carry over from a SavedModel, and the TFLite model runs on builtin ops alone (models/lite.py).
     """
     if not isinstance(value, tf.sparse.SparseTensor):
-        value = tf.sparse.from_dense(tf.reshape(value, [-1, 1]))  # "" is no value
+        value = tf.sparse.from_dense(tf.reshape(value, [-1, 1]))
+    value = tf.sparse.retain(value, tf.not_equal(value.values, ""))  # a tf.Example may hold "" as a value
     # One pass over the data, with the means and variances: the values and their counts, as tensors.
     keys, counts = tft.count_per_key(value)
     vocabulary = tf.gather(keys, tf.argsort(-counts, stable=True))[:features.VOCABULARY_SIZE]
@@ -117,7 +118,7 @@ def preprocessing_fn(inputs: Dict[str, tf.Tensor]) -> Dict[str, tf.Tensor]:
     for column in features.FEATURES:
         value = inputs[column.name]
         if column.transform is Transform.VOCABULARY:
-            outputs[features.transformed_name(column.name)] = _vocabulary_ids(column, value)
+            outputs[features.transformed_name(column.name)] = _vocabulary_ids(value)
         elif column.transform is Transform.CATEGORY:
             outputs[features.transformed_name(column.name)] = _category_ids(column, value)
         else:

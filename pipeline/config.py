@@ -111,14 +111,6 @@ class PipelineConfig:
         return str(pathlib.Path(self.output_dir) / "serving_model")
 
     @property
-    def tflite_dir(self) -> str:
-        """Where each pushed version's TFLite models go (VERSION/ under it): locally beside the SavedModel, in its
-        version folder; on Vertex, where the endpoint serves the model, a folder of the bucket a device app reads."""
-        if self.orchestrator == "vertex":
-            return f"{self.gcs_bucket.rstrip('/')}/{self.pipeline_name}/tflite"
-        return self.serving_dir
-
-    @property
     def log_path(self) -> str:
         return str(pathlib.Path(self.output_dir) / "run.log")
 

@@ -306,7 +306,7 @@ def create_pipeline(config: PipelineConfig) -> tfx.dsl.Pipeline:
 
     # The pushed model for devices: TFLite models beside the SavedModel, checked against it (pipeline/tflite_export.py).
     tflite_exporter = TFLiteExporter(model=trainer.outputs["model"], pushed_model=pusher.outputs["pushed_model"],
-                                     examples=example_gen.outputs["examples"], destination=config.tflite_dir,
+                                     examples=example_gen.outputs["examples"],
                                      code_fingerprint=code_fingerprint(TFLiteExporter.__module__))
 
     components += [transform, trainer, tree_baseline, model_resolver, evaluator, monitor, infra_validator, pusher,

@@ -127,14 +127,15 @@ def infra_lines(record: Dict, indent: str = "  ") -> List[str]:
 
 def tflite_lines(record: Dict, indent: str = "  ") -> List[str]:
     """Where the TFLite models went (or why they didn't), their sizes, and each parity check with its figure."""
-    if "skipped" in record and not record["checks"]:
+    if not record["files"]:
         return [f"{indent}TFLite: not exported ({record['skipped']})"]
     sizes = ", ".join(f"{described['name']} {described['bytes'] / 1024:.0f} KiB ({variant})"
                       for variant, described in record["files"].items())
     lines = [f"{indent}TFLite: {sizes}: " + (f"pushed to {record['destination']}" if record["pushed"]
-                                            else f"NOT pushed ({record['skipped']})"),
-             f"{indent}  checked against the SavedModel on {record['figures']['rows']} eval rows the serving "
-             "contract accepts:"]
+                                            else f"NOT pushed: {record['skipped']}")]
+    if record["checks"]:
+        lines.append(f"{indent}  checked against the SavedModel on {record['figures']['rows']} eval rows the serving "
+                     "contract accepts:")
     lines.extend(f"{indent}    {item['name']:<8} {'ok' if item['passed'] else 'FAILED':<6} {item['figure']}"
                  for item in record["checks"])
     return lines

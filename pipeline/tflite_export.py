@@ -1,23 +1,25 @@
-"""TFLite export: each pushed model as a TensorFlow Lite model for devices, the transform graph inside.
+"""TFLite export: each pushed model as TensorFlow Lite models for devices, the transform graph inside.
 
 After the Pusher, the pushed model's `serving_raw` signature (raw features in, the transform graph and the Keras
-model inside) is converted twice with TensorFlow Lite's builtin ops only, so that the `tflite-runtime` interpreter
-(no TensorFlow, no Flex delegate) runs it on a device (serving/device.py):
+model inside) is converted twice with TensorFlow Lite's builtin ops only (models/lite.py), so that the
+`tflite-runtime` interpreter runs it on a device (serving/device.py):
 
     babyweight.tflite           float32
-    babyweight_float16.tflite   float16 weights, about 60% of the size (dynamic-range int8 was tried: up to 0.2 lb
-                                from the float32 model on one row, against 0.007 lb for float16; README, TFLite)
+    babyweight_float16.tflite   float16 weights, about 60% of the size (dynamic-range int8 weights moved one real
+                                row by 0.2 lb, float16 by under 0.01 lb: README, TFLite)
 
 Both are checked against the SavedModel on the new span's eval rows the serving contract accepts (the rows a
 server would answer), run by the TFLite interpreter, before they are pushed:
 
     float32   every prediction within MAX_FLOAT32_DIFFERENCE lb of the SavedModel's
-    float16   RMSE within MAX_FLOAT16_RMSE_INCREASE lb of the SavedModel's RMSE on the same rows
+    float16   RMSE within MAX_FLOAT16_RMSE_INCREASE lb of the SavedModel's RMSE on the same (labelled) rows
 
-If both pass, the files are written beside the pushed SavedModel (locally: in its version folder, next to
-saved_model.pb; on Vertex: tflite_dir/VERSION/), each under a temporary name and then renamed, so a device never
-fetches half a file. The artifact (TFLiteModel) holds the files and the record (tflite_export.json) whatever the
-verdict; ML Metadata links it to the model and the push it came from.
+If both pass, the files are written beside the SavedModel that is served: locally in the pushed version's folder
+(TFX's Pusher's `pushed_destination`), next to saved_model.pb; on Vertex in the folder Vertex AI's model was
+uploaded from (the PushedModel artifact's own folder, the model's artifactUri). Each is written under a temporary
+name and then renamed, so a device never fetches half a file. The artifact (TFLiteModel) holds the files and the
+record (tflite_export.json) whatever the verdict; ML Metadata links it to the model and the push it came from.
+A conversion that fails fails the step (after the push: the run says so).
 """
 import json
 import logging
@@ -31,12 +33,10 @@ from tfx import types
 from tfx import v1 as tfx
 from tfx.utils import io_utils, path_utils
 
-from models import features
+from models import features, lite
 from pipeline.artifacts import EVAL_SPLIT, TFLITE_MODEL_TYPE
 
 RECORD_FILE = "tflite_export.json"
-SIGNATURE = "serving_raw"
-PREDICTIONS = "predictions"
 MAX_FLOAT32_DIFFERENCE = 0.01  # lb, any one row
 MAX_FLOAT16_RMSE_INCREASE = 0.005  # lb, over the eval rows
 PARITY_ROWS = 20_000  # eval rows predicted by all three models (the bundled run has about 4,000)
@@ -49,37 +49,32 @@ class TFLiteModel(types.Artifact):
     TYPE_NAME = TFLITE_MODEL_TYPE
 
 
-def convert(saved_model_dir: str, float16: bool) -> bytes:
-    """The SavedModel's serving_raw signature as a TFLite model of builtin ops; float16 weights if asked."""
-    import tensorflow as tf
-
-    converter = tf.lite.TFLiteConverter.from_saved_model(saved_model_dir, signature_keys=[SIGNATURE])
-    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]  # no Flex: tflite-runtime runs it
-    if float16:
-        converter.optimizations = [tf.lite.Optimize.DEFAULT]
-        converter.target_spec.supported_types = [tf.float16]
-    return converter.convert()
-
-
 def saved_model_predictions(saved_model_dir: str, columns: Dict[str, np.ndarray]) -> np.ndarray:
     """serving_raw of the SavedModel on serving_raw's inputs, in batches."""
     import tensorflow as tf
 
-    signature = tf.saved_model.load(saved_model_dir).signatures[SIGNATURE]
-    rows = len(next(iter(columns.values())))
-    return np.concatenate([signature(**{name: tf.constant(array[start:start + BATCH])
-                                        for name, array in columns.items()})[PREDICTIONS].numpy().reshape(-1)
-                           for start in range(0, rows, BATCH)])
+    signature = tf.saved_model.load(saved_model_dir).signatures[lite.SIGNATURE]
+    return _in_batches(lambda batch: signature(**{name: tf.constant(array) for name, array in batch.items()})
+                       [lite.PREDICTIONS].numpy().reshape(-1), columns)
 
 
 def tflite_predictions(model: bytes, columns: Dict[str, np.ndarray]) -> np.ndarray:
-    """serving_raw of a TFLite model, run by the tflite-runtime interpreter as on a device, in batches."""
-    from tflite_runtime.interpreter import Interpreter
+    """serving_raw of a TFLite model, run by the tflite-runtime interpreter as on a device, in batches (TensorFlow's
+    own interpreter, the same builtin kernels, where tflite-runtime has no wheel: macOS)."""
+    try:
+        from tflite_runtime.interpreter import Interpreter
+    except ImportError:
+        import tensorflow as tf
 
-    runner = Interpreter(model_content=model).get_signature_runner(SIGNATURE)
+        Interpreter = tf.lite.Interpreter
+    runner = Interpreter(model_content=model).get_signature_runner(lite.SIGNATURE)
+    return _in_batches(lambda batch: runner(**batch)[lite.PREDICTIONS].reshape(-1), columns)
+
+
+def _in_batches(predict: Any, columns: Dict[str, np.ndarray]) -> np.ndarray:
     rows = len(next(iter(columns.values())))
-    return np.concatenate([runner(**{name: array[start:start + BATCH] for name, array in columns.items()})
-                           [PREDICTIONS].reshape(-1) for start in range(0, rows, BATCH)])
+    return np.concatenate([predict({name: array[start:start + BATCH] for name, array in columns.items()})
+                           for start in range(0, rows, BATCH)])
 
 
 def accepted_rows(rows: Sequence[Dict[str, Any]]) -> Tuple[List[features.InstanceKey], np.ndarray]:
@@ -97,19 +92,20 @@ def accepted_rows(rows: Sequence[Dict[str, Any]]) -> Tuple[List[features.Instanc
 
 
 def rmse(predictions: np.ndarray, labels: np.ndarray) -> float:
+    """Root mean squared error over the rows that have a label (NaN if none has)."""
     known = ~np.isnan(labels)
     return float(np.sqrt(np.mean((predictions[known] - labels[known]) ** 2))) if known.any() else float("nan")
 
 
 def check(reference: np.ndarray, float32: np.ndarray, float16: np.ndarray, labels: np.ndarray) -> Dict[str, Any]:
-    """The parity figures and the two checks' verdicts (the module's docstring)."""
+    """The parity figures and the two checks' verdicts (the module's docstring), on one row or more."""
     difference = np.abs(float32 - reference)
-    worst = int(np.argmax(difference)) if len(difference) else 0
+    worst = int(np.argmax(difference))
     figures = {
         "rows": len(reference),
         "labelled_rows": int((~np.isnan(labels)).sum()),
-        "float32_max_difference": float(difference.max()) if len(difference) else 0.0,
-        "float16_max_difference": float(np.abs(float16 - reference).max()) if len(reference) else 0.0,
+        "float32_max_difference": float(difference.max()),
+        "float16_max_difference": float(np.abs(float16 - reference).max()),
         "rmse_saved_model": rmse(reference, labels),
         "rmse_float32": rmse(float32, labels),
         "rmse_float16": rmse(float16, labels),
@@ -121,8 +117,9 @@ def check(reference: np.ndarray, float32: np.ndarray, float16: np.ndarray, label
          "figure": f"largest difference from the SavedModel {figures['float32_max_difference']:.6f} lb "
                    f"(row {worst + 1} of {len(reference)}; limit {MAX_FLOAT32_DIFFERENCE} lb)"},
         {"name": "float16", "passed": finite and not np.isnan(increase) and abs(increase) <= MAX_FLOAT16_RMSE_INCREASE,
-         "figure": f"RMSE {figures['rmse_float16']:.4f} lb against the SavedModel's {figures['rmse_saved_model']:.4f} lb "
-                   f"on {figures['labelled_rows']} labelled rows (limit ±{MAX_FLOAT16_RMSE_INCREASE} lb)"
+         "figure": f"RMSE {figures['rmse_float16']:.4f} lb against the SavedModel's "
+                   f"{figures['rmse_saved_model']:.4f} lb on {figures['labelled_rows']} labelled rows "
+                   f"(limit ±{MAX_FLOAT16_RMSE_INCREASE} lb)"
                    if figures["labelled_rows"] else "not judged: no eval row has a label to compare RMSEs on"},
     ]
     if not finite:
@@ -142,6 +139,17 @@ def write_beside(folder: str, files: Dict[str, bytes]) -> None:
         tf.io.gfile.rename(temporary, os.path.join(folder, name), overwrite=True)
 
 
+def served_folder(pushed_model: types.Artifact) -> str:
+    """The folder of the SavedModel that is served: TFX's filesystem Pusher's version folder, or (Vertex AI, whose
+    destination is a resource name) the PushedModel's own folder, which Vertex AI's model was uploaded from."""
+    import tensorflow as tf
+
+    destination = pushed_model.get_string_custom_property("pushed_destination")
+    if destination and tf.io.gfile.exists(os.path.join(destination, "saved_model.pb")):
+        return destination
+    return pushed_model.uri
+
+
 def read(uri: str) -> Dict[str, Any]:
     """The record a TFLiteExporter wrote: pushed or not and why, the files, the parity figures and checks."""
     return json.loads(io_utils.read_string_file(os.path.join(uri, RECORD_FILE)))
@@ -154,7 +162,6 @@ def TFLiteExporter(
     examples: tfx.dsl.components.InputArtifact[tfx.types.standard_artifacts.Examples],
     tflite_model: tfx.dsl.components.OutputArtifact[TFLiteModel],
     code_fingerprint: tfx.dsl.components.Parameter[str],  # pipeline/cache.py: reruns the step when its code changes
-    destination: tfx.dsl.components.Parameter[str],  # config.tflite_dir: the files go to destination/VERSION/
 ) -> None:
     """Converts the pushed `model` to TFLite (float32, float16), checks both against it, pushes them beside it."""
     from pipeline.baseline import read_examples, split_files
@@ -165,28 +172,27 @@ def TFLiteExporter(
     else:
         model_dir = path_utils.serving_model_path(model.uri, path_utils.is_old_model_artifact(model))
         started = time.time()
-        models = {variant: convert(model_dir, float16=variant == "float16") for variant in features.TFLITE_FILES}
+        models = {variant: lite.convert(model_dir, variant) for variant in lite.FILES}
         record["seconds_to_convert"] = round(time.time() - started, 2)
-        files = {features.TFLITE_FILES[variant]: content for variant, content in models.items()}
         for variant, content in models.items():
-            io_utils.write_bytes_file(os.path.join(tflite_model.uri, features.TFLITE_FILES[variant]), content)
-            record["files"][variant] = {"name": features.TFLITE_FILES[variant], "bytes": len(content)}
+            io_utils.write_bytes_file(os.path.join(tflite_model.uri, lite.FILES[variant]), content)
+            record["files"][variant] = {"name": lite.FILES[variant], "bytes": len(content)}
         keys, labels = accepted_rows(read_examples(split_files(examples, EVAL_SPLIT), limit=PARITY_ROWS)
                                      .to_dict("records"))
-        columns = features.raw_columns(keys)
-        verdict = check(saved_model_predictions(model_dir, columns),
-                        tflite_predictions(models["float32"], columns), tflite_predictions(models["float16"], columns),
-                        labels)
-        record.update(verdict)
-        version = pushed_model.get_string_custom_property("pushed_version") or str(int(time.time()))
-        record["version"] = version
-        if keys and all(c["passed"] for c in verdict["checks"]):
-            folder = os.path.join(destination, version)
-            write_beside(folder, files)
-            record.update(pushed=True, destination=folder)
+        if keys:
+            columns = features.raw_columns(keys)
+            record.update(check(saved_model_predictions(model_dir, columns),
+                                tflite_predictions(models["float32"], columns),
+                                tflite_predictions(models["float16"], columns), labels))
+        failed = [item["name"] for item in record["checks"] if not item["passed"]]
+        if not keys:
+            record["skipped"] = "no eval row the serving contract accepts to check them on"
+        elif failed:
+            record["skipped"] = f"the {' and '.join(failed)} check{'s' if len(failed) > 1 else ''} failed (below)"
         else:
-            record["skipped"] = ("no eval row the serving contract accepts to check them on" if not keys else
-                                 "the TFLite models predict unlike the SavedModel, so they were not pushed")
+            folder = served_folder(pushed_model)
+            write_beside(folder, {lite.FILES[variant]: content for variant, content in models.items()})
+            record.update(pushed=True, destination=folder)
     io_utils.write_string_file(os.path.join(tflite_model.uri, RECORD_FILE), json.dumps(record, indent=1))
     tflite_model.set_int_custom_property("pushed", int(record["pushed"]))
     tflite_model.set_string_custom_property("destination", record.get("destination", ""))

@@ -1,26 +1,28 @@
-"""`make bench-tflite`: the newest pushed version as SavedModel, TFLite float32 and TFLite float16, on the same rows.
+"""`make bench-tflite`: the newest pushed version as SavedModel and as TFLite models, on the same rows.
 
     make bench-tflite                                                   # the bundled data's rows
     make bench-tflite ARGS="--input ../shared/data/natality/bq_export_31col.csv"
 
-For each model: its size on disk, the latency of one prediction (one row per call, every row the serving contract
-accepts from --input, up to --single-rows, one after another), predictions/s one row per call and in batches of
-1,024, its largest difference from the SavedModel and its RMSE against the rows' labels. The SavedModel is called
-in-process through TensorFlow (serving_raw, as the server's model is); the TFLite models through tflite-runtime's
-interpreter on one thread (serving/device.py, as a device runs them). The table goes to stdout and
-outputs/bench/tflite.json.
+The models: the SavedModel, the pushed TFLite float32 and float16 files, and the SavedModel converted here with
+int8 weights (dynamic range: measured, not shipped). For each: its size on disk, the latency of one prediction
+(one row per call, every row the serving contract accepts from --input, up to --single-rows, one after another),
+predictions/s one row per call and in batches of 1,024, its largest difference from the SavedModel and its RMSE
+against the rows' labels. The SavedModel is called in-process through TensorFlow (serving_raw, as the server's
+model is); the TFLite models through tflite-runtime's interpreter on one thread (serving/device.py, as a device
+runs them). The table goes to stdout and outputs/bench/tflite.json.
 """
 import argparse
 import glob
 import json
 import pathlib
 import sys
+import tempfile
 import time
 from typing import Any, Callable, Dict, List, Optional
 
 import numpy
 
-from models import features
+from models import features, lite
 from models.requests import read_requests
 
 BATCH = 1024
@@ -29,7 +31,7 @@ BATCH = 1024
 def saved_model_bytes(version_dir: pathlib.Path) -> int:
     """The SavedModel's files (graph, variables, assets), without the TFLite models and assets.extra beside it."""
     kept = [path for path in version_dir.rglob("*") if path.is_file() and path.name not in
-            features.TFLITE_FILES.values() and "assets.extra" not in path.relative_to(version_dir).parts]
+            lite.FILES.values() and "assets.extra" not in path.relative_to(version_dir).parts]
     return sum(path.stat().st_size for path in kept)
 
 
@@ -57,6 +59,12 @@ def measure(predict: Callable[[Dict[str, numpy.ndarray]], numpy.ndarray], column
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    """Measures the models and prints the table; 1 if the newest version has no TFLite models or no row is usable."""
+    with tempfile.TemporaryDirectory(prefix="bench-tflite-") as scratch:
+        return _main(argv, scratch)
+
+
+def _main(argv: Optional[List[str]], scratch: str) -> int:
     parser = argparse.ArgumentParser(prog="make bench-tflite", description=__doc__.split("\n\n")[0])
     parser.add_argument("--input", help="CSV or JSON lines with the natality columns (default: the bundled data)")
     parser.add_argument("--single-rows", type=int, default=5_000, help="rows predicted one per call (latency)")
@@ -69,7 +77,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     config, versions = bench.pushed_versions(args.output_dir)
     newest = max(versions)
     version_dir = pathlib.Path(versions[newest])
-    missing = [name for name in features.TFLITE_FILES.values() if not (version_dir / name).is_file()]
+    missing = [name for name in lite.FILES.values() if not (version_dir / name).is_file()]
     if missing:
         print(f"error: version {newest} has no {', '.join(missing)}: the pipeline's TFLiteExporter writes them beside "
               "each model it pushes (make run)", file=sys.stderr)
@@ -83,17 +91,23 @@ def main(argv: Optional[List[str]] = None) -> int:
             except ValueError:
                 continue
             labels.append(float(row.get(features.LABEL.name) or "nan"))
+    if not keys:
+        print(f"error: no row of {', '.join(paths)} is a request the serving contract accepts", file=sys.stderr)
+        return 1
     columns, labels = features.raw_columns(keys), numpy.array(labels)
-    signature = tf.saved_model.load(str(version_dir)).signatures[device.SIGNATURE]
+    signature = tf.saved_model.load(str(version_dir)).signatures[lite.SIGNATURE]
 
     def saved_model(batch: Dict[str, numpy.ndarray]) -> numpy.ndarray:
         return signature(**{name: tf.constant(array) for name, array in batch.items()})[
-            device.PREDICTIONS].numpy().reshape(-1)
+            lite.PREDICTIONS].numpy().reshape(-1)
 
     models = {"SavedModel": (saved_model, saved_model_bytes(version_dir))}
-    for variant, name in features.TFLITE_FILES.items():
+    for variant, name in lite.FILES.items():
         models[f"TFLite {variant}"] = (device.DeviceModel(str(version_dir / name)).predict_columns,
                                        (version_dir / name).stat().st_size)
+    unshipped = pathlib.Path(scratch) / "dynamic_range.tflite"
+    unshipped.write_bytes(lite.convert(str(version_dir), "dynamic_range"))
+    models["TFLite dynamic range"] = (device.DeviceModel(str(unshipped)).predict_columns, unshipped.stat().st_size)
     results: Dict[str, Any] = {"version": newest, "input": paths, "rows": len(keys), "models": {}}
     reference = None
     known = ~numpy.isnan(labels)
@@ -106,10 +120,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         results["models"][title] = figures
     print(f"version {newest}, {len(keys):,} rows the serving contract accepts from {', '.join(paths)} "
           f"({int(known.sum()):,} labelled); one row per call: the first {min(len(keys), args.single_rows):,}")
-    print(f"{'model':<18}{'size':>10}{'p50 µs':>9}{'p99 µs':>9}{'1 row/call /s':>15}{'1,024/call /s':>15}"
+    print(f"{'model':<22}{'size':>10}{'p50 µs':>9}{'p99 µs':>9}{'1 row/call /s':>15}{'1,024/call /s':>15}"
           f"{'max |diff| lb':>15}{'RMSE lb':>9}")
     for title, figures in results["models"].items():
-        print(f"{title:<18}{figures['bytes'] / 1024:>7,.0f} KiB{figures['latency_p50_us']:>9,.0f}"
+        print(f"{title:<22}{figures['bytes'] / 1024:>7,.0f} KiB{figures['latency_p50_us']:>9,.0f}"
               f"{figures['latency_p99_us']:>9,.0f}{figures['one_row_per_s']:>15,.0f}{figures['batched_per_s']:>15,.0f}"
               f"{figures['max_difference']:>15.6f}{figures['rmse']:>9.4f}")
     out = pathlib.Path(args.output_dir) / "bench" / "tflite.json"

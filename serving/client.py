@@ -61,6 +61,8 @@ def to_instance(row: Dict[str, Any]) -> Dict[str, Any]:
                 value = float(value)
             except ValueError:
                 raise ValueError(f"feature {column.name!r}: {value!r} is not a number") from None
+            if value != value:  # "nan", as some tools write a missing number: no value (JSON has no NaN to send)
+                continue
             value = int(value) if value.is_integer() else value
         instance[column.name] = value
     try:
@@ -147,7 +149,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     target = parser.add_mutually_exclusive_group()
     target.add_argument("--version", type=int, help="ask this version (default: the newest available)")
     target.add_argument("--label", help="ask the version with this label (e.g. stable)")
-    parser.add_argument("--batch-size", type=int, default=64, help="instances per request (per model call with --tflite)")
+    parser.add_argument("--batch-size", type=int, default=64,
+                        help="instances per request (per model call with --tflite)")
     parser.add_argument("--output", type=pathlib.Path, help="write the CSV here instead of printing it")
     args = parser.parse_args(argv)
     if args.tflite and (args.version or args.label):

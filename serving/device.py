@@ -15,11 +15,8 @@ from typing import Any, Dict, List, Sequence
 
 import numpy
 
-from models import features
+from models import features, lite
 from serving import client
-
-SIGNATURE = "serving_raw"
-PREDICTIONS = "predictions"
 
 
 class DeviceModelError(RuntimeError):
@@ -33,7 +30,8 @@ class DeviceModel:
         try:
             from tflite_runtime.interpreter import Interpreter
         except ImportError:
-            raise DeviceModelError("the TensorFlow Lite interpreter is not installed: pip install tflite-runtime") from None
+            raise DeviceModelError("the TensorFlow Lite interpreter is not installed: pip install tflite-runtime") \
+                from None
         if not pathlib.Path(path).is_file():
             raise DeviceModelError(f"{path}: no such file")
         try:
@@ -41,15 +39,19 @@ class DeviceModel:
         except ValueError as error:
             raise DeviceModelError(f"{path} is not a TensorFlow Lite model: {error}") from None
         signatures = self.interpreter.get_signature_list()
-        if SIGNATURE not in signatures:
-            raise DeviceModelError(f"{path} has no {SIGNATURE} signature (it has {', '.join(signatures) or 'none'}): "
-                                   "it is not a babyweight TFLite export")
-        self.runner = self.interpreter.get_signature_runner(SIGNATURE)
+        if lite.SIGNATURE not in signatures:
+            raise DeviceModelError(f"{path} has no {lite.SIGNATURE} signature (it has "
+                                   f"{', '.join(signatures) or 'none'}): it is not a babyweight TFLite export")
+        self.runner = self.interpreter.get_signature_runner(lite.SIGNATURE)
         self.path = str(path)
 
     def predict_columns(self, columns: Dict[str, numpy.ndarray]) -> numpy.ndarray:
         """Predictions for serving_raw's inputs (features.raw_columns), one per row."""
-        return self.runner(**columns)[PREDICTIONS].reshape(-1)
+        try:
+            return self.runner(**columns)[lite.PREDICTIONS].reshape(-1)
+        except (ValueError, RuntimeError, KeyError) as error:  # inputs of other names or types than the model's
+            raise DeviceModelError(f"{self.path} can't predict the model's features ({', '.join(columns)}): "
+                                   f"{error!r}") from None
 
     def predict_keys(self, keys: Sequence[features.InstanceKey]) -> numpy.ndarray:
         """Predictions for instances already checked against the serving contract (features.instance_key)."""
@@ -79,6 +81,6 @@ def predict_rows(model: DeviceModel, rows: List[Dict[str, Any]], batch_size: int
         for (index, _), prediction in zip(batch, predictions):
             if numpy.isfinite(prediction):
                 results[index].update(prediction=float(prediction), model_version=version)
-            else:  # as the server refuses to answer it
+            else:  # no prediction (predict-batch rejects such an answer too)
                 results[index]["error"] = f"row {index + 1}: the model answered {prediction}"
     return results

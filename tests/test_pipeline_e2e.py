@@ -21,7 +21,7 @@ import tensorflow as tf
 import tensorflow_transform as tft
 
 from data import generator
-from models import features
+from models import features, lite
 from pipeline import config as config_lib
 from pipeline import baseline, mlmd, quality, serving_check, summary
 from tests.conftest import PROJECT_ROOT
@@ -52,7 +52,7 @@ def test_first_run_executes_each_component_once_and_pushes(pipeline_runs):
     assert 100 < infra.custom_properties["peak_memory_mb"].double_value < 1536
     # The device's models, beside the pushed SavedModel, checked against it.
     version = pathlib.Path(pipeline_runs["config"].serving_dir) / first.pushed_versions[0]
-    assert all((version / name).stat().st_size > 50_000 for name in features.TFLITE_FILES.values())
+    assert all((version / name).stat().st_size > 50_000 for name in lite.FILES.values())
     for check in ("float32", "float16"):
         assert re.search(rf"^      {check} +ok ", first.outcome.summary, re.M), first.outcome.summary
     # The README's command, on the bundled data (as a device runs it: tflite-runtime, no TensorFlow needed).

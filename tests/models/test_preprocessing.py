@@ -106,3 +106,53 @@ def test_values_beyond_the_training_range_are_taken_as_its_ends():
     for name in ("mother_age", "ever_born"):  # 12 and 0 below the minimum, which row 0 has
         assert _column(served, name)[1] == pytest.approx(_column(trained, name)[0]), name
     assert _column(served, "gestation_weeks_bucket")[0] == 3  # 98 weeks: as 40, the training maximum
+
+
+def test_the_transform_converts_to_tflite_builtin_ops_and_maps_every_value_as_tensorflow_does(tmp_path):
+    """The device's model runs on builtin ops alone (models/lite.py): a transform op without one (a vocabulary's
+    hash table, text made dense, ArgMax of int64) fails this conversion, and any difference in a mapping shows."""
+    import apache_beam as beam
+    import tensorflow as tf
+    import tensorflow_transform as tft
+    from tflite_runtime.interpreter import Interpreter
+
+    from models import lite, model
+
+    spec = schema_utils.schema_as_feature_spec(load_schema(config_lib.load_config())).feature_spec
+    metadata = dataset_metadata.DatasetMetadata(
+        schema_utils.schema_from_feature_spec({name: spec[name] for name in USED}))
+    rows = [{k: np.array(v, dtype=np.object_ if v and isinstance(v[0], bytes) else None) for k, v in row.items()}
+            for row in ROWS]
+    with beam.Pipeline() as pipeline, tft_beam.Context(temp_dir=str(tmp_path / "tmp"), force_tf_compat_v1=True):
+        transform_fn = ((pipeline | beam.Create(rows, reshuffle=False), metadata)
+                        | tft_beam.AnalyzeDataset(preprocessing.preprocessing_fn))
+        _ = transform_fn | tft_beam.WriteTransformFn(str(tmp_path / "transform"))
+    output = tft.TFTransformOutput(str(tmp_path / "transform"))
+    raw_spec = {name: spec[name] for name in features.FEATURE_NAMES}
+    module = tf.Module()
+    module.layer = output.transform_features_layer()
+
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.string if c.dtype == "string" else tf.float32, name=c.name)
+                                  for c in features.FEATURES])
+    def transform(*values):
+        transformed = module.layer(model.sparse_raw(dict(zip(features.FEATURE_NAMES, values)), raw_spec))
+        return {name: tf.cast(tf.reshape(value, [-1]), tf.float32) for name, value in transformed.items()}
+
+    tf.saved_model.save(module, str(tmp_path / "saved"), signatures={lite.SIGNATURE: transform})
+    runner = Interpreter(model_content=lite.convert(str(tmp_path / "saved"), "float32")).get_signature_runner(
+        lite.SIGNATURE)
+    instances = [
+        {"is_male": "true", "mother_age": 25, "gestation_weeks": 39, "mother_married": "false", "plurality": 2},
+        {"is_male": "maybe", "mother_age": 70, "gestation_weeks": 99, "mother_married": "", "plurality": 7},
+        {"mother_age": 12, "gestation_weeks": 20.5, "father_age": 99, "weight_gain_pounds": 45, "ever_born": 3},
+    ]
+    columns = features.raw_columns([features.instance_key(instance) for instance in instances])
+    expected = {name: value.numpy() for name, value in transform(
+        *[tf.constant(columns[name]) for name in features.FEATURE_NAMES]).items()}
+    got = runner(**columns)
+    assert set(got) == set(expected)
+    for name in expected:
+        np.testing.assert_allclose(got[name], expected[name], atol=1e-5, err_msg=name)
+    # Unseen text ("maybe"), "" and no value all take the shared last id, on the device as in TensorFlow.
+    assert got[features.transformed_name("is_male")].tolist() == [0, features.VOCABULARY_SIZE, features.VOCABULARY_SIZE]
+    assert got[features.transformed_name("mother_married")].tolist()[1:] == [features.VOCABULARY_SIZE] * 2

@@ -47,7 +47,6 @@ def test_config_reaches_the_components():
     warned = _components(config_lib.load_config(overrides={"warning_checks": "drift,unexpected"}))
     assert warned["DataValidator"].exec_properties["warning_checks"] == "drift,unexpected"
     assert "/tmp/somewhere/serving_model" in str(components["Pusher"].exec_properties["push_destination"])
-    assert components["TFLiteExporter"].exec_properties["destination"] == "/tmp/somewhere/serving_model"
     assert components["CsvExampleGen"].executor_spec.executor_class is csv_example_gen.Executor
     assert components["InfraValidator"].exec_properties["max_memory_mb"] == config.infra_max_memory_mb
     tuned = _components(config_lib.load_config(overrides={"min_imputed_presence": "0.35", "min_drift_rows": "5000",

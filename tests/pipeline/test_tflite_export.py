@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from models import features
+from models import features, lite
 from pipeline import config as config_lib
 from pipeline import tflite_export
 from tests.pipeline.test_infra_validator import _examples
@@ -22,14 +22,15 @@ def eval_rows(real_export_csv):
 
 def test_a_model_converts_to_builtin_ops_and_the_interpreter_predicts_what_the_savedmodel_does(tmp_path, eval_rows):
     model = toy_model.save(tmp_path / "model", offset=1.0)
-    keys, labels = tflite_export.accepted_rows(eval_rows.to_dict("records"))
+    keys, _ = tflite_export.accepted_rows(eval_rows.to_dict("records"))
     assert 0 < len(keys) < len(eval_rows)  # real rows: some lack gestation weeks, and are left out
     columns = features.raw_columns(keys)
     reference = tflite_export.saved_model_predictions(str(model), columns)
-    for float16 in (False, True):
-        predictions = tflite_export.tflite_predictions(tflite_export.convert(str(model), float16), columns)
-        np.testing.assert_allclose(predictions, reference, atol=1e-4 if not float16 else 0.05)
-    assert not np.isnan(labels).all()
+    for quantization in lite.QUANTIZATIONS:
+        predictions = tflite_export.tflite_predictions(lite.convert(str(model), quantization), columns)
+        np.testing.assert_allclose(predictions, reference, atol=1e-4 if quantization == "float32" else 0.01)
+    with pytest.raises(ValueError, match="quantization 'int4': expected one of float32, float16, dynamic_range"):
+        lite.convert(str(model), "int4")
 
 
 @pytest.mark.parametrize("float32_shift, float16_shift, failed", [
@@ -54,77 +55,105 @@ def test_each_check_passes_only_within_its_limit(float32_shift, float16_shift, f
         assert f"RMSE {verdict['figures']['rmse_float16']:.4f} lb against" in verdict["checks"][1]["figure"]
 
 
-def _run_export(tmp_path: pathlib.Path, rows: pd.DataFrame, pushed: bool = True):
-    """Importers of a toy model, a push of it (version 7) and eval examples, then the TFLiteExporter, run by TFX's
-    LocalDagRunner; the run's ML Metadata steps and the serving folder."""
+def _run_export(tmp_path: pathlib.Path, rows: pd.DataFrame, pushed: bool = True, destination: str = ""):
+    """Importers of a toy model, a push of it (by default TFX's filesystem Pusher's: version 7 of serving_dir) and
+    eval examples, then the TFLiteExporter, run by TFX's LocalDagRunner; the config and the run's steps."""
     from tfx import v1 as tfx
 
     from pipeline import mlmd
 
     toy_model.save(tmp_path / "model" / "Format-Serving", offset=1.0)
+    toy_model.save(tmp_path / "pushed", offset=1.0)  # the Pusher's copy, which Vertex AI uploads
     config = config_lib.load_config(overrides={"output_dir": str(tmp_path / "out")})
-    (pathlib.Path(config.serving_dir) / "7").mkdir(parents=True)
+    toy_model.save(pathlib.Path(config.serving_dir) / "7", offset=1.0)
     standard = tfx.types.standard_artifacts
     imported = {
         "model": tfx.dsl.Importer(source_uri=str(tmp_path / "model"), artifact_type=standard.Model),
         "pushed_model": tfx.dsl.Importer(
             source_uri=str(tmp_path / "pushed"), artifact_type=standard.PushedModel,
-            custom_properties={"pushed": int(pushed), "pushed_version": "7",
-                               "pushed_destination": str(pathlib.Path(config.serving_dir) / "7")}),
+            custom_properties={"pushed": int(pushed),
+                               "pushed_destination": destination or str(pathlib.Path(config.serving_dir) / "7")}),
         "examples": tfx.dsl.Importer(source_uri=str(_examples(rows, tmp_path / "examples")),
                                      artifact_type=standard.Examples, properties={"split_names": '["train", "eval"]'}),
     }
     for name, importer in imported.items():
         importer.with_id(f"import_{name}")
     exporter = tflite_export.TFLiteExporter(**{name: i.outputs["result"] for name, i in imported.items()},
-                                            destination=config.tflite_dir, code_fingerprint="test")
+                                            code_fingerprint="test")
     tfx.orchestration.LocalDagRunner().run(tfx.dsl.Pipeline(
         pipeline_name="tflite", pipeline_root=str(tmp_path / "root"), components=[*imported.values(), exporter],
         metadata_connection_config=tfx.orchestration.metadata.sqlite_metadata_connection_config(config.metadata_path)))
     store = mlmd.open_sqlite(config.metadata_path)
-    return config, store, store.steps(store.runs()[-1])
+    return config, store.steps(store.runs()[-1])
+
+
+def _tflite_files(folder: pathlib.Path):
+    return sorted(p.name for p in folder.iterdir() if p.suffix == ".tflite" or p.name.endswith(".incomplete"))
 
 
 def test_the_step_pushes_both_models_beside_the_savedmodel_and_records_them_with_their_lineage(tmp_path, eval_rows):
     from pipeline import summary
 
-    config, store, steps = _run_export(tmp_path, eval_rows)
+    config, steps = _run_export(tmp_path, eval_rows)
     version = pathlib.Path(config.serving_dir) / "7"
-    assert sorted(p.name for p in version.iterdir()) == sorted(features.TFLITE_FILES.values())  # no temporary left
+    assert _tflite_files(version) == sorted(lite.FILES.values())  # and no temporary file left
     exported = summary.output_of(steps, "TFLiteExporter", "tflite_model")
     record = tflite_export.read(exported.uri)
-    assert record["pushed"] and record["destination"] == str(version) and record["version"] == "7"
-    for variant, name in features.TFLITE_FILES.items():
+    assert record["pushed"] and record["destination"] == str(version)
+    for variant, name in lite.FILES.items():
         assert (version / name).read_bytes() == (pathlib.Path(exported.uri) / name).read_bytes()
         assert exported.custom_properties[f"{variant}_bytes"].int_value == (version / name).stat().st_size
     step = next(s for s in steps if s.node_id == "TFLiteExporter")
-    assert {key: [a.uri for a in artifacts] for key, artifacts in step.inputs.items()}["model"] == [
-        str(tmp_path / "model")]
+    assert [a.uri for a in step.inputs["model"]] == [str(tmp_path / "model")]
     text = summary.summarize_run(config, "run", steps)
-    assert f"pushed to {version}" in text and "    float32  ok     largest difference from the SavedModel" in text
+    assert f"pushed to {version}" in text and "      float32  ok     largest difference from the SavedModel" in text
+
+
+def test_on_vertex_the_models_go_beside_the_copy_vertex_ai_uploaded(tmp_path, eval_rows):
+    """Vertex's Pusher records a resource name as its destination; the model was uploaded from the push's folder."""
+    from pipeline import summary
+
+    config, steps = _run_export(tmp_path, eval_rows, destination="projects/p/locations/l/models/42")
+    assert _tflite_files(tmp_path / "pushed") == sorted(lite.FILES.values())
+    assert not _tflite_files(pathlib.Path(config.serving_dir) / "7")
+    record = tflite_export.read(summary.output_of(steps, "TFLiteExporter", "tflite_model").uri)
+    assert record["destination"] == str(tmp_path / "pushed")
 
 
 def test_models_unlike_the_savedmodel_are_not_pushed_and_the_summary_says_why(tmp_path, eval_rows, monkeypatch):
     from pipeline import summary
 
     other = toy_model.save(tmp_path / "other", offset=1.5)  # a conversion gone wrong: half a pound off
-    converted = tflite_export.convert(str(other), float16=False)
-    monkeypatch.setattr(tflite_export, "convert", lambda saved_model_dir, float16: converted)
-    config, _, steps = _run_export(tmp_path, eval_rows)
-    assert not list((pathlib.Path(config.serving_dir) / "7").iterdir())
+    converted = lite.convert(str(other), "float32")
+    monkeypatch.setattr(lite, "convert", lambda saved_model_dir, quantization: converted)
+    config, steps = _run_export(tmp_path, eval_rows)
+    assert not _tflite_files(pathlib.Path(config.serving_dir) / "7")
     exported = summary.output_of(steps, "TFLiteExporter", "tflite_model")
     assert exported.custom_properties["pushed"].int_value == 0
     assert exported.custom_properties["failed_checks"].string_value == "float32,float16"
     text = summary.summarize_run(config, "run", steps)
-    assert "NOT pushed (the TFLite models predict unlike the SavedModel, so they were not pushed)" in text, text
+    assert "NOT pushed: the float32 and float16 checks failed (below)" in text, text
     assert re.search(r"^      float32  FAILED largest difference from the SavedModel 0.50000\d lb", text, re.M), text
+
+
+def test_without_an_eval_row_to_check_them_on_nothing_is_pushed_and_the_step_says_so(tmp_path, eval_rows):
+    from pipeline import summary
+
+    lacking = eval_rows[eval_rows.gestation_weeks.isna() | (eval_rows.gestation_weeks == 99)]
+    assert len(lacking)  # every row lacks a required feature: the contract accepts none
+    config, steps = _run_export(tmp_path, lacking)
+    assert not _tflite_files(pathlib.Path(config.serving_dir) / "7")
+    record = tflite_export.read(summary.output_of(steps, "TFLiteExporter", "tflite_model").uri)
+    assert not record["pushed"] and not record["checks"]
+    assert ": NOT pushed: no eval row the serving contract accepts to check them on" in summary.summarize_run(
+        config, "run", steps)
 
 
 def test_a_model_that_was_not_pushed_is_not_exported(tmp_path, eval_rows):
     from pipeline import summary
 
-    config, _, steps = _run_export(tmp_path, eval_rows, pushed=False)
-    assert not list((pathlib.Path(config.serving_dir) / "7").iterdir())
+    config, steps = _run_export(tmp_path, eval_rows, pushed=False)
+    assert not _tflite_files(pathlib.Path(config.serving_dir) / "7")
     record = tflite_export.read(summary.output_of(steps, "TFLiteExporter", "tflite_model").uri)
     assert record == {"pushed": False, "checks": [], "figures": {}, "files": {},
                       "skipped": "the model was not pushed, so it was not exported"}

@@ -9,8 +9,7 @@ import sys
 import pytest
 import tensorflow as tf
 
-from models import features
-from pipeline import tflite_export
+from models import features, lite
 from serving import client
 from tests.serving import toy_model
 from tests.serving.conftest import PROJECT_ROOT
@@ -37,8 +36,8 @@ def predict(*args: str) -> subprocess.CompletedProcess:
 def exported(tmp_path_factory) -> pathlib.Path:
     """A toy version's folder with its SavedModel and its TFLite models, as the pipeline pushes them."""
     version = toy_model.save(tmp_path_factory.mktemp("serving_model") / "12", offset=1.0)
-    for variant, name in features.TFLITE_FILES.items():
-        (version / name).write_bytes(tflite_export.convert(str(version), float16=variant == "float16"))
+    for variant, name in lite.FILES.items():
+        (version / name).write_bytes(lite.convert(str(version), variant))
     return version
 
 
@@ -58,7 +57,7 @@ def test_rows_are_predicted_without_tensorflow_as_the_savedmodel_predicts_and_re
         writer = csv.DictWriter(handle, fieldnames=["mother_age", "gestation_weeks", "is_male"])
         writer.writeheader()
         writer.writerows(ROWS)
-    done = predict("--tflite", str(exported / features.TFLITE_FILES["float32"]), str(path))
+    done = predict("--tflite", str(exported / lite.FILES["float32"]), str(path))
     assert done.returncode == 1, done.stderr  # some rows refused
     results = list(csv.DictReader(io.StringIO(done.stdout)))
     signature = tf.saved_model.load(str(exported)).signatures["serving_raw"]
@@ -82,7 +81,7 @@ def test_json_lines_and_the_float16_model_give_the_same_answers_within_its_preci
     path.write_text("".join(json.dumps({"mother_age": age, "gestation_weeks": 38, "plurality": 2}) + "\n"
                             for age in range(18, 45)))
     answers = []
-    for name in features.TFLITE_FILES.values():
+    for name in lite.FILES.values():
         done = predict("--tflite", str(exported / name), str(path), "--output", str(tmp_path / f"{name}.csv"))
         assert done.returncode == 0, done.stderr
         answers.append([float(r["prediction"]) for r in csv.DictReader((tmp_path / f"{name}.csv").open())])
@@ -106,25 +105,37 @@ def test_a_file_that_is_no_babyweight_tflite_model_is_named_with_what_is_wrong(e
 
 
 def test_a_version_or_label_makes_no_sense_for_a_file(exported, tmp_path):
-    done = predict("--tflite", str(exported / features.TFLITE_FILES["float32"]), "--label", "stable", "x.csv")
+    done = predict("--tflite", str(exported / lite.FILES["float32"]), "--label", "stable", "x.csv")
     assert done.returncode == 2 and "a TFLite file is one version" in done.stderr
 
 
-def test_the_benchmark_measures_the_three_models_on_the_same_rows(tmp_path, capsys):
+def test_the_benchmark_measures_the_models_on_the_same_rows(tmp_path, capsys):
     from serving import bench_device
 
     version = toy_model.save(tmp_path / "serving_model" / "3", offset=1.0)
-    for variant, name in features.TFLITE_FILES.items():
-        (version / name).write_bytes(tflite_export.convert(str(version), float16=variant == "float16"))
+    for variant, name in lite.FILES.items():
+        (version / name).write_bytes(lite.convert(str(version), variant))
     rows = tmp_path / "rows.csv"
     rows.write_text("mother_age,gestation_weeks,weight_pounds\n" + "".join(
         f"{age},{weeks},{age / 5:.1f}\n" for age in range(18, 48) for weeks in (30, 35, 39, 99)))
     assert bench_device.main(["--output-dir", str(tmp_path), "--input", str(rows), "--single-rows", "50"]) == 0
     results = json.loads((tmp_path / "bench" / "tflite.json").read_text())
     assert results["rows"] == 90  # the 30 rows at the 'unknown' code 99 are not requests
-    assert list(results["models"]) == ["SavedModel", "TFLite float32", "TFLite float16"]
+    assert list(results["models"]) == ["SavedModel", "TFLite float32", "TFLite float16", "TFLite dynamic range"]
     for title, figures in results["models"].items():
         assert figures["latency_p50_us"] > 0 and figures["batched_per_s"] > 0 and figures["rmse"] > 0
-        assert figures["max_difference"] <= (1e-4 if title != "TFLite float16" else 0.05)
-    assert results["models"]["TFLite float32"]["bytes"] == (version / features.TFLITE_FILES["float32"]).stat().st_size
-    assert "TFLite float16" in capsys.readouterr().out
+        assert figures["max_difference"] <= (1e-4 if title == "TFLite float32" else 0.01)
+    assert results["models"]["TFLite float32"]["bytes"] == (version / lite.FILES["float32"]).stat().st_size
+    assert "TFLite dynamic range" in capsys.readouterr().out
+    (version / lite.FILES["float16"]).unlink()
+    assert bench_device.main(["--output-dir", str(tmp_path), "--input", str(rows)]) == 1
+    assert "version 3 has no babyweight_float16.tflite" in capsys.readouterr().err
+
+
+def test_a_number_written_as_nan_is_no_value_on_every_path():
+    """Some tools write a missing number as 'nan': no value for the device, predict --url (JSON has no NaN to
+    send: the server would refuse the whole body) and predict-batch alike."""
+    assert client.to_instance({"mother_age": "30", "gestation_weeks": "39", "father_age": "nan"}) == {
+        "mother_age": 30, "gestation_weeks": 39}
+    with pytest.raises(ValueError, match="missing required feature 'gestation_weeks'"):
+        client.to_instance({"mother_age": "30", "gestation_weeks": "NaN"})
