@@ -175,6 +175,14 @@ def _cache_counts(url: str) -> Dict[str, float]:
     return counts
 
 
+def write_figures(output_dir: str, name: str, results: Any) -> None:
+    """A benchmark's figures as outputs/bench/NAME.json, and where they went."""
+    out = pathlib.Path(output_dir) / "bench" / f"{name}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"written: {out}")
+
+
 def pushed_versions(output_dir: str) -> Tuple[Any, Dict[int, str]]:
     """The local profile's settings and its pushed versions; the pipeline is run first if none is pushed."""
     from pipeline import config as config_lib

@@ -13,7 +13,6 @@ runs them). The table goes to stdout and outputs/bench/tflite.json.
 """
 import argparse
 import glob
-import json
 import pathlib
 import sys
 import tempfile
@@ -126,10 +125,7 @@ def _main(argv: Optional[List[str]], scratch: str) -> int:
         print(f"{title:<22}{figures['bytes'] / 1024:>7,.0f} KiB{figures['latency_p50_us']:>9,.0f}"
               f"{figures['latency_p99_us']:>9,.0f}{figures['one_row_per_s']:>15,.0f}{figures['batched_per_s']:>15,.0f}"
               f"{figures['max_difference']:>15.6f}{figures['rmse']:>9.4f}")
-    out = pathlib.Path(args.output_dir) / "bench" / "tflite.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"written: {out}")
+    bench.write_figures(args.output_dir, "tflite", results)
     return 0
 
 

@@ -118,10 +118,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     print(f"{'signature in-process, batches of 1,024':<40}{results['signature']['rows_per_s']:>12,.0f}")
     print(f"{'server, one row per request':<40}{results['server']['rows_per_s']:>12,.0f}"
           f"   ({results['server']['rows']:,} rows)")
-    out = pathlib.Path(args.output_dir) / "bench" / "predict.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"written: {out}")
+    bench.write_figures(args.output_dir, "predict", results)
     return 0
 
 
