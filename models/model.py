@@ -20,11 +20,11 @@ import tensorflow_transform as tft
 from tensorflow.python.autograph.core import config as autograph_config
 from tfx import v1 as tfx
 
-from models import features
+from models import features, lite
 from models.distribution import global_batch_size, select_strategy, write_dir
 from models.preprocessing import dense_raw, is_missing
 
-PREDICTIONS = "predictions"
+PREDICTIONS = lite.PREDICTIONS
 # The signature that predicts every row of a split, required features or not (TFMA, monitoring).
 SCORE_SIGNATURE = "score_examples"
 SHUFFLE_BUFFER = 20_000
@@ -276,7 +276,7 @@ def serving_signatures(model: tf.keras.Model, tf_transform_output: tft.TFTransfo
 
     return {
         "serving_default": serve_examples,
-        "serving_raw": serve_raw,
+        lite.SIGNATURE: serve_raw,
         SCORE_SIGNATURE: score_examples,
         "transform_features": transform_features,
     }

@@ -102,10 +102,13 @@ def _vocabulary_ids(value: tf.Tensor) -> tf.Tensor:
         value = tf.sparse.from_dense(tf.reshape(value, [-1, 1]))
     value = tf.sparse.retain(value, tf.not_equal(value.values, ""))  # a tf.Example may hold "" as a value
     # One pass over the data, with the means and variances: the values and their counts, as tensors.
+    # Ties go to the value first in byte order (TFT returns the keys sorted; the sort by count is stable).
     keys, counts = tft.count_per_key(value)
     vocabulary = tf.gather(keys, tf.argsort(-counts, stable=True))[:features.VOCABULARY_SIZE]
-    matches = tf.equal(tf.expand_dims(value.values, 1), tf.expand_dims(vocabulary, 0))
-    ids = tf.where(tf.reduce_any(matches, axis=1), tf.argmax(tf.cast(matches, tf.float32), axis=1),
+    matches = tf.cast(tf.equal(tf.expand_dims(value.values, 1), tf.expand_dims(vocabulary, 0)), tf.float32)
+    # The position of the one match, as a sum: an ArgMax would fail on an empty vocabulary (no value in training).
+    positions = tf.cast(tf.range(tf.size(vocabulary)), tf.float32)
+    ids = tf.where(tf.reduce_any(matches > 0, axis=1), tf.cast(tf.reduce_sum(matches * positions, axis=1), tf.int64),
                    tf.constant(features.VOCABULARY_SIZE, tf.int64))
     return _one_per_row(tf.sparse.SparseTensor(value.indices, ids, value.dense_shape),
                         tf.constant(features.VOCABULARY_SIZE, tf.int64))

@@ -54,14 +54,14 @@ def to_instance(row: Dict[str, Any]) -> Dict[str, Any]:
     instance = {}
     for column in features.FEATURES:
         value = row.get(column.name)
-        if value is None or value == "":
+        if value is None or value == "" or value != value:  # NaN: no value (JSON has no NaN to send it as)
             continue
         if column.dtype != "string" and isinstance(value, str):
             try:
                 value = float(value)
             except ValueError:
                 raise ValueError(f"feature {column.name!r}: {value!r} is not a number") from None
-            if value != value:  # "nan", as some tools write a missing number: no value (JSON has no NaN to send)
+            if value != value:  # "nan", as some tools write a missing number: no value, as NaN is
                 continue
             value = int(value) if value.is_integer() else value
         instance[column.name] = value
@@ -155,6 +155,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parser.parse_args(argv)
     if args.tflite and (args.version or args.label):
         parser.error("--version and --label choose a server's version; a TFLite file is one version")
+    from models import lite
     from serving import device
 
     try:
@@ -163,7 +164,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             results = device.predict_rows(device.DeviceModel(str(args.tflite)), rows, args.batch_size)
         else:
             results = predict_rows(predict_url(args.url, args.model, args.version, args.label), rows, args.batch_size)
-    except (RequestsError, ServerError, device.DeviceModelError) as error:
+    except (RequestsError, ServerError, lite.LiteModelError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     handle = args.output.open("w", newline="") if args.output else sys.stdout

@@ -10,9 +10,9 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import orjson
 
-from models import features
+from models import features, lite
 
-RAW_SIGNATURE = "serving_raw"  # named raw features
+RAW_SIGNATURE = lite.SIGNATURE  # named raw features
 EXAMPLES_SIGNATURE = "serving_default"  # serialized tf.Examples, base64 in JSON ({"b64": ...})
 SIGNATURES = (RAW_SIGNATURE, EXAMPLES_SIGNATURE)
 

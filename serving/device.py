@@ -19,39 +19,12 @@ from models import features, lite
 from serving import client
 
 
-class DeviceModelError(RuntimeError):
-    """The TFLite file can't be run: missing, not a TFLite model, or without the serving_raw signature."""
-
-
-class DeviceModel:
-    """A TFLite export, loaded once, predicting batches of instances through its serving_raw signature."""
+class DeviceModel(lite.LiteModel):
+    """A pushed version's TFLite file, run by the tflite-runtime interpreter alone, as on a device."""
 
     def __init__(self, path: str, threads: int = 1):
-        try:
-            from tflite_runtime.interpreter import Interpreter
-        except ImportError:
-            raise DeviceModelError("the TensorFlow Lite interpreter is not installed: pip install tflite-runtime") \
-                from None
-        if not pathlib.Path(path).is_file():
-            raise DeviceModelError(f"{path}: no such file")
-        try:
-            self.interpreter = Interpreter(model_path=str(path), num_threads=threads)
-        except ValueError as error:
-            raise DeviceModelError(f"{path} is not a TensorFlow Lite model: {error}") from None
-        signatures = self.interpreter.get_signature_list()
-        if lite.SIGNATURE not in signatures:
-            raise DeviceModelError(f"{path} has no {lite.SIGNATURE} signature (it has "
-                                   f"{', '.join(signatures) or 'none'}): it is not a babyweight TFLite export")
-        self.runner = self.interpreter.get_signature_runner(lite.SIGNATURE)
+        super().__init__(path=path, threads=threads)
         self.path = str(path)
-
-    def predict_columns(self, columns: Dict[str, numpy.ndarray]) -> numpy.ndarray:
-        """Predictions for serving_raw's inputs (features.raw_columns), one per row."""
-        try:
-            return self.runner(**columns)[lite.PREDICTIONS].reshape(-1)
-        except (ValueError, RuntimeError, KeyError) as error:  # inputs of other names or types than the model's
-            raise DeviceModelError(f"{self.path} can't predict the model's features ({', '.join(columns)}): "
-                                   f"{error!r}") from None
 
     def predict_keys(self, keys: Sequence[features.InstanceKey]) -> numpy.ndarray:
         """Predictions for instances already checked against the serving contract (features.instance_key)."""

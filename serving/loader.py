@@ -15,10 +15,10 @@ import tensorflow as tf
 from google.protobuf import json_format
 from tensorflow.core.protobuf import saved_model_pb2
 
-from models import features
+from models import features, lite
 from serving import cache, contract
 
-PREDICTIONS = "predictions"
+PREDICTIONS = lite.PREDICTIONS
 WARMUP_BATCHES = (1, 64)  # batch shapes run once before a version takes traffic
 
 

@@ -65,8 +65,24 @@ def test_categories_and_buckets_map_to_ids_with_unknown_or_missing_ids(transform
 
 def test_text_values_get_ids_by_frequency_and_a_missing_one_the_shared_last_id(transformed):
     assert _column(transformed, "is_male") == [0, 1, 0]  # "true" twice, "false" once
-    married = _column(transformed, "mother_married")
-    assert sorted(married[:2]) == [0, 1] and married[2] == features.VOCABULARY_SIZE
+    # mother_married: "true" and "false" once each, a tie: the first in byte order takes the first id.
+    assert _column(transformed, "mother_married") == [1, 0, features.VOCABULARY_SIZE]
+
+
+def test_an_empty_text_is_no_value_and_a_feature_never_present_in_training_only_has_the_shared_id():
+    spec = schema_utils.schema_as_feature_spec(load_schema(config_lib.load_config())).feature_spec
+    metadata = dataset_metadata.DatasetMetadata(
+        schema_utils.schema_from_feature_spec({name: spec[name] for name in USED}))
+    rows = [dict(row, is_male=[b""] if index < 2 else [b"false"], mother_married=[])
+            for index, row in enumerate(ROWS)]  # "" written as a value twice: it must not take an id
+    rows = [{k: np.array(v, dtype=np.object_ if k in ("is_male", "mother_married") else None) for k, v in row.items()}
+            for row in rows]
+    with tempfile.TemporaryDirectory() as temp_dir, tft_beam.Context(temp_dir=temp_dir, force_tf_compat_v1=True):
+        (outputs, _), _ = (rows, metadata) | tft_beam.AnalyzeAndTransformDataset(
+            preprocessing.preprocessing_fn, output_record_batches=False)
+    size = features.VOCABULARY_SIZE
+    assert _column(outputs, "is_male") == [size, size, 0]
+    assert _column(outputs, "mother_married") == [size, size, size]
 
 
 def test_missing_label_gets_weight_zero(transformed):

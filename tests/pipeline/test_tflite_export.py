@@ -1,6 +1,8 @@
 """TFLite export: conversion to builtin ops, the parity checks, and the step in a TFX pipeline (toy models)."""
 import pathlib
 import re
+import shutil
+from typing import Optional
 
 import numpy as np
 import pandas as pd
@@ -38,6 +40,7 @@ def test_a_model_converts_to_builtin_ops_and_the_interpreter_predicts_what_the_s
     (0.009, 0.0, []),
     (0.02, 0.0, ["float32"]),
     (0.0, 0.5, ["float16"]),
+    (0.0, "one row", ["float16"]),
     (float("nan"), 0.0, ["float32", "float16"]),
 ])
 def test_each_check_passes_only_within_its_limit(float32_shift, float16_shift, failed):
@@ -46,26 +49,37 @@ def test_each_check_passes_only_within_its_limit(float32_shift, float16_shift, f
     reference = labels + rng.normal(0, 0.9, 500)
     float32 = reference.copy()
     float32[17] += float32_shift  # one row off
-    float16 = reference + float16_shift  # every row off: the RMSE moves
+    float16 = reference.copy()
+    if float16_shift == "one row":  # one row 0.1 lb off: the RMSE hardly moves, the row does
+        float16[3] += 0.1
+    else:
+        float16 += float16_shift  # every row off: the RMSE moves
     verdict = tflite_export.check(reference, float32, float16, labels)
     assert [c["name"] for c in verdict["checks"] if not c["passed"]] == failed
     if failed == ["float32"]:
         assert "0.020000 lb (row 18 of 500; limit 0.01 lb)" in verdict["checks"][0]["figure"]
     if failed == ["float16"]:
         assert f"RMSE {verdict['figures']['rmse_float16']:.4f} lb against" in verdict["checks"][1]["figure"]
+        assert f"largest difference {verdict['figures']['float16_max_difference']:.4f} lb (limit 0.05 lb)" in (
+            verdict["checks"][1]["figure"])
 
 
-def _run_export(tmp_path: pathlib.Path, rows: pd.DataFrame, pushed: bool = True, destination: str = ""):
-    """Importers of a toy model, a push of it (by default TFX's filesystem Pusher's: version 7 of serving_dir) and
-    eval examples, then the TFLiteExporter, run by TFX's LocalDagRunner; the config and the run's steps."""
+def _run_export(tmp_path: pathlib.Path, rows: pd.DataFrame, pushed: bool = True, destination: str = "",
+                served: Optional[float] = None):
+    """Importers of a toy model, a push of it (by default TFX's filesystem Pusher's: version 7 of serving_dir, a copy
+    of the model, or another toy model of offset `served`) and eval examples, then the TFLiteExporter, run by TFX's
+    LocalDagRunner; the config and the run's steps."""
     from tfx import v1 as tfx
 
     from pipeline import mlmd
 
-    toy_model.save(tmp_path / "model" / "Format-Serving", offset=1.0)
-    toy_model.save(tmp_path / "pushed", offset=1.0)  # the Pusher's copy, which Vertex AI uploads
+    model = toy_model.save(tmp_path / "model" / "Format-Serving", offset=1.0)
+    shutil.copytree(model, tmp_path / "pushed")  # the Pusher's copy, which Vertex AI uploads
     config = config_lib.load_config(overrides={"output_dir": str(tmp_path / "out")})
-    toy_model.save(pathlib.Path(config.serving_dir) / "7", offset=1.0)
+    if served is None:
+        shutil.copytree(model, pathlib.Path(config.serving_dir) / "7")
+    else:
+        toy_model.save(pathlib.Path(config.serving_dir) / "7", offset=served)
     standard = tfx.types.standard_artifacts
     imported = {
         "model": tfx.dsl.Importer(source_uri=str(tmp_path / "model"), artifact_type=standard.Model),
@@ -134,6 +148,32 @@ def test_models_unlike_the_savedmodel_are_not_pushed_and_the_summary_says_why(tm
     text = summary.summarize_run(config, "run", steps)
     assert "NOT pushed: the float32 and float16 checks failed (below)" in text, text
     assert re.search(r"^      float32  FAILED largest difference from the SavedModel 0.50000\d lb", text, re.M), text
+
+
+def test_a_version_folder_holding_another_model_gets_nothing(tmp_path, eval_rows):
+    """TFX's Pusher skips its copy when the version folder exists (two pushes in one second): the folder holds
+    the other model, and this one's device models must not land beside it."""
+    from pipeline import summary
+
+    config, steps = _run_export(tmp_path, eval_rows, served=1.5)
+    assert not _tflite_files(pathlib.Path(config.serving_dir) / "7")
+    record = tflite_export.read(summary.output_of(steps, "TFLiteExporter", "tflite_model").uri)
+    assert not record["pushed"] and record["skipped"] == (
+        f"{pathlib.Path(config.serving_dir) / '7'} does not hold this model's SavedModel")
+
+
+def test_a_conversion_that_fails_is_recorded_and_the_run_goes_on(tmp_path, eval_rows, monkeypatch):
+    from pipeline import summary
+
+    def broken(saved_model_dir, quantization):
+        raise RuntimeError("ConverterError: 'tf.Foo' op is neither a custom op nor a flex op")
+
+    monkeypatch.setattr(lite, "convert", broken)
+    config, steps = _run_export(tmp_path, eval_rows)
+    assert {step.state for step in steps} == {"complete"}
+    record = tflite_export.read(summary.output_of(steps, "TFLiteExporter", "tflite_model").uri)
+    assert not record["pushed"] and "neither a custom op nor a flex op" in record["skipped"]
+    assert "  TFLite: not exported (the export failed: RuntimeError(" in summary.summarize_run(config, "run", steps)
 
 
 def test_without_an_eval_row_to_check_them_on_nothing_is_pushed_and_the_step_says_so(tmp_path, eval_rows):

@@ -365,7 +365,8 @@ def test_a_batch_is_read_column_by_column_exactly_as_the_contract_reads_each_row
     edges = [dict(good, gestation_weeks=99.5), dict(good, gestation_weeks="99.2"), dict(good, gestation_weeks=98.9),
              dict(good, mother_age="1e400"), dict(good, father_age=99), dict(good, mother_age=" 31 "),
              dict(good, mother_age=2 ** 70), dict(good, gestation_weeks=float("nan")), dict(good, is_male=""),
-             dict(good, is_male=True), dict(good, mother_married=False)]
+             dict(good, is_male=True), dict(good, mother_married=False), dict(good, father_age="nan"),
+             dict(good, gestation_weeks="NaN"), dict(good, father_age=float("nan"))]
     edge_records = [batch.Record(f"e{n}", "", values) for n, values in enumerate(edges)]
     assert batch._plain_columns(edges) is not None
     _assert_parsed_as_one_by_one(edge_records)
