@@ -25,6 +25,8 @@ setuptools.setup(
         "apache-beam[gcp]",
         "tensorflow",
         "tf-keras",
+        "keras-tuner",  # the Tuner's search (models/tuning.py)
+        "google-cloud-aiplatform",  # Vertex AI: Vizier (models/vizier.py), Pipelines jobs (runner_dataflow.py)
         "tensorflow-transform",
         "tensorflow-data-validation",
         "tensorflow-model-analysis",

@@ -13,7 +13,7 @@ import json
 import logging
 import math
 import os
-from typing import Any, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import tensorflow as tf
 import tensorflow_transform as tft
@@ -36,6 +36,9 @@ MAX_MASKED_COPIES = 8
 STEPS_PER_EXECUTION = 20
 FILE_SPANS_KEY = "file_spans"  # set by the pipeline's Trainer executor: {file pattern: span}
 WEIGHTS_FILE = "recency_weights.json"  # {file pattern: weight} the Trainer used, in its ModelRun folder
+SETTINGS_FILE = "settings.json"  # the settings the Trainer trained with (the Tuner's values in), in the same folder
+# The Tuner's trials hold out one training row in this many (by a hash of the row) to validate on.
+HOLDOUT_BUCKETS = 5
 # {feature: share of training rows that keep its value}, the rest lose it: 0 trains a model "without" the
 # feature, the reference that the serving-contract tests and `make quality --ablations` compare a model asked
 # without it against; a share between 0 and 1 is a span where the feature is that rare (`make quality
@@ -168,7 +171,8 @@ def mask_features(dense: Dict[str, tf.Tensor], mask_rate: float, presence: Optio
 
 def _input_fn(file_patterns: List[str], weights: Dict[str, float], tf_transform_output: tft.TFTransformOutput,
               batch_size: int, shuffle: bool, mask_rate: float = 0.0, presence: Optional[Mapping[str, float]] = None,
-              masked_copies: int = 1, seed: int = 0, repeat: bool = False) -> tf.data.Dataset:
+              masked_copies: int = 1, seed: int = 0, repeat: bool = False,
+              holdout: Optional[bool] = None) -> tf.data.Dataset:
     """Raw examples of each span, masked by `mask_features`, transformed by the Transform graph, as
     (features, label, weight).
 
@@ -177,7 +181,7 @@ def _input_fn(file_patterns: List[str], weights: Dict[str, float], tf_transform_
     through them, so the transform graph runs once per copy, not once per epoch (it costs as much as a
     training step). Each batch is masked with its own seed, from `seed` and the batch's place in the input.
     With `repeat` the rows repeat without end before they are batched, so every batch is full: workers of
-    MultiWorkerMirroredStrategy must all step with batches of one shape.
+    MultiWorkerMirroredStrategy must all step with batches of one shape. `holdout` picks rows as `_records` does.
     """
     raw_spec = _raw_feature_spec(tf_transform_output, with_label=True)
     tft_layer = tf_transform_output.transform_features_layer()
@@ -195,7 +199,7 @@ def _input_fn(file_patterns: List[str], weights: Dict[str, float], tf_transform_
 
     parts = []
     for pattern in file_patterns:
-        records = tf.data.TFRecordDataset(tf.io.gfile.glob(pattern), compression_type="GZIP")
+        records = _records([pattern], holdout)
         recency = tf.constant(weights[pattern], tf.float32)
         parts.append(records.batch(TRANSFORM_BATCH).map(lambda batch, w=recency: (batch, tf.fill(tf.shape(batch), w))))
     dataset = parts[0]
@@ -310,11 +314,20 @@ def frequent_instances(file_patterns: List[str], tf_transform_output: tft.TFTran
                                         for key, count in counts.most_common(limit)]}
 
 
-def _count_records(file_pattern: List[str]) -> int:
-    """Number of examples in gzipped TFRecord files, counted without parsing them."""
-    files = tf.io.gfile.glob(file_pattern)
-    dataset = tf.data.TFRecordDataset(files, compression_type="GZIP")
-    return int(dataset.reduce(tf.constant(0, tf.int64), lambda count, _: count + 1))
+def _records(file_patterns: List[str], holdout: Optional[bool] = None) -> tf.data.Dataset:
+    """The serialized examples of gzipped TFRecord files: all of them, only the held-out ones (`holdout` True:
+    one row in HOLDOUT_BUCKETS, by a hash of the row), or all but those (False)."""
+    records = tf.data.TFRecordDataset([name for pattern in file_patterns for name in tf.io.gfile.glob(pattern)],
+                                      compression_type="GZIP")
+    if holdout is None:
+        return records
+    return records.filter(lambda record: tf.equal(
+        tf.equal(tf.strings.to_hash_bucket_fast(record, HOLDOUT_BUCKETS), 0), holdout))
+
+
+def _count_records(file_patterns: List[str], holdout: Optional[bool] = None) -> int:
+    """Number of examples in gzipped TFRecord files (see `_records`), counted without parsing them."""
+    return int(_records(file_patterns, holdout).reduce(tf.constant(0, tf.int64), lambda count, _: count + 1))
 
 
 def training_schedule(train_examples: int, batch_size: int, epochs: int, min_steps: int) -> Tuple[int, int]:
@@ -324,45 +337,81 @@ def training_schedule(train_examples: int, batch_size: int, epochs: int, min_ste
     return steps_per_epoch, max(epochs, math.ceil(min_steps / steps_per_epoch))
 
 
+def trainer_settings(fn_args: tfx.components.FnArgs) -> Dict[str, Any]:
+    """The pipeline's settings for the model (custom_config), with the Tuner's best values, where the Trainer
+    was given them (fn_args.hyperparameters: a KerasTuner HyperParameters config), in place of the profile's."""
+    settings = dict(fn_args.custom_config)
+    tuned = (getattr(fn_args, "hyperparameters", None) or {}).get("values", {})
+    unknown = sorted(set(tuned) - set(settings))
+    if unknown:
+        raise ValueError(f"the Tuner's best hyperparameters name {', '.join(unknown)}, which the Trainer's settings "
+                         f"({', '.join(sorted(settings))}) don't have")
+    settings.update(tuned)
+    return settings
+
+
+def hidden_units(value: Any) -> List[int]:
+    """Units of each hidden layer: a list, or text as the profile and the Tuner write it ('256,128')."""
+    return [int(units) for units in value.split(",")] if isinstance(value, str) else [int(units) for units in value]
+
+
+def fit(settings: Mapping[str, Any], tf_transform_output: tft.TFTransformOutput, train_files: List[str],
+        eval_files: List[str], weights: Dict[str, float], strategy: tf.distribute.Strategy, holdout: bool = False,
+        callbacks: Sequence[tf.keras.callbacks.Callback] = ()) -> Tuple[tf.keras.Model, Dict[str, List[float]]]:
+    """A model trained with `settings` (the Trainer's, or a Tuner trial's), and its history.
+
+    It trains on `train_files` and is validated after every epoch on `eval_files`; with `holdout` (the Tuner's
+    trials) it trains on the train files' rows but one in HOLDOUT_BUCKETS and is validated, once at the end, on
+    that one, so that the search never sees the eval split the Evaluator scores the chosen model on.
+    """
+    # Seeded: the same data, code and settings give the same model (initial weights, shuffling, masking).
+    tf.keras.utils.set_random_seed(settings["seed"])
+    batch_size = global_batch_size(settings["batch_size"], strategy)
+    train_part, validation_files, validation_part = (False, train_files, True) if holdout else (None, eval_files, None)
+    steps_per_epoch, epochs = training_schedule(
+        _count_records(train_files, train_part), batch_size, settings["train_epochs"], settings["min_train_steps"])
+    train_dataset = _input_fn(train_files, weights, tf_transform_output, batch_size, shuffle=True,
+                              mask_rate=settings["mask_rate"], presence=settings.get(PRESENCE_KEY),
+                              masked_copies=min(epochs, MAX_MASKED_COPIES), seed=settings["seed"], repeat=True,
+                              holdout=train_part)
+    validation_dataset = _input_fn(validation_files, weights, tf_transform_output, batch_size, shuffle=False,
+                                   repeat=True, holdout=validation_part)
+    with strategy.scope():
+        model = build_keras_model(hidden_units(settings["hidden_units"]), int(settings["embedding_dim"]),
+                                  float(settings["learning_rate"]), decay_steps=steps_per_epoch * epochs)
+    history = model.fit(
+        train_dataset,
+        steps_per_epoch=steps_per_epoch,
+        epochs=epochs,
+        validation_data=validation_dataset,
+        validation_steps=max(1, math.ceil(_count_records(validation_files, validation_part) / batch_size)),
+        validation_freq=[epochs] if holdout else 1,
+        callbacks=[
+            *callbacks,
+            tf.keras.callbacks.LambdaCallback(
+                on_epoch_end=lambda epoch, logs: logging.info("epoch %d/%d: %s", epoch + 1, epochs, logs)),
+        ],
+        verbose=0)
+    return model, history.history
+
+
 def run_fn(fn_args: tfx.components.FnArgs) -> None:
     """TFX Trainer entry point: trains on the train split of the window's spans and exports the serving model."""
-    hyperparameters = fn_args.custom_config
+    settings = trainer_settings(fn_args)
     tf_transform_output = tft.TFTransformOutput(fn_args.transform_output)
-    strategy = select_strategy(hyperparameters["strategy"], hyperparameters["tpu_address"])
-    # Seeded: the same data, code and config give the same model (initial weights, shuffling, masking).
-    tf.keras.utils.set_random_seed(hyperparameters["seed"])
-    batch_size = global_batch_size(hyperparameters["batch_size"], strategy)
-    weights = file_weights(fn_args.train_files, fn_args.eval_files, hyperparameters.get(FILE_SPANS_KEY),
-                           hyperparameters["recency_half_life_spans"])
+    strategy = select_strategy(settings["strategy"], settings["tpu_address"])
+    weights = file_weights(fn_args.train_files, fn_args.eval_files, settings.get(FILE_SPANS_KEY),
+                           settings["recency_half_life_spans"])
     logging.info("training files and their recency weights: %s", weights)
-    steps_per_epoch, epochs = training_schedule(
-        _count_records(fn_args.train_files), batch_size, hyperparameters["train_epochs"],
-        hyperparameters["min_train_steps"])
-    train_dataset = _input_fn(fn_args.train_files, weights, tf_transform_output, batch_size, shuffle=True,
-                              mask_rate=hyperparameters["mask_rate"], presence=hyperparameters.get(PRESENCE_KEY),
-                              masked_copies=min(epochs, MAX_MASKED_COPIES), seed=hyperparameters["seed"], repeat=True)
-    eval_dataset = _input_fn(fn_args.eval_files, weights, tf_transform_output, batch_size, shuffle=False, repeat=True)
     # Only the chief writes the model and the logs where TFX expects them (the other workers to temporary folders).
     serving_dir, log_dir = write_dir(fn_args.serving_model_dir, strategy), write_dir(fn_args.model_run_dir, strategy)
     tf.io.gfile.makedirs(log_dir)
     with tf.io.gfile.GFile(os.path.join(log_dir, WEIGHTS_FILE), "w") as handle:  # the weights, for whoever asks
         json.dump(weights, handle, indent=1)
-    with strategy.scope():
-        model = build_keras_model(
-            hyperparameters["hidden_units"], hyperparameters["embedding_dim"], hyperparameters["learning_rate"],
-            decay_steps=steps_per_epoch * epochs)
-    model.fit(
-        train_dataset,
-        steps_per_epoch=steps_per_epoch,
-        epochs=epochs,
-        validation_data=eval_dataset,
-        validation_steps=max(1, math.ceil(_count_records(fn_args.eval_files) / batch_size)),
-        callbacks=[
-            tf.keras.callbacks.TensorBoard(log_dir=log_dir, update_freq="epoch"),
-            tf.keras.callbacks.LambdaCallback(
-                on_epoch_end=lambda epoch, logs: logging.info("epoch %d/%d: %s", epoch + 1, epochs, logs)),
-        ],
-        verbose=0)
+    with tf.io.gfile.GFile(os.path.join(log_dir, SETTINGS_FILE), "w") as handle:  # what this model was trained with
+        json.dump({key: value for key, value in settings.items() if key != FILE_SPANS_KEY}, handle, indent=1)
+    model, _ = fit(settings, tf_transform_output, fn_args.train_files, fn_args.eval_files, weights, strategy,
+                   callbacks=[tf.keras.callbacks.TensorBoard(log_dir=log_dir, update_freq="epoch")])
     # save_traces=False: the signatures are all that serving and TFMA call, and tracing every layer
     # for Keras' own reloading would double the export time and the model's load time.
     model.save(serving_dir, save_format="tf", save_traces=False,

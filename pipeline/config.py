@@ -66,6 +66,11 @@ class PipelineConfig:
     infra_max_p99_ms: float  # ms: nor one whose single-row requests' p99 is above this
     infra_load_timeout_seconds: float  # nor one that has not loaded the model after this long
     orchestrator: str = "local"  # local: LocalDagRunner here; vertex: Vertex Pipelines, Dataflow, Vertex AI
+    # TFX's Tuner before the Trainer, which then trains with the best values it found (models/tuning.py): locally
+    # KerasTuner's Bayesian optimization, on Vertex Vertex AI Vizier with parallel trials
+    tuning: bool = False
+    tuner_trials: int = 12  # trials of the search, the profile's own settings first
+    tuner_parallel_trials: int = 1  # Vertex: trials at once (the tuning job's workers); locally always 1
     # A folder (or gs:// one) of unlabelled CSV files in the table's schema that each run's blessed model predicts
     # with TFX's BulkInferrer; '' = no such step
     bulk_inference_dir: str = ""
@@ -267,6 +272,12 @@ def _check(config: PipelineConfig, profile_path: pathlib.Path) -> None:
     for name in ("infra_eval_requests", "infra_max_memory_mb", "infra_max_p99_ms", "infra_load_timeout_seconds"):
         if getattr(config, name) <= 0:
             raise ConfigError(f"{name} must be positive, not {getattr(config, name)} (set it in {profile_path})")
+    for name in ("tuner_trials", "tuner_parallel_trials"):
+        if getattr(config, name) < 1:
+            raise ConfigError(f"{name} must be at least 1, not {getattr(config, name)} (set it in {profile_path})")
+    if config.tuner_parallel_trials > 1 and config.orchestrator != "vertex":
+        raise ConfigError(f"tuner_parallel_trials {config.tuner_parallel_trials}: parallel trials run on Vertex AI "
+                          "only; a local search runs one trial at a time (set it to 1)")
     if config.train_epochs <= 0:
         raise ConfigError(f"train_epochs must be positive, not {config.train_epochs}")
     if config.orchestrator not in ORCHESTRATORS:

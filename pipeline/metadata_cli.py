@@ -95,7 +95,7 @@ def _lineage(store: Store, artifact: metadata_store_pb2.Artifact) -> Dict[str, A
 
 def _show(store: Store, artifact: metadata_store_pb2.Artifact) -> Dict[str, Any]:
     """A readable summary of an artifact's content, by its type."""
-    from tfx.types.standard_artifacts import InfraBlessing
+    from tfx.types.standard_artifacts import HyperParameters, InfraBlessing, TunerResults
 
     from pipeline import infra_validator, monitor, summary, tflite_export
     from pipeline.monitor import PredictionStatistics
@@ -149,6 +149,13 @@ def _show(store: Store, artifact: metadata_store_pb2.Artifact) -> Dict[str, Any]
         content = infra_validator.read(artifact.uri)
     elif kind == tflite_export.TFLiteModel.TYPE_NAME:
         content = tflite_export.read(artifact.uri)
+    elif kind in (HyperParameters.TYPE_NAME, TunerResults.TYPE_NAME):  # either shows the whole search
+        tuner = store.producer(artifact)
+        outputs = store.outputs(tuner) if tuner else {}
+        if not (outputs.get("best_hyperparameters") and outputs.get("tuner_results")):
+            raise MetadataError(f"#{artifact.id} {kind}: the Tuner execution that wrote it, and its other output, "
+                                "are not in ML Metadata")
+        content = summary.tuning_record(outputs["best_hyperparameters"][0].uri, outputs["tuner_results"][0].uri)
     else:
         content = {}
     return dict(described, content=content)
@@ -241,6 +248,10 @@ def _human(command: str, result: Any) -> None:
             budget = content["budget"]
             print(f"budget: {budget['max_memory_mb']:g} MiB, p99 {budget['max_p99_ms']:g} ms, "
                   f"load within {budget['load_timeout_seconds']:g} s")
+        elif result["type"] in ("HyperParameters", "TunerResults"):
+            from pipeline.summary import tuning_lines
+
+            print("\n".join(tuning_lines(content, indent="")))
         elif result["type"] == TFLITE_MODEL_TYPE:
             from pipeline.summary import tflite_lines
 

@@ -1,4 +1,5 @@
 """The one definition of the babyweight pipeline; runners pick an orchestrator and call it."""
+import dataclasses
 import pathlib
 from typing import Any, List
 
@@ -8,7 +9,7 @@ from tfx import v1 as tfx
 
 from tfx.dsl.components.base import executor_spec
 
-from models import features
+from models import features, tuning
 from models.model import SCORE_SIGNATURE
 from pipeline import csv_example_gen, spans, trainer_executor, vertex_pusher
 from pipeline.cache import CODE_FINGERPRINT, ImportSchemaGen, code_fingerprint, file_fingerprint
@@ -21,6 +22,7 @@ from pipeline.validation import DataGate, DataValidator
 
 PREPROCESSING_FN = "models.preprocessing.preprocessing_fn"
 RUN_FN = "models.model.run_fn"
+TUNER_FN = "models.tuning.tuner_fn"
 GATE_ID = "DataGate"
 # The project modules the local Trainer runs (pipeline/cache.py hashes them, and what they import, into its key).
 TRAINER_MODULES = (RUN_FN.rpartition(".")[0], trainer_executor.__name__)
@@ -108,6 +110,22 @@ def example_gen_component(config: PipelineConfig) -> tfx.types.BaseNode:
         ])))
 
 
+def _vertex_job_spec(config: PipelineConfig) -> dict:
+    """The Vertex AI custom job the Trainer runs as (and each of the Tuner's workers): the pipeline image on the
+    trainer machine, a chief plus workers for MultiWorkerMirroredStrategy."""
+    machine_spec = {"machine_type": config.trainer_machine_type}
+    if config.trainer_accelerator_type:
+        machine_spec.update(accelerator_type=config.trainer_accelerator_type,
+                            accelerator_count=config.trainer_accelerator_count)
+    pool = {"machine_spec": machine_spec, "replica_count": 1, "container_spec": {"image_uri": config.pipeline_image}}
+    job_spec = {"worker_pool_specs": [pool]}
+    if config.trainer_replica_count > 1:  # MultiWorkerMirroredStrategy: a chief plus workers
+        job_spec["worker_pool_specs"].append(dict(pool, replica_count=config.trainer_replica_count - 1))
+    if config.service_account:
+        job_spec["service_account"] = config.service_account
+    return job_spec
+
+
 def trainer_component(config: PipelineConfig, **inputs) -> tfx.types.BaseNode:
     """Local: TFX's Trainer in this process, told each file's span. Vertex: a Vertex AI custom job."""
     custom_config = model_config(config)
@@ -116,29 +134,34 @@ def trainer_component(config: PipelineConfig, **inputs) -> tfx.types.BaseNode:
             run_fn=RUN_FN, custom_config=custom_config,
             custom_executor_spec=executor_spec.ExecutorClassSpec(trainer_executor.SpanAwareTrainerExecutor), **inputs)
     vertex = tfx.extensions.google_cloud_ai_platform
-    machine_spec = {"machine_type": config.trainer_machine_type}
-    if config.trainer_accelerator_type:
-        machine_spec.update(accelerator_type=config.trainer_accelerator_type,
-                            accelerator_count=config.trainer_accelerator_count)
-    job_spec = {
-        "project": config.gcp_project,
-        "worker_pool_specs": [{
-            "machine_spec": machine_spec,
-            "replica_count": 1,
-            "container_spec": {"image_uri": config.pipeline_image},
-        }],
-    }
-    if config.trainer_replica_count > 1:  # MultiWorkerMirroredStrategy: a chief plus workers
-        job_spec["worker_pool_specs"].append(dict(job_spec["worker_pool_specs"][0],
-                                                  replica_count=config.trainer_replica_count - 1))
-    if config.service_account:
-        job_spec["service_account"] = config.service_account
     custom_config.update({
         vertex.ENABLE_VERTEX_KEY: True,
         vertex.VERTEX_REGION_KEY: config.gcp_region,
-        vertex.TRAINING_ARGS_KEY: job_spec,
+        vertex.TRAINING_ARGS_KEY: dict(_vertex_job_spec(config), project=config.gcp_project),
     })
     return vertex.Trainer(run_fn=RUN_FN, custom_config=custom_config, **inputs)
+
+
+def tuner_component(config: PipelineConfig, **inputs) -> tfx.types.BaseNode:
+    """TFX's Tuner with models/tuning.py's search. Local: in this process, one trial at a time, told each file's
+    span. Vertex: a Vertex AI custom job of `tuner_parallel_trials` workers, Vertex AI Vizier suggesting trials."""
+    custom_config = dict(model_config(config), **{
+        CODE_FINGERPRINT: code_fingerprint(TUNER_FN.rpartition(".")[0], trainer_executor.__name__),
+        tuning.TRIALS_KEY: config.tuner_trials})
+    if config.orchestrator != "vertex":
+        return trainer_executor.SpanAwareTuner(tuner_fn=TUNER_FN, custom_config=custom_config, **inputs).with_id(
+            "Tuner")
+    vertex = tfx.extensions.google_cloud_ai_platform
+    job_spec = _vertex_job_spec(dataclasses.replace(config, trainer_replica_count=1))  # one worker a trial
+    custom_config.update({
+        vertex.ENABLE_VERTEX_KEY: True,
+        vertex.VERTEX_REGION_KEY: config.gcp_region,
+        vertex.experimental.TUNING_ARGS_KEY: {"project": config.gcp_project, "job_spec": job_spec},
+        tuning.VIZIER_KEY: {"project": config.gcp_project, "region": config.gcp_region,
+                            "study_prefix": f"{config.pipeline_name}_tuner"},
+    })
+    return vertex.Tuner(tuner_fn=TUNER_FN, custom_config=custom_config,
+                        tune_args=tfx.proto.TuneArgs(num_parallel_trials=config.tuner_parallel_trials), **inputs)
 
 
 def pusher_component(config: PipelineConfig, **inputs) -> tfx.types.BaseNode:
@@ -196,7 +219,7 @@ def bulk_inference_components(config: PipelineConfig, model: Any, blessing: Any,
 
 
 def create_pipeline(config: PipelineConfig) -> tfx.dsl.Pipeline:
-    """Wires ExampleGen -> statistics, schema, validation and gate -> Transform -> Trainer -> Evaluator ->
+    """Wires ExampleGen -> statistics, schema, validation and gate -> Transform -> (Tuner ->) Trainer -> Evaluator ->
     InfraValidator -> Pusher -> TFLiteExporter (and, with bulk_inference_dir, the blessed model's predictions of
     unlabelled rows).
 
@@ -254,13 +277,18 @@ def create_pipeline(config: PipelineConfig) -> tfx.dsl.Pipeline:
         materialize=False, disable_statistics=True, force_tf_compat_v1=True)
     transform.add_upstream_node(gate)
 
-    trainer = trainer_component(
-        config,
+    model_inputs = dict(
         examples=training_examples,
         transform_graph=transform.outputs["transform_graph"],
         schema=schema_importer.outputs["schema"],
         train_args=tfx.proto.TrainArgs(splits=["train"]),
+        # The Tuner's trials validate on rows held out of the train split (models/tuning.py), never on eval.
         eval_args=tfx.proto.EvalArgs(splits=["eval"]))
+    if config.tuning:
+        tuner = tuner_component(config, **model_inputs)
+        components.append(tuner)
+        model_inputs["hyperparameters"] = tuner.outputs["best_hyperparameters"]
+    trainer = trainer_component(config, **model_inputs)
 
     # Gradient-boosted trees and the training mean on the Trainer's rows, scored on the Evaluator's.
     tree_baseline = TreeBaseline(training_examples=training_examples, examples=example_gen.outputs["examples"],

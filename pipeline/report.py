@@ -117,6 +117,10 @@ def write_report(config, run_name: str, steps: List[mlmd.StepRecord], outcome: s
         previous = load_statistics(verdict.baseline_statistics, DRIFT_SPLIT) if verdict.baseline_statistics else None
         sections += ["<h2>Statistics: the new span next to the previous validated span</h2>",
                      _statistics_section(current, previous, drift, verdict)]
+    tuning = summary.run_tuning_lines(steps, indent="")
+    if tuning:
+        sections += ["<h2>Tuning: the trials, and the values the Trainer took</h2>",
+                     "<pre>" + html.escape("\n".join(tuning)) + "</pre>"]
     evaluation = summary.output_of(steps, "Evaluator", "evaluation")
     if evaluation is not None:
         reference = summary.output_of(steps, "TreeBaseline", "baseline")

@@ -1,4 +1,5 @@
 """What a run did, read back from ML Metadata and the artifacts it recorded."""
+import json
 import pathlib
 from typing import Dict, List, Optional, Tuple
 
@@ -92,6 +93,56 @@ def _window_line(steps: List[mlmd.StepRecord]) -> Optional[str]:
         return None
     spans = sorted(span_of(a) for a in trainer.inputs["examples"])
     return f"  trained on span(s) {', '.join(map(str, spans))}"
+
+
+BEST_HYPERPARAMETERS_FILE = "best_hyperparameters.txt"  # TFX's Tuner writes these two
+TUNER_RESULTS_FILE = "tuner_results.json"
+
+
+def tuning_record(best_hyperparameters_uri: str, tuner_results_uri: str) -> Dict:
+    """What the Tuner found: the chosen values, and every completed trial (values, validation RMSE), best first."""
+    from models import tuning
+
+    chosen = json.loads((pathlib.Path(best_hyperparameters_uri) / BEST_HYPERPARAMETERS_FILE).read_text())["values"]
+    trials = tuning.results(json.loads((pathlib.Path(tuner_results_uri) / TUNER_RESULTS_FILE).read_text()))
+    return {"chosen": chosen, "trials": trials}
+
+
+def tuning_lines(record: Dict, step: Optional[mlmd.StepRecord] = None, indent: str = "  ") -> List[str]:
+    """The search's trials as a table (validation RMSE on rows held out of the train split, best first), the
+    profile's own settings (the first trial) and the values the Trainer got; `step`: the Tuner's in this run."""
+    trials = record["trials"]
+    took = ""
+    if step is not None:
+        took = (" (cached: an earlier run's search on the same data, code and settings)" if step.state == "cached"
+                else f" in {step.seconds:.0f} s")
+    names = list(record["chosen"])
+
+    def text(value: object) -> str:
+        return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+    widths = {name: max([len(name)] + [len(text(row["values"].get(name))) for row in trials]) for name in names}
+    lines = [f"{indent}tuning: {len(trials)} trials completed{took}; validation RMSE on rows held out of the "
+             "train split (models/tuning.py):",
+             f"{indent}  trial  val RMSE  " + "  ".join(name.ljust(widths[name]) for name in names)]
+    for row in trials:
+        mark = ("*" if row["values"] == record["chosen"] else " ") + ("p" if row["trial"] == 1 else " ")
+        lines.append(f"{indent}  {row['trial']:>4} {mark}{row['val_rmse']:8.4f}  "
+                     + "  ".join(text(row["values"].get(name)).ljust(widths[name]) for name in names).rstrip())
+    lines.append(f"{indent}  (* chosen; p the profile's own settings, always trial 1)")
+    lines.append(f"{indent}  the Trainer trained with: "
+                 + ", ".join(f"{name}={text(value)}" for name, value in record["chosen"].items()))
+    return lines
+
+
+def run_tuning_lines(steps: List[mlmd.StepRecord], indent: str = "  ") -> List[str]:
+    """The Tuner's trials and choice in a run (none in a run without a Tuner, or whose Tuner failed)."""
+    best = output_of(steps, "Tuner", "best_hyperparameters")
+    tuner_results = output_of(steps, "Tuner", "tuner_results")
+    if best is None or tuner_results is None:
+        return []
+    tuner = next(step for step in steps if step.node_id == "Tuner")
+    return tuning_lines(tuning_record(best.uri, tuner_results.uri), tuner, indent)
 
 
 def monitor_lines(record: Dict) -> List[str]:
@@ -193,6 +244,8 @@ def summarize_run(config: PipelineConfig, run_name: str, steps: List[mlmd.StepRe
     window = _window_line(steps)
     if window:
         lines.append(window)
+
+    lines.extend(run_tuning_lines(steps))
 
     evaluation = output_of(steps, "Evaluator", "evaluation")
     if evaluation:

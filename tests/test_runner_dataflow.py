@@ -37,7 +37,9 @@ def test_same_components_as_the_local_pipeline_less_the_local_resolvers(compiled
     local = {c.id for c in pipeline_lib.create_pipeline(config_lib.load_config()).components}
     # Vertex compiles only TFX's built-in resolver strategies, not the span ones (pipeline/spans.py).
     local_only = {"previous_validated_span", "training_window", "previous_predictions"}
-    expected = (local - {"CsvExampleGen", "latest_blessed_model_resolver"} - local_only) | {"BigQueryExampleGen"}
+    # The vertex profile tunes (Vertex AI Vizier), the local one doesn't (the tuned profile does).
+    expected = (local - {"CsvExampleGen", "latest_blessed_model_resolver"} - local_only) | {"BigQueryExampleGen",
+                                                                                            "Tuner"}
     resolver_tasks = {name for name in tasks if name.startswith("latest_blessed_model_resolver")}
     assert set(tasks) - resolver_tasks == expected
     assert resolver_tasks  # KFP v2 splits the resolver into its model and blessing lookups
@@ -89,6 +91,40 @@ def test_trainer_is_a_vertex_job_with_the_configured_worker_pool(compiled):
     }]
     assert custom_config["strategy"] == "mirrored"
     assert "google_cloud_ai_platform" in executors["Trainer_executor"]["container"]["args"][1]
+
+
+def test_the_tuner_is_a_vertex_job_of_parallel_trials_that_vizier_suggests(compiled):
+    _, tasks, executors = compiled
+    tuner = tasks["Tuner"]
+    custom_config = json.loads(_parameters(tuner)["custom_config"])
+    assert custom_config["ai_platform_enable_vertex"] is True
+    assert custom_config["ai_platform_vertex_region"] == "us-central1"
+    tuning_args = custom_config["ai_platform_tuning_args"]
+    assert tuning_args["project"] == "my-project"
+    # One pool: TFX's executor adds the workers (tuner_parallel_trials - 1) beside the chief, on the same machine.
+    assert tuning_args["job_spec"]["worker_pool_specs"] == [{
+        "machine_spec": {"machine_type": "n1-standard-8", "accelerator_type": "NVIDIA_TESLA_T4",
+                         "accelerator_count": 1},
+        "replica_count": 1,
+        "container_spec": {"image_uri": IMAGE},
+    }]
+    assert tuning_args["job_spec"]["service_account"] == "runner@my-project.iam.gserviceaccount.com"
+    assert json.loads(_parameters(tuner)["tune_args"]) == {"num_parallel_trials": 4}
+    assert custom_config["vizier"] == {"project": "my-project", "region": "us-central1",
+                                       "study_prefix": "babyweight_tuner"}
+    assert custom_config["tuner_trials"] == 24 and custom_config["seed"] == 1
+    assert _parameters(tuner)["tuner_fn"] == "models.tuning.tuner_fn"
+    assert "google_cloud_ai_platform.tuner.executor.Executor" in json.dumps(executors["Tuner_executor"])
+    # The Tuner searches on the Trainer's data and transform; the Trainer trains with its best values.
+    inputs = {name: a["taskOutputArtifact"]["producerTask"] for name, a in tuner["inputs"]["artifacts"].items()}
+    assert inputs == {"examples": "BigQueryExampleGen", "transform_graph": "Transform", "schema": "ImportSchemaGen"}
+    trainer = tasks["Trainer"]["inputs"]["artifacts"]["hyperparameters"]["taskOutputArtifact"]
+    assert trainer == {"producerTask": "Tuner", "outputArtifactKey": "best_hyperparameters"}
+
+
+def test_a_vertex_run_without_tuning_trains_with_the_profile(tmp_path):
+    _, tasks, _ = _compile(tmp_path, "tuning=false")
+    assert "Tuner" not in tasks and "hyperparameters" not in tasks["Trainer"]["inputs"]["artifacts"]
 
 
 def test_tpu_and_multi_worker_pools(tmp_path):

@@ -70,6 +70,9 @@ def _copy_of_the_project(tmp_path):
     # The metadata reader of the commands and the resolvers run no step: the Trainer and validator keep their keys.
     ("pipeline/mlmd.py", [], ["models.model", "pipeline.trainer_executor", "pipeline.validation"]),
     ("pipeline/spans.py", [], ["models.model", "pipeline.trainer_executor", "pipeline.validation"]),
+    # The search space reruns the Tuner (and through its output the Trainer), not the Trainer's own key.
+    ("models/tuning.py", ["models.tuning"], ["models.model", "pipeline.trainer_executor"]),
+    ("models/model.py", ["models.tuning", "models.model"], ["models.preprocessing"]),
     # The server the InfraValidator starts is part of its key, and of no other step's.
     ("serving/batching.py", ["serving.app"], ["pipeline.infra_validator", "models.model", "pipeline.monitor"]),
 ])
@@ -98,6 +101,30 @@ def test_every_step_running_project_code_has_its_fingerprint():
     assert example_gen["value"] == cache.code_fingerprint("pipeline.csv_example_gen")
     assert custom["Transform"]["code_fingerprint"] == cache.code_fingerprint("models.preprocessing")
     assert custom["Trainer"]["code_fingerprint"] == cache.code_fingerprint("models.model", "pipeline.trainer_executor")
+
+
+def test_the_tuned_profile_tunes_on_the_trainer_s_inputs_and_the_trainer_takes_the_best_values():
+    plain = _components(config_lib.load_config())
+    assert "Tuner" not in plain and "hyperparameters" not in plain["Trainer"].inputs
+    components = _components(config_lib.load_config("tuned", {"tuner_trials": "5"}))
+    tuner, trainer = components["Tuner"], components["Trainer"]
+    assert trainer.inputs["hyperparameters"] is tuner.outputs["best_hyperparameters"]
+    for key in ("examples", "transform_graph", "schema"):
+        assert tuner.inputs[key] is trainer.inputs[key], key
+    assert tuner.inputs["examples"] is components["training_window"].outputs["examples"]
+    assert tuner.exec_properties["tuner_fn"] == pipeline_lib.TUNER_FN
+    custom = json.loads(tuner.exec_properties["custom_config"])
+    assert custom["tuner_trials"] == 5 and "vizier" not in custom
+    assert custom["code_fingerprint"] == cache.code_fingerprint("models.tuning", "pipeline.trainer_executor")
+    # The trials train as the Trainer does: the same settings, but for the search's own.
+    trainer_custom = json.loads(trainer.exec_properties["custom_config"])
+    assert {k: v for k, v in custom.items() if k not in ("tuner_trials", "code_fingerprint")} == {
+        k: v for k, v in trainer_custom.items() if k != "code_fingerprint"}
+    assert tuner.executor_spec.executor_class.__name__ == "SpanAwareTunerExecutor"
+    with pytest.raises(config_lib.ConfigError, match="parallel trials run on Vertex AI only"):
+        config_lib.load_config("tuned", {"tuner_parallel_trials": "2"})
+    with pytest.raises(config_lib.ConfigError, match="tuner_trials must be at least 1"):
+        config_lib.load_config("tuned", {"tuner_trials": "0"})
 
 
 def test_the_schema_file_s_contents_are_in_the_cache_key(tmp_path):
