@@ -357,12 +357,15 @@ def hidden_units(value: Any) -> List[int]:
 
 def fit(settings: Mapping[str, Any], tf_transform_output: tft.TFTransformOutput, train_files: List[str],
         eval_files: List[str], weights: Dict[str, float], strategy: tf.distribute.Strategy, holdout: bool = False,
+        validation_mask_rate: float = 0.0,
         callbacks: Sequence[tf.keras.callbacks.Callback] = ()) -> Tuple[tf.keras.Model, Dict[str, List[float]]]:
     """A model trained with `settings` (the Trainer's, or a Tuner trial's), and its history.
 
-    It trains on `train_files` and is validated after every epoch on `eval_files`; with `holdout` (the Tuner's
-    trials) it trains on the train files' rows but one in HOLDOUT_BUCKETS and is validated, once at the end, on
-    that one, so that the search never sees the eval split the Evaluator scores the chosen model on.
+    It trains on `train_files` and is validated after every epoch on `eval_files`. With `holdout` (the Tuner's
+    trials) it trains on the train files' rows but one in HOLDOUT_BUCKETS and is validated once, at the end, on
+    that one, each held-out row once whatever the batch size, masked as `mask_features` does at
+    `validation_mask_rate` (with the seed, so every trial is scored on the same rows and the same gaps), so that
+    the search never sees the eval split the Evaluator scores the chosen model on.
     """
     # Seeded: the same data, code and settings give the same model (initial weights, shuffling, masking).
     tf.keras.utils.set_random_seed(settings["seed"])
@@ -374,8 +377,11 @@ def fit(settings: Mapping[str, Any], tf_transform_output: tft.TFTransformOutput,
                               mask_rate=settings["mask_rate"], presence=settings.get(PRESENCE_KEY),
                               masked_copies=min(epochs, MAX_MASKED_COPIES), seed=settings["seed"], repeat=True,
                               holdout=train_part)
+    # The Trainer's eval batches repeat so that every step has a full batch (MultiWorkerMirroredStrategy's
+    # workers must step alike); a trial's are read once, so that no held-out row counts twice.
     validation_dataset = _input_fn(validation_files, weights, tf_transform_output, batch_size, shuffle=False,
-                                   repeat=True, holdout=validation_part)
+                                   mask_rate=validation_mask_rate, seed=settings["seed"], repeat=not holdout,
+                                   holdout=validation_part)
     with strategy.scope():
         model = build_keras_model(hidden_units(settings["hidden_units"]), int(settings["embedding_dim"]),
                                   float(settings["learning_rate"]), decay_steps=steps_per_epoch * epochs)
@@ -384,7 +390,7 @@ def fit(settings: Mapping[str, Any], tf_transform_output: tft.TFTransformOutput,
         steps_per_epoch=steps_per_epoch,
         epochs=epochs,
         validation_data=validation_dataset,
-        validation_steps=max(1, math.ceil(_count_records(validation_files, validation_part) / batch_size)),
+        validation_steps=None if holdout else max(1, math.ceil(_count_records(validation_files) / batch_size)),
         validation_freq=[epochs] if holdout else 1,
         callbacks=[
             *callbacks,

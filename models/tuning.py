@@ -2,15 +2,18 @@
 
 Each trial trains the model as the Trainer does (`model.fit`: the same input function, the training window's
 spans and their recency weights, the same seed), on the train split's rows but one in model.HOLDOUT_BUCKETS,
-and scores its RMSE on that one (`val_rmse`, weighted like the Trainer's loss). The eval split stays out of the
-search: the Evaluator's figure for the chosen model is not one the search picked. The first trial is the
-profile's own settings, so the chosen values are never worse than them on the held-out rows.
+and scores its RMSE on that one (`val_rmse`, weighted like the Trainer's loss). The held-out rows are masked
+as the profile's `mask_rate` says requests lack optional features, the same rows and gaps for every trial: a
+trial's own `mask_rate` is judged by the requests it stands for, not pushed to its lowest. The eval split stays
+out of the search: the Evaluator's figure for the chosen model is not one the search picked. The first trial
+is the profile's own settings, so the chosen values are never worse than them on the held-out rows.
 
 Every hyperparameter is named as the Trainer's setting it replaces (pipeline.pipeline.model_config), so the
 Trainer takes the best values as they are (model.trainer_settings).
 """
 import logging
 import math
+import os
 import time
 from typing import Any, Dict, List, Mapping
 
@@ -21,7 +24,6 @@ from keras_tuner.src.engine import trial as trial_module
 from tfx import v1 as tfx
 
 from models import model
-from models.vizier import VizierOracle
 from models.distribution import select_strategy
 
 OBJECTIVE = "val_rmse"
@@ -38,7 +40,7 @@ BATCH_SIZES = (128, 256, 512)
 TRAIN_EPOCHS = (2, 4, 8)  # passes over the training rows: they decide from about 100,000 rows up...
 MIN_TRAIN_STEPS = (750, 1500, 3000)  # ...below that, the floor of training steps does
 LEARNING_RATES = (0.001, 0.01)  # sampled on a log scale
-MASK_RATES = (0.25, 0.5, 0.75)  # never 0: every candidate must answer requests that lack optional features
+MASK_RATES = (0.25, 0.5, 0.75)  # 0 only where the profile's is: requests that lack optional features are answered
 
 
 def _choice(hp: kt.HyperParameters, name: str, choices: tuple, default: Any) -> None:
@@ -84,20 +86,24 @@ class TrainerTrials(kt.engine.base_tuner.BaseTuner):
         self.fn_args = fn_args
 
     def run_trial(self, trial: kt.engine.trial.Trial, *args, **kwargs) -> Dict[str, float]:
-        settings = dict(self.fn_args.custom_config, **trial.hyperparameters.values)
+        profile = self.fn_args.custom_config
+        settings = dict(profile, **trial.hyperparameters.values)
         weights = model.file_weights(self.fn_args.train_files, [], settings.get(model.FILE_SPANS_KEY),
                                      settings["recency_half_life_spans"])
         started = time.monotonic()
         tf.keras.backend.clear_session()
         _, history = model.fit(settings, tft.TFTransformOutput(self.fn_args.transform_graph_path),
-                               self.fn_args.train_files, [], weights, select_strategy(settings["strategy"],
-                                                                                      settings["tpu_address"]),
-                               holdout=True)
-        rmse = history["val_rmse"][-1]
-        logging.info("trial %s: %s -> val_rmse %.4f in %.1f s", trial.trial_id, trial.hyperparameters.values, rmse,
-                     time.monotonic() - started)
+                               self.fn_args.train_files, [], weights,
+                               select_strategy(settings["strategy"], settings["tpu_address"]),
+                               holdout=True, validation_mask_rate=profile["mask_rate"])
+        if not history.get(OBJECTIVE):
+            raise kt.errors.FailedTrialError(f"no training row was held out to score the trial on (one in "
+                                             f"{model.HOLDOUT_BUCKETS} is): too few training rows")
+        rmse = history[OBJECTIVE][-1]
+        logging.info("trial %s: %s -> %s %.4f in %.1f s", trial.trial_id, trial.hyperparameters.values, OBJECTIVE,
+                     rmse, time.monotonic() - started)
         if not math.isfinite(rmse):
-            raise kt.errors.FailedTrialError(f"training diverged (validation RMSE {rmse})")
+            raise kt.errors.FailedTrialError(f"training diverged ({OBJECTIVE} {rmse})")
         return {OBJECTIVE: rmse}
 
 
@@ -105,11 +111,18 @@ def tuner_fn(fn_args: tfx.components.FnArgs) -> tfx.components.TunerFnResult:
     """TFX Tuner entry point: `tuner_trials` trials over `search_space`, suggested by KerasTuner's Bayesian
     optimization, or by Vertex AI Vizier where custom_config has a `vizier` entry (the vertex profile)."""
     settings = fn_args.custom_config
+    # KerasTuner takes a seed of 0 for none (a random one): shifted by one, every seed is kept.
     search = dict(objective=kt.Objective(OBJECTIVE, direction="min"), max_trials=settings[TRIALS_KEY],
-                  hyperparameters=search_space(settings), seed=settings["seed"])
-    oracle = (VizierOracle(**settings[VIZIER_KEY], **search) if settings.get(VIZIER_KEY) else ProfileFirstOracle(
-        num_initial_points=max(2, settings[TRIALS_KEY] // INITIAL_SHARE), **search))
-    tuner = TrainerTrials(fn_args, oracle, directory=fn_args.working_dir, project_name="babyweight", overwrite=True)
+                  hyperparameters=search_space(settings), seed=settings["seed"] + 1)
+    if settings.get(VIZIER_KEY):
+        from models.vizier import VizierOracle  # Vertex AI's client: only the vertex profile's Tuner needs it
+
+        oracle = VizierOracle(**settings[VIZIER_KEY], **search)
+    else:
+        oracle = ProfileFirstOracle(num_initial_points=max(2, settings[TRIALS_KEY] // INITIAL_SHARE), **search)
+    # A folder of its own per tuner process: on Vertex the chief's oracle and a worker share a machine.
+    tuner = TrainerTrials(fn_args, oracle, directory=fn_args.working_dir, overwrite=True,
+                          project_name=f"babyweight-{os.environ.get('KERASTUNER_TUNER_ID', 'tuner0')}")
     return tfx.components.TunerFnResult(tuner=tuner, fit_kwargs={})
 
 

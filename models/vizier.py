@@ -50,7 +50,9 @@ def _value(hp: kt.engine.hyperparameters.HyperParameter, value: Any) -> Any:
     """A Vizier parameter value (proto-plus gives a str or a float) as the KerasTuner hyperparameter's own type."""
     if isinstance(hp, kt.engine.hyperparameters.Choice):
         if isinstance(value, str):
-            return next(choice for choice in hp.values if choice == value)
+            if value not in hp.values:
+                raise ValueError(f"Vizier suggested {value!r} for {hp.name}, not one of its choices {hp.values}")
+            return value
         return min(hp.values, key=lambda choice: abs(float(choice) - value))
     if isinstance(hp, kt.engine.hyperparameters.Int):
         return int(round(value))
@@ -103,15 +105,23 @@ class VizierOracle(kt.Oracle):
         return {"status": trial_module.TrialStatus.RUNNING, "values": values}
 
     def end_trial(self, trial: kt.engine.trial.Trial) -> None:
-        super().end_trial(trial)
-        name = self._vizier_trials.get(trial.trial_id)
-        if name is None:
-            return
+        # `trial` may be a copy rebuilt from KerasTuner's gRPC message (a worker's trial, without score or message);
+        # the oracle's own record, scored by super().end_trial, is the one to report.
+        try:
+            super().end_trial(trial)
+        finally:
+            name = self._vizier_trials.pop(trial.trial_id, None)
+            if name is not None:
+                self._complete(name, self.trials.get(trial.trial_id, trial))
+
+    def _complete(self, name: str, trial: kt.engine.trial.Trial) -> None:
+        """Reports a finished trial to Vizier: its score, or why it failed (an infeasible trial)."""
         if trial.status == trial_module.TrialStatus.COMPLETED and trial.score is not None:
             measurement = aiplatform_v1.Measurement(metrics=[aiplatform_v1.Measurement.Metric(
                 metric_id=self.objective.name, value=trial.score)])
             request = aiplatform_v1.CompleteTrialRequest(name=name, final_measurement=measurement)
         else:
-            reason = (trial.message or trial.status).strip().splitlines()[-1][:500]
+            lines = (trial.message or "").strip().splitlines()
+            reason = (lines[-1] if lines else f"the trial ended {trial.status}")[:500]
             request = aiplatform_v1.CompleteTrialRequest(name=name, trial_infeasible=True, infeasible_reason=reason)
         self._client.complete_trial(request=request)

@@ -152,7 +152,10 @@ def tuner_component(config: PipelineConfig, **inputs) -> tfx.types.BaseNode:
         return trainer_executor.SpanAwareTuner(tuner_fn=TUNER_FN, custom_config=custom_config, **inputs).with_id(
             "Tuner")
     vertex = tfx.extensions.google_cloud_ai_platform
-    job_spec = _vertex_job_spec(dataclasses.replace(config, trainer_replica_count=1))  # one worker a trial
+    # Each worker of the tuning job runs trials of its own, on its machine's devices.
+    job_spec = _vertex_job_spec(dataclasses.replace(config, trainer_replica_count=1))
+    if config.strategy == "multi_worker_mirrored":
+        custom_config["strategy"] = "mirrored"
     custom_config.update({
         vertex.ENABLE_VERTEX_KEY: True,
         vertex.VERTEX_REGION_KEY: config.gcp_region,

@@ -95,22 +95,24 @@ def _window_line(steps: List[mlmd.StepRecord]) -> Optional[str]:
     return f"  trained on span(s) {', '.join(map(str, spans))}"
 
 
-BEST_HYPERPARAMETERS_FILE = "best_hyperparameters.txt"  # TFX's Tuner writes these two
-TUNER_RESULTS_FILE = "tuner_results.json"
-
-
 def tuning_record(best_hyperparameters_uri: str, tuner_results_uri: str) -> Dict:
     """What the Tuner found: the chosen values, and every completed trial (values, validation RMSE), best first."""
+    from tfx.components.tuner import executor as tuner_executor
+    from tfx.utils import io_utils
+
     from models import tuning
 
-    chosen = json.loads((pathlib.Path(best_hyperparameters_uri) / BEST_HYPERPARAMETERS_FILE).read_text())["values"]
-    trials = tuning.results(json.loads((pathlib.Path(tuner_results_uri) / TUNER_RESULTS_FILE).read_text()))
-    return {"chosen": chosen, "trials": trials}
+    def read(uri: str, name: str) -> object:
+        return json.loads(io_utils.read_string_file(f"{uri}/{name}"))
+
+    return {"chosen": read(best_hyperparameters_uri, tuner_executor._DEFAULT_BEST_HP_FILE_NAME)["values"],
+            "trials": tuning.results(read(tuner_results_uri, tuner_executor._DEFAULT_TUNER_RESULTS_FILE_NAME))}
 
 
 def tuning_lines(record: Dict, step: Optional[mlmd.StepRecord] = None, indent: str = "  ") -> List[str]:
     """The search's trials as a table (validation RMSE on rows held out of the train split, best first), the
-    profile's own settings (the first trial) and the values the Trainer got; `step`: the Tuner's in this run."""
+    profile's own settings (the first trial) and the values chosen for the Trainer; `step`: the Tuner's."""
+    from models.tuning import OBJECTIVE
     trials = record["trials"]
     took = ""
     if step is not None:
@@ -127,10 +129,10 @@ def tuning_lines(record: Dict, step: Optional[mlmd.StepRecord] = None, indent: s
              f"{indent}  trial  val RMSE  " + "  ".join(name.ljust(widths[name]) for name in names)]
     for row in trials:
         mark = ("*" if row["values"] == record["chosen"] else " ") + ("p" if row["trial"] == 1 else " ")
-        lines.append(f"{indent}  {row['trial']:>4} {mark}{row['val_rmse']:8.4f}  "
+        lines.append(f"{indent}  {row['trial']:>4} {mark}{row[OBJECTIVE]:8.4f}  "
                      + "  ".join(text(row["values"].get(name)).ljust(widths[name]) for name in names).rstrip())
     lines.append(f"{indent}  (* chosen; p the profile's own settings, always trial 1)")
-    lines.append(f"{indent}  the Trainer trained with: "
+    lines.append(f"{indent}  chosen, the Trainer's hyperparameters: "
                  + ", ".join(f"{name}={text(value)}" for name, value in record["chosen"].items()))
     return lines
 

@@ -2,6 +2,8 @@
 from typing import Any, Dict, List
 
 from absl import logging
+from keras_tuner.src.engine import base_tuner
+from keras_tuner.src.engine import trial as trial_module
 from tfx import types
 from tfx.components.trainer import executor as trainer_executor
 from tfx.components.trainer import fn_args_utils
@@ -27,6 +29,16 @@ def with_file_spans(fn_args: fn_args_utils.FnArgs, input_dict: Dict[str, List[ty
     return fn_args
 
 
+def check_completed(tuner: base_tuner.BaseTuner) -> None:
+    """Raises unless a trial completed: KerasTuner would otherwise offer a failed trial's values as the best."""
+    trials = list(tuner.oracle.trials.values())
+    if any(t.status == trial_module.TrialStatus.COMPLETED for t in trials):
+        return
+    reasons = sorted({lines[-1] for lines in ((t.message or "").strip().splitlines() for t in trials) if lines})
+    raise RuntimeError(f"none of the Tuner's {len(trials)} trial(s) completed: "
+                       + ("; ".join(reasons) or "no trial ran"))
+
+
 class SpanAwareTrainerExecutor(trainer_executor.GenericExecutor):
     """TFX's Trainer executor, plus the span of each training and eval file pattern in custom_config."""
 
@@ -45,9 +57,7 @@ class SpanAwareTunerExecutor(tuner_executor.Executor):
         result = udf_utils.get_fn(exec_properties, "tuner_fn")(fn_args)
         tuner = result.tuner
         tuner.search(**result.fit_kwargs)
-        if not tuner.oracle.get_best_trials():
-            raise RuntimeError(f"none of the Tuner's {len(tuner.oracle.trials)} trial(s) completed: see the trials' "
-                               "errors above")
+        check_completed(tuner)
         logging.info("best hyperparameters: %s", tuner.get_best_hyperparameters()[0].values)
         tuner_executor.write_best_hyperparameters(tuner, output_dict)
 

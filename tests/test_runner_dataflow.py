@@ -122,6 +122,14 @@ def test_the_tuner_is_a_vertex_job_of_parallel_trials_that_vizier_suggests(compi
     assert trainer == {"producerTask": "Tuner", "outputArtifactKey": "best_hyperparameters"}
 
 
+def test_tuning_trials_of_a_multi_worker_trainer_run_one_per_worker(tmp_path):
+    _, tasks, _ = _compile(tmp_path, "strategy=multi_worker_mirrored", "trainer_replica_count=3")
+    tuner = json.loads(_parameters(tasks["Tuner"])["custom_config"])
+    assert tuner["strategy"] == "mirrored"  # each worker its own trials, not one cluster
+    assert [pool["replica_count"] for pool in tuner["ai_platform_tuning_args"]["job_spec"]["worker_pool_specs"]] == [1]
+    assert json.loads(_parameters(tasks["Trainer"])["custom_config"])["strategy"] == "multi_worker_mirrored"
+
+
 def test_a_vertex_run_without_tuning_trains_with_the_profile(tmp_path):
     _, tasks, _ = _compile(tmp_path, "tuning=false")
     assert "Tuner" not in tasks and "hyperparameters" not in tasks["Trainer"]["inputs"]["artifacts"]

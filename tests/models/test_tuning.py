@@ -26,7 +26,8 @@ def test_the_space_defaults_to_the_profile_and_names_the_trainer_s_settings():
     odd = {hp.name: hp for hp in tuning.search_space(_settings(hidden_units="100,10", mask_rate="0.3",
                                                                learning_rate="0.05")).space}
     assert "100,10" in odd["hidden_units"].values and odd["hidden_units"].default == "100,10"
-    assert 0.3 in odd["mask_rate"].values and 0.0 not in odd["mask_rate"].values
+    assert 0.3 in odd["mask_rate"].values and 0.0 not in space.space[-1].values
+    assert tuning.search_space(_settings(mask_rate="0")).space[-1].values == [0.0, 0.25, 0.5, 0.75]  # as asked
     assert odd["learning_rate"].max_value == 0.05
 
 
@@ -154,10 +155,15 @@ def test_vizier_suggests_the_trials_and_learns_their_scores_and_failures(tmp_pat
     parent, study = client.studies[0]
     assert parent == "projects/p/locations/europe-west4" and study.display_name.startswith("babyweight_tuner_")
     assert first.hyperparameters.values == {hp.name: hp.default for hp in oracle.hyperparameters.space}
-    oracle.update_trial(first.trial_id, {tuning.OBJECTIVE: 1.05})
-    first.status = "COMPLETED"
-    oracle.end_trial(first)
-    assert client.completed[0].final_measurement.metrics[0].value == pytest.approx(1.05)
+    # In a tuning job a worker runs the trial: the chief's oracle gets it back rebuilt from KerasTuner's gRPC
+    # messages, without its score, which only update_trial carried.
+    remote = kt.engine.trial.Trial.from_proto(first.to_proto())
+    oracle.update_trial(remote.trial_id, {tuning.OBJECTIVE: 1.05})
+    remote.status = "COMPLETED"
+    oracle.end_trial(kt.engine.trial.Trial.from_proto(remote.to_proto()))
+    assert not client.completed[0].trial_infeasible
+    assert [(m.metric_id, m.value) for m in client.completed[0].final_measurement.metrics] == [
+        ("val_rmse", pytest.approx(1.05))]
 
     second = oracle.create_trial("tuner1")
     assert second.hyperparameters.values == {"hidden_units": "512,256", "embedding_dim": 16, "learning_rate": 0.002,
@@ -170,3 +176,92 @@ def test_vizier_suggests_the_trials_and_learns_their_scores_and_failures(tmp_pat
     assert client.completed[1].infeasible_reason == "FailedTrialError: training diverged (validation RMSE nan)"
     assert oracle.create_trial("tuner0").status == "STOPPED"  # Vizier has nothing more to suggest
     assert len(client.studies) == 1
+
+
+def test_tuner_fn_picks_kerastuner_locally_and_vizier_on_vertex_and_keeps_every_seed(tmp_path):
+    fn_args = types.SimpleNamespace(custom_config=_settings(seed="0"), working_dir=str(tmp_path))
+    tuner = tuning.tuner_fn(fn_args).tuner
+    assert isinstance(tuner.oracle, tuning.ProfileFirstOracle)
+    assert (tuner.oracle.max_trials, tuner.oracle.num_initial_points, tuner.oracle.seed) == (4, 2, 1)
+    fn_args.custom_config = dict(fn_args.custom_config, **{tuning.VIZIER_KEY: {
+        "project": "p", "region": "us-central1", "study_prefix": "babyweight_tuner"}})
+    assert isinstance(tuning.tuner_fn(fn_args).tuner.oracle, vizier.VizierOracle)
+
+
+class _Failing(tuning.TrainerTrials):
+    def run_trial(self, trial, *args, **kwargs):
+        raise RuntimeError(f"out of memory in trial {trial.trial_id}")
+
+
+def test_a_search_whose_trials_all_failed_is_an_error_not_a_best_value(tmp_path):
+    from pipeline.trainer_executor import check_completed
+
+    oracle = tuning.ProfileFirstOracle(objective=kt.Objective(tuning.OBJECTIVE, "min"), max_trials=2,
+                                       hyperparameters=tuning.search_space(_settings()), seed=1)
+    tuner = _Failing(types.SimpleNamespace(), oracle, directory=str(tmp_path), project_name="p")
+    tuner.search()
+    # KerasTuner would hand a failed trial's values to the Trainer as the best.
+    assert tuner.oracle.get_best_trials()[0].status == "FAILED"
+    with pytest.raises(RuntimeError, match=r"none of the Tuner's 2 trial\(s\) completed: "
+                                           r"RuntimeError: out of memory in trial 0; RuntimeError: out of memory"):
+        check_completed(tuner)
+
+
+def test_a_trial_trains_on_four_fifths_and_is_scored_once_on_the_masked_fifth(monkeypatch):
+    calls = []
+
+    def spy(files, weights, transform_output, batch_size, shuffle, **kwargs):
+        calls.append(dict(kwargs, shuffle=shuffle))
+        return tf.data.Dataset.range(1)
+
+    class Model:
+        def fit(self, *args, **kwargs):
+            calls.append({"validation_steps": kwargs["validation_steps"], "freq": kwargs["validation_freq"]})
+            return types.SimpleNamespace(history={tuning.OBJECTIVE: [1.0]})
+
+    monkeypatch.setattr(model, "_input_fn", spy)
+    monkeypatch.setattr(model, "_count_records", lambda files, holdout=None: 1000)
+    monkeypatch.setattr(model, "build_keras_model", lambda *args, **kwargs: Model())
+    settings = dict(_settings(), mask_rate=0.25)
+    model.fit(settings, None, ["train"], [], {}, tf.distribute.get_strategy(), holdout=True,
+              validation_mask_rate=0.5)
+    train, validation, fitted = calls
+    assert (train["holdout"], train["mask_rate"], train["repeat"], train["shuffle"]) == (False, 0.25, True, True)
+    assert (validation["holdout"], validation["mask_rate"], validation["repeat"]) == (True, 0.5, False)
+    assert validation["seed"] == settings["seed"] and not validation["shuffle"]
+    epochs = model.training_schedule(1000, 256, 4, 1500)[1]
+    assert fitted == {"validation_steps": None, "freq": [epochs]} and epochs > 1  # once, after the last epoch
+    calls.clear()
+    model.fit(settings, None, ["train"], ["eval"], {}, tf.distribute.get_strategy())  # the Trainer
+    train, validation, fitted = calls
+    assert train["holdout"] is None and validation["holdout"] is None and validation["mask_rate"] == 0.0
+    assert validation["repeat"] and fitted == {"validation_steps": 4, "freq": 1}
+
+
+def test_a_diverged_trial_fails_with_the_reason(monkeypatch):
+    monkeypatch.setattr(model, "fit", lambda *args, **kwargs: (None, {tuning.OBJECTIVE: [float("nan")]}))
+    monkeypatch.setattr(tuning.tft, "TFTransformOutput", lambda path: None)
+    trials = tuning.TrainerTrials.__new__(tuning.TrainerTrials)
+    trials.fn_args = types.SimpleNamespace(custom_config=_settings(), train_files=["train"], transform_graph_path="t")
+    trial = types.SimpleNamespace(trial_id="1", hyperparameters=types.SimpleNamespace(values={}))
+    with pytest.raises(kt.errors.FailedTrialError, match="training diverged"):
+        trials.run_trial(trial)
+    monkeypatch.setattr(model, "fit", lambda *args, **kwargs: (None, {}))
+    with pytest.raises(kt.errors.FailedTrialError, match="no training row was held out"):
+        trials.run_trial(trial)
+
+
+def test_the_summary_lists_the_trials_best_first_marking_the_choice_and_the_profile():
+    from pipeline import summary
+
+    record = {"chosen": {"hidden_units": "128", "learning_rate": 0.0016758}, "trials": tuning.results([
+        {"trial_id": "0", "score": 1.0011, "hidden_units": "256,128", "learning_rate": 0.004},
+        {"trial_id": "2", "score": 0.99281, "hidden_units": "128", "learning_rate": 0.0016758}])}
+    step = types.SimpleNamespace(state="complete", seconds=197.2)
+    lines = summary.tuning_lines(record, step)
+    assert lines[0].startswith("  tuning: 2 trials completed in 197 s; validation RMSE on rows held out")
+    assert lines[2] == "       3 *   0.9928  128           0.001676"
+    assert lines[3] == "       1  p  1.0011  256,128       0.004"
+    assert lines[-1] == "    chosen, the Trainer's hyperparameters: hidden_units=128, learning_rate=0.001676"
+    cached = summary.tuning_lines(record, types.SimpleNamespace(state="cached", seconds=0.0), indent="")
+    assert "2 trials completed (cached: an earlier run's search" in cached[0]
