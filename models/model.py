@@ -316,13 +316,22 @@ def frequent_instances(file_patterns: List[str], tf_transform_output: tft.TFTran
 
 def _records(file_patterns: List[str], holdout: Optional[bool] = None) -> tf.data.Dataset:
     """The serialized examples of gzipped TFRecord files: all of them, only the held-out ones (`holdout` True:
-    one row in HOLDOUT_BUCKETS, by a hash of the row), or all but those (False)."""
-    records = tf.data.TFRecordDataset([name for pattern in file_patterns for name in tf.io.gfile.glob(pattern)],
-                                      compression_type="GZIP")
-    if holdout is None:
-        return records
-    return records.filter(lambda record: tf.equal(
-        tf.equal(tf.strings.to_hash_bucket_fast(record, HOLDOUT_BUCKETS), 0), holdout))
+    one row in HOLDOUT_BUCKETS, every fifth of each file pattern), or all but those (False).
+
+    Rows are held out by their place, not their bytes: ExampleGen writes the same rows in the same order on
+    every run, but a tf.Example's bytes differ from one run to the next (the order of its feature map).
+    """
+    parts = []
+    for pattern in file_patterns:
+        part = tf.data.TFRecordDataset(sorted(tf.io.gfile.glob(pattern)), compression_type="GZIP")
+        if holdout is not None:
+            part = part.enumerate().filter(
+                lambda index, _: tf.equal(tf.equal(index % HOLDOUT_BUCKETS, 0), holdout)).map(lambda _, record: record)
+        parts.append(part)
+    records = parts[0]
+    for part in parts[1:]:
+        records = records.concatenate(part)
+    return records
 
 
 def _count_records(file_patterns: List[str], holdout: Optional[bool] = None) -> int:
@@ -390,7 +399,7 @@ def fit(settings: Mapping[str, Any], tf_transform_output: tft.TFTransformOutput,
         steps_per_epoch=steps_per_epoch,
         epochs=epochs,
         validation_data=validation_dataset,
-        validation_steps=None if holdout else max(1, math.ceil(_count_records(validation_files) / batch_size)),
+        validation_steps=max(1, math.ceil(_count_records(validation_files, validation_part) / batch_size)),
         validation_freq=[epochs] if holdout else 1,
         callbacks=[
             *callbacks,
