@@ -1,18 +1,26 @@
-"""Distribution strategies of the Trainer, chosen by name from the config."""
+"""Distribution strategies of the Trainer, chosen by name from the config.
+
+TensorFlow is imported where a strategy is made, not with the module: the config (pipeline/config.py) checks
+names against STRATEGIES, and commands that only read the config need no TensorFlow.
+"""
 import logging
 import tempfile
+from typing import TYPE_CHECKING
 
-import tensorflow as tf
+if TYPE_CHECKING:
+    import tensorflow as tf
 
 STRATEGIES = ("default", "mirrored", "multi_worker_mirrored", "tpu")
 
 
-def select_strategy(name: str, tpu_address: str = "") -> tf.distribute.Strategy:
+def select_strategy(name: str, tpu_address: str = "") -> "tf.distribute.Strategy":
     """The strategy named in the config.
 
     default: one device; mirrored: every local GPU (or CPU); multi_worker_mirrored: every worker of a
     Vertex AI custom job (from TF_CONFIG); tpu: the TPU at `tpu_address` ('' = the job's own TPU).
     """
+    import tensorflow as tf
+
     if name == "default":
         strategy = tf.distribute.get_strategy()
     elif name == "mirrored":
@@ -30,14 +38,14 @@ def select_strategy(name: str, tpu_address: str = "") -> tf.distribute.Strategy:
     return strategy
 
 
-def global_batch_size(per_replica_batch_size: int, strategy: tf.distribute.Strategy) -> int:
+def global_batch_size(per_replica_batch_size: int, strategy: "tf.distribute.Strategy") -> int:
     """The batch the input pipeline must produce: one per-replica batch for every replica in sync."""
     size = per_replica_batch_size * strategy.num_replicas_in_sync
     logging.info("batch size %d per replica, %d in all", per_replica_batch_size, size)
     return size
 
 
-def is_chief(strategy: tf.distribute.Strategy) -> bool:
+def is_chief(strategy: "tf.distribute.Strategy") -> bool:
     """Whether this process writes the model and its logs: the only process, or the chief of a multi-worker
     cluster (worker 0 where the cluster names no chief), as TensorFlow's multi-worker guide does."""
     resolver = getattr(strategy, "cluster_resolver", None)
@@ -48,7 +56,7 @@ def is_chief(strategy: tf.distribute.Strategy) -> bool:
     return task_type in (None, "chief") or (task_type == "worker" and task_id == 0 and "chief" not in cluster)
 
 
-def write_dir(path: str, strategy: tf.distribute.Strategy) -> str:
+def write_dir(path: str, strategy: "tf.distribute.Strategy") -> str:
     """Where this process writes what belongs at `path`: `path` on the chief, a temporary folder of its own
     on the other workers (they must write too: saving under MultiWorkerMirroredStrategy is collective)."""
     if is_chief(strategy):

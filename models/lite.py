@@ -5,7 +5,11 @@ runs the files (serving/device.py), `make bench-tflite` measures them (serving/b
 the `tflite-runtime` interpreter has no Flex delegate for TensorFlow's own ops (README, TFLite). Importing this
 module imports no TensorFlow: a device has none.
 """
+import logging
+import os
 import pathlib
+import sys
+import tempfile
 from typing import Dict, Optional
 
 import numpy
@@ -35,7 +39,20 @@ def convert(saved_model_dir: str, quantization: str) -> bytes:
         converter.optimizations = [tf.lite.Optimize.DEFAULT]  # alone: int8 weights, computed in float
     if quantization == "float16":
         converter.target_spec.supported_types = [tf.float16]
-    return converter.convert()
+    # The converter's C++ writes its notes ("Ignored output_format", ...) to stderr: into the log instead.
+    with tempfile.TemporaryFile() as notes:
+        sys.stderr.flush()
+        saved = os.dup(2)
+        os.dup2(notes.fileno(), 2)
+        try:
+            return converter.convert()
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            notes.seek(0)
+            text = notes.read().decode(errors="replace").strip()
+            if text:
+                logging.info("TFLite converter (%s): %s", quantization, text)
 
 
 class LiteModel:

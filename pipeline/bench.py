@@ -5,25 +5,29 @@
     make bench ARGS="--set beam_direct_running_mode=multi_processing --set beam_direct_num_workers=2"
 """
 import argparse
-import logging
 import pathlib
 import tempfile
 import time
 
-from data import generator
+import babyweight_cli
 from pipeline import config as config_lib
 from pipeline import mlmd
-from pipeline import run as run_lib
 
 
 def main() -> None:
-    """Generates or takes the data, runs the pipeline once without cache, prints a table of seconds."""
+    """Generates or takes the data, runs the pipeline once without cache, prints a table of seconds; the
+    libraries' logs go to outputs/bench.log, not to the console."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", type=int, default=0, help="generate this many rows (default: the bundled data)")
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args()
-    logging.basicConfig(level=logging.WARNING)
+    babyweight_cli.install_quiet_tensorflow()
+    from data import generator
+    from pipeline import run as run_lib
+
+    log_path = pathlib.Path(config_lib.load_config().output_dir) / "bench.log"
+    run_lib.setup_logging(log_path, console=False)
 
     with tempfile.TemporaryDirectory(prefix="babyweight-bench-") as work:
         overrides = {"output_dir": str(pathlib.Path(work) / "out"), "enable_cache": "false"}
@@ -48,6 +52,7 @@ def main() -> None:
         print(f"{step.node_id:<32} {step.state:<9} {step.seconds:8.1f}")
     print(f"{'components total':<42} {sum(step.seconds for step in steps):8.1f}")
     print(f"{'pipeline wall time (check, run, summary)':<42} {wall:8.1f}")
+    print(f"log: {log_path}")
 
 
 if __name__ == "__main__":

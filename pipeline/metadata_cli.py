@@ -7,7 +7,8 @@
     babyweight metadata show ARTIFACT_ID
     babyweight metadata diff RUN_A RUN_B
 Every subcommand takes --json. The store is outputs/metadata.sqlite unless --store or --mysql-* say
-otherwise; RUN may be a run id or a negative index (-1 = the latest run).
+otherwise; these flags go before or after the subcommand. RUN may be a run id or a negative index (-1 = the
+latest run).
 """
 import argparse
 import datetime
@@ -19,7 +20,7 @@ from ml_metadata import metadata_store
 from ml_metadata.proto import metadata_store_pb2
 
 from pipeline.artifacts import TFLITE_MODEL_TYPE
-from pipeline.mlmd import INPUT_EVENTS, STATES, MetadataError, Store, open_sqlite, value_of
+from pipeline.mlmd import INPUT_EVENTS, STATES, MetadataError, Store, open_sqlite, runner_alive, value_of
 
 def _timestamp(milliseconds: int) -> str:
     return datetime.datetime.fromtimestamp(milliseconds / 1000, datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
@@ -42,12 +43,19 @@ def connect(args: argparse.Namespace) -> Store:
                             f"{args.mysql_database}: {error}") from None
 
 
-def _run_summary(store: Store, run: metadata_store_pb2.Context) -> Dict[str, Any]:
+def _interrupted(args: argparse.Namespace) -> bool:
+    """Whether a run ML Metadata records as running was interrupted: no live process runs the pipeline on this
+    SQLite store (mlmd.runner_alive). On a MySQL store, or one run from another host, this can't be told."""
+    return not args.mysql_host and runner_alive(args.store) is False
+
+
+def _run_summary(store: Store, run: metadata_store_pb2.Context, interrupted: bool) -> Dict[str, Any]:
     executions = store.executions(run)
     states = [STATES.get(e.last_known_state, "unknown") for e in executions]
     start = min((e.create_time_since_epoch for e in executions), default=run.create_time_since_epoch)
     end = max((e.last_update_time_since_epoch for e in executions), default=start)
-    status = "failed" if "failed" in states else "running" if "running" in states else "complete"
+    status = ("failed" if "failed" in states else ("interrupted" if interrupted else "running") if "running" in states
+              else "complete")
     return {"run": run.name, "status": status, "started": _timestamp(start), "seconds": round((end - start) / 1000, 1),
             "steps": len(executions), "cached": states.count("cached")}
 
@@ -203,9 +211,13 @@ def _human(command: str, result: Any) -> None:
         _print_table(result, ["run", "status", "started", "seconds", "steps", "cached"])
     elif command == "run":
         for step in result:
-            print(f"{step['step']:<32} {step['state']:<9} {step['seconds']:7.1f} s")
+            print(f"{step['step']:<32} {step['state']:<11} {step['seconds']:7.1f} s")
             for output in step["outputs"]:
                 print(f"    {output['key']}: #{output['id']} {output['type']} {output['uri']}")
+        stopped = [step["step"] for step in result if step["state"] == "interrupted"]
+        if stopped:
+            print(f"interrupted in {', '.join(stopped)}: no process is running this run any more (killed, or its "
+                  "machine lost). Run the pipeline again: it reuses every step that completed.")
     elif command == "artifacts":
         _print_table([dict(a, properties=json.dumps(a["properties"], sort_keys=True)) for a in result],
                      ["id", "type", "producer", "uri", "properties"])
@@ -276,9 +288,15 @@ def run_command(args: argparse.Namespace) -> Any:
         runs = store.runs()
         if not runs:
             raise MetadataError(f"the store at {args.store} has no pipeline runs yet (make run writes one)")
-        return [_run_summary(store, run) for run in runs]
+        dead = _interrupted(args)  # an earlier run still 'running' was interrupted: one process runs a store
+        return [_run_summary(store, run, interrupted=dead or run.id != runs[-1].id) for run in runs]
     if args.command == "run":
-        return _steps(store, store.run(args.run))
+        run = store.run(args.run)
+        steps = _steps(store, run)
+        if _interrupted(args) or run.id != store.runs()[-1].id:
+            for step in steps:
+                step["state"] = "interrupted" if step["state"] == "running" else step["state"]
+        return steps
     if args.command == "artifacts":
         artifacts = [store.describe(a) for a in store.artifacts()]
         if args.type:
@@ -298,29 +316,44 @@ def run_command(args: argparse.Namespace) -> Any:
     return _diff(store, store.run(args.run_a), store.run(args.run_b))
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The `babyweight metadata ...` command line."""
+def _store_flags(parser: argparse.ArgumentParser, defaults: bool) -> None:
+    """The flags that pick the store and the output, on the command and on every subcommand, so that they may
+    come before or after it; a subcommand's copy has no default, so it never undoes the command's."""
     from pipeline import config as config_lib
 
-    parser = argparse.ArgumentParser(prog="babyweight metadata", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--store", default=config_lib.load_config().metadata_path,
+    def default(value: Any) -> Any:
+        return value if defaults else argparse.SUPPRESS
+
+    store = config_lib.load_config().metadata_path if defaults else None
+    parser.add_argument("--store", default=default(store),
                         help="SQLite store (default: the local profile's outputs/metadata.sqlite)")
-    parser.add_argument("--mysql-host", help="read a MySQL-compatible ML Metadata server instead")
-    parser.add_argument("--mysql-port", type=int, default=3306)
-    parser.add_argument("--mysql-database", default="mlmd")
-    parser.add_argument("--mysql-user", default="mlmd")
-    parser.add_argument("--mysql-password", default="")
-    parser.add_argument("--json", action="store_true", help="print JSON for scripts")
+    parser.add_argument("--mysql-host", default=default(None), help="read a MySQL-compatible ML Metadata server instead")
+    parser.add_argument("--mysql-port", type=int, default=default(3306))
+    parser.add_argument("--mysql-database", default=default("mlmd"))
+    parser.add_argument("--mysql-user", default=default("mlmd"))
+    parser.add_argument("--mysql-password", default=default(""))
+    parser.add_argument("--json", action="store_true", default=default(False), help="print JSON for scripts")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The `babyweight metadata ...` command line."""
+    parser = argparse.ArgumentParser(prog="babyweight metadata", description=__doc__.split("\n\n")[0])
+    _store_flags(parser, defaults=True)
+    flags = argparse.ArgumentParser(add_help=False)
+    _store_flags(flags, defaults=False)
     commands = parser.add_subparsers(dest="command", required=True)
-    commands.add_parser("runs", help="pipeline runs with status, start time and duration")
-    commands.add_parser("run", help="a run's steps, their state and outputs").add_argument("run")
-    artifacts = commands.add_parser("artifacts", help="artifacts with type, producer, URI and properties")
+
+    def command(name: str, help: str) -> argparse.ArgumentParser:
+        return commands.add_parser(name, help=help, parents=[flags])
+
+    command("runs", "pipeline runs with status, start time and duration")
+    command("run", "a run's steps, their state and outputs").add_argument("run")
+    artifacts = command("artifacts", "artifacts with type, producer, URI and properties")
     artifacts.add_argument("--type")
     artifacts.add_argument("--run")
-    commands.add_parser("lineage", help="what an artifact was made from and what used it").add_argument(
-        "artifact", nargs="?")
-    commands.add_parser("show", help="an artifact's content, readable").add_argument("artifact")
-    diff = commands.add_parser("diff", help="what changed between two runs")
+    command("lineage", "what an artifact was made from and what used it").add_argument("artifact", nargs="?")
+    command("show", "an artifact's content, readable").add_argument("artifact")
+    diff = command("diff", "what changed between two runs")
     diff.add_argument("run_a")
     diff.add_argument("run_b")
     return parser

@@ -2,10 +2,13 @@
 
 The run summary, the benchmark and `babyweight metadata` all read the store through this one module.
 """
+import contextlib
 import dataclasses
 import json
+import os
 import pathlib
-from typing import Any, Dict, Iterable, List, Optional
+import socket
+from typing import Any, Dict, Iterable, Iterator, List, Optional
 
 from ml_metadata import metadata_store
 from ml_metadata.proto import metadata_store_pb2
@@ -160,3 +163,38 @@ def open_sqlite(path: str, read_only: bool = True) -> Store:
     if read_only:
         config.sqlite.connection_mode = metadata_store_pb2.SqliteMetadataSourceConfig.READONLY
     return Store(metadata_store.MetadataStore(config))
+
+
+RUNNER_FILE = "runner.json"  # beside a local run's SQLite store while a process runs the pipeline on it
+
+
+@contextlib.contextmanager
+def runner_marker(store_path: str) -> Iterator[None]:
+    """Marks the store as being run by this process (pid and host) until the block ends, however it ends; a
+    process killed outright leaves the marker behind, naming a process that is gone."""
+    path = pathlib.Path(store_path).with_name(RUNNER_FILE)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}))
+    try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)
+
+
+def runner_alive(store_path: str) -> Optional[bool]:
+    """Whether a process is running the pipeline on the SQLite store at `store_path`: False if none marked it
+    or the one that did is gone, None if it runs on another host (this one can't tell)."""
+    path = pathlib.Path(store_path).with_name(RUNNER_FILE)
+    try:
+        marker = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    if marker.get("host") != socket.gethostname():
+        return None
+    try:
+        os.kill(int(marker["pid"]), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True

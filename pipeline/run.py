@@ -10,7 +10,7 @@ from tensorflow_metadata.proto.v0 import schema_pb2
 from tfx import v1 as tfx
 
 from models import features
-from pipeline import csv_check, report, summary
+from pipeline import csv_check, mlmd, report, summary
 from pipeline.config import PipelineConfig
 from pipeline.pipeline import create_pipeline
 from pipeline.validation import DataValidationError
@@ -141,7 +141,8 @@ def run_local(config: PipelineConfig) -> Outcome:
     failure, blocked = None, False
     earlier = summary.latest_run(config)
     try:
-        tfx.orchestration.LocalDagRunner().run(create_pipeline(config))
+        with mlmd.runner_marker(config.metadata_path):  # `babyweight metadata` tells a killed run from a live one
+            tfx.orchestration.LocalDagRunner().run(create_pipeline(config))
     except Exception as error:  # a failed component: report it, then summarise what did run
         failure, blocked = _failure_reason(error)
         # A span blocked by validation is an expected outcome: its traceback goes to the log file only.
