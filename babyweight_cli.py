@@ -12,6 +12,8 @@ import importlib.machinery
 import importlib.util
 import os
 import sys
+import tempfile
+import threading
 import warnings
 from importlib import metadata
 from typing import Iterator, List, NamedTuple, Optional
@@ -67,27 +69,45 @@ def versions() -> str:
 
 @contextlib.contextmanager
 def quiet_native_stderr() -> Iterator[None]:
-    """Sends what C++ libraries write to stderr while importing TensorFlow (CUDA plugins, CPU instructions,
-    TensorRT) to /dev/null; Python's own errors still reach the console, after it."""
-    sys.stderr.flush()
-    saved = os.dup(2)
-    with open(os.devnull, "w") as devnull:
-        os.dup2(devnull.fileno(), 2)
+    """Holds what C++ libraries write to stderr in the block (TensorFlow's import: CUDA plugins, CPU instructions,
+    TensorRT) in a temporary file and writes it out only if the block raises, so that a failed import keeps its
+    explanation. Where there is no stderr to redirect, it does nothing."""
     try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (AttributeError, OSError):  # no sys.stderr, or fd 2 closed
         yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
+        return
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), 2)
+        try:
+            yield
+        except BaseException:
+            os.dup2(saved, 2)
+            held.seek(0)
+            os.write(2, held.read())
+            raise
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
 
 
 class QuietTensorFlowImport(importlib.abc.MetaPathFinder):
-    """Runs the first `import tensorflow` of the process, wherever a command does it, in `quiet_native_stderr`."""
+    """Runs the first `import tensorflow` of the process, wherever a command does it, in `quiet_native_stderr`;
+    inert after that (it stays in sys.meta_path: removing it could upset another thread's import)."""
+
+    def __init__(self) -> None:
+        self.done = False
+        self.lock = threading.Lock()
 
     def find_spec(self, fullname: str, path: object, target: object = None) -> Optional[importlib.machinery.ModuleSpec]:
-        if fullname != "tensorflow":
+        if fullname != "tensorflow" or self.done:
             return None
-        sys.meta_path.remove(self)  # once, and the real finders below find it
-        spec = importlib.util.find_spec(fullname)
+        with self.lock:
+            if self.done:
+                return None
+            self.done = True  # the real finders below find it; this one steps aside
+            spec = importlib.util.find_spec(fullname)
         if spec is not None and spec.loader is not None:
             spec.loader = _QuietLoader(spec.loader)
         return spec
@@ -110,7 +130,8 @@ def quiet_environment() -> None:
     """What the make targets set, for the installed command too: TensorFlow's and the libraries' chatter off."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")  # TFX 1.16 trains with Keras 2
-    # google.api_core's notice that Python 3.10 will not get its updates, on every import of a Google client.
+    # Google's client libraries' notices about the pinned stack (Python 3.10 will get no updates, an older
+    # google-cloud-storage): printed on every import, about versions constraints.txt fixes, nothing to act on.
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"google\.")
 
 

@@ -39,20 +39,28 @@ def convert(saved_model_dir: str, quantization: str) -> bytes:
         converter.optimizations = [tf.lite.Optimize.DEFAULT]  # alone: int8 weights, computed in float
     if quantization == "float16":
         converter.target_spec.supported_types = [tf.float16]
-    # The converter's C++ writes its notes ("Ignored output_format", ...) to stderr: into the log instead.
-    with tempfile.TemporaryFile() as notes:
+    # The converter's C++ writes its notes ("Ignored output_format", ...) to stderr: into the log instead, as a
+    # warning if the conversion fails.
+    try:
         sys.stderr.flush()
         saved = os.dup(2)
+    except (AttributeError, OSError):  # no stderr to redirect
+        return converter.convert()
+    failed = True
+    with tempfile.TemporaryFile() as notes:
         os.dup2(notes.fileno(), 2)
         try:
-            return converter.convert()
+            model = converter.convert()
+            failed = False
+            return model
         finally:
             os.dup2(saved, 2)
             os.close(saved)
             notes.seek(0)
             text = notes.read().decode(errors="replace").strip()
             if text:
-                logging.info("TFLite converter (%s): %s", quantization, text)
+                logging.log(logging.WARNING if failed else logging.INFO, "TFLite converter (%s): %s", quantization,
+                            text)
 
 
 class LiteModel:

@@ -27,6 +27,7 @@ def main() -> None:
     from pipeline import run as run_lib
 
     log_path = pathlib.Path(config_lib.load_config().output_dir) / "bench.log"
+    log_path.unlink(missing_ok=True)  # this run's log only
     run_lib.setup_logging(log_path, console=False)
 
     with tempfile.TemporaryDirectory(prefix="babyweight-bench-") as work:
@@ -52,6 +53,8 @@ def main() -> None:
         print(f"{step.node_id:<32} {step.state:<9} {step.seconds:8.1f}")
     print(f"{'components total':<42} {sum(step.seconds for step in steps):8.1f}")
     print(f"{'pipeline wall time (check, run, summary)':<42} {wall:8.1f}")
+    if not outcome.ok:
+        print(outcome.summary)
     print(f"log: {log_path}")
 
 

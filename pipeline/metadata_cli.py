@@ -13,13 +13,14 @@ latest run).
 import argparse
 import datetime
 import json
+import logging
 import sys
 from typing import Any, Dict, List, Optional
 
 from ml_metadata import metadata_store
 from ml_metadata.proto import metadata_store_pb2
 
-from pipeline.artifacts import TFLITE_MODEL_TYPE
+from pipeline.artifacts import GATE_ID, TFLITE_MODEL_TYPE
 from pipeline.mlmd import INPUT_EVENTS, STATES, MetadataError, Store, open_sqlite, runner_alive, value_of
 
 def _timestamp(milliseconds: int) -> str:
@@ -43,10 +44,13 @@ def connect(args: argparse.Namespace) -> Store:
                             f"{args.mysql_database}: {error}") from None
 
 
-def _interrupted(args: argparse.Namespace) -> bool:
-    """Whether a run ML Metadata records as running was interrupted: no live process runs the pipeline on this
-    SQLite store (mlmd.runner_alive). On a MySQL store, or one run from another host, this can't be told."""
-    return not args.mysql_host and runner_alive(args.store) is False
+def _interrupted(args: argparse.Namespace, store: Store, run: metadata_store_pb2.Context) -> bool:
+    """Whether a run ML Metadata records as running was interrupted: no process runs the pipeline on this SQLite
+    store (mlmd.runner_alive), or a later run has started on it (local runs of one store follow each other). On
+    a MySQL store, where runs may overlap, this can't be told."""
+    if args.mysql_host:
+        return False
+    return runner_alive(args.store) is False or run.id != store.runs()[-1].id
 
 
 def _run_summary(store: Store, run: metadata_store_pb2.Context, interrupted: bool) -> Dict[str, Any]:
@@ -83,8 +87,6 @@ def _lineage(store: Store, artifact: metadata_store_pb2.Artifact) -> Dict[str, A
         if store.node_of(producer) == "Transform":
             # Transform runs only after the DataGate of its run passed; TFX records that as step
             # order, not as an input, so follow it here to reach the anomalies and statistics it checked.
-            from pipeline.pipeline import GATE_ID
-
             run = store.run(store.run_of(producer))
             consumers += [e for e in store.executions(run) if store.node_of(e) == GATE_ID]
         for consumer in consumers:
@@ -288,12 +290,11 @@ def run_command(args: argparse.Namespace) -> Any:
         runs = store.runs()
         if not runs:
             raise MetadataError(f"the store at {args.store} has no pipeline runs yet (make run writes one)")
-        dead = _interrupted(args)  # an earlier run still 'running' was interrupted: one process runs a store
-        return [_run_summary(store, run, interrupted=dead or run.id != runs[-1].id) for run in runs]
+        return [_run_summary(store, run, interrupted=_interrupted(args, store, run)) for run in runs]
     if args.command == "run":
         run = store.run(args.run)
         steps = _steps(store, run)
-        if _interrupted(args) or run.id != store.runs()[-1].id:
+        if _interrupted(args, store, run):
             for step in steps:
                 step["state"] = "interrupted" if step["state"] == "running" else step["state"]
         return steps
@@ -327,7 +328,8 @@ def _store_flags(parser: argparse.ArgumentParser, defaults: bool) -> None:
     store = config_lib.load_config().metadata_path if defaults else None
     parser.add_argument("--store", default=default(store),
                         help="SQLite store (default: the local profile's outputs/metadata.sqlite)")
-    parser.add_argument("--mysql-host", default=default(None), help="read a MySQL-compatible ML Metadata server instead")
+    parser.add_argument("--mysql-host", default=default(None),
+                        help="read a MySQL-compatible ML Metadata server instead")
     parser.add_argument("--mysql-port", type=int, default=default(3306))
     parser.add_argument("--mysql-database", default=default("mlmd"))
     parser.add_argument("--mysql-user", default=default("mlmd"))
@@ -362,6 +364,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[List[str]] = None) -> int:
     """`babyweight metadata SUBCOMMAND ...`; errors are one line on stderr and exit code 1."""
     args = build_parser().parse_args(argv)
+    # Reading an evaluation (show, diff) loads TensorFlow, whose deprecation warnings are no answer.
+    logging.getLogger("tensorflow").setLevel(logging.ERROR)
     try:
         result = run_command(args)
     except MetadataError as error:

@@ -4,10 +4,9 @@ The run summary, the benchmark and `babyweight metadata` all read the store thro
 """
 import contextlib
 import dataclasses
+import fcntl
 import json
-import os
 import pathlib
-import socket
 from typing import Any, Dict, Iterable, Iterator, List, Optional
 
 from ml_metadata import metadata_store
@@ -165,36 +164,37 @@ def open_sqlite(path: str, read_only: bool = True) -> Store:
     return Store(metadata_store.MetadataStore(config))
 
 
-RUNNER_FILE = "runner.json"  # beside a local run's SQLite store while a process runs the pipeline on it
+RUNNER_SUFFIX = ".runner"  # metadata.sqlite.runner: locked (shared) by every process running the pipeline on it
+
+
+def _runner_path(store_path: str) -> pathlib.Path:
+    return pathlib.Path(store_path + RUNNER_SUFFIX)
 
 
 @contextlib.contextmanager
 def runner_marker(store_path: str) -> Iterator[None]:
-    """Marks the store as being run by this process (pid and host) until the block ends, however it ends; a
-    process killed outright leaves the marker behind, naming a process that is gone."""
-    path = pathlib.Path(store_path).with_name(RUNNER_FILE)
+    """Holds a shared lock on the store's runner file while the block runs. The system drops the lock when the
+    process ends, however it ends (kill -9, a lost machine), so a held lock means a live run; runs at once share it."""
+    path = _runner_path(store_path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}))
-    try:
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_SH)
         yield
-    finally:
-        path.unlink(missing_ok=True)
 
 
 def runner_alive(store_path: str) -> Optional[bool]:
-    """Whether a process is running the pipeline on the SQLite store at `store_path`: False if none marked it
-    or the one that did is gone, None if it runs on another host (this one can't tell)."""
-    path = pathlib.Path(store_path).with_name(RUNNER_FILE)
-    try:
-        marker = json.loads(path.read_text())
-    except (OSError, ValueError):
+    """Whether a process is running the pipeline on the SQLite store at `store_path`: True while one holds the
+    runner file's lock, False if none does, None if this can't be told (the file can't be opened for locking)."""
+    path = _runner_path(store_path)
+    if not path.exists():
         return False
-    if marker.get("host") != socket.gethostname():
+    try:
+        with open(path, "a") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return True
+            fcntl.flock(handle, fcntl.LOCK_UN)
+            return False
+    except OSError:
         return None
-    try:
-        os.kill(int(marker["pid"]), 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, another user's
-        return True
-    return True

@@ -12,6 +12,7 @@ from tfx.dsl.components.base import executor_spec
 from models import features, tuning
 from models.model import SCORE_SIGNATURE
 from pipeline import csv_example_gen, spans, trainer_executor, vertex_pusher
+from pipeline.artifacts import GATE_ID
 from pipeline.cache import CODE_FINGERPRINT, ImportSchemaGen, code_fingerprint, file_fingerprint
 from pipeline.baseline import TreeBaseline
 from pipeline.config import PROJECT_ROOT, PipelineConfig
@@ -23,7 +24,6 @@ from pipeline.validation import DataGate, DataValidator
 PREPROCESSING_FN = "models.preprocessing.preprocessing_fn"
 RUN_FN = "models.model.run_fn"
 TUNER_FN = "models.tuning.tuner_fn"
-GATE_ID = "DataGate"
 # The project modules the local Trainer runs (pipeline/cache.py hashes them, and what they import, into its key).
 TRAINER_MODULES = (RUN_FN.rpartition(".")[0], trainer_executor.__name__)
 # The server the InfraValidator starts (`babyweight serve`): its code is part of that step's cache key.

@@ -15,6 +15,7 @@ import shutil
 from tfx import v1 as tfx
 
 from pipeline import config as config_lib
+from pipeline import mlmd
 from pipeline.pipeline import example_gen_component
 
 
@@ -32,14 +33,15 @@ def main() -> None:
     example_gen = example_gen_component(config)
     statistics_gen = tfx.components.StatisticsGen(examples=example_gen.outputs["examples"])
     schema_gen = tfx.components.SchemaGen(statistics=statistics_gen.outputs["statistics"], infer_feature_shape=False)
-    tfx.orchestration.LocalDagRunner().run(tfx.dsl.Pipeline(
-        pipeline_name=f"{config.pipeline_name}-schema-draft",
-        pipeline_root=str(work_dir / "pipeline"),
-        components=[example_gen, statistics_gen, schema_gen],
-        enable_cache=True,
-        metadata_connection_config=tfx.orchestration.metadata.sqlite_metadata_connection_config(
-            str(work_dir / "metadata.sqlite")),
-        beam_pipeline_args=config.beam_pipeline_args()))
+    store = str(work_dir / "metadata.sqlite")
+    with mlmd.runner_marker(store):
+        tfx.orchestration.LocalDagRunner().run(tfx.dsl.Pipeline(
+            pipeline_name=f"{config.pipeline_name}-schema-draft",
+            pipeline_root=str(work_dir / "pipeline"),
+            components=[example_gen, statistics_gen, schema_gen],
+            enable_cache=True,
+            metadata_connection_config=tfx.orchestration.metadata.sqlite_metadata_connection_config(store),
+            beam_pipeline_args=config.beam_pipeline_args()))
     inferred = sorted((work_dir / "pipeline" / "SchemaGen").glob("schema/*/schema.pbtxt"),
                       key=lambda p: int(p.parent.name))[-1]
     draft = work_dir / "schema_draft.pbtxt"

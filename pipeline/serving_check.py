@@ -76,7 +76,7 @@ def statistics_of(requests: Sequence[Dict[str, Any]],
 
 def training_statistics(config: config_lib.PipelineConfig) -> statistics_pb2.DatasetFeatureStatisticsList:
     """Train-split statistics of the newest span that passed validation in the run's store."""
-    from pipeline.pipeline import GATE_ID
+    from pipeline.artifacts import GATE_ID
 
     passed = spans.validated(mlmd.open_sqlite(config.metadata_path), config.pipeline_name, GATE_ID)
     if not passed:

@@ -22,7 +22,12 @@ import time
 from typing import Any, Dict, List, Optional, Sequence
 
 import orjson
-import tensorflow as tf
+
+import babyweight_cli
+
+# Each worker process imports TensorFlow itself: its start-up lines off the console, as the command keeps them.
+babyweight_cli.install_quiet_tensorflow()
+import tensorflow as tf  # noqa: E402
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response

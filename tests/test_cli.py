@@ -1,6 +1,5 @@
 """The `babyweight` command as people use it: flags in either place, no TensorFlow where none is needed, nothing
 on the console but the answer, every command listed."""
-import json
 import os
 import subprocess
 import sys
@@ -25,6 +24,7 @@ def babyweight(*args: str) -> subprocess.CompletedProcess:
     ["--store", "S.sqlite", "--json", "runs"],
     ["runs", "--store", "S.sqlite", "--json"],
     ["--json", "runs", "--store", "S.sqlite"],
+    ["--store", "other.sqlite", "runs", "--store", "S.sqlite", "--json"],  # the later one counts
 ])
 def test_the_store_and_output_flags_go_before_or_after_the_subcommand(args):
     parsed = metadata_cli.build_parser().parse_args(args)
@@ -40,13 +40,39 @@ def test_a_flag_after_the_subcommand_is_the_one_used(tmp_path):
     assert done.stdout == ""
 
 
-def test_the_metadata_command_does_not_load_tensorflow(tmp_path):
+def _store_with_a_run(path) -> str:
+    """An ML Metadata store as TFX leaves a run killed in its Trainer: one run, its Trainer RUNNING."""
+    from ml_metadata import metadata_store
+    from ml_metadata.proto import metadata_store_pb2 as pb
+
+    connection = pb.ConnectionConfig()
+    connection.sqlite.filename_uri = str(path)
+    connection.sqlite.connection_mode = pb.SqliteMetadataSourceConfig.READWRITE_OPENCREATE
+    store = metadata_store.MetadataStore(connection)
+    run_type = store.put_context_type(pb.ContextType(name="pipeline_run"))
+    node_type = store.put_context_type(pb.ContextType(name="node"))
+    trainer_type = store.put_execution_type(pb.ExecutionType(name="tfx.components.trainer.component.Trainer"))
+    [run, node] = store.put_contexts([pb.Context(type_id=run_type, name="2026-11-29T20:00:00.000000"),
+                                      pb.Context(type_id=node_type, name="babyweight.Trainer")])
+    [execution] = store.put_executions([pb.Execution(type_id=trainer_type, last_known_state=pb.Execution.RUNNING)])
+    store.put_attributions_and_associations([], [pb.Association(context_id=run, execution_id=execution),
+                                                 pb.Association(context_id=node, execution_id=execution)])
+    return str(path)
+
+
+def test_the_metadata_command_does_not_load_tensorflow_and_prints_only_its_answer(tmp_path):
+    store = _store_with_a_run(tmp_path / "metadata.sqlite")
     probe = ("import sys, babyweight_cli\n"
-             f"babyweight_cli.main(['metadata', 'runs', '--store', {str(tmp_path / 'none.sqlite')!r}])\n"
+             "for args in (['runs'], ['run', '-1'], ['artifacts'], ['runs', '--json']):\n"
+             f"    babyweight_cli.main(['metadata', *args, '--store', {store!r}])\n"
              "print(sorted(m for m in ('tensorflow', 'tfx', 'apache_beam', 'keras_tuner') if m in sys.modules))")
     done = subprocess.run([sys.executable, "-c", probe], cwd=PROJECT_ROOT, env=BARE_ENV, capture_output=True,
                           text=True)
-    assert done.stdout.strip().splitlines()[-1] == "[]", done.stdout + done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[-1] == "[]" and done.stderr == "", done.stdout + done.stderr
+    assert lines[0].split() == ["run", "status", "started", "seconds", "steps", "cached"]
+    assert lines[1].split()[:2] == ["2026-11-29T20:00:00.000000", "interrupted"]  # no process runs it
+    assert any(line.startswith("interrupted in Trainer: no process is running this run") for line in lines)
 
 
 def test_a_command_that_loads_tensorflow_keeps_its_start_up_lines_off_the_console():
@@ -82,19 +108,23 @@ def test_every_example_is_a_command_line_its_command_accepts():
     metadata_cli.build_parser().parse_args(babyweight_cli.COMMANDS["metadata"].example.split()[2:])
 
 
-def test_a_run_marked_by_a_process_that_is_gone_reads_as_interrupted(tmp_path):
+def test_a_run_is_alive_while_a_process_holds_the_store_s_runner_lock(tmp_path):
     store = str(tmp_path / "metadata.sqlite")
-    assert mlmd.runner_alive(store) is False  # no marker
-    with mlmd.runner_marker(store):
+    assert mlmd.runner_alive(store) is False  # no run ever marked it
+    with mlmd.runner_marker(store), mlmd.runner_marker(store):  # two runs at once share the lock
         assert mlmd.runner_alive(store) is True
-        marker = json.loads((tmp_path / mlmd.RUNNER_FILE).read_text())
-        assert marker["pid"] == os.getpid()
-    assert not (tmp_path / mlmd.RUNNER_FILE).exists()
-    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    (tmp_path / mlmd.RUNNER_FILE).write_text(json.dumps({"pid": int(gone.stdout), "host": marker["host"]}))
     assert mlmd.runner_alive(store) is False
-    (tmp_path / mlmd.RUNNER_FILE).write_text(json.dumps({"pid": 1, "host": "another-machine"}))
-    assert mlmd.runner_alive(store) is None  # can't tell
+    # A process holding it, then killed outright: the system drops its lock.
+    hold = (f"import time\nfrom pipeline import mlmd\nwith mlmd.runner_marker({store!r}):\n"
+            "    print('held', flush=True)\n    time.sleep(60)")
+    holder = subprocess.Popen([sys.executable, "-c", hold], cwd=PROJECT_ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert mlmd.runner_alive(store) is True
+    finally:
+        holder.kill()
+        holder.wait()
+    assert mlmd.runner_alive(store) is False
 
 
 @pytest.mark.slow
@@ -109,3 +139,15 @@ def test_make_bench_prints_its_table_alone_and_logs_the_rest():
     assert {row[0] for row in table} >= {"CsvExampleGen", "Transform", "Trainer", "Evaluator", "TFLiteExporter"}
     log = lines[-1].removeprefix("log: ")
     assert "TFLite converter" in open(log).read()
+
+
+def test_the_server_s_worker_processes_keep_tensorflow_s_start_up_lines_off_the_console(tmp_path):
+    from tests.serving import toy_model
+    from tests.serving.conftest import running_server
+
+    toy_model.save(tmp_path / "models" / "1", 1.0)
+    with running_server(tmp_path / "models", tmp_path / "logs", "--workers", "2"):
+        pass
+    [console] = tmp_path.glob("server-*.log")
+    text = console.read_text()
+    assert "Unable to register" not in text and "FutureWarning" not in text and "cpu_feature_guard" not in text, text
