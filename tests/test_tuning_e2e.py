@@ -1,5 +1,6 @@
 """The tuned profile end to end: TFX's Tuner searches, the Trainer trains with the best values, ML Metadata and
 the run summary show the trials, and a rerun on the same data and code reuses the search from the cache."""
+import html
 import json
 import pathlib
 import re
@@ -68,7 +69,7 @@ def test_ml_metadata_and_the_summary_show_the_trials_and_the_choice(tuned_runs, 
     assert best_row[:3] == ("2", "*", " ") and profile_row[:3] == ("1", " ", "p")
     assert 0.3 < float(best_row[3]) < float(profile_row[3])
     report = pathlib.Path(summary.split("report: ")[1].split()[0]).read_text()
-    assert "<h2>Tuning: the trials" in report and chosen in report
+    assert "<h2>Tuning: the trials" in report and html.escape(chosen) in report  # Trainer&#x27;s
 
     assert metadata_cli.main(["--store", config.metadata_path, "show", str(best.id)]) == 0
     shown = capsys.readouterr().out
