@@ -37,7 +37,7 @@ STEPS_PER_EXECUTION = 20
 FILE_SPANS_KEY = "file_spans"  # set by the pipeline's Trainer executor: {file pattern: span}
 WEIGHTS_FILE = "recency_weights.json"  # {file pattern: weight} the Trainer used, in its ModelRun folder
 SETTINGS_FILE = "settings.json"  # the settings the Trainer trained with (the Tuner's values in), in the same folder
-# The Tuner's trials hold out one training row in this many (by a hash of the row) to validate on.
+# The Tuner's trials hold out one training row in this many (every fifth, by its place: `_records`) to validate on.
 HOLDOUT_BUCKETS = 5
 # {feature: share of training rows that keep its value}, the rest lose it: 0 trains a model "without" the
 # feature, the reference that the serving-contract tests and `make quality --ablations` compare a model asked
