@@ -17,7 +17,7 @@ import fnmatch
 import pathlib
 import re
 import shlex
-from typing import Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 from tensorflow_metadata.proto.v0 import schema_pb2
 
@@ -154,6 +154,9 @@ def _check_file(path: pathlib.Path, reference: Optional[Tuple[pathlib.Path, List
                                 "of a span with the first file's header); write the same columns, in the same "
                                 "order, in every file")
                 return None
+            rows = _rows_read_by_arrow(path, header, numeric)
+            if rows:  # else the scan below says what is wrong, and where
+                return header, rows
             handle.seek(0)
             reader = csv.reader(handle)
             next(reader)
@@ -180,6 +183,38 @@ def _check_file(path: pathlib.Path, reference: Optional[Tuple[pathlib.Path, List
         if file_rows == 0 and len(problems) < MAX_REPORTED:
             problems.append(f"{path}: the file has a header but no rows")
         return header, file_rows
+
+
+def arrow_numbers(values: Any, number_type: type) -> Any:
+    """Text values (a pyarrow array without empty ones) as int64 or float64, cast by Arrow where Python's int()
+    or float() reads each value as the same number; raises pyarrow.ArrowInvalid where Arrow can't cast one, or
+    where Python would refuse one Arrow reads (a hexadecimal integer: '0x1F')."""
+    import pyarrow as pa  # pylint: disable=import-outside-toplevel
+    import pyarrow.compute as pc  # pylint: disable=import-outside-toplevel
+    if number_type is int and pc.any(pc.match_substring(values, "x", ignore_case=True)).as_py():
+        raise pa.ArrowInvalid("a hexadecimal integer, which Python's int() doesn't read")
+    return pc.cast(values, pa.int64() if number_type is int else pa.float64())
+
+
+def _rows_read_by_arrow(path: pathlib.Path, header: List[str], numeric: Dict[str, type]) -> Optional[int]:
+    """The file's rows, counted by Arrow's CSV reader (many times faster than the scan below), if every row has
+    the header's number of fields and every value of a numeric column reads as its type; else None, and the
+    scan finds each problem's line. Arrow reads a number only where Python's int() or float() does too."""
+    import pyarrow as pa  # pylint: disable=import-outside-toplevel
+    import pyarrow.compute  # pylint: disable=import-outside-toplevel,unused-import
+    from pyarrow import csv as pa_csv  # pylint: disable=import-outside-toplevel
+    try:
+        table = pa_csv.read_csv(
+            path, read_options=pa_csv.ReadOptions(column_names=header, skip_rows=1),
+            parse_options=pa_csv.ParseOptions(newlines_in_values=True),
+            convert_options=pa_csv.ConvertOptions(column_types={name: pa.string() for name in header},
+                                                  strings_can_be_null=False, quoted_strings_can_be_null=False))
+        for name in set(header) & set(numeric):
+            values = table.column(name)
+            arrow_numbers(values.filter(pa.compute.not_equal(values, "")), numeric[name])
+    except pa.ArrowInvalid:
+        return None
+    return table.num_rows
 
 
 def _header_problem(path: pathlib.Path, header: List[str], first_row: Optional[List[str]]) -> Optional[str]:

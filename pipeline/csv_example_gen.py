@@ -94,12 +94,12 @@ def infer_type(column: pa.Array) -> ColumnType:
     if len(values) == 0:
         return ColumnType.UNKNOWN
     try:
-        pc.cast(values, pa.int64())
+        csv_check.arrow_numbers(values, int)
         return ColumnType.INT
     except pa.ArrowInvalid:
         pass
     try:
-        pc.cast(values, pa.float64())
+        csv_check.arrow_numbers(values, float)
     except pa.ArrowInvalid:  # text, or numbers Python reads and Arrow doesn't (' 7', '1_000')
         return _python_type(values)
     # All numbers, but an integer beyond int64 makes TFX's column text.
@@ -136,11 +136,11 @@ def _values(column: pa.Array, column_type: ColumnType) -> pa.Array:
     """A column's non-empty text values as TFX's handlers convert them (int(), float() then float32, bytes)."""
     if column_type == ColumnType.STRING:
         return pc.cast(column, pa.large_binary())
-    convert, arrow_type = (int, pa.int64()) if column_type == ColumnType.INT else (float, pa.float64())
+    convert = int if column_type == ColumnType.INT else float
     try:
-        values = pc.cast(column, arrow_type)
+        values = csv_check.arrow_numbers(column, convert)
     except pa.ArrowInvalid:  # numbers Python reads and Arrow doesn't (see infer_type)
-        values = pa.array([convert(value) for value in column.to_pylist()], arrow_type)
+        values = pa.array([convert(value) for value in column.to_pylist()], pa.int64() if convert is int else None)
     return values if column_type == ColumnType.INT else pc.cast(values, pa.float32())
 
 

@@ -36,6 +36,20 @@ def test_real_export_passes_unchanged(schema, real_export_csv):
     assert checked.rows == 16_000
 
 
+@pytest.mark.parametrize("text, rows", [
+    (HEADER + "\n" + GOOD_ROW + "\n\n" + GOOD_ROW + "\n", 2),  # a blank line is no row
+    (HEADER + "\r\n" + GOOD_ROW.replace("true", '"tr\nue"') + "\r\n", 1),  # a quoted line break
+    (HEADER + "\n" + GOOD_ROW.replace(",33,39,", ", 33,39,") + "\n", 1),  # Python's int() reads ' 33'; Arrow doesn't
+])
+def test_arrow_and_the_line_by_line_scan_count_alike(tmp_path, schema, text, rows):
+    path = _write(tmp_path, "a.csv", text)
+    header = csv_check.header_names(text.split("\n")[0])
+    numeric = csv_check._numeric_types(schema)
+    assert csv_check._rows_read_by_arrow(path, header, numeric) in (rows, None)
+    checked = csv_check.check_csv_files(tmp_path, "*.csv", schema)
+    assert (checked.rows, checked.notes) == (rows, [])
+
+
 @pytest.mark.parametrize("text, message", [
     ("", "the file is empty"),
     (HEADER + "\n", "has a header but no rows"),
@@ -55,6 +69,9 @@ def test_each_problem_names_the_file_and_place(tmp_path, schema, text, message):
      "line 2, column mother_age: 'thirty' is not an integer"),
     (HEADER + "\n" + GOOD_ROW.replace("7.68751907594", "7.7lb") + "\n",
      "line 2, column weight_pounds: '7.7lb' is not a number"),
+    # Arrow's cast reads a hexadecimal integer; Python's int(), and so TFX, doesn't.
+    ("\n".join([HEADER, GOOD_ROW, GOOD_ROW.replace(",33,39,", ",0x21,39,")]) + "\n",
+     "line 3, column mother_age: '0x21' is not an integer"),
 ])
 def test_values_of_the_wrong_type_are_located_for_data_validation(tmp_path, schema, text, note):
     path = _write(tmp_path, "typo.csv", text)

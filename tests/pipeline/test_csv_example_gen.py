@@ -89,14 +89,14 @@ def test_the_real_export_gives_tfx_own_bytes(tmp_path, real_export_csv):
 EDGE_FILES = {
     # Quoted commas and line breaks, a blank line, CRLF, numbers Python reads and Arrow doesn't (' 7', '1_000'),
     # an integer beyond int64 (text, as TFX infers it), nan and inf, text that isn't ASCII, a value too long
-    # for one byte of length, a column without a value, and a column that is integer in one file and float in
-    # the other (the type is the split's, over both files).
-    "a.csv": ('id,padded,big,special,name,empty,mixed\r\n'
-              '1, 7,1,nan,"Smith, J.",,3\r\n'
+    # for one byte of length, a column without a value, a column that is integer in one file and float in
+    # the other (the type is the split's, over both files), and a hexadecimal integer (Arrow reads it, TFX doesn't).
+    "a.csv": ('id,padded,big,special,name,empty,mixed,hex\r\n'
+              '1, 7,1,nan,"Smith, J.",,3,0x1F\r\n'
               '\r\n'
-              '2,1_000,99999999999999999999,inf,"two\nlines",,4\r\n'),
-    "b.csv": ('id,padded,big,special,name,empty,mixed\n'
-              f'3,8,2,-1e3,Zoë {"x" * 200},,4.5\n'),
+              '2,1_000,99999999999999999999,inf,"two\nlines",,4,2\r\n'),
+    "b.csv": ('id,padded,big,special,name,empty,mixed,hex\n'
+              f'3,8,2,-1e3,Zoë {"x" * 200},,4.5,3\n'),
 }
 
 
@@ -111,6 +111,8 @@ def test_edge_cases_give_tfx_own_bytes(tmp_path):
     example = tf.train.Example.FromString(ours[0])
     assert example.features.feature["mixed"].HasField("float_list")
     assert example.features.feature["big"].HasField("bytes_list")
+    assert example.features.feature["hex"].HasField("bytes_list")
+    assert example.features.feature["padded"].HasField("int64_list")
     assert example.features.feature["empty"].WhichOneof("kind") is None
 
 
