@@ -11,7 +11,7 @@ from tfx.dsl.components.base import executor_spec
 
 from models import features, tuning
 from models.model import SCORE_SIGNATURE
-from pipeline import csv_example_gen, spans, trainer_executor, vertex_pusher
+from pipeline import csv_example_gen, spans, tfma_metrics, trainer_executor, vertex_pusher
 from pipeline.artifacts import GATE_ID
 from pipeline.cache import CODE_FINGERPRINT, ImportSchemaGen, code_fingerprint, file_fingerprint
 from pipeline.baseline import TreeBaseline
@@ -64,7 +64,7 @@ def eval_config(config: PipelineConfig) -> tfma.EvalConfig:
             tfma.MetricConfig(class_name="ExampleCount"),
             tfma.MetricConfig(class_name="WeightedExampleCount"),
             tfma.MetricConfig(
-                class_name="RootMeanSquaredError",
+                class_name="RootMeanSquaredError", module=tfma_metrics.__name__,
                 per_slice_thresholds=[overall(
                     value_threshold=tfma.GenericValueThreshold(upper_bound={"value": config.eval_rmse_threshold}),
                     change_threshold=tfma.GenericChangeThreshold(
