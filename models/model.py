@@ -8,13 +8,14 @@ The exported SavedModel carries the TF Transform graph, so every signature takes
 - `score_examples`: serialized tf.Example -> {"predictions": pounds} for every row (evaluation, monitoring);
 - `transform_features`: serialized tf.Example -> transformed features (TFMA slices and labels on it).
 """
-import collections
 import json
 import logging
 import math
 import os
+import time
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
+import numpy as np
 import tensorflow as tf
 import tensorflow_transform as tft
 from tensorflow.python.autograph.core import config as autograph_config
@@ -29,6 +30,7 @@ PREDICTIONS = lite.PREDICTIONS
 SCORE_SIGNATURE = "score_examples"
 SHUFFLE_BUFFER = 20_000
 TRANSFORM_BATCH = 1024
+COUNT_BATCH = 65_536
 # Differently masked copies of the training rows, cached (one per epoch up to this many; then reused).
 MAX_MASKED_COPIES = 8
 # Training steps per call into the graph: with the input cached, Keras' per-step round trip from Python
@@ -37,6 +39,7 @@ STEPS_PER_EXECUTION = 20
 FILE_SPANS_KEY = "file_spans"  # set by the pipeline's Trainer executor: {file pattern: span}
 WEIGHTS_FILE = "recency_weights.json"  # {file pattern: weight} the Trainer used, in its ModelRun folder
 SETTINGS_FILE = "settings.json"  # the settings the Trainer trained with (the Tuner's values in), in the same folder
+FIT_FILE = "fit.json"  # model.fit's examples, seconds and examples/s, in the same folder
 # The Tuner's trials hold out one training row in this many (every fifth, by its place: `_records`) to validate on.
 HOLDOUT_BUCKETS = 5
 # {feature: share of training rows that keep its value}, the rest lose it: 0 trains a model "without" the
@@ -172,7 +175,7 @@ def mask_features(dense: Dict[str, tf.Tensor], mask_rate: float, presence: Optio
 def _input_fn(file_patterns: List[str], weights: Dict[str, float], tf_transform_output: tft.TFTransformOutput,
               batch_size: int, shuffle: bool, mask_rate: float = 0.0, presence: Optional[Mapping[str, float]] = None,
               masked_copies: int = 1, seed: int = 0, repeat: bool = False,
-              holdout: Optional[bool] = None) -> tf.data.Dataset:
+              holdout: Optional[bool] = None, passes: int = 2) -> tf.data.Dataset:
     """Raw examples of each span, masked by `mask_features`, transformed by the Transform graph, as
     (features, label, weight).
 
@@ -182,6 +185,8 @@ def _input_fn(file_patterns: List[str], weights: Dict[str, float], tf_transform_
     training step). Each batch is masked with its own seed, from `seed` and the batch's place in the input.
     With `repeat` the rows repeat without end before they are batched, so every batch is full: workers of
     MultiWorkerMirroredStrategy must all step with batches of one shape. `holdout` picks rows as `_records` does.
+    The transformed rows are cached only if the `passes` over them outnumber the copies: with a million rows
+    each of 4 epochs reads its own copy, and caching them all took 11 GB for nothing.
     """
     raw_spec = _raw_feature_spec(tf_transform_output, with_label=True)
     tft_layer = tf_transform_output.transform_features_layer()
@@ -207,7 +212,9 @@ def _input_fn(file_patterns: List[str], weights: Dict[str, float], tf_transform_
         dataset = dataset.concatenate(part)
     random = mask_rate or any(0 < share < 1 for share in (presence or {}).values())
     copies = masked_copies if random else 1  # without randomness every copy is the same
-    dataset = dataset.repeat(copies).enumerate().map(transform, num_parallel_calls=tf.data.AUTOTUNE).unbatch().cache()
+    dataset = dataset.repeat(copies).enumerate().map(transform, num_parallel_calls=tf.data.AUTOTUNE).unbatch()
+    if passes > copies:
+        dataset = dataset.cache()
     if shuffle:
         dataset = dataset.shuffle(SHUFFLE_BUFFER, reshuffle_each_iteration=True)
     if repeat:
@@ -292,26 +299,44 @@ def frequent_instances(file_patterns: List[str], tf_transform_output: tft.TFTran
 
     Each row counts twice: as it is, and as the smallest request the serving contract takes (its required
     features alone), the two shapes a client sends most. Rows lacking a required feature are not requests.
+    Counted a column at a time (numpy), in the order `collections.Counter.most_common` gives: the most frequent
+    first, ties in the order they first appear (each row's full instance before its smallest request).
     """
     raw_spec = _raw_feature_spec(tf_transform_output, with_label=False)
-    counts: collections.Counter = collections.Counter()
-    rows = 0
-    files = [name for pattern in file_patterns for name in tf.io.gfile.glob(pattern)]
+    files = [name for pattern in file_patterns for name in sorted(tf.io.gfile.glob(pattern))]  # as `_records`
     dataset = tf.data.TFRecordDataset(files, compression_type="GZIP").batch(TRANSFORM_BATCH).map(
         lambda records: {name: dense_raw(value) for name, value in tf.io.parse_example(records, raw_spec).items()})
-    required = [index for index, column in enumerate(features.FEATURES) if column.required]
-    for batch in dataset.as_numpy_iterator():
-        columns = [batch[column.name] for column in features.FEATURES]
-        for values in zip(*columns):
-            instance = dict(zip(features.FEATURE_NAMES, values))
-            if features.missing_required(instance):  # a request like it is refused: nothing to precompute
-                continue
-            key = features.instance_key(instance)
-            counts[key] += 1
-            counts[tuple(value if index in required else None for index, value in enumerate(key))] += 1
-            rows += 1
-    return {"rows": rows, "instances": [[count, dict(zip(features.FEATURE_NAMES, key))]
-                                        for key, count in counts.most_common(limit)]}
+    batches = list(dataset.as_numpy_iterator())
+    columns = {column.name: np.concatenate([batch[column.name] for batch in batches]) if batches else np.array([])
+               for column in features.FEATURES}
+    requests = np.ones(len(columns[features.FEATURES[0].name]), bool)
+    for column in features.REQUIRED_FEATURES:  # features.missing_required, on each distinct value
+        values, inverse = np.unique(columns[column.name], return_inverse=True)
+        requests &= ~np.array([features.is_missing_value(column, value) for value in values.tolist()], bool)[inverse]
+    # Each column's values as codes (numbers as float32, as features.instance_key reads them; "", NaN: None).
+    codes, keys = [], []
+    for column in features.FEATURES:
+        values = columns[column.name][requests]
+        if column.dtype == "string":
+            distinct, inverse = np.unique(values, return_inverse=True)
+            key_values = [value.decode() if value else None for value in distinct.tolist()]
+        else:
+            distinct, inverse = np.unique(values.astype(np.float32), return_inverse=True)  # NaNs: one, last
+            key_values = [None if value != value else value for value in distinct.tolist()]
+        none = len(key_values)  # one code for no value; the smallest request has none of the optional features
+        full = np.array([none if value is None else code for code, value in enumerate(key_values)],
+                        np.int64)[inverse]
+        smallest = full if column.required else np.full_like(full, none)
+        codes.append(np.stack([full, smallest], axis=1).reshape(-1))  # row 1 full, row 1 smallest, row 2 ...
+        keys.append(key_values + [None])
+    rows = int(requests.sum())
+    if not rows:
+        return {"rows": 0, "instances": []}
+    instances, first, counts = np.unique(np.stack(codes, axis=1), axis=0, return_index=True, return_counts=True)
+    order = np.lexsort((first, -counts))[:limit]
+    return {"rows": rows, "instances": [
+        [int(counts[index]), {column.name: keys[place][code] for place, (column, code)
+                              in enumerate(zip(features.FEATURES, instances[index]))}] for index in order]}
 
 
 def _records(file_patterns: List[str], holdout: Optional[bool] = None) -> tf.data.Dataset:
@@ -335,8 +360,10 @@ def _records(file_patterns: List[str], holdout: Optional[bool] = None) -> tf.dat
 
 
 def _count_records(file_patterns: List[str], holdout: Optional[bool] = None) -> int:
-    """Number of examples in gzipped TFRecord files (see `_records`), counted without parsing them."""
-    return int(_records(file_patterns, holdout).reduce(tf.constant(0, tf.int64), lambda count, _: count + 1))
+    """Number of examples in gzipped TFRecord files (see `_records`), counted without parsing them, a batch at a
+    time (one at a time, tf.data's per-element cost made counting a million rows take seconds)."""
+    return int(_records(file_patterns, holdout).batch(COUNT_BATCH).reduce(
+        tf.constant(0, tf.int64), lambda count, batch: count + tf.size(batch, out_type=tf.int64)))
 
 
 def training_schedule(train_examples: int, batch_size: int, epochs: int, min_steps: int) -> Tuple[int, int]:
@@ -385,12 +412,12 @@ def fit(settings: Mapping[str, Any], tf_transform_output: tft.TFTransformOutput,
     train_dataset = _input_fn(train_files, weights, tf_transform_output, batch_size, shuffle=True,
                               mask_rate=settings["mask_rate"], presence=settings.get(PRESENCE_KEY),
                               masked_copies=min(epochs, MAX_MASKED_COPIES), seed=settings["seed"], repeat=True,
-                              holdout=train_part)
+                              holdout=train_part, passes=epochs)
     # The Trainer's eval batches repeat so that every step has a full batch (MultiWorkerMirroredStrategy's
     # workers must step alike); a trial's are read once, so that no held-out row counts twice.
     validation_dataset = _input_fn(validation_files, weights, tf_transform_output, batch_size, shuffle=False,
                                    mask_rate=validation_mask_rate, seed=settings["seed"], repeat=not holdout,
-                                   holdout=validation_part)
+                                   holdout=validation_part, passes=1 if holdout else epochs)
     with strategy.scope():
         model = build_keras_model(hidden_units(settings["hidden_units"]), int(settings["embedding_dim"]),
                                   float(settings["learning_rate"]), decay_steps=steps_per_epoch * epochs)
@@ -410,6 +437,25 @@ def fit(settings: Mapping[str, Any], tf_transform_output: tft.TFTransformOutput,
     return model, history.history
 
 
+class FitTimer(tf.keras.callbacks.Callback):
+    """The training throughput of a model.fit: examples trained, seconds (the first epoch's masking and
+    transforming of the rows included) and examples/s."""
+
+    def on_train_begin(self, logs: Optional[Dict[str, Any]] = None) -> None:
+        self._started, self._epochs = time.time(), 0
+
+    def on_epoch_end(self, epoch: int, logs: Optional[Dict[str, Any]] = None) -> None:
+        self._epochs += 1
+
+    def on_train_end(self, logs: Optional[Dict[str, Any]] = None) -> None:
+        self._seconds = time.time() - self._started
+
+    def record(self, batch_size: int) -> Dict[str, Any]:
+        examples = self.params["steps"] * self._epochs * batch_size
+        return {"examples": examples, "steps": self.params["steps"] * self._epochs, "batch_size": batch_size,
+                "seconds": round(self._seconds, 1), "examples_per_second": round(examples / self._seconds)}
+
+
 def run_fn(fn_args: tfx.components.FnArgs) -> None:
     """TFX Trainer entry point: trains on the train split of the window's spans and exports the serving model."""
     settings = trainer_settings(fn_args)
@@ -425,8 +471,11 @@ def run_fn(fn_args: tfx.components.FnArgs) -> None:
         json.dump(weights, handle, indent=1)
     with tf.io.gfile.GFile(os.path.join(log_dir, SETTINGS_FILE), "w") as handle:  # what this model was trained with
         json.dump({key: value for key, value in settings.items() if key != FILE_SPANS_KEY}, handle, indent=1)
+    timer = FitTimer()
     model, _ = fit(settings, tf_transform_output, fn_args.train_files, fn_args.eval_files, weights, strategy,
-                   callbacks=[tf.keras.callbacks.TensorBoard(log_dir=log_dir, update_freq="epoch")])
+                   callbacks=[tf.keras.callbacks.TensorBoard(log_dir=log_dir, update_freq="epoch"), timer])
+    with tf.io.gfile.GFile(os.path.join(log_dir, FIT_FILE), "w") as handle:  # for `make bench`
+        json.dump(timer.record(global_batch_size(settings["batch_size"], strategy)), handle, indent=1)
     # save_traces=False: the signatures are all that serving and TFMA call, and tracing every layer
     # for Keras' own reloading would double the export time and the model's load time.
     model.save(serving_dir, save_format="tf", save_traces=False,

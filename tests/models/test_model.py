@@ -117,3 +117,58 @@ def test_parsed_integers_reach_the_missing_check_as_the_python_twin_sees_them():
     parsed = tf.sparse.SparseTensor([[0, 0], [1, 0], [3, 0]], tf.constant([39, 99, 17], tf.int64), [4, 1])
     graph = preprocessing.is_missing(weeks, preprocessing.dense_raw(parsed)).numpy().tolist()
     assert graph == [features.is_missing_value(weeks, v) for v in (39, 99, None, 17)] == [False, True, True, False]
+
+
+class _RawSpec:
+    """The part of a TFTransformOutput that `model.frequent_instances` reads: the raw features' spec."""
+
+    def raw_feature_spec(self):
+        import tensorflow as tf
+        spec = {c.name: tf.io.VarLenFeature(tf.string if c.dtype == "string" else
+                                             (tf.int64 if c.dtype == "int" else tf.float32)) for c in features.COLUMNS}
+        return spec
+
+
+def _counter_reference(rows, limit):
+    """The definition `frequent_instances` keeps: every row that a request may be, counted twice (as it is, and
+    as its required features alone) in a collections.Counter, most_common(limit)."""
+    import collections
+    counts = collections.Counter()
+    kept = 0
+    for row in rows:
+        instance = {name: row.get(name) for name in features.FEATURE_NAMES}
+        if features.missing_required(instance):
+            continue
+        key = features.instance_key(instance)
+        counts[key] += 1
+        counts[tuple(value if column.required else None for column, value in zip(features.FEATURES, key))] += 1
+        kept += 1
+    return {"rows": kept, "instances": [[count, dict(zip(features.FEATURE_NAMES, key))]
+                                        for key, count in counts.most_common(limit)]}
+
+
+def test_frequent_instances_count_as_a_counter_does(tmp_path):
+    """Ties (in the order they first appear), rows lacking a required feature, 'unknown' codes and empty values,
+    in three files read in name order."""
+    import tensorflow as tf
+    rng = np.random.default_rng(3)
+    rows = []
+    for _ in range(3000):
+        row = {"mother_age": float(rng.choice([22, 31, 99, np.nan])), "gestation_weeks": float(rng.choice([38, 40])),
+               "is_male": rng.choice(["true", "false", ""]), "plurality": float(rng.choice([1, 2, np.nan])),
+               "mother_married": rng.choice(["true", ""]), "weight_gain_pounds": float(rng.choice([20, 35, np.nan]))}
+        rows.append({name: value for name, value in row.items() if value == value and value != ""})
+    for part in range(3):
+        with tf.io.TFRecordWriter(str(tmp_path / f"part-{part}.gz"), "GZIP") as writer:
+            for row in rows[part::3]:
+                feature = {name: tf.train.Feature(bytes_list=tf.train.BytesList(value=[value.encode()]))
+                           if isinstance(value, str) else tf.train.Feature(
+                               int64_list=tf.train.Int64List(value=[int(value)]))
+                           if features.BY_NAME[name].dtype == "int" else
+                           tf.train.Feature(float_list=tf.train.FloatList(value=[value]))
+                           for name, value in row.items()}
+                writer.write(tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString())
+    in_file_order = [row for part in range(3) for row in rows[part::3]]
+    expected = _counter_reference(in_file_order, limit=25)
+    assert 0 < expected["rows"] < 3000 and expected["instances"][0][0] > 1
+    assert model.frequent_instances([str(tmp_path / "part-*.gz")], _RawSpec(), limit=25) == expected
