@@ -15,7 +15,7 @@ from pipeline import csv_example_gen, spans, tfma_metrics, trainer_executor, ver
 from pipeline.artifacts import GATE_ID
 from pipeline.cache import CODE_FINGERPRINT, ImportSchemaGen, code_fingerprint, file_fingerprint
 from pipeline.baseline import TreeBaseline
-from pipeline.config import PROJECT_ROOT, PipelineConfig
+from pipeline.config import PARALLEL_STEPS, PROJECT_ROOT, PipelineConfig, parallel_beam_args
 from pipeline.infra_validator import InfraValidator
 from pipeline.monitor import PredictionMonitor, PredictionStatistics, PreviousPredictions
 from pipeline.tflite_export import TFLiteExporter
@@ -221,7 +221,7 @@ def bulk_inference_components(config: PipelineConfig, model: Any, blessing: Any,
     return [unlabelled, inferrer]
 
 
-def create_pipeline(config: PipelineConfig) -> tfx.dsl.Pipeline:
+def create_pipeline(config: PipelineConfig, input_rows: int = 0) -> tfx.dsl.Pipeline:
     """Wires ExampleGen -> statistics, schema, validation and gate -> Transform -> (Tuner ->) Trainer -> Evaluator ->
     InfraValidator -> Pusher -> TFLiteExporter (and, with bulk_inference_dir, the blessed model's predictions of
     unlabelled rows).
@@ -230,6 +230,7 @@ def create_pipeline(config: PipelineConfig) -> tfx.dsl.Pipeline:
     and Transform and Trainer read the last `training_window_spans` validated spans, all resolved from
     ML Metadata; on Vertex (whose compiler takes only TFX's built-in resolvers) they read the new data.
     The orchestrator also picks where ExampleGen reads, where the Trainer runs and where the Pusher pushes.
+    `input_rows` (the new span's, from the CSV check) picks how the local Beam steps run (config.PARALLEL_STEPS).
     """
     local = config.orchestrator != "vertex"
     example_gen = example_gen_component(config)
@@ -345,6 +346,10 @@ def create_pipeline(config: PipelineConfig) -> tfx.dsl.Pipeline:
     if config.bulk_inference_dir:
         components += bulk_inference_components(config, trainer.outputs["model"], evaluator.outputs["blessing"],
                                                  after=pusher)
+    parallel = parallel_beam_args(config, input_rows)
+    for component in components:
+        if parallel and component.id in PARALLEL_STEPS:
+            component.with_beam_pipeline_args(parallel)
     return tfx.dsl.Pipeline(
         pipeline_name=config.pipeline_name,
         pipeline_root=config.pipeline_root,

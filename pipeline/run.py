@@ -1,9 +1,11 @@
 """Local run of the pipeline: check the input, run it with LocalDagRunner, summarise from ML Metadata."""
+import contextlib
 import dataclasses
 import logging
+import os
 import pathlib
 import sys
-from typing import Dict, List, Tuple
+from typing import Dict, Iterator, List, Tuple
 
 from google.protobuf import text_format
 from tensorflow_metadata.proto.v0 import schema_pb2
@@ -123,6 +125,22 @@ def _is_number(value: str) -> bool:
         return False
 
 
+@contextlib.contextmanager
+def _quiet_worker_processes() -> Iterator[None]:
+    """Beam's worker processes (config.PARALLEL_STEPS on large inputs) import TensorFlow without the quiet import
+    of this process (babyweight_cli), and its C++ start-up errors about GPU plugins would reach the console.
+    The workers inherit this environment; this process read the variable when it imported TensorFlow."""
+    previous = os.environ.get("TF_CPP_MIN_LOG_LEVEL")
+    os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop("TF_CPP_MIN_LOG_LEVEL")
+        else:
+            os.environ["TF_CPP_MIN_LOG_LEVEL"] = previous
+
+
 def run_local(config: PipelineConfig) -> Outcome:
     """Runs the pipeline once; on bad input or a failed step, says why, and pushes nothing."""
     try:
@@ -141,8 +159,9 @@ def run_local(config: PipelineConfig) -> Outcome:
     failure, blocked = None, False
     earlier = summary.latest_run(config)
     try:
-        with mlmd.runner_marker(config.metadata_path):  # `babyweight metadata` tells a killed run from a live one
-            tfx.orchestration.LocalDagRunner().run(create_pipeline(config))
+        # `babyweight metadata` tells a killed run from a live one by the marker
+        with mlmd.runner_marker(config.metadata_path), _quiet_worker_processes():
+            tfx.orchestration.LocalDagRunner().run(create_pipeline(config, checked.rows))
     except Exception as error:  # a failed component: report it, then summarise what did run
         failure, blocked = _failure_reason(error)
         # A span blocked by validation is an expected outcome: its traceback goes to the log file only.

@@ -1,5 +1,6 @@
 """The `babyweight` command as people use it: flags in either place, no TensorFlow where none is needed, nothing
 on the console but the answer, every command listed."""
+import json
 import os
 import subprocess
 import sys
@@ -139,6 +140,12 @@ def test_make_bench_prints_its_table_alone_and_logs_the_rest():
     assert {row[0] for row in table} >= {"CsvExampleGen", "Transform", "Trainer", "Evaluator", "TFLiteExporter"}
     log = lines[-1].removeprefix("log: ")
     assert "TFLite converter" in open(log).read()
+    record = json.loads(open(lines[-2].removeprefix("written: ")).read())  # the same figures, as JSON
+    steps = {step["step"]: step for step in record["steps"]}
+    assert steps["CsvExampleGen"]["rows"] == 2000 and steps["CsvExampleGen"]["rows_per_second"] > 0
+    assert steps["Evaluator"]["rows"] == record["rows_per_split"]["eval"] > 0
+    assert record["trainer_fit"]["examples"] >= 1500 * 256  # min_train_steps batches of batch_size
+    assert f"{steps['Trainer']['seconds']:8.1f}" in "\n".join(lines)
 
 
 def test_the_server_s_worker_processes_keep_tensorflow_s_start_up_lines_off_the_console(tmp_path):

@@ -134,3 +134,19 @@ def test_the_schema_file_s_contents_are_in_the_cache_key(tmp_path):
     assert before == cache.file_fingerprint(cache.PROJECT_ROOT / "schema" / "schema.pbtxt")
     (tmp_path / "schema.pbtxt").write_text((tmp_path / "schema.pbtxt").read_text().replace("max: 64", "max: 20"))
     assert _components(config)["ImportSchemaGen"].exec_properties["schema_fingerprint"] != before
+
+
+@pytest.mark.parametrize("rows, parallel", [(20_000, False), (99_999, False), (100_000, True), (1_000_000, True)])
+def test_large_inputs_run_statistics_and_evaluation_in_worker_processes(rows, parallel):
+    config = config_lib.load_config()
+    assert config.beam_parallel_rows == 100_000
+    components = pipeline_lib.create_pipeline(config, input_rows=rows).components
+    for component in components:
+        args = getattr(component.executor_spec, "beam_pipeline_args", [])
+        in_workers = "--direct_running_mode=multi_processing" in args
+        assert in_workers == (parallel and component.id in config_lib.PARALLEL_STEPS), component.id
+    assert {c.id for c in components} >= set(config_lib.PARALLEL_STEPS)
+    never = config_lib.load_config(overrides={"beam_parallel_rows": "0"})
+    assert config_lib.parallel_beam_args(never, rows) == []
+    with pytest.raises(config_lib.ConfigError, match="beam_parallel_rows"):
+        config_lib.load_config(overrides={"beam_parallel_rows": "-1"})
