@@ -343,8 +343,7 @@ def _records(file_patterns: List[str], holdout: Optional[bool] = None) -> tf.dat
     """The serialized examples of gzipped TFRecord files: all of them, only the held-out ones (`holdout` True:
     one row in HOLDOUT_BUCKETS, every fifth of each file pattern), or all but those (False).
 
-    Rows are held out by their place, not their bytes: ExampleGen writes the same rows in the same order on
-    every run, but a tf.Example's bytes differ from one run to the next (the order of its feature map).
+    Rows are held out by their place: ExampleGen writes the same rows in the same order on every run.
     """
     parts = []
     for pattern in file_patterns:
@@ -438,8 +437,8 @@ def fit(settings: Mapping[str, Any], tf_transform_output: tft.TFTransformOutput,
 
 
 class FitTimer(tf.keras.callbacks.Callback):
-    """The training throughput of a model.fit: examples trained, seconds (the first epoch's masking and
-    transforming of the rows included) and examples/s."""
+    """The training throughput of a model.fit: examples trained, seconds (masking and transforming the rows,
+    and validating after each epoch, included: the Trainer's own pace) and examples/s."""
 
     def on_train_begin(self, logs: Optional[Dict[str, Any]] = None) -> None:
         self._started, self._epochs = time.time(), 0

@@ -44,7 +44,7 @@ class PipelineConfig:
     beam_direct_running_mode: str  # DirectRunner's mode: in_memory, multi_threading or multi_processing
     beam_direct_num_workers: int  # 0 = one per CPU
     # From this many input rows, the steps that gain from worker processes (PARALLEL_STEPS) run Beam's
-    # multi_processing mode with one worker per CPU; 0 = never (README, Speed).
+    # multi_processing mode (parallel_beam_args); 0 = never (README, Speed).
     beam_parallel_rows: int
     strategy: str  # distribution strategy of the Trainer: one of models.distribution.STRATEGIES
     train_epochs: int  # passes over the training split...
@@ -156,11 +156,13 @@ PARALLEL_STEPS = ("StatisticsGen", "Evaluator")
 
 
 def parallel_beam_args(config: PipelineConfig, input_rows: int) -> List[str]:
-    """Beam options for PARALLEL_STEPS on `input_rows` rows: worker processes from beam_parallel_rows rows,
-    else none (the pipeline's own options: worker processes cost seconds to start and feed)."""
+    """Beam options for PARALLEL_STEPS on `input_rows` rows: from beam_parallel_rows rows, worker processes, as
+    many as beam_direct_num_workers says if above 1, else one per CPU this process may use; below, none (the
+    pipeline's own options: worker processes cost seconds to start and feed)."""
     if config.orchestrator == "vertex" or not config.beam_parallel_rows or input_rows < config.beam_parallel_rows:
         return []
-    return ["--direct_running_mode=multi_processing", f"--direct_num_workers={os.cpu_count() or 1}"]
+    workers = config.beam_direct_num_workers if config.beam_direct_num_workers > 1 else len(os.sched_getaffinity(0))
+    return ["--direct_running_mode=multi_processing", f"--direct_num_workers={workers}"]
 
 
 def _coerce(name: str, field_type: Any, value: Any) -> Any:

@@ -188,11 +188,13 @@ def _check_file(path: pathlib.Path, reference: Optional[Tuple[pathlib.Path, List
 def arrow_numbers(values: Any, number_type: type) -> Any:
     """Text values (a pyarrow array without empty ones) as int64 or float64, cast by Arrow where Python's int()
     or float() reads each value as the same number; raises pyarrow.ArrowInvalid where Arrow can't cast one, or
-    where Python would refuse one Arrow reads (a hexadecimal integer: '0x1F')."""
+    where Python would refuse one Arrow reads (a hexadecimal integer: '0x1F'; 'nan(1)')."""
     import pyarrow as pa  # pylint: disable=import-outside-toplevel
     import pyarrow.compute as pc  # pylint: disable=import-outside-toplevel
     if number_type is int and pc.any(pc.match_substring(values, "x", ignore_case=True)).as_py():
         raise pa.ArrowInvalid("a hexadecimal integer, which Python's int() doesn't read")
+    if number_type is float and pc.any(pc.match_substring(values, "(")).as_py():
+        raise pa.ArrowInvalid("'nan(...)', which Python's float() doesn't read")
     return pc.cast(values, pa.int64() if number_type is int else pa.float64())
 
 

@@ -53,8 +53,7 @@ GZIP_LEVEL = 1  # zlib level 1: two thirds of the default level 6 time, files 30
 ENCODE_ROWS = 65_536  # rows encoded per call: large enough that per-call costs vanish, small enough for the cache
 # Arrow's kernels and most of tfx-bsl's encoder release the GIL: columns are converted on every core.
 _THREADS = concurrent.futures.ThreadPoolExecutor(os.cpu_count() or 1, thread_name_prefix="csv-columns")
-_LIST_TYPES = {ColumnType.INT: pa.large_list(pa.int64()), ColumnType.FLOAT: pa.large_list(pa.float32()),
-               ColumnType.STRING: pa.large_list(pa.large_binary()), ColumnType.UNKNOWN: pa.large_list(pa.int64())}
+NO_KIND = pa.large_list(pa.int64())  # a column without a value: null lists, which tfx-bsl encodes as Feature()
 
 
 def column_names(path: str) -> List[str]:
@@ -148,7 +147,7 @@ def feature_lists(column: pa.Array, column_type: ColumnType) -> pa.Array:
     """One list per row: the value, or an empty list for an empty field; a null list (a feature without a
     kind, as TFX writes it) in every row of a column without a value."""
     if column_type == ColumnType.UNKNOWN:
-        return pa.nulls(len(column), _LIST_TYPES[column_type])
+        return pa.nulls(len(column), NO_KIND)
     present = _present(column)
     offsets = np.zeros(len(column) + 1, np.int64)
     np.cumsum(present.to_numpy(zero_copy_only=False), out=offsets[1:])
@@ -190,8 +189,8 @@ class BatchEncoder:
     def _entries(self, name: str, lists: pa.Array) -> pa.Array:
         """Each row's map entry of `name` (tag, length, key, Feature), cut out of a one-feature Example."""
         examples = pa.array(self._encoder.encode(pa.RecordBatch.from_arrays([lists], [name])), pa.binary())
-        # A one-feature Example is 0x0a, the varint length of the entry, then the entry; one byte of length
-        # below 128, else cut per row.
+        # A one-feature Example is 0x0a (field 1, Features), the varint length of its Features, then the
+        # entry with its own tag and length; one byte of length below 128, else cut per row.
         if len(examples) and pc.max(pc.binary_length(examples)).as_py() < 2 + 128:
             return pc.binary_replace_slice(examples, start=0, stop=2, replacement=b"")
         return pa.array([record[_header_size(record):] for record in examples.to_pylist()], pa.binary())
@@ -207,6 +206,8 @@ class BatchEncoder:
 
         entries = list(_THREADS.map(entries, sorted(columns)))
         body = pc.binary_join_element_wise(*entries, b"")
+        if isinstance(body, pa.Scalar):  # no column has a value: every row is the same
+            body = pa.array([body.as_py()] * batch.num_rows, pa.binary())
         header = _varints(pc.binary_length(body).to_numpy(zero_copy_only=False))
         return pc.binary_join_element_wise(pc.binary_join_element_wise(b"\x0a", header, b""), body, b"").to_pylist()
 
@@ -320,6 +321,9 @@ class Executor(csv_executor.Executor):
                     for name, split in zip(split_names, input_config.splits)}
         if len(input_config.splits) != 1:
             raise ValueError("input must have only one split when output split is specified.")
+        if output_config.split_config.HasField("partition_feature_name"):
+            raise ValueError("partition_feature_name is not supported by this ExampleGen: its records are split by "
+                             "a hash of their bytes, as TFX splits them by default")
         buckets = list(itertools.accumulate(split.hash_buckets for split in output_config.split_config.splits))
         parts = (pipeline
                  | "InputToRecord" >> to_records(exec_properties, input_config.splits[0].pattern)
@@ -338,11 +342,15 @@ class Executor(csv_executor.Executor):
         examples = output_dict[standard_component_specs.EXAMPLES_KEY]
         artifact_utils.get_single_instance(examples).split_names = artifact_utils.encode_split_names(
             example_gen_utils.generate_output_split_names(input_config, output_config))
+        folders = []
         with self._make_beam_pipeline() as pipeline:
             for split_name, batches in self.GenerateExamplesByBeam(pipeline, exec_properties).items():
-                folder = artifact_utils.get_split_uri(examples, split_name)
-                fileio.makedirs(folder)
-                _ = batches | f"WriteSplit[{split_name}]" >> beam.ParDo(_WriteBatch(folder))
+                folders.append(artifact_utils.get_split_uri(examples, split_name))
+                fileio.makedirs(folders[-1])
+                _ = batches | f"WriteSplit[{split_name}]" >> beam.ParDo(_WriteBatch(folders[-1]))
+        for folder in folders:  # a split that got no row has one empty file, as TFX's writer leaves it
+            if not fileio.glob(os.path.join(folder, f"{write_split.DEFAULT_FILE_NAME}-*")):
+                _WriteBatch(folder).process(("empty", []))
         payload_format = exec_properties.get(standard_component_specs.OUTPUT_DATA_FORMAT_KEY)
         file_format = exec_properties.get(standard_component_specs.OUTPUT_FILE_FORMAT_KEY)
         for artifact in examples:

@@ -42,6 +42,7 @@ def schema_fingerprint(config: PipelineConfig) -> str:
 def eval_config(config: PipelineConfig) -> tfma.EvalConfig:
     """TFMA: RMSE and MAE overall and per slice, with the thresholds that gate the blessing."""
     lower_is_better = tfma.MetricDirection.LOWER_IS_BETTER
+    module, metric_config = tfma_metrics.metric_config_args(code_fingerprint(tfma_metrics.__name__))
 
     def overall(**threshold) -> tfma.PerSliceMetricThreshold:
         # Thresholds gate on the whole eval split; slices (some of a few rows) are reported, not gated.
@@ -64,13 +65,13 @@ def eval_config(config: PipelineConfig) -> tfma.EvalConfig:
             tfma.MetricConfig(class_name="ExampleCount"),
             tfma.MetricConfig(class_name="WeightedExampleCount"),
             tfma.MetricConfig(
-                class_name="RootMeanSquaredError", module=tfma_metrics.__name__,
+                class_name="RootMeanSquaredError", module=module, config=metric_config,
                 per_slice_thresholds=[overall(
                     value_threshold=tfma.GenericValueThreshold(upper_bound={"value": config.eval_rmse_threshold}),
                     change_threshold=tfma.GenericChangeThreshold(
                         direction=lower_is_better, absolute={"value": config.eval_rmse_max_increase}))]),
             tfma.MetricConfig(
-                class_name="MeanAbsoluteError",
+                class_name="MeanAbsoluteError", module=module, config=metric_config,
                 per_slice_thresholds=[overall(
                     value_threshold=tfma.GenericValueThreshold(upper_bound={"value": config.eval_mae_threshold}))]),
         ])],

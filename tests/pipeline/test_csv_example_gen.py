@@ -63,7 +63,7 @@ def test_saved_by_other_tools_reads_like_the_plain_file(tmp_path, plain_text, va
 
 
 def test_tfx_own_reader_is_what_this_fixes(tmp_path, plain_text):
-    """TFX 1.16 keeps the mark in the first name; if it stops doing so, this executor can go."""
+    """TFX 1.16 keeps the mark in the first name; if it stops doing so, `column_names` can go."""
     folder = _write(tmp_path / "bom", b"\xef\xbb\xbf" + plain_text.encode())
     names = set(tf.train.Example.FromString(_examples(folder, tfx_csv_executor._CsvToExample)[0]).features.feature)
     assert "\ufeffsource_year" in names and "source_year" not in names
@@ -158,3 +158,22 @@ def test_the_executor_splits_and_records_as_tfx_own(tmp_path, real_export_csv):
     assert ours.get_string_custom_property("payload_format") == theirs.get_string_custom_property("payload_format")
     assert ours.get_string_custom_property("file_format") == theirs.get_string_custom_property("file_format")
     assert not list((tmp_path / "ours").rglob(".*")), "no temporary file is left behind"
+
+
+@pytest.mark.parametrize("text, kinds", [
+    ("a,b\n,\n,\n", {"a": None, "b": None}),  # no column has a value: every feature has no kind, as TFX writes
+    ("a,b\n1.5,nan(1)\n2,2\n", {"a": "float_list", "b": "bytes_list"}),  # Arrow reads nan(1); Python doesn't
+])
+def test_more_edge_cases_give_tfx_own_bytes(tmp_path, text, kinds):
+    folder = _write(tmp_path / "more", text.encode())
+    ours = _examples(folder)
+    assert ours == _examples(folder, tfx_csv_executor._CsvToExample)
+    example = tf.train.Example.FromString(ours[0])
+    assert {name: example.features.feature[name].WhichOneof("kind") for name in kinds} == kinds
+
+
+def test_a_split_without_rows_has_a_readable_empty_file(tmp_path, plain_text):
+    folder = _write(tmp_path / "one", "\n".join(plain_text.split("\n")[:2]).encode() + b"\n")
+    _, splits = _run_executor(csv_example_gen.Executor, folder, tmp_path / "out")
+    assert sorted(len(records) for records in splits.values()) == [0, 1]
+    assert all(list((tmp_path / "out" / f"Split-{split}").glob("data_tfrecord-*.gz")) for split in splits)

@@ -1,36 +1,70 @@
-"""The Evaluator's RMSE, TFMA's own kind of metric, gives what Keras' metric gave."""
+"""The Evaluator's MAE and RMSE (TFMA metrics of our own) give what TFMA's and Keras' metrics gave on one
+partial result, and the right figure when partial results are merged, where TFMA 0.47's own do not."""
 import math
 
 import numpy as np
 import pytest
 import tensorflow as tf
-from tensorflow_model_analysis.metrics import metric_types
+from tensorflow_model_analysis.metrics import mean_regression_error, metric_types
 
 from pipeline import tfma_metrics
 
+RNG = np.random.default_rng(0)
+LABELS, PREDICTIONS = RNG.normal(7.3, 1.2, 600), RNG.normal(7.3, 1.0, 600)
+WEIGHTS = RNG.choice([0.0, 0.5, 1.0], 600)
 
-def _rmse(labels, predictions, weights) -> float:
-    """The metric's value as TFMA computes it: its combiner over the rows, then the derived square root."""
-    mse, root = tfma_metrics.RootMeanSquaredError().computations(example_weighted=True)
-    accumulator = mse.combiner.create_accumulator()
-    for label, prediction, weight in zip(labels, predictions, weights):
-        accumulator = mse.combiner.add_input(accumulator, metric_types.StandardMetricInputs(
-            labels=np.array([label]), predictions=np.array([prediction]), example_weights=np.array([weight])))
-    (key, value), = root.result(mse.combiner.extract_output(accumulator)).items()
-    assert key.name == "root_mean_squared_error" and key.example_weighted
+
+def _inputs(rows):
+    return [metric_types.StandardMetricInputs(labels=np.array([label]), predictions=np.array([prediction]),
+                                              example_weights=np.array([weight])) for label, prediction, weight in rows]
+
+
+def _value(metric: metric_types.Metric, *parts) -> float:
+    """The metric over the rows of `parts`, each part accumulated on its own and the parts merged, as Beam's
+    worker processes (or Dataflow's workers) do."""
+    computation, = metric.computations(example_weighted=True)
+    combiner = computation.combiner
+    accumulators = []
+    for part in parts:
+        accumulator = combiner.create_accumulator()
+        for element in _inputs(part):
+            accumulator = combiner.add_input(accumulator, element)
+        accumulators.append(accumulator)
+    (key, value), = combiner.extract_output(combiner.merge_accumulators(tuple(accumulators))).items()
+    assert key.name == metric.name and key.example_weighted
     return value
 
 
-def test_weighted_rmse_matches_keras_and_the_formula():
-    rng = np.random.default_rng(0)
-    labels, predictions = rng.normal(7.3, 1.2, 500), rng.normal(7.3, 1.0, 500)
-    weights = rng.choice([0.0, 0.5, 1.0], 500)
-    expected = math.sqrt(np.sum(weights * (labels - predictions) ** 2) / np.sum(weights))
+ROWS = list(zip(LABELS, PREDICTIONS, WEIGHTS))
+EXPECTED_MAE = np.sum(WEIGHTS * np.abs(LABELS - PREDICTIONS)) / np.sum(WEIGHTS)
+EXPECTED_RMSE = math.sqrt(np.sum(WEIGHTS * (LABELS - PREDICTIONS) ** 2) / np.sum(WEIGHTS))
+
+
+@pytest.mark.parametrize("parts", [[ROWS], [ROWS[:100], ROWS[100:]], [ROWS[:50], ROWS[50:400], ROWS[400:]]])
+def test_the_formula_however_the_rows_are_split(parts):
+    assert _value(tfma_metrics.MeanAbsoluteError(), *parts) == pytest.approx(EXPECTED_MAE, rel=1e-12)
+    assert _value(tfma_metrics.RootMeanSquaredError(), *parts) == pytest.approx(EXPECTED_RMSE, rel=1e-12)
+
+
+def test_tfma_own_and_keras_agree_on_one_partial_result_and_tfma_own_not_on_several():
+    assert _value(tfma_metrics.MeanAbsoluteError(), ROWS) == pytest.approx(
+        _value(mean_regression_error.MeanAbsoluteError(), ROWS), rel=1e-12)
     keras = tf.keras.metrics.RootMeanSquaredError()
-    keras.update_state(labels, predictions, sample_weight=weights)
-    assert _rmse(labels, predictions, weights) == pytest.approx(expected, rel=1e-12)
-    assert _rmse(labels, predictions, weights) == pytest.approx(float(keras.result()), rel=1e-6)
+    keras.update_state(LABELS, PREDICTIONS, sample_weight=WEIGHTS)
+    assert _value(tfma_metrics.RootMeanSquaredError(), ROWS) == pytest.approx(float(keras.result()), rel=1e-6)
+    # What this module fixes: TFMA 0.47 adds the first partial result to itself when it merges.
+    split = _value(mean_regression_error.MeanAbsoluteError(), ROWS[:100], ROWS[100:])
+    assert split != pytest.approx(EXPECTED_MAE, rel=1e-6)
 
 
 def test_a_row_of_weight_zero_does_not_count():
-    assert _rmse([7.0, 9.0], [6.0, 1.0], [1.0, 0.0]) == pytest.approx(1.0)
+    assert _value(tfma_metrics.RootMeanSquaredError(), [(7.0, 6.0, 1.0), (9.0, 1.0, 0.0)]) == pytest.approx(1.0)
+
+
+def test_the_eval_config_names_them_and_their_code():
+    from pipeline import config as config_lib
+    from pipeline import pipeline as pipeline_lib
+    metrics = {m.class_name: m for m in pipeline_lib.eval_config(config_lib.load_config()).metrics_specs[0].metrics}
+    for name in ("MeanAbsoluteError", "RootMeanSquaredError"):
+        assert metrics[name].module == tfma_metrics.__name__
+        assert '"code_fingerprint"' in metrics[name].config
