@@ -134,11 +134,14 @@ def _show(store: Store, artifact: metadata_store_pb2.Artifact) -> Dict[str, Any]
                    "questions": verdict.answers(), "anomalies": verdict.lines()}
     elif kind == "ModelEvaluation":
         import tensorflow_model_analysis as tfma
+        from pipeline import tfma_metrics
 
         validation = tfma.load_validation_result(artifact.uri)
         evaluator = store.producer(artifact)
         eval_config = json.loads(value_of(evaluator.custom_properties["eval_config"])) if evaluator else {}
-        thresholds = {metric["class_name"]: [t["threshold"] for t in metric["per_slice_thresholds"]]
+        # By the metric's name, as the metrics are: our metric classes have names of their own (tfma_metrics).
+        thresholds = {tfma_metrics.NAMES.get(metric["class_name"], metric["class_name"]):
+                      [t["threshold"] for t in metric["per_slice_thresholds"]]
                       for spec in eval_config.get("metrics_specs", []) for metric in spec["metrics"]
                       if metric.get("per_slice_thresholds")}
         blessings = store.outputs(evaluator).get("blessing", []) if evaluator else []

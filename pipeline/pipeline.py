@@ -65,13 +65,13 @@ def eval_config(config: PipelineConfig) -> tfma.EvalConfig:
             tfma.MetricConfig(class_name="ExampleCount"),
             tfma.MetricConfig(class_name="WeightedExampleCount"),
             tfma.MetricConfig(
-                class_name="RootMeanSquaredError", module=module, config=metric_config,
+                class_name="WeightedRootMeanSquaredError", module=module, config=metric_config,
                 per_slice_thresholds=[overall(
                     value_threshold=tfma.GenericValueThreshold(upper_bound={"value": config.eval_rmse_threshold}),
                     change_threshold=tfma.GenericChangeThreshold(
                         direction=lower_is_better, absolute={"value": config.eval_rmse_max_increase}))]),
             tfma.MetricConfig(
-                class_name="MeanAbsoluteError", module=module, config=metric_config,
+                class_name="WeightedMeanAbsoluteError", module=module, config=metric_config,
                 per_slice_thresholds=[overall(
                     value_threshold=tfma.GenericValueThreshold(upper_bound={"value": config.eval_mae_threshold}))]),
         ])],

@@ -7,8 +7,9 @@ TFMA's own mean errors (`MeanAbsoluteError`, `MeanSquaredError`) merge partial r
 to itself (`_MeanRegressionErrorCombiner.merge_accumulators` takes it with next() and then loops over all of
 them): right with one partial result per slice (Beam in memory), wrong with several (Beam's worker processes,
 Dataflow). These read each row's label, prediction and weight as TFMA's do (`to_label_prediction_example_weight`)
-and keep Keras' and TFMA's metric names, so thresholds, the baseline's comparison and the reports read them as
-before. `code_fingerprint` (MetricConfig.config) only puts this module's code in the Evaluator's cache key.
+and keep Keras' and TFMA's metric names (`mean_absolute_error`, `root_mean_squared_error`), so thresholds, the
+baseline's comparison and the reports read them as before; their classes have names of their own, because TFMA
+resolves a class name it has registered (`MeanAbsoluteError`) to its own class whatever the module says. `code_fingerprint` (MetricConfig.config) only puts this module's code in the Evaluator's cache key.
 """
 import math
 from typing import Any, Dict, Iterable, List, Optional, Tuple
@@ -70,7 +71,7 @@ def _computations(squared: bool):
     return computations
 
 
-class MeanAbsoluteError(metric_types.Metric):
+class WeightedMeanAbsoluteError(metric_types.Metric):
     """sum(weight * |label - prediction|) / sum(weight), per slice."""
 
     def __init__(self, name: str = MAE_NAME, code_fingerprint: str = ""):
@@ -78,12 +79,15 @@ class MeanAbsoluteError(metric_types.Metric):
         super().__init__(metric_util.merge_per_key_computations(_computations(squared=False)), name=name)
 
 
-class RootMeanSquaredError(metric_types.Metric):
+class WeightedRootMeanSquaredError(metric_types.Metric):
     """sqrt(sum(weight * (label - prediction)^2) / sum(weight)), per slice."""
 
     def __init__(self, name: str = RMSE_NAME, code_fingerprint: str = ""):
         del code_fingerprint  # in the config for the cache key only
         super().__init__(metric_util.merge_per_key_computations(_computations(squared=True)), name=name)
+
+
+NAMES = {WeightedMeanAbsoluteError.__name__: MAE_NAME, WeightedRootMeanSquaredError.__name__: RMSE_NAME}
 
 
 def metric_config_args(code_fingerprint: str) -> Tuple[str, str]:

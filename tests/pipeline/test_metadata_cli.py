@@ -95,7 +95,7 @@ def test_show_summarises_statistics_evaluation_and_anomalies(capsys, store):
     evaluation = _json(capsys, store, "show", str(by_type["ModelEvaluation"][0]))["content"]
     assert evaluation["validation_ok"] and evaluation["blessed"]
     assert evaluation["metrics"]["overall"]["root_mean_squared_error"] < 1.2
-    assert evaluation["thresholds"]["RootMeanSquaredError"][0]["value_threshold"]["upper_bound"] == 1.2
+    assert evaluation["thresholds"]["root_mean_squared_error"][0]["value_threshold"]["upper_bound"] == 1.2
     anomalies = [_json(capsys, store, "show", str(i))["content"] for i in by_type["ExampleAnomalies"]]
     assert any(any("is_male" in line for line in found["anomalies"]) for found in anomalies)
     assert {len(found["questions"]) for found in anomalies} == {6}

@@ -42,29 +42,36 @@ EXPECTED_RMSE = math.sqrt(np.sum(WEIGHTS * (LABELS - PREDICTIONS) ** 2) / np.sum
 
 @pytest.mark.parametrize("parts", [[ROWS], [ROWS[:100], ROWS[100:]], [ROWS[:50], ROWS[50:400], ROWS[400:]]])
 def test_the_formula_however_the_rows_are_split(parts):
-    assert _value(tfma_metrics.MeanAbsoluteError(), *parts) == pytest.approx(EXPECTED_MAE, rel=1e-12)
-    assert _value(tfma_metrics.RootMeanSquaredError(), *parts) == pytest.approx(EXPECTED_RMSE, rel=1e-12)
+    assert _value(tfma_metrics.WeightedMeanAbsoluteError(), *parts) == pytest.approx(EXPECTED_MAE, rel=1e-12)
+    assert _value(tfma_metrics.WeightedRootMeanSquaredError(), *parts) == pytest.approx(EXPECTED_RMSE, rel=1e-12)
 
 
 def test_tfma_own_and_keras_agree_on_one_partial_result_and_tfma_own_not_on_several():
-    assert _value(tfma_metrics.MeanAbsoluteError(), ROWS) == pytest.approx(
+    assert _value(tfma_metrics.WeightedMeanAbsoluteError(), ROWS) == pytest.approx(
         _value(mean_regression_error.MeanAbsoluteError(), ROWS), rel=1e-12)
     keras = tf.keras.metrics.RootMeanSquaredError()
     keras.update_state(LABELS, PREDICTIONS, sample_weight=WEIGHTS)
-    assert _value(tfma_metrics.RootMeanSquaredError(), ROWS) == pytest.approx(float(keras.result()), rel=1e-6)
+    assert _value(tfma_metrics.WeightedRootMeanSquaredError(), ROWS) == pytest.approx(float(keras.result()), rel=1e-6)
     # What this module fixes: TFMA 0.47 adds the first partial result to itself when it merges.
     split = _value(mean_regression_error.MeanAbsoluteError(), ROWS[:100], ROWS[100:])
     assert split != pytest.approx(EXPECTED_MAE, rel=1e-6)
 
 
 def test_a_row_of_weight_zero_does_not_count():
-    assert _value(tfma_metrics.RootMeanSquaredError(), [(7.0, 6.0, 1.0), (9.0, 1.0, 0.0)]) == pytest.approx(1.0)
+    assert _value(tfma_metrics.WeightedRootMeanSquaredError(), [(7.0, 6.0, 1.0), (9.0, 1.0, 0.0)]) == pytest.approx(1.0)
 
 
-def test_the_eval_config_names_them_and_their_code():
+def test_tfma_resolves_the_eval_config_to_these_metrics_with_their_code():
+    """As the Evaluator does: TFMA turns the EvalConfig's metric configs into computations."""
+    from tensorflow_model_analysis.metrics import metric_specs
     from pipeline import config as config_lib
     from pipeline import pipeline as pipeline_lib
-    metrics = {m.class_name: m for m in pipeline_lib.eval_config(config_lib.load_config()).metrics_specs[0].metrics}
-    for name in ("MeanAbsoluteError", "RootMeanSquaredError"):
-        assert metrics[name].module == tfma_metrics.__name__
-        assert '"code_fingerprint"' in metrics[name].config
+    eval_config = pipeline_lib.eval_config(config_lib.load_config())
+    combiners = {key.name: computation.combiner
+                 for computation in metric_specs.to_computations(eval_config.metrics_specs, eval_config)
+                 for key in computation.keys}
+    for name in (tfma_metrics.MAE_NAME, tfma_metrics.RMSE_NAME):
+        assert isinstance(combiners[name], tfma_metrics._WeightedErrorCombiner), name
+    for metric in eval_config.metrics_specs[0].metrics:
+        if metric.module == tfma_metrics.__name__:
+            assert '"code_fingerprint"' in metric.config
