@@ -360,9 +360,15 @@ def _records(file_patterns: List[str], holdout: Optional[bool] = None) -> tf.dat
 
 def _count_records(file_patterns: List[str], holdout: Optional[bool] = None) -> int:
     """Number of examples in gzipped TFRecord files (see `_records`), counted without parsing them, a batch at a
-    time (one at a time, tf.data's per-element cost made counting a million rows take seconds)."""
-    return int(_records(file_patterns, holdout).batch(COUNT_BATCH).reduce(
-        tf.constant(0, tf.int64), lambda count, batch: count + tf.size(batch, out_type=tf.int64)))
+    time (one at a time, tf.data's per-element cost made counting a million rows take seconds). The held-out
+    rows are every HOLDOUT_BUCKETS-th of each pattern's, the first included: counted from each pattern's total."""
+    count = 0
+    for pattern in file_patterns:
+        rows = int(_records([pattern]).batch(COUNT_BATCH).reduce(
+            tf.constant(0, tf.int64), lambda total, batch: total + tf.size(batch, out_type=tf.int64)))
+        held = -(-rows // HOLDOUT_BUCKETS)
+        count += rows if holdout is None else held if holdout else rows - held
+    return count
 
 
 def training_schedule(train_examples: int, batch_size: int, epochs: int, min_steps: int) -> Tuple[int, int]:

@@ -77,6 +77,8 @@ def test_trials_hold_out_one_row_in_five_of_the_train_split_and_train_on_the_res
     assert not held & kept and held | kept == set(rows)
     assert held == set(rows[::5])  # every fifth row, by its place: its bytes may differ between ExampleGen runs
     assert model._count_records([path], holdout=True) == len(held)
+    assert model._count_records([path, path], holdout=False) == 2 * len(kept)
+    assert model._count_records([path], holdout=None) == len(rows)
     assert held == {bytes(r) for r in model._records([path], holdout=True).as_numpy_iterator()}  # always the same
 
 
