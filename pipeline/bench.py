@@ -87,11 +87,16 @@ def main() -> None:
         rows = split_rows(steps)
         fit = trainer_fit(steps)
 
-    record = {"rows": args.rows or "bundled", "rows_per_split": rows, "cores": os.cpu_count(),
-              "beam": config.beam_pipeline_args(), "run_ok": outcome.ok, "wall_seconds": round(wall, 1),
+    parallel = config_lib.parallel_beam_args(config, rows.get("all", 0))  # as the run gave PARALLEL_STEPS
+    record = {"rows": args.rows or config.data_dir, "rows_per_split": rows, "cores": os.cpu_count(),
+              "beam": config.beam_pipeline_args(), "beam_parallel_steps": parallel and {
+                  step: parallel for step in config_lib.PARALLEL_STEPS},
+              "run_ok": outcome.ok, "wall_seconds": round(wall, 1),
               "generated_seconds": generated and round(generated, 1), "trainer_fit": fit, "steps": []}
     print(f"\nrows: {record['rows']} ({', '.join(f'{k} {v}' for k, v in rows.items())}); "
-          f"beam: {' '.join(config.beam_pipeline_args()[2:])}; run ok: {outcome.ok}")
+          f"beam: {' '.join(config.beam_pipeline_args()[2:])}"
+          + (f" ({', '.join(config_lib.PARALLEL_STEPS)}: {' '.join(parallel)})" if parallel else "")
+          + f"; run ok: {outcome.ok}")
     print(f"{'step':<32} {'state':<9} {'seconds':>8} {'rows/s':>10}")
     for step in steps:
         step_rows = rows.get(STEP_ROWS.get(step.node_id, ""), 0)
