@@ -3,8 +3,9 @@
 TFMA's change thresholds compare a candidate with the baseline model on the same data; they don't say
 whether the predictions the model will serve have moved since the previous run. PredictionMonitor
 predicts the new span's eval split with the trained model (its serving signature, as a client would),
-records the distribution (mean, spread, quantiles) and the residuals (label - prediction) per slice of
-the inputs, and compares the distribution with the previous run's record.
+records the distribution (mean, spread, quantiles), the residuals (label - prediction) per slice of the
+inputs with their spread, and predicted against actual weights on a grid (the report plots both), and
+compares the distribution with the previous run's record.
 """
 import json
 import logging
@@ -12,7 +13,6 @@ import os
 from typing import Any, Dict, List, Optional
 
 import numpy as np
-import pandas as pd
 import tensorflow as tf
 from ml_metadata import metadata_store
 from tfx import types
@@ -21,12 +21,14 @@ from tfx.utils import io_utils, path_utils
 
 from models import features
 from models.model import SCORE_SIGNATURE
+from pipeline import slices
 from pipeline.baseline import read_examples, split_files
 
 MONITOR_FILE = "prediction_statistics.json"
 QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
 SPLIT = "eval"
 BATCH = 1024
+GRID_BINS = 56  # of the predicted-against-actual grid: a quarter pound a cell over 0-14 lb
 
 
 class PredictionStatistics(types.Artifact):
@@ -46,47 +48,44 @@ class PreviousPredictions(tfx.dsl.experimental.ResolverStrategy):
         return {key: sorted(artifacts, key=lambda a: a.id)[-1:] for key, artifacts in input_dict.items()}
 
 
-def _slice_values(rows: pd.DataFrame) -> Dict[str, np.ndarray]:
-    """Each slice feature's value per example as text; a numeric feature with buckets by its bucket."""
-    result = {}
-    for column in features.FEATURES:
-        if column.name not in features.SLICE_FEATURES and not column.bucket_boundaries:
-            continue
-        values = rows[column.name].to_numpy()
-        if column.bucket_boundaries:
-            known = ~np.isnan(values) & ~np.isin(values, column.missing_codes)
-            edges = (-np.inf,) + tuple(column.bucket_boundaries) + (np.inf,)
-            labels = np.array([f"[{lo:g}, {hi:g})" for lo, hi in zip(edges, edges[1:])])
-            buckets = np.digitize(np.nan_to_num(values), column.bucket_boundaries)
-            result[column.name] = np.where(known, labels[buckets], "missing")
-        else:
-            result[column.name] = np.array([v if isinstance(v, str) else ("" if np.isnan(v) else f"{v:g}")
-                                            for v in values])
-    return result
-
-
-def describe(predictions: np.ndarray, labels: np.ndarray, slices: Dict[str, np.ndarray]) -> Dict[str, Any]:
-    """Distribution of the predictions and residuals overall and per slice value."""
+def describe(predictions: np.ndarray, labels: np.ndarray, slice_values: Dict[str, np.ndarray]) -> Dict[str, Any]:
+    """Distribution of the predictions, residuals overall and per slice (pipeline/slices.py names them), and the
+    labelled rows' predicted against actual weights as counts on a grid of GRID_BINS x GRID_BINS."""
     labelled = ~np.isnan(labels)
     residuals = labels - predictions
 
-    def residual_stats(mask: np.ndarray) -> Dict[str, float]:
+    def residual_stats(mask: np.ndarray) -> Dict[str, Any]:
         chosen = mask & labelled
         if not chosen.any():
             return {"n": 0}
         return {"n": int(chosen.sum()), "mean_residual": float(residuals[chosen].mean()),
-                "rmse": float(np.sqrt((residuals[chosen] ** 2).mean())),
+                "rmse": float(np.sqrt((residuals[chosen] ** 2).mean())), "sd": float(residuals[chosen].std()),
+                "quantiles": {f"{q:g}": float(np.quantile(residuals[chosen], q)) for q in QUANTILES},
                 "mean_prediction": float(predictions[chosen].mean())}
 
+    by_slice = {(): residual_stats(np.ones(len(predictions), bool))}
+    by_slice.update({((feature, value),): residual_stats(values == value)
+                     for feature, values in slice_values.items() for value in set(values)})
     return {
         "n": int(len(predictions)),
         "mean": float(predictions.mean()),
         "std": float(predictions.std()),
         "quantiles": {f"{q:g}": float(np.quantile(predictions, q)) for q in QUANTILES},
-        "residuals": {"overall": residual_stats(np.ones(len(predictions), bool)),
-                      **{f"{name}={value}": residual_stats(values == value)
-                         for name, values in slices.items() for value in sorted(set(values))}},
+        "residuals": dict(slices.ordered(by_slice)),
+        "predicted_vs_actual": _grid(labels[labelled], predictions[labelled]),
     }
+
+
+def _grid(actual: np.ndarray, predicted: np.ndarray) -> Dict[str, Any]:
+    """Counts of (actual, predicted) pairs on a square grid over both ranges, as [actual bin, predicted bin, count]
+    for the cells that hold any: a few kB, whatever the number of rows."""
+    if not len(actual):
+        return {"low": 0.0, "high": 0.0, "bins": GRID_BINS, "cells": []}
+    low = float(np.floor(min(actual.min(), predicted.min())))
+    high = max(float(np.ceil(max(actual.max(), predicted.max()))), low + 1)
+    counts, _, _ = np.histogram2d(actual, predicted, bins=GRID_BINS, range=[[low, high], [low, high]])
+    cells = [[int(i), int(j), int(counts[i, j])] for i, j in zip(*np.nonzero(counts))]
+    return {"low": low, "high": high, "bins": GRID_BINS, "cells": cells}
 
 
 def compare(current: Dict[str, Any], previous: Optional[Dict[str, Any]], threshold: float) -> Dict[str, Any]:
@@ -109,7 +108,7 @@ def _predict(model_uri: str, files: List[str]) -> tuple:
     predictions = [serve(examples=batch)["predictions"].numpy().ravel()
                    for batch in tf.data.TFRecordDataset(files, compression_type="GZIP").batch(BATCH)]
     rows = read_examples(files)
-    return np.concatenate(predictions), rows[features.LABEL.name].to_numpy(), _slice_values(rows)
+    return np.concatenate(predictions), rows[features.LABEL.name].to_numpy(), slices.values_by_slice(rows)
 
 
 @tfx.dsl.components.component

@@ -145,4 +145,4 @@ def test_predictions_are_compared_with_the_previous_run_that_trained(span_runs):
     summary = span_runs[8].outcome.summary
     assert "predictions on span 8 (eval split" in summary
     assert "since the previous run (span 1): mean" in summary  # spans 2-7 trained no model
-    assert "residuals (label - prediction) by slice:" in summary and "is_male=true" in summary
+    assert "residuals (label - prediction) by slice:" in summary and "      boys  " in summary

@@ -1,0 +1,106 @@
+"""Evaluation slices named for people: 'gestation 37-41 weeks', 'twins', 'boys'.
+
+TFMA keys a slice by the feature it sliced on and its value (`gestation_weeks_bucket_xf=3`,
+`plurality=2`); the prediction monitor slices the raw rows by the same features and buckets. Both name
+their slices here, so every table and plot of a report, and the run summary, call one slice one name.
+The names are a reporting fact, kept out of models/features.py so that renaming a slice reruns no training.
+"""
+from typing import Dict, List, Sequence, Tuple
+
+import numpy as np
+
+from models import features
+
+OVERALL = "overall"
+# What people call a slice feature, and its values where they have names of their own.
+TITLES: Dict[str, str] = {"is_male": "sex", "plurality": "plurality", "gestation_weeks": "gestation"}
+VALUE_NAMES: Dict[str, Dict[str, str]] = {
+    "is_male": {"true": "boys", "false": "girls"},
+    "plurality": {"1": "singletons", "2": "twins", "3": "triplets", "4": "quadruplets", "5": "quintuplets or more"},
+}
+UNITS: Dict[str, str] = {"gestation_weeks": "weeks"}
+BUCKETED: Dict[str, features.Column] = {
+    features.transformed_name(features.bucket_name(c)): c for c in features.FEATURES if c.bucket_boundaries}
+
+
+def _bucket_name(column: features.Column, bucket: int) -> str:
+    """Bucket `bucket` of the transform's ids (models/preprocessing.py: one past the last boundary is missing)."""
+    title, unit = TITLES.get(column.name, column.name), UNITS.get(column.name, "")
+    bounds = column.bucket_boundaries
+    if bucket < 0 or bucket > len(bounds) + 1:
+        return f"{title} bucket {bucket}"
+    if bucket == len(bounds) + 1:
+        return f"{title} unknown"
+    integer = column.dtype == "int"  # [37, 42) of whole weeks is 37-41
+    unit = f" {unit}" if unit else ""
+    if bucket == 0:
+        return f"{title} under {bounds[0]:g}{unit}"
+    if bucket == len(bounds):
+        return f"{title} {bounds[-1]:g}{unit} or more"
+    if integer:
+        return f"{title} {bounds[bucket - 1]:g}-{bounds[bucket] - 1:g}{unit}"
+    return f"{title} {bounds[bucket - 1]:g} to under {bounds[bucket]:g}{unit}"
+
+
+def name(feature: str, value: str) -> str:
+    """The slice of `feature` (a raw slice feature or a transformed bucket id) at `value`, named for people."""
+    if feature in BUCKETED:
+        return _bucket_name(BUCKETED[feature], int(value)) if str(value).lstrip("-").isdigit() else f"{feature} {value}"
+    title = TITLES.get(feature, feature)
+    if value in ("", None):
+        return f"{title} unknown"
+    return VALUE_NAMES.get(feature, {}).get(str(value), f"{title} {value}")
+
+
+def name_of_key(slice_key: Sequence[Tuple[str, object]]) -> str:
+    """A TFMA slice key ((feature, value) pairs; empty for the whole split) named for people."""
+    return ", ".join(name(feature, _text(value)) for feature, value in slice_key) or OVERALL
+
+
+def _text(value: object) -> str:
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
+
+
+def order(feature: str, value: str) -> Tuple[int, float, str]:
+    """Sort key of a slice: overall first, then features as TFMA slices them, values in their natural order."""
+    keys = [key[0] for key in features.slice_keys() if key]
+    position = keys.index(feature) + 1 if feature in keys else len(keys) + 1
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = float("inf")
+    return position, number, str(value)
+
+
+def values_by_slice(rows: Dict[str, np.ndarray]) -> Dict[str, Tuple[str, np.ndarray]]:
+    """Each slice feature's value per raw row as TFMA slices it (bucket ids for bucketed features), by feature."""
+    result = {}
+    for column in features.FEATURES:
+        if column.bucket_boundaries:
+            values = np.asarray(rows[column.name], dtype=float)
+            missing = np.isnan(values) | np.isin(values, column.missing_codes)
+            buckets = np.digitize(np.nan_to_num(values), column.bucket_boundaries)  # tf.raw_ops.Bucketize's ids
+            ids = np.where(missing, len(column.bucket_boundaries) + 1, buckets)
+            result[features.transformed_name(features.bucket_name(column))] = ids.astype(str)
+        elif column.name in features.SLICE_FEATURES:
+            values = rows[column.name]
+            result[column.name] = np.array([_missing_as_empty(v) for v in values])
+    return result
+
+
+def _missing_as_empty(value: object) -> str:
+    if isinstance(value, float):
+        return "" if np.isnan(value) else _text(value)
+    return _text(value)
+
+
+def ordered(by_key: Dict[Tuple[Tuple[str, object], ...], object]) -> List[Tuple[str, object]]:
+    """(slice name, item) pairs of items keyed by TFMA slice keys (() for overall), in slice order."""
+    def sort_key(key: Tuple[Tuple[str, object], ...]) -> tuple:
+        return tuple(order(feature, _text(value)) for feature, value in key)
+
+    return [(name_of_key(key), by_key[key]) for key in sorted(by_key, key=sort_key)]
