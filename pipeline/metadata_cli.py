@@ -56,11 +56,10 @@ def _interrupted(args: argparse.Namespace, store: Store, run: metadata_store_pb2
 def _run_summary(store: Store, run: metadata_store_pb2.Context, interrupted: bool) -> Dict[str, Any]:
     executions = store.executions(run)
     states = [STATES.get(e.last_known_state, "unknown") for e in executions]
-    start = min((e.create_time_since_epoch for e in executions), default=run.create_time_since_epoch)
-    end = max((e.last_update_time_since_epoch for e in executions), default=start)
+    start, seconds = store.run_times(run)
     status = ("failed" if "failed" in states else ("interrupted" if interrupted else "running") if "running" in states
               else "complete")
-    return {"run": run.name, "status": status, "started": _timestamp(start), "seconds": round((end - start) / 1000, 1),
+    return {"run": run.name, "status": status, "started": _timestamp(start), "seconds": seconds,
             "steps": len(executions), "cached": states.count("cached")}
 
 
@@ -134,16 +133,10 @@ def _show(store: Store, artifact: metadata_store_pb2.Artifact) -> Dict[str, Any]
                    "questions": verdict.answers(), "anomalies": verdict.lines()}
     elif kind == "ModelEvaluation":
         import tensorflow_model_analysis as tfma
-        from pipeline import tfma_metrics
 
         validation = tfma.load_validation_result(artifact.uri)
         evaluator = store.producer(artifact)
-        eval_config = json.loads(value_of(evaluator.custom_properties["eval_config"])) if evaluator else {}
-        # By the metric's name, as the metrics are: our metric classes have names of their own (tfma_metrics).
-        thresholds = {tfma_metrics.NAMES.get(metric["class_name"], metric["class_name"]):
-                      [t["threshold"] for t in metric["per_slice_thresholds"]]
-                      for spec in eval_config.get("metrics_specs", []) for metric in spec["metrics"]
-                      if metric.get("per_slice_thresholds")}
+        thresholds = summary.evaluation_thresholds(store, artifact)
         blessings = store.outputs(evaluator).get("blessing", []) if evaluator else []
         content = {"metrics": summary.slice_metrics(artifact.uri), "thresholds": thresholds,
                    "validation_ok": validation.validation_ok,

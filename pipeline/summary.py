@@ -9,7 +9,7 @@ from ml_metadata.proto import metadata_store_pb2
 from tensorflow_metadata.proto.v0 import statistics_pb2
 from tfx.types import artifact_utils
 
-from pipeline import baseline, infra_validator, mlmd, monitor, tflite_export
+from pipeline import baseline, infra_validator, mlmd, monitor, slices, tflite_export
 from pipeline.config import PipelineConfig
 from pipeline.csv_check import CsvSummary
 from pipeline.artifacts import span_of
@@ -31,12 +31,29 @@ def split_stats(statistics: metadata_store_pb2.Artifact) -> Dict[str, statistics
 
 
 def slice_metrics(evaluation_uri: str) -> Dict[str, Dict[str, float]]:
-    """TFMA metrics of an Evaluator output by slice name ('overall', 'is_male=true', ...)."""
-    result = {}
-    for slice_key, metrics in tfma.load_eval_result(evaluation_uri).slicing_metrics:
-        name = "overall" if not slice_key else ", ".join(f"{key}={value}" for key, value in slice_key)
-        result[name] = {metric: value.get("doubleValue", float("nan")) for metric, value in metrics[""][""].items()}
-    return result
+    """TFMA metrics of an Evaluator output by slice, named for people ('overall', 'boys', 'twins', ...), in order."""
+    return dict(slices.ordered({
+        tuple(slice_key): {metric: value.get("doubleValue", float("nan")) for metric, value in metrics[""][""].items()}
+        for slice_key, metrics in tfma.load_eval_result(evaluation_uri).slicing_metrics}))
+
+
+def evaluation_thresholds(store: mlmd.Store, evaluation: metadata_store_pb2.Artifact) -> Dict[str, List[Dict]]:
+    """The thresholds of each metric the Evaluator that wrote `evaluation` ran with (its eval_config in ML Metadata),
+    by the metric's name, as the metrics are (our metric classes have names of their own: pipeline/tfma_metrics.py)."""
+    from pipeline import tfma_metrics
+
+    evaluator = store.producer(evaluation)
+    eval_config = json.loads(mlmd.value_of(evaluator.custom_properties["eval_config"])) if evaluator else {}
+    return {tfma_metrics.NAMES.get(metric["class_name"], metric["class_name"]):
+            [t["threshold"] for t in metric["per_slice_thresholds"]]
+            for spec in eval_config.get("metrics_specs", []) for metric in spec["metrics"]
+            if metric.get("per_slice_thresholds")}
+
+
+def upper_bounds(thresholds: Dict[str, List[Dict]]) -> Dict[str, float]:
+    """The upper bound of each metric's value threshold (`evaluation_thresholds`), for metrics that have one."""
+    return {name: threshold["value_threshold"]["upper_bound"] for name, found in thresholds.items()
+            for threshold in found if "upper_bound" in threshold.get("value_threshold", {})}
 
 
 def reference_line(record: Dict) -> str:
@@ -53,7 +70,7 @@ def _evaluation_lines(evaluation: metadata_store_pb2.Artifact, blessing: Optiona
              + (f" ({reference_line(reference)})" if reference else ""), "  per slice:"]
     lines.extend(f"    {name:<32} RMSE {values['root_mean_squared_error']:6.3f}  "
                  f"MAE {values['mean_absolute_error']:6.3f}  n={values['weighted_example_count']:.0f}"
-                 for name, values in sorted(metrics.items()))
+                 for name, values in metrics.items())
     return lines + evaluation_verdict_lines(evaluation.uri, blessing)
 
 

@@ -67,6 +67,9 @@ def _copy_of_the_project(tmp_path):
     ("pipeline/csv_check.py", ["pipeline.csv_example_gen"], ["models.preprocessing"]),
     ("models/features.py", ["models.preprocessing", "models.model", "pipeline.baseline"], []),
     ("pipeline/report.py", [], ["pipeline.validation", "models.model", "pipeline.monitor", "pipeline.baseline"]),
+    # The monitor records its slices by these names; the report's plots and the history page run no step.
+    ("pipeline/slices.py", ["pipeline.monitor"], ["models.model", "pipeline.validation"]),
+    ("pipeline/plots.py", [], ["pipeline.monitor", "models.model", "pipeline.validation"]),
     # The metadata reader of the commands and the resolvers run no step: the Trainer and validator keep their keys.
     ("pipeline/mlmd.py", [], ["models.model", "pipeline.trainer_executor", "pipeline.validation"]),
     ("pipeline/spans.py", [], ["models.model", "pipeline.trainer_executor", "pipeline.validation"]),
