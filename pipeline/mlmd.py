@@ -7,7 +7,7 @@ import dataclasses
 import fcntl
 import json
 import pathlib
-from typing import Any, Dict, Iterable, Iterator, List, Optional
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Tuple
 
 from ml_metadata import metadata_store
 from ml_metadata.proto import metadata_store_pb2
@@ -62,6 +62,13 @@ class Store:
             if run.name == run_ref:
                 return run
         raise MetadataError(f"unknown run {run_ref!r}; runs: {', '.join(run.name for run in runs)}")
+
+    def run_times(self, run: metadata_store_pb2.Context) -> Tuple[int, float]:
+        """When a run's first step started (ms since the epoch) and the seconds until its last step ended."""
+        executions = self.executions(run)
+        start = min((e.create_time_since_epoch for e in executions), default=run.create_time_since_epoch)
+        end = max((e.last_update_time_since_epoch for e in executions), default=start)
+        return start, round((end - start) / 1000, 1)
 
     def node_of(self, execution: metadata_store_pb2.Execution) -> str:
         for context in self._store.get_contexts_by_execution(execution.id):

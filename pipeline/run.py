@@ -12,7 +12,7 @@ from tensorflow_metadata.proto.v0 import schema_pb2
 from tfx import v1 as tfx
 
 from models import features
-from pipeline import csv_check, mlmd, report, summary
+from pipeline import csv_check, history, mlmd, report, summary
 from pipeline.config import PipelineConfig
 from pipeline.pipeline import create_pipeline
 from pipeline.validation import DataValidationError
@@ -180,6 +180,8 @@ def run_local(config: PipelineConfig) -> Outcome:
                   if pushed is not None and pushed.custom_properties["pushed"].int_value == 1
                   else f"Run FAILED: {failure}\nNo model was pushed by this run.")
     path = report.write_report(config, run[0], run[1], "\n".join([ending or "Run complete."] + skipped_line))
-    lines = ([summary.summarize_run(config, *run, checked)] + skipped_line + [f"  report: {path}"]
+    index = history.write_index(config)
+    lines = ([summary.summarize_run(config, *run, checked)] + skipped_line
+             + [f"  report: {path}", f"  history: {index}"]
              + ([ending] if failure else []))
     return Outcome(not failure, "\n".join(lines), crash="" if blocked else failure or "")

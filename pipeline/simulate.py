@@ -19,9 +19,8 @@ from typing import Dict, List, Optional
 
 from data import generator
 from pipeline import config as config_lib
+from pipeline import history, mlmd, report
 from pipeline import run as run_lib
-from pipeline import summary
-from pipeline.validation import read_verdict
 
 
 @dataclasses.dataclass
@@ -37,23 +36,13 @@ class SpanResult:
 
 
 def span_result(config: config_lib.PipelineConfig, span: int) -> SpanResult:
-    """What the latest run did with `span`, read from ML Metadata."""
-    run = summary.latest_run(config)
-    steps = run[1] if run else []
-    anomalies = summary.output_of(steps, "DataValidator", "anomalies")
-    verdict = read_verdict(anomalies.uri) if anomalies is not None else None
-    drift = sorted({f.feature for f in verdict.findings if f.check == "drift"}) if verdict else []
-    trained = summary.output_of(steps, "Trainer", "model") is not None
-    evaluation = summary.output_of(steps, "Evaluator", "evaluation")
-    blessing = summary.output_of(steps, "Evaluator", "blessing")
-    rmse = summary.slice_metrics(evaluation.uri)["overall"]["root_mean_squared_error"] if evaluation else None
-    blessed = blessing.custom_properties["blessed"].int_value == 1 if blessing else None
-    pushed = summary.output_of(steps, "Pusher", "pushed_model")
-    version = "-"
-    if pushed is not None and pushed.custom_properties["pushed"].int_value == 1:
-        version = pathlib.Path(pushed.custom_properties["pushed_destination"].string_value).name
-    blocking = sorted({f"{f.check}:{f.feature or 'dataset'}" for f in verdict.blocking}) if verdict else []
-    return SpanResult(span, ", ".join(drift) or "-", ", ".join(blocking) or "-", trained, rmse, blessed, version)
+    """What the latest run did with `span`, read from ML Metadata (its row of the history page)."""
+    store = mlmd.open_sqlite(config.metadata_path)
+    runs = store.runs()
+    row = history.run_row(config, store, runs[-1], len(runs))
+    return SpanResult(span, ", ".join(row.drift_found) or "-",
+                      ", ".join(row.blocked_by) if row.verdict == "BLOCKED" else "-", row.trained, row.eval_rmse,
+                      row.blessed, row.pushed_version or "-")
 
 
 def table(results: List[SpanResult]) -> str:
@@ -80,6 +69,12 @@ def _corruptions(values: List[str], spans: int) -> Dict[int, str]:
     return result
 
 
+def pipeline_config(output_dir: pathlib.Path, overrides: Dict[str, str]) -> config_lib.PipelineConfig:
+    """The pipeline's settings for the runs of a simulation under `output_dir`: arrivals in, pipeline_out out."""
+    return config_lib.load_config("local", {**overrides, "data_dir": str(output_dir / "arrivals"),
+                                            "output_dir": str(output_dir / "pipeline_out")})
+
+
 def simulate(spans: int, rows: int, seed: int, output_dir: pathlib.Path, drift: generator.Drift,
              corruptions: Dict[int, str], overrides: Dict[str, str]) -> List[SpanResult]:
     """Generates the spans, then for each: lets it arrive, runs the pipeline, records the result."""
@@ -92,8 +87,7 @@ def simulate(spans: int, rows: int, seed: int, output_dir: pathlib.Path, drift: 
     results = []
     for span, path in enumerate(paths, start=1):
         shutil.copytree(path.parent, arrivals / f"span-{span}")
-        config = config_lib.load_config("local", {**overrides, "data_dir": str(arrivals),
-                                                  "output_dir": str(output_dir / "pipeline_out")})
+        config = pipeline_config(output_dir, overrides)
         outcome = run_lib.run_local(config)
         logging.info("span %d: %s", span, outcome.summary)
         if outcome.recorded and not outcome.crash:
@@ -132,6 +126,9 @@ def main(argv: Optional[List[str]] = None) -> int:
                        generator.Drift(args.weight_shift_per_span, args.married_rate_shift_per_span), corruptions,
                        overrides)
     print(f"(per-run summaries: {args.output_dir / 'simulation.log'})")
+    index = report.reports_dir(pipeline_config(args.output_dir.resolve(), overrides)) / history.INDEX
+    if index.is_file():
+        print(f"history of the runs, with plots: {index}")
     crashed = [r for r in results if r.crash]
     for result in crashed:
         print(f"span {result.span}: the run crashed: {result.crash}", file=sys.stderr)

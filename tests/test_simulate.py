@@ -20,6 +20,10 @@ def test_simulation_prints_what_each_span_did(tmp_path, capsys):
     assert rows[2][:4] == ["3", "-", "-", "yes"] and rows[2][-1].isdigit() and rows[2][-1] != rows[0][-1]
     assert float(rows[2][4]) < 1.2  # eval RMSE, below the mean predictor's ~1.3
     assert (tmp_path / "simulation.log").is_file()
+    # It ends with the history page of the three runs, which shows what the table showed.
+    assert lines[-1] == f"history of the runs, with plots: {tmp_path / 'pipeline_out' / 'reports' / 'index.html'}"
+    page = pathlib.Path(lines[-1].split(": ", 1)[1]).read_text()
+    assert page.count("<tr>") == 4 and "drift:mother_married" in page and rows[2][-1] in page
 
 
 def test_bad_corrupt_flag_is_refused(capsys):
