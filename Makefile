@@ -11,12 +11,12 @@ export TF_USE_LEGACY_KERAS := 1
 export TF_CPP_MIN_LOG_LEVEL := 2
 export PYTHONWARNINGS := ignore::FutureWarning
 
-.PHONY: run test test-fast mariadb wrk metadata simulate validate-serving serve predict predict-batch bench-predict bench-tflite bench-serving vertex bench quality schema-draft data clean
+.PHONY: run test test-fast mariadb chromium report-screenshot wrk metadata simulate validate-serving serve predict predict-batch bench-predict bench-tflite bench-serving vertex bench quality schema-draft data clean
 
 run: $(VENV)/.installed
 	$(PY) runner_local.py $(ARGS)
 
-test: $(VENV)/.installed mariadb
+test: $(VENV)/.installed mariadb chromium
 	$(PY) -m pytest tests $(ARGS)
 
 test-fast: $(VENV)/.installed
@@ -30,6 +30,21 @@ mariadb:
 	    (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q mariadb-server) >/dev/null \
 	      || echo "note: could not install mariadb-server, so its test is skipped (and fails under CI=true)"; \
 	  else echo "note: mariadb-server is not installed, so its test is skipped, or fails under CI=true (apt-get install mariadb-server)"; fi
+
+# Headless Chromium, in which the report tests open the reports (Debian's package; without it they are skipped).
+chromium:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
+	  if command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+	    echo "installing chromium for the report tests"; \
+	    (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium) >/dev/null \
+	      || echo "note: could not install chromium, so the report tests are skipped (and fail under CI=true)"; \
+	  else echo "note: chromium is not installed, so the report tests are skipped, or fail under CI=true (apt-get install chromium)"; fi
+
+# The README's picture of a report, docs/report.png: ARGS=REPORT, or the newest report (a run on the bundled data first
+# if there is none).
+report-screenshot: $(VENV)/.installed chromium
+	@[ -n "$(ARGS)" ] || ls outputs/reports/run-*.html >/dev/null 2>&1 || $(PY) runner_local.py
+	$(PY) -m pipeline.browser screenshot --output docs/report.png $(ARGS)
 
 # What the pipeline recorded in ML Metadata (README, Inspecting runs): make metadata ARGS="runs"
 metadata: $(VENV)/.installed
