@@ -236,6 +236,8 @@ def _human(command: str, result: Any) -> None:
         for key, change in result["numbers"].items():
             print(f"{key}: {change['a']} -> {change['b']}")
     else:  # show
+        from pipeline.monitor import PredictionStatistics
+
         print(f"#{result['id']} {result['type']} from {result['producer'] or 'import'}: {result['uri']}")
         content = result["content"]
         if result["type"] == "ExampleStatistics":
@@ -246,7 +248,7 @@ def _human(command: str, result: Any) -> None:
         elif result["type"] == "ModelEvaluation":
             _print_table([{"slice": name, "rmse": round(m.get("root_mean_squared_error", float("nan")), 3),
                            "mae": round(m.get("mean_absolute_error", float("nan")), 3),
-                           "n": m.get("weighted_example_count")} for name, m in sorted(content["metrics"].items())],
+                           "n": m.get("weighted_example_count")} for name, m in content["metrics"].items()],
                          ["slice", "rmse", "mae", "n"])
             for metric, thresholds in content["thresholds"].items():
                 print(f"threshold {metric}: {json.dumps(thresholds)}")
@@ -266,6 +268,11 @@ def _human(command: str, result: Any) -> None:
             from pipeline.summary import tflite_lines
 
             print("\n".join(tflite_lines(content, indent="")))
+        elif result["type"] == PredictionStatistics.TYPE_NAME:
+            from pipeline.summary import monitor_lines
+
+            print("\n".join(line[2:] for line in monitor_lines(content)))
+            print("predicted against actual: the run's report plots it (--json prints its grid)")
         else:
             for key, value in list(content.items()) + list(result["properties"].items()):
                 print(f"{key}: {value if not isinstance(value, list) else chr(10).join(['', *value])}")
