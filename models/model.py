@@ -28,6 +28,8 @@ from models.preprocessing import dense_raw, is_missing
 PREDICTIONS = lite.PREDICTIONS
 # The signature that predicts every row of a split, required features or not (TFMA, monitoring).
 SCORE_SIGNATURE = "score_examples"
+# The signature that gives the transformed features of serialized examples (TFMA slices on it, so does monitoring).
+TRANSFORM_SIGNATURE = "transform_features"
 SHUFFLE_BUFFER = 20_000
 TRANSFORM_BATCH = 1024
 COUNT_BATCH = 65_536
@@ -289,7 +291,7 @@ def serving_signatures(model: tf.keras.Model, tf_transform_output: tft.TFTransfo
         "serving_default": serve_examples,
         lite.SIGNATURE: serve_raw,
         SCORE_SIGNATURE: score_examples,
-        "transform_features": transform_features,
+        TRANSFORM_SIGNATURE: transform_features,
     }
 
 

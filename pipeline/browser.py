@@ -72,39 +72,44 @@ class Chromium:
         if binary is None:
             raise BrowserError(f"no Chromium found (looked for {', '.join(CANDIDATES)}); apt-get install chromium")
         self._profile = tempfile.mkdtemp(prefix="chromium-")
-        to_browser_read, self._to_browser = os.pipe()
-        self._from_browser, from_browser_write = os.pipe()
-
-        def pipes_as_3_and_4() -> None:  # in the child, before exec: dup2 makes 3 and 4 inheritable
-            reading, writing = (fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 10)
-                                for fd in (to_browser_read, from_browser_write))
-            os.dup2(reading, 3)
-            os.dup2(writing, 4)
-
+        self._stderr_path = pathlib.Path(self._profile) / "stderr.log"
+        # Both pipes' child ends at 10 or above, so that moving them to 3 and 4 can't overwrite one another.
+        pipes = [os.pipe(), os.pipe()]
+        reading, writing = (fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 10) for fd in (pipes[0][0], pipes[1][1]))
+        for fd in (pipes[0][0], pipes[1][1]):
+            os.close(fd)
+        self._to_browser, self._from_browser = pipes[0][1], pipes[1][0]
         arguments = [binary, "--headless", "--remote-debugging-pipe", f"--user-data-dir={self._profile}",
                      "--no-first-run", "--no-default-browser-check", "--disable-gpu", "--hide-scrollbars",
-                     "--disable-extensions", "--disable-background-networking", f"--window-size={width},{height}"]
+                     "--disable-extensions", "--disable-background-networking", "--disable-dev-shm-usage",
+                     f"--window-size={width},{height}"]
         if os.geteuid() == 0:
             arguments.append("--no-sandbox")  # Chromium refuses to run as root with its sandbox
-        # close_fds=False: the child keeps only inheritable descriptors, 3 and 4 (the others close on exec).
-        self._process = subprocess.Popen(arguments, preexec_fn=pipes_as_3_and_4, close_fds=False,
-                                         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                         stderr=subprocess.DEVNULL)
-        os.close(to_browser_read)
-        os.close(from_browser_write)
+        # bash moves the pipes to 3 and 4, where Chromium expects them, then becomes Chromium (no preexec_fn: this
+        # process has threads); close_fds leaves the child nothing else of ours.
+        moves = f'exec "$0" "$@" 3<&{reading} 4>&{writing} {reading}<&- {writing}>&-'
+        with open(self._stderr_path, "wb") as stderr:
+            self._process = subprocess.Popen(["bash", "-c", moves, *arguments], pass_fds=(reading, writing),
+                                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr)
+        os.close(reading)
+        os.close(writing)
         self._buffer = b""
         self._next_id = 0
         self.events: List[Dict[str, Any]] = []
         self._session = ""
-        target = self.send("Target.createTarget", {"url": "about:blank"}, session=False)["targetId"]
-        self._session = self.send("Target.attachToTarget", {"targetId": target, "flatten": True},
-                                  session=False)["sessionId"]
-        for domain in ("Page", "Runtime", "Log", "Network"):
-            self.send(f"{domain}.enable")
-        # Offline: anything but the page's own file and data URIs is refused (and shows as a console error).
-        self.send("Network.setBlockedURLs", {"urls": ["http://*", "https://*", "ws://*", "wss://*"]})
-        self.send("Emulation.setDeviceMetricsOverride", {"width": width, "height": height, "deviceScaleFactor": 1,
-                                                         "mobile": False})
+        try:
+            target = self.send("Target.createTarget", {"url": "about:blank"}, session=False)["targetId"]
+            self._session = self.send("Target.attachToTarget", {"targetId": target, "flatten": True},
+                                      session=False)["sessionId"]
+            for domain in ("Page", "Runtime", "Log", "Network", "Inspector"):
+                self.send(f"{domain}.enable")
+            # Offline: anything but the page's own file and data URIs is refused (and shows as a console error).
+            self.send("Network.setBlockedURLs", {"urls": ["http://*", "https://*", "ws://*", "wss://*"]})
+            self.send("Emulation.setDeviceMetricsOverride", {"width": width, "height": height,
+                                                             "deviceScaleFactor": 1, "mobile": False})
+        except BaseException:
+            self.close()
+            raise
 
     def __enter__(self) -> "Chromium":
         return self
@@ -113,6 +118,7 @@ class Chromium:
         self.close()
 
     def close(self) -> None:
+        """Closes the browser (killed if it doesn't close within 10 s), its pipes and its profile folder."""
         try:
             if self._process.poll() is None:
                 self.send("Browser.close", session=False)
@@ -128,15 +134,25 @@ class Chromium:
                     pass
             shutil.rmtree(self._profile, ignore_errors=True)
 
+    def _failure(self, what: str) -> BrowserError:
+        """`what` went wrong, with how Chromium ended and the end of what it wrote to stderr."""
+        try:
+            code = self._process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            code = None
+        said = self._stderr_path.read_text(errors="replace")[-2000:].strip() if self._stderr_path.exists() else ""
+        return BrowserError(f"{what} (Chromium {'still running' if code is None else f'exit code {code}'})"
+                            + (f"; its stderr ends: {said}" if said else ""))
+
     def _read_message(self, deadline: float) -> Dict[str, Any]:
         while b"\0" not in self._buffer:
             left = deadline - time.monotonic()
             ready, _, _ = select.select([self._from_browser], [], [], max(left, 0))
             if not ready:
-                raise BrowserError(f"Chromium did not answer within {TIMEOUT_SECONDS} s")
+                raise self._failure(f"Chromium did not answer within {TIMEOUT_SECONDS} s")
             chunk = os.read(self._from_browser, 1 << 20)
             if not chunk:
-                raise BrowserError(f"Chromium closed its pipe (exit code {self._process.poll()})")
+                raise self._failure("Chromium closed its pipe")
             self._buffer += chunk
         message, self._buffer = self._buffer.split(b"\0", 1)
         return json.loads(message)
@@ -147,10 +163,15 @@ class Chromium:
         message = {"id": self._next_id, "method": method, "params": params or {}}
         if session and self._session:
             message["sessionId"] = self._session
-        os.write(self._to_browser, json.dumps(message).encode() + b"\0")
+        try:
+            os.write(self._to_browser, json.dumps(message).encode() + b"\0")
+        except BrokenPipeError:
+            raise self._failure(f"{method}: Chromium's pipe is closed") from None
         deadline = time.monotonic() + TIMEOUT_SECONDS
         while True:
             answer = self._read_message(deadline)
+            if answer.get("method") == "Inspector.targetCrashed":
+                raise self._failure(f"{method}: the page crashed")
             if answer.get("id") == self._next_id:
                 if "error" in answer:
                     raise BrowserError(f"{method}: {answer['error'].get('message')}")
@@ -166,6 +187,8 @@ class Chromium:
         while True:
             event = self._read_message(deadline)
             self.events.append(event)
+            if event.get("method") == "Inspector.targetCrashed":
+                raise self._failure(f"waiting for {method}: the page crashed")
             if event.get("method") == method:
                 return event
 

@@ -9,7 +9,6 @@ import dataclasses
 import datetime
 import html
 import logging
-import os
 import pathlib
 from typing import Dict, List, Optional, Tuple
 
@@ -17,10 +16,10 @@ from ml_metadata.proto import metadata_store_pb2
 
 from pipeline import mlmd, monitor, plots, report, summary
 from pipeline.artifacts import span_of
-from pipeline.validation import read_verdict
+from pipeline.validation import Verdict, read_verdict
 
 INDEX = "index.html"
-STYLE = report.STYLE + ".BLOCKED,.FAILED,.unreadable{color:#b00;font-weight:bold}td{white-space:nowrap}"
+STYLE = report.STYLE + ".BLOCKED,.FAILED,.INTERRUPTED,.unreadable{color:#b00;font-weight:bold}td{white-space:nowrap}"
 
 
 @dataclasses.dataclass
@@ -32,8 +31,8 @@ class RunRow:
     started: str  # UTC
     span: Optional[int]
     rows: Optional[int]  # of the span, all splits (StatisticsGen)
-    verdict: str  # passed, passed with warnings, BLOCKED, FAILED, not validated, unreadable
-    blocked_by: List[str]  # blocking anomalies as check:feature, or the step that failed
+    verdict: str  # passed, passed with warnings, BLOCKED, FAILED, INTERRUPTED, running, not validated, unreadable
+    blocked_by: List[str]  # blocking anomalies as check:feature, or the step that failed or was interrupted
     drift_found: List[str]  # features whose drift distance passed its threshold
     drift: Dict[str, Tuple[float, float]]  # feature -> (distance to the previous validated span, threshold)
     trained: bool
@@ -44,6 +43,21 @@ class RunRow:
     seconds: float
     prediction: Optional[Dict[str, float]]  # mean, sd, 5% and 95% quantiles of the predictions on the eval split
     report: str  # the run's report, relative to the history page; '' if there is none
+
+
+def verdict_of(verdict: Optional[Verdict], status: str, steps: List[mlmd.StepRecord]) -> Tuple[str, List[str]]:
+    """A run's verdict for the history and what stopped it: BLOCKED by validation (its blocking anomalies as
+    check:feature), FAILED or INTERRUPTED in a step, still running, or passed (with warnings) or not validated."""
+    blocking = sorted({f"{f.check}:{f.feature or 'dataset'}" for f in verdict.blocking}) if verdict else []
+    if blocking:
+        return "BLOCKED", blocking
+    if status in ("failed", "interrupted", "running"):
+        where = "failed" if status == "failed" else "running"  # the state ML Metadata left the step in
+        return (status if status == "running" else status.upper(),
+                [f"{step.node_id} {status}" for step in steps if step.state == where])
+    if verdict is None:
+        return "not validated", []
+    return ("passed with warnings" if verdict.findings else "passed"), []
 
 
 def run_row(config, store: mlmd.Store, run: metadata_store_pb2.Context, number: int) -> RunRow:
@@ -57,16 +71,7 @@ def run_row(config, store: mlmd.Store, run: metadata_store_pb2.Context, number: 
               in report.drift_measurements(report.read_anomalies(anomalies.uri)).items()} if anomalies else {})
     examples = summary.output_of(steps, "CsvExampleGen", "examples")
     statistics = summary.output_of(steps, "StatisticsGen", "statistics")
-    failed = [step.node_id for step in steps if step.state == "failed"]
-    blocking = sorted({f"{f.check}:{f.feature or 'dataset'}" for f in verdict.blocking}) if verdict else []
-    if blocking:
-        state = "BLOCKED"
-    elif failed:
-        state, blocking = "FAILED", [f"{step} failed" for step in failed]
-    elif verdict is None:
-        state = "not validated"
-    else:
-        state = "passed with warnings" if verdict.findings else "passed"
+    state, blocked_by = verdict_of(verdict, store.run_status(run, config.metadata_path), steps)
     evaluation = summary.output_of(steps, "Evaluator", "evaluation")
     blessing = summary.output_of(steps, "Evaluator", "blessing")
     pushed = summary.output_of(steps, "Pusher", "pushed_model")
@@ -77,7 +82,7 @@ def run_row(config, store: mlmd.Store, run: metadata_store_pb2.Context, number: 
         number=number, run=run.name, started=started,
         span=verdict.span if verdict else span_of(examples) if examples is not None else None,
         rows=sum(s.num_examples for s in summary.split_stats(statistics).values()) if statistics else None,
-        verdict=state, blocked_by=blocking,
+        verdict=state, blocked_by=blocked_by,
         drift_found=sorted({f.feature for f in verdict.findings if f.check == "drift"}) if verdict else [],
         drift=drift, trained=summary.output_of(steps, "Trainer", "model") is not None,
         eval_rmse=summary.slice_metrics(evaluation.uri)["overall"]["root_mean_squared_error"] if evaluation else None,
@@ -157,13 +162,10 @@ def write_index(config) -> pathlib.Path:
     """Rebuilds outputs/reports/index.html from ML Metadata and returns its path (written whole, then renamed)."""
     runs = rows(config)
     path = report.reports_dir(config) / INDEX
-    path.parent.mkdir(parents=True, exist_ok=True)
     body = (f"<h1>babyweight: the runs of pipeline {html.escape(config.pipeline_name)}</h1>"
             f"<p>{len(runs)} run(s) recorded in {html.escape(str(config.metadata_path))}, read back after the latest "
             "run. Each run's name links to its report.</p>"
             + (_plots(runs) + "<h2>Runs, newest first</h2>" + _table(runs) if runs else "<p>No runs yet.</p>"))
-    partial = path.with_name(f".{INDEX}.partial")
-    partial.write_text(f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>babyweight runs</title>"
-                       f"<style>{STYLE}</style></head><body>{body}</body></html>")
-    os.replace(partial, path)
+    report.write_page(path, f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>babyweight runs</title>"
+                            f"<style>{STYLE}</style></head><body>{body}</body></html>")
     return path

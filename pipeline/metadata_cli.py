@@ -21,7 +21,7 @@ from ml_metadata import metadata_store
 from ml_metadata.proto import metadata_store_pb2
 
 from pipeline.artifacts import GATE_ID, TFLITE_MODEL_TYPE
-from pipeline.mlmd import INPUT_EVENTS, STATES, MetadataError, Store, open_sqlite, runner_alive, value_of
+from pipeline.mlmd import INPUT_EVENTS, STATES, MetadataError, Store, open_sqlite, value_of
 
 def _timestamp(milliseconds: int) -> str:
     return datetime.datetime.fromtimestamp(milliseconds / 1000, datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
@@ -44,23 +44,17 @@ def connect(args: argparse.Namespace) -> Store:
                             f"{args.mysql_database}: {error}") from None
 
 
-def _interrupted(args: argparse.Namespace, store: Store, run: metadata_store_pb2.Context) -> bool:
-    """Whether a run ML Metadata records as running was interrupted: no process runs the pipeline on this SQLite
-    store (mlmd.runner_alive), or a later run has started on it (local runs of one store follow each other). On
-    a MySQL store, where runs may overlap, this can't be told."""
-    if args.mysql_host:
-        return False
-    return runner_alive(args.store) is False or run.id != store.runs()[-1].id
+def _sqlite_path(args: argparse.Namespace) -> Optional[str]:
+    """The SQLite store's file, or None on MySQL (where an interrupted run can't be told from a live one)."""
+    return None if args.mysql_host else args.store
 
 
-def _run_summary(store: Store, run: metadata_store_pb2.Context, interrupted: bool) -> Dict[str, Any]:
+def _run_summary(store: Store, run: metadata_store_pb2.Context, sqlite_path: Optional[str]) -> Dict[str, Any]:
     executions = store.executions(run)
     states = [STATES.get(e.last_known_state, "unknown") for e in executions]
     start, seconds = store.run_times(run)
-    status = ("failed" if "failed" in states else ("interrupted" if interrupted else "running") if "running" in states
-              else "complete")
-    return {"run": run.name, "status": status, "started": _timestamp(start), "seconds": seconds,
-            "steps": len(executions), "cached": states.count("cached")}
+    return {"run": run.name, "status": store.run_status(run, sqlite_path), "started": _timestamp(start),
+            "seconds": seconds, "steps": len(executions), "cached": states.count("cached")}
 
 
 def _output_rows(store: Store, outputs: Dict[str, List[metadata_store_pb2.Artifact]]) -> List[Dict[str, Any]]:
@@ -293,11 +287,11 @@ def run_command(args: argparse.Namespace) -> Any:
         runs = store.runs()
         if not runs:
             raise MetadataError(f"the store at {args.store} has no pipeline runs yet (make run writes one)")
-        return [_run_summary(store, run, interrupted=_interrupted(args, store, run)) for run in runs]
+        return [_run_summary(store, run, _sqlite_path(args)) for run in runs]
     if args.command == "run":
         run = store.run(args.run)
         steps = _steps(store, run)
-        if _interrupted(args, store, run):
+        if store.interrupted(run, _sqlite_path(args)):
             for step in steps:
                 step["state"] = "interrupted" if step["state"] == "running" else step["state"]
         return steps

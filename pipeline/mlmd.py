@@ -70,6 +70,23 @@ class Store:
         end = max((e.last_update_time_since_epoch for e in executions), default=start)
         return start, round((end - start) / 1000, 1)
 
+    def interrupted(self, run: metadata_store_pb2.Context, sqlite_path: Optional[str]) -> bool:
+        """Whether a run whose steps ML Metadata records as running was interrupted: no process runs the pipeline on
+        the SQLite store at `sqlite_path` (runner_alive), or a later run has started on it (local runs of one store
+        follow each other). On a MySQL store (`sqlite_path` None), where runs may overlap, this can't be told."""
+        if sqlite_path is None:
+            return False
+        return runner_alive(sqlite_path) is False or run.id != self.runs()[-1].id
+
+    def run_status(self, run: metadata_store_pb2.Context, sqlite_path: Optional[str]) -> str:
+        """failed, interrupted, running or complete (`interrupted`'s `sqlite_path`)."""
+        states = [STATES.get(e.last_known_state, "unknown") for e in self.executions(run)]
+        if "failed" in states:
+            return "failed"
+        if "running" in states:
+            return "interrupted" if self.interrupted(run, sqlite_path) else "running"
+        return "complete"
+
     def node_of(self, execution: metadata_store_pb2.Execution) -> str:
         for context in self._store.get_contexts_by_execution(execution.id):
             if self._context_types[context.type_id] == "node":

@@ -20,7 +20,7 @@ from tfx import v1 as tfx
 from tfx.utils import io_utils, path_utils
 
 from models import features
-from models.model import SCORE_SIGNATURE
+from models.model import SCORE_SIGNATURE, TRANSFORM_SIGNATURE
 from pipeline import slices
 from pipeline.baseline import read_examples, split_files
 
@@ -28,7 +28,7 @@ MONITOR_FILE = "prediction_statistics.json"
 QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
 SPLIT = "eval"
 BATCH = 1024
-GRID_BINS = 56  # of the predicted-against-actual grid: a quarter pound a cell over 0-14 lb
+GRID_CELL_POUNDS = 0.25  # a cell of the predicted-against-actual grid is a quarter pound either way
 
 
 class PredictionStatistics(types.Artifact):
@@ -50,7 +50,7 @@ class PreviousPredictions(tfx.dsl.experimental.ResolverStrategy):
 
 def describe(predictions: np.ndarray, labels: np.ndarray, slice_values: Dict[str, np.ndarray]) -> Dict[str, Any]:
     """Distribution of the predictions, residuals overall and per slice (pipeline/slices.py names them), and the
-    labelled rows' predicted against actual weights as counts on a grid of GRID_BINS x GRID_BINS."""
+    labelled rows' predicted against actual weights as counts on a grid of GRID_CELL_POUNDS cells."""
     labelled = ~np.isnan(labels)
     residuals = labels - predictions
 
@@ -77,15 +77,16 @@ def describe(predictions: np.ndarray, labels: np.ndarray, slice_values: Dict[str
 
 
 def _grid(actual: np.ndarray, predicted: np.ndarray) -> Dict[str, Any]:
-    """Counts of (actual, predicted) pairs on a square grid over both ranges, as [actual bin, predicted bin, count]
-    for the cells that hold any: a few kB, whatever the number of rows."""
+    """Counts of (actual, predicted) pairs on a square grid of GRID_CELL_POUNDS cells from the lowest whole pound to
+    the highest of either, as [actual cell, predicted cell, count] for the cells that hold any: a few kB at most."""
     if not len(actual):
-        return {"low": 0.0, "high": 0.0, "bins": GRID_BINS, "cells": []}
+        return {"low": 0.0, "high": 0.0, "bins": 0, "cells": []}
     low = float(np.floor(min(actual.min(), predicted.min())))
     high = max(float(np.ceil(max(actual.max(), predicted.max()))), low + 1)
-    counts, _, _ = np.histogram2d(actual, predicted, bins=GRID_BINS, range=[[low, high], [low, high]])
+    bins = int(round((high - low) / GRID_CELL_POUNDS))
+    counts, _, _ = np.histogram2d(actual, predicted, bins=bins, range=[[low, high], [low, high]])
     cells = [[int(i), int(j), int(counts[i, j])] for i, j in zip(*np.nonzero(counts))]
-    return {"low": low, "high": high, "bins": GRID_BINS, "cells": cells}
+    return {"low": low, "high": high, "bins": bins, "cells": cells}
 
 
 def compare(current: Dict[str, Any], previous: Optional[Dict[str, Any]], threshold: float) -> Dict[str, Any]:
@@ -103,12 +104,19 @@ def read(uri: str) -> Dict[str, Any]:
 
 
 def _predict(model_uri: str, files: List[str]) -> tuple:
+    """Predictions, labels and slice values of the rows in `files`: bucket ids from the model's own transform, as
+    TFMA slices on them (the transform clips a value to the training range before bucketing it)."""
     model = tf.saved_model.load(path_utils.serving_model_path(model_uri))
-    serve = model.signatures[SCORE_SIGNATURE]
-    predictions = [serve(examples=batch)["predictions"].numpy().ravel()
-                   for batch in tf.data.TFRecordDataset(files, compression_type="GZIP").batch(BATCH)]
+    serve, transform = model.signatures[SCORE_SIGNATURE], model.signatures[TRANSFORM_SIGNATURE]
+    predictions, bucket_ids = [], {name: [] for name in slices.BUCKETED}
+    for batch in tf.data.TFRecordDataset(files, compression_type="GZIP").batch(BATCH):
+        predictions.append(serve(examples=batch)["predictions"].numpy().ravel())
+        transformed = transform(examples=batch)
+        for name, ids in bucket_ids.items():
+            ids.append(transformed[name].numpy().ravel())
     rows = read_examples(files)
-    return np.concatenate(predictions), rows[features.LABEL.name].to_numpy(), slices.values_by_slice(rows)
+    return (np.concatenate(predictions), rows[features.LABEL.name].to_numpy(),
+            slices.values_by_slice(rows, {name: np.concatenate(ids) for name, ids in bucket_ids.items()}))
 
 
 @tfx.dsl.components.component

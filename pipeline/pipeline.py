@@ -10,7 +10,7 @@ from tfx import v1 as tfx
 from tfx.dsl.components.base import executor_spec
 
 from models import features, tuning
-from models.model import SCORE_SIGNATURE
+from models.model import SCORE_SIGNATURE, TRANSFORM_SIGNATURE
 from pipeline import csv_example_gen, spans, tfma_metrics, trainer_executor, vertex_pusher
 from pipeline.artifacts import GATE_ID
 from pipeline.cache import CODE_FINGERPRINT, ImportSchemaGen, code_fingerprint, file_fingerprint
@@ -53,7 +53,7 @@ def eval_config(config: PipelineConfig) -> tfma.EvalConfig:
         model_specs=[tfma.ModelSpec(
             # Every row of the eval split is scored, also those a client's request would be refused for.
             signature_name=SCORE_SIGNATURE,
-            preprocessing_function_names=["transform_features"],
+            preprocessing_function_names=[TRANSFORM_SIGNATURE],
             label_key=features.label_key(),
             example_weight_key=features.label_weight_key(),
         )],

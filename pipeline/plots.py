@@ -187,8 +187,9 @@ def over_runs(labels: Sequence[str], series: Dict[str, Sequence[Optional[float]]
         elif band is not None and number == 0:
             low, high = floats([b[0] for b in band]), floats([b[1] for b in band])
             middle = floats(values)
-            axes.errorbar(x, middle, yerr=[np.maximum(middle - low, 0), np.maximum(high - middle, 0)], fmt="o-",
-                          markersize=3, capsize=3, ecolor=BEFORE, label=f"{name} (bars: {band_label})")
+            spread = np.vstack([np.maximum(middle - low, 0), np.maximum(high - middle, 0)])
+            axes.errorbar(x, middle, yerr=spread, fmt="o-", markersize=3, capsize=3, ecolor=BEFORE,
+                          label=f"{name} (bars: {band_label})")
         else:
             axes.plot(x, floats(values), "o-", markersize=3, label=name)
     if limits is not None and any(v is not None for v in limits):

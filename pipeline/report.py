@@ -9,6 +9,7 @@ page (pipeline/plots.py), so the file opens offline; TFDV's interactive Facets v
 from the web, is a page of its own beside the report, linked from it.
 """
 import html
+import os
 import pathlib
 import re
 from typing import Dict, List, Optional, Tuple
@@ -40,6 +41,14 @@ def reports_dir(config) -> pathlib.Path:
 def report_path(config, run_name: str) -> pathlib.Path:
     """Where the report of run `run_name` goes: outputs/reports/run-<run>.html."""
     return reports_dir(config) / f"run-{re.sub(r'[^0-9A-Za-z]+', '-', run_name).strip('-')}.html"
+
+
+def write_page(path: pathlib.Path, text: str) -> None:
+    """Writes a page whole: to a hidden file beside it, then renamed over it (a reader never sees half a page)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.partial")
+    partial.write_text(text)
+    os.replace(partial, path)
 
 
 def drift_measurements(anomalies: anomalies_pb2.Anomalies) -> Dict[str, Tuple[str, float, float]]:
@@ -194,7 +203,7 @@ def write_report(config, run_name: str, steps: List[mlmd.StepRecord], outcome: s
     """Writes outputs/reports/<run>.html for the run's steps and returns its path."""
     sections = [f"<h1>babyweight run {html.escape(run_name)}</h1><p>{html.escape(outcome)}</p>"]
     path = report_path(config, run_name)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    beside = []  # pages the report links to, written just before it
     anomalies = summary.output_of(steps, "DataValidator", "anomalies")
     statistics = summary.output_of(steps, "StatisticsGen", "statistics")
     if anomalies is not None and statistics is not None:
@@ -204,7 +213,7 @@ def write_report(config, run_name: str, steps: List[mlmd.StepRecord], outcome: s
         current = load_statistics(statistics.uri, DRIFT_SPLIT)
         previous = load_statistics(verdict.baseline_statistics, DRIFT_SPLIT) if verdict.baseline_statistics else None
         facets = path.with_name(path.stem + "-facets.html")
-        facets.write_text(_facets_page(current, previous, verdict))
+        beside.append((facets, _facets_page(current, previous, verdict)))
         sections += ["<h2>Statistics: the new span next to the previous validated span</h2>",
                      _statistics_section(current, previous, display_util.get_drift_skew_dataframe(found), verdict,
                                          drift_measurements(found), facets.name)]
@@ -235,6 +244,8 @@ def write_report(config, run_name: str, steps: List[mlmd.StepRecord], outcome: s
                      + "</pre>"]
     steps_frame = pd.DataFrame([{"step": s.node_id, "state": s.state, "seconds": s.seconds} for s in steps])
     sections += ["<h2>Steps</h2>", _table(steps_frame.set_index("step"))]
-    path.write_text(f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>babyweight {html.escape(run_name)}"
-                    f"</title><style>{STYLE}</style></head><body>{''.join(sections)}</body></html>")
+    for page, text in beside:
+        write_page(page, text)
+    write_page(path, f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>babyweight {html.escape(run_name)}"
+                     f"</title><style>{STYLE}</style></head><body>{''.join(sections)}</body></html>")
     return path

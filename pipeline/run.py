@@ -5,7 +5,7 @@ import logging
 import os
 import pathlib
 import sys
-from typing import Dict, Iterator, List, Tuple
+from typing import Callable, Dict, Iterator, List, Tuple
 
 from google.protobuf import text_format
 from tensorflow_metadata.proto.v0 import schema_pb2
@@ -141,6 +141,16 @@ def _quiet_worker_processes() -> Iterator[None]:
             os.environ["TF_CPP_MIN_LOG_LEVEL"] = previous
 
 
+def _written(page: str, write: Callable[[], pathlib.Path]) -> str:
+    """The summary's line for a page the run writes: its path, or why it wasn't written (the traceback goes to the
+    log). A page that can't be drawn is no reason to fail a run whose model may already be pushed."""
+    try:
+        return f"  {page}: {write()}"
+    except Exception as error:
+        logging.error("the %s page was not written", page, exc_info=True)
+        return f"  {page}: NOT written ({type(error).__name__}: {error}; the traceback is in the log)"
+
+
 def run_local(config: PipelineConfig) -> Outcome:
     """Runs the pipeline once; on bad input or a failed step, says why, and pushes nothing."""
     try:
@@ -179,9 +189,8 @@ def run_local(config: PipelineConfig) -> Outcome:
         ending = (f"Run FAILED after the push: {failure}\nThe model was pushed; a step after the Pusher failed."
                   if pushed is not None and pushed.custom_properties["pushed"].int_value == 1
                   else f"Run FAILED: {failure}\nNo model was pushed by this run.")
-    path = report.write_report(config, run[0], run[1], "\n".join([ending or "Run complete."] + skipped_line))
-    index = history.write_index(config)
-    lines = ([summary.summarize_run(config, *run, checked)] + skipped_line
-             + [f"  report: {path}", f"  history: {index}"]
-             + ([ending] if failure else []))
+    pages = [_written("report", lambda: report.write_report(
+        config, run[0], run[1], "\n".join([ending or "Run complete."] + skipped_line))),
+        _written("history", lambda: history.write_index(config))]
+    lines = [summary.summarize_run(config, *run, checked)] + skipped_line + pages + ([ending] if failure else [])
     return Outcome(not failure, "\n".join(lines), crash="" if blocked else failure or "")

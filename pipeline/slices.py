@@ -5,6 +5,7 @@ TFMA keys a slice by the feature it sliced on and its value (`gestation_weeks_bu
 their slices here, so every table and plot of a report, and the run summary, call one slice one name.
 The names are a reporting fact, kept out of models/features.py so that renaming a slice reruns no training.
 """
+import math
 from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
@@ -47,7 +48,7 @@ def name(feature: str, value: str) -> str:
     if feature in BUCKETED:
         return _bucket_name(BUCKETED[feature], int(value)) if str(value).lstrip("-").isdigit() else f"{feature} {value}"
     title = TITLES.get(feature, feature)
-    if value in ("", None):
+    if value == "":
         return f"{title} unknown"
     return VALUE_NAMES.get(feature, {}).get(str(value), f"{title} {value}")
 
@@ -58,6 +59,9 @@ def name_of_key(slice_key: Sequence[Tuple[str, object]]) -> str:
 
 
 def _text(value: object) -> str:
+    """A slice value as text: bytes decoded, 2.0 as '2', a missing value (None, NaN) as ''."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""
     if isinstance(value, bytes):
         return value.decode("utf-8", "replace")
     if isinstance(value, float) and value.is_integer():
@@ -76,26 +80,13 @@ def order(feature: str, value: str) -> Tuple[int, float, str]:
     return position, number, str(value)
 
 
-def values_by_slice(rows: Dict[str, np.ndarray]) -> Dict[str, Tuple[str, np.ndarray]]:
-    """Each slice feature's value per raw row as TFMA slices it (bucket ids for bucketed features), by feature."""
-    result = {}
-    for column in features.FEATURES:
-        if column.bucket_boundaries:
-            values = np.asarray(rows[column.name], dtype=float)
-            missing = np.isnan(values) | np.isin(values, column.missing_codes)
-            buckets = np.digitize(np.nan_to_num(values), column.bucket_boundaries)  # tf.raw_ops.Bucketize's ids
-            ids = np.where(missing, len(column.bucket_boundaries) + 1, buckets)
-            result[features.transformed_name(features.bucket_name(column))] = ids.astype(str)
-        elif column.name in features.SLICE_FEATURES:
-            values = rows[column.name]
-            result[column.name] = np.array([_missing_as_empty(v) for v in values])
+def values_by_slice(rows: Dict[str, Sequence], bucket_ids: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
+    """Each slice feature's value per row, as text, as TFMA slices: the raw slice features from `rows`, the bucket
+    ids as the model's transform gave them (`bucket_ids`, by transformed name); '' where a raw value is missing."""
+    result = {name: np.asarray(ids).astype(np.int64).ravel().astype(str) for name, ids in bucket_ids.items()}
+    for name in features.SLICE_FEATURES:
+        result[name] = np.array([_text(value) for value in rows[name]])
     return result
-
-
-def _missing_as_empty(value: object) -> str:
-    if isinstance(value, float):
-        return "" if np.isnan(value) else _text(value)
-    return _text(value)
 
 
 def ordered(by_key: Dict[Tuple[Tuple[str, object], ...], object]) -> List[Tuple[str, object]]:

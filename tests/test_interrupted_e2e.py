@@ -11,7 +11,7 @@ import pytest
 
 from data import generator
 from pipeline import config as config_lib
-from pipeline import metadata_cli
+from pipeline import history, metadata_cli
 from tests.conftest import PROJECT_ROOT, run_pipeline
 
 pytestmark = pytest.mark.slow
@@ -58,3 +58,6 @@ def test_a_killed_run_is_interrupted_in_its_step_and_a_rerun_completes_from_the_
         "CsvExampleGen": "cached", "StatisticsGen": "cached", "Transform": "cached", "Trainer": "complete"}
     runs = json.loads(_metadata(capsys, "runs", "--store", config.metadata_path, "--json"))
     assert [run["status"] for run in runs] == ["interrupted", "complete"]
+    # The history page, rebuilt by the rerun, says so too.
+    assert [(row.verdict, row.blocked_by) for row in history.rows(config)] == [
+        ("INTERRUPTED", ["Trainer interrupted"]), ("passed", [])]

@@ -94,13 +94,16 @@ def test_metrics_by_slice_draws_each_threshold_and_the_baseline():
                                  {"root_mean_squared_error": 1.2}, "TFMA's metrics per slice")
     shown = texts(svg_of(tag))
     assert "threshold 1.2 (overall)" in shown and "blessed baseline" in shown and "twins" in shown
-    assert "threshold 0.95" not in shown  # MAE was given no threshold here
+    assert shown.count("threshold") == 1  # MAE was given none: no line, no legend
 
 
-def test_plots_over_runs_leave_gaps_for_runs_without_a_value():
+def test_plots_over_runs_take_runs_without_a_value_and_a_single_run():
     tag = plots.over_runs(["1: span 1", "2: span 2", "3: span 3"], {"eval RMSE": [0.9, None, 0.88]},
                           "Eval RMSE per run, with its threshold", "RMSE (lb)", limits=[1.2, None, 1.2])
     assert "Eval RMSE per run" in texts(svg_of(tag)) and "2: span 2" in texts(svg_of(tag))
+    single = plots.over_runs(["1: span 1"], {"mean prediction": [7.2]}, "Predictions on the eval split", "lb",
+                             band=[(5.1, 8.1)], band_label="5-95%")
+    assert "mean prediction (bars: 5-95%)" in texts(svg_of(single))
     drift = plots.drift_over_runs(["1", "2"], {"mother_age": [None, 0.2], "is_male": [None, 0.01]},
                                   {"mother_age": [None, 0.1], "is_male": [None, 0.1]}, "Drift distance")
     assert "mother_age" in texts(svg_of(drift)) and "is_male" in texts(svg_of(drift))

@@ -107,3 +107,13 @@ def test_a_text_feature_written_as_numbers_makes_the_unlabelled_rows_unusable(tm
     assert run_lib.unusable_unlabelled_rows(config).startswith("text feature(s) is_male hold only numbers in")
     (tmp_path / "births.csv").write_text("mother_age,gestation_weeks,is_male\n30,39,1\n31,40,true\n")
     assert run_lib.unusable_unlabelled_rows(config) == ""
+
+
+def test_a_page_that_cannot_be_written_is_named_in_the_summary_not_a_crash(caplog):
+    def broken():
+        raise ValueError("Axis limits cannot be NaN")
+
+    line = run_lib._written("history", broken)
+    assert line == "  history: NOT written (ValueError: Axis limits cannot be NaN; the traceback is in the log)"
+    assert "the history page was not written" in caplog.text and "Traceback" in caplog.text
+    assert run_lib._written("report", lambda: pathlib.Path("/x/run-1.html")) == "  report: /x/run-1.html"

@@ -2,7 +2,6 @@
 import numpy as np
 import pandas as pd
 import pytest
-import tensorflow as tf
 
 from models import features
 from pipeline import slices
@@ -46,21 +45,14 @@ def test_every_evaluation_slice_feature_has_a_title_and_every_known_value_a_name
                 assert set(slices.VALUE_NAMES[column.name]) == {str(c) for c in column.categories}
 
 
-def test_the_monitor_slices_rows_into_the_buckets_the_transform_gives_them():
-    column = features.BY_NAME["gestation_weeks"]
-    weeks = np.array([20, 27, 28, 31.5, 32, 36, 37, 41, 42, 50, 99, np.nan])
-    rows = pd.DataFrame({"gestation_weeks": weeks, "is_male": ["true", "false", np.nan] * 4,
-                         "plurality": [1.0, 2.0, np.nan] * 4})
-    found = slices.values_by_slice(rows)
-    missing = np.isnan(weeks) | np.isin(weeks, column.missing_codes)
-    transform = tf.where(missing, tf.constant(len(column.bucket_boundaries) + 1, tf.int64),
-                         tf.cast(tf.raw_ops.Bucketize(input=tf.constant(np.nan_to_num(weeks), tf.float32),
-                                                      boundaries=list(column.bucket_boundaries)), tf.int64))
-    assert list(found[WEEKS]) == [str(v) for v in transform.numpy()]
-    assert list(found["is_male"][:3]) == ["true", "false", ""]
-    assert list(found["plurality"][:3]) == ["1", "2", ""]
-    assert [slices.name(WEEKS, v) for v in found[WEEKS][[0, 6, 10]]] == [
-        "gestation under 28 weeks", "gestation 37-41 weeks", "gestation unknown"]
+def test_the_monitor_takes_raw_slice_values_from_the_rows_and_bucket_ids_from_the_transform():
+    rows = pd.DataFrame({"is_male": ["true", "false", np.nan, None], "plurality": [1.0, 2.0, np.nan, 3.0]})
+    found = slices.values_by_slice(rows, {WEEKS: np.array([[3], [0], [5], [4]])})
+    assert list(found["is_male"]) == ["true", "false", "", ""]
+    assert list(found["plurality"]) == ["1", "2", "", "3"]
+    assert [slices.name(WEEKS, value) for value in found[WEEKS]] == [
+        "gestation 37-41 weeks", "gestation under 28 weeks", "gestation unknown", "gestation 42 weeks or more"]
+    assert slices.name_of_key((("is_male", None),)) == "sex unknown"
 
 
 def test_slices_come_in_order_overall_first_then_by_feature_and_value():
