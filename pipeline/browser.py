@@ -73,6 +73,7 @@ class Chromium:
             raise BrowserError(f"no Chromium found (looked for {', '.join(CANDIDATES)}); apt-get install chromium")
         self._profile = tempfile.mkdtemp(prefix="chromium-")
         self._stderr_path = pathlib.Path(self._profile) / "stderr.log"
+        self._failed = False
         # Both pipes' child ends at 10 or above, so that moving them to 3 and 4 can't overwrite one another.
         pipes = [os.pipe(), os.pipe()]
         reading, writing = (fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 10) for fd in (pipes[0][0], pipes[1][1]))
@@ -88,11 +89,18 @@ class Chromium:
         # bash moves the pipes to 3 and 4, where Chromium expects them, then becomes Chromium (no preexec_fn: this
         # process has threads); close_fds leaves the child nothing else of ours.
         moves = f'exec "$0" "$@" 3<&{reading} 4>&{writing} {reading}<&- {writing}>&-'
-        with open(self._stderr_path, "wb") as stderr:
-            self._process = subprocess.Popen(["bash", "-c", moves, *arguments], pass_fds=(reading, writing),
-                                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr)
-        os.close(reading)
-        os.close(writing)
+        try:
+            with open(self._stderr_path, "wb") as stderr:
+                self._process = subprocess.Popen(["bash", "-c", moves, *arguments], pass_fds=(reading, writing),
+                                                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr)
+        except OSError as error:
+            for fd in (self._to_browser, self._from_browser):
+                os.close(fd)
+            shutil.rmtree(self._profile, ignore_errors=True)
+            raise BrowserError(f"can't start {binary} through bash: {error}") from None
+        finally:
+            os.close(reading)
+            os.close(writing)
         self._buffer = b""
         self._next_id = 0
         self.events: List[Dict[str, Any]] = []
@@ -118,15 +126,17 @@ class Chromium:
         self.close()
 
     def close(self) -> None:
-        """Closes the browser (killed if it doesn't close within 10 s), its pipes and its profile folder."""
+        """Closes the browser (killed if it failed, or doesn't close within 10 s), its pipes and its profile."""
         try:
-            if self._process.poll() is None:
+            if self._process.poll() is None and not self._failed:
                 self.send("Browser.close", session=False)
                 self._process.wait(timeout=10)
-        except (BrowserError, OSError, subprocess.TimeoutExpired):
-            self._process.kill()
-            self._process.wait()
+        except (BrowserError, OSError, ValueError, subprocess.TimeoutExpired):
+            pass  # killed below: the polite way failed
         finally:
+            if self._process.poll() is None:
+                self._process.kill()
+            self._process.wait()
             for fd in (self._to_browser, self._from_browser):
                 try:
                     os.close(fd)
@@ -134,10 +144,12 @@ class Chromium:
                     pass
             shutil.rmtree(self._profile, ignore_errors=True)
 
-    def _failure(self, what: str) -> BrowserError:
-        """`what` went wrong, with how Chromium ended and the end of what it wrote to stderr."""
+    def _failure(self, what: str, ending: bool = False) -> BrowserError:
+        """`what` went wrong, with how Chromium ended (`ending`: it is exiting, so wait a moment for its code) and
+        the end of what it wrote to stderr; the browser is killed on close."""
+        self._failed = True
         try:
-            code = self._process.wait(timeout=5)
+            code = self._process.wait(timeout=5) if ending else self._process.poll()
         except subprocess.TimeoutExpired:
             code = None
         said = self._stderr_path.read_text(errors="replace")[-2000:].strip() if self._stderr_path.exists() else ""
@@ -152,7 +164,7 @@ class Chromium:
                 raise self._failure(f"Chromium did not answer within {TIMEOUT_SECONDS} s")
             chunk = os.read(self._from_browser, 1 << 20)
             if not chunk:
-                raise self._failure("Chromium closed its pipe")
+                raise self._failure("Chromium closed its pipe", ending=True)
             self._buffer += chunk
         message, self._buffer = self._buffer.split(b"\0", 1)
         return json.loads(message)
@@ -166,7 +178,7 @@ class Chromium:
         try:
             os.write(self._to_browser, json.dumps(message).encode() + b"\0")
         except BrokenPipeError:
-            raise self._failure(f"{method}: Chromium's pipe is closed") from None
+            raise self._failure(f"{method}: Chromium closed its pipe", ending=True) from None
         deadline = time.monotonic() + TIMEOUT_SECONDS
         while True:
             answer = self._read_message(deadline)

@@ -77,14 +77,15 @@ def describe(predictions: np.ndarray, labels: np.ndarray, slice_values: Dict[str
 
 
 def _grid(actual: np.ndarray, predicted: np.ndarray) -> Dict[str, Any]:
-    """Counts of (actual, predicted) pairs on a square grid of GRID_CELL_POUNDS cells from the lowest whole pound to
-    the highest of either, as [actual cell, predicted cell, count] for the cells that hold any: a few kB at most."""
+    """Counts of (actual, predicted) pairs on a square grid of GRID_CELL_POUNDS cells over the labels' whole pounds
+    (predictions beyond them counted in the edge cells), as [actual cell, predicted cell, count] for the cells that
+    hold any: a few kB, and bounded by the labels' range however wrong a candidate model is."""
     if not len(actual):
         return {"low": 0.0, "high": 0.0, "bins": 0, "cells": []}
-    low = float(np.floor(min(actual.min(), predicted.min())))
-    high = max(float(np.ceil(max(actual.max(), predicted.max()))), low + 1)
+    low = float(np.floor(actual.min()))
+    high = max(float(np.ceil(actual.max())), low + 1)
     bins = int(round((high - low) / GRID_CELL_POUNDS))
-    counts, _, _ = np.histogram2d(actual, predicted, bins=bins, range=[[low, high], [low, high]])
+    counts, _, _ = np.histogram2d(actual, np.clip(predicted, low, high), bins=bins, range=[[low, high], [low, high]])
     cells = [[int(i), int(j), int(counts[i, j])] for i, j in zip(*np.nonzero(counts))]
     return {"low": low, "high": high, "bins": bins, "cells": cells}
 

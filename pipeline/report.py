@@ -46,8 +46,8 @@ def report_path(config, run_name: str) -> pathlib.Path:
 def write_page(path: pathlib.Path, text: str) -> None:
     """Writes a page whole: to a hidden file beside it, then renamed over it (a reader never sees half a page)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.partial")
-    partial.write_text(text)
+    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    partial.write_text(text, encoding="utf-8")
     os.replace(partial, path)
 
 
@@ -189,7 +189,7 @@ def _predictions_section(record: Dict) -> str:
     residuals = pd.DataFrame({name: {key: value for key, value in stats.items() if key != "quantiles"}
                               for name, stats in record["residuals"].items()}).T
     images = []
-    if "predicted_vs_actual" in record:  # records of runs before the grid was kept have none
+    if record.get("predicted_vs_actual", {}).get("cells"):  # none: no labelled row, or a record from before
         images.append(plots.predicted_vs_actual(
             record["predicted_vs_actual"],
             f"Predicted against actual weight, eval split of span {record['span']}"))

@@ -147,7 +147,7 @@ def _written(page: str, write: Callable[[], pathlib.Path]) -> str:
     try:
         return f"  {page}: {write()}"
     except Exception as error:
-        logging.error("the %s page was not written", page, exc_info=True)
+        logging.error("the %s page was not written", page, exc_info=True, extra={CONSOLE: False})
         return f"  {page}: NOT written ({type(error).__name__}: {error}; the traceback is in the log)"
 
 

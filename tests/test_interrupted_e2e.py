@@ -2,6 +2,7 @@
 completes, reusing the steps that had completed."""
 import json
 import os
+import pathlib
 import signal
 import subprocess
 import sys
@@ -61,3 +62,5 @@ def test_a_killed_run_is_interrupted_in_its_step_and_a_rerun_completes_from_the_
     # The history page, rebuilt by the rerun, says so too.
     assert [(row.verdict, row.blocked_by) for row in history.rows(config)] == [
         ("INTERRUPTED", ["Trainer interrupted"]), ("passed", [])]
+    page = (pathlib.Path(config.output_dir) / "reports" / history.INDEX).read_text()
+    assert "<span class='INTERRUPTED'>INTERRUPTED</span>" in page and "Trainer interrupted" in page

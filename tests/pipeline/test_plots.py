@@ -1,6 +1,7 @@
 """The report's plots: SVG images that parse, carry their titles as text, stay small; the data behind them."""
 import base64
 import re
+import warnings
 import xml.etree.ElementTree as ElementTree
 
 import numpy as np
@@ -62,13 +63,22 @@ def test_predicted_against_actual_draws_the_monitors_grid_with_the_diagonal():
     record = monitor.describe(np.concatenate([predicted, [7.0] * 5]), labels,
                               {"plurality": np.array(["1"] * 2000 + ["2"] * 1005)})
     grid = record["predicted_vs_actual"]
-    counts, _, _ = np.histogram2d(actual, predicted, bins=grid["bins"], range=[[grid["low"], grid["high"]]] * 2)
+    counts, _, _ = np.histogram2d(actual, np.clip(predicted, grid["low"], grid["high"]), bins=grid["bins"],
+                                  range=[[grid["low"], grid["high"]]] * 2)
     assert sum(cell[2] for cell in grid["cells"]) == 3000  # the labelled rows, every one in a cell
+    assert (grid["high"] - grid["low"]) / grid["bins"] == 0.25 and grid["low"] == np.floor(actual.min())
     assert all(counts[i, j] == n for i, j, n in grid["cells"])
     tag = plots.predicted_vs_actual(grid, "Predicted against actual weight, eval split of span 1")
     shown = texts(svg_of(tag))
     assert "Predicted against actual weight" in shown and "predicted = actual" in shown
     assert len(tag) < 120_000
+
+
+def test_a_diverged_models_predictions_stay_in_the_labels_grid():
+    labels = np.array([6.0, 7.5, 9.2])
+    grid = monitor.describe(np.array([1e4, -50.0, 7.0]), labels, {})["predicted_vs_actual"]
+    assert (grid["low"], grid["high"], grid["bins"]) == (6.0, 10.0, 16)
+    assert sorted(grid["cells"]) == [[0, 15, 1], [6, 0, 1], [12, 4, 1]]
 
 
 def test_residuals_by_slice_carry_their_spread_and_the_plot_names_each_slice():
@@ -101,8 +111,10 @@ def test_plots_over_runs_take_runs_without_a_value_and_a_single_run():
     tag = plots.over_runs(["1: span 1", "2: span 2", "3: span 3"], {"eval RMSE": [0.9, None, 0.88]},
                           "Eval RMSE per run, with its threshold", "RMSE (lb)", limits=[1.2, None, 1.2])
     assert "Eval RMSE per run" in texts(svg_of(tag)) and "2: span 2" in texts(svg_of(tag))
-    single = plots.over_runs(["1: span 1"], {"mean prediction": [7.2]}, "Predictions on the eval split", "lb",
-                             band=[(5.1, 8.1)], band_label="5-95%")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # numpy's deprecations (errors in numpy 2) included
+        single = plots.over_runs(["1: span 1"], {"mean prediction": [7.2]}, "Predictions on the eval split", "lb",
+                                 band=[(5.1, 8.1)], band_label="5-95%")
     assert "mean prediction (bars: 5-95%)" in texts(svg_of(single))
     drift = plots.drift_over_runs(["1", "2"], {"mother_age": [None, 0.2], "is_male": [None, 0.01]},
                                   {"mother_age": [None, 0.1], "is_male": [None, 0.1]}, "Drift distance")
