@@ -42,3 +42,25 @@ def test_no_browser_is_an_error_that_says_how_to_get_one(monkeypatch):
     monkeypatch.setattr(browser, "executable", lambda: None)
     with pytest.raises(browser.BrowserError, match="apt-get install chromium"):
         browser.Chromium()
+
+
+def test_make_report_screenshot_draws_a_small_png_from_the_statistics_heading(tmp_path, capsys):
+    """The README's `make report-screenshot ARGS=REPORT`: a PNG of the page from its Statistics heading down."""
+    from PIL import Image
+
+    from tests.conftest import skip_or_fail_in_ci
+
+    if browser.executable() is None:
+        skip_or_fail_in_ci("headless Chromium is not installed (make test installs Debian's chromium as root)")
+    page = tmp_path / "run-1.html"
+    page.write_text("<!DOCTYPE html><html><body><h1>babyweight run 1</h1><div style='height:900px'></div>"
+                    "<h2>Statistics: the new span</h2><div style='width:300px;height:200px;background:#1f77b4'></div>"
+                    "</body></html>")
+    output = tmp_path / "docs" / "report.png"
+    assert browser.main(["screenshot", "--output", str(output), "--height", "400", str(page)]) == 0
+    assert capsys.readouterr().out.startswith(f"{output}: ")
+    image = Image.open(output)
+    assert image.size == (1100, 400) and output.stat().st_size < 30_000
+    pixels = image.convert("RGB")
+    assert pixels.getpixel((100, 100)) != (255, 255, 255)  # the blue block, 900 px down the page, is in the picture
+    assert browser.main(["screenshot", "--output", str(output), str(tmp_path / "none.html")]) == 2
