@@ -222,6 +222,7 @@ def drift_over_runs(labels: Sequence[str], distances: Dict[str, List[Optional[fl
         beyond = values > limits
         axes.plot(x[beyond], values[beyond], "o", color=ALERT, markersize=4)
         axes.set_title(name, loc="left", fontsize=7.5)
+        axes.set_ylim(bottom=0)  # a distance: 0 is no change
         axes.set_xticks(x, labels, rotation=90 if len(labels) > 6 else 0, fontsize=6)
         axes.set_xlim(-0.6, len(labels) - 0.4)
     for axes in panels[len(names):]:
