@@ -6,7 +6,6 @@ the predictions' mean and spread, and each feature's drift distance with its thr
 every run from the store alone, so it shows what ML Metadata holds, whichever process wrote it.
 """
 import dataclasses
-import datetime
 import html
 import logging
 import pathlib
@@ -27,8 +26,7 @@ class RunRow:
     """What one run did, as ML Metadata recorded it."""
 
     number: int  # 1 for the store's first run
-    run: str
-    started: str  # UTC
+    run: str  # its name: when it started
     span: Optional[int]
     rows: Optional[int]  # of the span, all splits (StatisticsGen)
     verdict: str  # passed, passed with warnings, BLOCKED, FAILED, INTERRUPTED, running, not validated, unreadable
@@ -41,7 +39,7 @@ class RunRow:
     blessed: Optional[bool]
     pushed_version: str  # '' when nothing was pushed
     seconds: float
-    prediction: Optional[Dict[str, float]]  # mean, sd, 5% and 95% quantiles of the predictions on the eval split
+    prediction: Optional[Dict[str, float]]  # mean, 5% and 95% quantiles of the predictions on the eval split
     report: str  # the run's report, relative to the history page; '' if there is none
 
 
@@ -63,8 +61,7 @@ def verdict_of(verdict: Optional[Verdict], status: str, steps: List[mlmd.StepRec
 def run_row(config, store: mlmd.Store, run: metadata_store_pb2.Context, number: int) -> RunRow:
     """One run's row, from its steps' artifacts."""
     steps = store.steps(run)
-    start, seconds = store.run_times(run)
-    started = datetime.datetime.fromtimestamp(start / 1000, datetime.timezone.utc).strftime("%Y-%m-%d %H:%M")
+    _, seconds = store.run_times(run)
     anomalies = summary.output_of(steps, "DataValidator", "anomalies")
     verdict = read_verdict(anomalies.uri) if anomalies is not None else None
     drift = ({name: (distance, threshold) for name, (_, distance, threshold)
@@ -79,7 +76,7 @@ def run_row(config, store: mlmd.Store, run: metadata_store_pb2.Context, number: 
     record = monitor.read(predictions.uri) if predictions is not None else None
     path = report.report_path(config, run.name)
     return RunRow(
-        number=number, run=run.name, started=started,
+        number=number, run=run.name,
         span=verdict.span if verdict else span_of(examples) if examples is not None else None,
         rows=sum(s.num_examples for s in summary.split_stats(statistics).values()) if statistics else None,
         verdict=state, blocked_by=blocked_by,
@@ -92,7 +89,7 @@ def run_row(config, store: mlmd.Store, run: metadata_store_pb2.Context, number: 
         pushed_version=(pathlib.Path(pushed.custom_properties["pushed_destination"].string_value).name
                         if pushed is not None and pushed.custom_properties["pushed"].int_value == 1 else ""),
         seconds=seconds,
-        prediction={"mean": record["mean"], "sd": record["std"], "low": record["quantiles"]["0.05"],
+        prediction={"mean": record["mean"], "low": record["quantiles"]["0.05"],
                     "high": record["quantiles"]["0.95"]} if record else None,
         report=path.name if path.is_file() else "")
 
@@ -107,7 +104,7 @@ def rows(config) -> List[RunRow]:
             result.append(run_row(config, store, run, number))
         except Exception as error:  # an artifact deleted or from an older layout: name it, keep the other runs
             logging.warning("history: run %s can't be read: %s", run.name, error, exc_info=True)
-            result.append(RunRow(number, run.name, "", None, None, "unreadable", [f"{type(error).__name__}: {error}"],
+            result.append(RunRow(number, run.name, None, None, "unreadable", [f"{type(error).__name__}: {error}"],
                                  [], {}, False, None, None, None, "", 0.0, None, ""))
     return result
 
