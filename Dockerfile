@@ -10,7 +10,7 @@ ENV TF_USE_LEGACY_KERAS=1
 COPY constraints.txt setup.py ./
 COPY pipeline/ pipeline/
 COPY models/ models/
-# The InfraValidator serves each candidate with the project's server (python -m serving.server) in this image.
+# The InfraValidator serves each candidate with the project's server (python -m serving.model_server.server) in this image.
 COPY serving/ serving/
 COPY data/__init__.py data/generator.py data/
 COPY schema/ schema/

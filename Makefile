@@ -44,11 +44,11 @@ chromium:
 # if there is none).
 report-screenshot: $(VENV)/.installed chromium
 	@[ -n "$(ARGS)" ] || ls outputs/reports/run-*.html >/dev/null 2>&1 || $(PY) runner_local.py
-	$(PY) -m pipeline.browser screenshot --output docs/report.png $(ARGS)
+	$(PY) -m pipeline.reports.browser screenshot --output docs/report.png $(ARGS)
 
 # What the pipeline recorded in ML Metadata (README, Inspecting runs): make metadata ARGS="runs"
 metadata: $(VENV)/.installed
-	$(PY) -m pipeline.metadata_cli $(ARGS)
+	$(PY) -m pipeline.metadata.metadata_cli $(ARGS)
 
 # A year of arriving spans through the pipeline (README, Data validation): make simulate ARGS="--spans 6"
 simulate: $(VENV)/.installed
@@ -73,16 +73,16 @@ predict-batch: $(VENV)/.installed
 
 # predict-batch on a million generated rows beside the server and the bare signature (README, Batch predictions)
 bench-predict: $(VENV)/.installed
-	$(PY) -m serving.bench_predict $(ARGS)
+	$(PY) -m serving.bench.predict_bench $(ARGS)
 
 # The newest version as SavedModel, TFLite float32 and float16 on the same rows (README, TFLite):
 #   ARGS="--input ../shared/data/natality/bq_export_31col.csv"
 bench-tflite: $(VENV)/.installed
-	$(PY) -m serving.bench_device $(ARGS)
+	$(PY) -m serving.bench.device_bench $(ARGS)
 
 # The server under wrk's load beside the references (README, Serving benchmark): ARGS="--seconds 10"
 bench-serving: $(VENV)/.installed wrk
-	$(PY) -m serving.bench $(ARGS)
+	$(PY) -m serving.bench.server_bench $(ARGS)
 
 # wrk, the HTTP load generator of the serving benchmark (Debian's package).
 wrk:
@@ -98,14 +98,14 @@ vertex: $(VENV)/.installed
 	$(PY) runner_dataflow.py $(ARGS)
 
 bench: $(VENV)/.installed
-	$(PY) -m pipeline.bench $(ARGS)
+	$(PY) -m pipeline.commands.bench $(ARGS)
 
 # Model quality on the real export and the course samples in ../shared (README, Model quality): ARGS="--ablations"
 quality: $(VENV)/.installed
-	$(PY) -m pipeline.quality $(ARGS)
+	$(PY) -m pipeline.commands.quality $(ARGS)
 
 schema-draft: $(VENV)/.installed
-	$(PY) -m pipeline.schema_draft $(ARGS)
+	$(PY) -m pipeline.commands.schema_draft $(ARGS)
 
 # Regenerates the bundled data set (deterministic: the same seed gives the same file).
 data: $(VENV)/.installed

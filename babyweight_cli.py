@@ -28,21 +28,21 @@ class Command(NamedTuple):
 
 
 COMMANDS = {
-    "metadata": Command("pipeline.metadata_cli", "runs, steps, artifacts, lineage and contents in ML Metadata",
+    "metadata": Command("pipeline.metadata.metadata_cli", "runs, steps, artifacts, lineage and contents in ML Metadata",
                         "babyweight metadata runs --store outputs/metadata.sqlite"),
-    "simulate": Command("pipeline.simulate", "a year of arriving spans through the pipeline, one run each",
+    "simulate": Command("pipeline.commands.simulate", "a year of arriving spans through the pipeline, one run each",
                         "babyweight simulate --spans 6"),
-    "validate-serving": Command("pipeline.serving_check",
+    "validate-serving": Command("pipeline.commands.serving_check",
                                 "requests or the server's request log against the training data (TFDV)",
                                 "babyweight validate-serving outputs/serving_logs/"),
-    "serve": Command("serving.server", "the prediction server over the pushed models (TF Serving's REST API)",
+    "serve": Command("serving.model_server.server", "the prediction server over the pushed models (TF Serving's REST API)",
                      "babyweight serve --port 8501"),
-    "predict": Command("serving.client", "predictions for a CSV or JSON-lines file, from a server or a TFLite file",
+    "predict": Command("serving.clients.client", "predictions for a CSV or JSON-lines file, from a server or a TFLite file",
                        "babyweight predict --url http://127.0.0.1:8501 data/natality/natality.csv"),
-    "experiment": Command("serving.experiment_cli",
+    "experiment": Command("serving.experiments.experiment_cli",
                           "outcomes, report, promotion and simulation of an A/B test or bandit between versions",
                           "babyweight experiment report --experiment-file experiment.yaml"),
-    "predict-batch": Command("serving.batch", "predictions for files, a table or a Pub/Sub stream in one Beam job",
+    "predict-batch": Command("serving.batch.cli", "predictions for files, a table or a Pub/Sub stream in one Beam job",
                              "babyweight predict-batch --input 'data/natality/*.csv'"),
 }
 

@@ -42,7 +42,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
 
-    from pipeline import run as run_lib
+    from pipeline.commands import run as run_lib
 
     run_lib.setup_logging(pathlib.Path(config.log_path))
     started = time.time()

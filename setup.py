@@ -33,12 +33,12 @@ setuptools.setup(
         "ml-metadata",
         "pandas",
         "pyyaml",
-        "scikit-learn",  # the reference trees beside every model (pipeline/baseline.py)
-        "psutil",  # the served candidate's memory (pipeline/infra_validator.py)
-        "matplotlib",  # the plots of the run reports and the history page (pipeline/plots.py)
-        "pillow",  # the README's screenshot of a report, reduced to a few colours (pipeline/browser.py)
-        # TensorFlow Lite's interpreter alone, as a device runs the TFLite models (serving/device.py): the pipeline
-        # checks them with it (pipeline/tflite_export.py), `babyweight predict --tflite` runs them with it. It has
+        "scikit-learn",  # the reference trees beside every model (pipeline/components/baseline.py)
+        "psutil",  # the served candidate's memory (pipeline/components/infra_validator.py)
+        "matplotlib",  # the plots of the run reports and the history page (pipeline/reports/plots.py)
+        "pillow",  # the README's screenshot of a report, reduced to a few colours (pipeline/reports/browser.py)
+        # TensorFlow Lite's interpreter alone, as a device runs the TFLite models (serving/clients/device.py): the pipeline
+        # checks them with it (pipeline/components/tflite_export.py), `babyweight predict --tflite` runs them with it. It has
         # Linux wheels only; elsewhere the pipeline checks them with TensorFlow's own interpreter.
         "tflite-runtime; platform_system == 'Linux'",
     ] + SERVING_REQUIRES,

@@ -205,7 +205,7 @@ def missing_required(request: Mapping[str, Any]) -> List[str]:
 
 # The training data's most frequent instances, with their counts, written by the Trainer beside the SavedModel
 # (TF Serving's assets.extra folder, which the Pusher copies with it): a server predicts them when it loads the
-# version and answers them from a table (serving/cache.py).
+# version and answers them from a table (serving/core/cache.py).
 FREQUENT_INSTANCES_FILE = "assets.extra/frequent_instances.json"
 
 InstanceKey = Tuple[Any, ...]

@@ -1,7 +1,7 @@
 """The exported model for devices: its serving_raw signature as TensorFlow Lite models of builtin ops only.
 
-The pipeline converts each pushed model and checks it (pipeline/tflite_export.py), `babyweight predict --tflite`
-runs the files (serving/device.py), `make bench-tflite` measures them (serving/bench_device.py). Builtin ops only:
+The pipeline converts each pushed model and checks it (pipeline/components/tflite_export.py), `babyweight predict --tflite`
+runs the files (serving/clients/device.py), `make bench-tflite` measures them (serving/bench/device_bench.py). Builtin ops only:
 the `tflite-runtime` interpreter has no Flex delegate for TensorFlow's own ops (README, TFLite). Importing this
 module imports no TensorFlow: a device has none.
 """

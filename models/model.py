@@ -106,7 +106,7 @@ def recency_weights(file_spans: Dict[str, int], half_life_spans: float) -> Dict[
 def file_weights(train_files: List[str], eval_files: List[str], file_spans: Optional[Dict[str, int]],
                  half_life_spans: float) -> Dict[str, float]:
     """The recency weight of each train and eval file pattern, from the span map the pipeline's Trainer
-    executor adds (pipeline/spans.py). Without a map (one span, or `run_fn` called outside the pipeline)
+    executor adds (pipeline/components/spans.py). Without a map (one span, or `run_fn` called outside the pipeline)
     every file weighs 1; a map that misses a file is an error, not a silent weight of 1."""
     if file_spans is None:
         logging.info("no span map: every file weighs 1")

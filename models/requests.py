@@ -3,7 +3,7 @@
 A file is one of:
 - CSV with a header line (e.g. the natality table's columns): one request per row, an empty field no value;
 - JSON lines, one request per line: {"mother_age": 31, "gestation_weeks": 39, ...} (null or no key: no value);
-- the prediction server's request log (serving/request_log.py): its records' "instance"s;
+- the prediction server's request log (serving/model_server/request_log.py): its records' "instance"s;
 - Vertex AI's request-response log exported from BigQuery as JSON lines: the "instances" of each
   "request_payload";
 - a folder: every *.jsonl, *.json and *.csv file in it (e.g. the server's log folder), in name order.

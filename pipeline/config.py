@@ -5,6 +5,7 @@ the profile file's value yields to and a --set flag overrides.
 """
 import dataclasses
 import glob
+import json
 import os
 import pathlib
 import re
@@ -13,7 +14,7 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple
 import yaml
 
 from models.distribution import STRATEGIES
-from pipeline.checks import CHECKS
+from pipeline.components.checks import CHECKS
 
 PROJECT_ROOT = pathlib.Path(__file__).resolve().parent.parent
 PROFILES_DIR = PROJECT_ROOT / "pipeline" / "profiles"
@@ -61,7 +62,7 @@ class PipelineConfig:
     prediction_shift_threshold: float  # pounds: a move of the mean prediction since the previous run is reported
     training_window_spans: int  # Transform and Trainer read the last this many validated spans
     recency_half_life_spans: float  # a span this many spans older weighs half as much in training (0 = equal)
-    warning_checks: Tuple[str, ...]  # checks (pipeline/checks.py) whose anomalies warn; all others stop the run
+    warning_checks: Tuple[str, ...]  # checks (pipeline/components/checks.py) whose anomalies warn; all others stop the run
     min_imputed_presence: float  # a feature the model imputes blocks a span only in fewer training rows than this
     min_drift_rows: int  # drift blocks only when both spans' train splits have at least this many rows
     infra_eval_requests: int  # eval rows the infra validator sends the served candidate, one per request
@@ -317,3 +318,11 @@ def _check(config: PipelineConfig, profile_path: pathlib.Path) -> None:
                               f"resolvers, not the span window (set it in {profile_path})")
         if not config.gcs_bucket.startswith("gs://"):
             raise ConfigError(f"gcs_bucket {config.gcs_bucket!r} must be a Cloud Storage path like gs://my-bucket")
+
+
+def write_bench_figures(output_dir: str, name: str, results: Any) -> None:
+    """A benchmark's figures as outputs/bench/NAME.json, and where they went."""
+    out = pathlib.Path(output_dir) / "bench" / f"{name}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"written: {out}")

@@ -3,23 +3,21 @@ import dataclasses
 import pathlib
 from typing import Any, List
 
-import tensorflow_model_analysis as tfma
-from google.protobuf.wrappers_pb2 import BoolValue
 from tfx import v1 as tfx
 
 from tfx.dsl.components.base import executor_spec
 
 from models import features, tuning
-from models.model import SCORE_SIGNATURE, TRANSFORM_SIGNATURE
-from pipeline import csv_example_gen, spans, tfma_metrics, trainer_executor, vertex_pusher
+from pipeline.components import csv_example_gen, spans, trainer_executor, vertex_pusher
+from pipeline.components import evaluator as evaluator_lib
 from pipeline.artifacts import GATE_ID
 from pipeline.cache import CODE_FINGERPRINT, ImportSchemaGen, code_fingerprint, file_fingerprint
-from pipeline.baseline import TreeBaseline
+from pipeline.components.baseline import TreeBaseline
 from pipeline.config import PARALLEL_STEPS, PROJECT_ROOT, PipelineConfig, parallel_beam_args
-from pipeline.infra_validator import InfraValidator
-from pipeline.monitor import PredictionMonitor, PredictionStatistics, PreviousPredictions
-from pipeline.tflite_export import TFLiteExporter
-from pipeline.validation import DataGate, DataValidator
+from pipeline.components.infra_validator import InfraValidator
+from pipeline.components.monitor import PredictionMonitor, PredictionStatistics, PreviousPredictions
+from pipeline.components.tflite_export import TFLiteExporter
+from pipeline.components.validation import DataGate, DataValidator
 
 PREPROCESSING_FN = "models.preprocessing.preprocessing_fn"
 RUN_FN = "models.model.run_fn"
@@ -27,7 +25,7 @@ TUNER_FN = "models.tuning.tuner_fn"
 # The project modules the local Trainer runs (pipeline/cache.py hashes them, and what they import, into its key).
 TRAINER_MODULES = (RUN_FN.rpartition(".")[0], trainer_executor.__name__)
 # The server the InfraValidator starts (`babyweight serve`): its code is part of that step's cache key.
-SERVER_MODULES = ("serving.server", "serving.app")
+SERVER_MODULES = ("serving.model_server.server", "serving.model_server.app")
 
 
 def schema_fingerprint(config: PipelineConfig) -> str:
@@ -37,45 +35,6 @@ def schema_fingerprint(config: PipelineConfig) -> str:
     if config.orchestrator == "vertex" and not path.is_file():
         path = PROJECT_ROOT / "schema" / path.name
     return file_fingerprint(path)
-
-
-def eval_config(config: PipelineConfig) -> tfma.EvalConfig:
-    """TFMA: RMSE and MAE overall and per slice, with the thresholds that gate the blessing."""
-    lower_is_better = tfma.MetricDirection.LOWER_IS_BETTER
-    module, metric_config = tfma_metrics.metric_config_args(code_fingerprint(tfma_metrics.__name__))
-
-    def overall(**threshold) -> tfma.PerSliceMetricThreshold:
-        # Thresholds gate on the whole eval split; slices (some of a few rows) are reported, not gated.
-        return tfma.PerSliceMetricThreshold(
-            slicing_specs=[tfma.SlicingSpec()], threshold=tfma.MetricThreshold(**threshold))
-
-    return tfma.EvalConfig(
-        model_specs=[tfma.ModelSpec(
-            # Every row of the eval split is scored, also those a client's request would be refused for.
-            signature_name=SCORE_SIGNATURE,
-            preprocessing_function_names=[TRANSFORM_SIGNATURE],
-            label_key=features.label_key(),
-            example_weight_key=features.label_weight_key(),
-        )],
-        slicing_specs=[tfma.SlicingSpec(feature_keys=keys) for keys in features.slice_keys()],
-        # Only the metrics below: re-computing the Keras model's compiled loss and metrics would load
-        # the model a second time, as Keras, for numbers the summary doesn't use.
-        options=tfma.Options(include_default_metrics=BoolValue(value=False)),
-        metrics_specs=[tfma.MetricsSpec(metrics=[
-            tfma.MetricConfig(class_name="ExampleCount"),
-            tfma.MetricConfig(class_name="WeightedExampleCount"),
-            tfma.MetricConfig(
-                class_name="WeightedRootMeanSquaredError", module=module, config=metric_config,
-                per_slice_thresholds=[overall(
-                    value_threshold=tfma.GenericValueThreshold(upper_bound={"value": config.eval_rmse_threshold}),
-                    change_threshold=tfma.GenericChangeThreshold(
-                        direction=lower_is_better, absolute={"value": config.eval_rmse_max_increase}))]),
-            tfma.MetricConfig(
-                class_name="WeightedMeanAbsoluteError", module=module, config=metric_config,
-                per_slice_thresholds=[overall(
-                    value_threshold=tfma.GenericValueThreshold(upper_bound={"value": config.eval_mae_threshold}))]),
-        ])],
-    )
 
 
 def bigquery_query(config: PipelineConfig, split: str) -> str:
@@ -312,7 +271,7 @@ def create_pipeline(config: PipelineConfig, input_rows: int = 0) -> tfx.dsl.Pipe
         examples=example_gen.outputs["examples"],
         model=trainer.outputs["model"],
         baseline_model=model_resolver.outputs["model"],
-        eval_config=eval_config(config))
+        eval_config=evaluator_lib.eval_config(config))
 
     previous_run = {}
     if local:
@@ -337,7 +296,7 @@ def create_pipeline(config: PipelineConfig, input_rows: int = 0) -> tfx.dsl.Pipe
     pusher = pusher_component(config, model=trainer.outputs["model"], model_blessing=evaluator.outputs["blessing"],
                               infra_blessing=infra_validator.outputs["blessing"])
 
-    # The pushed model for devices: TFLite models beside the SavedModel, checked against it (pipeline/tflite_export.py).
+    # The pushed model for devices: TFLite models beside the SavedModel, checked against it (pipeline/components/tflite_export.py).
     tflite_exporter = TFLiteExporter(model=trainer.outputs["model"], pushed_model=pusher.outputs["pushed_model"],
                                      examples=example_gen.outputs["examples"],
                                      code_fingerprint=code_fingerprint(TFLiteExporter.__module__))

@@ -16,9 +16,9 @@ import pytest  # noqa: E402
 from data import generator  # noqa: E402
 from models import features  # noqa: E402
 from pipeline import config as config_lib  # noqa: E402
-from pipeline import run as run_lib  # noqa: E402
-from pipeline import mlmd  # noqa: E402
-from pipeline import quality  # noqa: E402
+from pipeline.commands import run as run_lib  # noqa: E402
+from pipeline.metadata import mlmd  # noqa: E402
+from pipeline.commands import quality  # noqa: E402
 
 PROJECT_ROOT = pathlib.Path(__file__).resolve().parent.parent
 SHARED_NATALITY = quality.SHARED_NATALITY

@@ -8,7 +8,7 @@ import sys
 import pytest
 
 import babyweight_cli
-from pipeline import metadata_cli, mlmd
+from pipeline.metadata import metadata_cli, mlmd
 
 PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The installed command's environment: none of the variables the make targets set.
@@ -116,7 +116,7 @@ def test_a_run_is_alive_while_a_process_holds_the_store_s_runner_lock(tmp_path):
         assert mlmd.runner_alive(store) is True
     assert mlmd.runner_alive(store) is False
     # A process holding it, then killed outright: the system drops its lock.
-    hold = (f"import time\nfrom pipeline import mlmd\nwith mlmd.runner_marker({store!r}):\n"
+    hold = (f"import time\nfrom pipeline.metadata import mlmd\nwith mlmd.runner_marker({store!r}):\n"
             "    print('held', flush=True)\n    time.sleep(60)")
     holder = subprocess.Popen([sys.executable, "-c", hold], cwd=PROJECT_ROOT, stdout=subprocess.PIPE, text=True)
     try:
@@ -130,7 +130,7 @@ def test_a_run_is_alive_while_a_process_holds_the_store_s_runner_lock(tmp_path):
 
 @pytest.mark.slow
 def test_make_bench_prints_its_table_alone_and_logs_the_rest():
-    done = subprocess.run([sys.executable, "-m", "pipeline.bench", "--rows", "2000"], cwd=PROJECT_ROOT, env=BARE_ENV,
+    done = subprocess.run([sys.executable, "-m", "pipeline.commands.bench", "--rows", "2000"], cwd=PROJECT_ROOT, env=BARE_ENV,
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert done.stderr == ""  # TensorFlow's start-up lines, the TFLite converter's notes, Beam's warnings: the log

@@ -12,7 +12,8 @@ import pytest
 
 from data import generator
 from pipeline import config as config_lib
-from pipeline import history, metadata_cli
+from pipeline.reports import history
+from pipeline.metadata import metadata_cli
 from tests.conftest import PROJECT_ROOT, run_pipeline
 
 pytestmark = pytest.mark.slow

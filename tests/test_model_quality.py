@@ -11,8 +11,10 @@ import tensorflow as tf
 
 from data import course
 from models import features
-from pipeline import baseline, quality, summary
-from pipeline.quality import SHARED_NATALITY
+from pipeline.components import baseline
+from pipeline.commands import quality
+from pipeline.reports import summary
+from pipeline.commands.quality import SHARED_NATALITY
 from tests.conftest import skip_or_fail_in_ci
 
 pytestmark = pytest.mark.slow

@@ -23,7 +23,10 @@ import tensorflow_transform as tft
 from data import generator
 from models import features, lite
 from pipeline import config as config_lib
-from pipeline import baseline, mlmd, quality, serving_check, summary
+from pipeline.components import baseline
+from pipeline.metadata import mlmd
+from pipeline.commands import quality, serving_check
+from pipeline.reports import summary
 from tests.conftest import PROJECT_ROOT
 
 pytestmark = pytest.mark.slow
@@ -125,7 +128,7 @@ def test_an_edited_schema_takes_effect_on_the_rerun_and_reverting_it_reuses_the_
 
 def test_editing_the_code_a_step_runs_reruns_that_step_only(tmp_path):
     """runner_local.py from a copy of the project, twice on the same data and store: between the runs
-    pipeline/checks.py (which the validator imports) gets one more line."""
+    pipeline/components/checks.py (which the validator imports) gets one more line."""
     copy = tmp_path / "project"
     for package in ("data", "models", "pipeline", "schema"):
         shutil.copytree(PROJECT_ROOT / package, copy / package, ignore=shutil.ignore_patterns("__pycache__"))

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from pipeline import config as config_lib
-from pipeline import validation
+from pipeline.components import validation
 from tests.conftest import run_pipeline
 
 pytestmark = pytest.mark.slow

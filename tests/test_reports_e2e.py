@@ -9,7 +9,9 @@ import re
 
 import pytest
 
-from pipeline import browser, history, mlmd, monitor, report, summary
+from pipeline.reports import browser, history, report, summary
+from pipeline.metadata import mlmd
+from pipeline.components import monitor
 from tests.conftest import skip_or_fail_in_ci
 
 pytestmark = pytest.mark.slow

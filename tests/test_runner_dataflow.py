@@ -35,7 +35,7 @@ def compiled(tmp_path_factory):
 def test_same_components_as_the_local_pipeline_less_the_local_resolvers(compiled):
     _, tasks, _ = compiled
     local = {c.id for c in pipeline_lib.create_pipeline(config_lib.load_config()).components}
-    # Vertex compiles only TFX's built-in resolver strategies, not the span ones (pipeline/spans.py).
+    # Vertex compiles only TFX's built-in resolver strategies, not the span ones (pipeline/components/spans.py).
     local_only = {"previous_validated_span", "training_window", "previous_predictions"}
     # The vertex profile tunes (Vertex AI Vizier), the local one doesn't (the tuned profile does).
     expected = (local - {"CsvExampleGen", "latest_blessed_model_resolver"} - local_only) | {"BigQueryExampleGen",
@@ -158,7 +158,7 @@ def test_pusher_deploys_to_the_configured_vertex_endpoint(compiled):
     assert custom_config["ai_platform_vertex_container_image_uri"] == SERVING_IMAGE
     assert custom_config["request_response_logging"] == {
         "bq_destination_table": "bq://my-project.babyweight_serving.request_response_logging", "sampling_rate": 1.0}
-    assert any("pipeline.vertex_pusher.Executor" in json.dumps(executor) for executor in compiled[2].values())
+    assert any("pipeline.components.vertex_pusher.Executor" in json.dumps(executor) for executor in compiled[2].values())
 
 
 def test_infra_validator_serves_the_candidate_before_the_pusher_in_the_pipeline_image(compiled):
@@ -178,7 +178,7 @@ def test_infra_validator_serves_the_candidate_before_the_pusher_in_the_pipeline_
                                                                      "outputArtifactKey": "blessing"}
     assert pusher_inputs["model_blessing"]["taskOutputArtifact"]["producerTask"] == "Evaluator"
     executor = json.dumps(executors[spec["components"][infra["componentRef"]["name"]]["executorLabel"]])
-    assert "pipeline.infra_validator.InfraValidator" in executor and IMAGE in executor
+    assert "pipeline.components.infra_validator.InfraValidator" in executor and IMAGE in executor
 
 
 def test_the_tflite_models_are_made_of_the_pushed_model_after_the_push_in_the_pipeline_image(compiled):
@@ -187,7 +187,7 @@ def test_the_tflite_models_are_made_of_the_pushed_model_after_the_push_in_the_pi
     assert {(name, a["taskOutputArtifact"]["producerTask"]) for name, a in exporter["inputs"]["artifacts"].items()} == {
         ("model", "Trainer"), ("pushed_model", "Pusher"), ("examples", "BigQueryExampleGen")}
     executor = json.dumps(executors[spec["components"][exporter["componentRef"]["name"]]["executorLabel"]])
-    assert "pipeline.tflite_export.TFLiteExporter" in executor and IMAGE in executor
+    assert "pipeline.components.tflite_export.TFLiteExporter" in executor and IMAGE in executor
 
 
 def test_every_step_runs_the_configured_image(compiled):
@@ -268,7 +268,7 @@ def test_the_pusher_creates_the_endpoint_with_request_response_logging(monkeypat
     """Offline: what the Vertex Pusher's executor asks of Vertex AI before TFX deploys the model."""
     from google.cloud import aiplatform
 
-    from pipeline import vertex_pusher
+    from pipeline.components import vertex_pusher
 
     calls, existing = [], []
 

@@ -3,8 +3,8 @@ import pathlib
 
 import pytest
 
-from pipeline import run as run_lib
-from pipeline import simulate
+from pipeline.commands import run as run_lib
+from pipeline.commands import simulate
 
 pytestmark = pytest.mark.slow
 

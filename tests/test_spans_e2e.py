@@ -11,7 +11,7 @@ import pytest
 
 from data import generator
 from pipeline import config as config_lib
-from pipeline import spans as spans_lib
+from pipeline.components import spans as spans_lib
 from tests.conftest import run_pipeline
 
 pytestmark = pytest.mark.slow

@@ -11,7 +11,7 @@ import tensorflow as tf
 from data import generator
 from models import model
 from pipeline import config as config_lib
-from pipeline import metadata_cli
+from pipeline.metadata import metadata_cli
 from tests.conftest import run_pipeline
 
 pytestmark = pytest.mark.slow

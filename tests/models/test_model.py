@@ -49,7 +49,6 @@ def _raw_rows(rows: int):
 
 
 def test_masking_removes_optional_features_in_about_the_configured_share_of_rows_and_never_required_ones():
-    import tensorflow as tf
 
     model.tf.random.set_seed(3)
     rows = 20_000

@@ -8,7 +8,7 @@ from tensorflow_transform.tf_metadata import dataset_metadata, schema_utils
 
 from models import features, preprocessing
 from pipeline import config as config_lib
-from pipeline.run import load_schema
+from pipeline.commands.run import load_schema
 
 USED = [c.name for c in features.FEATURES] + [features.LABEL.name]
 ROWS = [  # father_age 99 and weight_gain_pounds 99 are the table's 'unknown' codes

@@ -196,7 +196,7 @@ class _Failing(tuning.TrainerTrials):
 
 
 def test_a_search_whose_trials_all_failed_is_an_error_not_a_best_value(tmp_path):
-    from pipeline.trainer_executor import check_completed
+    from pipeline.components.trainer_executor import check_completed
 
     oracle = tuning.ProfileFirstOracle(objective=kt.Objective(tuning.OBJECTIVE, "min"), max_trials=2,
                                        hyperparameters=tuning.search_space(_settings()), seed=1)
@@ -255,7 +255,7 @@ def test_a_diverged_trial_fails_with_the_reason(monkeypatch):
 
 
 def test_the_summary_lists_the_trials_best_first_marking_the_choice_and_the_profile():
-    from pipeline import summary
+    from pipeline.reports import summary
 
     record = {"chosen": {"hidden_units": "128", "learning_rate": 0.0016758}, "trials": tuning.results([
         {"trial_id": "0", "score": 1.0011, "hidden_units": "256,128", "learning_rate": 0.004},

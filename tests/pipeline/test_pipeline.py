@@ -6,7 +6,7 @@ import pytest
 
 from pipeline import cache
 from pipeline import config as config_lib
-from pipeline import csv_example_gen
+from pipeline.components import csv_example_gen
 from pipeline import pipeline as pipeline_lib
 
 
@@ -63,24 +63,24 @@ def _copy_of_the_project(tmp_path):
 
 
 @pytest.mark.parametrize("edited, changes, keeps", [
-    ("pipeline/checks.py", ["pipeline.validation"], ["models.preprocessing", "pipeline.csv_example_gen"]),
-    ("pipeline/csv_check.py", ["pipeline.csv_example_gen"], ["models.preprocessing"]),
-    ("models/features.py", ["models.preprocessing", "models.model", "pipeline.baseline"], []),
-    ("pipeline/report.py", [], ["pipeline.validation", "models.model", "pipeline.monitor", "pipeline.baseline"]),
+    ("pipeline/components/checks.py", ["pipeline.components.validation"], ["models.preprocessing", "pipeline.components.csv_example_gen"]),
+    ("pipeline/components/csv_check.py", ["pipeline.components.csv_example_gen"], ["models.preprocessing"]),
+    ("models/features.py", ["models.preprocessing", "models.model", "pipeline.components.baseline"], []),
+    ("pipeline/reports/report.py", [], ["pipeline.components.validation", "models.model", "pipeline.components.monitor", "pipeline.components.baseline"]),
     # The monitor records its slices by these names; the report's plots and the history page run no step.
-    ("pipeline/slices.py", ["pipeline.monitor"], ["models.model", "pipeline.validation"]),
-    ("pipeline/plots.py", [], ["pipeline.monitor", "models.model", "pipeline.validation"]),
+    ("pipeline/reports/slices.py", ["pipeline.components.monitor"], ["models.model", "pipeline.components.validation"]),
+    ("pipeline/reports/plots.py", [], ["pipeline.components.monitor", "models.model", "pipeline.components.validation"]),
     # The metadata reader of the commands and the resolvers run no step: the Trainer and validator keep their keys.
-    ("pipeline/mlmd.py", [], ["models.model", "pipeline.trainer_executor", "pipeline.validation"]),
-    ("pipeline/spans.py", [], ["models.model", "pipeline.trainer_executor", "pipeline.validation"]),
+    ("pipeline/metadata/mlmd.py", [], ["models.model", "pipeline.components.trainer_executor", "pipeline.components.validation"]),
+    ("pipeline/components/spans.py", [], ["models.model", "pipeline.components.trainer_executor", "pipeline.components.validation"]),
     # The search space reruns the Tuner (and through its output the Trainer), not the Trainer's own key.
-    ("models/tuning.py", ["models.tuning"], ["models.model", "pipeline.trainer_executor"]),
+    ("models/tuning.py", ["models.tuning"], ["models.model", "pipeline.components.trainer_executor"]),
     ("models/model.py", ["models.tuning", "models.model"], ["models.preprocessing"]),
     # The server the InfraValidator starts is part of its key, and of no other step's.
-    ("serving/batching.py", ["serving.app"], ["pipeline.infra_validator", "models.model", "pipeline.monitor"]),
+    ("serving/core/batching.py", ["serving.model_server.app"], ["pipeline.components.infra_validator", "models.model", "pipeline.components.monitor"]),
 ])
 def test_a_code_change_changes_the_fingerprint_of_the_steps_that_run_it(tmp_path, edited, changes, keeps):
-    """Modules imported by a step's module count too (pipeline/checks.py by pipeline/validation.py)."""
+    """Modules imported by a step's module count too (pipeline/components/checks.py by pipeline/components/validation.py)."""
     root = _copy_of_the_project(tmp_path)
     before = {module: cache.code_fingerprint(module, root=root) for module in changes + keeps}
     assert before == {module: cache.code_fingerprint(module) for module in before}
@@ -91,19 +91,19 @@ def test_a_code_change_changes_the_fingerprint_of_the_steps_that_run_it(tmp_path
 
 def test_every_step_running_project_code_has_its_fingerprint():
     components = _components(config_lib.load_config())
-    for step, modules in {"DataValidator": ["pipeline.validation"], "DataGate": ["pipeline.validation"],
-                          "TreeBaseline": ["pipeline.baseline"], "PredictionMonitor": ["pipeline.monitor"],
-                          "InfraValidator": ["pipeline.infra_validator", *pipeline_lib.SERVER_MODULES],
-                          "TFLiteExporter": ["pipeline.tflite_export"]}.items():
+    for step, modules in {"DataValidator": ["pipeline.components.validation"], "DataGate": ["pipeline.components.validation"],
+                          "TreeBaseline": ["pipeline.components.baseline"], "PredictionMonitor": ["pipeline.components.monitor"],
+                          "InfraValidator": ["pipeline.components.infra_validator", *pipeline_lib.SERVER_MODULES],
+                          "TFLiteExporter": ["pipeline.components.tflite_export"]}.items():
         assert components[step].exec_properties["code_fingerprint"] == cache.code_fingerprint(*modules), step
     # The server's modules are found (a misspelt name would hash nothing of the server).
     hashed = {path.relative_to(cache.PROJECT_ROOT).as_posix() for path in cache.project_modules(pipeline_lib.SERVER_MODULES)}
-    assert {"serving/server.py", "serving/app.py", "serving/loader.py", "serving/batching.py"} <= hashed
+    assert {"serving/model_server/server.py", "serving/model_server/app.py", "serving/core/loader.py", "serving/core/batching.py"} <= hashed
     custom = {step: json.loads(components[step].exec_properties["custom_config"]) for step in ("Transform", "Trainer")}
     example_gen = json.loads(components["CsvExampleGen"].exec_properties["custom_config"])["custom_config"]
-    assert example_gen["value"] == cache.code_fingerprint("pipeline.csv_example_gen")
+    assert example_gen["value"] == cache.code_fingerprint("pipeline.components.csv_example_gen")
     assert custom["Transform"]["code_fingerprint"] == cache.code_fingerprint("models.preprocessing")
-    assert custom["Trainer"]["code_fingerprint"] == cache.code_fingerprint("models.model", "pipeline.trainer_executor")
+    assert custom["Trainer"]["code_fingerprint"] == cache.code_fingerprint("models.model", "pipeline.components.trainer_executor")
 
 
 def test_the_tuned_profile_tunes_on_the_trainer_s_inputs_and_the_trainer_takes_the_best_values():
@@ -118,7 +118,7 @@ def test_the_tuned_profile_tunes_on_the_trainer_s_inputs_and_the_trainer_takes_t
     assert tuner.exec_properties["tuner_fn"] == pipeline_lib.TUNER_FN
     custom = json.loads(tuner.exec_properties["custom_config"])
     assert custom["tuner_trials"] == 5 and "vizier" not in custom
-    assert custom["code_fingerprint"] == cache.code_fingerprint("models.tuning", "pipeline.trainer_executor")
+    assert custom["code_fingerprint"] == cache.code_fingerprint("models.tuning", "pipeline.components.trainer_executor")
     # The trials train as the Trainer does: the same settings, but for the search's own.
     trainer_custom = json.loads(trainer.exec_properties["custom_config"])
     assert {k: v for k, v in custom.items() if k not in ("tuner_trials", "code_fingerprint")} == {

@@ -11,9 +11,10 @@ import pytest
 import tensorflow as tf
 
 from models import features, lite
-from serving import client, loader
+from serving.core import contract
+from serving.core import loader
 from tests.serving.conftest import PROJECT_ROOT, call, running_server
-from tests.serving.test_server import call_text
+from tests.serving.model_server.test_server import call_text
 
 pytestmark = pytest.mark.slow
 
@@ -27,7 +28,7 @@ def test_served_predictions_equal_the_signatures_on_real_rows(real_export_run, r
     instances = []
     for row in rows:
         try:
-            instances.append(client.to_instance(row))
+            instances.append(contract.to_instance(row))
         except ValueError:
             continue
     signature = tf.saved_model.load(str(version_dir)).signatures["serving_raw"]
@@ -83,7 +84,7 @@ def test_the_pipelines_bulk_inferrer_predicts_unlabelled_rows_as_predict_batch_d
     """TFX's BulkInferrer in the run (serving_default on the run's tf.Examples) and `babyweight predict-batch` (Beam's
     RunInference on serving_raw) give each unlabelled row the same number; rows lacking a required feature are
     left out of the one and rejected, with the reason, by the other."""
-    from serving import batch
+    from serving.batch import cli as batch_cli
 
     config, result = real_export_run
     unlabelled = pathlib.Path(config.bulk_inference_dir) / "births.csv"
@@ -91,7 +92,7 @@ def test_the_pipelines_bulk_inferrer_predicts_unlabelled_rows_as_predict_batch_d
     refused = []
     for line, row in enumerate(rows, start=2):
         try:
-            client.to_instance({k: v for k, v in row.items() if v})
+            contract.to_instance({k: v for k, v in row.items() if v})
         except ValueError:
             refused.append(f"births.csv:{line}")
     assert len(refused) >= 5  # the fixture's rows without gestation weeks, and any others the contract refuses
@@ -110,7 +111,7 @@ def test_the_pipelines_bulk_inferrer_predicts_unlabelled_rows_as_predict_batch_d
                   for name, feature in example.features.feature.items() if feature.WhichOneof("kind")}
         inferred[features.instance_key(values)] = values["predicted_weight_pounds"][0]
     version = max(pathlib.Path(config.serving_dir).iterdir(), key=lambda p: int(p.name))
-    assert batch.main(["--input", str(unlabelled), "--output", str(tmp_path / "run"),
+    assert batch_cli.main(["--input", str(unlabelled), "--output", str(tmp_path / "run"),
                        "--model-dir", str(version.parent)]) == 0
     predicted = [json.loads(line) for path in tmp_path.glob("run-predictions-*") for line in path.open()]
     rejected = [json.loads(line) for path in tmp_path.glob("run-rejected-*") for line in path.open()]
@@ -119,7 +120,7 @@ def test_the_pipelines_bulk_inferrer_predicts_unlabelled_rows_as_predict_batch_d
     assert all("missing required feature" in row["reason"] for row in rejected)
     for row in predicted:
         line = int(row["id"].split(":")[1])
-        key = features.instance_key(client.to_instance({k: v for k, v in rows[line - 2].items() if v}))
+        key = features.instance_key(contract.to_instance({k: v for k, v in rows[line - 2].items() if v}))
         assert inferred[key] == pytest.approx(row["prediction"], abs=1e-4), row
 
 
@@ -150,8 +151,8 @@ def _edge_instances(complete: dict) -> list:
 def test_the_pushed_tflite_models_predict_every_real_row_as_the_savedmodel_does(real_export_run, real_export_csv):
     """The issue's goal on all 16,000 rows of the real export: float32 within 0.01 lb of the SavedModel on every row
     the contract accepts, float16's RMSE within 0.005 lb of the SavedModel's, missing values and refusals alike."""
-    from pipeline import tflite_export
-    from serving import device
+    from pipeline.components import tflite_export
+    from serving.clients import device
 
     config, result = real_export_run
     version = max(pathlib.Path(config.serving_dir).iterdir(), key=lambda p: int(p.name))
@@ -160,7 +161,7 @@ def test_the_pushed_tflite_models_predict_every_real_row_as_the_savedmodel_does(
         "destination"].string_value == str(version)
     assert "TFLite: babyweight.tflite" in result.outcome.summary and f"pushed to {version}" in result.outcome.summary
     rows = list(csv.DictReader(real_export_csv.open()))
-    complete = next(client.to_instance(row) for row in rows if all(row[c.name] not in ("", "99")
+    complete = next(contract.to_instance(row) for row in rows if all(row[c.name] not in ("", "99")
                                                                   for c in features.FEATURES))
     rows += _edge_instances(complete)
     by_variant = {variant: device.predict_rows(device.DeviceModel(str(version / name)), rows, batch_size=512)
@@ -169,7 +170,7 @@ def test_the_pushed_tflite_models_predict_every_real_row_as_the_savedmodel_does(
     accepted, keys, lacking = [], [], 0
     for index, row in enumerate(rows):
         try:
-            instance = client.to_instance(row)
+            instance = contract.to_instance(row)
         except ValueError as error:  # refused by the device as the server refuses it, in the same words
             assert by_variant["float32"][index]["error"] == f"row {index + 1}: {error}"
             assert by_variant["float16"][index]["error"] == f"row {index + 1}: {error}"

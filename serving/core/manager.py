@@ -1,0 +1,271 @@
+"""Which versions are live: a source finds them, the version policy picks them, the loader readies them.
+
+As in TF Serving: the folder is polled for version folders (integer names); the policy (latest N, all, or
+specific versions, from TF Serving's model_config_list file) says which should be served; a new version is
+loaded and warmed up before it takes traffic, and an older one leaves only once the versions that replace it
+are available. A request takes a handle to one version (`resolve`) and keeps it to the end, so a version that
+is being unloaded finishes the requests it has. A version that fails to load is refused with a log line and its
+error in the status; it is tried again only when its files change.
+"""
+import dataclasses
+import logging
+import os
+import threading
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import tensorflow as tf
+from google.protobuf import text_format
+from tensorflow_serving.config import model_server_config_pb2
+
+from models import features
+from serving.core import loader
+from serving.model_server.settings import ServerSettings
+
+LOADING, AVAILABLE, UNLOADING, END = "LOADING", "AVAILABLE", "UNLOADING", "END"
+
+
+class NotFound(LookupError):
+    """Unknown model, version or label (HTTP 404)."""
+
+
+class Unavailable(RuntimeError):
+    """Nothing to answer with yet (HTTP 503)."""
+
+
+class ConfigFileError(ValueError):
+    """The model config file can't be read; the message names the file and the problem."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """TF Serving's per-model settings that this server honours."""
+
+    name: str
+    base_path: str
+    policy: str = "latest"  # latest, all or specific
+    num_versions: int = 1  # latest: how many of the newest
+    versions: Tuple[int, ...] = ()  # specific: which
+    labels: Tuple[Tuple[str, int], ...] = ()
+
+    def aspired(self, candidates: Sequence[int]) -> List[int]:
+        """The versions the policy wants served, of those that can be (newest first)."""
+        ordered = sorted(candidates, reverse=True)
+        if self.policy == "all":
+            return ordered
+        if self.policy == "specific":
+            return [v for v in ordered if v in self.versions]
+        return ordered[:self.num_versions]
+
+
+def read_model_config(path: str, name: str, default_base_path: str) -> ModelConfig:
+    """The model's entry in a TF Serving model config file (text ModelServerConfig), or the defaults."""
+    if not path:
+        return ModelConfig(name, default_base_path)
+    try:
+        with tf.io.gfile.GFile(path) as handle:
+            parsed = text_format.Parse(handle.read(), model_server_config_pb2.ModelServerConfig())
+    except (OSError, tf.errors.OpError, text_format.ParseError) as error:
+        raise ConfigFileError(f"{path}: {error}") from None
+    entries = [c for c in parsed.model_config_list.config if c.name == name]
+    if not entries:
+        raise ConfigFileError(f"{path}: no model named {name!r} in model_config_list")
+    entry = entries[0]
+    base_path = entry.base_path or default_base_path
+    if entry.base_path and not os.path.isabs(entry.base_path) and "://" not in entry.base_path:
+        base_path = os.path.join(os.path.dirname(os.path.abspath(path)), entry.base_path)
+    choice = entry.model_version_policy.WhichOneof("policy_choice") or "latest"
+    policy = entry.model_version_policy
+    return ModelConfig(
+        name, base_path, choice,
+        num_versions=(policy.latest.num_versions or 1) if choice == "latest" else 1,
+        versions=tuple(policy.specific.versions) if choice == "specific" else (),
+        labels=tuple(sorted(entry.version_labels.items())))
+
+
+def list_versions(base_path: str) -> Dict[int, str]:
+    """Version folders (integer names) under base_path, or base_path itself if it holds a SavedModel."""
+    if tf.io.gfile.exists(os.path.join(base_path, "saved_model.pb")):  # one version, e.g. Vertex's AIP_STORAGE_URI
+        name = os.path.basename(base_path.rstrip("/"))
+        return {int(name) if name.isdigit() else 1: base_path}
+    if not tf.io.gfile.isdir(base_path):
+        return {}
+    return {int(name.rstrip("/")): os.path.join(base_path, name.rstrip("/"))
+            for name in tf.io.gfile.listdir(base_path) if name.rstrip("/").isdigit()}
+
+
+def files_fingerprint(path: str) -> Tuple[Tuple[str, int], ...]:
+    """The version folder's files and sizes: a failed version is retried when this changes (a copy finished)."""
+    found = []
+    for folder, _, files in tf.io.gfile.walk(path):
+        for name in files:
+            full = os.path.join(folder, name)
+            try:
+                found.append((full, tf.io.gfile.stat(full).length))
+            except tf.errors.NotFoundError:  # gone since the listing (a copy in progress)
+                continue
+    return tuple(sorted(found))
+
+
+@dataclasses.dataclass
+class VersionState:
+    state: str
+    error: str = ""
+
+
+class Manager:
+    """Keeps the aspired versions loaded and hands out one per request."""
+
+    def __init__(self, settings: ServerSettings, default_base_path: str,
+                 traffic_head: Callable[[], Sequence[features.InstanceKey]] = lambda: (),
+                 on_change: Callable[[], None] = lambda: None):
+        self.settings = settings
+        self._default_base_path = default_base_path
+        self._traffic_head = traffic_head
+        self._on_change = on_change
+        self.config = read_model_config(settings.model_config_file, settings.model_name, default_base_path)
+        self._config_stamp = self._stamp()
+        self.available: Dict[int, loader.LoadedVersion] = {}  # replaced whole, never changed in place
+        self.states: Dict[int, VersionState] = {}
+        self._failed: Dict[int, Tuple] = {}  # version -> its files when it failed
+        self._stop = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+
+    # Choosing a version for a request
+
+    def resolve(self, version: Optional[int] = None, label: Optional[str] = None) -> loader.LoadedVersion:
+        """The version a request asked for (a number, a label, or the newest available): its handle."""
+        available = self.available
+        if label is not None:
+            labels = dict(self.config.labels)
+            if label not in labels:
+                raise NotFound(f"model {self.config.name!r} has no label {label!r}"
+                               + (f" (labels: {', '.join(sorted(labels))})" if labels else ""))
+            version = labels[label]
+        if version is not None:
+            if version in available:
+                return available[version]
+            state = self.states.get(version)
+            if state is None and label is not None:
+                raise NotFound(f"label {label!r} points to version {version}, which is not served (serving: "
+                               f"{', '.join(map(str, sorted(available, reverse=True))) or 'none'})")
+            if state is None:
+                raise NotFound(f"model {self.config.name!r} has no version {version} (serving: "
+                               f"{', '.join(map(str, sorted(available, reverse=True))) or 'none'})")
+            raise Unavailable(f"version {version} of {self.config.name!r} is {state.state}"
+                              + (f": {state.error}" if state.error else ""))
+        if not available:
+            raise Unavailable(f"no version of {self.config.name!r} is available yet in {self.config.base_path}"
+                              + self._why_none())
+        return available[max(available)]
+
+    def _why_none(self) -> str:
+        states = dict(self.states)  # the poll thread changes it
+        loading = [v for v, s in states.items() if s.state == LOADING]
+        failed = [f"{v}: {s.error}" for v, s in states.items() if s.error]
+        return (f" (loading {loading})" if loading else "") + (f" (failed: {'; '.join(failed)})" if failed else "")
+
+    def status(self, version: Optional[int] = None, label: Optional[str] = None) -> List[Dict]:
+        """TF Serving's model_version_status list."""
+        states = dict(self.states)  # the poll thread changes it
+        if label is not None or version is not None:
+            version = self.resolve_number(version, label)
+            if version not in states:
+                raise NotFound(f"model {self.config.name!r} has no version {version}")
+            versions = [version]
+        else:
+            versions = sorted(states, reverse=True)
+        return [{"version": str(v), "state": states[v].state,
+                 "status": {"error_code": "UNKNOWN" if states[v].error else "OK",
+                            "error_message": states[v].error}} for v in versions]
+
+    def resolve_number(self, version: Optional[int], label: Optional[str]) -> int:
+        if label is not None:
+            labels = dict(self.config.labels)
+            if label not in labels:
+                raise NotFound(f"model {self.config.name!r} has no label {label!r}")
+            return labels[label]
+        return version
+
+    # Keeping the aspired versions loaded
+
+    def _stamp(self) -> Optional[Tuple]:
+        path = self.settings.model_config_file
+        if not path or not tf.io.gfile.exists(path):
+            return None
+        stat = tf.io.gfile.stat(path)
+        return stat.mtime_nsec, stat.length
+
+    def _reload_config(self) -> None:
+        stamp = self._stamp()
+        if stamp == self._config_stamp:
+            return
+        self._config_stamp = stamp
+        try:
+            self.config = read_model_config(self.settings.model_config_file, self.settings.model_name,
+                                            self._default_base_path)
+            logging.info("model config reloaded from %s: %s", self.settings.model_config_file, self.config)
+        except ConfigFileError as error:
+            logging.error("keeping the previous model config: %s", error)
+
+    def poll_once(self) -> None:
+        """One look at the config file and the folder; loads and unloads to match the policy."""
+        self._reload_config()
+        found = list_versions(self.config.base_path)
+        for version, fingerprint in list(self._failed.items()):
+            if version in found and files_fingerprint(found[version]) != fingerprint:
+                del self._failed[version]  # its files changed (a copy finished): try it again
+        while True:  # a version that fails to load gives its place to the next one the policy would take
+            aspired = self.config.aspired([v for v in found if v not in self._failed])
+            pending = [v for v in aspired if v not in self.available]
+            if not pending or self._stop.is_set():
+                break
+            self._load(pending[0], found[pending[0]])
+        ready = [v for v in aspired if v in self.available]
+        if ready or not aspired:
+            for version in [v for v in self.available if v not in aspired]:
+                self._unload(version)
+        for version in [v for v in list(self.states) if v not in found and v not in self.available]:
+            del self.states[version]  # deleted from the folder: forgotten
+            self._failed.pop(version, None)
+
+    def _load(self, version: int, path: str) -> None:
+        self.states[version] = VersionState(LOADING)
+        try:
+            loaded = loader.load(path, version, self.settings.cache_head_size, self.settings.cache_capacity,
+                                 self.settings.cache_admit_after, self._traffic_head())
+        except loader.LoadError as error:
+            logging.error("refused: %s; still serving %s", error, sorted(self.available) or "nothing")
+            self.states[version] = VersionState(END, str(error))
+            self._failed[version] = files_fingerprint(path) if tf.io.gfile.exists(path) else ()
+            return
+        self.available = {**self.available, version: loaded}
+        self.states[version] = VersionState(AVAILABLE)
+        logging.info("version %d is available (%.1f s to load; %d predictions precomputed)",
+                     version, loaded.seconds_to_load, loaded.table.head_size)
+        self._on_change()
+
+    def _unload(self, version: int) -> None:
+        self.states[version] = VersionState(UNLOADING)
+        self.available = {v: loaded for v, loaded in self.available.items() if v != version}
+        # Requests holding this version keep it alive until they finish; then Python frees it.
+        self.states[version] = VersionState(END)
+        logging.info("version %d unloaded", version)
+        self._on_change()
+
+    def start(self) -> None:
+        """Polls in a background thread until `stop`."""
+        def run() -> None:
+            while not self._stop.is_set():
+                try:
+                    self.poll_once()
+                except Exception:  # a poll that fails (storage unreachable) must not stop the next one
+                    logging.exception("polling %s failed; trying again", self.config.base_path)
+                self._stop.wait(self.settings.poll_seconds)
+
+        self._thread = threading.Thread(target=run, name="version-manager", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)

@@ -1,0 +1,374 @@
+"""The HTTP layer: TensorFlow Serving's REST API on Starlette, over the manager, the batcher and the cache.
+
+    GET  /v1/models/NAME[/versions/N|/labels/L]            version status (AVAILABLE, LOADING, ...)
+    GET  /v1/models/NAME[/versions/N|/labels/L]/metadata   signatures with their inputs and outputs; request limits
+    POST /v1/models/NAME[/versions/N|/labels/L]:predict    {"instances": [...]} or {"inputs": {...}}
+    POST /v1/models/NAME[/versions/N|/labels/L]:regress    {"examples": [...], "context": {...}}
+    POST /v1/models/NAME:feedback                          {"feedback": [{"request_id": ..., "weight_pounds": ...}]}
+    GET  /metrics                                          Prometheus' text format
+Errors answer {"error": "..."}: 400 a bad request (naming the instance and feature), 404 an unknown model,
+version or label, 413 a request too large, 503 no version available yet. Each answer carries the request's id
+and the version that answered in the X-Request-Id and X-Model-Version headers.
+"""
+import asyncio
+import contextlib
+import gc
+import itertools
+import logging
+import os
+import re
+import secrets
+import time
+from typing import Any, Dict, List, Optional, Sequence
+
+import orjson
+
+import babyweight_cli
+
+# Each worker process imports TensorFlow itself: its start-up lines off the console, as the command keeps them.
+babyweight_cli.install_quiet_tensorflow()
+import tensorflow as tf  # noqa: E402
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from models import features
+from serving.core import batching, cache, contract, loader, manager
+from serving.experiments import experiment
+from serving.model_server import metrics, request_log
+from serving.model_server.settings import ServerSettings
+
+MODELS_ROUTE = re.compile(r"^/v1/models/(?P<name>[^/:]+)(?:/versions/(?P<version>[^/:]+)|/labels/(?P<label>[^/:]+))?"
+                          r"(?P<action>/metadata|:predict|:regress|:feedback)?$")
+JSON = "application/json"
+ROUTING_HEADER = experiment.ROUTING_HEADER.encode()
+TRAFFIC_HEAD_RECORDS = 50_000  # newest request log records read for the traffic's head when a version loads
+
+
+def default_paths(settings: ServerSettings) -> Dict[str, str]:
+    """The model folder and the log folder: the settings', else the local profile's outputs."""
+    if settings.model_dir and settings.log_dir:
+        return {"model_dir": settings.model_dir, "log_dir": settings.log_dir}
+    from pipeline import config as config_lib  # the profile's paths only; serving uses no pipeline component
+
+    config = config_lib.load_config()
+    return {"model_dir": settings.model_dir or config.serving_dir,
+            "log_dir": settings.log_dir or os.path.join(config.output_dir, "serving_logs")}
+
+
+class ModelServer:
+    """What the routes share: the manager, the batcher, the request log and the metrics of one process."""
+
+    def __init__(self, settings: ServerSettings):
+        self.settings = settings
+        paths = default_paths(settings)
+        self.log_dir = paths["log_dir"]
+        self.metrics = metrics.Metrics()
+        self.batcher = batching.Batcher(settings.max_batch_size, settings.batch_timeout_micros / 1e6,
+                                        on_batch=self.metrics.batched)
+        self.manager = manager.Manager(settings, paths["model_dir"], traffic_head=self.traffic_head,
+                                       on_change=_settle_memory)
+        self.log: Optional[request_log.RequestLog] = None
+        self.experiment = (experiment.Experiment(experiment.load_config(settings.experiment_file))
+                           if settings.experiment_file else None)
+        self._shadows: set = set()  # shadow predictions running after their requests were answered
+        self._ids = itertools.count()
+        self._id_prefix = secrets.token_hex(4)
+
+    def start(self) -> None:
+        if self.settings.request_log_enabled:
+            self.log = request_log.RequestLog(self.log_dir, self.settings.log_max_bytes, self.settings.log_keep_files)
+        self.manager.start()
+
+    def stop(self) -> None:
+        self.manager.stop()
+        if self.log is not None:
+            self.log.close()
+        if self.experiment is not None:
+            self.experiment.store.close()
+
+    def traffic_head(self) -> Sequence[features.InstanceKey]:
+        """The most frequent instances of the request log, for a loading version's table."""
+        if not self.settings.request_log_enabled:
+            return ()
+        keys = []
+        for record in request_log.recent_records(self.log_dir, TRAFFIC_HEAD_RECORDS):
+            if isinstance(record.get("instance"), dict):
+                try:
+                    keys.append(contract.check_instance(0, record["instance"]))
+                except contract.RequestError:
+                    continue
+        return cache.most_frequent(keys, self.settings.cache_head_size)
+
+    # Routes
+
+    async def models(self, request: Request) -> Response:
+        match = MODELS_ROUTE.match(request.scope["path"])
+        if match is None:
+            return _error(404, f"no such route: {request.scope['path']}")
+        name, version, label, action = match.group("name", "version", "label", "action")
+        if name != self.manager.config.name or (version is not None and not version.isdigit()):
+            status, message = ((404, f"no model named {name!r} (this server serves {self.manager.config.name!r})")
+                               if name != self.manager.config.name else (400, f"version {version!r} is not a number"))
+            if request.method == "POST":
+                return self._refused(status, message, self._request_id(request), "none", (action or ":")[1:])
+            return _error(status, message)
+        number = int(version) if version is not None else None
+        if request.method == "GET":
+            if action not in (None, "/metadata"):
+                return _error(405, f"{action} takes POST")
+            return self._metadata(number, label) if action else self._status(number, label)
+        if action == ":feedback":
+            return await self.feedback(request)
+        if action not in (":predict", ":regress"):
+            return _error(405, "POST goes to :predict, :regress or :feedback")
+        return await self.predict(request, number, label, action[1:])
+
+    async def feedback(self, request: Request) -> Response:
+        """Outcomes joined with the experiment's recorded predictions: what was accepted, unknown or a duplicate."""
+        if self.experiment is None:
+            return _error(400, "this server runs no experiment (babyweight serve --experiment-file FILE)")
+        try:
+            items = experiment.parse_feedback(orjson.loads(await self._body(request, None)))
+            return _json(self.experiment.feedback(items).as_json())
+        except orjson.JSONDecodeError as error:
+            return _error(400, f"the body is not JSON: {error}")
+        except experiment.ExperimentError as error:
+            return _error(400, str(error))
+        except contract.RequestError as error:
+            return _error(error.status, str(error))
+        except Exception:  # e.g. the state file locked too long: an answer in the API's form, logged
+            logging.exception("feedback failed")
+            return _error(500, "internal error taking the feedback (see the server's log)")
+
+    def _status(self, version: Optional[int], label: Optional[str]) -> Response:
+        try:
+            return _json({"model_version_status": self.manager.status(version, label)})
+        except manager.NotFound as error:
+            return _error(404, str(error))
+
+    def _metadata(self, version: Optional[int], label: Optional[str]) -> Response:
+        try:
+            handle = self.manager.resolve(version, label)
+        except manager.NotFound as error:
+            return _error(404, str(error))
+        except manager.Unavailable as error:
+            return _error(503, str(error))
+        return _json({"model_spec": {"name": self.manager.config.name, "signature_name": "",
+                                     "version": str(handle.version)},
+                      "metadata": {"signature_def": handle.signature_defs},
+                      # Beyond TF Serving's answer: what one request may hold, for clients and infra validation.
+                      "limits": {"max_instances": self.settings.max_instances,
+                                 "max_body_bytes": self.settings.max_body_bytes}})
+
+    async def predict(self, request: Request, version: Optional[int], label: Optional[str], route: str) -> Response:
+        started = time.perf_counter()
+        declared, request_id, routing_key = None, None, None
+        for key, value in request.scope["headers"]:  # one pass over the raw headers for those we read
+            if key == b"content-length":
+                declared = value
+            elif key == b"x-request-id":
+                request_id = value.decode("latin-1")
+            elif key == ROUTING_HEADER:
+                routing_key = value.decode("latin-1")
+        request_id = request_id or self._new_id()
+        version_name = "none"
+        arm = shadow = None
+        if self.experiment is not None and version is None and label is None:
+            arm, shadow = self.experiment.route(routing_key)
+            version, label = experiment.arm_target(arm)
+        try:
+            body = await self._body(request, declared)
+            try:
+                handle = self.manager.resolve(version, label)
+            except (manager.NotFound, manager.Unavailable) as error:
+                incumbent = self.experiment.config.arms[0] if arm is not None else None
+                if arm is None or arm == incumbent:
+                    raise
+                # A client that asked for no version is answered: by the incumbent, while the arm can't.
+                logging.warning("arm %s can't answer (%s); the incumbent %s answers", arm, error, incumbent)
+                arm = incumbent
+                handle = self.manager.resolve(*experiment.arm_target(arm))
+            version_name = str(handle.version)
+            parsed = (contract.parse_regress(body, self.settings.max_instances) if route == "regress"
+                      else contract.parse_predict(body, self.settings.max_instances))
+            predictions, path = await self._predictions(handle, parsed)
+        except contract.RequestError as error:
+            return self._refused(error.status, str(error), request_id, version_name, route)
+        except manager.NotFound as error:
+            return self._refused(404, str(error), request_id, version_name, route)
+        except manager.Unavailable as error:
+            return self._refused(503, str(error), request_id, version_name, route)
+        except tf.errors.InvalidArgumentError as error:  # the model refuses what the contract's check let through
+            return self._refused(400, loader.first_reason(error.message), request_id, version_name, route)
+        except Exception:  # a bug, not the request's fault: an answer in the API's form, counted, logged
+            logging.exception("request %s failed", request_id)
+            return self._refused(500, f"internal error answering request {request_id} (see the server's log)",
+                                 request_id, version_name, route)
+        if arm is not None:
+            await self._record(request_id, arm, handle, predictions, shadow, parsed)
+        if route == "regress":
+            content = orjson.dumps({"results": predictions})
+        else:
+            content = contract.response(parsed, predictions)
+        seconds = time.perf_counter() - started
+        self.metrics.request(version_name, route, 200)
+        self.metrics.observe(version_name, path, seconds)
+        if self.log is not None:
+            now = time.time()
+            for index, (instance, prediction) in enumerate(zip(parsed.instances, predictions)):
+                self.log.write({"request_id": request_id, "time": now, "model": self.manager.config.name,
+                                "version": handle.version, "signature": parsed.signature, "index": index,
+                                "instance": instance, "prediction": prediction, "latency_ms": seconds * 1e3,
+                                "path": path})
+        return _Answer(content, 200, request_id, version_name, arm)
+
+    async def _record(self, request_id: str, arm: str, handle: Any, predictions: List[float], shadow: Optional[str],
+                      parsed: contract.Request) -> None:
+        """The experiment's record of a routed request; in shadow mode the challenger is asked after the answer."""
+        if not self.experiment.store.record(request_id, arm, handle.version, predictions):
+            logging.warning("request id %s was recorded already: its first answer is the one outcomes join", request_id)
+            return
+        if shadow is not None:
+            task = asyncio.get_running_loop().create_task(self._shadow(request_id, shadow, parsed))
+            self._shadows.add(task)
+            task.add_done_callback(self._shadows.discard)
+
+    async def _shadow(self, request_id: str, shadow: str, parsed: contract.Request) -> None:
+        """The challenger's predictions for a request already answered, recorded and never returned."""
+        try:
+            challenger = self.manager.resolve(*experiment.arm_target(shadow))
+            shadowed, _ = await self._predictions(challenger, parsed)
+            self.experiment.store.record(request_id, shadow, challenger.version, shadowed, shadow=True)
+        except Exception:  # the shadow's failure is logged, never the client's
+            logging.exception("shadow %s failed on request %s", shadow, request_id)
+
+    async def _predictions(self, handle: Any, parsed: contract.Request) -> tuple:
+        """The version's predictions for a checked request (floats, in order) and the path they took."""
+        table = handle.table
+        predictions: List[Optional[float]] = [table.get(key) for key in parsed.keys]
+        misses = [index for index, value in enumerate(predictions) if value is None]
+        self.metrics.lookups(str(handle.version), len(predictions) - len(misses), len(misses))
+        if not misses:
+            return predictions, "cache"
+        answered = (await self.batcher.predict(handle, [parsed.keys[index] for index in misses])).tolist()
+        for index, value in zip(misses, answered):
+            predictions[index] = value
+        return predictions, "model"
+
+    async def _body(self, request: Request, declared: Optional[bytes]) -> bytes:
+        """The request's body, refused (413) as soon as it is larger than the server takes."""
+        limit = self.settings.max_body_bytes
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            raise contract.RequestError(f"the body has {int(declared)} bytes; the server takes at most {limit}", 413)
+        chunks, size = [], 0
+        while True:  # ASGI's messages, read directly: Starlette's body() costs a stream of generators
+            message = await request.receive()
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                raise contract.RequestError(f"the body has more than {limit} bytes; the server takes at most "
+                                            f"{limit}", 413)
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+    def _request_id(self, request: Request) -> str:
+        """The client's X-Request-Id, else a new one."""
+        return request.headers.get("x-request-id") or self._new_id()
+
+    def _new_id(self) -> str:
+        """Unique: a random prefix per process, then a counter."""
+        return f"{self._id_prefix}-{next(self._ids):x}"
+
+    def _refused(self, status: int, message: str, request_id: str, version: str, route: str) -> Response:
+        self.metrics.request(version, route, status)
+        return _Answer(contract.error_body(message), status, request_id, version)
+
+    async def vertex_predict(self, request: Request) -> Response:
+        """Vertex AI's AIP_PREDICT_ROUTE: the default version, Vertex's body ({"instances": ...})."""
+        return await self.predict(request, None, None, "predict")
+
+    async def health(self, request: Request) -> Response:
+        """Vertex AI's AIP_HEALTH_ROUTE: 200 once a version is available, else 503."""
+        if self.manager.available:
+            return _json({"status": "AVAILABLE", "versions": sorted(self.manager.available)})
+        return _error(503, "no version available yet")
+
+    async def prometheus(self, request: Request) -> Response:
+        return Response(self.metrics.exposition(), media_type=metrics.CONTENT_TYPE)
+
+
+class _Answer(Response):
+    """A JSON answer with the request's id and version: Starlette's Response with its headers written directly
+    (its general header handling costs as much as the rest of a cached answer)."""
+
+    def __init__(self, content: bytes, status: int, request_id: str, version: str, arm: Optional[str] = None):
+        self.status_code = status
+        self.body = content
+        self.background = None
+        self.raw_headers = [(b"content-length", str(len(content)).encode()), (b"content-type", b"application/json"),
+                            (b"x-request-id", request_id.encode()), (b"x-model-version", version.encode())]
+        if arm is not None:
+            self.raw_headers.append((b"x-experiment-arm", arm.encode()))
+
+
+def _settle_memory() -> None:
+    """After a version loads or leaves: collect, then keep what is live out of later collections.
+
+    A version's objects and its table (up to --cache-capacity keys) would otherwise be walked by every full collection
+    of the garbage collector, a pause of milliseconds in the middle of requests.
+    """
+    gc.collect()
+    gc.freeze()
+
+
+def _json(payload: Any, status: int = 200) -> Response:
+    return Response(orjson.dumps(payload), status_code=status, media_type=JSON)
+
+
+def _error(status: int, message: str) -> Response:
+    return Response(contract.error_body(message), status_code=status, media_type=JSON)
+
+
+def create_app(settings: ServerSettings) -> Starlette:
+    """The ASGI app of one server process."""
+    threads = max(1, (os.cpu_count() or 1) // max(1, settings.workers or os.cpu_count() or 1))
+    tf.config.threading.set_intra_op_parallelism_threads(threads)
+    tf.config.threading.set_inter_op_parallelism_threads(threads)
+    server = ModelServer(settings)
+    routes = [Route("/v1/models/{rest:path}", server.models, methods=["GET", "POST"]),
+              Route("/metrics", server.prometheus, methods=["GET"])]
+    if settings.health_route:
+        routes.append(Route(settings.health_route, server.health, methods=["GET"]))
+    if settings.predict_route:
+        routes.append(Route(settings.predict_route, server.vertex_predict, methods=["POST"]))
+
+    async def flush_metrics() -> None:
+        while True:
+            await asyncio.sleep(metrics.FLUSH_SECONDS)
+            server.metrics.flush()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette):
+        server.start()
+        flusher = asyncio.get_running_loop().create_task(flush_metrics())
+        try:
+            yield
+        finally:
+            flusher.cancel()
+            server.metrics.flush()
+            server.stop()
+
+    app = Starlette(routes=routes, lifespan=lifespan)
+    app.state.server = server
+    return app
+
+
+def app_from_environment() -> Starlette:
+    """uvicorn's factory in each worker process: the settings `babyweight serve` was started with."""
+    from serving.model_server import settings as settings_lib
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(process)d %(levelname)s %(message)s")
+    return create_app(settings_lib.from_environment())
