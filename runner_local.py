@@ -5,15 +5,12 @@
     python runner_local.py --set train_epochs=8 --set strategy=mirrored
 """
 import argparse
-import os
 import pathlib
 import sys
 import time
-import warnings
 from typing import List, Optional
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's C++ start-up chatter out of the summary
-warnings.filterwarnings("ignore", category=FutureWarning)  # google-api-core's Python 3.10 notices
+import babyweight_cli
 
 
 def _parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
@@ -29,6 +26,9 @@ def _parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
 def main(argv: Optional[List[str]] = None) -> int:
     """Checks the input, runs the pipeline and prints its summary; returns the exit code."""
     args = _parse_args(argv)
+    # What `make run` and the `babyweight` command set: Keras 2, and TensorFlow's start-up lines (CUDA plugin
+    # registrations) and the libraries' version notices kept off the console.
+    babyweight_cli.install_quiet_tensorflow()
     from pipeline import config as config_lib
 
     try:

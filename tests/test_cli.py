@@ -88,6 +88,17 @@ def test_a_command_that_loads_tensorflow_keeps_its_start_up_lines_off_the_consol
     assert done.stdout.split() == ["SourceFileLoader", "2"] and done.stderr == ""
 
 
+def test_runner_local_as_the_design_card_runs_it_keeps_tensorflow_s_start_up_lines_off_the_console(tmp_path):
+    """`python runner_local.py` without the make targets' variables: TensorFlow is imported (the run's modules), and
+    only the summary of a run stopped by its input reaches the console."""
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "births.csv").write_text("mother_age,gestation_weeks\n")
+    done = subprocess.run([sys.executable, "runner_local.py", "--data-dir", str(tmp_path / "data"), "--output-dir",
+                           str(tmp_path / "out")], cwd=PROJECT_ROOT, env=BARE_ENV, capture_output=True, text=True)
+    assert done.returncode == 1 and "the file has a header but no rows" in done.stdout, done.stdout
+    assert done.stderr == "", done.stderr  # without the quiet import: "Unable to register cuDNN factory", ...
+
+
 def test_help_lists_every_command_with_an_example_and_version_names_tfx(capsys):
     for args in ([], ["--help"]):
         assert babyweight_cli.main(args) == 0
