@@ -68,8 +68,15 @@ def _shares(feature: statistics_pb2.FeatureNameStatistics) -> Dict[str, float]:
 
 @_styled
 def distribution(title: str, current: statistics_pb2.FeatureNameStatistics, now: str,
-                 previous: Optional[statistics_pb2.FeatureNameStatistics], before: str, alert: bool) -> str:
-    """One feature's distribution in the new span over the previous span's, titled `title` (in red if `alert`)."""
+                 previous: Optional[statistics_pb2.FeatureNameStatistics], before: str, alert: bool,
+                 values: Optional[Dict[str, np.ndarray]] = None, unknown_codes: Sequence[float] = ()) -> str:
+    """One feature's distribution in the new span over the previous span's, titled `title` (in red if `alert`).
+
+    With `values` (a sample of the column's raw values, NaN where none: "now" and "before" the spans) and its
+    'unknown' codes, the known values are drawn on their own range and the codes as a separate 'unknown' bar:
+    TFDV's histograms span every value, so a code such as 99 weeks would stretch them and look like a value."""
+    if values and unknown_codes:
+        return _distribution_with_unknown(title, values, now, before, alert, unknown_codes)
     figure = _figure(3.4, 2.3)
     axes = _axes(figure)
     if current.HasField("num_stats"):
@@ -85,16 +92,56 @@ def distribution(title: str, current: statistics_pb2.FeatureNameStatistics, now:
     else:
         shares_now = _shares(current)
         shares_before = _shares(previous) if previous is not None else {}
-        values = sorted(set(shares_now) | set(shares_before), key=lambda v: -shares_now.get(v, 0))[:8]
-        positions = np.arange(len(values))
+        values_shown = sorted(set(shares_now) | set(shares_before), key=lambda v: -shares_now.get(v, 0))[:8]
+        positions = np.arange(len(values_shown))
         if shares_before:
-            axes.bar(positions - 0.2, [shares_before.get(v, 0) for v in values], 0.4, color=BEFORE)
-        axes.bar(positions + (0.2 if shares_before else 0), [shares_now.get(v, 0) for v in values],
+            axes.bar(positions - 0.2, [shares_before.get(v, 0) for v in values_shown], 0.4, color=BEFORE)
+        axes.bar(positions + (0.2 if shares_before else 0), [shares_now.get(v, 0) for v in values_shown],
                  0.4 if shares_before else 0.6, color=NOW)
-        axes.set_xticks(positions, [v[:10] for v in values])
+        axes.set_xticks(positions, [v[:10] for v in values_shown])
         axes.set_ylabel("share of rows")
         axes.set_xlabel(f"grey: {before}, blue: {now}" if shares_before else now, fontsize=7)
     axes.set_title(title, loc="left", color=ALERT if alert else "black")
+    return image(figure, title)
+
+
+def unknown_shares(values: Dict[str, np.ndarray], unknown_codes: Sequence[float]) -> Dict[str, float]:
+    """Each span's share of its rows holding an 'unknown' code: the heights of the plot's 'unknown' bars."""
+    return {key: float(np.isin(column, unknown_codes).mean()) for key, column in values.items() if len(column)}
+
+
+def _distribution_with_unknown(title: str, values: Dict[str, np.ndarray], now: str, before: str, alert: bool,
+                               unknown_codes: Sequence[float]) -> str:
+    """Known values as a histogram (share of rows per unit, on bins shared by both spans) beside one bar group
+    for the 'unknown' codes (share of rows), each span's shares of all its rows."""
+    spans = [(key, label, colour, fill) for key, label, colour, fill in (("before", before, BEFORE, True),
+                                                                         ("now", now, NOW, False))
+             if values.get(key) is not None and len(values[key])]
+    known = {key: values[key][np.isfinite(values[key]) & ~np.isin(values[key], unknown_codes)]
+             for key, _, _, _ in spans}
+    pooled = np.concatenate([v for v in known.values()]) if known else np.array([])
+    if pooled.size:
+        low, high = float(pooled.min()), float(pooled.max())
+        width = max(1.0, math.ceil((high - low + 1) / 30))  # whole units: the columns with codes are integers
+        edges = np.arange(low, high + width + 1e-9, width) - 0.5
+    else:
+        edges = np.array([0.0, 1.0])
+    figure = _figure(3.4, 2.3)
+    axes, side = figure.subplots(1, 2, width_ratios=[4, 1], sharey=False)
+    codes = " or ".join(f"{code:g}" for code in unknown_codes)
+    shares = unknown_shares(values, unknown_codes)
+    for index, (key, _, colour, fill) in enumerate(spans):
+        counts, _ = np.histogram(known[key], edges)
+        total = len(values[key])
+        axes.bar(edges[:-1], counts / total / np.diff(edges), np.diff(edges), align="edge",
+                 color=colour if fill else "none", edgecolor=colour, alpha=0.6 if fill else 1.0, linewidth=1.2)
+        side.bar(index, shares[key], 0.6, color=colour, alpha=0.6 if fill else 1.0)
+    axes.set_ylabel("share per unit")
+    axes.set_xlabel(f"grey: {before}, blue outline: {now}" if len(spans) > 1 else now, fontsize=7)
+    side.set_xticks(range(len(spans)), [label.replace("span ", "") for _, label, _, _ in spans])
+    side.set_title(f"unknown\n({codes})", fontsize=7)
+    side.set_ylabel("share of rows", fontsize=7)
+    figure.suptitle(title, x=0.02, ha="left", fontsize=STYLE["axes.titlesize"], color=ALERT if alert else "black")
     return image(figure, title)
 
 

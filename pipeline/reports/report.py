@@ -9,6 +9,7 @@ page (pipeline/reports/plots.py), so the file opens offline; TFDV's interactive 
 from the web, is a page of its own beside the report, linked from it.
 """
 import html
+import logging
 import os
 import pathlib
 import re
@@ -33,6 +34,10 @@ MODEL_COLUMNS = [c.name for c in features.FEATURES] + [features.LABEL.name]
 MEASURES = {"L_INFTY": "L-infinity", "JENSEN_SHANNON_DIVERGENCE": "Jensen-Shannon",
             "NORMALIZED_ABSOLUTE_DIFFERENCE": "normalized difference"}  # TFDV's drift measures, short for plot titles
 METRICS = {"root_mean_squared_error": "RMSE", "mean_absolute_error": "MAE"}
+# Numeric model columns with 'unknown' codes (99 weeks, ...): their plots read the rows, to draw the codes apart.
+CODED_COLUMNS = {c.name: c.missing_codes for c in (*features.FEATURES, features.LABEL)
+                 if c.missing_codes and c.dtype != "string"}
+PLOT_ROWS = 100_000  # rows read per span for those plots: the first of the drift split, in file order
 
 
 def reports_dir(config) -> pathlib.Path:
@@ -94,9 +99,31 @@ def _feature_rows(dataset: statistics_pb2.DatasetFeatureStatistics) -> Dict[str,
     return rows
 
 
+def coded_values(store: mlmd.Store, statistics_uri: str) -> Optional[pd.DataFrame]:
+    """The columns with 'unknown' codes, in the first PLOT_ROWS rows of the drift split that the statistics at
+    `statistics_uri` were computed on (its StatisticsGen's input examples); None if they can't be read."""
+    try:
+        artifact = next((a for a in store.artifacts() if a.uri == statistics_uri), None)
+        producer = store.producer(artifact) if artifact is not None else None
+        examples = store.inputs(producer).get("examples") if producer is not None else None
+        if not examples:
+            logging.warning("report: no examples recorded for the statistics %s; plotted from TFDV's histograms",
+                            statistics_uri)
+            return None
+        files = io_utils.all_files_pattern(os.path.join(examples[0].uri, f"Split-{DRIFT_SPLIT}"))
+        import tensorflow as tf
+
+        return baseline.read_examples(sorted(tf.io.gfile.glob(files)), limit=PLOT_ROWS)[list(CODED_COLUMNS)]
+    except Exception:  # a plot drawn from the statistics instead; the run and its report go on
+        logging.warning("report: the rows behind %s can't be read; plotted from TFDV's histograms", statistics_uri,
+                        exc_info=True)
+        return None
+
+
 def _distribution_plots(current: statistics_pb2.DatasetFeatureStatistics,
                         previous: Optional[statistics_pb2.DatasetFeatureStatistics], verdict: Verdict,
-                        drift: Dict[str, Tuple[str, float, float]]) -> str:
+                        drift: Dict[str, Tuple[str, float, float]],
+                        rows: Dict[str, Optional[pd.DataFrame]]) -> str:
     """Each model column's distribution over the previous span's: blocking ones first, then warnings, then by
     drift distance against its threshold."""
     now = {f.path.step[0]: f for f in current.features}
@@ -124,15 +151,17 @@ def _distribution_plots(current: statistics_pb2.DatasetFeatureStatistics,
             detail = "no earlier validated span to compare with"
         else:
             detail = "no drift check in the schema"
+        values = {key: frame[name].to_numpy() for key, frame in rows.items() if frame is not None}
         images.append(plots.distribution(f"{head}\n{detail}", now[name], f"span {verdict.span}", before.get(name),
-                                         f"span {verdict.baseline_span}", alert=bool(flagged)))
+                                         f"span {verdict.baseline_span}", alert=bool(flagged), values=values,
+                                         unknown_codes=CODED_COLUMNS.get(name, ())))
     return "<div class='plots'>" + "".join(images) + "</div>"
 
 
 def _statistics_section(current: statistics_pb2.DatasetFeatureStatisticsList,
                         previous: Optional[statistics_pb2.DatasetFeatureStatisticsList],
                         drift: pd.DataFrame, verdict: Verdict, measurements: Dict[str, Tuple[str, float, float]],
-                        facets_link: str) -> str:
+                        facets_link: str, rows: Dict[str, Optional[pd.DataFrame]]) -> str:
     now = _feature_rows(current.datasets[0])
     before = _feature_rows(previous.datasets[0]) if previous is not None else {}
     records = []
@@ -146,7 +175,7 @@ def _statistics_section(current: statistics_pb2.DatasetFeatureStatisticsList,
              + f". TFDV's interactive view of the same statistics: <a href='{html.escape(facets_link)}'>Facets</a> "
              "(it loads its code from the web).</p>",
              _distribution_plots(current.datasets[0], previous.datasets[0] if previous else None, verdict,
-                                 measurements),
+                                 measurements, rows),
              _table(frame.set_index(["feature", "span"]) if len(frame) else frame)]
     parts += ["<h3>Drift: distance to the previous span, by TFDV</h3>", _table(drift)]
     return "\n".join(parts)
@@ -216,9 +245,12 @@ def write_report(config, run_name: str, steps: List[mlmd.StepRecord], outcome: s
         previous = load_statistics(verdict.baseline_statistics, DRIFT_SPLIT) if verdict.baseline_statistics else None
         facets = path.with_name(path.stem + "-facets.html")
         beside.append((facets, _facets_page(current, previous, verdict)))
+        store = mlmd.open_sqlite(config.metadata_path)
+        rows = {"now": coded_values(store, statistics.uri),
+                "before": coded_values(store, verdict.baseline_statistics) if verdict.baseline_statistics else None}
         sections += ["<h2>Statistics: the new span next to the previous validated span</h2>",
                      _statistics_section(current, previous, display_util.get_drift_skew_dataframe(found), verdict,
-                                         drift_measurements(found), facets.name)]
+                                         drift_measurements(found), facets.name, rows)]
     tuning = summary.run_tuning_lines(steps, indent="")
     if tuning:
         sections += ["<h2>Tuning: the trials, and the values the Trainer took</h2>",

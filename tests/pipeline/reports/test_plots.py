@@ -56,6 +56,30 @@ def test_a_distribution_plot_is_an_svg_titled_with_the_drift_and_its_threshold(m
     assert len(tag) < 40_000
 
 
+def test_unknown_codes_are_a_bar_of_their_own_not_values_of_the_histogram():
+    """gestation_weeks with 99 ('unknown') in a fifth of the rows: the histogram spans the known weeks only, and the
+    codes' share of each span's rows is a separate bar, named."""
+    rng = np.random.default_rng(5)
+
+    def weeks(unknown_share: float) -> np.ndarray:
+        values = rng.normal(39, 2, 1000).round().clip(20, 45)
+        values[: int(1000 * unknown_share)] = 99
+        values[-10:] = np.nan  # no value: neither a week nor the code
+        return values
+
+    values = {"now": weeks(0.2), "before": weeks(0.05)}
+    tag = plots.distribution("gestation_weeks\nJensen-Shannon 0.050 <= threshold 0.15", numeric(values["now"][:-10]),
+                             "span 3", numeric(values["before"][:-10]), "span 2", alert=False, values=values,
+                             unknown_codes=(99,))
+    shown = texts(svg_of(tag))
+    assert "unknown" in shown and "(99)" in shown, shown
+    ticks = [float(t) for t in re.findall(r"(?<![\w.])(\d+(?:\.\d+)?)(?![\w.])", shown.split("unknown")[0])]
+    assert ticks and max(ticks) < 60, shown  # no axis stretched to 99 weeks
+    # The bars' heights: each span's share of its rows with the code (drawn as data, so read from the figure).
+    figure_shares = plots.unknown_shares(values, (99,))
+    assert figure_shares == pytest.approx({"now": 0.2, "before": 0.05})
+
+
 def test_predicted_against_actual_draws_the_monitors_grid_with_the_diagonal():
     rng = np.random.default_rng(3)
     actual = rng.normal(7.3, 1.2, 3000)
