@@ -1,5 +1,5 @@
 # The pipeline image for Vertex Pipelines, Dataflow workers and Vertex AI training: TFX's own image of
-# the pinned TFX release, plus this package. Build and push it (README, Google Cloud):
+# the pinned TFX release, plus this package. Build and push it (docs/cloud.md):
 #   gcloud builds submit --tag REGION-docker.pkg.dev/PROJECT/babyweight/pipeline:TAG .
 ARG TFX_VERSION=1.16.0
 FROM gcr.io/tfx-oss-public/tfx:${TFX_VERSION}

@@ -2,7 +2,7 @@
 
 The pipeline converts each pushed model and checks it (pipeline/components/tflite_export.py), `babyweight predict --tflite`
 runs the files (serving/clients/device.py), `make bench-tflite` measures them (serving/bench/device_bench.py). Builtin ops only:
-the `tflite-runtime` interpreter has no Flex delegate for TensorFlow's own ops (README, TFLite). Importing this
+the `tflite-runtime` interpreter has no Flex delegate for TensorFlow's own ops (docs/on-device.md). Importing this
 module imports no TensorFlow: a device has none.
 """
 import logging

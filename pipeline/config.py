@@ -45,7 +45,7 @@ class PipelineConfig:
     beam_direct_running_mode: str  # DirectRunner's mode: in_memory, multi_threading or multi_processing
     beam_direct_num_workers: int  # 0 = one per CPU
     # From this many input rows, the steps that gain from worker processes (PARALLEL_STEPS) run Beam's
-    # multi_processing mode (parallel_beam_args); 0 = never (README, Speed).
+    # multi_processing mode (parallel_beam_args); 0 = never (docs/speed.md).
     beam_parallel_rows: int
     strategy: str  # distribution strategy of the Trainer: one of models.distribution.STRATEGIES
     train_epochs: int  # passes over the training split...
@@ -150,7 +150,7 @@ class PipelineConfig:
         ]
 
 
-# The Beam steps that ran faster in worker processes at a million rows on 2 cores (README, Speed): TFDV's
+# The Beam steps that ran faster in worker processes at a million rows on 2 cores (docs/speed.md): TFDV's
 # statistics and TFMA's per-example evaluation. CsvExampleGen converts on threads of its own, and Transform
 # measured the same either way.
 PARALLEL_STEPS = ("StatisticsGen", "Evaluator")

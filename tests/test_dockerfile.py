@@ -42,7 +42,7 @@ def test_serving_image_holds_the_server_and_its_pinned_dependencies_only():
     # Every module the server imports is in the image: models/ and serving/ import nothing of pipeline/ at the
     # top (serving/model_server/app.py reads the local profile's folders only when --model-dir or --log-dir is not given).
     for package in ("models", "serving"):
-        for module in (config_lib.PROJECT_ROOT / package).glob("*.py"):
+        for module in (config_lib.PROJECT_ROOT / package).rglob("*.py"):
             assert not re.search(r"^(from|import) (pipeline|data)\b", module.read_text(), re.M), module
     assert '"serve", "--host", "0.0.0.0"' in SERVING_DOCKERFILE and '"--model-dir", "/models"' in SERVING_DOCKERFILE
     assert '"--log-dir", "/tmp/serving_logs"' in SERVING_DOCKERFILE
@@ -51,5 +51,6 @@ def test_serving_image_holds_the_server_and_its_pinned_dependencies_only():
 def test_cloud_build_config_builds_the_serving_dockerfile():
     build = (config_lib.PROJECT_ROOT / "serving" / "cloudbuild.yaml").read_text()
     assert '"-f", "serving/Dockerfile"' in build and 'images: ["${_IMAGE}"]' in build
-    readme = (config_lib.PROJECT_ROOT / "README.md").read_text()
-    assert "gcloud builds submit --config serving/cloudbuild.yaml" in readme and "BABYWEIGHT_SERVING_IMAGE=" in readme
+    cloud_page = (config_lib.PROJECT_ROOT / "docs" / "cloud.md").read_text()
+    assert "gcloud builds submit --config serving/cloudbuild.yaml" in cloud_page
+    assert "BABYWEIGHT_SERVING_IMAGE=" in cloud_page

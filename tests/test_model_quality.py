@@ -70,7 +70,7 @@ def test_a_request_without_an_optional_feature_is_answered_about_as_well_as_by_a
 
 def test_min_imputed_presence_is_where_a_rare_feature_stops_costing_little(
         real_export_run, artifacts, served_predict, requests, tmp_path):
-    """The level below which a span blocks on an imputed feature's presence (README, Data validation): trained
+    """The level below which a span blocks on an imputed feature's presence (docs/validation-and-spans.md): trained
     with every optional feature in that share of the rows, the model stays close to the served one; trained
     with them in almost no row, it answers worse with them than without them."""
     config, _ = real_export_run
@@ -151,5 +151,5 @@ def test_births_of_other_samples_are_predicted_as_well_as_by_trees_fit_on_their_
     trees_rmse = baseline.rmse(trees.predict(baseline.tree_inputs(rows, own)), rows[features.LABEL.name].to_numpy())
     model_rmse = _rmse(served_predict, rows)
     # Trees fit on exactly the file's features are a specialist for these requests; the model answers
-    # every combination of missing features and is held to within 1% of them (README: Model quality).
+    # every combination of missing features and is held to within 1% of them (docs/model-quality.md).
     assert model_rmse <= 1.01 * trees_rmse, (model_rmse, trees_rmse)

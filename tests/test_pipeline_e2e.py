@@ -58,7 +58,7 @@ def test_first_run_executes_each_component_once_and_pushes(pipeline_runs):
     assert all((version / name).stat().st_size > 50_000 for name in lite.FILES.values())
     for check in ("float32", "float16"):
         assert re.search(rf"^      {check} +ok ", first.outcome.summary, re.M), first.outcome.summary
-    # The README's command on the bundled data (test_device.py runs it without TensorFlow).
+    # docs/on-device.md's command on the bundled data (test_device.py runs it without TensorFlow).
     device = subprocess.run([sys.executable, "-m", "babyweight_cli", "predict", "--tflite",
                              str(version / "babyweight.tflite"), "data/natality/natality.csv"],
                             cwd=PROJECT_ROOT, capture_output=True, text=True)

@@ -67,7 +67,8 @@ def test_each_corrupted_span_is_blocked_by_its_question_before_transform(span_ru
     failure = run.outcome.summary.split("Run FAILED: ")[-1]
     assert failure.startswith(f"span {span} failed data validation"), failure
     assert f"[BLOCKING] {check}: feature '{feature}'" in failure, failure
-    assert "What to do (README, When a run is blocked)" in failure and f"--set warning_checks={check}," in failure
+    assert "What to do (docs/validation-and-spans.md, When a run is blocked)" in failure
+    assert f"--set warning_checks={check}," in failure
     question_lines = [line for line in run.outcome.summary.splitlines() if "BLOCKING" in line and ". " in line[:8]]
     assert question_lines and all(feature in line for line in question_lines), run.outcome.summary
     assert "compared with span 1" in run.outcome.summary  # blocked spans are never the baseline

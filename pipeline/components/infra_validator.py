@@ -1,8 +1,8 @@
 """Infra validation: the candidate model served by the project's own server before the Pusher may push it.
 
 TFX's InfraValidator starts TensorFlow Serving's binary on the candidate; this project serves with its own server
-(serving/, README: Serving), so this step starts that one: `babyweight serve` (`python -m serving.model_server.server`) in a
-subprocess on a free local port, one worker process with the server's default settings (its warm-up, cache,
+(serving/, docs/serving.md), so this step starts that one: `babyweight serve` (`python -m serving.model_server.server`)
+in a subprocess on a free local port, one worker process with the server's default settings (its warm-up, cache,
 batching and request log included), on CPUs as the serving image runs. It blesses the model (TFX's
 InfraBlessing, which TFX's Pusher checks beside the Evaluator's blessing) only if every check passes:
 

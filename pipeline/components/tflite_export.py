@@ -6,7 +6,7 @@ model inside) is converted twice with TensorFlow Lite's builtin ops only (models
 
     babyweight.tflite           float32
     babyweight_float16.tflite   float16 weights, about 60% of the size (dynamic-range int8 weights moved one real
-                                row by 0.2 lb, float16 by under 0.01 lb: README, TFLite)
+                                row by 0.2 lb, float16 by under 0.01 lb: docs/on-device.md)
 
 Both are checked against the SavedModel on the new span's eval rows the serving contract accepts (the rows a
 server would answer), run by the TFLite interpreter, before they are pushed:

@@ -30,8 +30,8 @@ ENVIRONMENT = "TRAINING"
 # Drift is measured on the train split only: the eval split is a hash sample of the same span, a
 # quarter of the size, so its distances would add sampling noise and no information.
 DRIFT_SPLIT = TRAIN_SPLIT
-WHAT_TO_DO = ("What to do (README, When a run is blocked): if the data is wrong, fix the files and rerun; if the "
-              "change is real, update schema/schema.pbtxt, or let the check warn for a run with "
+WHAT_TO_DO = ("What to do (docs/validation-and-spans.md, When a run is blocked): if the data is wrong, fix the files "
+              "and rerun; if the change is real, update schema/schema.pbtxt, or let the check warn for a run with "
               "--set warning_checks={checks}, and rerun.")
 
 
@@ -185,8 +185,8 @@ def imputed_presence(found: List[Finding], fractions: Dict[str, float], min_frac
     The schema's presence floors come from the real export's years: a feature below its floor is unusual
     and reported. For a feature the model imputes (an optional feature of the serving contract) that alone
     is no reason to stop a span: it blocks only when also below `min_fraction` of the training rows, where
-    the model's answers get markedly worse (README, Presence by year). So a span blocks below the lower of
-    the two levels. The eval split only warns: it trains nothing.
+    the model's answers get markedly worse (docs/validation-and-spans.md, Presence by year). So a span blocks
+    below the lower of the two levels. The eval split only warns: it trains nothing.
     """
     result = []
     for finding in found:
@@ -216,7 +216,8 @@ def small_span_drift(found: List[Finding], rows: int, previous_rows: int, min_ro
     """`found` with drift reported, not blocking, when either span's train split has fewer than `min_rows` rows.
 
     Between two random halves of one year of the real export, TFDV's distances at 150 rows reach the
-    thresholds by chance alone (README, Data validation), so a distance between small spans says little.
+    thresholds by chance alone (docs/validation-and-spans.md, Presence by year, and small spans), so a distance
+    between small spans says little.
     """
     if rows >= min_rows and previous_rows >= min_rows:
         return found

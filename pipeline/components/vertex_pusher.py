@@ -3,7 +3,7 @@
 TFX's Pusher deploys each blessed model to the endpoint (creating it if needed) in the serving image the
 config names (serving/Dockerfile: this project's server, which honours Vertex's AIP_* variables). It creates
 the endpoint without logging; this executor creates it first with Vertex's request-response logging, so every
-request and answer lands in a BigQuery table that `babyweight validate-serving` can check (README, Serving).
+request and answer lands in a BigQuery table that `babyweight validate-serving` can check (docs/serving.md).
 """
 import logging
 from typing import Any, Dict, List

@@ -3,7 +3,7 @@
 The reports are meant to be looked at in a browser; this opens them in a real one (Debian's `chromium`)
 over the DevTools protocol on a pipe (`--remote-debugging-pipe`: no port, no client library), with every
 request that leaves the machine refused, and reports the console's errors, the requests, the images and
-headings the page shows. The tests check reports with it; `make report-screenshot` draws the README's image.
+headings the page shows. The tests check reports with it; `make report-screenshot` draws docs/report.png.
 
     python -m pipeline.reports.browser screenshot --output docs/report.png [REPORT]
 """
@@ -257,7 +257,7 @@ def latest_report(reports: pathlib.Path) -> Optional[pathlib.Path]:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    """`python -m pipeline.reports.browser screenshot`: the README's picture of a report."""
+    """`python -m pipeline.reports.browser screenshot`: docs/report.png, the picture of a report."""
     parser = argparse.ArgumentParser(prog="python -m pipeline.reports.browser", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     shot = commands.add_parser("screenshot", help="a PNG of a report, from its plots of the statistics")

@@ -47,7 +47,7 @@ def running_server(model_dir: pathlib.Path, log_dir: pathlib.Path, *flags: str,
     arguments = ["--model-dir", str(model_dir), "--port", str(port), "--log-dir", str(log_dir), "--poll-seconds", "0.2",
                  "--workers", "1", *flags]
     command = ([sys.executable, "-m", "babyweight_cli", "serve", *arguments] if not through_make
-               else ["make", "-s", "serve", "ARGS=" + " ".join(arguments)])  # as the README says
+               else ["make", "-s", "serve", "ARGS=" + " ".join(arguments)])  # as docs/serving.md says
     environment = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", **(env or {})}
     port = int(environment.get("AIP_HTTP_PORT", port))
     output = log_dir.parent / f"server-{port}.log"

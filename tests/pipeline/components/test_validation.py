@@ -200,8 +200,8 @@ def test_presence_can_be_made_a_warning(real_spans, schema):
 
 
 def test_drift_between_random_halves_of_one_year_is_noise_below_min_drift_rows(real_export_csv, schema):
-    """Why min_drift_rows (README, Presence by year, and small spans): between two random halves of the
-    same year, TFDV's distances cross thresholds at 150 rows and stay under them at min_drift_rows."""
+    """Why min_drift_rows (docs/validation-and-spans.md, Presence by year, and small spans): between two random
+    halves of the same year, TFDV's distances cross thresholds at 150 rows and stay under them at min_drift_rows."""
     import random
 
     pool = [r for r in serving_check.read_requests(real_export_csv) if r["year"] == "2006"]

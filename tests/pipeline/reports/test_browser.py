@@ -45,7 +45,8 @@ def test_no_browser_is_an_error_that_says_how_to_get_one(monkeypatch):
 
 
 def test_make_report_screenshot_draws_a_small_png_from_the_statistics_heading(tmp_path, capsys):
-    """The README's `make report-screenshot ARGS=REPORT`: a PNG of the page from its Statistics heading down."""
+    """docs/validation-and-spans.md's `make report-screenshot ARGS=REPORT`: a PNG of the page from its Statistics
+    heading down."""
     from PIL import Image
 
     from tests.conftest import skip_or_fail_in_ci

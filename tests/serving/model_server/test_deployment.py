@@ -95,7 +95,7 @@ def test_predict_command_says_when_the_server_is_not_there(tmp_path):
 
 
 def test_the_readmes_commands_make_serve_then_babyweight_predict(toy_versions, tmp_path):
-    """make serve, then the installed `babyweight predict` on the bundled CSV, as the README shows them."""
+    """make serve, then the installed `babyweight predict` on the bundled CSV, as docs/serving.md shows them."""
     output = tmp_path / "predictions.csv"
     with running_server(toy_versions, tmp_path / "logs", through_make=True) as url:
         done = subprocess.run([str(PROJECT_ROOT / ".venv" / "bin" / "babyweight") if (PROJECT_ROOT / ".venv").is_dir()
