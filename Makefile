@@ -11,16 +11,22 @@ export TF_USE_LEGACY_KERAS := 1
 export TF_CPP_MIN_LOG_LEVEL := 2
 export PYTHONWARNINGS := ignore::FutureWarning
 
-.PHONY: run test test-fast mariadb chromium report-screenshot wrk metadata simulate validate-serving serve predict predict-batch bench-predict bench-tflite bench-serving vertex bench quality schema-draft data clean
+.PHONY: run test test-fast lint mariadb chromium report-screenshot wrk metadata simulate validate-serving serve predict predict-batch bench-predict bench-tflite bench-serving vertex bench quality schema-draft data clean
 
 run: $(VENV)/.installed
 	$(PY) runner_local.py $(ARGS)
 
-test: $(VENV)/.installed mariadb chromium
+test: $(VENV)/.installed lint mariadb chromium
 	$(PY) -m pytest tests $(ARGS)
 
+# The unit tests: everything but the end-to-end tests marked slow.
 test-fast: $(VENV)/.installed
 	$(PY) -m pytest tests -m "not slow" $(ARGS)
+
+# Ruff's lint and format checks (pyproject.toml); `$(VENV)/bin/ruff format .` and `ruff check --fix .` mend most.
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 # A MySQL-compatible server for the ML Metadata tests (they start a private one on a free port).
 mariadb:
@@ -40,17 +46,17 @@ chromium:
 	      || echo "note: could not install chromium, so the report tests are skipped (and fail under CI=true)"; \
 	  else echo "note: chromium is not installed, so the report tests are skipped, or fail under CI=true (apt-get install chromium)"; fi
 
-# The README's picture of a report, docs/report.png: ARGS=REPORT, or the newest report (a run on the bundled data first
-# if there is none).
+# docs/report.png, the picture of a report in docs/validation-and-spans.md: ARGS=REPORT, or the newest report
+# (a run on the bundled data first if there is none).
 report-screenshot: $(VENV)/.installed chromium
 	@[ -n "$(ARGS)" ] || ls outputs/reports/run-*.html >/dev/null 2>&1 || $(PY) runner_local.py
 	$(PY) -m pipeline.reports.browser screenshot --output docs/report.png $(ARGS)
 
-# What the pipeline recorded in ML Metadata (README, Inspecting runs): make metadata ARGS="runs"
+# What the pipeline recorded in ML Metadata (docs/metadata.md): make metadata ARGS="runs"
 metadata: $(VENV)/.installed
 	$(PY) -m pipeline.metadata.metadata_cli $(ARGS)
 
-# A year of arriving spans through the pipeline (README, Data validation): make simulate ARGS="--spans 6"
+# A year of arriving spans through the pipeline (docs/validation-and-spans.md): make simulate ARGS="--spans 6"
 simulate: $(VENV)/.installed
 	$(PY) -m babyweight_cli simulate $(ARGS)
 
@@ -58,7 +64,7 @@ simulate: $(VENV)/.installed
 validate-serving: $(VENV)/.installed
 	$(PY) -m babyweight_cli validate-serving $(ARGS)
 
-# The prediction server over the pushed models (README, Serving): make serve ARGS="--port 8501 --workers 2"
+# The prediction server over the pushed models (docs/serving.md): make serve ARGS="--port 8501 --workers 2"
 serve: $(VENV)/.installed
 	$(PY) -m babyweight_cli serve $(ARGS)
 
@@ -66,21 +72,21 @@ serve: $(VENV)/.installed
 predict: $(VENV)/.installed
 	$(PY) -m babyweight_cli predict $(ARGS)
 
-# Predictions for CSV files in one Beam pipeline (README, Batch and streaming predictions):
+# Predictions for CSV files in one Beam pipeline (docs/batch-and-streaming.md):
 #   make predict-batch ARGS="--input 'data/natality/*.csv' --output outputs/predictions/run"
 predict-batch: $(VENV)/.installed
 	$(PY) -m babyweight_cli predict-batch $(ARGS)
 
-# predict-batch on a million generated rows beside the server and the bare signature (README, Batch predictions)
+# predict-batch on a million generated rows beside the server and the bare signature (docs/batch-and-streaming.md)
 bench-predict: $(VENV)/.installed
 	$(PY) -m serving.bench.predict_bench $(ARGS)
 
-# The newest version as SavedModel, TFLite float32 and float16 on the same rows (README, TFLite):
+# The newest version as SavedModel, TFLite float32 and float16 on the same rows (docs/on-device.md):
 #   ARGS="--input ../shared/data/natality/bq_export_31col.csv"
 bench-tflite: $(VENV)/.installed
 	$(PY) -m serving.bench.device_bench $(ARGS)
 
-# The server under wrk's load beside the references (README, Serving benchmark): ARGS="--seconds 10"
+# The server under wrk's load beside the references (docs/serving.md, Serving benchmark): ARGS="--seconds 10"
 bench-serving: $(VENV)/.installed wrk
 	$(PY) -m serving.bench.server_bench $(ARGS)
 
@@ -93,14 +99,14 @@ wrk:
 	      || echo "note: could not install wrk"; \
 	  else echo "note: wrk is not installed (apt-get install wrk)"; fi
 
-# Compiles the pipeline for Vertex Pipelines (README, Google Cloud); ARGS="--submit --wait" runs it.
+# Compiles the pipeline for Vertex Pipelines (docs/cloud.md); ARGS="--submit --wait" runs it.
 vertex: $(VENV)/.installed
 	$(PY) runner_dataflow.py $(ARGS)
 
 bench: $(VENV)/.installed
 	$(PY) -m pipeline.commands.bench $(ARGS)
 
-# Model quality on the real export and the course samples in ../shared (README, Model quality): ARGS="--ablations"
+# Model quality on the real export and the course samples in ../shared (docs/model-quality.md): ARGS="--ablations"
 quality: $(VENV)/.installed
 	$(PY) -m pipeline.commands.quality $(ARGS)
 

@@ -42,7 +42,7 @@ setuptools.setup(
         # Linux wheels only; elsewhere the pipeline checks them with TensorFlow's own interpreter.
         "tflite-runtime; platform_system == 'Linux'",
     ] + SERVING_REQUIRES,
-    extras_require={"test": ["pytest"]},
+    extras_require={"test": ["pytest", "ruff"]},  # ruff: lint and format (pyproject.toml)
     entry_points={"console_scripts": [
         "babyweight-local=runner_local:main",
         "babyweight-vertex=runner_dataflow:main",
