@@ -5,6 +5,7 @@ a command that needs no TensorFlow (`babyweight metadata`, `babyweight predict -
 one that does loads it, whenever it first does, with its start-up chatter kept off the console
 (`install_quiet_tensorflow`). Only the standard library here: the serving image has no pipeline/.
 """
+
 import contextlib
 import importlib
 import importlib.abc
@@ -28,29 +29,47 @@ class Command(NamedTuple):
 
 
 COMMANDS = {
-    "metadata": Command("pipeline.metadata.metadata_cli", "runs, steps, artifacts, lineage and contents in ML Metadata",
-                        "babyweight metadata runs --store outputs/metadata.sqlite"),
-    "simulate": Command("pipeline.commands.simulate", "a year of arriving spans through the pipeline, one run each",
-                        "babyweight simulate --spans 6"),
-    "validate-serving": Command("pipeline.commands.serving_check",
-                                "requests or the server's request log against the training data (TFDV)",
-                                "babyweight validate-serving outputs/serving_logs/"),
-    "serve": Command("serving.model_server.server", "the prediction server over the pushed models (TF Serving's REST API)",
-                     "babyweight serve --port 8501"),
-    "predict": Command("serving.clients.client", "predictions for a CSV or JSON-lines file, from a server or a TFLite file",
-                       "babyweight predict --url http://127.0.0.1:8501 data/natality/natality.csv"),
-    "experiment": Command("serving.experiments.experiment_cli",
-                          "outcomes, report, promotion and simulation of an A/B test or bandit between versions",
-                          "babyweight experiment report --experiment-file experiment.yaml"),
-    "predict-batch": Command("serving.batch.cli", "predictions for files, a table or a Pub/Sub stream in one Beam job",
-                             "babyweight predict-batch --input 'data/natality/*.csv'"),
+    "metadata": Command(
+        "pipeline.metadata.metadata_cli",
+        "runs, steps, artifacts, lineage and contents in ML Metadata",
+        "babyweight metadata runs --store outputs/metadata.sqlite",
+    ),
+    "simulate": Command(
+        "pipeline.commands.simulate",
+        "a year of arriving spans through the pipeline, one run each",
+        "babyweight simulate --spans 6",
+    ),
+    "validate-serving": Command(
+        "pipeline.commands.serving_check",
+        "requests or the server's request log against the training data (TFDV)",
+        "babyweight validate-serving outputs/serving_logs/",
+    ),
+    "serve": Command(
+        "serving.model_server.server",
+        "the prediction server over the pushed models (TF Serving's REST API)",
+        "babyweight serve --port 8501",
+    ),
+    "predict": Command(
+        "serving.clients.client",
+        "predictions for a CSV or JSON-lines file, from a server or a TFLite file",
+        "babyweight predict --url http://127.0.0.1:8501 data/natality/natality.csv",
+    ),
+    "experiment": Command(
+        "serving.experiments.experiment_cli",
+        "outcomes, report, promotion and simulation of an A/B test or bandit between versions",
+        "babyweight experiment report --experiment-file experiment.yaml",
+    ),
+    "predict-batch": Command(
+        "serving.batch.cli",
+        "predictions for files, a table or a Pub/Sub stream in one Beam job",
+        "babyweight predict-batch --input 'data/natality/*.csv'",
+    ),
 }
 
 
 def usage() -> str:
     """Every command with what it does and an example."""
-    lines = ["usage: babyweight COMMAND [ARGS ...]   (babyweight COMMAND --help for its arguments)", "",
-             "commands:"]
+    lines = ["usage: babyweight COMMAND [ARGS ...]   (babyweight COMMAND --help for its arguments)", "", "commands:"]
     for name, command in COMMANDS.items():
         lines += [f"  {name:<17} {command.summary}", f"  {'':<17}   e.g. {command.example}"]
     lines += ["", "  --version         this project's version and TFX's"]

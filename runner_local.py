@@ -1,9 +1,10 @@
 """Runs the babyweight pipeline locally: LocalDagRunner, Beam's DirectRunner, SQLite ML Metadata.
 
-    python runner_local.py                          # the bundled data, outputs under outputs/
-    python runner_local.py --data-dir ~/natality_export --output-dir /tmp/run1
-    python runner_local.py --set train_epochs=8 --set strategy=mirrored
+python runner_local.py                          # the bundled data, outputs under outputs/
+python runner_local.py --data-dir ~/natality_export --output-dir /tmp/run1
+python runner_local.py --set train_epochs=8 --set strategy=mirrored
 """
+
 import argparse
 import pathlib
 import sys
@@ -18,8 +19,13 @@ def _parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     parser.add_argument("--profile", default="local", help="config profile in pipeline/profiles/ (default: local)")
     parser.add_argument("--data-dir", type=pathlib.Path, help="folder of natality CSV files (31-column export)")
     parser.add_argument("--output-dir", type=pathlib.Path, help="pipeline root, metadata, models and logs go here")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a profile setting, e.g. --set train_epochs=8 (repeatable)")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a profile setting, e.g. --set train_epochs=8 (repeatable)",
+    )
     return parser.parse_args(argv)
 
 

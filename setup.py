@@ -4,20 +4,26 @@ Transform and Trainer reference `models.preprocessing.preprocessing_fn` and `mod
 dotted path, so the same installed package runs locally, on Dataflow workers and in Vertex containers.
 Versions are pinned in constraints.txt: pip install -c constraints.txt -e '.[test]'.
 """
+
 import pathlib
 
 import setuptools
 
 # The prediction server's own dependencies, listed once for the project and for its image (serving/Dockerfile).
-SERVING_REQUIRES = [line.strip() for line in (pathlib.Path(__file__).parent / "serving" / "requirements.txt")
-                    .read_text().splitlines() if line.strip() and not line.startswith("#")]
+SERVING_REQUIRES = [
+    line.strip()
+    for line in (pathlib.Path(__file__).parent / "serving" / "requirements.txt").read_text().splitlines()
+    if line.strip() and not line.startswith("#")
+]
 
 setuptools.setup(
     name="babyweight-tfx",
     version="0.1.0",
     description="Production TFX pipeline predicting a newborn's birth weight from US natality data",
     python_requires=">=3.10,<3.11",
-    packages=setuptools.find_packages(include=["pipeline", "pipeline.*", "models", "models.*", "serving", "serving.*", "data"]),
+    packages=setuptools.find_packages(
+        include=["pipeline", "pipeline.*", "models", "models.*", "serving", "serving.*", "data"]
+    ),
     package_data={"pipeline": ["profiles/*.yaml"]},
     py_modules=["runner_local", "runner_dataflow", "babyweight_cli"],
     install_requires=[
@@ -37,15 +43,19 @@ setuptools.setup(
         "psutil",  # the served candidate's memory (pipeline/components/infra_validator.py)
         "matplotlib",  # the plots of the run reports and the history page (pipeline/reports/plots.py)
         "pillow",  # the README's screenshot of a report, reduced to a few colours (pipeline/reports/browser.py)
-        # TensorFlow Lite's interpreter alone, as a device runs the TFLite models (serving/clients/device.py): the pipeline
-        # checks them with it (pipeline/components/tflite_export.py), `babyweight predict --tflite` runs them with it. It has
+        # TensorFlow Lite's interpreter alone, as a device runs the TFLite models (serving/clients/device.py): the
+        # pipeline checks them with it (pipeline/components/tflite_export.py), `babyweight predict --tflite` runs them
+        # with it. It has
         # Linux wheels only; elsewhere the pipeline checks them with TensorFlow's own interpreter.
         "tflite-runtime; platform_system == 'Linux'",
-    ] + SERVING_REQUIRES,
+    ]
+    + SERVING_REQUIRES,
     extras_require={"test": ["pytest", "ruff"]},  # ruff: lint and format (pyproject.toml)
-    entry_points={"console_scripts": [
-        "babyweight-local=runner_local:main",
-        "babyweight-vertex=runner_dataflow:main",
-        "babyweight=babyweight_cli:main",  # babyweight metadata|simulate|validate-serving|serve|predict ...
-    ]},
+    entry_points={
+        "console_scripts": [
+            "babyweight-local=runner_local:main",
+            "babyweight-vertex=runner_dataflow:main",
+            "babyweight=babyweight_cli:main",  # babyweight metadata|simulate|validate-serving|serve|predict ...
+        ]
+    },
 )

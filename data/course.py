@@ -5,6 +5,7 @@ The Google Cloud ML courses published samples of the natality table in their own
 plurality as `Single(1)`, `Twins(2)`, ...; and a 10-column file without a header. Columns the table has
 and a file lacks are empty (missing), as in a BigQuery export with NULLs.
 """
+
 import pathlib
 import re
 
@@ -14,8 +15,18 @@ import pandas as pd
 from models import features
 
 # The headerless 10-column file's columns (the course's 2017 serving example).
-TEN_COLUMNS = ("weight_pounds", "is_male", "mother_age", "mother_race", "plurality", "gestation_weeks",
-               "mother_married", "cigarette_use", "alcohol_use", "key")
+TEN_COLUMNS = (
+    "weight_pounds",
+    "is_male",
+    "mother_age",
+    "mother_race",
+    "plurality",
+    "gestation_weeks",
+    "mother_married",
+    "cigarette_use",
+    "alcohol_use",
+    "key",
+)
 _COUNT = re.compile(r"\((\d+)\)$")
 
 
@@ -36,8 +47,13 @@ def read_course_file(path: pathlib.Path) -> pd.DataFrame:
     """The rows of a course file as the table's 31 columns (text; '' where the file has no value)."""
     first_line = path.open().readline()
     header = first_line.startswith("weight_pounds")
-    frame = pd.read_csv(path, header=0 if header else None, names=None if header else list(TEN_COLUMNS),
-                        dtype=str, keep_default_na=False)
+    frame = pd.read_csv(
+        path,
+        header=0 if header else None,
+        names=None if header else list(TEN_COLUMNS),
+        dtype=str,
+        keep_default_na=False,
+    )
     table = pd.DataFrame(index=frame.index)
     for column in features.COLUMNS:
         if column.name not in frame or column.name == "mother_race":  # the course codes race as text

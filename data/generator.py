@@ -10,6 +10,7 @@ chunks so that it scales to millions of rows.
     python -m data.generator --rows 50000 --spans 4 --weight-shift-per-span -0.05 --output-dir /tmp/spans
     python -m data.generator --rows 2000 --spans 2 --corrupt type --output-dir /tmp/spans   # a bad last span
 """
+
 import argparse
 import dataclasses
 import logging
@@ -74,8 +75,14 @@ class Drift:
     married_rate_shift_per_span: float = 0.0  # change of the married fraction per span
 
 
-def generate_frame(rows: int, rng: np.random.Generator, year: int, calibration: Calibration,
-                   weight_shift: float = 0.0, married_rate: float = None) -> pd.DataFrame:
+def generate_frame(
+    rows: int,
+    rng: np.random.Generator,
+    year: int,
+    calibration: Calibration,
+    weight_shift: float = 0.0,
+    married_rate: float = None,
+) -> pd.DataFrame:
     """Draws `rows` synthetic births of one year as a frame with the table's 31 columns."""
     cal = calibration
     married_rate = cal.married_rate if married_rate is None else married_rate
@@ -97,19 +104,22 @@ def generate_frame(rows: int, rng: np.random.Generator, year: int, calibration: 
     weight_gain = np.clip(np.rint(rng.normal(30.5, 13.0, rows)), 1, 98).astype(int)
 
     preterm = rng.random(rows) < cal.preterm_rate
-    gestation = np.where(preterm, rng.normal(cal.preterm_mean, cal.preterm_sd, rows),
-                         rng.normal(cal.term_mean, cal.term_sd, rows))
+    gestation = np.where(
+        preterm, rng.normal(cal.preterm_mean, cal.preterm_sd, rows), rng.normal(cal.term_mean, cal.term_sd, rows)
+    )
     gestation = np.clip(np.rint(gestation - cal.gestation_drop_per_extra_baby * (plurality - 1)), 17, 47).astype(int)
 
     growth = cal.growth_max_lb / (1 + np.exp(-(gestation - cal.growth_mid_weeks) / cal.growth_scale_weeks))
-    mean_lb = (growth
-               + cal.male_effect_lb * (is_male - 0.5)
-               + cal.multiple_effect_lb * (plurality - 1)
-               + cal.married_effect_lb * married
-               + cal.parity_effect_lb * np.minimum(ever_born - 1, 3)
-               + cal.weight_gain_effect_lb * (weight_gain - 30)
-               + cal.mother_age_curvature_lb * (mother_age - 28) ** 2
-               + weight_shift)
+    mean_lb = (
+        growth
+        + cal.male_effect_lb * (is_male - 0.5)
+        + cal.multiple_effect_lb * (plurality - 1)
+        + cal.married_effect_lb * married
+        + cal.parity_effect_lb * np.minimum(ever_born - 1, 3)
+        + cal.weight_gain_effect_lb * (weight_gain - 30)
+        + cal.mother_age_curvature_lb * (mother_age - 28) ** 2
+        + weight_shift
+    )
     noise = rng.normal(0.0, cal.residual_sd_lb, rows) * np.clip(growth / 7.5, 0.35, 1.0)
     grams = np.clip(np.rint((mean_lb + noise) * GRAMS_PER_POUND), 227, 8165)
     weight_pounds = pd.Series(grams / GRAMS_PER_POUND).round(11)
@@ -157,8 +167,9 @@ def generate_frame(rows: int, rng: np.random.Generator, year: int, calibration: 
         "cigarettes_per_day": empty_int,
         "alcohol_use": empty_str,
         "drinks_per_week": empty_int,
-        "weight_gain_pounds": nullable(with_code(weight_gain, 99, cal.weight_gain_unknown_rate),
-                                       cal.weight_gain_null_rate),
+        "weight_gain_pounds": nullable(
+            with_code(weight_gain, 99, cal.weight_gain_unknown_rate), cal.weight_gain_null_rate
+        ),
         "born_alive_alive": born_alive_alive,
         "born_alive_dead": born_alive_dead,
         "born_dead": born_dead,
@@ -170,8 +181,15 @@ def generate_frame(rows: int, rng: np.random.Generator, year: int, calibration: 
     return pd.DataFrame({name: columns[name] for name in features.COLUMN_NAMES})
 
 
-def write(rows: int, seed: int, output_dir: pathlib.Path, spans: int = 1, first_year: int = 2008,
-          drift: Drift = Drift(), calibration: Calibration = Calibration()) -> List[pathlib.Path]:
+def write(
+    rows: int,
+    seed: int,
+    output_dir: pathlib.Path,
+    spans: int = 1,
+    first_year: int = 2008,
+    drift: Drift = Drift(),
+    calibration: Calibration = Calibration(),
+) -> List[pathlib.Path]:
     """Writes `rows` rows per span as CSV; one span goes to output_dir, several to output_dir/span-N/."""
     written = []
     for span in range(spans):
@@ -183,9 +201,13 @@ def write(rows: int, seed: int, output_dir: pathlib.Path, spans: int = 1, first_
         with tmp_path.open("w", newline="") as out:
             for start in range(0, rows, CHUNK_ROWS):
                 frame = generate_frame(
-                    min(CHUNK_ROWS, rows - start), rng, first_year + span, calibration,
+                    min(CHUNK_ROWS, rows - start),
+                    rng,
+                    first_year + span,
+                    calibration,
                     weight_shift=drift.weight_shift_per_span * span,
-                    married_rate=calibration.married_rate + drift.married_rate_shift_per_span * span)
+                    married_rate=calibration.married_rate + drift.married_rate_shift_per_span * span,
+                )
                 frame.to_csv(out, header=start == 0, index=False, na_rep="", float_format="%.11g")
         tmp_path.replace(path)
         logging.info("wrote %d rows to %s", rows, path)
@@ -243,8 +265,14 @@ def main(argv: List[str] = None) -> None:
     parser.add_argument("--corrupt", choices=sorted(CORRUPTIONS), help="corrupt the last span in this one way")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    paths = write(args.rows, args.seed, args.output_dir, args.spans, args.first_year,
-                  Drift(args.weight_shift_per_span, args.married_rate_shift_per_span))
+    paths = write(
+        args.rows,
+        args.seed,
+        args.output_dir,
+        args.spans,
+        args.first_year,
+        Drift(args.weight_shift_per_span, args.married_rate_shift_per_span),
+    )
     if args.corrupt:
         corrupt(paths[-1], args.corrupt, args.seed)
         print(f"corrupted {paths[-1]}: {CORRUPTIONS[args.corrupt]}")

@@ -1,4 +1,5 @@
 """Features, preprocessing and model of the babyweight pipeline."""
+
 import os
 
 # TFX 1.16 wants Keras 2: tf.keras must resolve to tf-keras in every process that imports the model

@@ -3,6 +3,7 @@
 TensorFlow is imported where a strategy is made, not with the module: the config (pipeline/config.py) checks
 names against STRATEGIES, and commands that only read the config need no TensorFlow.
 """
+
 import logging
 import tempfile
 from typing import TYPE_CHECKING

@@ -3,6 +3,7 @@
 Everything that needs to know about a column (the CSV check, the generator, `preprocessing_fn`,
 the model, the serving signatures, the evaluation slices) reads it from `COLUMNS` here.
 """
+
 import dataclasses
 import enum
 import math
@@ -170,7 +171,7 @@ def slice_keys() -> List[List[str]]:
     return [[]] + [[name] for name in SLICE_FEATURES] + [[key] for key in buckets]
 
 
-FLOAT32_EXACT = 2 ** 24  # integers below this are exact in float32
+FLOAT32_EXACT = 2**24  # integers below this are exact in float32
 
 
 def is_missing_value(column: Column, value: Any) -> bool:
@@ -249,6 +250,7 @@ def raw_columns(keys: Sequence[InstanceKey]) -> Dict[str, numpy.ndarray]:
         if column.dtype == "string":
             columns[column.name] = numpy.array(["" if key[index] is None else key[index] for key in keys], object)
         else:
-            columns[column.name] = numpy.array([numpy.nan if key[index] is None else key[index] for key in keys],
-                                               numpy.float32)
+            columns[column.name] = numpy.array(
+                [numpy.nan if key[index] is None else key[index] for key in keys], numpy.float32
+            )
     return columns

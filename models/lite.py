@@ -1,10 +1,12 @@
 """The exported model for devices: its serving_raw signature as TensorFlow Lite models of builtin ops only.
 
-The pipeline converts each pushed model and checks it (pipeline/components/tflite_export.py), `babyweight predict --tflite`
-runs the files (serving/clients/device.py), `make bench-tflite` measures them (serving/bench/device_bench.py). Builtin ops only:
+The pipeline converts each pushed model and checks it (pipeline/components/tflite_export.py),
+`babyweight predict --tflite` runs the files (serving/clients/device.py), `make bench-tflite` measures them
+(serving/bench/device_bench.py). Builtin ops only:
 the `tflite-runtime` interpreter has no Flex delegate for TensorFlow's own ops (docs/on-device.md). Importing this
 module imports no TensorFlow: a device has none.
 """
+
 import logging
 import os
 import pathlib
@@ -59,8 +61,9 @@ def convert(saved_model_dir: str, quantization: str) -> bytes:
             notes.seek(0)
             text = notes.read().decode(errors="replace").strip()
             if text:
-                logging.log(logging.WARNING if failed else logging.INFO, "TFLite converter (%s): %s", quantization,
-                            text)
+                logging.log(
+                    logging.WARNING if failed else logging.INFO, "TFLite converter (%s): %s", quantization, text
+                )
 
 
 class LiteModel:
@@ -69,29 +72,38 @@ class LiteModel:
     (the same builtin kernels) stands in where tflite-runtime has no wheel (macOS): the pipeline's check may use it,
     a device may not."""
 
-    def __init__(self, path: Optional[str] = None, content: Optional[bytes] = None, threads: int = 1,
-                 tensorflow_fallback: bool = False):
+    def __init__(
+        self,
+        path: Optional[str] = None,
+        content: Optional[bytes] = None,
+        threads: int = 1,
+        tensorflow_fallback: bool = False,
+    ):
         self.name = str(path) if path is not None else "the converted model"
         try:
             from tflite_runtime.interpreter import Interpreter
         except ImportError:
             if not tensorflow_fallback:
-                raise LiteModelError("the TensorFlow Lite interpreter is not installed: pip install tflite-runtime") \
-                    from None
+                raise LiteModelError(
+                    "the TensorFlow Lite interpreter is not installed: pip install tflite-runtime"
+                ) from None
             import tensorflow as tf
 
             Interpreter = tf.lite.Interpreter
         if path is not None and not pathlib.Path(path).is_file():
             raise LiteModelError(f"{path}: no such file")
         try:
-            interpreter = Interpreter(model_path=str(path) if path is not None else None, model_content=content,
-                                      num_threads=threads)
+            interpreter = Interpreter(
+                model_path=str(path) if path is not None else None, model_content=content, num_threads=threads
+            )
         except ValueError as error:
             raise LiteModelError(f"{self.name} is not a TensorFlow Lite model: {error}") from None
         signatures = interpreter.get_signature_list()
         if SIGNATURE not in signatures:
-            raise LiteModelError(f"{self.name} has no {SIGNATURE} signature (it has "
-                                 f"{', '.join(signatures) or 'none'}): it is not a babyweight TFLite export")
+            raise LiteModelError(
+                f"{self.name} has no {SIGNATURE} signature (it has "
+                f"{', '.join(signatures) or 'none'}): it is not a babyweight TFLite export"
+            )
         self.runner = interpreter.get_signature_runner(SIGNATURE)
 
     def predict_columns(self, columns: Dict[str, numpy.ndarray]) -> numpy.ndarray:
@@ -99,5 +111,6 @@ class LiteModel:
         try:
             return self.runner(**columns)[PREDICTIONS].reshape(-1)
         except (ValueError, RuntimeError, KeyError) as error:  # inputs of other names or types than the model's
-            raise LiteModelError(f"{self.name} can't predict the model's features ({', '.join(columns)}): "
-                                 f"{error!r}") from None
+            raise LiteModelError(
+                f"{self.name} can't predict the model's features ({', '.join(columns)}): {error!r}"
+            ) from None

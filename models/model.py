@@ -8,6 +8,7 @@ The exported SavedModel carries the TF Transform graph, so every signature takes
 - `score_examples`: serialized tf.Example -> {"predictions": pounds} for every row (evaluation, monitoring);
 - `transform_features`: serialized tf.Example -> transformed features (TFMA slices and labels on it).
 """
+
 import json
 import logging
 import math
@@ -57,12 +58,14 @@ FREQUENT_INSTANCES_MAX = 50_000
 # but not its Keras 2 twin `tf_keras` that TFX 1.16 needs: converting it costs about 30 s of the
 # Trainer's first epoch. Treat tf_keras as TensorFlow treats keras.
 if not any(getattr(rule, "_prefix", None) == "tf_keras" for rule in autograph_config.CONVERSION_RULES):
-    autograph_config.CONVERSION_RULES = (
-        (autograph_config.DoNotConvert("tf_keras"),) + tuple(autograph_config.CONVERSION_RULES))
+    autograph_config.CONVERSION_RULES = (autograph_config.DoNotConvert("tf_keras"),) + tuple(
+        autograph_config.CONVERSION_RULES
+    )
 
 
-def build_keras_model(hidden_units: List[int], embedding_dim: int, learning_rate: float,
-                      decay_steps: int = 0) -> tf.keras.Model:
+def build_keras_model(
+    hidden_units: List[int], embedding_dim: int, learning_rate: float, decay_steps: int = 0
+) -> tf.keras.Model:
     """Wide part: one-hot ids, buckets and crosses; deep part: embeddings and scaled numerics."""
     inputs: Dict[str, tf.keras.Input] = {}
     wide, deep = [], []
@@ -79,19 +82,25 @@ def build_keras_model(hidden_units: List[int], embedding_dim: int, learning_rate
     hidden = tf.keras.layers.concatenate(deep)
     for units in hidden_units:
         hidden = tf.keras.layers.Dense(units, activation="relu")(hidden)
-    output = tf.keras.layers.add([
-        tf.keras.layers.Dense(1, name="wide")(tf.keras.layers.concatenate(wide)),
-        tf.keras.layers.Dense(1, name="deep")(hidden),
-    ])
+    output = tf.keras.layers.add(
+        [
+            tf.keras.layers.Dense(1, name="wide")(tf.keras.layers.concatenate(wide)),
+            tf.keras.layers.Dense(1, name="deep")(hidden),
+        ]
+    )
     model = tf.keras.Model(inputs=inputs, outputs=output)
     # jit_compile=False: Keras' default XLA compilation costs about 25 s on CPU for a model that then
     # trains an epoch of 16k rows in under a second.
     # Cosine decay to 0 over the training steps: the last steps settle instead of jittering at the full
     # rate, so the exported model doesn't depend on where in a noisy last epoch training stopped.
     schedule = tf.keras.optimizers.schedules.CosineDecay(learning_rate, decay_steps) if decay_steps else learning_rate
-    model.compile(optimizer=tf.keras.optimizers.Adam(schedule), loss="mse",
-                  weighted_metrics=[tf.keras.metrics.RootMeanSquaredError(name="rmse")], jit_compile=False,
-                  steps_per_execution=STEPS_PER_EXECUTION)
+    model.compile(
+        optimizer=tf.keras.optimizers.Adam(schedule),
+        loss="mse",
+        weighted_metrics=[tf.keras.metrics.RootMeanSquaredError(name="rmse")],
+        jit_compile=False,
+        steps_per_execution=STEPS_PER_EXECUTION,
+    )
     return model
 
 
@@ -103,8 +112,9 @@ def recency_weights(file_spans: Dict[str, int], half_life_spans: float) -> Dict[
     return {pattern: 0.5 ** ((newest - span) / half_life_spans) for pattern, span in file_spans.items()}
 
 
-def file_weights(train_files: List[str], eval_files: List[str], file_spans: Optional[Dict[str, int]],
-                 half_life_spans: float) -> Dict[str, float]:
+def file_weights(
+    train_files: List[str], eval_files: List[str], file_spans: Optional[Dict[str, int]], half_life_spans: float
+) -> Dict[str, float]:
     """The recency weight of each train and eval file pattern, from the span map the pipeline's Trainer
     executor adds (pipeline/components/spans.py). Without a map (one span, or `run_fn` called outside the pipeline)
     every file weighs 1; a map that misses a file is an error, not a silent weight of 1."""
@@ -113,8 +123,10 @@ def file_weights(train_files: List[str], eval_files: List[str], file_spans: Opti
         return {pattern: 1.0 for pattern in train_files + eval_files}
     unmapped = [pattern for pattern in train_files + eval_files if pattern not in file_spans]
     if unmapped:
-        raise ValueError(f"the span map ({', '.join(sorted(file_spans))}) has no span for the Trainer's file "
-                         f"pattern(s) {', '.join(unmapped)}: recency weights can't be given")
+        raise ValueError(
+            f"the span map ({', '.join(sorted(file_spans))}) has no span for the Trainer's file "
+            f"pattern(s) {', '.join(unmapped)}: recency weights can't be given"
+        )
     return recency_weights(file_spans, half_life_spans)
 
 
@@ -130,12 +142,14 @@ def sparse_raw(dense: Dict[str, tf.Tensor], raw_spec: Dict[str, Any]) -> Dict[st
         raw[name] = tf.sparse.SparseTensor(
             tf.concat([indices, tf.zeros_like(indices)], axis=1),
             tf.cast(tf.boolean_mask(value, present), raw_spec[name].dtype),
-            tf.stack([tf.shape(value, out_type=tf.int64)[0], tf.constant(1, tf.int64)]))
+            tf.stack([tf.shape(value, out_type=tf.int64)[0], tf.constant(1, tf.int64)]),
+        )
     return raw
 
 
-def mask_features(dense: Dict[str, tf.Tensor], mask_rate: float, presence: Optional[Mapping[str, float]] = None,
-                  seed: Any = (0, 0)) -> Dict[str, tf.Tensor]:
+def mask_features(
+    dense: Dict[str, tf.Tensor], mask_rate: float, presence: Optional[Mapping[str, float]] = None, seed: Any = (0, 0)
+) -> Dict[str, tf.Tensor]:
     """Training rows as requests send them: a `mask_rate` share of rows lose some of their optional features.
 
     In such a row each optional feature is removed with a probability drawn for the row, uniform in [0, 1],
@@ -148,8 +162,10 @@ def mask_features(dense: Dict[str, tf.Tensor], mask_rate: float, presence: Optio
     presence = dict(presence or {})
     unknown = sorted(set(presence) - {c.name for c in features.FEATURES})
     if unknown:
-        raise ValueError(f"cannot remove {', '.join(unknown)}: not among the model features "
-                         f"{', '.join(c.name for c in features.FEATURES)}")
+        raise ValueError(
+            f"cannot remove {', '.join(unknown)}: not among the model features "
+            f"{', '.join(c.name for c in features.FEATURES)}"
+        )
     rows = tf.shape(dense[features.LABEL.name])
     seed = tf.cast(seed, tf.int64)
     draws = iter(range(2 + 2 * len(features.FEATURES)))
@@ -174,10 +190,20 @@ def mask_features(dense: Dict[str, tf.Tensor], mask_rate: float, presence: Optio
     return masked
 
 
-def _input_fn(file_patterns: List[str], weights: Dict[str, float], tf_transform_output: tft.TFTransformOutput,
-              batch_size: int, shuffle: bool, mask_rate: float = 0.0, presence: Optional[Mapping[str, float]] = None,
-              masked_copies: int = 1, seed: int = 0, repeat: bool = False,
-              holdout: Optional[bool] = None, passes: int = 2) -> tf.data.Dataset:
+def _input_fn(
+    file_patterns: List[str],
+    weights: Dict[str, float],
+    tf_transform_output: tft.TFTransformOutput,
+    batch_size: int,
+    shuffle: bool,
+    mask_rate: float = 0.0,
+    presence: Optional[Mapping[str, float]] = None,
+    masked_copies: int = 1,
+    seed: int = 0,
+    repeat: bool = False,
+    holdout: Optional[bool] = None,
+    passes: int = 2,
+) -> tf.data.Dataset:
     """Raw examples of each span, masked by `mask_features`, transformed by the Transform graph, as
     (features, label, weight).
 
@@ -196,8 +222,12 @@ def _input_fn(file_patterns: List[str], weights: Dict[str, float], tf_transform_
     def transform(index: tf.Tensor, batch: Tuple[tf.Tensor, tf.Tensor]):
         records, recency = batch
         parsed = tf.io.parse_example(records, raw_spec)
-        dense = mask_features({name: dense_raw(value) for name, value in parsed.items()}, mask_rate, presence,
-                              seed=tf.stack([tf.constant(seed, tf.int64), index]))
+        dense = mask_features(
+            {name: dense_raw(value) for name, value in parsed.items()},
+            mask_rate,
+            presence,
+            seed=tf.stack([tf.constant(seed, tf.int64), index]),
+        )
         transformed = tft_layer(sparse_raw(dense, raw_spec))
         batch = {key: tf.reshape(value, [-1]) for key, value in transformed.items()}
         label = batch.pop(features.label_key())
@@ -236,10 +266,16 @@ def _require(dense: Dict[str, tf.Tensor]) -> List[tf.Operation]:
     checks = []
     for column in features.REQUIRED_FEATURES:
         missing = is_missing(column, dense[column.name])
-        checks.append(tf.debugging.Assert(
-            ~tf.reduce_any(missing),
-            [f"missing required feature {column.name} (no value, or an unknown code) in instance(s)",
-             tf.where(missing)[:, 0]], summarize=20))
+        checks.append(
+            tf.debugging.Assert(
+                ~tf.reduce_any(missing),
+                [
+                    f"missing required feature {column.name} (no value, or an unknown code) in instance(s)",
+                    tf.where(missing)[:, 0],
+                ],
+                summarize=20,
+            )
+        )
     return checks
 
 
@@ -275,7 +311,8 @@ def serving_signatures(model: tf.keras.Model, tf_transform_output: tft.TFTransfo
 
     raw_inputs = [
         tf.TensorSpec([None], tf.string if raw_spec[c.name].dtype == tf.string else tf.float32, name=c.name)
-        for c in features.FEATURES]
+        for c in features.FEATURES
+    ]
 
     @tf.function(input_signature=raw_inputs, autograph=False)
     def serve_raw(*values: tf.Tensor) -> Dict[str, tf.Tensor]:
@@ -295,8 +332,9 @@ def serving_signatures(model: tf.keras.Model, tf_transform_output: tft.TFTransfo
     }
 
 
-def frequent_instances(file_patterns: List[str], tf_transform_output: tft.TFTransformOutput,
-                       limit: int = FREQUENT_INSTANCES_MAX) -> Dict[str, Any]:
+def frequent_instances(
+    file_patterns: List[str], tf_transform_output: tft.TFTransformOutput, limit: int = FREQUENT_INSTANCES_MAX
+) -> Dict[str, Any]:
     """The most frequent instances of the raw training rows, with their counts: {"rows": N, "instances": [...]}.
 
     Each row counts twice: as it is, and as the smallest request the serving contract takes (its required
@@ -306,11 +344,16 @@ def frequent_instances(file_patterns: List[str], tf_transform_output: tft.TFTran
     """
     raw_spec = _raw_feature_spec(tf_transform_output, with_label=False)
     files = [name for pattern in file_patterns for name in sorted(tf.io.gfile.glob(pattern))]  # as `_records`
-    dataset = tf.data.TFRecordDataset(files, compression_type="GZIP").batch(TRANSFORM_BATCH).map(
-        lambda records: {name: dense_raw(value) for name, value in tf.io.parse_example(records, raw_spec).items()})
+    dataset = (
+        tf.data.TFRecordDataset(files, compression_type="GZIP")
+        .batch(TRANSFORM_BATCH)
+        .map(lambda records: {name: dense_raw(value) for name, value in tf.io.parse_example(records, raw_spec).items()})
+    )
     batches = list(dataset.as_numpy_iterator())
-    columns = {column.name: np.concatenate([batch[column.name] for batch in batches]) if batches else np.array([])
-               for column in features.FEATURES}
+    columns = {
+        column.name: np.concatenate([batch[column.name] for batch in batches]) if batches else np.array([])
+        for column in features.FEATURES
+    }
     requests = np.ones(len(columns[features.FEATURES[0].name]), bool)
     for column in features.REQUIRED_FEATURES:  # features.missing_required, on each distinct value
         values, inverse = np.unique(columns[column.name], return_inverse=True)
@@ -326,8 +369,7 @@ def frequent_instances(file_patterns: List[str], tf_transform_output: tft.TFTran
             distinct, inverse = np.unique(values.astype(np.float32), return_inverse=True)  # NaNs: one, last
             key_values = [None if value != value else value for value in distinct.tolist()]
         none = len(key_values)  # one code for no value; the smallest request has none of the optional features
-        full = np.array([none if value is None else code for code, value in enumerate(key_values)],
-                        np.int64)[inverse]
+        full = np.array([none if value is None else code for code, value in enumerate(key_values)], np.int64)[inverse]
         smallest = full if column.required else np.full_like(full, none)
         codes.append(np.stack([full, smallest], axis=1).reshape(-1))  # row 1 full, row 1 smallest, row 2 ...
         keys.append(key_values + [None])
@@ -336,9 +378,19 @@ def frequent_instances(file_patterns: List[str], tf_transform_output: tft.TFTran
         return {"rows": 0, "instances": []}
     instances, first, counts = np.unique(np.stack(codes, axis=1), axis=0, return_index=True, return_counts=True)
     order = np.lexsort((first, -counts))[:limit]
-    return {"rows": rows, "instances": [
-        [int(counts[index]), {column.name: keys[place][code] for place, (column, code)
-                              in enumerate(zip(features.FEATURES, instances[index]))}] for index in order]}
+    return {
+        "rows": rows,
+        "instances": [
+            [
+                int(counts[index]),
+                {
+                    column.name: keys[place][code]
+                    for place, (column, code) in enumerate(zip(features.FEATURES, instances[index]))
+                },
+            ]
+            for index in order
+        ],
+    }
 
 
 def _records(file_patterns: List[str], holdout: Optional[bool] = None) -> tf.data.Dataset:
@@ -351,8 +403,11 @@ def _records(file_patterns: List[str], holdout: Optional[bool] = None) -> tf.dat
     for pattern in file_patterns:
         part = tf.data.TFRecordDataset(sorted(tf.io.gfile.glob(pattern)), compression_type="GZIP")
         if holdout is not None:
-            part = part.enumerate().filter(
-                lambda index, _: tf.equal(tf.equal(index % HOLDOUT_BUCKETS, 0), holdout)).map(lambda _, record: record)
+            part = (
+                part.enumerate()
+                .filter(lambda index, _: tf.equal(tf.equal(index % HOLDOUT_BUCKETS, 0), holdout))
+                .map(lambda _, record: record)
+            )
         parts.append(part)
     records = parts[0]
     for part in parts[1:]:
@@ -366,8 +421,11 @@ def _count_records(file_patterns: List[str], holdout: Optional[bool] = None) -> 
     rows are every HOLDOUT_BUCKETS-th of each pattern's, the first included: counted from each pattern's total."""
     count = 0
     for pattern in file_patterns:
-        rows = int(_records([pattern]).batch(COUNT_BATCH).reduce(
-            tf.constant(0, tf.int64), lambda total, batch: total + tf.size(batch, out_type=tf.int64)))
+        rows = int(
+            _records([pattern])
+            .batch(COUNT_BATCH)
+            .reduce(tf.constant(0, tf.int64), lambda total, batch: total + tf.size(batch, out_type=tf.int64))
+        )
         held = -(-rows // HOLDOUT_BUCKETS)
         count += rows if holdout is None else held if holdout else rows - held
     return count
@@ -387,8 +445,10 @@ def trainer_settings(fn_args: tfx.components.FnArgs) -> Dict[str, Any]:
     tuned = (getattr(fn_args, "hyperparameters", None) or {}).get("values", {})
     unknown = sorted(set(tuned) - set(settings))
     if unknown:
-        raise ValueError(f"the Tuner's best hyperparameters name {', '.join(unknown)}, which the Trainer's settings "
-                         f"({', '.join(sorted(settings))}) don't have")
+        raise ValueError(
+            f"the Tuner's best hyperparameters name {', '.join(unknown)}, which the Trainer's settings "
+            f"({', '.join(sorted(settings))}) don't have"
+        )
     settings.update(tuned)
     return settings
 
@@ -398,10 +458,17 @@ def hidden_units(value: Any) -> List[int]:
     return [int(units) for units in value.split(",")] if isinstance(value, str) else [int(units) for units in value]
 
 
-def fit(settings: Mapping[str, Any], tf_transform_output: tft.TFTransformOutput, train_files: List[str],
-        eval_files: List[str], weights: Dict[str, float], strategy: tf.distribute.Strategy, holdout: bool = False,
-        validation_mask_rate: float = 0.0,
-        callbacks: Sequence[tf.keras.callbacks.Callback] = ()) -> Tuple[tf.keras.Model, Dict[str, List[float]]]:
+def fit(
+    settings: Mapping[str, Any],
+    tf_transform_output: tft.TFTransformOutput,
+    train_files: List[str],
+    eval_files: List[str],
+    weights: Dict[str, float],
+    strategy: tf.distribute.Strategy,
+    holdout: bool = False,
+    validation_mask_rate: float = 0.0,
+    callbacks: Sequence[tf.keras.callbacks.Callback] = (),
+) -> Tuple[tf.keras.Model, Dict[str, List[float]]]:
     """A model trained with `settings` (the Trainer's, or a Tuner trial's), and its history.
 
     It trains on `train_files` and is validated after every epoch on `eval_files`. With `holdout` (the Tuner's
@@ -415,19 +482,43 @@ def fit(settings: Mapping[str, Any], tf_transform_output: tft.TFTransformOutput,
     batch_size = global_batch_size(settings["batch_size"], strategy)
     train_part, validation_files, validation_part = (False, train_files, True) if holdout else (None, eval_files, None)
     steps_per_epoch, epochs = training_schedule(
-        _count_records(train_files, train_part), batch_size, settings["train_epochs"], settings["min_train_steps"])
-    train_dataset = _input_fn(train_files, weights, tf_transform_output, batch_size, shuffle=True,
-                              mask_rate=settings["mask_rate"], presence=settings.get(PRESENCE_KEY),
-                              masked_copies=min(epochs, MAX_MASKED_COPIES), seed=settings["seed"], repeat=True,
-                              holdout=train_part, passes=epochs)
+        _count_records(train_files, train_part), batch_size, settings["train_epochs"], settings["min_train_steps"]
+    )
+    train_dataset = _input_fn(
+        train_files,
+        weights,
+        tf_transform_output,
+        batch_size,
+        shuffle=True,
+        mask_rate=settings["mask_rate"],
+        presence=settings.get(PRESENCE_KEY),
+        masked_copies=min(epochs, MAX_MASKED_COPIES),
+        seed=settings["seed"],
+        repeat=True,
+        holdout=train_part,
+        passes=epochs,
+    )
     # The Trainer's eval batches repeat so that every step has a full batch (MultiWorkerMirroredStrategy's
     # workers must step alike); a trial's are read once, so that no held-out row counts twice.
-    validation_dataset = _input_fn(validation_files, weights, tf_transform_output, batch_size, shuffle=False,
-                                   mask_rate=validation_mask_rate, seed=settings["seed"], repeat=not holdout,
-                                   holdout=validation_part, passes=1 if holdout else epochs)
+    validation_dataset = _input_fn(
+        validation_files,
+        weights,
+        tf_transform_output,
+        batch_size,
+        shuffle=False,
+        mask_rate=validation_mask_rate,
+        seed=settings["seed"],
+        repeat=not holdout,
+        holdout=validation_part,
+        passes=1 if holdout else epochs,
+    )
     with strategy.scope():
-        model = build_keras_model(hidden_units(settings["hidden_units"]), int(settings["embedding_dim"]),
-                                  float(settings["learning_rate"]), decay_steps=steps_per_epoch * epochs)
+        model = build_keras_model(
+            hidden_units(settings["hidden_units"]),
+            int(settings["embedding_dim"]),
+            float(settings["learning_rate"]),
+            decay_steps=steps_per_epoch * epochs,
+        )
     history = model.fit(
         train_dataset,
         steps_per_epoch=steps_per_epoch,
@@ -438,9 +529,11 @@ def fit(settings: Mapping[str, Any], tf_transform_output: tft.TFTransformOutput,
         callbacks=[
             *callbacks,
             tf.keras.callbacks.LambdaCallback(
-                on_epoch_end=lambda epoch, logs: logging.info("epoch %d/%d: %s", epoch + 1, epochs, logs)),
+                on_epoch_end=lambda epoch, logs: logging.info("epoch %d/%d: %s", epoch + 1, epochs, logs)
+            ),
         ],
-        verbose=0)
+        verbose=0,
+    )
     return model, history.history
 
 
@@ -459,8 +552,13 @@ class FitTimer(tf.keras.callbacks.Callback):
 
     def record(self, batch_size: int) -> Dict[str, Any]:
         examples = self.params["steps"] * self._epochs * batch_size
-        return {"examples": examples, "steps": self.params["steps"] * self._epochs, "batch_size": batch_size,
-                "seconds": round(self._seconds, 1), "examples_per_second": round(examples / self._seconds)}
+        return {
+            "examples": examples,
+            "steps": self.params["steps"] * self._epochs,
+            "batch_size": batch_size,
+            "seconds": round(self._seconds, 1),
+            "examples_per_second": round(examples / self._seconds),
+        }
 
 
 def run_fn(fn_args: tfx.components.FnArgs) -> None:
@@ -468,8 +566,9 @@ def run_fn(fn_args: tfx.components.FnArgs) -> None:
     settings = trainer_settings(fn_args)
     tf_transform_output = tft.TFTransformOutput(fn_args.transform_output)
     strategy = select_strategy(settings["strategy"], settings["tpu_address"])
-    weights = file_weights(fn_args.train_files, fn_args.eval_files, settings.get(FILE_SPANS_KEY),
-                           settings["recency_half_life_spans"])
+    weights = file_weights(
+        fn_args.train_files, fn_args.eval_files, settings.get(FILE_SPANS_KEY), settings["recency_half_life_spans"]
+    )
     logging.info("training files and their recency weights: %s", weights)
     # Only the chief writes the model and the logs where TFX expects them (the other workers to temporary folders).
     serving_dir, log_dir = write_dir(fn_args.serving_model_dir, strategy), write_dir(fn_args.model_run_dir, strategy)
@@ -479,14 +578,22 @@ def run_fn(fn_args: tfx.components.FnArgs) -> None:
     with tf.io.gfile.GFile(os.path.join(log_dir, SETTINGS_FILE), "w") as handle:  # what this model was trained with
         json.dump({key: value for key, value in settings.items() if key != FILE_SPANS_KEY}, handle, indent=1)
     timer = FitTimer()
-    model, _ = fit(settings, tf_transform_output, fn_args.train_files, fn_args.eval_files, weights, strategy,
-                   callbacks=[tf.keras.callbacks.TensorBoard(log_dir=log_dir, update_freq="epoch"), timer])
+    model, _ = fit(
+        settings,
+        tf_transform_output,
+        fn_args.train_files,
+        fn_args.eval_files,
+        weights,
+        strategy,
+        callbacks=[tf.keras.callbacks.TensorBoard(log_dir=log_dir, update_freq="epoch"), timer],
+    )
     with tf.io.gfile.GFile(os.path.join(log_dir, FIT_FILE), "w") as handle:  # for `make bench`
         json.dump(timer.record(global_batch_size(settings["batch_size"], strategy)), handle, indent=1)
     # save_traces=False: the signatures are all that serving and TFMA call, and tracing every layer
     # for Keras' own reloading would double the export time and the model's load time.
-    model.save(serving_dir, save_format="tf", save_traces=False,
-               signatures=serving_signatures(model, tf_transform_output))
+    model.save(
+        serving_dir, save_format="tf", save_traces=False, signatures=serving_signatures(model, tf_transform_output)
+    )
     frequent_path = os.path.join(serving_dir, features.FREQUENT_INSTANCES_FILE)
     tf.io.gfile.makedirs(os.path.dirname(frequent_path))
     with tf.io.gfile.GFile(frequent_path, "w") as handle:

@@ -5,6 +5,7 @@ into the transform graph, which the exported model applies to raw examples at se
 training and serving cannot skew. 'Unknown' codes (e.g. 99 for father_age) are missing values here
 (`is_missing`), as they are to the serving contract's check and to training's masking of inputs.
 """
+
 import math
 from typing import Any, Dict, Tuple
 
@@ -31,8 +32,10 @@ def dense_raw(value: tf.Tensor) -> tf.Tensor:
 
 def _one_per_row(value: tf.sparse.SparseTensor, default: Any) -> tf.Tensor:
     """A sparse feature's value in each row, `default` where a row has none (the schema allows one value a row)."""
-    return tf.reshape(tf.sparse.to_dense(
-        tf.sparse.SparseTensor(value.indices, value.values, [value.dense_shape[0], 1]), default), [-1])
+    return tf.reshape(
+        tf.sparse.to_dense(tf.sparse.SparseTensor(value.indices, value.values, [value.dense_shape[0], 1]), default),
+        [-1],
+    )
 
 
 def is_missing(column: Column, value: tf.Tensor) -> tf.Tensor:
@@ -50,10 +53,12 @@ def training_ranges(inputs: Dict[str, tf.Tensor]) -> Dict[str, Tuple[tf.Tensor, 
     columns = features.numeric_features()
     values = [dense_raw(inputs[c.name]) for c in columns]
     missing = [is_missing(c, v) for c, v in zip(columns, values)]
-    lows = tft.min(tf.stack([tf.where(m, math.inf, v) for m, v in zip(missing, values)], axis=1),
-                   reduce_instance_dims=False)
-    highs = tft.max(tf.stack([tf.where(m, -math.inf, v) for m, v in zip(missing, values)], axis=1),
-                    reduce_instance_dims=False)
+    lows = tft.min(
+        tf.stack([tf.where(m, math.inf, v) for m, v in zip(missing, values)], axis=1), reduce_instance_dims=False
+    )
+    highs = tft.max(
+        tf.stack([tf.where(m, -math.inf, v) for m, v in zip(missing, values)], axis=1), reduce_instance_dims=False
+    )
     return {c.name: (lows[i], highs[i]) for i, c in enumerate(columns)}
 
 
@@ -76,7 +81,8 @@ def _numeric(column: Column, value: tf.Tensor, value_range: Tuple[tf.Tensor, tf.
     if column.transform is Transform.ZSCORE_AND_BUCKETS:
         buckets = tf.raw_ops.Bucketize(input=tf.where(missing, 0.0, x), boundaries=list(column.bucket_boundaries))
         outputs[features.transformed_name(features.bucket_name(column))] = tf.where(
-            missing, tf.constant(len(column.bucket_boundaries) + 1, tf.int64), tf.cast(buckets, tf.int64))
+            missing, tf.constant(len(column.bucket_boundaries) + 1, tf.int64), tf.cast(buckets, tf.int64)
+        )
     return outputs
 
 
@@ -85,8 +91,11 @@ def _category_ids(column: Column, value: tf.Tensor) -> tf.Tensor:
     x = dense_raw(value)
     matches = tf.equal(tf.expand_dims(x, 1), tf.constant(column.categories, tf.float32))
     # ArgMax of float32, not of int64: TensorFlow Lite's builtin ArgMax takes no int64 input.
-    return tf.where(tf.reduce_any(matches, axis=1), tf.argmax(tf.cast(matches, tf.float32), axis=1),
-                    tf.constant(len(column.categories), tf.int64))
+    return tf.where(
+        tf.reduce_any(matches, axis=1),
+        tf.argmax(tf.cast(matches, tf.float32), axis=1),
+        tf.constant(len(column.categories), tf.int64),
+    )
 
 
 def _vocabulary_ids(value: tf.Tensor) -> tf.Tensor:
@@ -104,14 +113,18 @@ def _vocabulary_ids(value: tf.Tensor) -> tf.Tensor:
     # One pass over the data, with the means and variances: the values and their counts, as tensors.
     # Ties go to the value first in byte order (TFT returns the keys sorted; the sort by count is stable).
     keys, counts = tft.count_per_key(value)
-    vocabulary = tf.gather(keys, tf.argsort(-counts, stable=True))[:features.VOCABULARY_SIZE]
+    vocabulary = tf.gather(keys, tf.argsort(-counts, stable=True))[: features.VOCABULARY_SIZE]
     matches = tf.cast(tf.equal(tf.expand_dims(value.values, 1), tf.expand_dims(vocabulary, 0)), tf.float32)
     # The position of the one match, as a sum: an ArgMax would fail on an empty vocabulary (no value in training).
     positions = tf.cast(tf.range(tf.size(vocabulary)), tf.float32)
-    ids = tf.where(tf.reduce_any(matches > 0, axis=1), tf.cast(tf.reduce_sum(matches * positions, axis=1), tf.int64),
-                   tf.constant(features.VOCABULARY_SIZE, tf.int64))
-    return _one_per_row(tf.sparse.SparseTensor(value.indices, ids, value.dense_shape),
-                        tf.constant(features.VOCABULARY_SIZE, tf.int64))
+    ids = tf.where(
+        tf.reduce_any(matches > 0, axis=1),
+        tf.cast(tf.reduce_sum(matches * positions, axis=1), tf.int64),
+        tf.constant(features.VOCABULARY_SIZE, tf.int64),
+    )
+    return _one_per_row(
+        tf.sparse.SparseTensor(value.indices, ids, value.dense_shape), tf.constant(features.VOCABULARY_SIZE, tf.int64)
+    )
 
 
 def preprocessing_fn(inputs: Dict[str, tf.Tensor]) -> Dict[str, tf.Tensor]:
@@ -129,7 +142,8 @@ def preprocessing_fn(inputs: Dict[str, tf.Tensor]) -> Dict[str, tf.Tensor]:
     sizes = features.id_sizes()
     for first, second in features.CROSSES:
         outputs[features.transformed_name(features.cross_name(first, second))] = (
-            outputs[features.transformed_name(first)] * sizes[second] + outputs[features.transformed_name(second)])
+            outputs[features.transformed_name(first)] * sizes[second] + outputs[features.transformed_name(second)]
+        )
     if features.LABEL.name in inputs:  # absent at serving time
         label = dense_raw(inputs[features.LABEL.name])
         present = ~tf.math.is_nan(label)

@@ -8,6 +8,7 @@ A file is one of:
   "request_payload";
 - a folder: every *.jsonl, *.json and *.csv file in it (e.g. the server's log folder), in name order.
 """
+
 import csv
 import json
 import pathlib

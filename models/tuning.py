@@ -11,6 +11,7 @@ is the profile's own settings, so the chosen values are never worse than them on
 Every hyperparameter is named as the Trainer's setting it replaces (pipeline.pipeline.model_config), so the
 Trainer takes the best values as they are (model.trainer_settings).
 """
+
 import logging
 import math
 import os
@@ -52,12 +53,18 @@ def _choice(hp: kt.HyperParameters, name: str, choices: tuple, default: Any) -> 
 def search_space(settings: Mapping[str, Any]) -> kt.HyperParameters:
     """The searched settings, each defaulting to the profile's value (`settings`: the Trainer's custom_config)."""
     hp = kt.HyperParameters()
-    _choice(hp, "hidden_units", HIDDEN_UNITS, ",".join(str(units) for units in model.hidden_units(
-        settings["hidden_units"])))
+    _choice(
+        hp, "hidden_units", HIDDEN_UNITS, ",".join(str(units) for units in model.hidden_units(settings["hidden_units"]))
+    )
     _choice(hp, "embedding_dim", EMBEDDING_DIMS, int(settings["embedding_dim"]))
     low, high = LEARNING_RATES
-    hp.Float("learning_rate", min(low, settings["learning_rate"]), max(high, settings["learning_rate"]),
-             sampling="log", default=float(settings["learning_rate"]))
+    hp.Float(
+        "learning_rate",
+        min(low, settings["learning_rate"]),
+        max(high, settings["learning_rate"]),
+        sampling="log",
+        default=float(settings["learning_rate"]),
+    )
     _choice(hp, "batch_size", BATCH_SIZES, int(settings["batch_size"]))
     _choice(hp, "train_epochs", TRAIN_EPOCHS, int(settings["train_epochs"]))
     _choice(hp, "min_train_steps", MIN_TRAIN_STEPS, int(settings["min_train_steps"]))
@@ -88,20 +95,35 @@ class TrainerTrials(kt.engine.base_tuner.BaseTuner):
     def run_trial(self, trial: kt.engine.trial.Trial, *args, **kwargs) -> Dict[str, float]:
         profile = self.fn_args.custom_config
         settings = dict(profile, **trial.hyperparameters.values)
-        weights = model.file_weights(self.fn_args.train_files, [], settings.get(model.FILE_SPANS_KEY),
-                                     settings["recency_half_life_spans"])
+        weights = model.file_weights(
+            self.fn_args.train_files, [], settings.get(model.FILE_SPANS_KEY), settings["recency_half_life_spans"]
+        )
         started = time.monotonic()
         tf.keras.backend.clear_session()
-        _, history = model.fit(settings, tft.TFTransformOutput(self.fn_args.transform_graph_path),
-                               self.fn_args.train_files, [], weights,
-                               select_strategy(settings["strategy"], settings["tpu_address"]),
-                               holdout=True, validation_mask_rate=profile["mask_rate"])
+        _, history = model.fit(
+            settings,
+            tft.TFTransformOutput(self.fn_args.transform_graph_path),
+            self.fn_args.train_files,
+            [],
+            weights,
+            select_strategy(settings["strategy"], settings["tpu_address"]),
+            holdout=True,
+            validation_mask_rate=profile["mask_rate"],
+        )
         if not history.get(OBJECTIVE):
-            raise kt.errors.FailedTrialError(f"no training row was held out to score the trial on (one in "
-                                             f"{model.HOLDOUT_BUCKETS} is): too few training rows")
+            raise kt.errors.FailedTrialError(
+                f"no training row was held out to score the trial on (one in "
+                f"{model.HOLDOUT_BUCKETS} is): too few training rows"
+            )
         rmse = history[OBJECTIVE][-1]
-        logging.info("trial %s: %s -> %s %.4f in %.1f s", trial.trial_id, trial.hyperparameters.values, OBJECTIVE,
-                     rmse, time.monotonic() - started)
+        logging.info(
+            "trial %s: %s -> %s %.4f in %.1f s",
+            trial.trial_id,
+            trial.hyperparameters.values,
+            OBJECTIVE,
+            rmse,
+            time.monotonic() - started,
+        )
         if not math.isfinite(rmse):
             raise kt.errors.FailedTrialError(f"training diverged ({OBJECTIVE} {rmse})")
         return {OBJECTIVE: rmse}
@@ -112,8 +134,12 @@ def tuner_fn(fn_args: tfx.components.FnArgs) -> tfx.components.TunerFnResult:
     optimization, or by Vertex AI Vizier where custom_config has a `vizier` entry (the vertex profile)."""
     settings = fn_args.custom_config
     # KerasTuner takes a seed of 0 for none (a random one): shifted by one, every seed is kept.
-    search = dict(objective=kt.Objective(OBJECTIVE, direction="min"), max_trials=settings[TRIALS_KEY],
-                  hyperparameters=search_space(settings), seed=settings["seed"] + 1)
+    search = dict(
+        objective=kt.Objective(OBJECTIVE, direction="min"),
+        max_trials=settings[TRIALS_KEY],
+        hyperparameters=search_space(settings),
+        seed=settings["seed"] + 1,
+    )
     if settings.get(VIZIER_KEY):
         from models.vizier import VizierOracle  # Vertex AI's client: only the vertex profile's Tuner needs it
 
@@ -121,15 +147,25 @@ def tuner_fn(fn_args: tfx.components.FnArgs) -> tfx.components.TunerFnResult:
     else:
         oracle = ProfileFirstOracle(num_initial_points=max(2, settings[TRIALS_KEY] // INITIAL_SHARE), **search)
     # A folder of its own per tuner process: on Vertex the chief's oracle and a worker share a machine.
-    tuner = TrainerTrials(fn_args, oracle, directory=fn_args.working_dir, overwrite=True,
-                          project_name=f"babyweight-{os.environ.get('KERASTUNER_TUNER_ID', 'tuner0')}")
+    tuner = TrainerTrials(
+        fn_args,
+        oracle,
+        directory=fn_args.working_dir,
+        overwrite=True,
+        project_name=f"babyweight-{os.environ.get('KERASTUNER_TUNER_ID', 'tuner0')}",
+    )
     return tfx.components.TunerFnResult(tuner=tuner, fit_kwargs={})
 
 
 def results(tuner_results: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
     """TFX's tuner_results.json rows ({trial_id, score, values...}) as {trial, val_rmse, values}, best first;
     trials numbered from 1, as KerasTuner's console lines count them ("Search: Running Trial #1")."""
-    rows = [{"trial": int(row["trial_id"]) + 1, OBJECTIVE: row["score"],
-             "values": {key: value for key, value in row.items() if key not in ("trial_id", "score")}}
-            for row in tuner_results]
+    rows = [
+        {
+            "trial": int(row["trial_id"]) + 1,
+            OBJECTIVE: row["score"],
+            "values": {key: value for key, value in row.items() if key not in ("trial_id", "score")},
+        }
+        for row in tuner_results
+    ]
     return sorted(rows, key=lambda row: row[OBJECTIVE])

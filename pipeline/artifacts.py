@@ -3,11 +3,14 @@
 Kept free of other project imports, so that a step using them (pipeline/cache.py fingerprints what each
 step imports) doesn't rerun when unrelated code changes.
 """
+
 from ml_metadata.proto import metadata_store_pb2
 
 TRAIN_SPLIT, EVAL_SPLIT = "train", "eval"
 GATE_ID = "DataGate"  # the data gate's node id: what spans, lineage and serving checks look for
-TFLITE_MODEL_TYPE = "babyweight.TFLiteModel"  # pipeline/components/tflite_export.py's artifact (namespace.Name, as Vertex wants)
+TFLITE_MODEL_TYPE = (
+    "babyweight.TFLiteModel"  # pipeline/components/tflite_export.py's artifact (namespace.Name, as Vertex wants)
+)
 
 
 def span_of(examples: metadata_store_pb2.Artifact) -> int:

@@ -7,6 +7,7 @@ TFX keys a step's cache by its inputs, its parameters and its executor's class p
 - the contents of the schema file ImportSchemaGen copies (only its path): `ImportSchemaGen` here adds
   the file's hash, and through the schema artifact every step downstream follows.
 """
+
 import ast
 import hashlib
 import pathlib
@@ -80,8 +81,9 @@ def file_fingerprint(path: pathlib.Path) -> str:
 
 
 class _ImportSchemaGenSpec(standard_component_specs.ImportSchemaGenSpec):
-    PARAMETERS = dict(standard_component_specs.ImportSchemaGenSpec.PARAMETERS,
-                      **{SCHEMA_FINGERPRINT: ExecutionParameter(type=str)})
+    PARAMETERS = dict(
+        standard_component_specs.ImportSchemaGenSpec.PARAMETERS, **{SCHEMA_FINGERPRINT: ExecutionParameter(type=str)}
+    )
 
 
 class ImportSchemaGen(import_schema_gen.ImportSchemaGen):
@@ -90,6 +92,9 @@ class ImportSchemaGen(import_schema_gen.ImportSchemaGen):
     SPEC_CLASS = _ImportSchemaGenSpec
 
     def __init__(self, schema_file: str, schema_fingerprint: str):  # pylint: disable=super-init-not-called
-        spec = _ImportSchemaGenSpec(schema_file=schema_file, schema_fingerprint=schema_fingerprint,
-                                    schema=types.Channel(type=standard_artifacts.Schema))
+        spec = _ImportSchemaGenSpec(
+            schema_file=schema_file,
+            schema_fingerprint=schema_fingerprint,
+            schema=types.Channel(type=standard_artifacts.Schema),
+        )
         super(import_schema_gen.ImportSchemaGen, self).__init__(spec=spec)  # pylint: disable=bad-super-call

@@ -3,6 +3,7 @@
 Any setting can come from the environment as BABYWEIGHT_<SETTING> (e.g. BABYWEIGHT_GCP_PROJECT), which
 the profile file's value yields to and a --set flag overrides.
 """
+
 import dataclasses
 import glob
 import json
@@ -62,7 +63,9 @@ class PipelineConfig:
     prediction_shift_threshold: float  # pounds: a move of the mean prediction since the previous run is reported
     training_window_spans: int  # Transform and Trainer read the last this many validated spans
     recency_half_life_spans: float  # a span this many spans older weighs half as much in training (0 = equal)
-    warning_checks: Tuple[str, ...]  # checks (pipeline/components/checks.py) whose anomalies warn; all others stop the run
+    warning_checks: Tuple[
+        str, ...
+    ]  # checks (pipeline/components/checks.py) whose anomalies warn; all others stop the run
     min_imputed_presence: float  # a feature the model imputes blocks a span only in fewer training rows than this
     min_drift_rows: int  # drift blocks only when both spans' train splits have at least this many rows
     infra_eval_requests: int  # eval rows the infra validator sends the served candidate, one per request
@@ -223,13 +226,16 @@ def load_config(profile: str = "local", overrides: Optional[Mapping[str, Any]] =
         raise ConfigError(f"unknown profile {profile!r}: no {profile_path}; known profiles: {', '.join(known)}")
     values = _profile_values(profile_path)
     fields = {f.name: f for f in dataclasses.fields(PipelineConfig) if f.name != "profile"}
-    values.update({name: os.environ[ENV_PREFIX + name.upper()] for name in fields
-                   if ENV_PREFIX + name.upper() in os.environ})
+    values.update(
+        {name: os.environ[ENV_PREFIX + name.upper()] for name in fields if ENV_PREFIX + name.upper() in os.environ}
+    )
     values.update(overrides or {})
     unknown = sorted(set(values) - set(fields))
     if unknown:
-        raise ConfigError(f"unknown setting(s) {', '.join(unknown)} (from {profile_path} or --set); "
-                          f"known: {', '.join(sorted(fields))}")
+        raise ConfigError(
+            f"unknown setting(s) {', '.join(unknown)} (from {profile_path} or --set); "
+            f"known: {', '.join(sorted(fields))}"
+        )
     required = {name for name, f in fields.items() if f.default is dataclasses.MISSING}
     missing = sorted(required - set(values))
     if missing:
@@ -258,11 +264,15 @@ def _input_pattern(data_dir: pathlib.Path) -> str:
 def _check(config: PipelineConfig, profile_path: pathlib.Path) -> None:
     """Rejects values that would only fail later, deep inside a component."""
     if config.strategy not in STRATEGIES:
-        raise ConfigError(f"strategy {config.strategy!r} is not one of {', '.join(STRATEGIES)} "
-                          f"(set it in {profile_path} or with --set strategy=...)")
+        raise ConfigError(
+            f"strategy {config.strategy!r} is not one of {', '.join(STRATEGIES)} "
+            f"(set it in {profile_path} or with --set strategy=...)"
+        )
     if config.beam_direct_running_mode not in ("in_memory", "multi_threading", "multi_processing"):
-        raise ConfigError(f"beam_direct_running_mode {config.beam_direct_running_mode!r} is not "
-                          "in_memory, multi_threading or multi_processing")
+        raise ConfigError(
+            f"beam_direct_running_mode {config.beam_direct_running_mode!r} is not "
+            "in_memory, multi_threading or multi_processing"
+        )
     for name in ("train_hash_buckets", "eval_hash_buckets", "batch_size"):
         if getattr(config, name) < 1:
             raise ConfigError(f"{name} must be at least 1, not {getattr(config, name)}")
@@ -270,12 +280,13 @@ def _check(config: PipelineConfig, profile_path: pathlib.Path) -> None:
         raise ConfigError(f"beam_parallel_rows must be 0 (never) or a number of rows, not {config.beam_parallel_rows}")
     unknown_checks = sorted(set(config.warning_checks) - set(CHECKS))
     if unknown_checks:
-        raise ConfigError(f"warning_checks: unknown check(s) {', '.join(unknown_checks)}; "
-                          f"known: {', '.join(CHECKS)}")
+        raise ConfigError(f"warning_checks: unknown check(s) {', '.join(unknown_checks)}; known: {', '.join(CHECKS)}")
     if config.trainer_replica_count > 1 and config.strategy != "multi_worker_mirrored":
-        raise ConfigError(f"trainer_replica_count {config.trainer_replica_count} needs strategy "
-                          f"multi_worker_mirrored, not {config.strategy!r}: other strategies would train a model "
-                          "per replica, each writing to the same folder")
+        raise ConfigError(
+            f"trainer_replica_count {config.trainer_replica_count} needs strategy "
+            f"multi_worker_mirrored, not {config.strategy!r}: other strategies would train a model "
+            "per replica, each writing to the same folder"
+        )
     if config.min_drift_rows < 0:
         raise ConfigError(f"min_drift_rows must be 0 (always a verdict) or positive, not {config.min_drift_rows}")
     if config.training_window_spans < 1:
@@ -289,8 +300,10 @@ def _check(config: PipelineConfig, profile_path: pathlib.Path) -> None:
     if bulk and config.orchestrator == "vertex" and not bulk.startswith("gs://"):
         raise ConfigError(f"bulk_inference_dir {bulk}: Dataflow's workers read it, so it must be a gs:// folder")
     if bulk and "://" not in bulk and not glob.glob(os.path.join(bulk, "*.csv")):
-        raise ConfigError(f"bulk_inference_dir {bulk} holds no CSV file (*.csv) to predict; set it to a folder of "
-                          "unlabelled rows in the table's schema, or to '' for no BulkInferrer step")
+        raise ConfigError(
+            f"bulk_inference_dir {bulk} holds no CSV file (*.csv) to predict; set it to a folder of "
+            "unlabelled rows in the table's schema, or to '' for no BulkInferrer step"
+        )
     for name in ("infra_eval_requests", "infra_max_memory_mb", "infra_max_p99_ms", "infra_load_timeout_seconds"):
         if getattr(config, name) <= 0:
             raise ConfigError(f"{name} must be positive, not {getattr(config, name)} (set it in {profile_path})")
@@ -298,24 +311,33 @@ def _check(config: PipelineConfig, profile_path: pathlib.Path) -> None:
         if getattr(config, name) < 1:
             raise ConfigError(f"{name} must be at least 1, not {getattr(config, name)} (set it in {profile_path})")
     if config.tuner_parallel_trials > 1 and config.orchestrator != "vertex":
-        raise ConfigError(f"tuner_parallel_trials {config.tuner_parallel_trials}: parallel trials run on Vertex AI "
-                          "only; a local search runs one trial at a time (set it to 1)")
+        raise ConfigError(
+            f"tuner_parallel_trials {config.tuner_parallel_trials}: parallel trials run on Vertex AI "
+            "only; a local search runs one trial at a time (set it to 1)"
+        )
     if config.train_epochs <= 0:
         raise ConfigError(f"train_epochs must be positive, not {config.train_epochs}")
     if config.orchestrator not in ORCHESTRATORS:
-        raise ConfigError(f"orchestrator {config.orchestrator!r} is not one of {', '.join(ORCHESTRATORS)} "
-                          f"(set it in {profile_path})")
+        raise ConfigError(
+            f"orchestrator {config.orchestrator!r} is not one of {', '.join(ORCHESTRATORS)} (set it in {profile_path})"
+        )
     if config.orchestrator == "vertex":
-        missing = [name for name in ("gcp_project", "gcp_region", "gcs_bucket", "pipeline_image", "serving_image")
-                   if not getattr(config, name)]
+        missing = [
+            name
+            for name in ("gcp_project", "gcp_region", "gcs_bucket", "pipeline_image", "serving_image")
+            if not getattr(config, name)
+        ]
         if missing:
             raise ConfigError(
                 f"the {config.profile} profile needs {', '.join(missing)}: set "
                 + ", ".join(f"{ENV_PREFIX}{name.upper()}" for name in missing)
-                + f" in the environment, pass --set {missing[0]}=..., or write them in {profile_path}")
+                + f" in the environment, pass --set {missing[0]}=..., or write them in {profile_path}"
+            )
         if config.training_window_spans != 1:
-            raise ConfigError("training_window_spans must be 1 on Vertex: its compiler takes only TFX's built-in "
-                              f"resolvers, not the span window (set it in {profile_path})")
+            raise ConfigError(
+                "training_window_spans must be 1 on Vertex: its compiler takes only TFX's built-in "
+                f"resolvers, not the span window (set it in {profile_path})"
+            )
         if not config.gcs_bucket.startswith("gs://"):
             raise ConfigError(f"gcs_bucket {config.gcs_bucket!r} must be a Cloud Storage path like gs://my-bucket")
 

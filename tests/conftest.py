@@ -1,4 +1,5 @@
 """Shared fixtures: the team's real natality samples, and one sequence of real pipeline runs."""
+
 import dataclasses
 import logging
 import os
@@ -16,9 +17,9 @@ import pytest  # noqa: E402
 from data import generator  # noqa: E402
 from models import features  # noqa: E402
 from pipeline import config as config_lib  # noqa: E402
+from pipeline.commands import quality  # noqa: E402
 from pipeline.commands import run as run_lib  # noqa: E402
 from pipeline.metadata import mlmd  # noqa: E402
-from pipeline.commands import quality  # noqa: E402
 
 PROJECT_ROOT = pathlib.Path(__file__).resolve().parent.parent
 SHARED_NATALITY = quality.SHARED_NATALITY
@@ -67,8 +68,13 @@ def real_export_run(tmp_path_factory, real_export_csv):
     # Unlabelled births for the BulkInferrer step: real rows without their weight, some lacking a required feature.
     (root / "unlabelled").mkdir()
     (root / "unlabelled" / "births.csv").write_text(_unlabelled_rows(real_export_csv))
-    config = config_lib.load_config(overrides={"data_dir": str(root / "export"), "output_dir": str(root / "out"),
-                                               "bulk_inference_dir": str(root / "unlabelled")})
+    config = config_lib.load_config(
+        overrides={
+            "data_dir": str(root / "export"),
+            "output_dir": str(root / "out"),
+            "bulk_inference_dir": str(root / "unlabelled"),
+        }
+    )
     return config, run_pipeline(config)
 
 
@@ -85,7 +91,7 @@ def _unlabelled_rows(path: pathlib.Path) -> str:
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow(header)
-    writer.writerows(row[:label] + [""] + row[label + 1:] for row in chosen)
+    writer.writerows(row[:label] + [""] + row[label + 1 :] for row in chosen)
     return out.getvalue()
 
 
@@ -110,8 +116,11 @@ def run_pipeline(config: config_lib.PipelineConfig) -> Run:
     store = mlmd.open_sqlite(config.metadata_path)
     steps = store.steps(store.runs()[-1])
     assert len({s.node_id for s in steps}) == len(steps), "a component ran twice in one run"
-    versions = sorted(p.name for p in pathlib.Path(config.serving_dir).glob("*")) if pathlib.Path(
-        config.serving_dir).exists() else []
+    versions = (
+        sorted(p.name for p in pathlib.Path(config.serving_dir).glob("*"))
+        if pathlib.Path(config.serving_dir).exists()
+        else []
+    )
     return Run(outcome, {s.node_id: s for s in steps}, versions)
 
 

@@ -1,5 +1,6 @@
 """The `babyweight` command as people use it: flags in either place, no TensorFlow where none is needed, nothing
 on the console but the answer, every command listed."""
+
 import json
 import os
 import subprocess
@@ -12,21 +13,28 @@ from pipeline.metadata import metadata_cli, mlmd
 
 PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The installed command's environment: none of the variables the make targets set.
-BARE_ENV = {key: value for key, value in os.environ.items()
-            if key not in ("TF_CPP_MIN_LOG_LEVEL", "TF_USE_LEGACY_KERAS", "PYTHONWARNINGS")}
+BARE_ENV = {
+    key: value
+    for key, value in os.environ.items()
+    if key not in ("TF_CPP_MIN_LOG_LEVEL", "TF_USE_LEGACY_KERAS", "PYTHONWARNINGS")
+}
 
 
 def babyweight(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "babyweight_cli", *args], cwd=PROJECT_ROOT, env=BARE_ENV,
-                          capture_output=True, text=True)
+    return subprocess.run(
+        [sys.executable, "-m", "babyweight_cli", *args], cwd=PROJECT_ROOT, env=BARE_ENV, capture_output=True, text=True
+    )
 
 
-@pytest.mark.parametrize("args", [
-    ["--store", "S.sqlite", "--json", "runs"],
-    ["runs", "--store", "S.sqlite", "--json"],
-    ["--json", "runs", "--store", "S.sqlite"],
-    ["--store", "other.sqlite", "runs", "--store", "S.sqlite", "--json"],  # the later one counts
-])
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--store", "S.sqlite", "--json", "runs"],
+        ["runs", "--store", "S.sqlite", "--json"],
+        ["--json", "runs", "--store", "S.sqlite"],
+        ["--store", "other.sqlite", "runs", "--store", "S.sqlite", "--json"],  # the later one counts
+    ],
+)
 def test_the_store_and_output_flags_go_before_or_after_the_subcommand(args):
     parsed = metadata_cli.build_parser().parse_args(args)
     assert (parsed.command, parsed.store, parsed.json, parsed.mysql_port) == ("runs", "S.sqlite", True, 3306)
@@ -53,22 +61,32 @@ def _store_with_a_run(path) -> str:
     run_type = store.put_context_type(pb.ContextType(name="pipeline_run"))
     node_type = store.put_context_type(pb.ContextType(name="node"))
     trainer_type = store.put_execution_type(pb.ExecutionType(name="tfx.components.trainer.component.Trainer"))
-    [run, node] = store.put_contexts([pb.Context(type_id=run_type, name="2026-11-29T20:00:00.000000"),
-                                      pb.Context(type_id=node_type, name="babyweight.Trainer")])
+    [run, node] = store.put_contexts(
+        [
+            pb.Context(type_id=run_type, name="2026-11-29T20:00:00.000000"),
+            pb.Context(type_id=node_type, name="babyweight.Trainer"),
+        ]
+    )
     [execution] = store.put_executions([pb.Execution(type_id=trainer_type, last_known_state=pb.Execution.RUNNING)])
-    store.put_attributions_and_associations([], [pb.Association(context_id=run, execution_id=execution),
-                                                 pb.Association(context_id=node, execution_id=execution)])
+    store.put_attributions_and_associations(
+        [],
+        [
+            pb.Association(context_id=run, execution_id=execution),
+            pb.Association(context_id=node, execution_id=execution),
+        ],
+    )
     return str(path)
 
 
 def test_the_metadata_command_does_not_load_tensorflow_and_prints_only_its_answer(tmp_path):
     store = _store_with_a_run(tmp_path / "metadata.sqlite")
-    probe = ("import sys, babyweight_cli\n"
-             "for args in (['runs'], ['run', '-1'], ['artifacts'], ['runs', '--json']):\n"
-             f"    babyweight_cli.main(['metadata', *args, '--store', {store!r}])\n"
-             "print(sorted(m for m in ('tensorflow', 'tfx', 'apache_beam', 'keras_tuner') if m in sys.modules))")
-    done = subprocess.run([sys.executable, "-c", probe], cwd=PROJECT_ROOT, env=BARE_ENV, capture_output=True,
-                          text=True)
+    probe = (
+        "import sys, babyweight_cli\n"
+        "for args in (['runs'], ['run', '-1'], ['artifacts'], ['runs', '--json']):\n"
+        f"    babyweight_cli.main(['metadata', *args, '--store', {store!r}])\n"
+        "print(sorted(m for m in ('tensorflow', 'tfx', 'apache_beam', 'keras_tuner') if m in sys.modules))"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], cwd=PROJECT_ROOT, env=BARE_ENV, capture_output=True, text=True)
     lines = done.stdout.splitlines()
     assert lines[-1] == "[]" and done.stderr == "", done.stdout + done.stderr
     assert lines[0].split() == ["run", "status", "started", "seconds", "steps", "cached"]
@@ -80,11 +98,12 @@ def test_a_command_that_loads_tensorflow_keeps_its_start_up_lines_off_the_consol
     done = babyweight("validate-serving", "--help")
     assert done.returncode == 0 and done.stdout.startswith("usage: babyweight validate-serving")
     assert done.stderr == ""  # without the quiet import: CUDA plugin registrations, a FutureWarning, ...
-    probe = ("import sys, babyweight_cli\nbabyweight_cli.quiet_environment()\n"
-             "sys.meta_path.insert(0, babyweight_cli.QuietTensorFlowImport())\n"
-             "import tensorflow as tf\nprint(tf.__loader__.__class__.__name__, tf.constant(2).numpy())")
-    done = subprocess.run([sys.executable, "-c", probe], cwd=PROJECT_ROOT, env=BARE_ENV, capture_output=True,
-                          text=True)
+    probe = (
+        "import sys, babyweight_cli\nbabyweight_cli.quiet_environment()\n"
+        "sys.meta_path.insert(0, babyweight_cli.QuietTensorFlowImport())\n"
+        "import tensorflow as tf\nprint(tf.__loader__.__class__.__name__, tf.constant(2).numpy())"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], cwd=PROJECT_ROOT, env=BARE_ENV, capture_output=True, text=True)
     assert done.stdout.split() == ["SourceFileLoader", "2"] and done.stderr == ""
 
 
@@ -93,8 +112,20 @@ def test_runner_local_as_the_design_card_runs_it_keeps_tensorflow_s_start_up_lin
     only the summary of a run stopped by its input reaches the console."""
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "births.csv").write_text("mother_age,gestation_weeks\n")
-    done = subprocess.run([sys.executable, "runner_local.py", "--data-dir", str(tmp_path / "data"), "--output-dir",
-                           str(tmp_path / "out")], cwd=PROJECT_ROOT, env=BARE_ENV, capture_output=True, text=True)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "runner_local.py",
+            "--data-dir",
+            str(tmp_path / "data"),
+            "--output-dir",
+            str(tmp_path / "out"),
+        ],
+        cwd=PROJECT_ROOT,
+        env=BARE_ENV,
+        capture_output=True,
+        text=True,
+    )
     assert done.returncode == 1 and "the file has a header but no rows" in done.stdout, done.stdout
     assert done.stderr == "", done.stderr  # without the quiet import: "Unable to register cuDNN factory", ...
 
@@ -127,8 +158,10 @@ def test_a_run_is_alive_while_a_process_holds_the_store_s_runner_lock(tmp_path):
         assert mlmd.runner_alive(store) is True
     assert mlmd.runner_alive(store) is False
     # A process holding it, then killed outright: the system drops its lock.
-    hold = (f"import time\nfrom pipeline.metadata import mlmd\nwith mlmd.runner_marker({store!r}):\n"
-            "    print('held', flush=True)\n    time.sleep(60)")
+    hold = (
+        f"import time\nfrom pipeline.metadata import mlmd\nwith mlmd.runner_marker({store!r}):\n"
+        "    print('held', flush=True)\n    time.sleep(60)"
+    )
     holder = subprocess.Popen([sys.executable, "-c", hold], cwd=PROJECT_ROOT, stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
@@ -141,8 +174,13 @@ def test_a_run_is_alive_while_a_process_holds_the_store_s_runner_lock(tmp_path):
 
 @pytest.mark.slow
 def test_make_bench_prints_its_table_alone_and_logs_the_rest():
-    done = subprocess.run([sys.executable, "-m", "pipeline.commands.bench", "--rows", "2000"], cwd=PROJECT_ROOT, env=BARE_ENV,
-                          capture_output=True, text=True)
+    done = subprocess.run(
+        [sys.executable, "-m", "pipeline.commands.bench", "--rows", "2000"],
+        cwd=PROJECT_ROOT,
+        env=BARE_ENV,
+        capture_output=True,
+        text=True,
+    )
     assert done.returncode == 0, done.stderr
     assert done.stderr == ""  # TensorFlow's start-up lines, the TFLite converter's notes, Beam's warnings: the log
     lines = done.stdout.splitlines()

@@ -1,4 +1,5 @@
 """The pipeline image matches the pins and puts the schema where the vertex profile reads it."""
+
 import re
 
 from pipeline import config as config_lib
@@ -13,8 +14,9 @@ def test_base_image_is_the_pinned_tfx_release():
 
 
 def test_image_holds_the_code_and_schema_where_the_vertex_profile_looks():
-    vertex = config_lib.load_config("vertex", {"gcp_project": "p", "gcs_bucket": "gs://b", "pipeline_image": "i",
-                                            "serving_image": "s"})
+    vertex = config_lib.load_config(
+        "vertex", {"gcp_project": "p", "gcs_bucket": "gs://b", "pipeline_image": "i", "serving_image": "s"}
+    )
     assert vertex.schema_dir == "/pipeline/schema"
     assert "WORKDIR /pipeline" in DOCKERFILE and "COPY schema/ schema/" in DOCKERFILE
     for package in ("pipeline/", "models/", "serving/"):
@@ -23,7 +25,8 @@ def test_image_holds_the_code_and_schema_where_the_vertex_profile_looks():
 
 
 def test_pipeline_image_can_start_the_server_the_infra_validator_runs():
-    """The InfraValidator runs `python -m serving.model_server.server` in this image: the serving package (copied, above) and
+    """The InfraValidator runs `python -m serving.model_server.server` in this image: the serving package (copied,
+    above) and
     the server's pinned dependencies are in it."""
     assert re.search(r"pip install --no-cache-dir -c constraints.txt [^\n]*-r serving/requirements.txt", DOCKERFILE)
     assert re.search(r"pip install --no-cache-dir -c constraints.txt [^\n]*\bpsutil\b", DOCKERFILE)
@@ -40,7 +43,8 @@ def test_serving_image_holds_the_server_and_its_pinned_dependencies_only():
         assert f"COPY {path}" in SERVING_DOCKERFILE and (config_lib.PROJECT_ROOT / path).exists()
     assert "COPY pipeline/" not in SERVING_DOCKERFILE
     # Every module the server imports is in the image: models/ and serving/ import nothing of pipeline/ at the
-    # top (serving/model_server/app.py reads the local profile's folders only when --model-dir or --log-dir is not given).
+    # top (serving/model_server/app.py reads the local profile's folders only when --model-dir or --log-dir is not
+    # given).
     for package in ("models", "serving"):
         for module in (config_lib.PROJECT_ROOT / package).rglob("*.py"):
             assert not re.search(r"^(from|import) (pipeline|data)\b", module.read_text(), re.M), module

@@ -1,5 +1,6 @@
 """A run killed outright in the Trainer: `babyweight metadata` calls it interrupted and names the step, and a rerun
 completes, reusing the steps that had completed."""
+
 import json
 import os
 import pathlib
@@ -12,8 +13,8 @@ import pytest
 
 from data import generator
 from pipeline import config as config_lib
-from pipeline.reports import history
 from pipeline.metadata import metadata_cli
+from pipeline.reports import history
 from tests.conftest import PROJECT_ROOT, run_pipeline
 
 pytestmark = pytest.mark.slow
@@ -30,9 +31,13 @@ def test_a_killed_run_is_interrupted_in_its_step_and_a_rerun_completes_from_the_
     generator.write(2_000, 3, tmp_path / "data")
     config = config_lib.load_config(overrides={"data_dir": str(tmp_path / "data"), "output_dir": str(tmp_path / "out")})
     console = (tmp_path / "console.txt").open("w")
-    runner = subprocess.Popen([sys.executable, "runner_local.py", "--data-dir", config.data_dir, "--output-dir",
-                               config.output_dir], cwd=PROJECT_ROOT, stdout=console, stderr=subprocess.STDOUT,
-                              start_new_session=True)
+    runner = subprocess.Popen(
+        [sys.executable, "runner_local.py", "--data-dir", config.data_dir, "--output-dir", config.output_dir],
+        cwd=PROJECT_ROOT,
+        stdout=console,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     try:
         deadline = time.monotonic() + 600
         while "Component Trainer is running." not in (tmp_path / "console.txt").read_text():
@@ -52,16 +57,23 @@ def test_a_killed_run_is_interrupted_in_its_step_and_a_rerun_completes_from_the_
     steps = json.loads(_metadata(capsys, "run", "-1", "--store", config.metadata_path, "--json"))
     assert [step["step"] for step in steps if step["state"] == "interrupted"] == ["Trainer"]
     assert "interrupted in Trainer: no process is running this run any more" in _metadata(
-        capsys, "run", "-1", "--store", config.metadata_path)
+        capsys, "run", "-1", "--store", config.metadata_path
+    )
 
     rerun = run_pipeline(config)
     assert rerun.outcome.ok, rerun.outcome.summary
     assert {name: rerun.steps[name].state for name in ("CsvExampleGen", "StatisticsGen", "Transform", "Trainer")} == {
-        "CsvExampleGen": "cached", "StatisticsGen": "cached", "Transform": "cached", "Trainer": "complete"}
+        "CsvExampleGen": "cached",
+        "StatisticsGen": "cached",
+        "Transform": "cached",
+        "Trainer": "complete",
+    }
     runs = json.loads(_metadata(capsys, "runs", "--store", config.metadata_path, "--json"))
     assert [run["status"] for run in runs] == ["interrupted", "complete"]
     # The history page, rebuilt by the rerun, says so too.
     assert [(row.verdict, row.blocked_by) for row in history.rows(config)] == [
-        ("INTERRUPTED", ["Trainer interrupted"]), ("passed", [])]
+        ("INTERRUPTED", ["Trainer interrupted"]),
+        ("passed", []),
+    ]
     page = (pathlib.Path(config.output_dir) / "reports" / history.INDEX).read_text()
     assert "<span class='INTERRUPTED'>INTERRUPTED</span>" in page and "Trainer interrupted" in page

@@ -1,5 +1,6 @@
 """The layout keeps its promises (docs/development.md): packages by concern, no module importing another that
 imports it back, the pipeline never importing the server, no module or folder past about its size limit."""
+
 import ast
 import pathlib
 from typing import Dict, Set
@@ -72,20 +73,29 @@ def test_no_module_imports_another_that_imports_it_back():
     graph = imports(_modules())
     assert cycles(graph) == []
     # The check itself finds a circle: serving.clients.client and serving.clients.device once imported each other.
-    assert cycles(dict(graph, **{"serving.clients.device": graph["serving.clients.device"] | {
-        "serving.clients.client"}})) == [["serving.clients.client", "serving.clients.device"]]
+    assert cycles(
+        dict(graph, **{"serving.clients.device": graph["serving.clients.device"] | {"serving.clients.client"}})
+    ) == [["serving.clients.client", "serving.clients.device"]]
 
 
 def test_the_pipeline_never_imports_the_server():
-    wrong = sorted((module, target) for module, targets in imports(_modules()).items() if module.startswith("pipeline")
-                   for target in targets if target.startswith("serving"))
+    wrong = sorted(
+        (module, target)
+        for module, targets in imports(_modules()).items()
+        if module.startswith("pipeline")
+        for target in targets
+        if target.startswith("serving")
+    )
     assert wrong == []
 
 
 def test_modules_and_folders_stay_within_their_size():
     modules = _modules()
-    long = {name: lines for name, path in modules.items()
-            if (lines := len(path.read_text().splitlines())) > MAX_MODULE_LINES}
+    long = {
+        name: lines
+        for name, path in modules.items()
+        if (lines := len(path.read_text().splitlines())) > MAX_MODULE_LINES
+    }
     assert long == {}
     folders: Dict[pathlib.Path, int] = {}
     for path in modules.values():

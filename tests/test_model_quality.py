@@ -11,10 +11,10 @@ import tensorflow as tf
 
 from data import course
 from models import features
-from pipeline.components import baseline
 from pipeline.commands import quality
-from pipeline.reports import summary
 from pipeline.commands.quality import SHARED_NATALITY
+from pipeline.components import baseline
+from pipeline.reports import summary
 from tests.conftest import skip_or_fail_in_ci
 
 pytestmark = pytest.mark.slow
@@ -44,8 +44,10 @@ def requests(artifacts) -> pd.DataFrame:
 
 
 def _raw_inputs(rows: pd.DataFrame):
-    return {c.name: tf.constant(rows[c.name].to_numpy().astype(object if c.dtype == "string" else np.float32))
-            for c in features.FEATURES}
+    return {
+        c.name: tf.constant(rows[c.name].to_numpy().astype(object if c.dtype == "string" else np.float32))
+        for c in features.FEATURES
+    }
 
 
 def _rmse(predict, rows: pd.DataFrame) -> float:
@@ -59,7 +61,8 @@ def served_predict(artifacts):
 
 @pytest.mark.parametrize("name", [c.name for c in features.OPTIONAL_FEATURES])
 def test_a_request_without_an_optional_feature_is_answered_about_as_well_as_by_a_model_never_given_it(
-        name, real_export_run, artifacts, served_predict, requests, tmp_path):
+    name, real_export_run, artifacts, served_predict, requests, tmp_path
+):
     config, _ = real_export_run
     asked_without = _rmse(served_predict, quality.without(requests, name))
     retrained = quality.predictor(quality.train_with_presence(config, artifacts, {name: 0.0}, tmp_path))
@@ -69,7 +72,8 @@ def test_a_request_without_an_optional_feature_is_answered_about_as_well_as_by_a
 
 
 def test_min_imputed_presence_is_where_a_rare_feature_stops_costing_little(
-        real_export_run, artifacts, served_predict, requests, tmp_path):
+    real_export_run, artifacts, served_predict, requests, tmp_path
+):
     """The level below which a span blocks on an imputed feature's presence (docs/validation-and-spans.md): trained
     with every optional feature in that share of the rows, the model stays close to the served one; trained
     with them in almost no row, it answers worse with them than without them."""
@@ -123,8 +127,9 @@ def test_the_summarys_trees_are_fit_on_the_trainers_rows_and_scored_on_the_evalu
     trees_step = steps["TreeBaseline"]
     # ML Metadata records an artifact once per execution: the new span is both window and eval data here.
     read = {a.id for artifacts in trees_step.inputs.values() for a in artifacts}
-    assert read == ({a.id for a in steps["Trainer"].inputs["examples"]}
-                    | {a.id for a in steps["Evaluator"].inputs["examples"]})
+    assert read == (
+        {a.id for a in steps["Trainer"].inputs["examples"]} | {a.id for a in steps["Evaluator"].inputs["examples"]}
+    )
     record = baseline.read(trees_step.outputs["baseline"][0].uri)
     metrics = summary.slice_metrics(steps["Evaluator"].outputs["evaluation"][0].uri)["overall"]
     assert record["eval_rows"] == metrics["weighted_example_count"]  # rows with a label, as TFMA weighs them
@@ -141,7 +146,8 @@ def test_the_summarys_trees_are_fit_on_the_trainers_rows_and_scored_on_the_evalu
 
 @pytest.mark.parametrize("name", ["course5col_large_65k.csv", "course10col_2017.csv"])
 def test_births_of_other_samples_are_predicted_as_well_as_by_trees_fit_on_their_own_features(
-        name, artifacts, served_predict):
+    name, artifacts, served_predict
+):
     path = SHARED_NATALITY / name
     if not path.is_file():
         skip_or_fail_in_ci(f"course file not found at {path}")

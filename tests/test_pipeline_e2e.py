@@ -3,6 +3,7 @@
 `pipeline_runs` (conftest.py) is one sequence of runs in one output folder: a clean run, a run on data
 that fails validation, and a rerun after the data is fixed; the tests assert on what ML Metadata recorded.
 """
+
 import dataclasses
 import glob
 import json
@@ -23,19 +24,43 @@ import tensorflow_transform as tft
 from data import generator
 from models import features, lite
 from pipeline import config as config_lib
+from pipeline.commands import quality, serving_check
 from pipeline.components import baseline
 from pipeline.metadata import mlmd
-from pipeline.commands import quality, serving_check
 from pipeline.reports import summary
 from tests.conftest import PROJECT_ROOT
 
 pytestmark = pytest.mark.slow
 
-NODES = {"CsvExampleGen", "StatisticsGen", "ImportSchemaGen", "previous_validated_span", "DataValidator", "DataGate",
-         "training_window", "Transform", "Trainer", "TreeBaseline", "latest_blessed_model_resolver", "Evaluator",
-         "previous_predictions", "PredictionMonitor", "InfraValidator", "Pusher", "TFLiteExporter"}
-CACHEABLE = {"CsvExampleGen", "StatisticsGen", "ImportSchemaGen", "DataValidator", "DataGate", "Transform", "Trainer",
-             "TreeBaseline"}
+NODES = {
+    "CsvExampleGen",
+    "StatisticsGen",
+    "ImportSchemaGen",
+    "previous_validated_span",
+    "DataValidator",
+    "DataGate",
+    "training_window",
+    "Transform",
+    "Trainer",
+    "TreeBaseline",
+    "latest_blessed_model_resolver",
+    "Evaluator",
+    "previous_predictions",
+    "PredictionMonitor",
+    "InfraValidator",
+    "Pusher",
+    "TFLiteExporter",
+}
+CACHEABLE = {
+    "CsvExampleGen",
+    "StatisticsGen",
+    "ImportSchemaGen",
+    "DataValidator",
+    "DataGate",
+    "Transform",
+    "Trainer",
+    "TreeBaseline",
+}
 
 
 def test_first_run_executes_each_component_once_and_pushes(pipeline_runs):
@@ -59,12 +84,25 @@ def test_first_run_executes_each_component_once_and_pushes(pipeline_runs):
     for check in ("float32", "float16"):
         assert re.search(rf"^      {check} +ok ", first.outcome.summary, re.M), first.outcome.summary
     # docs/on-device.md's command on the bundled data (test_device.py runs it without TensorFlow).
-    device = subprocess.run([sys.executable, "-m", "babyweight_cli", "predict", "--tflite",
-                             str(version / "babyweight.tflite"), "data/natality/natality.csv"],
-                            cwd=PROJECT_ROOT, capture_output=True, text=True)
+    device = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "babyweight_cli",
+            "predict",
+            "--tflite",
+            str(version / "babyweight.tflite"),
+            "data/natality/natality.csv",
+        ],
+        cwd=PROJECT_ROOT,
+        capture_output=True,
+        text=True,
+    )
     assert device.returncode == 1 and device.stdout.startswith("row,prediction,model_version,error\n1,")
-    assert (f"19823 of 20000 row(s) of data/natality/natality.csv predicted by version(s) "
-            f"{first.pushed_versions[0]}; 177 refused") in device.stderr, device.stderr
+    assert (
+        f"19823 of 20000 row(s) of data/natality/natality.csv predicted by version(s) "
+        f"{first.pushed_versions[0]}; 177 refused"
+    ) in device.stderr, device.stderr
 
 
 def test_data_failing_validation_stops_before_transform_and_pushes_nothing(pipeline_runs):
@@ -101,12 +139,21 @@ def schema_runs(tmp_path_factory):
     schema = root / "schema" / "schema.pbtxt"
     schema.parent.mkdir()
     original = (PROJECT_ROOT / "schema" / "schema.pbtxt").read_text()
-    config = config_lib.load_config(overrides={"data_dir": str(data), "output_dir": str(root / "out"),
-                                               "schema_dir": str(schema.parent), "min_train_steps": "100"})
+    config = config_lib.load_config(
+        overrides={
+            "data_dir": str(data),
+            "output_dir": str(root / "out"),
+            "schema_dir": str(schema.parent),
+            "min_train_steps": "100",
+        }
+    )
     mother_age = original.index('name: "mother_age"')
     runs = {}
-    for name, text in (("first", original), ("schema_edited", original[:mother_age] + original[mother_age:].replace(
-            "max: 64", "max: 20", 1)), ("schema_reverted", original)):
+    for name, text in (
+        ("first", original),
+        ("schema_edited", original[:mother_age] + original[mother_age:].replace("max: 64", "max: 20", 1)),
+        ("schema_reverted", original),
+    ):
         schema.write_text(text)
         runs[name] = run_pipeline(config)
     return runs
@@ -135,12 +182,23 @@ def test_editing_the_code_a_step_runs_reruns_that_step_only(tmp_path):
     for name in ("runner_local.py", "setup.py"):
         shutil.copy(PROJECT_ROOT / name, copy)
     generator.write(2_000, 5, tmp_path / "data")
-    command = [sys.executable, "runner_local.py", "--data-dir", str(tmp_path / "data"), "--output-dir",
-               str(tmp_path / "out"), "--set", "min_train_steps=100", "--set", "train_epochs=1"]
+    command = [
+        sys.executable,
+        "runner_local.py",
+        "--data-dir",
+        str(tmp_path / "data"),
+        "--output-dir",
+        str(tmp_path / "out"),
+        "--set",
+        "min_train_steps=100",
+        "--set",
+        "train_epochs=1",
+    ]
 
     def run() -> Dict[str, str]:
-        done = subprocess.run(command, cwd=copy, env=dict(os.environ, PYTHONPATH=str(copy)), capture_output=True,
-                              text=True)
+        done = subprocess.run(
+            command, cwd=copy, env=dict(os.environ, PYTHONPATH=str(copy)), capture_output=True, text=True
+        )
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
         store = mlmd.open_sqlite(str(tmp_path / "out" / "metadata.sqlite"))
         return {step.node_id: step.state for step in store.steps(store.runs()[-1])}
@@ -150,8 +208,10 @@ def test_editing_the_code_a_step_runs_reruns_that_step_only(tmp_path):
     checks.write_text(checks.read_text() + "\n# edited\n")
     states = run()
     assert states["DataValidator"] == states["DataGate"] == "complete", states
-    assert {states[name] for name in ("CsvExampleGen", "ImportSchemaGen", "StatisticsGen", "Transform", "Trainer",
-                                      "TreeBaseline")} == {"cached"}
+    assert {
+        states[name]
+        for name in ("CsvExampleGen", "ImportSchemaGen", "StatisticsGen", "Transform", "Trainer", "TreeBaseline")
+    } == {"cached"}
 
 
 def test_training_is_seeded_the_same_inputs_and_seed_give_the_same_model(pipeline_runs, tmp_path):
@@ -205,14 +265,26 @@ def _free_ports(count: int) -> List[int]:
 def test_two_workers_train_together_and_only_the_chief_writes_the_model(pipeline_runs, tmp_path):
     """MultiWorkerMirroredStrategy on two local processes (TF_CONFIG on localhost ports), as on Vertex AI."""
     artifacts = quality.run_artifacts(pipeline_runs["config"])
-    paths = {"workers": [f"localhost:{port}" for port in _free_ports(2)], "transform": artifacts.transform_graph,
-             "train": artifacts.train_files, "eval": artifacts.eval_files,
-             "serving": str(tmp_path / "serving"), "logs": str(tmp_path / "logs")}
+    paths = {
+        "workers": [f"localhost:{port}" for port in _free_ports(2)],
+        "transform": artifacts.transform_graph,
+        "train": artifacts.train_files,
+        "eval": artifacts.eval_files,
+        "serving": str(tmp_path / "serving"),
+        "logs": str(tmp_path / "logs"),
+    }
     temp = tmp_path / "temp"
     temp.mkdir()
-    workers = [subprocess.Popen([sys.executable, "-c", WORKER, json.dumps(paths), str(index)],
-                                env=dict(os.environ, TMPDIR=str(temp)), stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True) for index in range(2)]
+    workers = [
+        subprocess.Popen(
+            [sys.executable, "-c", WORKER, json.dumps(paths), str(index)],
+            env=dict(os.environ, TMPDIR=str(temp)),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for index in range(2)
+    ]
     try:
         outputs = [worker.communicate(timeout=600)[0] for worker in workers]
     finally:
@@ -221,8 +293,10 @@ def test_two_workers_train_together_and_only_the_chief_writes_the_model(pipeline
     assert [worker.returncode for worker in workers] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
     assert (tmp_path / "serving" / "saved_model.pb").is_file()
     assert list((tmp_path / "logs").iterdir())
-    writes = [dict(tuple(line.split()[1::2]) for line in output.splitlines() if line.startswith("WRITES "))
-              for output in outputs]
+    writes = [
+        dict(tuple(line.split()[1::2]) for line in output.splitlines() if line.startswith("WRITES "))
+        for output in outputs
+    ]
     assert writes[0] == {paths["serving"]: paths["serving"], paths["logs"]: paths["logs"]}  # the chief
     assert set(writes[1]) == {paths["serving"], paths["logs"]}
     assert all(folder.startswith(str(temp / "babyweight-worker-1-")) for folder in writes[1].values())
@@ -233,8 +307,9 @@ def test_two_workers_train_together_and_only_the_chief_writes_the_model(pipeline
 
 def test_summary_reports_rows_rmse_against_the_mean_predictor_and_seconds(pipeline_runs):
     text = pipeline_runs["first"].outcome.summary
-    rows = {split: int(n) for split, n in (part.split() for part in
-                                           text.split("rows: ")[1].splitlines()[0].split(", "))}
+    rows = {
+        split: int(n) for split, n in (part.split() for part in text.split("rows: ")[1].splitlines()[0].split(", "))
+    }
     assert sum(rows.values()) == 6_000 and rows["train"] > 3 * rows["eval"]
     assert "predicting the training mean: RMSE" in text
     for node in NODES:
@@ -247,8 +322,10 @@ def _eval_examples(config: config_lib.PipelineConfig, count: int) -> List[bytes]
     examples = []
     for record in tf.data.TFRecordDataset(files, compression_type="GZIP"):
         example = tf.train.Example.FromString(record.numpy())
-        values = {name: list(getattr(feature, feature.WhichOneof("kind")).value) if feature.WhichOneof("kind") else []
-                  for name, feature in example.features.feature.items()}
+        values = {
+            name: list(getattr(feature, feature.WhichOneof("kind")).value) if feature.WhichOneof("kind") else []
+            for name, feature in example.features.feature.items()
+        }
         if not features.missing_required(values):
             examples.append(record.numpy())
         if len(examples) == count:
@@ -301,7 +378,11 @@ def test_bad_values_are_named_by_file_and_line_and_stop_the_run_before_training(
     bad.write_text("\n".join(lines) + "\n")
     result = subprocess.run(
         [sys.executable, "runner_local.py", "--data-dir", str(bad.parent), "--output-dir", str(tmp_path / "out")],
-        cwd=config_lib.PROJECT_ROOT, capture_output=True, text=True, timeout=600)
+        cwd=config_lib.PROJECT_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 1
     assert f"{bad}, line 10, column mother_age: '2O' is not an integer" in result.stdout
     assert "[BLOCKING] type: feature 'mother_age'" in result.stdout
@@ -334,8 +415,7 @@ def test_validate_serving_checks_requests_against_the_stores_training_statistics
     unsendable = tmp_path / "unsendable.jsonl"
     unsendable.write_text("".join(json.dumps(row) + "\n" for row in rows))
     assert serving_check.main([str(unsendable), "--output-dir", config.output_dir]) == 1
-    assert (f"required: gestation_weeks: {len(lacking)} request(s) lack this required feature"
-            in capsys.readouterr().out)
+    assert f"required: gestation_weeks: {len(lacking)} request(s) lack this required feature" in capsys.readouterr().out
     bad = tmp_path / "bad.jsonl"
     bad.write_text("".join(json.dumps(dict(row, session_id="x")) + "\n" for row in rows))
     assert serving_check.main([str(bad), "--output-dir", config.output_dir]) == 1

@@ -4,6 +4,7 @@ The share of rows with ever_born (and the sizes of the years) changes from year 
 export: 2003-2004 and 2008 have it in 30-40% of rows, 2005-2007 in 96%. Spans by year run in order
 without a block; what moves between years is reported.
 """
+
 import pathlib
 
 import pandas as pd
@@ -29,8 +30,9 @@ def year_runs(tmp_path_factory, real_export_csv):
         folder = root / "arrivals" / f"span-{span}"
         folder.mkdir(parents=True)
         rows.to_csv(folder / f"natality-{year}.csv", index=False)
-        config = config_lib.load_config(overrides=dict(QUICK, data_dir=str(root / "arrivals"),
-                                                       output_dir=str(root / "out")))
+        config = config_lib.load_config(
+            overrides=dict(QUICK, data_dir=str(root / "arrivals"), output_dir=str(root / "out"))
+        )
         runs[int(year)] = run_pipeline(config)
     return runs
 
@@ -62,21 +64,36 @@ def test_a_file_saved_by_excel_runs_like_the_plain_file(tmp_path, real_export_cs
     for name, data in (("plain", text.encode()), ("excel", _excel(text))):
         (tmp_path / name).mkdir()
         (tmp_path / name / "natality.csv").write_bytes(data)
-        config = config_lib.load_config(overrides=dict(QUICK, data_dir=str(tmp_path / name),
-                                                       output_dir=str(tmp_path / f"out-{name}")))
+        config = config_lib.load_config(
+            overrides=dict(QUICK, data_dir=str(tmp_path / name), output_dir=str(tmp_path / f"out-{name}"))
+        )
         runs[name] = (config, run_pipeline(config))
     for name, (_, run) in runs.items():
         assert run.outcome.ok, (name, run.outcome.summary)
         assert "anomalies: none" in run.outcome.summary, (name, run.outcome.summary)
     # ExampleGen wrote the same records, byte for byte, in the same splits and order.
-    records = {name: {split: [path.read_bytes() for path in sorted(pathlib.Path(
-        run.steps["CsvExampleGen"].outputs["examples"][0].uri, f"Split-{split}").glob("*"))]
-        for split in ("train", "eval")} for name, (_, run) in runs.items()}
+    records = {
+        name: {
+            split: [
+                path.read_bytes()
+                for path in sorted(
+                    pathlib.Path(run.steps["CsvExampleGen"].outputs["examples"][0].uri, f"Split-{split}").glob("*")
+                )
+            ]
+            for split in ("train", "eval")
+        }
+        for name, (_, run) in runs.items()
+    }
     assert records["excel"] == records["plain"]
     # And TFDV counted the same: its means and deviations may differ in the last digit, as its batches are
     # sized by timing (Beam's BatchElements), so they add in another order.
-    statistics = {name: [validation.load_statistics(run.steps["StatisticsGen"].outputs["statistics"][0].uri, split)
-                         for split in ("train", "eval")] for name, (_, run) in runs.items()}
+    statistics = {
+        name: [
+            validation.load_statistics(run.steps["StatisticsGen"].outputs["statistics"][0].uri, split)
+            for split in ("train", "eval")
+        ]
+        for name, (_, run) in runs.items()
+    }
     for excel, plain in zip(statistics["excel"], statistics["plain"]):
         assert _counts(excel) == _counts(plain)
         for ours, theirs in zip(excel.datasets[0].features, plain.datasets[0].features):
@@ -86,7 +103,13 @@ def test_a_file_saved_by_excel_runs_like_the_plain_file(tmp_path, real_export_cs
 
 def _counts(statistics):
     """Each feature's type and number of rows with and without a value."""
-    return [(feature.path.step[0], feature.type, feature.WhichOneof("stats"),
-             getattr(feature, feature.WhichOneof("stats")).common_stats.num_non_missing,
-             getattr(feature, feature.WhichOneof("stats")).common_stats.num_missing)
-            for feature in statistics.datasets[0].features]
+    return [
+        (
+            feature.path.step[0],
+            feature.type,
+            feature.WhichOneof("stats"),
+            getattr(feature, feature.WhichOneof("stats")).common_stats.num_non_missing,
+            getattr(feature, feature.WhichOneof("stats")).common_stats.num_missing,
+        )
+        for feature in statistics.datasets[0].features
+    ]

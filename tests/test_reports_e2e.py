@@ -3,15 +3,16 @@
 Uses the shared sequence of runs (conftest.pipeline_runs): clean data, the same file with is_male recoded
 (blocked by validation), the clean data again.
 """
+
 import base64
 import pathlib
 import re
 
 import pytest
 
-from pipeline.reports import browser, history, report, summary
-from pipeline.metadata import mlmd
 from pipeline.components import monitor
+from pipeline.metadata import mlmd
+from pipeline.reports import browser, history, report, summary
 from tests.conftest import skip_or_fail_in_ci
 
 pytestmark = pytest.mark.slow
@@ -52,8 +53,13 @@ def test_the_history_has_one_row_per_run_as_ml_metadata_recorded_it(pipeline_run
         assert row.eval_rmse == summary.slice_metrics(evaluation.uri)["overall"]["root_mean_squared_error"]
         assert row.rmse_threshold == config.eval_rmse_threshold
         assert row.blessed is True and row.pushed_version in fixture.pushed_versions
-        assert row.rows == sum(s.num_examples for s in summary.split_stats(
-            steps["StatisticsGen"].outputs["statistics"][0]).values()) == 6_000
+        assert (
+            row.rows
+            == sum(
+                s.num_examples for s in summary.split_stats(steps["StatisticsGen"].outputs["statistics"][0]).values()
+            )
+            == 6_000
+        )
         assert row.report == report_of(fixture).name and row.span == 0
         assert 5 < row.prediction["low"] < row.prediction["mean"] < row.prediction["high"] < 10
     assert first.pushed_version != fixed.pushed_version
@@ -99,7 +105,8 @@ def test_the_report_names_each_slice_the_same_way_in_every_table(pipeline_runs):
     residuals = monitor.read(run.steps["PredictionMonitor"].outputs["monitoring"][0].uri)["residuals"]
     assert {"overall", "boys", "girls", "singletons", "twins", "gestation 37-41 weeks"} <= set(tfma)
     assert {name: tfma[name]["weighted_example_count"] for name in tfma} == {
-        name: residuals[name]["n"] for name in tfma}
+        name: residuals[name]["n"] for name in tfma
+    }
     for section in ("<h2>Evaluation by slice (TFMA)</h2>", "<h3>Residuals (label - prediction) by slice</h3>"):
         table = page.split(section)[1].split("<h2>")[0]
         assert set(tfma) <= set(re.findall(r"<th>([^<]+)</th>\s*<td>", table))
@@ -121,14 +128,19 @@ def test_a_report_opens_offline_in_chromium_with_every_plot(pipeline_runs, chrom
     page = chromium.open(path)
     assert page.errors == [] and page.outside_requests == []
     assert page.images and all(image["loaded"] and image["width"] > 100 for image in page.images), page.images
-    for heading in ("Data validation of span 0", "Statistics: the new span next to the previous validated span",
-                    "Evaluation by slice (TFMA)", "Predictions on the new span", "Steps"):
+    for heading in (
+        "Data validation of span 0",
+        "Statistics: the new span next to the previous validated span",
+        "Evaluation by slice (TFMA)",
+        "Predictions on the new span",
+        "Steps",
+    ):
         assert heading in page.headings
     titles = [image["alt"] for image in page.images]
     plotted = {title.split("\n")[0].split(":")[0] for title in titles}
     assert set(MODEL_COLUMNS) <= plotted  # every feature and the label
     # The rerun is cached: its validation is the first run's, which had no earlier span to compare with.
-    assert all(title.endswith("\nno earlier validated span to compare with") for title in titles[:len(MODEL_COLUMNS)])
+    assert all(title.endswith("\nno earlier validated span to compare with") for title in titles[: len(MODEL_COLUMNS)])
     for expected in ("TFMA's metrics per slice", "Predicted against actual weight", "Residuals (label - prediction)"):
         assert any(title.startswith(expected) for title in titles), (expected, titles)
     assert any(link.endswith("-facets.html") for link in page.links)
@@ -140,8 +152,9 @@ def test_a_blocked_spans_report_puts_the_blocking_feature_first_and_titles_each_
     titles = [image["alt"] for image in page.images]
     assert titles[0].startswith("is_male: BLOCKING domain")
     # Compared with the first run's span: each compared column's distance and threshold, as TFDV measured them.
-    measured = report.drift_measurements(report.read_anomalies(
-        pipeline_runs["corrupt"].steps["DataValidator"].outputs["anomalies"][0].uri))
+    measured = report.drift_measurements(
+        report.read_anomalies(pipeline_runs["corrupt"].steps["DataValidator"].outputs["anomalies"][0].uri)
+    )
     assert len(measured) >= 8
     for name, (measure, distance, threshold) in measured.items():
         title = next(title for title in titles if title.split("\n")[0].split(":")[0] == name)
@@ -155,8 +168,12 @@ def test_the_history_page_opens_offline_with_its_plots_over_runs(pipeline_runs, 
     page = chromium.open(index)
     assert page.errors == [] and page.outside_requests == []
     titles = [image["alt"] for image in page.images]
-    for expected in ("Eval RMSE per run, with its threshold", "Rows of each run's span",
-                     "Predictions on the eval split", "Drift distance to the previous validated span per feature"):
+    for expected in (
+        "Eval RMSE per run, with its threshold",
+        "Rows of each run's span",
+        "Predictions on the eval split",
+        "Drift distance to the previous validated span per feature",
+    ):
         assert any(title.startswith(expected) for title in titles), (expected, titles)
     assert all(image["loaded"] for image in page.images)
     assert page.links == [report_of(pipeline_runs[name]).name for name in ("fixed", "corrupt", "first")]
@@ -166,9 +183,11 @@ def test_an_image_that_cannot_load_is_caught(tmp_path, chromium):
     """The check itself: a broken plot and a console error show, so the checks above could fail."""
     broken = base64.b64encode(b"<svg xmlns='http://www.w3.org/2000/svg'><text>unclosed").decode()
     page = tmp_path / "broken.html"
-    page.write_text(f"<!DOCTYPE html><html><body><h1>x</h1><img alt='bad' src='data:image/svg+xml;base64,{broken}'>"
-                    "<img alt='remote' src='https://example.com/plot.png'><script>console.error('boom')</script>"
-                    "</body></html>")
+    page.write_text(
+        f"<!DOCTYPE html><html><body><h1>x</h1><img alt='bad' src='data:image/svg+xml;base64,{broken}'>"
+        "<img alt='remote' src='https://example.com/plot.png'><script>console.error('boom')</script>"
+        "</body></html>"
+    )
     found = chromium.open(page)
     assert [image["loaded"] for image in found.images] == [False, False]
     assert any("boom" in error for error in found.errors)

@@ -1,4 +1,5 @@
 """The vertex profile compiles the same pipeline to a Vertex Pipelines job spec (offline: no cloud calls)."""
+
 import json
 
 import pytest
@@ -9,8 +10,13 @@ from pipeline import pipeline as pipeline_lib
 
 IMAGE = "us-central1-docker.pkg.dev/my-project/babyweight/pipeline:7"
 SERVING_IMAGE = "us-central1-docker.pkg.dev/my-project/babyweight/serving:7"
-SETTINGS = ["gcp_project=my-project", "gcs_bucket=gs://my-bucket", f"pipeline_image={IMAGE}",
-            f"serving_image={SERVING_IMAGE}", "service_account=runner@my-project.iam.gserviceaccount.com"]
+SETTINGS = [
+    "gcp_project=my-project",
+    "gcs_bucket=gs://my-bucket",
+    f"pipeline_image={IMAGE}",
+    f"serving_image={SERVING_IMAGE}",
+    "service_account=runner@my-project.iam.gserviceaccount.com",
+]
 
 
 def _compile(tmp_path, *extra):
@@ -22,8 +28,9 @@ def _compile(tmp_path, *extra):
 
 
 def _parameters(task):
-    constants = {name: value["runtimeValue"]["constantValue"]
-                 for name, value in task["inputs"].get("parameters", {}).items()}
+    constants = {
+        name: value["runtimeValue"]["constantValue"] for name, value in task["inputs"].get("parameters", {}).items()
+    }
     return {name: constant["stringValue"] for name, constant in constants.items() if "stringValue" in constant}
 
 
@@ -38,8 +45,10 @@ def test_same_components_as_the_local_pipeline_less_the_local_resolvers(compiled
     # Vertex compiles only TFX's built-in resolver strategies, not the span ones (pipeline/components/spans.py).
     local_only = {"previous_validated_span", "training_window", "previous_predictions"}
     # The vertex profile tunes (Vertex AI Vizier), the local one doesn't (the tuned profile does).
-    expected = (local - {"CsvExampleGen", "latest_blessed_model_resolver"} - local_only) | {"BigQueryExampleGen",
-                                                                                            "Tuner"}
+    expected = (local - {"CsvExampleGen", "latest_blessed_model_resolver"} - local_only) | {
+        "BigQueryExampleGen",
+        "Tuner",
+    }
     resolver_tasks = {name for name in tasks if name.startswith("latest_blessed_model_resolver")}
     assert set(tasks) - resolver_tasks == expected
     assert resolver_tasks  # KFP v2 splits the resolver into its model and blessing lookups
@@ -69,9 +78,14 @@ def test_beam_components_run_on_dataflow_in_the_configured_image(compiled):
         container = executors[name]["container"]
         args = container["args"]
         assert container["image"] == IMAGE
-        for expected in ("--runner=DataflowRunner", "--project=my-project", "--region=us-central1",
-                         "--temp_location=gs://my-bucket/babyweight/dataflow/tmp", f"--sdk_container_image={IMAGE}",
-                         "--service_account_email=runner@my-project.iam.gserviceaccount.com"):
+        for expected in (
+            "--runner=DataflowRunner",
+            "--project=my-project",
+            "--region=us-central1",
+            "--temp_location=gs://my-bucket/babyweight/dataflow/tmp",
+            f"--sdk_container_image={IMAGE}",
+            "--service_account_email=runner@my-project.iam.gserviceaccount.com",
+        ):
             assert expected in args, (name, expected)
 
 
@@ -83,12 +97,17 @@ def test_trainer_is_a_vertex_job_with_the_configured_worker_pool(compiled):
     job = custom_config["ai_platform_training_args"]
     assert job["project"] == "my-project"
     assert job["service_account"] == "runner@my-project.iam.gserviceaccount.com"
-    assert job["worker_pool_specs"] == [{
-        "machine_spec": {"machine_type": "n1-standard-8", "accelerator_type": "NVIDIA_TESLA_T4",
-                         "accelerator_count": 1},
-        "replica_count": 1,
-        "container_spec": {"image_uri": IMAGE},
-    }]
+    assert job["worker_pool_specs"] == [
+        {
+            "machine_spec": {
+                "machine_type": "n1-standard-8",
+                "accelerator_type": "NVIDIA_TESLA_T4",
+                "accelerator_count": 1,
+            },
+            "replica_count": 1,
+            "container_spec": {"image_uri": IMAGE},
+        }
+    ]
     assert custom_config["strategy"] == "mirrored"
     assert "google_cloud_ai_platform" in executors["Trainer_executor"]["container"]["args"][1]
 
@@ -102,16 +121,24 @@ def test_the_tuner_is_a_vertex_job_of_parallel_trials_that_vizier_suggests(compi
     tuning_args = custom_config["ai_platform_tuning_args"]
     assert tuning_args["project"] == "my-project"
     # One pool: TFX's executor adds the workers (tuner_parallel_trials - 1) beside the chief, on the same machine.
-    assert tuning_args["job_spec"]["worker_pool_specs"] == [{
-        "machine_spec": {"machine_type": "n1-standard-8", "accelerator_type": "NVIDIA_TESLA_T4",
-                         "accelerator_count": 1},
-        "replica_count": 1,
-        "container_spec": {"image_uri": IMAGE},
-    }]
+    assert tuning_args["job_spec"]["worker_pool_specs"] == [
+        {
+            "machine_spec": {
+                "machine_type": "n1-standard-8",
+                "accelerator_type": "NVIDIA_TESLA_T4",
+                "accelerator_count": 1,
+            },
+            "replica_count": 1,
+            "container_spec": {"image_uri": IMAGE},
+        }
+    ]
     assert tuning_args["job_spec"]["service_account"] == "runner@my-project.iam.gserviceaccount.com"
     assert json.loads(_parameters(tuner)["tune_args"]) == {"num_parallel_trials": 4}
-    assert custom_config["vizier"] == {"project": "my-project", "region": "us-central1",
-                                       "study_prefix": "babyweight_tuner"}
+    assert custom_config["vizier"] == {
+        "project": "my-project",
+        "region": "us-central1",
+        "study_prefix": "babyweight_tuner",
+    }
     assert custom_config["tuner_trials"] == 24 and custom_config["seed"] == 1
     assert _parameters(tuner)["tuner_fn"] == "models.tuning.tuner_fn"
     assert "google_cloud_ai_platform.tuner.executor.Executor" in json.dumps(executors["Tuner_executor"])
@@ -136,12 +163,20 @@ def test_a_vertex_run_without_tuning_trains_with_the_profile(tmp_path):
 
 
 def test_tpu_and_multi_worker_pools(tmp_path):
-    _, tasks, _ = _compile(tmp_path, "strategy=tpu", "trainer_machine_type=cloud-tpu",
-                           "trainer_accelerator_type=TPU_V3", "trainer_accelerator_count=8")
+    _, tasks, _ = _compile(
+        tmp_path,
+        "strategy=tpu",
+        "trainer_machine_type=cloud-tpu",
+        "trainer_accelerator_type=TPU_V3",
+        "trainer_accelerator_count=8",
+    )
     custom_config = json.loads(_parameters(tasks["Trainer"])["custom_config"])
     assert custom_config["strategy"] == "tpu"
     assert custom_config["ai_platform_training_args"]["worker_pool_specs"][0]["machine_spec"] == {
-        "machine_type": "cloud-tpu", "accelerator_type": "TPU_V3", "accelerator_count": 8}
+        "machine_type": "cloud-tpu",
+        "accelerator_type": "TPU_V3",
+        "accelerator_count": 8,
+    }
     _, tasks, _ = _compile(tmp_path, "strategy=multi_worker_mirrored", "trainer_replica_count=3")
     pools = json.loads(_parameters(tasks["Trainer"])["custom_config"])["ai_platform_training_args"]["worker_pool_specs"]
     assert [pool["replica_count"] for pool in pools] == [1, 2]
@@ -152,13 +187,21 @@ def test_pusher_deploys_to_the_configured_vertex_endpoint(compiled):
     custom_config = json.loads(_parameters(tasks["Pusher"])["custom_config"])
     assert custom_config["ai_platform_enable_vertex"] is True
     assert custom_config["ai_platform_serving_args"] == {
-        "project_id": "my-project", "endpoint_name": "babyweight", "machine_type": "n1-standard-2",
-        "min_replica_count": 1, "max_replica_count": 3}
+        "project_id": "my-project",
+        "endpoint_name": "babyweight",
+        "machine_type": "n1-standard-2",
+        "min_replica_count": 1,
+        "max_replica_count": 3,
+    }
     # This project's server, which honours Vertex's AIP_* variables (tests/serving/test_deployment.py).
     assert custom_config["ai_platform_vertex_container_image_uri"] == SERVING_IMAGE
     assert custom_config["request_response_logging"] == {
-        "bq_destination_table": "bq://my-project.babyweight_serving.request_response_logging", "sampling_rate": 1.0}
-    assert any("pipeline.components.vertex_pusher.Executor" in json.dumps(executor) for executor in compiled[2].values())
+        "bq_destination_table": "bq://my-project.babyweight_serving.request_response_logging",
+        "sampling_rate": 1.0,
+    }
+    assert any(
+        "pipeline.components.vertex_pusher.Executor" in json.dumps(executor) for executor in compiled[2].values()
+    )
 
 
 def test_infra_validator_serves_the_candidate_before_the_pusher_in_the_pipeline_image(compiled):
@@ -166,16 +209,21 @@ def test_infra_validator_serves_the_candidate_before_the_pusher_in_the_pipeline_
     spec, tasks, executors = compiled
     infra = tasks["InfraValidator"]
     assert {(name, a["taskOutputArtifact"]["producerTask"]) for name, a in infra["inputs"]["artifacts"].items()} == {
-        ("model", "Trainer"), ("model_blessing", "Evaluator"), ("examples", "BigQueryExampleGen"),
-        ("schema", "ImportSchemaGen")}
+        ("model", "Trainer"),
+        ("model_blessing", "Evaluator"),
+        ("examples", "BigQueryExampleGen"),
+        ("schema", "ImportSchemaGen"),
+    }
     config = config_lib.load_config("vertex", config_lib.parse_overrides(SETTINGS))
     constants = {name: value["runtimeValue"]["constantValue"] for name, value in infra["inputs"]["parameters"].items()}
     assert constants["max_memory_mb"]["doubleValue"] == config.infra_max_memory_mb
     assert constants["max_p99_ms"]["doubleValue"] == config.infra_max_p99_ms
     assert constants["eval_requests"]["intValue"] == str(config.infra_eval_requests)
     pusher_inputs = tasks["Pusher"]["inputs"]["artifacts"]
-    assert pusher_inputs["infra_blessing"]["taskOutputArtifact"] == {"producerTask": "InfraValidator",
-                                                                     "outputArtifactKey": "blessing"}
+    assert pusher_inputs["infra_blessing"]["taskOutputArtifact"] == {
+        "producerTask": "InfraValidator",
+        "outputArtifactKey": "blessing",
+    }
     assert pusher_inputs["model_blessing"]["taskOutputArtifact"]["producerTask"] == "Evaluator"
     executor = json.dumps(executors[spec["components"][infra["componentRef"]["name"]]["executorLabel"]])
     assert "pipeline.components.infra_validator.InfraValidator" in executor and IMAGE in executor
@@ -185,7 +233,10 @@ def test_the_tflite_models_are_made_of_the_pushed_model_after_the_push_in_the_pi
     spec, tasks, executors = compiled
     exporter = tasks["TFLiteExporter"]
     assert {(name, a["taskOutputArtifact"]["producerTask"]) for name, a in exporter["inputs"]["artifacts"].items()} == {
-        ("model", "Trainer"), ("pushed_model", "Pusher"), ("examples", "BigQueryExampleGen")}
+        ("model", "Trainer"),
+        ("pushed_model", "Pusher"),
+        ("examples", "BigQueryExampleGen"),
+    }
     executor = json.dumps(executors[spec["components"][exporter["componentRef"]["name"]]["executorLabel"]])
     assert "pipeline.components.tflite_export.TFLiteExporter" in executor and IMAGE in executor
 
@@ -196,15 +247,32 @@ def test_every_step_runs_the_configured_image(compiled):
     assert images == {IMAGE}
 
 
-@pytest.mark.parametrize("settings, message", [
-    (["gcs_bucket=gs://b", f"pipeline_image={IMAGE}", "serving_image=s"], "needs gcp_project: set BABYWEIGHT_GCP_PROJECT"),
-    (["gcp_project=p", f"pipeline_image={IMAGE}", "serving_image=s"], "needs gcs_bucket: set BABYWEIGHT_GCS_BUCKET"),
-    (["gcp_project=p", "gcs_bucket=gs://b", f"pipeline_image={IMAGE}"], "needs serving_image: set BABYWEIGHT_SERVING_IMAGE"),
-    (["gcp_project=p", "gcs_bucket=gs://b", f"pipeline_image={IMAGE}", "serving_image=s", "gcp_region="], "needs gcp_region"),
-    (["gcp_project=p", "gcs_bucket=my-bucket", f"pipeline_image={IMAGE}", "serving_image=s"], "must be a Cloud Storage path like gs://"),
-])
-def test_missing_or_wrong_cloud_settings_fail_before_any_network_call(tmp_path, capsys, monkeypatch, settings,
-                                                                      message):
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        (
+            ["gcs_bucket=gs://b", f"pipeline_image={IMAGE}", "serving_image=s"],
+            "needs gcp_project: set BABYWEIGHT_GCP_PROJECT",
+        ),
+        (
+            ["gcp_project=p", f"pipeline_image={IMAGE}", "serving_image=s"],
+            "needs gcs_bucket: set BABYWEIGHT_GCS_BUCKET",
+        ),
+        (
+            ["gcp_project=p", "gcs_bucket=gs://b", f"pipeline_image={IMAGE}"],
+            "needs serving_image: set BABYWEIGHT_SERVING_IMAGE",
+        ),
+        (
+            ["gcp_project=p", "gcs_bucket=gs://b", f"pipeline_image={IMAGE}", "serving_image=s", "gcp_region="],
+            "needs gcp_region",
+        ),
+        (
+            ["gcp_project=p", "gcs_bucket=my-bucket", f"pipeline_image={IMAGE}", "serving_image=s"],
+            "must be a Cloud Storage path like gs://",
+        ),
+    ],
+)
+def test_missing_or_wrong_cloud_settings_fail_before_any_network_call(tmp_path, capsys, monkeypatch, settings, message):
     for name in ("GCP_PROJECT", "GCS_BUCKET", "GCP_REGION", "PIPELINE_IMAGE", "SERVING_IMAGE"):
         monkeypatch.delenv(f"BABYWEIGHT_{name}", raising=False)
     args = [arg for setting in settings for arg in ("--set", setting)]
@@ -286,16 +354,29 @@ def test_the_pusher_creates_the_endpoint_with_request_response_logging(monkeypat
     monkeypatch.setattr(aiplatform, "Endpoint", Endpoint)
     logging_config = {"bq_destination_table": "bq://p.d.t", "sampling_rate": 0.5}
     vertex_pusher.ensure_logging_endpoint("p", "us-central1", "babyweight", logging_config)
-    assert calls == [("init", {"project": "p", "location": "us-central1"}),
-                     ("list", 'display_name="babyweight"'),
-                     ("create", {"display_name": "babyweight", "enable_request_response_logging": True,
-                                 "request_response_logging_sampling_rate": 0.5,
-                                 "request_response_logging_bq_destination_table": "bq://p.d.t"})]
+    assert calls == [
+        ("init", {"project": "p", "location": "us-central1"}),
+        ("list", 'display_name="babyweight"'),
+        (
+            "create",
+            {
+                "display_name": "babyweight",
+                "enable_request_response_logging": True,
+                "request_response_logging_sampling_rate": 0.5,
+                "request_response_logging_bq_destination_table": "bq://p.d.t",
+            },
+        ),
+    ]
     # An endpoint that already exists without logging is kept, and the run says so.
     import types
 
-    existing.append(types.SimpleNamespace(gca_resource=types.SimpleNamespace(
-        predict_request_response_logging_config=types.SimpleNamespace(enabled=False))))
+    existing.append(
+        types.SimpleNamespace(
+            gca_resource=types.SimpleNamespace(
+                predict_request_response_logging_config=types.SimpleNamespace(enabled=False)
+            )
+        )
+    )
     calls.clear()
     vertex_pusher.ensure_logging_endpoint("p", "us-central1", "babyweight", logging_config)
     assert [name for name, _ in calls] == ["init", "list"]
@@ -308,7 +389,10 @@ def test_bulk_inference_predicts_unlabelled_rows_on_dataflow_after_the_push(tmp_
     assert _parameters(tasks["UnlabelledExampleGen"])["input_base"] == "gs://my-bucket/unlabelled"
     inferrer = tasks["BulkInferrer"]
     assert {(name, a["taskOutputArtifact"]["producerTask"]) for name, a in inferrer["inputs"]["artifacts"].items()} == {
-        ("examples", "UnlabelledExampleGen"), ("model", "Trainer"), ("model_blessing", "Evaluator")}
+        ("examples", "UnlabelledExampleGen"),
+        ("model", "Trainer"),
+        ("model_blessing", "Evaluator"),
+    }
     assert "Pusher" in tasks["UnlabelledExampleGen"]["dependentTasks"]  # nothing of it can hold back the push
     executor = json.dumps(executors[spec["components"][inferrer["componentRef"]["name"]]["executorLabel"]])
     assert "--runner=DataflowRunner" in executor and IMAGE in executor

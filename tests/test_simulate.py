@@ -1,4 +1,5 @@
 """`babyweight simulate` over a few small spans: a table row per span, as data arrives."""
+
 import pathlib
 
 import pytest
@@ -14,7 +15,7 @@ def test_simulation_prints_what_each_span_did(tmp_path, capsys):
     assert code == 0
     lines = capsys.readouterr().out.splitlines()
     header = lines.index(next(line for line in lines if line.split()[:3] == ["span", "drift", "found"]))
-    rows = [line.split() for line in lines[header + 1:header + 4]]
+    rows = [line.split() for line in lines[header + 1 : header + 4]]
     assert rows[0][:4] == ["1", "-", "-", "yes"] and rows[0][-1].isdigit()
     assert rows[1] == ["2", "mother_married", "drift:mother_married", "no", "-", "-", "-"]
     assert rows[2][:4] == ["3", "-", "-", "yes"] and rows[2][-1].isdigit() and rows[2][-1] != rows[0][-1]
@@ -33,10 +34,12 @@ def test_bad_corrupt_flag_is_refused(capsys):
 
 def test_a_crashed_run_is_told_from_a_block_and_fails_the_command(tmp_path, capsys, monkeypatch):
     """A run that fails for another reason than its data (here: a crash in span 2) is not 'trained no'."""
-    outcomes = {1: run_lib.Outcome(True, "Run complete."),
-                2: run_lib.Outcome(False, "Run FAILED: OSError: disk full", crash="OSError: disk full"),
-                3: run_lib.Outcome(False, "Run FAILED: span 3 failed data validation"),
-                4: run_lib.Outcome(False, "Run stopped before the pipeline started: ...", recorded=False)}
+    outcomes = {
+        1: run_lib.Outcome(True, "Run complete."),
+        2: run_lib.Outcome(False, "Run FAILED: OSError: disk full", crash="OSError: disk full"),
+        3: run_lib.Outcome(False, "Run FAILED: span 3 failed data validation"),
+        4: run_lib.Outcome(False, "Run stopped before the pipeline started: ...", recorded=False),
+    }
     arrived = []
 
     def fake_run(config):
@@ -44,8 +47,13 @@ def test_a_crashed_run_is_told_from_a_block_and_fails_the_command(tmp_path, caps
         return outcomes[arrived[-1]]
 
     monkeypatch.setattr(simulate.run_lib, "run_local", fake_run)
-    monkeypatch.setattr(simulate, "span_result", lambda config, span: simulate.SpanResult(
-        span, "-", "drift:is_male" if span == 3 else "-", span == 1, None, None, "-"))
+    monkeypatch.setattr(
+        simulate,
+        "span_result",
+        lambda config, span: simulate.SpanResult(
+            span, "-", "drift:is_male" if span == 3 else "-", span == 1, None, None, "-"
+        ),
+    )
     code = simulate.main(["--spans", "4", "--rows", "300", "--output-dir", str(tmp_path)])
     captured = capsys.readouterr()
     rows = [line.split() for line in captured.out.splitlines() if line.strip()[:1].isdigit()]

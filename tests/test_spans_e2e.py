@@ -4,6 +4,7 @@ One sequence of runs in one output folder, span by span as data arrives: a clean
 corrupted by the generator in one way (a run each, all blocked), a clean span (trains on the validated
 spans only) and a span whose anomaly is configured as a warning (trains).
 """
+
 import pathlib
 import shutil
 
@@ -39,8 +40,11 @@ def span_runs(tmp_path_factory):
     runs = {}
     for span, path in enumerate(paths, start=1):
         shutil.copytree(path.parent, root / "arrivals" / f"span-{span}")
-        overrides = {"data_dir": str(root / "arrivals"), "output_dir": str(root / "out"),
-                     "training_window_spans": str(WINDOW)}
+        overrides = {
+            "data_dir": str(root / "arrivals"),
+            "output_dir": str(root / "out"),
+            "training_window_spans": str(WINDOW),
+        }
         if span == 9:
             overrides["warning_checks"] = "unexpected"
         runs[span] = run_pipeline(config_lib.load_config(overrides=overrides))
@@ -79,8 +83,9 @@ def test_each_corrupted_span_is_blocked_by_its_question_before_transform(span_ru
 
 def test_a_wrong_type_is_also_located_by_file_line_and_column(span_runs):
     summary = span_runs[5].outcome.summary
-    assert "span-5/natality.csv, line " in summary and "column weight_gain_pounds: 'unknown' is not an integer" \
-        in summary
+    assert (
+        "span-5/natality.csv, line " in summary and "column weight_gain_pounds: 'unknown' is not an integer" in summary
+    )
 
 
 def test_a_clean_span_after_blocked_ones_trains_on_validated_spans_only_and_pushes(span_runs):
@@ -115,7 +120,7 @@ def test_an_older_span_s_examples_reach_the_loss_with_their_smaller_weight(span_
     run_dir = trainer.outputs["model_run"][0].uri
     weights = json.loads(pathlib.Path(run_dir, model.WEIGHTS_FILE).read_text())
     by_span = {spans_lib.span_of(a): f"{a.uri}/Split-train/*" for a in trainer.inputs["examples"]}
-    assert weights[by_span[9]] == 1.0 and weights[by_span[8]] == pytest.approx(2 ** -0.5)
+    assert weights[by_span[9]] == 1.0 and weights[by_span[8]] == pytest.approx(2**-0.5)
     transform = tft.TFTransformOutput(trainer.inputs["transform_graph"][0].uri)
     for span, pattern in by_span.items():
         dataset = model._input_fn([pattern], weights, transform, batch_size=512, shuffle=False)

@@ -1,5 +1,6 @@
 """The tuned profile end to end: TFX's Tuner searches, the Trainer trains with the best values, ML Metadata and
 the run summary show the trials, and a rerun on the same data and code reuses the search from the cache."""
+
 import html
 import json
 import pathlib
@@ -23,8 +24,15 @@ def tuned_runs(tmp_path_factory):
     generator.write(3_000, 5, root / "data")
     # A profile learning rate too low to learn anything in its steps: trial 1 (the profile's) loses, so the
     # Trainer's values differ from the profile's, and the tests below see where they came from.
-    config = config_lib.load_config("tuned", {"data_dir": str(root / "data"), "output_dir": str(root / "out"),
-                                              "tuner_trials": "2", "learning_rate": "0.00001"})
+    config = config_lib.load_config(
+        "tuned",
+        {
+            "data_dir": str(root / "data"),
+            "output_dir": str(root / "out"),
+            "tuner_trials": "2",
+            "learning_rate": "0.00001",
+        },
+    )
     return config, run_pipeline(config), run_pipeline(config)
 
 
@@ -38,20 +46,32 @@ def test_the_trainer_trains_with_the_tuner_s_best_values(tuned_runs):
     assert first.outcome.ok, first.outcome.summary
     best = _best_values(first)
     assert best["learning_rate"] != 0.00001, "the profile's own trial won: the test can't tell where values came from"
-    assert set(best) == {"hidden_units", "embedding_dim", "learning_rate", "batch_size", "train_epochs",
-                         "min_train_steps", "mask_rate"}
+    assert set(best) == {
+        "hidden_units",
+        "embedding_dim",
+        "learning_rate",
+        "batch_size",
+        "train_epochs",
+        "min_train_steps",
+        "mask_rate",
+    }
     trainer = first.steps["Trainer"]
     # What the Trainer read (its ModelRun folder records its settings) ...
     settings = json.loads((pathlib.Path(trainer.outputs["model_run"][0].uri) / model.SETTINGS_FILE).read_text())
     assert {name: settings[name] for name in best} == best
     # ... and what it built: the hidden layers' and the embeddings' sizes in the pushed SavedModel's variables.
-    variables = tf.train.list_variables(str(pathlib.Path(trainer.outputs["model"][0].uri) / "Format-Serving"
-                                            / "variables" / "variables"))
-    layers = sorted((int(name.split("/")[0].rsplit("-", 1)[1]), name.split("/")[1], shape)
-                    for name, shape in variables if name.startswith("layer_with_weights-"))
+    variables = tf.train.list_variables(
+        str(pathlib.Path(trainer.outputs["model"][0].uri) / "Format-Serving" / "variables" / "variables")
+    )
+    layers = sorted(
+        (int(name.split("/")[0].rsplit("-", 1)[1]), name.split("/")[1], shape)
+        for name, shape in variables
+        if name.startswith("layer_with_weights-")
+    )
     # Kernels in layer order: the hidden layers', then the wide and deep outputs' (one unit each).
     assert [shape[1] for _, kind, shape in layers if kind == "kernel" and shape[1] > 1] == model.hidden_units(
-        best["hidden_units"]), layers
+        best["hidden_units"]
+    ), layers
     embeddings = {shape[1] for _, kind, shape in layers if kind == "embeddings"}  # the wide part's are 1 wide
     assert embeddings == {1, best["embedding_dim"]}
 
@@ -75,8 +95,18 @@ def test_ml_metadata_and_the_summary_show_the_trials_and_the_choice(tuned_runs, 
     shown = capsys.readouterr().out
     assert "tuning: 2 trials completed" in shown
     assert re.search(r"^\s+1 [* ]p\s+\d\.\d{4}  256,128 ", shown, re.M), shown  # trial 1: the profile's settings
-    assert metadata_cli.main(["--store", config.metadata_path, "--json", "show",
-                              str(first.steps["Tuner"].outputs["tuner_results"][0].id)]) == 0
+    assert (
+        metadata_cli.main(
+            [
+                "--store",
+                config.metadata_path,
+                "--json",
+                "show",
+                str(first.steps["Tuner"].outputs["tuner_results"][0].id),
+            ]
+        )
+        == 0
+    )
     content = json.loads(capsys.readouterr().out)["content"]
     assert content["chosen"] == _best_values(first)
     assert [trial["values"] for trial in content["trials"]][0] == content["chosen"]  # best first

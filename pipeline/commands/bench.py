@@ -6,6 +6,7 @@
 
 The table goes to stdout and outputs/bench/pipeline.json; the libraries' logs to outputs/bench.log.
 """
+
 import argparse
 import json
 import os
@@ -19,13 +20,22 @@ from pipeline import config as config_lib
 from pipeline.metadata import mlmd
 
 # The rows each step reads, by split of the new span ("all": both); steps not listed move no rows.
-STEP_ROWS = {"CsvExampleGen": "all", "StatisticsGen": "all", "Transform": "train", "TreeBaseline": "all",
-             "Tuner": "train", "Trainer": "train", "Evaluator": "eval", "PredictionMonitor": "eval"}
+STEP_ROWS = {
+    "CsvExampleGen": "all",
+    "StatisticsGen": "all",
+    "Transform": "train",
+    "TreeBaseline": "all",
+    "Tuner": "train",
+    "Trainer": "train",
+    "Evaluator": "eval",
+    "PredictionMonitor": "eval",
+}
 
 
 def split_rows(steps: List[mlmd.StepRecord]) -> Dict[str, int]:
     """Rows per split of the run's new span, from StatisticsGen's statistics (train, eval and all)."""
     import tensorflow_data_validation as tfdv  # pylint: disable=import-outside-toplevel
+
     rows: Dict[str, int] = {}
     for step in steps:
         if step.node_id == "StatisticsGen" and step.outputs.get("statistics"):
@@ -41,6 +51,7 @@ def split_rows(steps: List[mlmd.StepRecord]) -> Dict[str, int]:
 def trainer_fit(steps: List[mlmd.StepRecord]) -> Optional[Dict[str, Any]]:
     """The Trainer's own record of its model.fit: examples, seconds and examples/s (models/model.py)."""
     from models import model  # pylint: disable=import-outside-toplevel
+
     for step in steps:
         if step.node_id == "Trainer" and step.outputs.get("model_run"):
             path = pathlib.Path(step.outputs["model_run"][0].uri) / model.FIT_FILE
@@ -87,29 +98,47 @@ def main() -> None:
         fit = trainer_fit(steps)
 
     parallel = config_lib.parallel_beam_args(config, rows.get("all", 0))  # as the run gave PARALLEL_STEPS
-    record = {"rows": args.rows or config.data_dir, "rows_per_split": rows, "cores": os.cpu_count(),
-              "beam": config.beam_pipeline_args(), "beam_parallel_steps": parallel and {
-                  step: parallel for step in config_lib.PARALLEL_STEPS},
-              "run_ok": outcome.ok, "wall_seconds": round(wall, 1),
-              "generated_seconds": generated and round(generated, 1), "trainer_fit": fit, "steps": []}
-    print(f"\nrows: {record['rows']} ({', '.join(f'{k} {v}' for k, v in rows.items())}); "
-          f"beam: {' '.join(config.beam_pipeline_args()[2:])}"
-          + (f" ({', '.join(config_lib.PARALLEL_STEPS)}: {' '.join(parallel)})" if parallel else "")
-          + f"; run ok: {outcome.ok}")
+    record = {
+        "rows": args.rows or config.data_dir,
+        "rows_per_split": rows,
+        "cores": os.cpu_count(),
+        "beam": config.beam_pipeline_args(),
+        "beam_parallel_steps": parallel and {step: parallel for step in config_lib.PARALLEL_STEPS},
+        "run_ok": outcome.ok,
+        "wall_seconds": round(wall, 1),
+        "generated_seconds": generated and round(generated, 1),
+        "trainer_fit": fit,
+        "steps": [],
+    }
+    print(
+        f"\nrows: {record['rows']} ({', '.join(f'{k} {v}' for k, v in rows.items())}); "
+        f"beam: {' '.join(config.beam_pipeline_args()[2:])}"
+        + (f" ({', '.join(config_lib.PARALLEL_STEPS)}: {' '.join(parallel)})" if parallel else "")
+        + f"; run ok: {outcome.ok}"
+    )
     print(f"{'step':<32} {'state':<9} {'seconds':>8} {'rows/s':>10}")
     for step in steps:
         step_rows = rows.get(STEP_ROWS.get(step.node_id, ""), 0)
         per_second = round(step_rows / step.seconds) if step_rows and step.seconds else None
-        record["steps"].append({"step": step.node_id, "state": step.state, "seconds": step.seconds,
-                                "rows": step_rows or None, "rows_per_second": per_second})
+        record["steps"].append(
+            {
+                "step": step.node_id,
+                "state": step.state,
+                "seconds": step.seconds,
+                "rows": step_rows or None,
+                "rows_per_second": per_second,
+            }
+        )
         print(f"{step.node_id:<32} {step.state:<9} {step.seconds:8.1f} {per_second or '':>10}")
     total = round(sum(step.seconds for step in steps), 1)
     record["components_seconds"] = total
     print(f"{'components total':<42} {total:8.1f}")
     print(f"{'pipeline wall time (check, run, summary)':<42} {wall:8.1f}")
     if fit:
-        print(f"Trainer's model.fit: {fit['examples']} examples in {fit['seconds']} s, "
-              f"{fit['examples_per_second']} examples/s")
+        print(
+            f"Trainer's model.fit: {fit['examples']} examples in {fit['seconds']} s, "
+            f"{fit['examples_per_second']} examples/s"
+        )
     if not outcome.ok:
         print(outcome.summary)
     config_lib.write_bench_figures(output_dir, "pipeline", record)

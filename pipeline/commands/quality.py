@@ -18,6 +18,7 @@ Runs the pipeline on a real export (cached when rerun), then scores the pushed m
   export's training rows with exactly the file's features, trees fit on all model features (the run
   summary's reference, asked with the file's missing columns empty), and the training mean.
 """
+
 import argparse
 import dataclasses
 import glob
@@ -33,11 +34,11 @@ import pandas as pd
 
 from data import course
 from models import features
-from pipeline.components import baseline
 from pipeline import config as config_lib
-from pipeline.commands import run as run_lib
-from pipeline.reports import summary
 from pipeline.artifacts import span_of
+from pipeline.commands import run as run_lib
+from pipeline.components import baseline
+from pipeline.reports import summary
 
 SHARED_NATALITY = config_lib.PROJECT_ROOT.parent / "shared" / "data" / "natality"
 MARRIED = "mother_married"
@@ -70,16 +71,20 @@ def run_artifacts(config: config_lib.PipelineConfig) -> RunArtifacts:
     def patterns(artifacts, split: str) -> List[str]:
         return [f"{artifact.uri}/Split-{split}/*" for artifact in artifacts]
 
-    spans = {pattern: span_of(artifact) for split, artifacts in (("train", trainer.inputs["examples"]),
-                                                                  ("eval", evaluator.inputs["examples"]))
-             for artifact, pattern in zip(artifacts, patterns(artifacts, split))}
+    spans = {
+        pattern: span_of(artifact)
+        for split, artifacts in (("train", trainer.inputs["examples"]), ("eval", evaluator.inputs["examples"]))
+        for artifact, pattern in zip(artifacts, patterns(artifacts, split))
+    }
     return RunArtifacts(
         train_files=patterns(trainer.inputs["examples"], "train"),
         eval_files=patterns(evaluator.inputs["examples"], "eval"),
         file_spans=spans,
         transform_graph=trainer.inputs["transform_graph"][0].uri,
         pushed=pushed.custom_properties["pushed_destination"].string_value
-        if pushed is not None and pushed.custom_properties["pushed"].int_value == 1 else None)
+        if pushed is not None and pushed.custom_properties["pushed"].int_value == 1
+        else None,
+    )
 
 
 def read_rows(patterns: Sequence[str]) -> pd.DataFrame:
@@ -115,33 +120,45 @@ def predictor(saved_model_dir: str) -> Callable[[pd.DataFrame], np.ndarray]:
     signature = tf.saved_model.load(saved_model_dir).signatures["serving_raw"]
 
     def predict(rows: pd.DataFrame) -> np.ndarray:
-        inputs = {c.name: tf.constant(rows[c.name].to_numpy().astype(object if c.dtype == "string" else np.float32))
-                  for c in features.FEATURES}
+        inputs = {
+            c.name: tf.constant(rows[c.name].to_numpy().astype(object if c.dtype == "string" else np.float32))
+            for c in features.FEATURES
+        }
         return signature(**inputs)["predictions"].numpy().ravel()
 
     return predict
 
 
-def train_with_presence(config: config_lib.PipelineConfig, artifacts: RunArtifacts, presence: Dict[str, float],
-                        out_dir: pathlib.Path) -> str:
+def train_with_presence(
+    config: config_lib.PipelineConfig, artifacts: RunArtifacts, presence: Dict[str, float], out_dir: pathlib.Path
+) -> str:
     """The run's model trained again (same data, recency weights, transform and seed) with features kept in
     only a share of the rows (models/model.py, PRESENCE_KEY; 0: never seen); its SavedModel."""
     from models import model
     from pipeline.pipeline import model_config
 
-    model.run_fn(types.SimpleNamespace(
-        custom_config=dict(model_config(config), **{model.PRESENCE_KEY: presence,
-                                                     model.FILE_SPANS_KEY: artifacts.file_spans}),
-        transform_output=artifacts.transform_graph, train_files=artifacts.train_files,
-        eval_files=artifacts.eval_files, serving_model_dir=str(out_dir / "serving"),
-        model_run_dir=str(out_dir / "logs")))
+    model.run_fn(
+        types.SimpleNamespace(
+            custom_config=dict(
+                model_config(config), **{model.PRESENCE_KEY: presence, model.FILE_SPANS_KEY: artifacts.file_spans}
+            ),
+            transform_output=artifacts.transform_graph,
+            train_files=artifacts.train_files,
+            eval_files=artifacts.eval_files,
+            serving_model_dir=str(out_dir / "serving"),
+            model_run_dir=str(out_dir / "logs"),
+        )
+    )
     return str(out_dir / "serving")
 
 
 def present_features(rows: pd.DataFrame) -> List[features.Column]:
     """The model features that some of the rows have a value of."""
-    return [c for c in features.FEATURES if c.name in rows
-            and ((rows[c.name] != "").any() if c.dtype == "string" else rows[c.name].notna().any())]
+    return [
+        c
+        for c in features.FEATURES
+        if c.name in rows and ((rows[c.name] != "").any() if c.dtype == "string" else rows[c.name].notna().any())
+    ]
 
 
 def _rmse(predict: Callable[[pd.DataFrame], np.ndarray], rows: pd.DataFrame) -> float:
@@ -153,17 +170,33 @@ def _trees(train: pd.DataFrame, columns: Sequence[features.Column]) -> Callable[
     return lambda rows: trees.predict(baseline.tree_inputs(rows, columns))
 
 
-def eval_split_table(config: config_lib.PipelineConfig, artifacts: RunArtifacts, model: Callable,
-                     train: pd.DataFrame, ablations: bool, work: pathlib.Path) -> pd.DataFrame:
+def eval_split_table(
+    config: config_lib.PipelineConfig,
+    artifacts: RunArtifacts,
+    model: Callable,
+    train: pd.DataFrame,
+    ablations: bool,
+    work: pathlib.Path,
+) -> pd.DataFrame:
     """RMSE on the eval split: all features, then each optional feature missing."""
     rows = accepted(read_rows(artifacts.eval_files))
-    records = [{"request": "all features", "rows": len(rows), "model": _rmse(model, rows),
-                "trees": _rmse(_trees(train, features.FEATURES), rows)}]
+    records = [
+        {
+            "request": "all features",
+            "rows": len(rows),
+            "model": _rmse(model, rows),
+            "trees": _rmse(_trees(train, features.FEATURES), rows),
+        }
+    ]
     for column in features.OPTIONAL_FEATURES:
         asked = without(rows, column.name)
         others = [c for c in features.FEATURES if c is not column]
-        record = {"request": f"without {column.name}", "rows": len(rows), "model": _rmse(model, asked),
-                  "trees": _rmse(_trees(train, others), asked)}
+        record = {
+            "request": f"without {column.name}",
+            "rows": len(rows),
+            "model": _rmse(model, asked),
+            "trees": _rmse(_trees(train, others), asked),
+        }
         if ablations:
             retrained = predictor(train_with_presence(config, artifacts, {column.name: 0.0}, work / column.name))
             record["model trained without it"] = _rmse(retrained, asked)
@@ -171,12 +204,12 @@ def eval_split_table(config: config_lib.PipelineConfig, artifacts: RunArtifacts,
     return pd.DataFrame(records)
 
 
-def presence_table(config: config_lib.PipelineConfig, artifacts: RunArtifacts, shares: Sequence[float],
-                   work: pathlib.Path) -> pd.DataFrame:
+def presence_table(
+    config: config_lib.PipelineConfig, artifacts: RunArtifacts, shares: Sequence[float], work: pathlib.Path
+) -> pd.DataFrame:
     """RMSE on the eval split of models trained with optional features in only a share of the rows."""
     rows = accepted(read_rows(artifacts.eval_files))
-    groups = {column.name: [column.name] for column in features.OPTIONAL_FEATURES
-              if column.name in PRESENCE_FEATURES}
+    groups = {column.name: [column.name] for column in features.OPTIONAL_FEATURES if column.name in PRESENCE_FEATURES}
     groups["all optional features"] = [column.name for column in features.OPTIONAL_FEATURES]
     records = []
     for label, names in groups.items():
@@ -186,8 +219,15 @@ def presence_table(config: config_lib.PipelineConfig, artifacts: RunArtifacts, s
         for share in shares:
             folder = work / f"{label}-{share}".replace(" ", "_")
             model = predictor(train_with_presence(config, artifacts, {name: share for name in names}, folder))
-            records.append({"rare in training": label, "share of rows": share, "rows": len(rows),
-                            "asked with them": _rmse(model, rows), "asked without them": _rmse(model, asked_without)})
+            records.append(
+                {
+                    "rare in training": label,
+                    "share of rows": share,
+                    "rows": len(rows),
+                    "asked with them": _rmse(model, rows),
+                    "asked without them": _rmse(model, asked_without),
+                }
+            )
     return pd.DataFrame(records)
 
 
@@ -202,16 +242,27 @@ def course_table(course_dir: pathlib.Path, model: Callable, train: pd.DataFrame)
     for path in paths:
         rows = numeric(accepted(course.read_course_file(path)))
         has_married = (rows[MARRIED] != "").any()
-        variants = {"file's features": rows,
-                    ("without mother_married" if has_married else "mother_married=true"):
-                        without(rows, MARRIED) if has_married else rows.assign(**{MARRIED: "true"})}
+        variants = {
+            "file's features": rows,
+            ("without mother_married" if has_married else "mother_married=true"): without(rows, MARRIED)
+            if has_married
+            else rows.assign(**{MARRIED: "true"}),
+        }
         for variant, asked in variants.items():
             own = present_features(asked)
-            records.append({"file": path.name, "request": variant, "rows": len(asked),
-                            "model": _rmse(model, asked), "trees, file's features": _rmse(_trees(train, own), asked),
-                            "trees, all features": _rmse(everything, asked),
-                            "training mean": baseline.rmse(np.full(len(asked), train_mean),
-                                                           asked[features.LABEL.name].to_numpy())})
+            records.append(
+                {
+                    "file": path.name,
+                    "request": variant,
+                    "rows": len(asked),
+                    "model": _rmse(model, asked),
+                    "trees, file's features": _rmse(_trees(train, own), asked),
+                    "trees, all features": _rmse(everything, asked),
+                    "training mean": baseline.rmse(
+                        np.full(len(asked), train_mean), asked[features.LABEL.name].to_numpy()
+                    ),
+                }
+            )
     return pd.DataFrame(records)
 
 
@@ -222,8 +273,11 @@ def main(argv=None) -> int:
     parser.add_argument("--course-dir", type=pathlib.Path, default=SHARED_NATALITY)
     parser.add_argument("--output-dir", type=pathlib.Path, default=config_lib.PROJECT_ROOT / "outputs" / "quality")
     parser.add_argument("--ablations", action="store_true", help="train one model per optional feature without it")
-    parser.add_argument("--presence", action="store_true",
-                        help="train models with optional features in only a share of the training rows")
+    parser.add_argument(
+        "--presence",
+        action="store_true",
+        help="train models with optional features in only a share of the training rows",
+    )
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args(argv)
     if not args.export.is_file():
@@ -236,8 +290,9 @@ def main(argv=None) -> int:
         if earlier.name != args.export.name:
             earlier.unlink()
     shutil.copy2(args.export, data_dir / args.export.name)  # its time too, so that a rerun is cached
-    config = config_lib.load_config("local", {"data_dir": str(data_dir), "output_dir": str(args.output_dir),
-                                              **config_lib.parse_overrides(args.set)})
+    config = config_lib.load_config(
+        "local", {"data_dir": str(data_dir), "output_dir": str(args.output_dir), **config_lib.parse_overrides(args.set)}
+    )
     run_lib.setup_logging(pathlib.Path(config.log_path), console=False)
     outcome = run_lib.run_local(config)
     if not outcome.ok:
@@ -253,11 +308,14 @@ def main(argv=None) -> int:
     pd.set_option("display.float_format", lambda v: f"{v:.3f}")
     with tempfile.TemporaryDirectory(prefix="babyweight-quality-") as work:
         print(f"RMSE (lb) of model {artifacts.pushed} on the run's eval split ({args.export.name}):")
-        print(eval_split_table(config, artifacts, model, train, args.ablations, pathlib.Path(work)).to_string(
-            index=False))
+        print(
+            eval_split_table(config, artifacts, model, train, args.ablations, pathlib.Path(work)).to_string(index=False)
+        )
         if args.presence:
-            print(f"\nRMSE (lb) on the same rows of models trained with features in only a share of the rows "
-                  f"(the pipeline blocks a span below min_imputed_presence = {config.min_imputed_presence}):")
+            print(
+                f"\nRMSE (lb) on the same rows of models trained with features in only a share of the rows "
+                f"(the pipeline blocks a span below min_imputed_presence = {config.min_imputed_presence}):"
+            )
             shares = sorted(set(PRESENCE_SHARES) | {config.min_imputed_presence}, reverse=True)
             print(presence_table(config, artifacts, shares, pathlib.Path(work)).to_string(index=False))
     print(f"\nRMSE (lb) on the samples in {args.course_dir} (rows lacking a required feature left out):")

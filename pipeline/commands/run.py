@@ -1,4 +1,5 @@
 """Local run of the pipeline: check the input, run it with LocalDagRunner, summarise from ML Metadata."""
+
 import contextlib
 import dataclasses
 import logging
@@ -13,11 +14,11 @@ from tfx import v1 as tfx
 
 from models import features
 from pipeline.components import csv_check
-from pipeline.reports import history, report, summary
-from pipeline.metadata import mlmd
-from pipeline.config import PipelineConfig
-from pipeline.pipeline import create_pipeline
 from pipeline.components.validation import DataValidationError
+from pipeline.config import PipelineConfig
+from pipeline.metadata import mlmd
+from pipeline.pipeline import create_pipeline
+from pipeline.reports import history, report, summary
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,8 +40,11 @@ def _console_worthy(record: logging.LogRecord) -> bool:
     if not getattr(record, CONSOLE, True) or record.msg == TFX_STEP_FAILED:
         return False
     own = record.name == "root" or record.name.split(".")[0] in ("pipeline", "models", "data")
-    return (record.levelno >= logging.ERROR or (own and record.levelno >= logging.WARNING)
-            or str(record.msg).startswith("Component "))
+    return (
+        record.levelno >= logging.ERROR
+        or (own and record.levelno >= logging.WARNING)
+        or str(record.msg).startswith("Component ")
+    )
 
 
 def setup_logging(log_path: pathlib.Path, console: bool = True) -> None:
@@ -115,8 +119,14 @@ def _numbers_in_text_features(files: List[pathlib.Path]) -> str:
                     if column.dtype == "string" and value and not seen.get(column.name):
                         seen[column.name] = not _is_number(value)
     numeric = sorted(name for name, text in seen.items() if not text)
-    return (f"text feature(s) {', '.join(numeric)} hold only numbers in {files[0].parent} (the model reads text "
-            "such as true/false)") if numeric else ""
+    return (
+        (
+            f"text feature(s) {', '.join(numeric)} hold only numbers in {files[0].parent} (the model reads text "
+            "such as true/false)"
+        )
+        if numeric
+        else ""
+    )
 
 
 def _is_number(value: str) -> bool:
@@ -177,22 +187,36 @@ def run_local(config: PipelineConfig) -> Outcome:
     except Exception as error:  # a failed component: report it, then summarise what did run
         failure, blocked = _failure_reason(error)
         # A span blocked by validation is an expected outcome: its traceback goes to the log file only.
-        logging.error("pipeline run %s", "blocked by data validation" if blocked else "failed", exc_info=True,
-                      extra={CONSOLE: not blocked})
+        logging.error(
+            "pipeline run %s",
+            "blocked by data validation" if blocked else "failed",
+            exc_info=True,
+            extra={CONSOLE: not blocked},
+        )
     skipped_line = [f"  bulk inference: skipped: {skipped}"] if skipped else []
     run = summary.latest_run(config)
     if run is None or (earlier is not None and run[0] == earlier[0]):
         # Nothing of this run is in ML Metadata: the latest run there is an earlier one, left as it was.
-        return Outcome(False, "\n".join([f"Run FAILED before it was recorded in ML Metadata: {failure}"]
-                                        + skipped_line), crash="" if blocked else failure, recorded=False)
+        return Outcome(
+            False,
+            "\n".join([f"Run FAILED before it was recorded in ML Metadata: {failure}"] + skipped_line),
+            crash="" if blocked else failure,
+            recorded=False,
+        )
     ending = ""
     if failure:
         pushed = summary.output_of(run[1], "Pusher", "pushed_model")
-        ending = (f"Run FAILED after the push: {failure}\nThe model was pushed; a step after the Pusher failed."
-                  if pushed is not None and pushed.custom_properties["pushed"].int_value == 1
-                  else f"Run FAILED: {failure}\nNo model was pushed by this run.")
-    pages = [_written("report", lambda: report.write_report(
-        config, run[0], run[1], "\n".join([ending or "Run complete."] + skipped_line))),
-        _written("history", lambda: history.write_index(config))]
+        ending = (
+            f"Run FAILED after the push: {failure}\nThe model was pushed; a step after the Pusher failed."
+            if pushed is not None and pushed.custom_properties["pushed"].int_value == 1
+            else f"Run FAILED: {failure}\nNo model was pushed by this run."
+        )
+    pages = [
+        _written(
+            "report",
+            lambda: report.write_report(config, run[0], run[1], "\n".join([ending or "Run complete."] + skipped_line)),
+        ),
+        _written("history", lambda: history.write_index(config)),
+    ]
     lines = [summary.summarize_run(config, *run, checked)] + skipped_line + pages + ([ending] if failure else [])
     return Outcome(not failure, "\n".join(lines), crash="" if blocked else failure or "")

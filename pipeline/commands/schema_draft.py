@@ -7,6 +7,7 @@ SchemaGen infers types, domains and presence from the data it sees; the curated 
 it can't know (unknown codes, domains wider than one sample, the SERVING environment), so compare
 the draft with `diff` and carry over only what should change.
 """
+
 import argparse
 import logging
 import pathlib
@@ -35,15 +36,19 @@ def main() -> None:
     schema_gen = tfx.components.SchemaGen(statistics=statistics_gen.outputs["statistics"], infer_feature_shape=False)
     store = str(work_dir / "metadata.sqlite")
     with mlmd.runner_marker(store):
-        tfx.orchestration.LocalDagRunner().run(tfx.dsl.Pipeline(
-            pipeline_name=f"{config.pipeline_name}-schema-draft",
-            pipeline_root=str(work_dir / "pipeline"),
-            components=[example_gen, statistics_gen, schema_gen],
-            enable_cache=True,
-            metadata_connection_config=tfx.orchestration.metadata.sqlite_metadata_connection_config(store),
-            beam_pipeline_args=config.beam_pipeline_args()))
-    inferred = sorted((work_dir / "pipeline" / "SchemaGen").glob("schema/*/schema.pbtxt"),
-                      key=lambda p: int(p.parent.name))[-1]
+        tfx.orchestration.LocalDagRunner().run(
+            tfx.dsl.Pipeline(
+                pipeline_name=f"{config.pipeline_name}-schema-draft",
+                pipeline_root=str(work_dir / "pipeline"),
+                components=[example_gen, statistics_gen, schema_gen],
+                enable_cache=True,
+                metadata_connection_config=tfx.orchestration.metadata.sqlite_metadata_connection_config(store),
+                beam_pipeline_args=config.beam_pipeline_args(),
+            )
+        )
+    inferred = sorted(
+        (work_dir / "pipeline" / "SchemaGen").glob("schema/*/schema.pbtxt"), key=lambda p: int(p.parent.name)
+    )[-1]
     draft = work_dir / "schema_draft.pbtxt"
     shutil.copyfile(inferred, draft)
     logging.info("SchemaGen output: %s", inferred)

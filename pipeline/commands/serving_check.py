@@ -7,12 +7,14 @@
 Each line of a JSON-lines file is one request: {"is_male": "true", "mother_age": 31, ...}; a value may
 be a list (a feature with several values) and null or a missing key means no value; in a CSV file an
 empty field means no value. The prediction server's request log (a folder, or one of its files) and Vertex
-AI's request-response log exported from BigQuery are read as they are (models/requests.py). The requests are checked with TFDV against the curated schema's SERVING
+AI's request-response log exported from BigQuery are read as they are (models/requests.py). The requests are
+checked with TFDV against the curated schema's SERVING
 environment (expected and unexpected features, types, presence, value counts, domains), for the features
 the serving contract requires (models/features.py: a request lacking one is refused), and against the
 statistics of the newest span that passed validation in the store (skew, by the schema's
 skew_comparator thresholds). Exit code 0: no anomaly; 1: anomalies, listed; 2: the file can't be read.
 """
+
 import argparse
 import dataclasses
 import json
@@ -28,9 +30,9 @@ from tensorflow_metadata.proto.v0 import schema_pb2, statistics_pb2
 from models import features
 from models.requests import RequestsError, read_requests
 from pipeline import config as config_lib
-from pipeline.metadata import mlmd
 from pipeline.components import spans
 from pipeline.components.validation import DRIFT_SPLIT, Finding, csv_presence, findings, load_statistics, validate_split
+from pipeline.metadata import mlmd
 
 SERVING = "SERVING"
 _ARROW_TYPES = {schema_pb2.INT: pa.int64(), schema_pb2.FLOAT: pa.float32(), schema_pb2.BYTES: pa.binary()}
@@ -51,8 +53,9 @@ def _column(values: List[List[Any]], arrow_type: pa.DataType) -> pa.Array:
             return pa.array([[convert(v) for v in row] for row in values], type=pa.list_(arrow_type))
         except (TypeError, ValueError):
             pass
-    return pa.array([[str(v).lower() if isinstance(v, bool) else str(v) for v in row] for row in values],
-                    type=pa.list_(pa.binary()))
+    return pa.array(
+        [[str(v).lower() if isinstance(v, bool) else str(v) for v in row] for row in values], type=pa.list_(pa.binary())
+    )
 
 
 def to_record_batch(requests: Sequence[Dict[str, Any]], schema: schema_pb2.Schema) -> pa.RecordBatch:
@@ -69,8 +72,9 @@ def to_record_batch(requests: Sequence[Dict[str, Any]], schema: schema_pb2.Schem
     return pa.RecordBatch.from_arrays(columns, names)
 
 
-def statistics_of(requests: Sequence[Dict[str, Any]],
-                  schema: schema_pb2.Schema) -> statistics_pb2.DatasetFeatureStatisticsList:
+def statistics_of(
+    requests: Sequence[Dict[str, Any]], schema: schema_pb2.Schema
+) -> statistics_pb2.DatasetFeatureStatisticsList:
     """TFDV statistics of the requests, computed in memory (what TFDV's DataFrame path does)."""
     return stats_impl.generate_statistics_in_memory(to_record_batch(requests, schema), tfdv.StatsOptions(schema=schema))
 
@@ -95,31 +99,49 @@ def contract_findings(requests: Sequence[Dict[str, Any]]) -> List[Finding]:
     for number, request in enumerate(requests, start=1):
         for name in features.missing_required(request):
             lacking.setdefault(name, []).append(number)
-    return [Finding("serving", name, "required", "SERVING_CONTRACT_REQUIRED_FEATURE",
-                    f"{len(numbers)} request(s) lack this required feature (no value or an 'unknown' code), "
-                    f"which the model's serving signatures refuse: request(s) "
-                    + ", ".join(map(str, numbers[:10])) + (", ..." if len(numbers) > 10 else ""), True)
-            for name, numbers in lacking.items()]
+    return [
+        Finding(
+            "serving",
+            name,
+            "required",
+            "SERVING_CONTRACT_REQUIRED_FEATURE",
+            f"{len(numbers)} request(s) lack this required feature (no value or an 'unknown' code), "
+            f"which the model's serving signatures refuse: request(s) "
+            + ", ".join(map(str, numbers[:10]))
+            + (", ..." if len(numbers) > 10 else ""),
+            True,
+        )
+        for name, numbers in lacking.items()
+    ]
 
 
-def check_requests(requests: Sequence[Dict[str, Any]], schema: schema_pb2.Schema,
-                   training: statistics_pb2.DatasetFeatureStatisticsList) -> List[Finding]:
+def check_requests(
+    requests: Sequence[Dict[str, Any]], schema: schema_pb2.Schema, training: statistics_pb2.DatasetFeatureStatisticsList
+) -> List[Finding]:
     """Requests lacking a required feature, anomalies against the SERVING environment, then skew against training."""
     serving = statistics_of(requests, schema)
     found = contract_findings(requests)
     # The contract lets a request leave an optional feature out; one that no request carries is still reported.
-    found += [f for f in findings(validate_split(serving, schema, None, environment=SERVING), "serving", ())
-              if not (f.check == "presence" and f.feature in features.OPTIONAL_NAMES)]
+    found += [
+        f
+        for f in findings(validate_split(serving, schema, None, environment=SERVING), "serving", ())
+        if not (f.check == "presence" and f.feature in features.OPTIONAL_NAMES)
+    ]
     skew = tfdv.validate_statistics(csv_presence(training), schema, serving_statistics=csv_presence(serving))
-    found += [dataclasses.replace(f, check="skew") for f in findings(skew, "serving vs training", ())
-              if f.check == "drift"]
+    found += [
+        dataclasses.replace(f, check="skew") for f in findings(skew, "serving vs training", ()) if f.check == "drift"
+    ]
     return found
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     """`babyweight validate-serving FILE`: prints the anomalies; exit code 1 if there are any."""
     parser = argparse.ArgumentParser(prog="babyweight validate-serving", description=__doc__.split("\n\n")[0])
-    parser.add_argument("requests", type=pathlib.Path, help="a .csv file, JSON lines (any other name), or a folder of them (the server's request log)")
+    parser.add_argument(
+        "requests",
+        type=pathlib.Path,
+        help="a .csv file, JSON lines (any other name), or a folder of them (the server's request log)",
+    )
     parser.add_argument("--output-dir", help="the pipeline's output folder (default: the local profile's)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
@@ -134,8 +156,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.json:
         print(json.dumps([dataclasses.asdict(f) for f in found], indent=2))
     else:
-        print(f"{len(requests)} request(s) in {args.requests}: {len(found) or 'no'} anomal"
-              f"{'y' if len(found) == 1 else 'ies'}")
+        print(
+            f"{len(requests)} request(s) in {args.requests}: {len(found) or 'no'} anomal"
+            f"{'y' if len(found) == 1 else 'ies'}"
+        )
         for finding in found:
             print(f"  {finding.check}: {finding.feature or 'whole data set'}: {finding.description}")
     return 1 if found else 0

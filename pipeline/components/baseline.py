@@ -6,6 +6,7 @@ the same model features as the Trainer, scores the same eval rows as the Evaluat
 split, rows with a label), and records both RMSEs with the row counts; the summary and the report print
 them next to the model's. The trees are a yardstick, never served.
 """
+
 import json
 import logging
 import os
@@ -76,8 +77,11 @@ def tree_inputs(frame: pd.DataFrame, columns: Sequence[features.Column] = featur
     return np.column_stack(matrix)
 
 
-def fit_trees(frame: pd.DataFrame, sample_weight: Optional[np.ndarray] = None,
-              columns: Sequence[features.Column] = features.FEATURES):
+def fit_trees(
+    frame: pd.DataFrame,
+    sample_weight: Optional[np.ndarray] = None,
+    columns: Sequence[features.Column] = features.FEATURES,
+):
     """HistGradientBoostingRegressor with scikit-learn's defaults (seeded) on the labelled rows of `frame`."""
     from sklearn.ensemble import HistGradientBoostingRegressor
 
@@ -138,5 +142,9 @@ def TreeBaseline(
     io_utils.write_string_file(os.path.join(baseline.uri, BASELINE_FILE), json.dumps(record, indent=1))
     baseline.set_float_custom_property("trees_rmse", record["trees_rmse"])
     baseline.set_float_custom_property("mean_rmse", record["mean_rmse"])
-    logging.info("baseline on %d eval rows: trees RMSE %.3f, mean RMSE %.3f",
-                 record["eval_rows"], record["trees_rmse"], record["mean_rmse"])
+    logging.info(
+        "baseline on %d eval rows: trees RMSE %.3f, mean RMSE %.3f",
+        record["eval_rows"],
+        record["trees_rmse"],
+        record["mean_rmse"],
+    )

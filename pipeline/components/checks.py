@@ -3,6 +3,7 @@
 Kept apart from the validator (and free of heavy imports) so that the config can check the names
 of `warning_checks` without loading TFDV.
 """
+
 from typing import Dict, Tuple
 
 from tensorflow_metadata.proto.v0 import anomalies_pb2
@@ -19,29 +20,71 @@ QUESTIONS: Tuple[Tuple[str, Tuple[str, ...]], ...] = (
 CHECKS: Tuple[str, ...] = tuple(check for _, checks in QUESTIONS for check in checks) + ("other",)
 
 _KINDS: Dict[str, Tuple[str, ...]] = {
-    "drift": ("COMPARATOR_L_INFTY_HIGH", "COMPARATOR_JENSEN_SHANNON_DIVERGENCE_HIGH",
-              "COMPARATOR_NORMALIZED_ABSOLUTE_DIFFERENCE_HIGH", "COMPARATOR_LOW_NUM_EXAMPLES",
-              "COMPARATOR_HIGH_NUM_EXAMPLES", "SCHEMA_TRAINING_SERVING_SKEW"),
+    "drift": (
+        "COMPARATOR_L_INFTY_HIGH",
+        "COMPARATOR_JENSEN_SHANNON_DIVERGENCE_HIGH",
+        "COMPARATOR_NORMALIZED_ABSOLUTE_DIFFERENCE_HIGH",
+        "COMPARATOR_LOW_NUM_EXAMPLES",
+        "COMPARATOR_HIGH_NUM_EXAMPLES",
+        "SCHEMA_TRAINING_SERVING_SKEW",
+    ),
     "missing": ("SCHEMA_MISSING_COLUMN",),
     "unexpected": ("SCHEMA_NEW_COLUMN",),
-    "type": ("BOOL_TYPE_BYTES_NOT_INT", "BOOL_TYPE_BYTES_NOT_STRING", "BOOL_TYPE_FLOAT_NOT_INT",
-             "BOOL_TYPE_FLOAT_NOT_STRING", "BOOL_TYPE_INT_NOT_STRING", "BOOL_TYPE_STRING_NOT_INT",
-             "ENUM_TYPE_BYTES_NOT_STRING", "ENUM_TYPE_FLOAT_NOT_STRING", "ENUM_TYPE_INT_NOT_STRING",
-             "FLOAT_TYPE_NOT_FLOAT", "FLOAT_TYPE_STRING_NOT_FLOAT", "FLOAT_TYPE_NON_STRING",
-             "FLOAT_TYPE_UNKNOWN_TYPE_NUMBER", "INT_TYPE_INT_EXPECTED", "INT_TYPE_NOT_INT_STRING",
-             "INT_TYPE_NOT_STRING", "INT_TYPE_STRING_EXPECTED", "INT_TYPE_UNKNOWN_TYPE_NUMBER",
-             "STRING_TYPE_NOW_FLOAT", "STRING_TYPE_NOW_INT", "UNEXPECTED_DATA_TYPE", "DOMAIN_INVALID_FOR_TYPE"),
-    "presence": ("FEATURE_TYPE_LOW_FRACTION_PRESENT", "FEATURE_TYPE_LOW_NUMBER_PRESENT", "FEATURE_TYPE_NOT_PRESENT",
-                 "DATASET_LOW_NUM_EXAMPLES"),
-    "value_count": ("FEATURE_TYPE_HIGH_NUMBER_VALUES", "FEATURE_TYPE_LOW_NUMBER_VALUES", "FEATURE_TYPE_NO_VALUES",
-                    "FEATURE_TYPE_UNEXPECTED_REPEATED", "VALUE_NESTEDNESS_MISMATCH"),
-    "domain": ("ENUM_TYPE_UNEXPECTED_STRING_VALUES", "ENUM_TYPE_INVALID_UTF8", "INT_TYPE_BIG_INT", "INT_TYPE_SMALL_INT",
-               "FLOAT_TYPE_BIG_FLOAT", "FLOAT_TYPE_SMALL_FLOAT", "FLOAT_TYPE_HAS_NAN", "FLOAT_TYPE_HAS_INF",
-               "BOOL_TYPE_BIG_INT", "BOOL_TYPE_SMALL_INT", "BOOL_TYPE_UNEXPECTED_STRING",
-               "BOOL_TYPE_UNEXPECTED_FLOAT"),
+    "type": (
+        "BOOL_TYPE_BYTES_NOT_INT",
+        "BOOL_TYPE_BYTES_NOT_STRING",
+        "BOOL_TYPE_FLOAT_NOT_INT",
+        "BOOL_TYPE_FLOAT_NOT_STRING",
+        "BOOL_TYPE_INT_NOT_STRING",
+        "BOOL_TYPE_STRING_NOT_INT",
+        "ENUM_TYPE_BYTES_NOT_STRING",
+        "ENUM_TYPE_FLOAT_NOT_STRING",
+        "ENUM_TYPE_INT_NOT_STRING",
+        "FLOAT_TYPE_NOT_FLOAT",
+        "FLOAT_TYPE_STRING_NOT_FLOAT",
+        "FLOAT_TYPE_NON_STRING",
+        "FLOAT_TYPE_UNKNOWN_TYPE_NUMBER",
+        "INT_TYPE_INT_EXPECTED",
+        "INT_TYPE_NOT_INT_STRING",
+        "INT_TYPE_NOT_STRING",
+        "INT_TYPE_STRING_EXPECTED",
+        "INT_TYPE_UNKNOWN_TYPE_NUMBER",
+        "STRING_TYPE_NOW_FLOAT",
+        "STRING_TYPE_NOW_INT",
+        "UNEXPECTED_DATA_TYPE",
+        "DOMAIN_INVALID_FOR_TYPE",
+    ),
+    "presence": (
+        "FEATURE_TYPE_LOW_FRACTION_PRESENT",
+        "FEATURE_TYPE_LOW_NUMBER_PRESENT",
+        "FEATURE_TYPE_NOT_PRESENT",
+        "DATASET_LOW_NUM_EXAMPLES",
+    ),
+    "value_count": (
+        "FEATURE_TYPE_HIGH_NUMBER_VALUES",
+        "FEATURE_TYPE_LOW_NUMBER_VALUES",
+        "FEATURE_TYPE_NO_VALUES",
+        "FEATURE_TYPE_UNEXPECTED_REPEATED",
+        "VALUE_NESTEDNESS_MISMATCH",
+    ),
+    "domain": (
+        "ENUM_TYPE_UNEXPECTED_STRING_VALUES",
+        "ENUM_TYPE_INVALID_UTF8",
+        "INT_TYPE_BIG_INT",
+        "INT_TYPE_SMALL_INT",
+        "FLOAT_TYPE_BIG_FLOAT",
+        "FLOAT_TYPE_SMALL_FLOAT",
+        "FLOAT_TYPE_HAS_NAN",
+        "FLOAT_TYPE_HAS_INF",
+        "BOOL_TYPE_BIG_INT",
+        "BOOL_TYPE_SMALL_INT",
+        "BOOL_TYPE_UNEXPECTED_STRING",
+        "BOOL_TYPE_UNEXPECTED_FLOAT",
+    ),
 }
-_CHECK_OF_KIND = {anomalies_pb2.AnomalyInfo.Type.Value(kind): check
-                  for check, kinds in _KINDS.items() for kind in kinds}
+_CHECK_OF_KIND = {
+    anomalies_pb2.AnomalyInfo.Type.Value(kind): check for check, kinds in _KINDS.items() for kind in kinds
+}
 
 
 def check_of(kind: int) -> str:

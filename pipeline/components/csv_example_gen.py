@@ -19,9 +19,10 @@ TFX 1.16's own reader also splits the first line on commas as it is: a UTF-8 byt
 "CSV UTF-8") becomes part of the first column's name, and a header written with quotes (R's write.csv) keeps
 them in every name. Here the header is parsed by Python's csv module without the mark.
 """
+
 import concurrent.futures
-import os
 import itertools
+import os
 from typing import Any, Dict, Iterator, List, Tuple
 
 import apache_beam as beam
@@ -31,14 +32,14 @@ import pyarrow.compute as pc
 import tensorflow as tf
 from google.protobuf import wrappers_pb2
 from pyarrow import csv as pa_csv
-from tfx import v1 as tfx
 from tfx import types
+from tfx import v1 as tfx
 from tfx.components.example_gen import base_example_gen_executor as base_executor
 from tfx.components.example_gen import utils as example_gen_utils
 from tfx.components.example_gen import write_split
 from tfx.components.example_gen.component import FileBasedExampleGen
-from tfx.components.util import examples_utils
 from tfx.components.example_gen.csv_example_gen import executor as csv_executor
+from tfx.components.util import examples_utils
 from tfx.dsl.components.base import executor_spec
 from tfx.dsl.io import fileio
 from tfx.proto import example_gen_pb2
@@ -69,8 +70,12 @@ def read_text_batches(path: str, names: List[str]) -> Iterator[pa.RecordBatch]:
     options = dict(
         read_options=pa_csv.ReadOptions(column_names=names, skip_rows=1, block_size=BLOCK_BYTES),
         parse_options=pa_csv.ParseOptions(newlines_in_values=True),
-        convert_options=pa_csv.ConvertOptions(column_types={name: pa.string() for name in names},
-                                              strings_can_be_null=False, quoted_strings_can_be_null=False))
+        convert_options=pa_csv.ConvertOptions(
+            column_types={name: pa.string() for name in names},
+            strings_can_be_null=False,
+            quoted_strings_can_be_null=False,
+        ),
+    )
     try:
         with beam.io.filesystems.FileSystems.open(path) as handle:  # as TFX's reader opens it (GCS included)
             yield from pa_csv.open_csv(handle, **options)
@@ -84,8 +89,13 @@ def _present(column: pa.Array) -> pa.Array:
 
 def _python_type(values: pa.Array) -> ColumnType:
     """TFX's own rule (int(), else float(), else text) on each distinct value, the widest type."""
-    return max((csv_decoder._InferValueType(value.encode())  # pylint: disable=protected-access
-                for value in pc.unique(values).to_pylist()), default=ColumnType.UNKNOWN)
+    return max(
+        (
+            csv_decoder._InferValueType(value.encode())  # pylint: disable=protected-access
+            for value in pc.unique(values).to_pylist()
+        ),
+        default=ColumnType.UNKNOWN,
+    )
 
 
 def infer_type(column: pa.Array) -> ColumnType:
@@ -165,8 +175,9 @@ def _varints(numbers: np.ndarray) -> pa.Array:
         data[:, place] = ((numbers >> 7 * place) & 0x7F) | np.where(place < sizes - 1, 0x80, 0)
     offsets = np.zeros(len(numbers) + 1, np.int32)
     np.cumsum(sizes, out=offsets[1:])
-    return pa.Array.from_buffers(pa.binary(), len(numbers),
-                                 [None, pa.py_buffer(offsets), pa.py_buffer(data[np.arange(5) < sizes[:, None]])])
+    return pa.Array.from_buffers(
+        pa.binary(), len(numbers), [None, pa.py_buffer(offsets), pa.py_buffer(data[np.arange(5) < sizes[:, None]])]
+    )
 
 
 def _header_size(record: bytes) -> int:
@@ -195,7 +206,7 @@ class BatchEncoder:
         # entry with its own tag and length; one byte of length below 128, else cut per row.
         if len(examples) and pc.max(pc.binary_length(examples)).as_py() < 2 + 128:
             return pc.binary_replace_slice(examples, start=0, stop=2, replacement=b"")
-        return pa.array([record[_header_size(record):] for record in examples.to_pylist()], pa.binary())
+        return pa.array([record[_header_size(record) :] for record in examples.to_pylist()], pa.binary())
 
     def encode(self, batch: pa.RecordBatch, types: Dict[str, ColumnType]) -> List[bytes]:
         columns = dict(zip(batch.schema.names, batch.columns))
@@ -223,8 +234,11 @@ class _ReadTextBatches(beam.DoFn):
 
     def process(self, numbered_path: Tuple[int, str]) -> Iterator[Tuple[str, pa.RecordBatch]]:
         number, path = numbered_path
-        batches = (whole.slice(start, ENCODE_ROWS) for whole in read_text_batches(path, self._names)
-                   for start in range(0, whole.num_rows, ENCODE_ROWS))
+        batches = (
+            whole.slice(start, ENCODE_ROWS)
+            for whole in read_text_batches(path, self._names)
+            for start in range(0, whole.num_rows, ENCODE_ROWS)
+        )
         for index, batch in enumerate(batches):
             yield f"{number:05d}-{index:05d}", batch
 
@@ -252,13 +266,16 @@ class _CsvToExample(csv_executor._CsvToExample):  # pylint: disable=protected-ac
         for path in csv_files[1:]:
             if column_names(path) != names:
                 raise RuntimeError(f"Files in same split {self._csv_pattern} have different header.")
-        batches = (pipeline
-                   | "CreateFilenames" >> beam.Create(list(enumerate(csv_files)))
-                   | "ReadCsv" >> beam.ParDo(_ReadTextBatches(names)))
+        batches = (
+            pipeline
+            | "CreateFilenames" >> beam.Create(list(enumerate(csv_files)))
+            | "ReadCsv" >> beam.ParDo(_ReadTextBatches(names))
+        )
         types = beam.pvalue.AsSingleton(
             batches
             | "BatchColumnTypes" >> beam.Map(lambda named_batch: infer_types(named_batch[1]))
-            | "InferColumnTypes" >> beam.CombineGlobally(MergeTypes()))
+            | "InferColumnTypes" >> beam.CombineGlobally(MergeTypes())
+        )
         return batches | "ToTFExample" >> beam.ParDo(_EncodeBatch(), types)
 
 
@@ -273,8 +290,11 @@ class _SplitBatch(beam.DoFn):
         name, batch = records
         parts: List[List[bytes]] = [[] for _ in self._buckets]
         for record in batch:
-            parts[base_executor._PartitionFn(  # pylint: disable=protected-access
-                record, len(self._buckets), self._buckets, self._split_config)].append(record)
+            parts[
+                base_executor._PartitionFn(  # pylint: disable=protected-access
+                    record, len(self._buckets), self._buckets, self._split_config
+                )
+            ].append(record)
         for index, part in enumerate(parts):
             if part:
                 yield beam.pvalue.TaggedOutput(str(index), (name, part))
@@ -290,8 +310,9 @@ class _WriteBatch(beam.DoFn):
         name, batch = records
         path = os.path.join(self._folder, f"{write_split.DEFAULT_FILE_NAME}-{name}.gz")
         temporary = os.path.join(self._folder, f".{write_split.DEFAULT_FILE_NAME}-{name}.gz.tmp")
-        with tf.io.TFRecordWriter(temporary, tf.io.TFRecordOptions(compression_type="GZIP",
-                                                                   compression_level=GZIP_LEVEL)) as writer:
+        with tf.io.TFRecordWriter(
+            temporary, tf.io.TFRecordOptions(compression_type="GZIP", compression_level=GZIP_LEVEL)
+        ) as writer:
             for record in batch:
                 writer.write(record)
         fileio.rename(temporary, path, overwrite=True)
@@ -308,8 +329,11 @@ class Executor(csv_executor.Executor):
     def GetInputSourceToExamplePTransform(self) -> beam.PTransform:  # noqa: N802 (TFX's name)
         return self.input_transform
 
-    def GenerateExamplesByBeam(self, pipeline: beam.Pipeline,  # noqa: N802 (TFX's name)
-                               exec_properties: Dict[str, Any]) -> Dict[str, beam.pvalue.PCollection]:
+    def GenerateExamplesByBeam(
+        self,
+        pipeline: beam.Pipeline,  # noqa: N802 (TFX's name)
+        exec_properties: Dict[str, Any],
+    ) -> Dict[str, beam.pvalue.PCollection]:
         """Each output split's batches of records, as TFX's `BaseExampleGenExecutor` splits them."""
         input_config = example_gen_pb2.Input()
         proto_utils.json_to_proto(exec_properties[standard_component_specs.INPUT_CONFIG_KEY], input_config)
@@ -319,22 +343,32 @@ class Executor(csv_executor.Executor):
         exec_properties["_beam_pipeline_args"] = self._beam_pipeline_args or []
         to_records = self.GetInputSourceToExamplePTransform()
         if not output_config.split_config.splits:
-            return {name: pipeline | f"InputToRecord[{split.name}]" >> to_records(exec_properties, split.pattern)
-                    for name, split in zip(split_names, input_config.splits)}
+            return {
+                name: pipeline | f"InputToRecord[{split.name}]" >> to_records(exec_properties, split.pattern)
+                for name, split in zip(split_names, input_config.splits)
+            }
         if len(input_config.splits) != 1:
             raise ValueError("input must have only one split when output split is specified.")
         if output_config.split_config.HasField("partition_feature_name"):
-            raise ValueError("partition_feature_name is not supported by this ExampleGen: its records are split by "
-                             "a hash of their bytes, as TFX splits them by default")
+            raise ValueError(
+                "partition_feature_name is not supported by this ExampleGen: its records are split by "
+                "a hash of their bytes, as TFX splits them by default"
+            )
         buckets = list(itertools.accumulate(split.hash_buckets for split in output_config.split_config.splits))
-        parts = (pipeline
-                 | "InputToRecord" >> to_records(exec_properties, input_config.splits[0].pattern)
-                 | "SplitData" >> beam.ParDo(_SplitBatch(buckets, output_config.split_config)).with_outputs(
-                     *map(str, range(len(buckets)))))
+        parts = (
+            pipeline
+            | "InputToRecord" >> to_records(exec_properties, input_config.splits[0].pattern)
+            | "SplitData"
+            >> beam.ParDo(_SplitBatch(buckets, output_config.split_config)).with_outputs(*map(str, range(len(buckets))))
+        )
         return {name: parts[str(index)] for index, name in enumerate(split_names)}
 
-    def Do(self, input_dict: Dict[str, List[types.Artifact]], output_dict: Dict[str, List[types.Artifact]],
-           exec_properties: Dict[str, Any]) -> None:
+    def Do(
+        self,
+        input_dict: Dict[str, List[types.Artifact]],
+        output_dict: Dict[str, List[types.Artifact]],
+        exec_properties: Dict[str, Any],
+    ) -> None:
         """TFX's `BaseExampleGenExecutor.Do`, writing each split's batches with `_WriteBatch`."""
         self._log_startup(input_dict, output_dict, exec_properties)
         input_config = example_gen_pb2.Input()
@@ -343,7 +377,8 @@ class Executor(csv_executor.Executor):
         proto_utils.json_to_proto(exec_properties[standard_component_specs.OUTPUT_CONFIG_KEY], output_config)
         examples = output_dict[standard_component_specs.EXAMPLES_KEY]
         artifact_utils.get_single_instance(examples).split_names = artifact_utils.encode_split_names(
-            example_gen_utils.generate_output_split_names(input_config, output_config))
+            example_gen_utils.generate_output_split_names(input_config, output_config)
+        )
         folders = []
         with self._make_beam_pipeline() as pipeline:
             for split_name, batches in self.GenerateExamplesByBeam(pipeline, exec_properties).items():
@@ -368,12 +403,22 @@ class CsvExampleGen(tfx.components.CsvExampleGen):
 
     EXECUTOR_SPEC = executor_spec.BeamExecutorSpec(Executor)
 
-    def __init__(self, input_base: str, input_config: example_gen_pb2.Input, output_config: example_gen_pb2.Output,
-                 code_fingerprint: str):  # pylint: disable=super-init-not-called
+    def __init__(
+        self,
+        input_base: str,
+        input_config: example_gen_pb2.Input,
+        output_config: example_gen_pb2.Output,
+        code_fingerprint: str,
+    ):  # pylint: disable=super-init-not-called
         custom_config = example_gen_pb2.CustomConfig()
         custom_config.custom_config.Pack(wrappers_pb2.StringValue(value=code_fingerprint))
-        FileBasedExampleGen.__init__(self, input_base=input_base, input_config=input_config,
-                                     output_config=output_config, custom_config=custom_config)
+        FileBasedExampleGen.__init__(
+            self,
+            input_base=input_base,
+            input_config=input_config,
+            output_config=output_config,
+            custom_config=custom_config,
+        )
 
 
 def lacks_required(example: Any) -> bool:

@@ -21,6 +21,7 @@ The blessing's folder holds the checks with their figures (infra_validation.json
 INFRA_BLESSED or INFRA_NOT_BLESSED file. The server is stopped (SIGTERM, then SIGKILL to its process group) pass
 or fail. A model the Evaluator did not bless is not served: its infra blessing says so and is not blessed.
 """
+
 import dataclasses
 import http.client
 import json
@@ -114,8 +115,9 @@ def domain_values(feature: schema_pb2.Feature, schema: schema_pb2.Schema) -> Lis
     kind = feature.WhichOneof("domain_info")
     if kind in ("int_domain", "float_domain"):
         domain = getattr(feature, kind)
-        return [(f"its schema {bound}imum", getattr(domain, bound)) for bound in ("min", "max")
-                if domain.HasField(bound)]
+        return [
+            (f"its schema {bound}imum", getattr(domain, bound)) for bound in ("min", "max") if domain.HasField(bound)
+        ]
     texts: Sequence[str] = ()
     if kind == "string_domain":
         texts = feature.string_domain.value
@@ -130,8 +132,9 @@ def complete_instance(instances: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
     for column in features.FEATURES:
         if features.is_missing_value(column, base.get(column.name)):
             base.pop(column.name, None)
-            found = next((i[column.name] for i in instances
-                          if not features.is_missing_value(column, i.get(column.name))), None)
+            found = next(
+                (i[column.name] for i in instances if not features.is_missing_value(column, i.get(column.name))), None
+            )
             if found is not None:
                 base[column.name] = found
     return base
@@ -144,7 +147,9 @@ def edge_cases(base: Dict[str, Any], schema: schema_pb2.Schema) -> List[Case]:
     for column in features.FEATURES:
         cases.append(expect(f"{column.name} missing", [{k: v for k, v in base.items() if k != column.name}]))
         for code in column.missing_codes:
-            cases.append(expect(f"{column.name} = {code:g} (its 'unknown' code)", [dict(base, **{column.name: int(code)})]))
+            cases.append(
+                expect(f"{column.name} = {code:g} (its 'unknown' code)", [dict(base, **{column.name: int(code)})])
+            )
         if column.name in in_schema:
             for why, value in domain_values(in_schema[column.name], schema):
                 if value in column.missing_codes:  # the domain's bound is the 'unknown' code: the next value in
@@ -160,16 +165,23 @@ def request_cases(instances: Sequence[Dict[str, Any]], schema: schema_pb2.Schema
     """Every request the validator sends: the eval rows one by one, the edge cases, the size limit, :regress."""
     answerable = [i for i in instances if not features.missing_required(i)]
     if not answerable:
-        raise ValueError(f"none of the {len(instances)} eval rows has every required feature "
-                         f"({', '.join(c.name for c in features.REQUIRED_FEATURES)}): nothing to send")
+        raise ValueError(
+            f"none of the {len(instances)} eval rows has every required feature "
+            f"({', '.join(c.name for c in features.REQUIRED_FEATURES)}): nothing to send"
+        )
     cases = [expect(f"eval row {number}", [instance]) for number, instance in enumerate(instances)]
     cases = [dataclasses.replace(case, timed=case.status == 200) for case in cases]  # refusals never reach the model
     cases += edge_cases(complete_instance(instances), schema)
     largest = [answerable[k % len(answerable)] for k in range(max_instances)]
     cases.append(Case(f"the largest request the server takes ({max_instances} instances)", {"instances": largest}))
     cases.append(Case(f"one instance over the limit ({max_instances + 1})", {"instances": largest + largest[:1]}, 413))
-    cases.append(expect(f"{min(len(answerable), REGRESS_ROWS)} eval rows through :regress",
-                        answerable[:REGRESS_ROWS], route="regress"))
+    cases.append(
+        expect(
+            f"{min(len(answerable), REGRESS_ROWS)} eval rows through :regress",
+            answerable[:REGRESS_ROWS],
+            route="regress",
+        )
+    )
     return cases
 
 
@@ -205,10 +217,16 @@ def judge(case: Case, status: int, body: Any, bounds: Tuple[float, float]) -> Op
     low, high = bounds
     for index, answer in enumerate(answers):
         value = answer[0] if isinstance(answer, list) and len(answer) == 1 else answer
-        if (not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value)
-                or not low <= value <= high):
-            return (f"instance {index}: prediction {_short(value)} is not a number within the label's schema "
-                    f"domain [{low:g}, {high:g}]")
+        if (
+            not isinstance(value, (int, float))
+            or isinstance(value, bool)
+            or not math.isfinite(value)
+            or not low <= value <= high
+        ):
+            return (
+                f"instance {index}: prediction {_short(value)} is not a number within the label's schema "
+                f"domain [{low:g}, {high:g}]"
+            )
     return None
 
 
@@ -234,7 +252,7 @@ def peak_memory_mb(pid: int) -> float:
                     return int(line.split()[1]) / 1024
     except OSError:
         pass
-    return psutil.Process(pid).memory_info().rss / 2 ** 20
+    return psutil.Process(pid).memory_info().rss / 2**20
 
 
 class Server:
@@ -253,15 +271,31 @@ class Server:
     def start(self) -> None:
         self.port = free_port()
         self._connection = None
-        command = [sys.executable, "-m", "serving.model_server.server", "--model-dir", self.model_dir,
-                   "--model-name", MODEL_NAME, "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
-                   "--log-dir", os.path.join(self.scratch, "requests"),
-                   "--metrics-dir", os.path.join(self.scratch, "metrics")]
+        command = [
+            sys.executable,
+            "-m",
+            "serving.model_server.server",
+            "--model-dir",
+            self.model_dir,
+            "--model-name",
+            MODEL_NAME,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--workers",
+            "1",
+            "--log-dir",
+            os.path.join(self.scratch, "requests"),
+            "--metrics-dir",
+            os.path.join(self.scratch, "metrics"),
+        ]
         with open(self.log_path, "a") as log:
             log.write(f"$ {' '.join(command)}\n")
             log.flush()
-            self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                                            env=server_environment())
+            self.process = subprocess.Popen(
+                command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=server_environment()
+            )
 
     def stop(self) -> None:
         """SIGTERM, then SIGKILL to whatever of its process group is left."""
@@ -285,8 +319,9 @@ class Server:
         with open(self.log_path, errors="replace") as log:
             return " | ".join(line.strip() for line in log.readlines()[-lines:] if line.strip())
 
-    def request(self, method: str, path: str, body: Optional[bytes] = None,
-                timeout: float = REQUEST_TIMEOUT_SECONDS) -> Tuple[int, Any]:
+    def request(
+        self, method: str, path: str, body: Optional[bytes] = None, timeout: float = REQUEST_TIMEOUT_SECONDS
+    ) -> Tuple[int, Any]:
         """(status, parsed JSON) on one kept-alive connection; raises OSError if there is no answer."""
         if self._connection is None:
             self._connection = http.client.HTTPConnection("127.0.0.1", self.port)
@@ -317,8 +352,9 @@ class Server:
                     if "address already in use" in self.log_tail().lower() and attempt + 1 < PORT_ATTEMPTS:
                         self.stop()
                         break
-                    return Check("load", False, f"the server exited (code {code}) before loading the model: "
-                                                f"{self.log_tail()}")
+                    return Check(
+                        "load", False, f"the server exited (code {code}) before loading the model: {self.log_tail()}"
+                    )
                 try:
                     status, body = self.request("GET", f"/v1/models/{MODEL_NAME}", timeout=STATUS_TIMEOUT_SECONDS)
                     versions = body.get("model_version_status", []) if status == 200 and isinstance(body, dict) else []
@@ -327,8 +363,7 @@ class Server:
                 if self.process.poll() is not None:
                     continue  # whatever answered, it was not this server: it has exited
                 if any(v["state"] == "AVAILABLE" for v in versions):
-                    return Check("load", True, f"loaded in {time.monotonic() - started:.1f} s "
-                                               f"(timeout {timeout:g} s)")
+                    return Check("load", True, f"loaded in {time.monotonic() - started:.1f} s (timeout {timeout:g} s)")
                 refused = [v["status"]["error_message"] for v in versions if v["status"]["error_message"]]
                 if refused:
                     return Check("load", False, f"the server refused the model: {refused[0]}")
@@ -347,14 +382,19 @@ def send(server: Server, cases: Sequence[Case], bounds: Tuple[float, float]) -> 
         started = time.perf_counter()
         sent += 1
         try:
-            status, answer = server.request("POST", f"/v1/models/{MODEL_NAME}:{case.route}", json.dumps(case.body).encode())
+            status, answer = server.request(
+                "POST", f"/v1/models/{MODEL_NAME}:{case.route}", json.dumps(case.body).encode()
+            )
         except OSError as error:  # a server that doesn't answer one request is not sent more
             try:
                 code = server.process.wait(timeout=2)  # a closed connection: is it dying?
             except subprocess.TimeoutExpired:
                 code = None
-            why = (f"the server died answering it (exit code {code}): {server.log_tail()}" if code is not None
-                   else f"{error} (after {REQUEST_TIMEOUT_SECONDS:.0f} s at most)")
+            why = (
+                f"the server died answering it (exit code {code}): {server.log_tail()}"
+                if code is not None
+                else f"{error} (after {REQUEST_TIMEOUT_SECONDS:.0f} s at most)"
+            )
             failures.append(f"{case.name}: {why}; the {len(cases) - sent} request(s) after it were not sent")
             break
         if case.timed:
@@ -363,13 +403,16 @@ def send(server: Server, cases: Sequence[Case], bounds: Tuple[float, float]) -> 
         if why:
             failures.append(f"{case.name}: {why}")
     timed = sum(case.timed for case in cases)
-    figure = (f"{sent - len(failures)} of {len(cases)} requests answered as the serving contract says "
-              f"({timed} eval rows one by one, {len(cases) - timed} edge cases and limits)")
+    figure = (
+        f"{sent - len(failures)} of {len(cases)} requests answered as the serving contract says "
+        f"({timed} eval rows one by one, {len(cases) - timed} edge cases and limits)"
+    )
     return Check("answers", not failures, figure, failures[:FAILURES_KEPT]), latencies
 
 
-def validate(model_dir: str, instances: Sequence[Dict[str, Any]], schema: schema_pb2.Schema, budget: Budget,
-             scratch: str) -> Tuple[List[Check], Dict[str, float]]:
+def validate(
+    model_dir: str, instances: Sequence[Dict[str, Any]], schema: schema_pb2.Schema, budget: Budget, scratch: str
+) -> Tuple[List[Check], Dict[str, float]]:
     """Serves `model_dir` and runs the checks; the checks and their figures. The server is gone on return."""
     server = Server(model_dir, scratch)
     figures: Dict[str, float] = {}
@@ -387,8 +430,10 @@ def validate(model_dir: str, instances: Sequence[Dict[str, Any]], schema: schema
             return [load, Check("answers", False, f"the metadata request got {status}: {_short(metadata)}")], figures
         max_instances = (metadata.get("limits") or {}).get("max_instances") if isinstance(metadata, dict) else None
         if not isinstance(max_instances, int):
-            return [load, Check("answers", False, f"the server's metadata names no max_instances: "
-                                                  f"{_short(metadata)}")], figures
+            return [
+                load,
+                Check("answers", False, f"the server's metadata names no max_instances: {_short(metadata)}"),
+            ], figures
         try:
             cases = request_cases(instances, schema, max_instances)
         except ValueError as error:
@@ -401,16 +446,26 @@ def validate(model_dir: str, instances: Sequence[Dict[str, Any]], schema: schema
     checks = [load, answers]
     if alive:
         figures["peak_memory_mb"] = memory
-        checks.append(Check("memory", memory <= budget.max_memory_mb,
-                            f"peak {memory:.0f} MiB resident (budget {budget.max_memory_mb:.0f} MiB)"))
+        checks.append(
+            Check(
+                "memory",
+                memory <= budget.max_memory_mb,
+                f"peak {memory:.0f} MiB resident (budget {budget.max_memory_mb:.0f} MiB)",
+            )
+        )
     else:
         checks.append(Check("memory", False, "not measured: the server died"))
     if latencies:
         p50, p99 = (float(np.percentile(latencies, q)) * 1000 for q in (50, 99))
         figures.update(p50_ms=p50, p99_ms=p99)
-        checks.append(Check("latency", p99 <= budget.max_p99_ms,
-                            f"p99 {p99:.1f} ms, p50 {p50:.1f} ms over {len(latencies)} single-row requests "
-                            f"(budget p99 {budget.max_p99_ms:g} ms)"))
+        checks.append(
+            Check(
+                "latency",
+                p99 <= budget.max_p99_ms,
+                f"p99 {p99:.1f} ms, p50 {p50:.1f} ms over {len(latencies)} single-row requests "
+                f"(budget p99 {budget.max_p99_ms:g} ms)",
+            )
+        )
     else:
         checks.append(Check("latency", False, "not measured: no single-row request was answered"))
     return checks, figures
@@ -467,5 +522,10 @@ def InfraValidator(
     for name, value in record["figures"].items():
         blessing.set_float_custom_property(name, value)
     for check in record["checks"]:
-        logging.log(logging.INFO if check["passed"] else logging.WARNING, "infra validation %s: %s: %s",
-                    check["name"], "passed" if check["passed"] else "FAILED", check["figure"])
+        logging.log(
+            logging.INFO if check["passed"] else logging.WARNING,
+            "infra validation %s: %s: %s",
+            check["name"],
+            "passed" if check["passed"] else "FAILED",
+            check["figure"],
+        )

@@ -7,6 +7,7 @@ records the distribution (mean, spread, quantiles), the residuals (label - predi
 inputs with their spread, and predicted against actual weights on a grid (the report plots both), and
 compares the distribution with the previous run's record.
 """
+
 import json
 import logging
 import os
@@ -21,8 +22,8 @@ from tfx.utils import io_utils, path_utils
 
 from models import features
 from models.model import SCORE_SIGNATURE, TRANSFORM_SIGNATURE
-from pipeline.reports import slices
 from pipeline.components.baseline import read_examples, split_files
+from pipeline.reports import slices
 
 MONITOR_FILE = "prediction_statistics.json"
 QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
@@ -43,8 +44,9 @@ class PreviousPredictions(tfx.dsl.experimental.ResolverStrategy):
     TFX's LatestArtifactStrategy would fail the resolver step when there is none yet.
     """
 
-    def resolve_artifacts(self, store: metadata_store.MetadataStore,
-                          input_dict: Dict[str, List[types.Artifact]]) -> Dict[str, List[types.Artifact]]:
+    def resolve_artifacts(
+        self, store: metadata_store.MetadataStore, input_dict: Dict[str, List[types.Artifact]]
+    ) -> Dict[str, List[types.Artifact]]:
         return {key: sorted(artifacts, key=lambda a: a.id)[-1:] for key, artifacts in input_dict.items()}
 
 
@@ -58,14 +60,23 @@ def describe(predictions: np.ndarray, labels: np.ndarray, slice_values: Dict[str
         chosen = mask & labelled
         if not chosen.any():
             return {"n": 0}
-        return {"n": int(chosen.sum()), "mean_residual": float(residuals[chosen].mean()),
-                "rmse": float(np.sqrt((residuals[chosen] ** 2).mean())), "sd": float(residuals[chosen].std()),
-                "quantiles": {f"{q:g}": float(np.quantile(residuals[chosen], q)) for q in QUANTILES},
-                "mean_prediction": float(predictions[chosen].mean())}
+        return {
+            "n": int(chosen.sum()),
+            "mean_residual": float(residuals[chosen].mean()),
+            "rmse": float(np.sqrt((residuals[chosen] ** 2).mean())),
+            "sd": float(residuals[chosen].std()),
+            "quantiles": {f"{q:g}": float(np.quantile(residuals[chosen], q)) for q in QUANTILES},
+            "mean_prediction": float(predictions[chosen].mean()),
+        }
 
     by_slice = {(): residual_stats(np.ones(len(predictions), bool))}
-    by_slice.update({((feature, value),): residual_stats(values == value)
-                     for feature, values in slice_values.items() for value in set(values)})
+    by_slice.update(
+        {
+            ((feature, value),): residual_stats(values == value)
+            for feature, values in slice_values.items()
+            for value in set(values)
+        }
+    )
     return {
         "n": int(len(predictions)),
         "mean": float(predictions.mean()),
@@ -96,8 +107,13 @@ def compare(current: Dict[str, Any], previous: Optional[Dict[str, Any]], thresho
         return {"previous": None, "shifted": False}
     deltas = {q: current["quantiles"][q] - previous["quantiles"][q] for q in current["quantiles"]}
     mean_change = current["mean"] - previous["mean"]
-    return {"previous": {"span": previous.get("span"), "mean": previous["mean"]}, "mean_change": mean_change,
-            "quantile_changes": deltas, "shifted": abs(mean_change) > threshold, "threshold": threshold}
+    return {
+        "previous": {"span": previous.get("span"), "mean": previous["mean"]},
+        "mean_change": mean_change,
+        "quantile_changes": deltas,
+        "shifted": abs(mean_change) > threshold,
+        "threshold": threshold,
+    }
 
 
 def read(uri: str) -> Dict[str, Any]:
@@ -116,8 +132,11 @@ def _predict(model_uri: str, files: List[str]) -> tuple:
         for name, ids in bucket_ids.items():
             ids.append(transformed[name].numpy().ravel())
     rows = read_examples(files)
-    return (np.concatenate(predictions), rows[features.LABEL.name].to_numpy(),
-            slices.values_by_slice(rows, {name: np.concatenate(ids) for name, ids in bucket_ids.items()}))
+    return (
+        np.concatenate(predictions),
+        rows[features.LABEL.name].to_numpy(),
+        slices.values_by_slice(rows, {name: np.concatenate(ids) for name, ids in bucket_ids.items()}),
+    )
 
 
 @tfx.dsl.components.component
@@ -140,5 +159,9 @@ def PredictionMonitor(
     monitoring.set_float_custom_property("mean_prediction", record["mean"])
     monitoring.set_int_custom_property("shifted", int(record["change"]["shifted"]))
     if record["change"]["shifted"]:
-        logging.warning("predictions moved: mean %.3f lb, %+.3f lb since the previous run (threshold %.2f)",
-                        record["mean"], record["change"]["mean_change"], shift_threshold)
+        logging.warning(
+            "predictions moved: mean %.3f lb, %+.3f lb since the previous run (threshold %.2f)",
+            record["mean"],
+            record["change"]["mean_change"],
+            shift_threshold,
+        )

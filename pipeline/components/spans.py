@@ -8,6 +8,7 @@ listings, so a blocked span is neither a drift baseline nor training data. The T
 Vertex Pipelines compiles only TFX's built-in resolver strategies, so these run with the local
 orchestrator; see create_pipeline.
 """
+
 import logging
 from typing import Dict, List, Optional, Tuple
 
@@ -19,14 +20,15 @@ from tfx.types import artifact_utils
 from tfx.utils import path_utils
 
 from models.model import SCORE_SIGNATURE
-from pipeline.metadata import mlmd
 from pipeline.artifacts import span_of
+from pipeline.metadata import mlmd
 
 PASSED = (metadata_store_pb2.Execution.COMPLETE, metadata_store_pb2.Execution.CACHED)
 
 
-def validated(reader: mlmd.Store, pipeline_name: str,
-              gate_id: str) -> List[Tuple[metadata_store_pb2.Artifact, metadata_store_pb2.Artifact]]:
+def validated(
+    reader: mlmd.Store, pipeline_name: str, gate_id: str
+) -> List[Tuple[metadata_store_pb2.Artifact, metadata_store_pb2.Artifact]]:
     """(examples, statistics) of each span that passed the gate, oldest gate run first."""
     passed = []
     for execution in reader.node_executions(pipeline_name, gate_id):
@@ -43,8 +45,9 @@ def _as_tfx(store: metadata_store.MetadataStore, artifacts: List[metadata_store_
     return artifact_utils.deserialize_artifacts(artifact_type, artifacts)
 
 
-def previous_span(current: metadata_store_pb2.Artifact,
-                  candidates: List[metadata_store_pb2.Artifact]) -> Optional[metadata_store_pb2.Artifact]:
+def previous_span(
+    current: metadata_store_pb2.Artifact, candidates: List[metadata_store_pb2.Artifact]
+) -> Optional[metadata_store_pb2.Artifact]:
     """The newest validated earlier span; for a re-ingested span, the version validated before it."""
     others = [a for a in candidates if a.id != current.id]
     earlier = [a for a in others if span_of(a) < span_of(current)]
@@ -54,13 +57,15 @@ def previous_span(current: metadata_store_pb2.Artifact,
     return max(same, key=lambda a: a.id) if same else None
 
 
-def window(current: metadata_store_pb2.Artifact, candidates: List[metadata_store_pb2.Artifact],
-           spans: int) -> List[metadata_store_pb2.Artifact]:
+def window(
+    current: metadata_store_pb2.Artifact, candidates: List[metadata_store_pb2.Artifact], spans: int
+) -> List[metadata_store_pb2.Artifact]:
     """The newest version of each of the last `spans` validated spans up to the current one, oldest first."""
     newest: Dict[int, metadata_store_pb2.Artifact] = {}
     for artifact in candidates + [current]:
         if span_of(artifact) <= span_of(current) and (
-                span_of(artifact) not in newest or artifact.id > newest[span_of(artifact)].id):
+            span_of(artifact) not in newest or artifact.id > newest[span_of(artifact)].id
+        ):
             newest[span_of(artifact)] = artifact
     newest[span_of(current)] = current
     return [newest[span] for span in sorted(newest)[-spans:]]
@@ -73,8 +78,9 @@ class PreviousValidatedSpan(tfx.dsl.experimental.ResolverStrategy):
         self._pipeline_name = pipeline_name
         self._gate_id = gate_id
 
-    def resolve_artifacts(self, store: metadata_store.MetadataStore,
-                          input_dict: Dict[str, List[types.Artifact]]) -> Dict[str, List[types.Artifact]]:
+    def resolve_artifacts(
+        self, store: metadata_store.MetadataStore, input_dict: Dict[str, List[types.Artifact]]
+    ) -> Dict[str, List[types.Artifact]]:
         current = input_dict["examples"][0].mlmd_artifact
         passed = validated(mlmd.Store(store), self._pipeline_name, self._gate_id)
         found = previous_span(current, [examples for examples, _ in passed])
@@ -92,8 +98,9 @@ class ValidatedSpanWindow(tfx.dsl.experimental.ResolverStrategy):
         self._gate_id = gate_id
         self._spans = spans
 
-    def resolve_artifacts(self, store: metadata_store.MetadataStore,
-                          input_dict: Dict[str, List[types.Artifact]]) -> Dict[str, List[types.Artifact]]:
+    def resolve_artifacts(
+        self, store: metadata_store.MetadataStore, input_dict: Dict[str, List[types.Artifact]]
+    ) -> Dict[str, List[types.Artifact]]:
         current = input_dict["examples"][0].mlmd_artifact
         candidates = [examples for examples, _ in validated(mlmd.Store(store), self._pipeline_name, self._gate_id)]
         return {"examples": _as_tfx(store, window(current, candidates, self._spans))}
@@ -122,13 +129,24 @@ class LatestBlessedScorableModel(tfx.dsl.experimental.LatestBlessedModelStrategy
     Blessed models are read newest first, each SavedModel's signatures only until one qualifies.
     """
 
-    def resolve_artifacts(self, store: metadata_store.MetadataStore,
-                          input_dict: Dict[str, List[types.Artifact]]) -> Optional[Dict[str, List[types.Artifact]]]:
-        model_key = next((key for key, artifacts in input_dict.items()
-                          if artifacts and isinstance(artifacts[0], tfx.types.standard_artifacts.Model)), None)
-        blessed = {blessing.get_int_custom_property("current_model_id")
-                   for key, artifacts in input_dict.items() if key != model_key for blessing in artifacts
-                   if blessing.get_int_custom_property("blessed") == 1}
+    def resolve_artifacts(
+        self, store: metadata_store.MetadataStore, input_dict: Dict[str, List[types.Artifact]]
+    ) -> Optional[Dict[str, List[types.Artifact]]]:
+        model_key = next(
+            (
+                key
+                for key, artifacts in input_dict.items()
+                if artifacts and isinstance(artifacts[0], tfx.types.standard_artifacts.Model)
+            ),
+            None,
+        )
+        blessed = {
+            blessing.get_int_custom_property("current_model_id")
+            for key, artifacts in input_dict.items()
+            if key != model_key
+            for blessing in artifacts
+            if blessing.get_int_custom_property("blessed") == 1
+        }
         for model in sorted(input_dict.get(model_key) or [], key=lambda a: a.id, reverse=True):
             if model.id in blessed and has_signature(model, SCORE_SIGNATURE):
                 return super().resolve_artifacts(store, {**input_dict, model_key: [model]})

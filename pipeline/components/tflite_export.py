@@ -23,6 +23,7 @@ record (tflite_export.json) whatever the verdict; ML Metadata links it to the mo
 A conversion or check that fails is recorded, not raised: the SavedModel is pushed and served, and the steps after
 this one (BulkInferrer) still run; the summary says why there are no device models.
 """
+
 import json
 import logging
 import math
@@ -58,8 +59,14 @@ def saved_model_predictions(saved_model_dir: str, columns: Dict[str, np.ndarray]
     import tensorflow as tf
 
     signature = tf.saved_model.load(saved_model_dir).signatures[lite.SIGNATURE]
-    return _in_batches(lambda batch: signature(**{name: tf.constant(array) for name, array in batch.items()})
-                       [lite.PREDICTIONS].numpy().reshape(-1), columns)
+    return _in_batches(
+        lambda batch: (
+            signature(**{name: tf.constant(array) for name, array in batch.items()})[lite.PREDICTIONS]
+            .numpy()
+            .reshape(-1)
+        ),
+        columns,
+    )
 
 
 def tflite_predictions(model: bytes, columns: Dict[str, np.ndarray]) -> np.ndarray:
@@ -69,8 +76,12 @@ def tflite_predictions(model: bytes, columns: Dict[str, np.ndarray]) -> np.ndarr
 
 def _in_batches(predict: Any, columns: Dict[str, np.ndarray]) -> np.ndarray:
     rows = len(next(iter(columns.values())))
-    return np.concatenate([predict({name: array[start:start + BATCH] for name, array in columns.items()})
-                           for start in range(0, rows, BATCH)])
+    return np.concatenate(
+        [
+            predict({name: array[start : start + BATCH] for name, array in columns.items()})
+            for start in range(0, rows, BATCH)
+        ]
+    )
 
 
 def accepted_rows(rows: Sequence[Dict[str, Any]]) -> Tuple[List[features.InstanceKey], np.ndarray]:
@@ -110,17 +121,28 @@ def check(reference: np.ndarray, float32: np.ndarray, float16: np.ndarray, label
     increase = figures["rmse_float16"] - figures["rmse_saved_model"]
     float16_close = figures["float16_max_difference"] <= MAX_FLOAT16_DIFFERENCE
     checks = [
-        {"name": "float32", "passed": finite and figures["float32_max_difference"] <= MAX_FLOAT32_DIFFERENCE,
-         "figure": f"largest difference from the SavedModel {figures['float32_max_difference']:.6f} lb "
-                   f"(row {worst + 1} of {len(reference)}; limit {MAX_FLOAT32_DIFFERENCE} lb)"},
-        {"name": "float16",
-         "passed": finite and float16_close and not np.isnan(increase) and abs(increase) <= MAX_FLOAT16_RMSE_INCREASE,
-         "figure": (f"RMSE {figures['rmse_float16']:.4f} lb against the SavedModel's "
-                    f"{figures['rmse_saved_model']:.4f} lb on {figures['labelled_rows']} labelled rows "
-                    f"(limit ±{MAX_FLOAT16_RMSE_INCREASE} lb)" if figures["labelled_rows"] else
-                    "RMSE not judged: no eval row has a label to compare RMSEs on")
-                   + f"; largest difference {figures['float16_max_difference']:.4f} lb "
-                     f"(limit {MAX_FLOAT16_DIFFERENCE} lb)"},
+        {
+            "name": "float32",
+            "passed": finite and figures["float32_max_difference"] <= MAX_FLOAT32_DIFFERENCE,
+            "figure": f"largest difference from the SavedModel {figures['float32_max_difference']:.6f} lb "
+            f"(row {worst + 1} of {len(reference)}; limit {MAX_FLOAT32_DIFFERENCE} lb)",
+        },
+        {
+            "name": "float16",
+            "passed": finite
+            and float16_close
+            and not np.isnan(increase)
+            and abs(increase) <= MAX_FLOAT16_RMSE_INCREASE,
+            "figure": (
+                f"RMSE {figures['rmse_float16']:.4f} lb against the SavedModel's "
+                f"{figures['rmse_saved_model']:.4f} lb on {figures['labelled_rows']} labelled rows "
+                f"(limit ±{MAX_FLOAT16_RMSE_INCREASE} lb)"
+                if figures["labelled_rows"]
+                else "RMSE not judged: no eval row has a label to compare RMSEs on"
+            )
+            + f"; largest difference {figures['float16_max_difference']:.4f} lb "
+            f"(limit {MAX_FLOAT16_DIFFERENCE} lb)",
+        },
     ]
     if not finite:
         checks[0]["figure"] += "; a TFLite model answered NaN or infinity"
@@ -162,8 +184,11 @@ def _same_savedmodel(folder: str, model_dir: str) -> bool:
         with tf.io.gfile.GFile(path, "rb") as handle:
             return handle.read()
 
-    variables = [f"variables/{name}" for name in tf.io.gfile.listdir(os.path.join(model_dir, "variables"))
-                 ] if tf.io.gfile.isdir(os.path.join(model_dir, "variables")) else []
+    variables = (
+        [f"variables/{name}" for name in tf.io.gfile.listdir(os.path.join(model_dir, "variables"))]
+        if tf.io.gfile.isdir(os.path.join(model_dir, "variables"))
+        else []
+    )
     for name in ["saved_model.pb"] + variables:
         theirs = os.path.join(folder, name)
         if not tf.io.gfile.exists(theirs) or content(os.path.join(model_dir, name)) != content(theirs):
@@ -176,8 +201,9 @@ def read(uri: str) -> Dict[str, Any]:
     return json.loads(io_utils.read_string_file(os.path.join(uri, RECORD_FILE)))
 
 
-def _export(model_dir: str, pushed_model: types.Artifact, examples: types.Artifact, uri: str,
-            record: Dict[str, Any]) -> None:
+def _export(
+    model_dir: str, pushed_model: types.Artifact, examples: types.Artifact, uri: str, record: Dict[str, Any]
+) -> None:
     """Converts, checks and (if both checks pass) pushes; fills `record` as it goes."""
     from pipeline.components.baseline import read_examples, split_files
 
@@ -187,14 +213,19 @@ def _export(model_dir: str, pushed_model: types.Artifact, examples: types.Artifa
     for variant, content in models.items():
         io_utils.write_bytes_file(os.path.join(uri, lite.FILES[variant]), content)
         record["files"][variant] = {"name": lite.FILES[variant], "bytes": len(content)}
-    keys, labels = accepted_rows(read_examples(split_files(examples, EVAL_SPLIT), limit=PARITY_ROWS)
-                                 .to_dict("records"))
+    keys, labels = accepted_rows(read_examples(split_files(examples, EVAL_SPLIT), limit=PARITY_ROWS).to_dict("records"))
     if not keys:
         record["skipped"] = "no eval row the serving contract accepts to check them on"
         return
     columns = features.raw_columns(keys)
-    record.update(check(saved_model_predictions(model_dir, columns), tflite_predictions(models["float32"], columns),
-                        tflite_predictions(models["float16"], columns), labels))
+    record.update(
+        check(
+            saved_model_predictions(model_dir, columns),
+            tflite_predictions(models["float32"], columns),
+            tflite_predictions(models["float16"], columns),
+            labels,
+        )
+    )
     failed = [item["name"] for item in record["checks"] if not item["passed"]]
     if failed:
         record["skipped"] = f"the {' and '.join(failed)} check{'s' if len(failed) > 1 else ''} failed (below)"
@@ -229,13 +260,19 @@ def TFLiteExporter(
     io_utils.write_string_file(os.path.join(tflite_model.uri, RECORD_FILE), json.dumps(record, indent=1))
     tflite_model.set_int_custom_property("pushed", int(record["pushed"]))
     tflite_model.set_string_custom_property("destination", record.get("destination", ""))
-    tflite_model.set_string_custom_property("failed_checks", ",".join(c["name"] for c in record["checks"]
-                                                                      if not c["passed"]))
+    tflite_model.set_string_custom_property(
+        "failed_checks", ",".join(c["name"] for c in record["checks"] if not c["passed"])
+    )
     for name, value in record["figures"].items():
         if not math.isnan(value):  # ML Metadata stores no NaN (an RMSE without labelled rows)
             tflite_model.set_float_custom_property(name, value)
     for variant, described in record["files"].items():
         tflite_model.set_int_custom_property(f"{variant}_bytes", described["bytes"])
     for item in record["checks"]:
-        logging.log(logging.INFO if item["passed"] else logging.WARNING, "TFLite %s check: %s: %s",
-                    item["name"], "passed" if item["passed"] else "FAILED", item["figure"])
+        logging.log(
+            logging.INFO if item["passed"] else logging.WARNING,
+            "TFLite %s check: %s: %s",
+            item["name"],
+            "passed" if item["passed"] else "FAILED",
+            item["figure"],
+        )

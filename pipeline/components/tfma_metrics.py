@@ -9,8 +9,10 @@ them): right with one partial result per slice (Beam in memory), wrong with seve
 Dataflow). These read each row's label, prediction and weight as TFMA's do (`to_label_prediction_example_weight`)
 and keep Keras' and TFMA's metric names (`mean_absolute_error`, `root_mean_squared_error`), so thresholds, the
 baseline's comparison and the reports read them as before; their classes have names of their own, because TFMA
-resolves a class name it has registered (`MeanAbsoluteError`) to its own class whatever the module says. `code_fingerprint` (MetricConfig.config) only puts this module's code in the Evaluator's cache key.
+resolves a class name it has registered (`MeanAbsoluteError`) to its own class whatever the module says.
+`code_fingerprint` (MetricConfig.config) only puts this module's code in the Evaluator's cache key.
 """
+
 import math
 from typing import Any, Dict, Iterable, List, Optional, Tuple
 
@@ -36,9 +38,13 @@ class _WeightedErrorCombiner(beam.CombineFn):
 
     def add_input(self, accumulator: List[float], element: metric_types.StandardMetricInputs) -> List[float]:
         for label, prediction, weight in metric_util.to_label_prediction_example_weight(
-                element, eval_config=self._eval_config, model_name=self._key.model_name,
-                output_name=self._key.output_name, example_weighted=self._key.example_weighted,
-                sub_key=self._key.sub_key):
+            element,
+            eval_config=self._eval_config,
+            model_name=self._key.model_name,
+            output_name=self._key.output_name,
+            example_weighted=self._key.example_weighted,
+            sub_key=self._key.sub_key,
+        ):
             difference = metric_util.safe_to_scalar(label - prediction)
             error = difference * difference if self._squared else abs(difference)
             if not np.isnan(error):
@@ -61,13 +67,28 @@ class _WeightedErrorCombiner(beam.CombineFn):
 
 
 def _computations(squared: bool):
-    def computations(name: str, eval_config: Any = None, model_name: str = "", output_name: str = "",
-                     example_weighted: bool = False, sub_key: Optional[metric_types.SubKey] = None,
-                     **_: Any) -> metric_types.MetricComputations:
-        key = metric_types.MetricKey(name=name, model_name=model_name, output_name=output_name, sub_key=sub_key,
-                                     example_weighted=example_weighted)
-        return [metric_types.MetricComputation(
-            keys=[key], preprocessors=None, combiner=_WeightedErrorCombiner(key, eval_config, squared))]
+    def computations(
+        name: str,
+        eval_config: Any = None,
+        model_name: str = "",
+        output_name: str = "",
+        example_weighted: bool = False,
+        sub_key: Optional[metric_types.SubKey] = None,
+        **_: Any,
+    ) -> metric_types.MetricComputations:
+        key = metric_types.MetricKey(
+            name=name,
+            model_name=model_name,
+            output_name=output_name,
+            sub_key=sub_key,
+            example_weighted=example_weighted,
+        )
+        return [
+            metric_types.MetricComputation(
+                keys=[key], preprocessors=None, combiner=_WeightedErrorCombiner(key, eval_config, squared)
+            )
+        ]
+
     return computations
 
 

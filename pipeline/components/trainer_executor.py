@@ -1,4 +1,5 @@
 """The local Trainer's and Tuner's executors: TFX's own, plus the span of each file they train and evaluate on."""
+
 from typing import Any, Dict, List
 
 from absl import logging
@@ -35,25 +36,35 @@ def check_completed(tuner: base_tuner.BaseTuner) -> None:
     if any(t.status == trial_module.TrialStatus.COMPLETED for t in trials):
         return
     reasons = sorted({lines[-1] for lines in ((t.message or "").strip().splitlines() for t in trials) if lines})
-    raise RuntimeError(f"none of the Tuner's {len(trials)} trial(s) completed: "
-                       + ("; ".join(reasons) or "no trial ran"))
+    raise RuntimeError(
+        f"none of the Tuner's {len(trials)} trial(s) completed: " + ("; ".join(reasons) or "no trial ran")
+    )
 
 
 class SpanAwareTrainerExecutor(trainer_executor.GenericExecutor):
     """TFX's Trainer executor, plus the span of each training and eval file pattern in custom_config."""
 
-    def _GetFnArgs(self, input_dict: Dict[str, List[types.Artifact]], output_dict: Dict[str, List[types.Artifact]],
-                   exec_properties: Dict[str, Any]):
+    def _GetFnArgs(
+        self,
+        input_dict: Dict[str, List[types.Artifact]],
+        output_dict: Dict[str, List[types.Artifact]],
+        exec_properties: Dict[str, Any],
+    ):
         return with_file_spans(super()._GetFnArgs(input_dict, output_dict, exec_properties), input_dict)
 
 
 class SpanAwareTunerExecutor(tuner_executor.Executor):
     """TFX's Tuner executor (its search loop and its two outputs), plus the file spans in custom_config."""
 
-    def Do(self, input_dict: Dict[str, List[types.Artifact]], output_dict: Dict[str, List[types.Artifact]],
-           exec_properties: Dict[str, Any]) -> None:
+    def Do(
+        self,
+        input_dict: Dict[str, List[types.Artifact]],
+        output_dict: Dict[str, List[types.Artifact]],
+        exec_properties: Dict[str, Any],
+    ) -> None:
         fn_args = with_file_spans(
-            fn_args_utils.get_common_fn_args(input_dict, exec_properties, self._get_tmp_dir()), input_dict)
+            fn_args_utils.get_common_fn_args(input_dict, exec_properties, self._get_tmp_dir()), input_dict
+        )
         result = udf_utils.get_fn(exec_properties, "tuner_fn")(fn_args)
         tuner = result.tuner
         tuner.search(**result.fit_kwargs)

@@ -7,6 +7,7 @@ previous validated span, classes each anomaly by the question it answers (pipeli
 blocking or warning, and writes TFX's usual ExampleAnomalies artifact plus a `verdict.json`.
 `DataGate` fails the run when the verdict has a blocking anomaly, before Transform and Trainer run.
 """
+
 import dataclasses
 import json
 import logging
@@ -20,8 +21,8 @@ from tfx.types import artifact_utils
 from tfx.utils import io_utils
 
 from models import features
-from pipeline.components.checks import QUESTIONS, check_of
 from pipeline.artifacts import TRAIN_SPLIT, span_of
+from pipeline.components.checks import QUESTIONS, check_of
 
 ANOMALIES_FILE = "SchemaDiff.pb"
 STATISTICS_FILE = "FeatureStats.pb"
@@ -30,9 +31,11 @@ ENVIRONMENT = "TRAINING"
 # Drift is measured on the train split only: the eval split is a hash sample of the same span, a
 # quarter of the size, so its distances would add sampling noise and no information.
 DRIFT_SPLIT = TRAIN_SPLIT
-WHAT_TO_DO = ("What to do (docs/validation-and-spans.md, When a run is blocked): if the data is wrong, fix the files "
-              "and rerun; if the change is real, update schema/schema.pbtxt, or let the check warn for a run with "
-              "--set warning_checks={checks}, and rerun.")
+WHAT_TO_DO = (
+    "What to do (docs/validation-and-spans.md, When a run is blocked): if the data is wrong, fix the files "
+    "and rerun; if the change is real, update schema/schema.pbtxt, or let the check warn for a run with "
+    "--set warning_checks={checks}, and rerun."
+)
 
 
 class DataValidationError(RuntimeError):
@@ -52,8 +55,10 @@ class Finding:
 
     def line(self, splits: str = "") -> str:
         where = f"feature {self.feature!r}" if self.feature else "whole data set"
-        return (f"[{'BLOCKING' if self.blocking else 'warning'}] {self.check}: {where} ({splits or self.split}): "
-                f"{self.description}")
+        return (
+            f"[{'BLOCKING' if self.blocking else 'warning'}] {self.check}: {where} ({splits or self.split}): "
+            f"{self.description}"
+        )
 
 
 @dataclasses.dataclass
@@ -90,24 +95,40 @@ class Verdict:
                 status = "ok"
             else:
                 status = "BLOCKING" if any(f.blocking for f in found) else "warning"
-            result.append({"question": question, "status": status,
-                           "features": sorted({f.feature or "(data set)" for f in found})})
+            result.append(
+                {"question": question, "status": status, "features": sorted({f.feature or "(data set)" for f in found})}
+            )
         other = [f for f in self.findings if f.check == "other"]
         if other:
-            result.append({"question": "Other anomalies", "status": "BLOCKING" if any(f.blocking for f in other)
-                           else "warning", "features": sorted({f.feature or "(data set)" for f in other})})
+            result.append(
+                {
+                    "question": "Other anomalies",
+                    "status": "BLOCKING" if any(f.blocking for f in other) else "warning",
+                    "features": sorted({f.feature or "(data set)" for f in other}),
+                }
+            )
         return result
 
     def to_json(self) -> str:
-        return json.dumps({"span": self.span, "baseline_span": self.baseline_span,
-                           "baseline_statistics": self.baseline_statistics,
-                           "findings": [dataclasses.asdict(f) for f in self.findings]}, indent=1)
+        return json.dumps(
+            {
+                "span": self.span,
+                "baseline_span": self.baseline_span,
+                "baseline_statistics": self.baseline_statistics,
+                "findings": [dataclasses.asdict(f) for f in self.findings],
+            },
+            indent=1,
+        )
 
     @classmethod
     def from_json(cls, text: str) -> "Verdict":
         values = json.loads(text)
-        return cls(values["span"], values["baseline_span"], values["baseline_statistics"],
-                   [Finding(**f) for f in values["findings"]])
+        return cls(
+            values["span"],
+            values["baseline_span"],
+            values["baseline_statistics"],
+            [Finding(**f) for f in values["findings"]],
+        )
 
 
 def split_file(uri: str, split: str, name: str) -> str:
@@ -126,7 +147,8 @@ def read_verdict(anomalies_uri: str) -> Verdict:
 
 
 def csv_presence(
-        statistics: statistics_pb2.DatasetFeatureStatisticsList) -> statistics_pb2.DatasetFeatureStatisticsList:
+    statistics: statistics_pb2.DatasetFeatureStatisticsList,
+) -> statistics_pb2.DatasetFeatureStatisticsList:
     """Statistics in which a NULL CSV field counts as a missing value.
 
     CsvExampleGen turns an empty field into a feature with no values, which TFDV counts as present;
@@ -161,9 +183,16 @@ def findings(anomalies: anomalies_pb2.Anomalies, split: str, warning_checks: Seq
     for feature, info in entries:
         for reason in info.reason:
             check = check_of(reason.type)
-            result.append(Finding(split, feature, check, anomalies_pb2.AnomalyInfo.Type.Name(reason.type),
-                                  f"{reason.short_description}: {reason.description}",
-                                  blocking=check not in warning_checks))
+            result.append(
+                Finding(
+                    split,
+                    feature,
+                    check,
+                    anomalies_pb2.AnomalyInfo.Type.Name(reason.type),
+                    f"{reason.short_description}: {reason.description}",
+                    blocking=check not in warning_checks,
+                )
+            )
     return result
 
 
@@ -195,21 +224,30 @@ def imputed_presence(found: List[Finding], fractions: Dict[str, float], min_frac
             continue
         fraction = fractions.get(finding.feature, 0.0)
         untrusted = finding.split == TRAIN_SPLIT and fraction < min_fraction
-        note = (f" [the model imputes {finding.feature}; present in {fraction:.1%} of {finding.split} rows, "
-                + (f"below {min_fraction:.0%}: too few to train on]" if untrusted
-                   else f"at least {min_fraction:.0%} of training rows: reported, not blocking]"
-                   if finding.split == TRAIN_SPLIT else "the eval split trains nothing: reported, not blocking]"))
+        note = f" [the model imputes {finding.feature}; present in {fraction:.1%} of {finding.split} rows, " + (
+            f"below {min_fraction:.0%}: too few to train on]"
+            if untrusted
+            else f"at least {min_fraction:.0%} of training rows: reported, not blocking]"
+            if finding.split == TRAIN_SPLIT
+            else "the eval split trains nothing: reported, not blocking]"
+        )
         result.append(dataclasses.replace(finding, description=finding.description + note, blocking=untrusted))
     return result
 
 
-def validate_split(current: statistics_pb2.DatasetFeatureStatisticsList, schema: schema_pb2.Schema,
-                   previous: Optional[statistics_pb2.DatasetFeatureStatisticsList],
-                   environment: str = ENVIRONMENT) -> anomalies_pb2.Anomalies:
+def validate_split(
+    current: statistics_pb2.DatasetFeatureStatisticsList,
+    schema: schema_pb2.Schema,
+    previous: Optional[statistics_pb2.DatasetFeatureStatisticsList],
+    environment: str = ENVIRONMENT,
+) -> anomalies_pb2.Anomalies:
     """TFDV's validation of one split against the schema and, where given, the previous span's split."""
     return tfdv.validate_statistics(
-        csv_presence(current), schema, environment=environment,
-        previous_statistics=csv_presence(previous) if previous is not None else None)
+        csv_presence(current),
+        schema,
+        environment=environment,
+        previous_statistics=csv_presence(previous) if previous is not None else None,
+    )
 
 
 def small_span_drift(found: List[Finding], rows: int, previous_rows: int, min_rows: int) -> List[Finding]:
@@ -221,25 +259,37 @@ def small_span_drift(found: List[Finding], rows: int, previous_rows: int, min_ro
     """
     if rows >= min_rows and previous_rows >= min_rows:
         return found
-    note = (f" [{rows} rows against {previous_rows}: under min_drift_rows ({min_rows}) a distance is mostly "
-            "sampling noise: reported, not blocking]")
-    return [dataclasses.replace(f, description=f.description + note, blocking=False)
-            if f.check == "drift" and f.blocking else f for f in found]
+    note = (
+        f" [{rows} rows against {previous_rows}: under min_drift_rows ({min_rows}) a distance is mostly "
+        "sampling noise: reported, not blocking]"
+    )
+    return [
+        dataclasses.replace(f, description=f.description + note, blocking=False)
+        if f.check == "drift" and f.blocking
+        else f
+        for f in found
+    ]
 
 
-def validate_span(current: Dict[str, statistics_pb2.DatasetFeatureStatisticsList], schema: schema_pb2.Schema,
-                  previous: Optional[statistics_pb2.DatasetFeatureStatisticsList], warning_checks: Sequence[str],
-                  min_imputed_presence: float,
-                  min_drift_rows: int) -> Tuple[Dict[str, anomalies_pb2.Anomalies], List[Finding]]:
+def validate_span(
+    current: Dict[str, statistics_pb2.DatasetFeatureStatisticsList],
+    schema: schema_pb2.Schema,
+    previous: Optional[statistics_pb2.DatasetFeatureStatisticsList],
+    warning_checks: Sequence[str],
+    min_imputed_presence: float,
+    min_drift_rows: int,
+) -> Tuple[Dict[str, anomalies_pb2.Anomalies], List[Finding]]:
     """TFDV's anomalies of each split of a span (drift on the train split only), and the findings they make."""
     results, found = {}, []
     for split, statistics in current.items():
         results[split] = validate_split(statistics, schema, previous if split == DRIFT_SPLIT else None)
-        split_found = imputed_presence(findings(results[split], split, warning_checks),
-                                       presence_fractions(statistics), min_imputed_presence)
+        split_found = imputed_presence(
+            findings(results[split], split, warning_checks), presence_fractions(statistics), min_imputed_presence
+        )
         if split == DRIFT_SPLIT and previous is not None:
-            split_found = small_span_drift(split_found, statistics.datasets[0].num_examples,
-                                           previous.datasets[0].num_examples, min_drift_rows)
+            split_found = small_span_drift(
+                split_found, statistics.datasets[0].num_examples, previous.datasets[0].num_examples, min_drift_rows
+            )
         found.extend(split_found)
     return results, found
 
@@ -263,8 +313,10 @@ def DataValidator(
     `min_imputed_presence` of the training rows (`imputed_presence`), and drift blocks only between train
     splits of at least `min_drift_rows` rows (`small_span_drift`)."""
     schema_proto = tfdv.load_schema_text(io_utils.get_only_uri_in_dir(schema.uri))
-    current = {split: load_statistics(statistics.uri, split)
-               for split in artifact_utils.decode_split_names(statistics.split_names)}
+    current = {
+        split: load_statistics(statistics.uri, split)
+        for split in artifact_utils.decode_split_names(statistics.split_names)
+    }
     previous = load_statistics(previous_statistics.uri, DRIFT_SPLIT) if previous_statistics is not None else None
     warn = [check for check in warning_checks.split(",") if check]
     span = span_of(examples.mlmd_artifact)
@@ -274,8 +326,12 @@ def DataValidator(
     for split, result in results.items():
         io_utils.write_bytes_file(split_file(anomalies.uri, split, ANOMALIES_FILE), result.SerializeToString())
     has_baseline = previous_statistics is not None and previous_examples is not None
-    verdict = Verdict(span, span_of(previous_examples.mlmd_artifact) if has_baseline else None,
-                      previous_statistics.uri if has_baseline else "", found)
+    verdict = Verdict(
+        span,
+        span_of(previous_examples.mlmd_artifact) if has_baseline else None,
+        previous_statistics.uri if has_baseline else "",
+        found,
+    )
     io_utils.write_string_file(os.path.join(anomalies.uri, VERDICT_FILE), verdict.to_json())
     anomalies.set_int_custom_property("blocking", len(verdict.blocking))
     anomalies.set_int_custom_property("warnings", len(found) - len(verdict.blocking))
@@ -300,6 +356,9 @@ def DataGate(
     if blocking:
         raise DataValidationError(
             f"span {verdict.span} failed data validation ({len(blocking)} blocking "
-            f"anomal{'y' if len(blocking) == 1 else 'ies'}):\n  " + "\n  ".join(blocking) + "\n"
-            + WHAT_TO_DO.format(checks=",".join(sorted({f.check for f in verdict.blocking}))))
+            f"anomal{'y' if len(blocking) == 1 else 'ies'}):\n  "
+            + "\n  ".join(blocking)
+            + "\n"
+            + WHAT_TO_DO.format(checks=",".join(sorted({f.check for f in verdict.blocking})))
+        )
     logging.info("span %d passed validation: examples %s, statistics %s", verdict.span, examples.uri, statistics.uri)

@@ -10,6 +10,7 @@ Every subcommand takes --json. The store is outputs/metadata.sqlite unless --sto
 otherwise; these flags go before or after the subcommand. RUN may be a run id or a negative index (-1 = the
 latest run).
 """
+
 import argparse
 import datetime
 import json
@@ -22,6 +23,7 @@ from ml_metadata.proto import metadata_store_pb2
 
 from pipeline.artifacts import GATE_ID, TFLITE_MODEL_TYPE
 from pipeline.metadata.mlmd import INPUT_EVENTS, STATES, MetadataError, Store, open_sqlite, value_of
+
 
 def _timestamp(milliseconds: int) -> str:
     return datetime.datetime.fromtimestamp(milliseconds / 1000, datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
@@ -40,8 +42,10 @@ def connect(args: argparse.Namespace) -> Store:
     try:
         return Store(metadata_store.MetadataStore(config))
     except Exception as error:  # MLMD raises its own status errors with C++ detail
-        raise MetadataError(f"can't open the ML Metadata store at MySQL {args.mysql_host}:{args.mysql_port}/"
-                            f"{args.mysql_database}: {error}") from None
+        raise MetadataError(
+            f"can't open the ML Metadata store at MySQL {args.mysql_host}:{args.mysql_port}/"
+            f"{args.mysql_database}: {error}"
+        ) from None
 
 
 def _sqlite_path(args: argparse.Namespace) -> Optional[str]:
@@ -53,19 +57,35 @@ def _run_summary(store: Store, run: metadata_store_pb2.Context, sqlite_path: Opt
     executions = store.executions(run)
     states = [STATES.get(e.last_known_state, "unknown") for e in executions]
     start, seconds = store.run_times(run)
-    return {"run": run.name, "status": store.run_status(run, sqlite_path), "started": _timestamp(start),
-            "seconds": seconds, "steps": len(executions), "cached": states.count("cached")}
+    return {
+        "run": run.name,
+        "status": store.run_status(run, sqlite_path),
+        "started": _timestamp(start),
+        "seconds": seconds,
+        "steps": len(executions),
+        "cached": states.count("cached"),
+    }
 
 
 def _output_rows(store: Store, outputs: Dict[str, List[metadata_store_pb2.Artifact]]) -> List[Dict[str, Any]]:
     """Output artifacts as rows: key, id, type and URI."""
-    return [{"key": key, "id": a.id, "type": store.type_name(a), "uri": a.uri}
-            for key, artifacts in outputs.items() for a in artifacts]
+    return [
+        {"key": key, "id": a.id, "type": store.type_name(a), "uri": a.uri}
+        for key, artifacts in outputs.items()
+        for a in artifacts
+    ]
 
 
 def _steps(store: Store, run: metadata_store_pb2.Context) -> List[Dict[str, Any]]:
-    return [{"step": step.node_id, "state": step.state, "seconds": step.seconds,
-             "outputs": _output_rows(store, step.outputs)} for step in store.steps(run)]
+    return [
+        {
+            "step": step.node_id,
+            "state": step.state,
+            "seconds": step.seconds,
+            "outputs": _output_rows(store, step.outputs),
+        }
+        for step in store.steps(run)
+    ]
 
 
 def _lineage(store: Store, artifact: metadata_store_pb2.Artifact) -> Dict[str, Any]:
@@ -90,9 +110,14 @@ def _lineage(store: Store, artifact: metadata_store_pb2.Artifact) -> Dict[str, A
                     upstream.append(dict(store.describe(parent), consumed_by=store.node_of(consumer)))
                     frontier.append(parent)
     consumers = [e for e in store.events(artifact_ids=[artifact.id]) if e.type in INPUT_EVENTS]
-    downstream = [{"step": store.node_of(execution), "run": store.run_of(execution),
-                   "state": STATES.get(execution.last_known_state, "unknown")}
-                  for execution in store.executions_by_id({e.execution_id for e in consumers})]
+    downstream = [
+        {
+            "step": store.node_of(execution),
+            "run": store.run_of(execution),
+            "state": STATES.get(execution.last_known_state, "unknown"),
+        }
+        for execution in store.executions_by_id({e.execution_id for e in consumers})
+    ]
     return {"artifact": store.describe(artifact), "upstream": upstream, "downstream": downstream}
 
 
@@ -101,9 +126,9 @@ def _show(store: Store, artifact: metadata_store_pb2.Artifact) -> Dict[str, Any]
     from tfx.types.standard_artifacts import HyperParameters, InfraBlessing, TunerResults
 
     from pipeline.components import infra_validator, monitor, tflite_export
-    from pipeline.reports import summary
     from pipeline.components.monitor import PredictionStatistics
     from pipeline.components.validation import read_verdict
+    from pipeline.reports import summary
 
     described = store.describe(artifact)
     kind = described["type"]
@@ -113,8 +138,11 @@ def _show(store: Store, artifact: metadata_store_pb2.Artifact) -> Dict[str, Any]
             rows = {}
             for feature in stats.features:
                 name = feature.path.step[0]
-                common = (feature.num_stats.common_stats if feature.HasField("num_stats")
-                          else feature.string_stats.common_stats)
+                common = (
+                    feature.num_stats.common_stats
+                    if feature.HasField("num_stats")
+                    else feature.string_stats.common_stats
+                )
                 row = {"count": common.num_non_missing, "missing": common.num_missing}
                 if feature.HasField("num_stats"):
                     row.update(mean=round(feature.num_stats.mean, 4), std=round(feature.num_stats.std_dev, 4))
@@ -124,8 +152,12 @@ def _show(store: Store, artifact: metadata_store_pb2.Artifact) -> Dict[str, Any]
             content[split] = {"examples": stats.num_examples, "features": rows}
     elif kind == "ExampleAnomalies":
         verdict = read_verdict(artifact.uri)
-        content = {"span": verdict.span, "compared_with_span": verdict.baseline_span,
-                   "questions": verdict.answers(), "anomalies": verdict.lines()}
+        content = {
+            "span": verdict.span,
+            "compared_with_span": verdict.baseline_span,
+            "questions": verdict.answers(),
+            "anomalies": verdict.lines(),
+        }
     elif kind == "ModelEvaluation":
         import tensorflow_model_analysis as tfma
 
@@ -133,17 +165,25 @@ def _show(store: Store, artifact: metadata_store_pb2.Artifact) -> Dict[str, Any]
         evaluator = store.producer(artifact)
         thresholds = summary.evaluation_thresholds(store, artifact)
         blessings = store.outputs(evaluator).get("blessing", []) if evaluator else []
-        content = {"metrics": summary.slice_metrics(artifact.uri), "thresholds": thresholds,
-                   "validation_ok": validation.validation_ok,
-                   "blessed": bool(blessings) and value_of(blessings[0].custom_properties["blessed"]) == 1,
-                   "failures": [f"{f.metric_key.name} = {f.metric_value.double_value.value:.3f}"
-                                for s in validation.metric_validations_per_slice for f in s.failures]}
+        content = {
+            "metrics": summary.slice_metrics(artifact.uri),
+            "thresholds": thresholds,
+            "validation_ok": validation.validation_ok,
+            "blessed": bool(blessings) and value_of(blessings[0].custom_properties["blessed"]) == 1,
+            "failures": [
+                f"{f.metric_key.name} = {f.metric_value.double_value.value:.3f}"
+                for s in validation.metric_validations_per_slice
+                for f in s.failures
+            ],
+        }
     elif kind == "ModelBlessing":
         content = {"blessed": described["properties"].get("blessed") == 1}
     elif kind == "PushedModel":
-        content = {"pushed": described["properties"].get("pushed") == 1,
-                   "path": described["properties"].get("pushed_destination"),
-                   "version": described["properties"].get("pushed_version")}
+        content = {
+            "pushed": described["properties"].get("pushed") == 1,
+            "path": described["properties"].get("pushed_destination"),
+            "version": described["properties"].get("pushed_version"),
+        }
     elif kind == PredictionStatistics.TYPE_NAME:
         content = monitor.read(artifact.uri)
     elif kind == InfraBlessing.TYPE_NAME:
@@ -154,8 +194,10 @@ def _show(store: Store, artifact: metadata_store_pb2.Artifact) -> Dict[str, Any]
         tuner = store.producer(artifact)
         outputs = store.outputs(tuner) if tuner else {}
         if not (outputs.get("best_hyperparameters") and outputs.get("tuner_results")):
-            raise MetadataError(f"#{artifact.id} {kind}: the Tuner execution that wrote it, and its other output, "
-                                "are not in ML Metadata")
+            raise MetadataError(
+                f"#{artifact.id} {kind}: the Tuner execution that wrote it, and its other output, "
+                "are not in ML Metadata"
+            )
         content = summary.tuning_record(outputs["best_hyperparameters"][0].uri, outputs["tuner_results"][0].uri)
     else:
         content = {}
@@ -166,10 +208,16 @@ def _diff(store: Store, run_a: metadata_store_pb2.Context, run_b: metadata_store
     """Which steps ran or were cached in each run, and how their outputs' key numbers changed."""
     steps_a = {s["step"]: s for s in _steps(store, run_a)}
     steps_b = {s["step"]: s for s in _steps(store, run_b)}
-    steps = [{"step": name, "a": steps_a.get(name, {}).get("state"), "b": steps_b.get(name, {}).get("state"),
-              "same_outputs": sorted(o["id"] for o in steps_a.get(name, {}).get("outputs", []))
-              == sorted(o["id"] for o in steps_b.get(name, {}).get("outputs", []))}
-             for name in list(steps_a) + [n for n in steps_b if n not in steps_a]]
+    steps = [
+        {
+            "step": name,
+            "a": steps_a.get(name, {}).get("state"),
+            "b": steps_b.get(name, {}).get("state"),
+            "same_outputs": sorted(o["id"] for o in steps_a.get(name, {}).get("outputs", []))
+            == sorted(o["id"] for o in steps_b.get(name, {}).get("outputs", [])),
+        }
+        for name in list(steps_a) + [n for n in steps_b if n not in steps_a]
+    ]
 
     def numbers(step_outputs: Dict[str, Dict[str, Any]]) -> Dict[str, float]:
         from pipeline.reports import summary
@@ -178,8 +226,13 @@ def _diff(store: Store, run_a: metadata_store_pb2.Context, run_b: metadata_store
         for output in step_outputs.get("Evaluator", {}).get("outputs", []):
             if output["type"] == "ModelEvaluation":
                 overall = summary.slice_metrics(output["uri"]).get("overall", {})
-                result.update({f"eval {k}": round(v, 4) for k, v in overall.items()
-                               if k in ("root_mean_squared_error", "mean_absolute_error")})
+                result.update(
+                    {
+                        f"eval {k}": round(v, 4)
+                        for k, v in overall.items()
+                        if k in ("root_mean_squared_error", "mean_absolute_error")
+                    }
+                )
         for output in step_outputs.get("StatisticsGen", {}).get("outputs", []):
             if output["type"] == "ExampleStatistics":
                 for split, stats in summary.split_stats(store.artifact(output["id"])).items():
@@ -187,8 +240,9 @@ def _diff(store: Store, run_a: metadata_store_pb2.Context, run_b: metadata_store
         return result
 
     numbers_a, numbers_b = numbers(steps_a), numbers(steps_b)
-    changes = {key: {"a": numbers_a.get(key), "b": numbers_b.get(key)}
-               for key in sorted(set(numbers_a) | set(numbers_b))}
+    changes = {
+        key: {"a": numbers_a.get(key), "b": numbers_b.get(key)} for key in sorted(set(numbers_a) | set(numbers_b))
+    }
     return {"a": run_a.name, "b": run_b.name, "steps": steps, "numbers": changes}
 
 
@@ -209,25 +263,33 @@ def _human(command: str, result: Any) -> None:
                 print(f"    {output['key']}: #{output['id']} {output['type']} {output['uri']}")
         stopped = [step["step"] for step in result if step["state"] == "interrupted"]
         if stopped:
-            print(f"interrupted in {', '.join(stopped)}: no process is running this run any more (killed, or its "
-                  "machine lost). Run the pipeline again: it reuses every step that completed.")
+            print(
+                f"interrupted in {', '.join(stopped)}: no process is running this run any more (killed, or its "
+                "machine lost). Run the pipeline again: it reuses every step that completed."
+            )
     elif command == "artifacts":
-        _print_table([dict(a, properties=json.dumps(a["properties"], sort_keys=True)) for a in result],
-                     ["id", "type", "producer", "uri", "properties"])
+        _print_table(
+            [dict(a, properties=json.dumps(a["properties"], sort_keys=True)) for a in result],
+            ["id", "type", "producer", "uri", "properties"],
+        )
     elif command == "lineage":
         a = result["artifact"]
         print(f"#{a['id']} {a['type']} from {a['producer']}: {a['uri']}")
         print("made from:")
         for item in result["upstream"]:
-            print(f"  #{item['id']} {item['type']:<20} by {item['producer'] or 'import':<16} "
-                  f"-> {item['consumed_by']:<16} {item['uri']}")
+            print(
+                f"  #{item['id']} {item['type']:<20} by {item['producer'] or 'import':<16} "
+                f"-> {item['consumed_by']:<16} {item['uri']}"
+            )
         print("used by:" if result["downstream"] else "used by: nothing yet")
         for item in result["downstream"]:
             print(f"  {item['step']} in run {item['run']} ({item['state']})")
     elif command == "diff":
         print(f"a = {result['a']}\nb = {result['b']}")
-        _print_table([dict(s, outputs="same" if s["same_outputs"] else "new") for s in result["steps"]],
-                     ["step", "a", "b", "outputs"])
+        _print_table(
+            [dict(s, outputs="same" if s["same_outputs"] else "new") for s in result["steps"]],
+            ["step", "a", "b", "outputs"],
+        )
         for key, change in result["numbers"].items():
             print(f"{key}: {change['a']} -> {change['b']}")
     else:  # show
@@ -238,13 +300,23 @@ def _human(command: str, result: Any) -> None:
         if result["type"] == "ExampleStatistics":
             for split, stats in content.items():
                 print(f"split {split}: {stats['examples']} examples")
-                _print_table([dict(feature=name, **row) for name, row in stats["features"].items()],
-                             ["feature", "count", "missing", "mean", "std", "top"])
+                _print_table(
+                    [dict(feature=name, **row) for name, row in stats["features"].items()],
+                    ["feature", "count", "missing", "mean", "std", "top"],
+                )
         elif result["type"] == "ModelEvaluation":
-            _print_table([{"slice": name, "rmse": round(m.get("root_mean_squared_error", float("nan")), 3),
-                           "mae": round(m.get("mean_absolute_error", float("nan")), 3),
-                           "n": m.get("weighted_example_count")} for name, m in content["metrics"].items()],
-                         ["slice", "rmse", "mae", "n"])
+            _print_table(
+                [
+                    {
+                        "slice": name,
+                        "rmse": round(m.get("root_mean_squared_error", float("nan")), 3),
+                        "mae": round(m.get("mean_absolute_error", float("nan")), 3),
+                        "n": m.get("weighted_example_count"),
+                    }
+                    for name, m in content["metrics"].items()
+                ],
+                ["slice", "rmse", "mae", "n"],
+            )
             for metric, thresholds in content["thresholds"].items():
                 print(f"threshold {metric}: {json.dumps(thresholds)}")
             print(f"blessed: {content['blessed']}" + "".join(f"\n  failed: {f}" for f in content["failures"]))
@@ -253,8 +325,10 @@ def _human(command: str, result: Any) -> None:
 
             print("\n".join(infra_lines(content, indent="")))
             budget = content["budget"]
-            print(f"budget: {budget['max_memory_mb']:g} MiB, p99 {budget['max_p99_ms']:g} ms, "
-                  f"load within {budget['load_timeout_seconds']:g} s")
+            print(
+                f"budget: {budget['max_memory_mb']:g} MiB, p99 {budget['max_p99_ms']:g} ms, "
+                f"load within {budget['load_timeout_seconds']:g} s"
+            )
         elif result["type"] in ("HyperParameters", "TunerResults"):
             from pipeline.reports.summary import tuning_lines
 
@@ -274,8 +348,11 @@ def _human(command: str, result: Any) -> None:
 
 
 def _latest_pushed_model(store: Store) -> metadata_store_pb2.Artifact:
-    pushed = [a for a in store.artifacts() if store.type_name(a) == "PushedModel"
-              and value_of(a.custom_properties["pushed"]) == 1]
+    pushed = [
+        a
+        for a in store.artifacts()
+        if store.type_name(a) == "PushedModel" and value_of(a.custom_properties["pushed"]) == 1
+    ]
     if not pushed:
         raise MetadataError("no model has been pushed yet; pass an artifact id (babyweight metadata artifacts)")
     return pushed[-1]
@@ -324,10 +401,12 @@ def _store_flags(parser: argparse.ArgumentParser, defaults: bool) -> None:
         return value if defaults else argparse.SUPPRESS
 
     store = config_lib.load_config().metadata_path if defaults else None
-    parser.add_argument("--store", default=default(store),
-                        help="SQLite store (default: the local profile's outputs/metadata.sqlite)")
-    parser.add_argument("--mysql-host", default=default(None),
-                        help="read a MySQL-compatible ML Metadata server instead")
+    parser.add_argument(
+        "--store", default=default(store), help="SQLite store (default: the local profile's outputs/metadata.sqlite)"
+    )
+    parser.add_argument(
+        "--mysql-host", default=default(None), help="read a MySQL-compatible ML Metadata server instead"
+    )
     parser.add_argument("--mysql-port", type=int, default=default(3306))
     parser.add_argument("--mysql-database", default=default("mlmd"))
     parser.add_argument("--mysql-user", default=default("mlmd"))

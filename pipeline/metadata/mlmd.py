@@ -2,6 +2,7 @@
 
 The run summary, the benchmark and `babyweight metadata` all read the store through this one module.
 """
+
 import contextlib
 import dataclasses
 import fcntl
@@ -113,8 +114,9 @@ class Store:
         if not found:
             ids = sorted(a.id for a in self._store.get_artifacts())
             known = f"artifacts {ids[0]}-{ids[-1]}" if ids else "no artifacts"
-            raise MetadataError(f"unknown artifact {artifact_id!r}; the store has {known} "
-                                "(babyweight metadata artifacts lists them)")
+            raise MetadataError(
+                f"unknown artifact {artifact_id!r}; the store has {known} (babyweight metadata artifacts lists them)"
+            )
         return found[0]
 
     def artifacts(self) -> List[metadata_store_pb2.Artifact]:
@@ -138,11 +140,20 @@ class Store:
     def describe(self, artifact: metadata_store_pb2.Artifact) -> Dict[str, Any]:
         producer = self.producer(artifact)
         properties = {k: value_of(v) for k, v in artifact.properties.items()}
-        properties.update({k: value_of(v) for k, v in artifact.custom_properties.items()
-                           if k not in ("tfx_version", "is_external", "state")})
-        return {"id": artifact.id, "type": self.type_name(artifact),
-                "producer": self.node_of(producer) if producer else None, "uri": artifact.uri,
-                "properties": properties}
+        properties.update(
+            {
+                k: value_of(v)
+                for k, v in artifact.custom_properties.items()
+                if k not in ("tfx_version", "is_external", "state")
+            }
+        )
+        return {
+            "id": artifact.id,
+            "type": self.type_name(artifact),
+            "producer": self.node_of(producer) if producer else None,
+            "uri": artifact.uri,
+            "properties": properties,
+        }
 
     def outputs(self, execution: metadata_store_pb2.Execution) -> Dict[str, List[metadata_store_pb2.Artifact]]:
         """An execution's output artifacts by output key."""
@@ -152,8 +163,9 @@ class Store:
         """An execution's input artifacts by input key."""
         return self._artifacts_by_key(execution, INPUT_EVENTS)
 
-    def _artifacts_by_key(self, execution: metadata_store_pb2.Execution,
-                          event_types: Iterable[int]) -> Dict[str, List[metadata_store_pb2.Artifact]]:
+    def _artifacts_by_key(
+        self, execution: metadata_store_pb2.Execution, event_types: Iterable[int]
+    ) -> Dict[str, List[metadata_store_pb2.Artifact]]:
         events = [e for e in self.events(execution_ids=[execution.id]) if e.type in event_types]
         artifacts = {a.id: a for a in self.artifacts_by_id([e.artifact_id for e in events])}
         by_key: Dict[str, List[metadata_store_pb2.Artifact]] = {}
@@ -169,12 +181,16 @@ class Store:
 
     def steps(self, run: metadata_store_pb2.Context) -> List[StepRecord]:
         """The executions of a run, in the order they started, with their output artifacts."""
-        return [StepRecord(
-            node_id=self.node_of(execution),
-            state=STATES.get(execution.last_known_state, "unknown"),
-            seconds=round((execution.last_update_time_since_epoch - execution.create_time_since_epoch) / 1000, 1),
-            outputs=self.outputs(execution),
-            inputs=self.inputs(execution)) for execution in self.executions(run)]
+        return [
+            StepRecord(
+                node_id=self.node_of(execution),
+                state=STATES.get(execution.last_known_state, "unknown"),
+                seconds=round((execution.last_update_time_since_epoch - execution.create_time_since_epoch) / 1000, 1),
+                outputs=self.outputs(execution),
+                inputs=self.inputs(execution),
+            )
+            for execution in self.executions(run)
+        ]
 
 
 def open_sqlite(path: str, read_only: bool = True) -> Store:

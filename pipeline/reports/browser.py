@@ -7,6 +7,7 @@ headings the page shows. The tests check reports with it; `make report-screensho
 
     python -m pipeline.reports.browser screenshot --output docs/report.png [REPORT]
 """
+
 import argparse
 import base64
 import dataclasses
@@ -80,10 +81,20 @@ class Chromium:
         for fd in (pipes[0][0], pipes[1][1]):
             os.close(fd)
         self._to_browser, self._from_browser = pipes[0][1], pipes[1][0]
-        arguments = [binary, "--headless", "--remote-debugging-pipe", f"--user-data-dir={self._profile}",
-                     "--no-first-run", "--no-default-browser-check", "--disable-gpu", "--hide-scrollbars",
-                     "--disable-extensions", "--disable-background-networking", "--disable-dev-shm-usage",
-                     f"--window-size={width},{height}"]
+        arguments = [
+            binary,
+            "--headless",
+            "--remote-debugging-pipe",
+            f"--user-data-dir={self._profile}",
+            "--no-first-run",
+            "--no-default-browser-check",
+            "--disable-gpu",
+            "--hide-scrollbars",
+            "--disable-extensions",
+            "--disable-background-networking",
+            "--disable-dev-shm-usage",
+            f"--window-size={width},{height}",
+        ]
         if os.geteuid() == 0:
             arguments.append("--no-sandbox")  # Chromium refuses to run as root with its sandbox
         # bash moves the pipes to 3 and 4, where Chromium expects them, then becomes Chromium (no preexec_fn: this
@@ -91,8 +102,13 @@ class Chromium:
         moves = f'exec "$0" "$@" 3<&{reading} 4>&{writing} {reading}<&- {writing}>&-'
         try:
             with open(self._stderr_path, "wb") as stderr:
-                self._process = subprocess.Popen(["bash", "-c", moves, *arguments], pass_fds=(reading, writing),
-                                                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr)
+                self._process = subprocess.Popen(
+                    ["bash", "-c", moves, *arguments],
+                    pass_fds=(reading, writing),
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.DEVNULL,
+                    stderr=stderr,
+                )
         except OSError as error:
             for fd in (self._to_browser, self._from_browser):
                 os.close(fd)
@@ -107,14 +123,17 @@ class Chromium:
         self._session = ""
         try:
             target = self.send("Target.createTarget", {"url": "about:blank"}, session=False)["targetId"]
-            self._session = self.send("Target.attachToTarget", {"targetId": target, "flatten": True},
-                                      session=False)["sessionId"]
+            self._session = self.send("Target.attachToTarget", {"targetId": target, "flatten": True}, session=False)[
+                "sessionId"
+            ]
             for domain in ("Page", "Runtime", "Log", "Network", "Inspector"):
                 self.send(f"{domain}.enable")
             # Offline: anything but the page's own file and data URIs is refused (and shows as a console error).
             self.send("Network.setBlockedURLs", {"urls": ["http://*", "https://*", "ws://*", "wss://*"]})
-            self.send("Emulation.setDeviceMetricsOverride", {"width": width, "height": height,
-                                                             "deviceScaleFactor": 1, "mobile": False})
+            self.send(
+                "Emulation.setDeviceMetricsOverride",
+                {"width": width, "height": height, "deviceScaleFactor": 1, "mobile": False},
+            )
         except BaseException:
             self.close()
             raise
@@ -153,8 +172,10 @@ class Chromium:
         except subprocess.TimeoutExpired:
             code = None
         said = self._stderr_path.read_text(errors="replace")[-2000:].strip() if self._stderr_path.exists() else ""
-        return BrowserError(f"{what} (Chromium {'still running' if code is None else f'exit code {code}'})"
-                            + (f"; its stderr ends: {said}" if said else ""))
+        return BrowserError(
+            f"{what} (Chromium {'still running' if code is None else f'exit code {code}'})"
+            + (f"; its stderr ends: {said}" if said else "")
+        )
 
     def _read_message(self, deadline: float) -> Dict[str, Any]:
         while b"\0" not in self._buffer:
@@ -209,14 +230,17 @@ class Chromium:
         self.events.clear()
         self.send("Page.navigate", {"url": pathlib.Path(path).resolve().as_uri()})
         self.wait_for("Page.loadEventFired")
-        shown = self.send("Runtime.evaluate", {"expression": INSPECT, "awaitPromise": True,
-                                               "returnByValue": True})["result"]["value"]
+        shown = self.send("Runtime.evaluate", {"expression": INSPECT, "awaitPromise": True, "returnByValue": True})[
+            "result"
+        ]["value"]
         errors, requests = [], []
         for event in self.events:
             params = event.get("params", {})
             if event.get("method") == "Runtime.exceptionThrown":
-                errors.append(params["exceptionDetails"].get("exception", {}).get("description")
-                              or params["exceptionDetails"].get("text", ""))
+                errors.append(
+                    params["exceptionDetails"].get("exception", {}).get("description")
+                    or params["exceptionDetails"].get("text", "")
+                )
             elif event.get("method") == "Runtime.consoleAPICalled" and params.get("type") in ("error", "assert"):
                 errors.append(" ".join(str(arg.get("value", arg.get("description", ""))) for arg in params["args"]))
             elif event.get("method") == "Log.entryAdded" and params["entry"]["level"] == "error":
@@ -229,12 +253,15 @@ class Chromium:
     def screenshot(self, top_heading: str = "", height: int = 0) -> bytes:
         """A PNG of the loaded page: from the heading that starts with `top_heading` (else the top), `height` px
         tall (else the viewport's height)."""
-        expression = ("(() => { const found = [...document.querySelectorAll('h1, h2, h3')].find(h => "
-                      f"h.textContent.trim().startsWith({json.dumps(top_heading)})); const box = "
-                      "(found || document.body).getBoundingClientRect(); return [box.top + window.scrollY, "
-                      "document.documentElement.scrollWidth, window.innerHeight]; })()")
-        top, width, viewport = self.send("Runtime.evaluate", {"expression": expression,
-                                                              "returnByValue": True})["result"]["value"]
+        expression = (
+            "(() => { const found = [...document.querySelectorAll('h1, h2, h3')].find(h => "
+            f"h.textContent.trim().startsWith({json.dumps(top_heading)})); const box = "
+            "(found || document.body).getBoundingClientRect(); return [box.top + window.scrollY, "
+            "document.documentElement.scrollWidth, window.innerHeight]; })()"
+        )
+        top, width, viewport = self.send("Runtime.evaluate", {"expression": expression, "returnByValue": True})[
+            "result"
+        ]["value"]
         clip = {"x": 0, "y": max(top - 8, 0), "width": width, "height": height or viewport, "scale": 1}
         data = self.send("Page.captureScreenshot", {"format": "png", "clip": clip, "captureBeyondViewport": True})
         return base64.b64decode(data["data"])
@@ -270,9 +297,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     page = args.report
     if page is None:  # the reports' folder is the pipeline's: its import loads TensorFlow, quietly
         import babyweight_cli
+
         babyweight_cli.install_quiet_tensorflow()
         from pipeline import config as config_lib
         from pipeline.reports import report
+
         page = latest_report(report.reports_dir(config_lib.load_config()))
     if page is None or not page.is_file():
         print(f"error: no report at {page or 'outputs/reports'} (make run writes one)", file=sys.stderr)

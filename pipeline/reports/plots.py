@@ -4,6 +4,7 @@ Each plot is an `<img>` holding its SVG as a data URI: the page needs no network
 plot's drawing ids cannot clash with another's, and text stays text (sharp at any zoom). Dense marks (the
 predicted-against-actual grid) are drawn as a small bitmap inside the SVG, so a page stays a few hundred kB.
 """
+
 import base64
 import functools
 import html
@@ -17,17 +18,27 @@ from matplotlib import colors
 from matplotlib.figure import Figure
 from tensorflow_metadata.proto.v0 import statistics_pb2
 
-STYLE = {"svg.fonttype": "none", "svg.hashsalt": "babyweight", "font.size": 8, "axes.titlesize": 8.5,
-         "axes.spines.top": False, "axes.spines.right": False, "legend.fontsize": 7, "legend.frameon": False}
+STYLE = {
+    "svg.fonttype": "none",
+    "svg.hashsalt": "babyweight",
+    "font.size": 8,
+    "axes.titlesize": 8.5,
+    "axes.spines.top": False,
+    "axes.spines.right": False,
+    "legend.fontsize": 7,
+    "legend.frameon": False,
+}
 NOW, BEFORE, ALERT, LIMIT = "#1f77b4", "#a0a0a0", "#c00000", "#c00000"
 
 
 def _styled(draw: Callable[..., str]) -> Callable[..., str]:
     """Draws under the house style (rcParams are read both when marks are made and when the SVG is written)."""
+
     @functools.wraps(draw)
     def styled(*args, **kwargs) -> str:
         with matplotlib.rc_context(STYLE):
             return draw(*args, **kwargs)
+
     return styled
 
 
@@ -49,8 +60,7 @@ def _axes(figure: Figure, *grid: int):
 
 def _numeric_shape(feature: statistics_pb2.FeatureNameStatistics):
     """Bucket edges and share of rows per unit of the value (so spans with other buckets overlay)."""
-    histogram = next((h for h in feature.num_stats.histograms
-                      if h.type == statistics_pb2.Histogram.STANDARD), None)
+    histogram = next((h for h in feature.num_stats.histograms if h.type == statistics_pb2.Histogram.STANDARD), None)
     if histogram is None or not histogram.buckets:
         return None
     total = sum(b.sample_count for b in histogram.buckets) or 1
@@ -67,9 +77,16 @@ def _shares(feature: statistics_pb2.FeatureNameStatistics) -> Dict[str, float]:
 
 
 @_styled
-def distribution(title: str, current: statistics_pb2.FeatureNameStatistics, now: str,
-                 previous: Optional[statistics_pb2.FeatureNameStatistics], before: str, alert: bool,
-                 values: Optional[Dict[str, np.ndarray]] = None, unknown_codes: Sequence[float] = ()) -> str:
+def distribution(
+    title: str,
+    current: statistics_pb2.FeatureNameStatistics,
+    now: str,
+    previous: Optional[statistics_pb2.FeatureNameStatistics],
+    before: str,
+    alert: bool,
+    values: Optional[Dict[str, np.ndarray]] = None,
+    unknown_codes: Sequence[float] = (),
+) -> str:
     """One feature's distribution in the new span over the previous span's, titled `title` (in red if `alert`).
 
     With `values` (a sample of the column's raw values, NaN where none: "now" and "before" the spans) and its
@@ -80,13 +97,21 @@ def distribution(title: str, current: statistics_pb2.FeatureNameStatistics, now:
     figure = _figure(3.4, 2.3)
     axes = _axes(figure)
     if current.HasField("num_stats"):
-        for stats, label, colour, fill in ((previous, before, BEFORE, True), (current, now, NOW, False)):
+        for stats, colour, fill in ((previous, BEFORE, True), (current, NOW, False)):
             shape = _numeric_shape(stats) if stats is not None else None
             if shape is None:
                 continue
             lows, widths, density = shape
-            axes.bar(lows, density, widths, align="edge", color=colour if fill else "none",
-                     edgecolor=colour, alpha=0.6 if fill else 1.0, linewidth=1.2)
+            axes.bar(
+                lows,
+                density,
+                widths,
+                align="edge",
+                color=colour if fill else "none",
+                edgecolor=colour,
+                alpha=0.6 if fill else 1.0,
+                linewidth=1.2,
+            )
         axes.set_ylabel("share per unit")
         axes.set_xlabel(f"grey: {before}, blue outline: {now}" if previous is not None else now, fontsize=7)
     else:
@@ -96,8 +121,12 @@ def distribution(title: str, current: statistics_pb2.FeatureNameStatistics, now:
         positions = np.arange(len(values_shown))
         if shares_before:
             axes.bar(positions - 0.2, [shares_before.get(v, 0) for v in values_shown], 0.4, color=BEFORE)
-        axes.bar(positions + (0.2 if shares_before else 0), [shares_now.get(v, 0) for v in values_shown],
-                 0.4 if shares_before else 0.6, color=NOW)
+        axes.bar(
+            positions + (0.2 if shares_before else 0),
+            [shares_now.get(v, 0) for v in values_shown],
+            0.4 if shares_before else 0.6,
+            color=NOW,
+        )
         axes.set_xticks(positions, [v[:10] for v in values_shown])
         axes.set_ylabel("share of rows")
         axes.set_xlabel(f"grey: {before}, blue: {now}" if shares_before else now, fontsize=7)
@@ -110,15 +139,19 @@ def unknown_shares(values: Dict[str, np.ndarray], unknown_codes: Sequence[float]
     return {key: float(np.isin(column, unknown_codes).mean()) for key, column in values.items() if len(column)}
 
 
-def _distribution_with_unknown(title: str, values: Dict[str, np.ndarray], now: str, before: str, alert: bool,
-                               unknown_codes: Sequence[float]) -> str:
+def _distribution_with_unknown(
+    title: str, values: Dict[str, np.ndarray], now: str, before: str, alert: bool, unknown_codes: Sequence[float]
+) -> str:
     """Known values as a histogram (share of rows per unit, on bins shared by both spans) beside one bar group
     for the 'unknown' codes (share of rows), each span's shares of all its rows."""
-    spans = [(key, label, colour, fill) for key, label, colour, fill in (("before", before, BEFORE, True),
-                                                                         ("now", now, NOW, False))
-             if values.get(key) is not None and len(values[key])]
-    known = {key: values[key][np.isfinite(values[key]) & ~np.isin(values[key], unknown_codes)]
-             for key, _, _, _ in spans}
+    spans = [
+        (key, label, colour, fill)
+        for key, label, colour, fill in (("before", before, BEFORE, True), ("now", now, NOW, False))
+        if values.get(key) is not None and len(values[key])
+    ]
+    known = {
+        key: values[key][np.isfinite(values[key]) & ~np.isin(values[key], unknown_codes)] for key, _, _, _ in spans
+    }
     pooled = np.concatenate([v for v in known.values()]) if known else np.array([])
     if pooled.size:
         low, high = float(pooled.min()), float(pooled.max())
@@ -133,8 +166,16 @@ def _distribution_with_unknown(title: str, values: Dict[str, np.ndarray], now: s
     for index, (key, _, colour, fill) in enumerate(spans):
         counts, _ = np.histogram(known[key], edges)
         total = len(values[key])
-        axes.bar(edges[:-1], counts / total / np.diff(edges), np.diff(edges), align="edge",
-                 color=colour if fill else "none", edgecolor=colour, alpha=0.6 if fill else 1.0, linewidth=1.2)
+        axes.bar(
+            edges[:-1],
+            counts / total / np.diff(edges),
+            np.diff(edges),
+            align="edge",
+            color=colour if fill else "none",
+            edgecolor=colour,
+            alpha=0.6 if fill else 1.0,
+            linewidth=1.2,
+        )
         side.bar(index, shares[key], 0.6, color=colour, alpha=0.6 if fill else 1.0)
     axes.set_ylabel("share per unit")
     axes.set_xlabel(f"grey: {before}, blue outline: {now}" if len(spans) > 1 else now, fontsize=7)
@@ -155,10 +196,12 @@ def predicted_vs_actual(grid: Dict, title: str) -> str:
     for actual, predicted, count in grid["cells"]:
         counts[actual, predicted] = count
     shown = np.ma.masked_equal(counts.T, 0)
-    mesh = axes.pcolormesh(edges, edges, shown, cmap="viridis", rasterized=True,
-                           norm=colors.LogNorm(vmin=1, vmax=max(counts.max(), 2)))
-    axes.plot([grid["low"], grid["high"]], [grid["low"], grid["high"]], color=ALERT, linewidth=1,
-              label="predicted = actual")
+    mesh = axes.pcolormesh(
+        edges, edges, shown, cmap="viridis", rasterized=True, norm=colors.LogNorm(vmin=1, vmax=max(counts.max(), 2))
+    )
+    axes.plot(
+        [grid["low"], grid["high"]], [grid["low"], grid["high"]], color=ALERT, linewidth=1, label="predicted = actual"
+    )
     axes.set(xlabel="actual weight (lb)", ylabel="predicted weight (lb)", aspect="equal")
     axes.set_title(title, loc="left")
     axes.legend(loc="upper left")
@@ -187,8 +230,9 @@ def residuals_by_slice(residuals: Dict[str, Dict], title: str) -> str:
 
 
 @_styled
-def metrics_by_slice(metrics: Dict[str, Dict[str, float]], names: Dict[str, str],
-                     thresholds: Dict[str, float], title: str) -> str:
+def metrics_by_slice(
+    metrics: Dict[str, Dict[str, float]], names: Dict[str, str], thresholds: Dict[str, float], title: str
+) -> str:
     """Bars of each metric (`names`: metric key -> label) per slice, the blessed baseline's value as a tick and the
     metric's threshold as a line (thresholds gate the whole split: 'overall')."""
     slice_names = list(metrics)
@@ -205,8 +249,13 @@ def metrics_by_slice(metrics: Dict[str, Dict[str, float]], names: Dict[str, str]
         for position, value in zip(positions, values):
             axes.text(value, position, f" {value:.3f}", va="center", fontsize=6.5)
         if key in thresholds:
-            axes.axvline(thresholds[key], color=LIMIT, linestyle="--", linewidth=1,
-                         label=f"threshold {thresholds[key]:g} (overall)")
+            axes.axvline(
+                thresholds[key],
+                color=LIMIT,
+                linestyle="--",
+                linewidth=1,
+                label=f"threshold {thresholds[key]:g} (overall)",
+            )
         axes.set_xlabel(f"{label} (lb)")
         axes.set_yticks(positions, slice_names if axes is panels[0] else [])
         axes.invert_yaxis()
@@ -216,9 +265,16 @@ def metrics_by_slice(metrics: Dict[str, Dict[str, float]], names: Dict[str, str]
 
 
 @_styled
-def over_runs(labels: Sequence[str], series: Dict[str, Sequence[Optional[float]]], title: str, ylabel: str,
-              limits: Optional[Sequence[Optional[float]]] = None, band: Optional[Sequence] = None,
-              band_label: str = "", bars: bool = False) -> str:
+def over_runs(
+    labels: Sequence[str],
+    series: Dict[str, Sequence[Optional[float]]],
+    title: str,
+    ylabel: str,
+    limits: Optional[Sequence[Optional[float]]] = None,
+    band: Optional[Sequence] = None,
+    band_label: str = "",
+    bars: bool = False,
+) -> str:
     """Values per run (x: `labels`), as lines or bars; `limits`: a threshold per run, drawn as a dashed step;
     `band`: (low, high) per run, drawn as error bars on the first series and named `band_label`."""
     figure = _figure(max(4.0, 0.32 * len(labels) + 2.0), 2.3)
@@ -235,13 +291,22 @@ def over_runs(labels: Sequence[str], series: Dict[str, Sequence[Optional[float]]
             low, high = floats([b[0] for b in band]), floats([b[1] for b in band])
             middle = floats(values)
             spread = np.vstack([np.maximum(middle - low, 0), np.maximum(high - middle, 0)])
-            axes.errorbar(x, middle, yerr=spread, fmt="o-", markersize=3, capsize=3, ecolor=BEFORE,
-                          label=f"{name} (bars: {band_label})")
+            axes.errorbar(
+                x,
+                middle,
+                yerr=spread,
+                fmt="o-",
+                markersize=3,
+                capsize=3,
+                ecolor=BEFORE,
+                label=f"{name} (bars: {band_label})",
+            )
         else:
             axes.plot(x, floats(values), "o-", markersize=3, label=name)
     if limits is not None and any(v is not None for v in limits):
-        axes.plot(x, floats(limits), "_--", color=LIMIT, linewidth=1, markersize=12, drawstyle="steps-mid",
-                  label="threshold")
+        axes.plot(
+            x, floats(limits), "_--", color=LIMIT, linewidth=1, markersize=12, drawstyle="steps-mid", label="threshold"
+        )
     axes.set_xticks(x, labels, rotation=60 if len(labels) > 8 else 0, ha="right" if len(labels) > 8 else "center")
     axes.set_xlim(-0.6, len(labels) - 0.4)
     axes.set_ylabel(ylabel)
@@ -252,8 +317,12 @@ def over_runs(labels: Sequence[str], series: Dict[str, Sequence[Optional[float]]
 
 
 @_styled
-def drift_over_runs(labels: Sequence[str], distances: Dict[str, List[Optional[float]]],
-                    thresholds: Dict[str, List[Optional[float]]], title: str) -> str:
+def drift_over_runs(
+    labels: Sequence[str],
+    distances: Dict[str, List[Optional[float]]],
+    thresholds: Dict[str, List[Optional[float]]],
+    title: str,
+) -> str:
     """One small panel per feature: its drift distance to the previous validated span per run, and its threshold."""
     names = list(distances)
     columns = min(3, max(len(names), 1))
@@ -272,7 +341,7 @@ def drift_over_runs(labels: Sequence[str], distances: Dict[str, List[Optional[fl
         axes.set_ylim(bottom=0)  # a distance: 0 is no change
         axes.set_xticks(x, labels, rotation=90 if len(labels) > 6 else 0, fontsize=6)
         axes.set_xlim(-0.6, len(labels) - 0.4)
-    for axes in panels[len(names):]:
+    for axes in panels[len(names) :]:
         axes.set_visible(False)
     figure.suptitle(title, x=0.02, ha="left", fontsize=8.5)
     return image(figure, title)

@@ -8,6 +8,7 @@ slice. Slices carry the names of pipeline/reports/slices.py in every table and p
 page (pipeline/reports/plots.py), so the file opens offline; TFDV's interactive Facets view, which loads its code
 from the web, is a page of its own beside the report, linked from it.
 """
+
 import html
 import logging
 import os
@@ -22,21 +23,32 @@ from tfx.utils import io_utils
 
 from models import features
 from pipeline.components import baseline, infra_validator, monitor, tflite_export
+from pipeline.components.validation import (
+    ANOMALIES_FILE,
+    DRIFT_SPLIT,
+    Verdict,
+    load_statistics,
+    read_verdict,
+    split_file,
+)
 from pipeline.metadata import mlmd
 from pipeline.reports import plots, summary
-from pipeline.components.validation import ANOMALIES_FILE, DRIFT_SPLIT, Verdict, load_statistics, read_verdict, split_file
 
 STYLE = """body{font-family:sans-serif;margin:2em;max-width:80em}table{border-collapse:collapse;margin:.5em 0}
 td,th{border:1px solid #ccc;padding:.2em .5em;text-align:left;font-size:90%}h2{margin-top:1.5em}
 .BLOCKING{color:#b00;font-weight:bold}.warning{color:#a60}.ok{color:#070}
 .plots{display:flex;flex-wrap:wrap;gap:.5em}img.plot{max-width:100%;height:auto}"""
 MODEL_COLUMNS = [c.name for c in features.FEATURES] + [features.LABEL.name]
-MEASURES = {"L_INFTY": "L-infinity", "JENSEN_SHANNON_DIVERGENCE": "Jensen-Shannon",
-            "NORMALIZED_ABSOLUTE_DIFFERENCE": "normalized difference"}  # TFDV's drift measures, short for plot titles
+MEASURES = {
+    "L_INFTY": "L-infinity",
+    "JENSEN_SHANNON_DIVERGENCE": "Jensen-Shannon",
+    "NORMALIZED_ABSOLUTE_DIFFERENCE": "normalized difference",
+}  # TFDV's drift measures, short for plot titles
 METRICS = {"root_mean_squared_error": "RMSE", "mean_absolute_error": "MAE"}
 # Numeric model columns with 'unknown' codes (99 weeks, ...): their plots read the rows, to draw the codes apart.
-CODED_COLUMNS = {c.name: c.missing_codes for c in (*features.FEATURES, features.LABEL)
-                 if c.missing_codes and c.dtype != "string"}
+CODED_COLUMNS = {
+    c.name: c.missing_codes for c in (*features.FEATURES, features.LABEL) if c.missing_codes and c.dtype != "string"
+}
 PLOT_ROWS = 100_000  # rows read per span for those plots: the first of the drift split, in file order
 
 
@@ -89,12 +101,17 @@ def _feature_rows(dataset: statistics_pb2.DatasetFeatureStatistics) -> Dict[str,
         common = getattr(feature, kind).common_stats
         row = {"present": f"{common.tot_num_values / max(dataset.num_examples, 1):.1%}"}
         if kind == "num_stats":
-            row.update(mean=f"{feature.num_stats.mean:.3f}", sd=f"{feature.num_stats.std_dev:.3f}",
-                       min=f"{feature.num_stats.min:g}", max=f"{feature.num_stats.max:g}")
+            row.update(
+                mean=f"{feature.num_stats.mean:.3f}",
+                sd=f"{feature.num_stats.std_dev:.3f}",
+                min=f"{feature.num_stats.min:g}",
+                max=f"{feature.num_stats.max:g}",
+            )
         else:
             total = sum(v.frequency for v in feature.string_stats.top_values) or 1
-            row["top values"] = ", ".join(f"{v.value} {v.frequency / total:.0%}"
-                                          for v in feature.string_stats.top_values[:4])
+            row["top values"] = ", ".join(
+                f"{v.value} {v.frequency / total:.0%}" for v in feature.string_stats.top_values[:4]
+            )
         rows[name] = row
     return rows
 
@@ -107,23 +124,28 @@ def coded_values(store: mlmd.Store, statistics_uri: str) -> Optional[pd.DataFram
         producer = store.producer(artifact) if artifact is not None else None
         examples = store.inputs(producer).get("examples") if producer is not None else None
         if not examples:
-            logging.warning("report: no examples recorded for the statistics %s; plotted from TFDV's histograms",
-                            statistics_uri)
+            logging.warning(
+                "report: no examples recorded for the statistics %s; plotted from TFDV's histograms", statistics_uri
+            )
             return None
         files = io_utils.all_files_pattern(os.path.join(examples[0].uri, f"Split-{DRIFT_SPLIT}"))
         import tensorflow as tf
 
         return baseline.read_examples(sorted(tf.io.gfile.glob(files)), limit=PLOT_ROWS)[list(CODED_COLUMNS)]
     except Exception:  # a plot drawn from the statistics instead; the run and its report go on
-        logging.warning("report: the rows behind %s can't be read; plotted from TFDV's histograms", statistics_uri,
-                        exc_info=True)
+        logging.warning(
+            "report: the rows behind %s can't be read; plotted from TFDV's histograms", statistics_uri, exc_info=True
+        )
         return None
 
 
-def _distribution_plots(current: statistics_pb2.DatasetFeatureStatistics,
-                        previous: Optional[statistics_pb2.DatasetFeatureStatistics], verdict: Verdict,
-                        drift: Dict[str, Tuple[str, float, float]],
-                        rows: Dict[str, Optional[pd.DataFrame]]) -> str:
+def _distribution_plots(
+    current: statistics_pb2.DatasetFeatureStatistics,
+    previous: Optional[statistics_pb2.DatasetFeatureStatistics],
+    verdict: Verdict,
+    drift: Dict[str, Tuple[str, float, float]],
+    rows: Dict[str, Optional[pd.DataFrame]],
+) -> str:
     """Each model column's distribution over the previous span's: blocking ones first, then warnings, then by
     drift distance against its threshold."""
     now = {f.path.step[0]: f for f in current.features}
@@ -142,8 +164,9 @@ def _distribution_plots(current: statistics_pb2.DatasetFeatureStatistics,
     for name in sorted((n for n in MODEL_COLUMNS if n in now), key=rank):
         flagged = found.get(name, [])
         checks = sorted({f.check for f in flagged})
-        head = name + (f": {'BLOCKING' if any(f.blocking for f in flagged) else 'warning'} {', '.join(checks)}"
-                       if flagged else "")
+        head = name + (
+            f": {'BLOCKING' if any(f.blocking for f in flagged) else 'warning'} {', '.join(checks)}" if flagged else ""
+        )
         if name in drift:
             measure, distance, threshold = drift[name]
             detail = f"{measure} {distance:.3f} {'>' if distance > threshold else '<='} threshold {threshold:g}"
@@ -152,16 +175,30 @@ def _distribution_plots(current: statistics_pb2.DatasetFeatureStatistics,
         else:
             detail = "no drift check in the schema"
         values = {key: frame[name].to_numpy() for key, frame in rows.items() if frame is not None}
-        images.append(plots.distribution(f"{head}\n{detail}", now[name], f"span {verdict.span}", before.get(name),
-                                         f"span {verdict.baseline_span}", alert=bool(flagged), values=values,
-                                         unknown_codes=CODED_COLUMNS.get(name, ())))
+        images.append(
+            plots.distribution(
+                f"{head}\n{detail}",
+                now[name],
+                f"span {verdict.span}",
+                before.get(name),
+                f"span {verdict.baseline_span}",
+                alert=bool(flagged),
+                values=values,
+                unknown_codes=CODED_COLUMNS.get(name, ()),
+            )
+        )
     return "<div class='plots'>" + "".join(images) + "</div>"
 
 
-def _statistics_section(current: statistics_pb2.DatasetFeatureStatisticsList,
-                        previous: Optional[statistics_pb2.DatasetFeatureStatisticsList],
-                        drift: pd.DataFrame, verdict: Verdict, measurements: Dict[str, Tuple[str, float, float]],
-                        facets_link: str, rows: Dict[str, Optional[pd.DataFrame]]) -> str:
+def _statistics_section(
+    current: statistics_pb2.DatasetFeatureStatisticsList,
+    previous: Optional[statistics_pb2.DatasetFeatureStatisticsList],
+    drift: pd.DataFrame,
+    verdict: Verdict,
+    measurements: Dict[str, Tuple[str, float, float]],
+    facets_link: str,
+    rows: Dict[str, Optional[pd.DataFrame]],
+) -> str:
     now = _feature_rows(current.datasets[0])
     before = _feature_rows(previous.datasets[0]) if previous is not None else {}
     records = []
@@ -170,25 +207,37 @@ def _statistics_section(current: statistics_pb2.DatasetFeatureStatisticsList,
             if name in rows:
                 records.append({"feature": name, "span": label, **rows[name]})
     frame = pd.DataFrame(records).fillna("")
-    parts = [f"<p>Train split: {current.datasets[0].num_examples} rows in span {verdict.span}"
-             + (f", {previous.datasets[0].num_examples} in span {verdict.baseline_span}" if previous else "")
-             + f". TFDV's interactive view of the same statistics: <a href='{html.escape(facets_link)}'>Facets</a> "
-             "(it loads its code from the web).</p>",
-             _distribution_plots(current.datasets[0], previous.datasets[0] if previous else None, verdict,
-                                 measurements, rows),
-             _table(frame.set_index(["feature", "span"]) if len(frame) else frame)]
+    parts = [
+        f"<p>Train split: {current.datasets[0].num_examples} rows in span {verdict.span}"
+        + (f", {previous.datasets[0].num_examples} in span {verdict.baseline_span}" if previous else "")
+        + f". TFDV's interactive view of the same statistics: <a href='{html.escape(facets_link)}'>Facets</a> "
+        "(it loads its code from the web).</p>",
+        _distribution_plots(
+            current.datasets[0], previous.datasets[0] if previous else None, verdict, measurements, rows
+        ),
+        _table(frame.set_index(["feature", "span"]) if len(frame) else frame),
+    ]
     parts += ["<h3>Drift: distance to the previous span, by TFDV</h3>", _table(drift)]
     return "\n".join(parts)
 
 
-def _facets_page(current: statistics_pb2.DatasetFeatureStatisticsList,
-                 previous: Optional[statistics_pb2.DatasetFeatureStatisticsList], verdict: Verdict) -> str:
+def _facets_page(
+    current: statistics_pb2.DatasetFeatureStatisticsList,
+    previous: Optional[statistics_pb2.DatasetFeatureStatisticsList],
+    verdict: Verdict,
+) -> str:
     """TFDV's Facets view of the statistics as a page of its own (Facets loads from the web)."""
-    facets = display_util.get_statistics_html(current, previous, lhs_name=f"span {verdict.span}",
-                                              rhs_name=f"span {verdict.baseline_span}") if previous else \
-        display_util.get_statistics_html(current)
-    return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>Facets: span {verdict.span}</title></head>"
-            f"<body>{facets}</body></html>")
+    facets = (
+        display_util.get_statistics_html(
+            current, previous, lhs_name=f"span {verdict.span}", rhs_name=f"span {verdict.baseline_span}"
+        )
+        if previous
+        else display_util.get_statistics_html(current)
+    )
+    return (
+        f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>Facets: span {verdict.span}</title></head>"
+        f"<body>{facets}</body></html>"
+    )
 
 
 def _validation_section(anomalies: anomalies_pb2.Anomalies, verdict: Verdict) -> str:
@@ -197,10 +246,15 @@ def _validation_section(anomalies: anomalies_pb2.Anomalies, verdict: Verdict) ->
         f"<tr><td>{number}</td><td>{html.escape(a['question'])}</td>"
         f"<td class='{a['status'].split(':')[0]}'>{html.escape(a['status'])}</td>"
         f"<td>{html.escape(', '.join(a['features']))}</td></tr>"
-        for number, a in enumerate(verdict.answers(), start=1))
-    parts = [f"<table><tr><th></th><th>question</th><th>answer</th><th>features</th></tr>{questions}</table>",
-             "<h3>Anomalies</h3>", "<ul>" + "".join(f"<li>{html.escape(line)}</li>" for line in verdict.lines())
-             + "</ul>" if verdict.findings else "<p>none</p>"]
+        for number, a in enumerate(verdict.answers(), start=1)
+    )
+    parts = [
+        f"<table><tr><th></th><th>question</th><th>answer</th><th>features</th></tr>{questions}</table>",
+        "<h3>Anomalies</h3>",
+        "<ul>" + "".join(f"<li>{html.escape(line)}</li>" for line in verdict.lines()) + "</ul>"
+        if verdict.findings
+        else "<p>none</p>",
+    ]
     parts += ["<h3>TFDV's anomalies table (train split)</h3>", _table(display_util.get_anomalies_dataframe(anomalies))]
     return "\n".join(parts)
 
@@ -210,24 +264,43 @@ def _evaluation_section(evaluation_uri: str, blessing, reference: Optional[Dict]
     lines = summary.evaluation_verdict_lines(evaluation_uri, blessing)
     if reference is not None:
         lines.insert(0, f"Reference models on the same rows: {summary.reference_line(reference)}.")
-    chart = plots.metrics_by_slice(metrics, METRICS, thresholds,
-                                   "TFMA's metrics per slice of the eval split; the thresholds gate 'overall'")
-    return (chart + _table(pd.DataFrame(metrics).T) + "<p>"
-            + "<br>".join(html.escape(line.strip()) for line in lines) + "</p>")
+    chart = plots.metrics_by_slice(
+        metrics, METRICS, thresholds, "TFMA's metrics per slice of the eval split; the thresholds gate 'overall'"
+    )
+    return (
+        chart
+        + _table(pd.DataFrame(metrics).T)
+        + "<p>"
+        + "<br>".join(html.escape(line.strip()) for line in lines)
+        + "</p>"
+    )
 
 
 def _predictions_section(record: Dict) -> str:
-    residuals = pd.DataFrame({name: {key: value for key, value in stats.items() if key != "quantiles"}
-                              for name, stats in record["residuals"].items()}).T
+    residuals = pd.DataFrame(
+        {
+            name: {key: value for key, value in stats.items() if key != "quantiles"}
+            for name, stats in record["residuals"].items()
+        }
+    ).T
     images = []
     if record.get("predicted_vs_actual", {}).get("cells"):  # none: no labelled row, or a record from before
-        images.append(plots.predicted_vs_actual(
-            record["predicted_vs_actual"],
-            f"Predicted against actual weight, eval split of span {record['span']}"))
+        images.append(
+            plots.predicted_vs_actual(
+                record["predicted_vs_actual"], f"Predicted against actual weight, eval split of span {record['span']}"
+            )
+        )
         images.append(plots.residuals_by_slice(record["residuals"], "Residuals (label - prediction) by slice"))
-    return ("<p>" + "<br>".join(html.escape(line.strip()) for line in summary.monitor_lines(record)[:2]) + "</p>"
-            + "<div class='plots'>" + "".join(images) + "</div>"
-            + "<h3>Residuals (label - prediction) by slice</h3>" + _table(residuals))
+    return (
+        "<p>"
+        + "<br>".join(html.escape(line.strip()) for line in summary.monitor_lines(record)[:2])
+        + "</p>"
+        + "<div class='plots'>"
+        + "".join(images)
+        + "</div>"
+        + "<h3>Residuals (label - prediction) by slice</h3>"
+        + _table(residuals)
+    )
 
 
 def write_report(config, run_name: str, steps: List[mlmd.StepRecord], outcome: str) -> pathlib.Path:
@@ -246,40 +319,69 @@ def write_report(config, run_name: str, steps: List[mlmd.StepRecord], outcome: s
         facets = path.with_name(path.stem + "-facets.html")
         beside.append((facets, _facets_page(current, previous, verdict)))
         store = mlmd.open_sqlite(config.metadata_path)
-        rows = {"now": coded_values(store, statistics.uri),
-                "before": coded_values(store, verdict.baseline_statistics) if verdict.baseline_statistics else None}
-        sections += ["<h2>Statistics: the new span next to the previous validated span</h2>",
-                     _statistics_section(current, previous, display_util.get_drift_skew_dataframe(found), verdict,
-                                         drift_measurements(found), facets.name, rows)]
+        rows = {
+            "now": coded_values(store, statistics.uri),
+            "before": coded_values(store, verdict.baseline_statistics) if verdict.baseline_statistics else None,
+        }
+        sections += [
+            "<h2>Statistics: the new span next to the previous validated span</h2>",
+            _statistics_section(
+                current,
+                previous,
+                display_util.get_drift_skew_dataframe(found),
+                verdict,
+                drift_measurements(found),
+                facets.name,
+                rows,
+            ),
+        ]
     tuning = summary.run_tuning_lines(steps, indent="")
     if tuning:
-        sections += ["<h2>Tuning: the trials, and the values the Trainer took</h2>",
-                     "<pre>" + html.escape("\n".join(tuning)) + "</pre>"]
+        sections += [
+            "<h2>Tuning: the trials, and the values the Trainer took</h2>",
+            "<pre>" + html.escape("\n".join(tuning)) + "</pre>",
+        ]
     evaluation = summary.output_of(steps, "Evaluator", "evaluation")
     if evaluation is not None:
         reference = summary.output_of(steps, "TreeBaseline", "baseline")
-        thresholds = summary.upper_bounds(summary.evaluation_thresholds(mlmd.open_sqlite(config.metadata_path),
-                                                                        evaluation))
-        sections += ["<h2>Evaluation by slice (TFMA)</h2>",
-                     _evaluation_section(evaluation.uri, summary.output_of(steps, "Evaluator", "blessing"),
-                                         baseline.read(reference.uri) if reference else None, thresholds)]
+        thresholds = summary.upper_bounds(
+            summary.evaluation_thresholds(mlmd.open_sqlite(config.metadata_path), evaluation)
+        )
+        sections += [
+            "<h2>Evaluation by slice (TFMA)</h2>",
+            _evaluation_section(
+                evaluation.uri,
+                summary.output_of(steps, "Evaluator", "blessing"),
+                baseline.read(reference.uri) if reference else None,
+                thresholds,
+            ),
+        ]
     predictions = summary.output_of(steps, "PredictionMonitor", "monitoring")
     if predictions is not None:
         sections += ["<h2>Predictions on the new span</h2>", _predictions_section(monitor.read(predictions.uri))]
     infra = summary.output_of(steps, "InfraValidator", "blessing")
     if infra is not None:
-        sections += ["<h2>Infra validation: the candidate served before the push</h2>",
-                     "<pre>" + html.escape("\n".join(summary.infra_lines(infra_validator.read(infra.uri), indent="")))
-                     + "</pre>"]
+        sections += [
+            "<h2>Infra validation: the candidate served before the push</h2>",
+            "<pre>"
+            + html.escape("\n".join(summary.infra_lines(infra_validator.read(infra.uri), indent="")))
+            + "</pre>",
+        ]
     exported = summary.output_of(steps, "TFLiteExporter", "tflite_model")
     if exported is not None:
-        sections += ["<h2>TFLite models for devices</h2>",
-                     "<pre>" + html.escape("\n".join(summary.tflite_lines(tflite_export.read(exported.uri), indent="")))
-                     + "</pre>"]
+        sections += [
+            "<h2>TFLite models for devices</h2>",
+            "<pre>"
+            + html.escape("\n".join(summary.tflite_lines(tflite_export.read(exported.uri), indent="")))
+            + "</pre>",
+        ]
     steps_frame = pd.DataFrame([{"step": s.node_id, "state": s.state, "seconds": s.seconds} for s in steps])
     sections += ["<h2>Steps</h2>", _table(steps_frame.set_index("step"))]
     for page, text in beside:
         write_page(page, text)
-    write_page(path, f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>babyweight {html.escape(run_name)}"
-                     f"</title><style>{STYLE}</style></head><body>{''.join(sections)}</body></html>")
+    write_page(
+        path,
+        f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>babyweight {html.escape(run_name)}"
+        f"</title><style>{STYLE}</style></head><body>{''.join(sections)}</body></html>",
+    )
     return path

@@ -5,6 +5,7 @@ TFMA keys a slice by the feature it sliced on and its value (`gestation_weeks_bu
 their slices here, so every table and plot of a report, and the run summary, call one slice one name.
 The names are a reporting fact, kept out of models/features.py so that renaming a slice reruns no training.
 """
+
 import math
 from typing import Dict, List, Sequence, Tuple
 
@@ -21,7 +22,8 @@ VALUE_NAMES: Dict[str, Dict[str, str]] = {
 }
 UNITS: Dict[str, str] = {"gestation_weeks": "weeks"}
 BUCKETED: Dict[str, features.Column] = {
-    features.transformed_name(features.bucket_name(c)): c for c in features.FEATURES if c.bucket_boundaries}
+    features.transformed_name(features.bucket_name(c)): c for c in features.FEATURES if c.bucket_boundaries
+}
 
 
 def _bucket_name(column: features.Column, bucket: int) -> str:
@@ -91,6 +93,7 @@ def values_by_slice(rows: Dict[str, Sequence], bucket_ids: Dict[str, np.ndarray]
 
 def ordered(by_key: Dict[Tuple[Tuple[str, object], ...], object]) -> List[Tuple[str, object]]:
     """(slice name, item) pairs of items keyed by TFMA slice keys (() for overall), in slice order."""
+
     def sort_key(key: Tuple[Tuple[str, object], ...]) -> tuple:
         return tuple(order(feature, _text(value)) for feature, value in key)
 

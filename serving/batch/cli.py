@@ -1,7 +1,8 @@
 """`babyweight predict-batch`: many predictions in one Beam pipeline; only where they come from and go to differ.
 
-    babyweight predict-batch --input 'data/natality/*.csv' --output outputs/predictions/run1   # files -> files
+babyweight predict-batch --input 'data/natality/*.csv' --output outputs/predictions/run1   # files -> files
 """
+
 import os
 from typing import Any, Iterable, List, Optional
 
@@ -22,8 +23,11 @@ def written_rows(prefix: str, kind: str, earlier: Iterable[str] = ()) -> int:
     """The rows in the files a local job has written (`earlier`: files there before it started)."""
     import glob
 
-    return sum(sum(1 for line in open(path) if line.strip()) - path.endswith(".csv")  # a CSV file's header
-               for path in set(glob.glob(f"{prefix}-{kind}-*")) - set(earlier) if not path.endswith(".tmp"))
+    return sum(
+        sum(1 for line in open(path) if line.strip()) - path.endswith(".csv")  # a CSV file's header
+        for path in set(glob.glob(f"{prefix}-{kind}-*")) - set(earlier)
+        if not path.endswith(".tmp")
+    )
 
 
 def written_counts(prefix: str, earlier: Iterable[str]) -> Counts:
@@ -42,8 +46,11 @@ def stop_watching(prefix: str, earlier: Iterable[str]) -> Any:
 
     def stop(signum: int, frame: Any) -> None:
         found = written_counts(prefix, earlier)
-        print(f"stopped (Ctrl-C): {found.predicted} prediction(s) and {found.rejected} rejected row(s) written "
-              f"beside {prefix}; files are matched anew when the job restarts", flush=True)
+        print(
+            f"stopped (Ctrl-C): {found.predicted} prediction(s) and {found.rejected} rejected row(s) written "
+            f"beside {prefix}; files are matched anew when the job restarts",
+            flush=True,
+        )
         sys.stderr.flush()
         os._exit(0)
 
@@ -61,8 +68,11 @@ def quiet_tensorflow_at_exit() -> None:
         return
 
     def hook(unraisable: Any) -> None:
-        if not (sys.is_finalizing() and isinstance(unraisable.exc_value, TypeError)
-                and getattr(unraisable.object, "__qualname__", "") == "AtomicFunction.__del__"):
+        if not (
+            sys.is_finalizing()
+            and isinstance(unraisable.exc_value, TypeError)
+            and getattr(unraisable.object, "__qualname__", "") == "AtomicFunction.__del__"
+        ):
             default(unraisable)
 
     hook.quiets_tensorflow = True  # type: ignore[attr-defined]
@@ -95,8 +105,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--format", choices=("jsonl", "csv"), default="jsonl", help="files: of the predictions")
     parser.add_argument("--watch", action="store_true", help="files: keep picking up new files (streaming)")
     parser.add_argument("--poll-seconds", type=float, default=5.0, help="--watch: how often the folder is listed")
-    parser.add_argument("--window-seconds", type=int, default=60,
-                        help="--watch and Pub/Sub: predictions are grouped per window")
+    parser.add_argument(
+        "--window-seconds", type=int, default=60, help="--watch and Pub/Sub: predictions are grouped per window"
+    )
     parser.add_argument("--watch-seconds", type=float, default=0, help="--watch: stop after this long (0: Ctrl-C)")
     parser.add_argument("--profile", default="local", help="vertex: run on Dataflow with that profile's settings")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a profile setting")
@@ -113,18 +124,23 @@ def main(argv: Optional[List[str]] = None) -> int:
         config = config_lib.load_config(args.profile, config_lib.parse_overrides(args.set))
         cloud = config.orchestrator == "vertex"
         if cloud and not (args.table and bool(args.subscription) != bool(args.query)):
-            raise config_lib.ConfigError("a vertex profile reads --subscription (streaming) or --query (backfill), "
-                                         "one of them, and writes --table")
+            raise config_lib.ConfigError(
+                "a vertex profile reads --subscription (streaming) or --query (backfill), "
+                "one of them, and writes --table"
+            )
         if args.dry_run and not cloud:
             raise config_lib.ConfigError("--dry-run builds a Dataflow job: it needs --profile vertex")
         if args.dry_run and not args.version:
-            raise config_lib.ConfigError("a dry run needs --version N: finding the newest would list the model "
-                                         "folder in Cloud Storage")
+            raise config_lib.ConfigError(
+                "a dry run needs --version N: finding the newest would list the model folder in Cloud Storage"
+            )
         if cloud and args.query and not args.key_column:
             raise config_lib.ConfigError("a backfill needs --key-column: the query's column that names each row")
         if cloud and not (args.model_dir or "").startswith("gs://"):
-            raise config_lib.ConfigError("Dataflow's workers read the model from Cloud Storage: pass --model-dir "
-                                         "gs://... (the folder of pushed versions)")
+            raise config_lib.ConfigError(
+                "Dataflow's workers read the model from Cloud Storage: pass --model-dir "
+                "gs://... (the folder of pushed versions)"
+            )
         if not cloud and not (args.input and args.output):
             raise config_lib.ConfigError("files -> files needs --input GLOB and --output PREFIX")
     except config_lib.ConfigError as error:
@@ -133,13 +149,21 @@ def main(argv: Optional[List[str]] = None) -> int:
     model_dir = args.model_dir or config.serving_dir
     try:
         if cloud:
-            source = (PubSubMessages(args.subscription, args.window_seconds) if args.subscription
-                      else BigQueryRows(args.query, args.key_column))
+            source = (
+                PubSubMessages(args.subscription, args.window_seconds)
+                if args.subscription
+                else BigQueryRows(args.query, args.key_column)
+            )
             options = cloud_options(config, streaming=bool(args.subscription))
             # A dry run builds the same graph without Dataflow's checks, which already call Google Cloud.
             pipeline = beam.Pipeline() if args.dry_run else beam.Pipeline(options=options)
-            build(pipeline, source, BigQueryTables(args.table, args.error_table or args.table + "_errors"),
-                  model_dir, args.version)
+            build(
+                pipeline,
+                source,
+                BigQueryTables(args.table, args.error_table or args.table + "_errors"),
+                model_dir,
+                args.version,
+            )
             if args.dry_run:
                 print(f"built the job for {options.get_all_options()['project']}; not submitted")
                 return 0
@@ -147,10 +171,14 @@ def main(argv: Optional[List[str]] = None) -> int:
             print(f"submitted to Dataflow: predictions into {args.table} (see the console's Dataflow jobs)")
             return 0
         quiet_tensorflow_at_exit()
-        pipeline = beam.Pipeline(options=PipelineOptions(["--runner=DirectRunner"] + (["--streaming"] if args.watch
-                                                                                      else [])))
-        source = (WatchedFolder(args.input, args.poll_seconds, args.window_seconds, args.watch_seconds) if args.watch
-                  else CsvFiles(args.input))
+        pipeline = beam.Pipeline(
+            options=PipelineOptions(["--runner=DirectRunner"] + (["--streaming"] if args.watch else []))
+        )
+        source = (
+            WatchedFolder(args.input, args.poll_seconds, args.window_seconds, args.watch_seconds)
+            if args.watch
+            else CsvFiles(args.input)
+        )
         core = build(pipeline, source, Files(args.output, args.format, streaming=args.watch), model_dir, args.version)
         import glob
         import signal
@@ -174,8 +202,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"error: {error.message}", file=sys.stderr)
         return 2
     found = written_counts(args.output, earlier) if args.watch else counts(result)
-    print(f"{found.read} row(s) {'of ' + args.input + ' written' if args.watch else 'read from ' + args.input}, "
-          f"{found.predicted} predicted by version {core.version}, "
-          f"{found.rejected} rejected\npredictions: {args.output}-predictions-*.{args.format}\n"
-          f"rejected (with reasons): {args.output}-rejected-*.jsonl")
+    print(
+        f"{found.read} row(s) {'of ' + args.input + ' written' if args.watch else 'read from ' + args.input}, "
+        f"{found.predicted} predicted by version {core.version}, "
+        f"{found.rejected} rejected\npredictions: {args.output}-predictions-*.{args.format}\n"
+        f"rejected (with reasons): {args.output}-rejected-*.jsonl"
+    )
     return 0

@@ -9,6 +9,7 @@ calling the version's `serving_raw` signature on the batch), and formatted as ro
 prediction, the model version and a timestamp. A record that can't be parsed or predicted goes to the dead-letter
 output with its reason and original text; nothing stops the job.
 """
+
 import abc
 import itertools
 import os
@@ -154,9 +155,14 @@ def parse(records: Sequence[Record]) -> Tuple[Optional[Parsed], List[Dict[str, A
                 continue
             unknown = [name for name in fields if name not in features.BY_NAME]
             if unknown:  # a message may carry any of the table's columns; another name is a mistake, e.g. a typo
-                rejects.append(rejected(record, f"unknown column {unknown[0]!r} (a message takes the natality "
-                                                "table's columns; the model reads "
-                                                f"{', '.join(features.FEATURE_NAMES)})"))
+                rejects.append(
+                    rejected(
+                        record,
+                        f"unknown column {unknown[0]!r} (a message takes the natality "
+                        "table's columns; the model reads "
+                        f"{', '.join(features.FEATURE_NAMES)})",
+                    )
+                )
                 continue
         kept.append(record)
         values.append(fields)
@@ -216,8 +222,9 @@ class VersionHandler(inference.ModelHandler):
 
         return tf.saved_model.load(self.version_dir)
 
-    def run_inference(self, batch: Sequence[Parsed], model: Any,
-                      inference_args: Optional[Dict[str, Any]] = None) -> Iterable[inference.PredictionResult]:
+    def run_inference(
+        self, batch: Sequence[Parsed], model: Any, inference_args: Optional[Dict[str, Any]] = None
+    ) -> Iterable[inference.PredictionResult]:
         import tensorflow as tf
 
         from serving.core import loader
@@ -236,8 +243,9 @@ class VersionHandler(inference.ModelHandler):
                 predictions = numpy.full(len(parsed.ids), numpy.nan, numpy.float32)
                 for index in range(len(parsed.ids)):
                     try:
-                        predictions[index] = predict({name: values[index:index + 1]
-                                                      for name, values in parsed.columns.items()})[0]
+                        predictions[index] = predict(
+                            {name: values[index : index + 1] for name, values in parsed.columns.items()}
+                        )[0]
                     except tf.errors.OpError as error:
                         refused[index] = f"the model refused the instance: {loader.first_reason(error.message)}"
             results.append(inference.PredictionResult(parsed, (predictions, refused)))
@@ -277,16 +285,19 @@ class Rows(beam.DoFn):
         good = numpy.isfinite(predictions)
         for index in numpy.flatnonzero(~good):
             reason = refused.get(index) or f"the model's prediction is not a number: {predictions[index]}"
-            yield beam.pvalue.TaggedOutput(REJECTED, {"id": parsed.ids[index], "reason": reason,
-                                                      "text": parsed.texts[index]})
+            yield beam.pvalue.TaggedOutput(
+                REJECTED, {"id": parsed.ids[index], "reason": reason, "text": parsed.texts[index]}
+            )
         now, version = time.time(), self.version
         if good.all():
             ids, values = parsed.ids, predictions.tolist()
         else:
             ids, values = [parsed.ids[index] for index in numpy.flatnonzero(good)], predictions[good].tolist()
         if ids:
-            yield Batch({"id": record_id, "prediction": value, "model_version": version, "timestamp": now}
-                        for record_id, value in zip(ids, values))
+            yield Batch(
+                {"id": record_id, "prediction": value, "model_version": version, "timestamp": now}
+                for record_id, value in zip(ids, values)
+            )
 
 
 def failed_batch(failure: Tuple[Sequence[Parsed], Tuple[type, str, List[str]]]) -> Iterator[Dict[str, Any]]:
@@ -308,11 +319,15 @@ class Predict(beam.PTransform):
 
     def expand(self, batches: beam.PCollection):  # -> {PREDICTIONS: row batches, REJECTED: rows}
         parsed = batches | "Parse" >> beam.ParDo(ParseBatch()).with_output_types(Parsed).with_outputs(
-            REJECTED, main=PREDICTIONS)
-        predicted, failed = (parsed[PREDICTIONS] | "RunInference" >> inference.RunInference(
-            VersionHandler(self.version_dir)).with_exception_handling())
+            REJECTED, main=PREDICTIONS
+        )
+        predicted, failed = (
+            parsed[PREDICTIONS]
+            | "RunInference" >> inference.RunInference(VersionHandler(self.version_dir)).with_exception_handling()
+        )
         rows = predicted | "Rows" >> beam.ParDo(Rows(int(self.version))).with_output_types(Batch).with_outputs(
-            REJECTED, main=PREDICTIONS)
+            REJECTED, main=PREDICTIONS
+        )
         failures = failed.failed_inferences | "FailedBatches" >> beam.FlatMap(failed_batch)
         rejects = (parsed[REJECTED], rows[REJECTED], failures) | "Rejected" >> beam.Flatten()
         return {PREDICTIONS: rows[PREDICTIONS], REJECTED: rejects}
@@ -320,8 +335,11 @@ class Predict(beam.PTransform):
 
 def in_batches(records: beam.PCollection) -> beam.PCollection:
     """Records one by one (messages, table rows) -> batches for the core, within each window."""
-    return (records | "Batch" >> beam.BatchElements(min_batch_size=1, max_batch_size=BATCH_SIZE)
-            | "AsBatch" >> beam.Map(Batch).with_output_types(Batch))
+    return (
+        records
+        | "Batch" >> beam.BatchElements(min_batch_size=1, max_batch_size=BATCH_SIZE)
+        | "AsBatch" >> beam.Map(Batch).with_output_types(Batch)
+    )
 
 
 class Source(abc.ABC):
@@ -340,16 +358,15 @@ class Sink(abc.ABC):
         """Adds the writes to the pipeline."""
 
 
-
-
 class Counts(NamedTuple):
     read: int
     predicted: int
     rejected: int
 
 
-def build(pipeline: beam.Pipeline, source: Source, sink: Sink, model_dir: str,
-          version: Optional[str] = None) -> Predict:
+def build(
+    pipeline: beam.Pipeline, source: Source, sink: Sink, model_dir: str, version: Optional[str] = None
+) -> Predict:
     """source -> the core -> sink; returns the core (its version)."""
     batches = source.read(pipeline) | "CountRead" >> beam.ParDo(Count("read", batches=True))
     core = Predict(model_dir, version)
@@ -379,4 +396,3 @@ def counts(result: Any) -> Counts:
     for counter in result.metrics().query(beam.metrics.MetricsFilter().with_namespace("babyweight"))["counters"]:
         found[counter.key.metric.name] = found.get(counter.key.metric.name, 0) + counter.committed
     return Counts(found.get("read", 0), found.get("predicted", 0), found.get("rejected", 0))
-

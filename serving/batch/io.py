@@ -1,5 +1,6 @@
 """Where `babyweight predict-batch` reads records from and writes predictions to: CSV files (once or watched),
 Pub/Sub messages and BigQuery rows in; files and BigQuery tables out."""
+
 import csv
 import io
 import json
@@ -48,9 +49,21 @@ def csv_batches(readable_file: Any, root: str = "", size: int = BATCH_SIZE) -> I
         return
     wanted = [(column, header.index(column)) for column in features.FEATURE_NAMES if column in header]
     if header and not wanted:  # no header (a file saved without one), or another table's
-        yield Batch([Record(f"{name}:1", lines[0].rstrip("\n"), {BROKEN: (
-            "the first line names none of the model's features: predict-batch reads CSV files whose header names "
-            f"the natality table's columns ({', '.join(features.FEATURE_NAMES)}); the file was not read")})])
+        yield Batch(
+            [
+                Record(
+                    f"{name}:1",
+                    lines[0].rstrip("\n"),
+                    {
+                        BROKEN: (
+                            "the first line names none of the model's features: predict-batch reads CSV files whose "
+                            "header names "
+                            f"the natality table's columns ({', '.join(features.FEATURE_NAMES)}); the file was not read"
+                        )
+                    },
+                )
+            ]
+        )
         return
     end = reader.line_num
     rows = iter(reader)
@@ -61,11 +74,16 @@ def csv_batches(readable_file: Any, root: str = "", size: int = BATCH_SIZE) -> I
             break
         except csv.Error as error:  # a NUL byte; a quote left open, which makes the rest of the file one value
             start, end = end + 1, reader.line_num
-            batch.append(Record(f"{name}:{start}", "".join(lines[start - 1:min(end, start + 2)]).rstrip("\n"),
-                                {BROKEN: f"lines {start}-{end} can't be read as CSV: {error}"}))
+            batch.append(
+                Record(
+                    f"{name}:{start}",
+                    "".join(lines[start - 1 : min(end, start + 2)]).rstrip("\n"),
+                    {BROKEN: f"lines {start}-{end} can't be read as CSV: {error}"},
+                )
+            )
             continue
         start, end = end + 1, reader.line_num  # a quoted field may hold line breaks: the row spans lines
-        original = (lines[start - 1] if start == end else "".join(lines[start - 1:end])).rstrip("\n")
+        original = (lines[start - 1] if start == end else "".join(lines[start - 1 : end])).rstrip("\n")
         if len(row) == len(header):
             values = {column: row[index] for column, index in wanted if row[index]}
             if values or "".join(row).strip():
@@ -73,8 +91,9 @@ def csv_batches(readable_file: Any, root: str = "", size: int = BATCH_SIZE) -> I
             else:
                 batch.append(Record(f"{name}:{start}", original, {BROKEN: "no value in any field"}))
         elif "".join(row).strip():
-            batch.append(Record(f"{name}:{start}", original, {BROKEN: f"{len(row)} fields; the header has "
-                                                                      f"{len(header)}"}))
+            batch.append(
+                Record(f"{name}:{start}", original, {BROKEN: f"{len(row)} fields; the header has {len(header)}"})
+            )
         elif row:  # a row of empty fields, not a blank line
             batch.append(Record(f"{name}:{start}", original, {BROKEN: "no value in any field"}))
         else:
@@ -103,15 +122,20 @@ class CsvFiles(Source):
         self.pattern = pattern
 
     def read(self, pipeline: beam.Pipeline) -> beam.PCollection:
-        return (pipeline | "Match" >> fileio.MatchFiles(self.pattern) | "Open" >> fileio.ReadMatches()
-                | "Rows" >> beam.FlatMap(csv_batches, glob_root(self.pattern)).with_output_types(Batch))
+        return (
+            pipeline
+            | "Match" >> fileio.MatchFiles(self.pattern)
+            | "Open" >> fileio.ReadMatches()
+            | "Rows" >> beam.FlatMap(csv_batches, glob_root(self.pattern)).with_output_types(Batch)
+        )
 
 
 class WatchedFolder(Source):
     """Local streaming: CSV files landing in a folder (a glob), picked up as they appear, in fixed windows."""
 
-    def __init__(self, pattern: str, poll_seconds: float = 5.0, window_seconds: int = 60,
-                 stop_after_seconds: float = 0):
+    def __init__(
+        self, pattern: str, poll_seconds: float = 5.0, window_seconds: int = 60, stop_after_seconds: float = 0
+    ):
         self.pattern = pattern
         self.poll_seconds = poll_seconds
         self.window_seconds = window_seconds
@@ -121,11 +145,16 @@ class WatchedFolder(Source):
         from apache_beam.utils.timestamp import MAX_TIMESTAMP, Timestamp
 
         stop = Timestamp.now() + self.stop_after_seconds if self.stop_after_seconds else MAX_TIMESTAMP
-        return (pipeline | "Watch" >> fileio.MatchContinuously(self.pattern, interval=self.poll_seconds,
-                                                               start_timestamp=Timestamp.now(), stop_timestamp=stop)
-                | "Open" >> fileio.ReadMatches()
-                | "Rows" >> beam.FlatMap(csv_batches, glob_root(self.pattern)).with_output_types(Batch)
-                | "Window" >> beam.WindowInto(beam.window.FixedWindows(self.window_seconds)))
+        return (
+            pipeline
+            | "Watch"
+            >> fileio.MatchContinuously(
+                self.pattern, interval=self.poll_seconds, start_timestamp=Timestamp.now(), stop_timestamp=stop
+            )
+            | "Open" >> fileio.ReadMatches()
+            | "Rows" >> beam.FlatMap(csv_batches, glob_root(self.pattern)).with_output_types(Batch)
+            | "Window" >> beam.WindowInto(beam.window.FixedWindows(self.window_seconds))
+        )
 
 
 class WindowFiles(beam.DoFn):
@@ -187,8 +216,9 @@ class Files(Sink):
     def write(self, predictions: beam.PCollection, rejects: beam.PCollection) -> None:
         """Each batch of predicted rows is written as one block of lines."""
         if self.output_format == "csv":
-            self._write_lines(predictions | "CsvLines" >> beam.Map(self.csv_lines), PREDICTIONS, ".csv",
-                              ",".join(self.COLUMNS))
+            self._write_lines(
+                predictions | "CsvLines" >> beam.Map(self.csv_lines), PREDICTIONS, ".csv", ",".join(self.COLUMNS)
+            )
         else:
             self._write_lines(predictions | "JsonLines" >> beam.Map(self.json_lines), PREDICTIONS, ".jsonl")
         self._write_lines(rejects | "RejectedLines" >> beam.Map(json.dumps), REJECTED, ".jsonl")
@@ -199,8 +229,11 @@ def message_record(message: Any) -> Record:
     else a digest of its data), its data the original (JSON) text."""
     import hashlib
 
-    record_id = (message.message_id or (message.attributes or {}).get("id")
-                 or "sha1:" + hashlib.sha1(message.data).hexdigest()[:16])
+    record_id = (
+        message.message_id
+        or (message.attributes or {}).get("id")
+        or "sha1:" + hashlib.sha1(message.data).hexdigest()[:16]
+    )
     return Record(record_id, message.data.decode("utf-8", errors="replace"))
 
 
@@ -212,16 +245,20 @@ class PubSubMessages(Source):
         self.window_seconds = window_seconds
 
     def read(self, pipeline: beam.Pipeline) -> beam.PCollection:
-        return self.records(pipeline | "ReadPubSub" >> beam.io.ReadFromPubSub(
-            subscription=self.subscription, with_attributes=True))
+        return self.records(
+            pipeline | "ReadPubSub" >> beam.io.ReadFromPubSub(subscription=self.subscription, with_attributes=True)
+        )
 
     def records(self, messages: beam.PCollection) -> beam.PCollection:
         """Messages -> windowed batches of records: what the subscription gives, or a TestStream in tests."""
         # The core groups nothing across bundles, so a message later than the watermark is predicted like any
         # other (a test checks it); the allowed lateness keeps it for a sink that groups by window, too.
-        return in_batches(messages | "Records" >> beam.Map(message_record)
-                          | "Window" >> beam.WindowInto(beam.window.FixedWindows(self.window_seconds),
-                                                        allowed_lateness=ALLOWED_LATENESS_SECONDS))
+        return in_batches(
+            messages
+            | "Records" >> beam.Map(message_record)
+            | "Window"
+            >> beam.WindowInto(beam.window.FixedWindows(self.window_seconds), allowed_lateness=ALLOWED_LATENESS_SECONDS)
+        )
 
 
 class BigQueryRows(Source):
@@ -233,11 +270,16 @@ class BigQueryRows(Source):
 
     def read(self, pipeline: beam.Pipeline) -> beam.PCollection:
         key = self.key_column
-        return in_batches(pipeline | "ReadBigQuery" >> beam.io.ReadFromBigQuery(query=self.query,
-                                                                                use_standard_sql=True)
-                          | "Records" >> beam.Map(lambda row: Record(
-                              str(row.get(key)), json.dumps(row, default=str),
-                              {k: v for k, v in row.items() if v is not None})))
+        return in_batches(
+            pipeline
+            | "ReadBigQuery" >> beam.io.ReadFromBigQuery(query=self.query, use_standard_sql=True)
+            | "Records"
+            >> beam.Map(
+                lambda row: Record(
+                    str(row.get(key)), json.dumps(row, default=str), {k: v for k, v in row.items() if v is not None}
+                )
+            )
+        )
 
 
 PREDICTION_SCHEMA = "id:STRING,prediction:FLOAT,model_version:INTEGER,timestamp:TIMESTAMP"
@@ -260,21 +302,40 @@ class BigQueryTables(Sink):
         # retrying always, would stall the stream on it).
         retry = RetryStrategy.RETRY_ON_TRANSIENT_ERROR
 
-        written = predictions | "EachRow" >> beam.FlatMap(lambda rows: rows) | "WritePredictions" >> WriteToBigQuery(
-            self.table, schema=PREDICTION_SCHEMA, method=WriteToBigQuery.Method.STREAMING_INSERTS,
-            insert_retry_strategy=retry,
-            create_disposition=BigQueryDisposition.CREATE_IF_NEEDED,
-            write_disposition=BigQueryDisposition.WRITE_APPEND)
+        written = (
+            predictions
+            | "EachRow" >> beam.FlatMap(lambda rows: rows)
+            | "WritePredictions"
+            >> WriteToBigQuery(
+                self.table,
+                schema=PREDICTION_SCHEMA,
+                method=WriteToBigQuery.Method.STREAMING_INSERTS,
+                insert_retry_strategy=retry,
+                create_disposition=BigQueryDisposition.CREATE_IF_NEEDED,
+                write_disposition=BigQueryDisposition.WRITE_APPEND,
+            )
+        )
         refused = written.failed_rows_with_errors | "Refused" >> beam.Map(
-            lambda failed: {"id": str(failed[1].get("id")), "reason": f"BigQuery refused the row: {failed[2]}",
-                            "text": json.dumps(failed[1])})
-        errors = ((rejects, refused) | "AllErrors" >> beam.Flatten()
-                  | "WriteErrors" >> WriteToBigQuery(
-                      self.error_table, schema=REJECTED_SCHEMA, method=WriteToBigQuery.Method.STREAMING_INSERTS,
-                      insert_retry_strategy=retry,
-                      create_disposition=BigQueryDisposition.CREATE_IF_NEEDED,
-                      write_disposition=BigQueryDisposition.WRITE_APPEND))
+            lambda failed: {
+                "id": str(failed[1].get("id")),
+                "reason": f"BigQuery refused the row: {failed[2]}",
+                "text": json.dumps(failed[1]),
+            }
+        )
+        errors = (
+            (rejects, refused)
+            | "AllErrors" >> beam.Flatten()
+            | "WriteErrors"
+            >> WriteToBigQuery(
+                self.error_table,
+                schema=REJECTED_SCHEMA,
+                method=WriteToBigQuery.Method.STREAMING_INSERTS,
+                insert_retry_strategy=retry,
+                create_disposition=BigQueryDisposition.CREATE_IF_NEEDED,
+                write_disposition=BigQueryDisposition.WRITE_APPEND,
+            )
+        )
         # The last resort for a row even the error table refuses: the job's log (Dataflow's Logs Explorer).
         errors.failed_rows_with_errors | "ErrorTableRefused" >> beam.Map(
-            lambda failed: logging.error("the error table refused %s: %s", failed[1], failed[2]))
-
+            lambda failed: logging.error("the error table refused %s: %s", failed[1], failed[2])
+        )

@@ -8,6 +8,7 @@ Three ways to predict the same generated rows with the newest pushed version:
 - server: `babyweight serve` (one worker) answering rows one per request from one client (--server-rows rows).
 The table goes to stdout and outputs/bench/predict.json.
 """
+
 import argparse
 import http.client
 import json
@@ -41,7 +42,7 @@ def signature_rate(version_dir: str, records: list) -> float:
 
     handler = batch_core.VersionHandler(version_dir)
     model = handler.load_model()
-    parsed = [batch_core.parse(records[start:start + 1024])[0] for start in range(0, len(records), 1024)]
+    parsed = [batch_core.parse(records[start : start + 1024])[0] for start in range(0, len(records), 1024)]
     parsed = [p for p in parsed if p is not None]
     handler.run_inference(parsed[:1], model)  # the first call traces
     started = time.perf_counter()
@@ -64,8 +65,20 @@ def server_rate(models: str, records: list, count: int, work: pathlib.Path) -> D
         if len(instances) == count:
             break
     port = bench._free_port()
-    command = [sys.executable, "-m", "babyweight_cli", "serve", "--model-dir", models, "--workers", "1",
-               "--log-dir", str(work / "logs"), "--port", str(port)]
+    command = [
+        sys.executable,
+        "-m",
+        "babyweight_cli",
+        "serve",
+        "--model-dir",
+        models,
+        "--workers",
+        "1",
+        "--log-dir",
+        str(work / "logs"),
+        "--port",
+        str(port),
+    ]
     with bench._server(command, port, {}, work / "server.log", bench.PATH):
         connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
         headers = {"Content-Type": "application/json"}
@@ -96,10 +109,24 @@ def main(argv: Optional[List[str]] = None) -> int:
         work = pathlib.Path(folder)
         paths = generator.write(args.rows // FILES, seed=7, output_dir=work / "in", spans=FILES)
         started = time.perf_counter()
-        job = subprocess.run([sys.executable, "-m", "babyweight_cli", "predict-batch", "--input",
-                              str(work / "in" / "*" / "*.csv"), "--output", str(work / "out" / "run"),
-                              "--model-dir", config.serving_dir, "--version", str(newest)],
-                             capture_output=True, text=True)
+        job = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "babyweight_cli",
+                "predict-batch",
+                "--input",
+                str(work / "in" / "*" / "*.csv"),
+                "--output",
+                str(work / "out" / "run"),
+                "--model-dir",
+                config.serving_dir,
+                "--version",
+                str(newest),
+            ],
+            capture_output=True,
+            text=True,
+        )
         seconds = time.perf_counter() - started
         if job.returncode:
             print(f"error: predict-batch failed:\n{job.stderr[-3000:]}", file=sys.stderr)
@@ -108,18 +135,24 @@ def main(argv: Optional[List[str]] = None) -> int:
         rows = args.rows // FILES * FILES
         records = _rows(paths)
         results = {
-            "rows": rows, "version": newest, "predict_batch_summary": summary,
+            "rows": rows,
+            "version": newest,
+            "predict_batch_summary": summary,
             "predict_batch": {"seconds": seconds, "rows_per_s": rows / seconds},
             "signature": {"rows_per_s": signature_rate(versions[newest], records[:200_000])},
             "server": server_rate(config.serving_dir, records, args.server_rows, work),
         }
     print(f"version {newest}, {rows:,} generated rows in {FILES} files ({summary})")
     print(f"{'way':<40}{'rows/s':>12}")
-    print(f"{'predict-batch, files -> files':<40}{results['predict_batch']['rows_per_s']:>12,.0f}"
-          f"   ({results['predict_batch']['seconds']:.1f} s for the command)")
+    print(
+        f"{'predict-batch, files -> files':<40}{results['predict_batch']['rows_per_s']:>12,.0f}"
+        f"   ({results['predict_batch']['seconds']:.1f} s for the command)"
+    )
     print(f"{'signature in-process, batches of 1,024':<40}{results['signature']['rows_per_s']:>12,.0f}")
-    print(f"{'server, one row per request':<40}{results['server']['rows_per_s']:>12,.0f}"
-          f"   ({results['server']['rows']:,} rows)")
+    print(
+        f"{'server, one row per request':<40}{results['server']['rows_per_s']:>12,.0f}"
+        f"   ({results['server']['rows']:,} rows)"
+    )
     config_lib.write_bench_figures(args.output_dir, "predict", results)
     return 0
 

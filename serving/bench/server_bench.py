@@ -7,10 +7,12 @@ Servers, each on the same HTTP stack (Starlette on uvicorn):
 - server: `babyweight serve` with its defaults (batching, prediction table, request log, metrics).
 Workloads of one instance per request: peaked (rows of the bundled data, drawn with their frequencies from a
 pool of BODIES requests) and flat (every feature uniform over its range, a new instance each request), at
-concurrency 1, 8 and 64, after WARMUP_SECONDS of load. Then a new version is pushed while the server is under load: errors are counted, and
+concurrency 1, 8 and 64, after WARMUP_SECONDS of load. Then a new version is pushed while the server is under load:
+errors are counted, and
 the time until the new version serves.
 The table goes to stdout and outputs/bench/serving.json.
 """
+
 import argparse
 import contextlib
 import json
@@ -96,8 +98,9 @@ def simple_app():
             if column.dtype == "string":
                 inputs[column.name] = tf.constant(["" if v is None else str(v).lower() for v in values])
             else:
-                inputs[column.name] = tf.constant(numpy.array([numpy.nan if v is None else v for v in values],
-                                                              numpy.float32))
+                inputs[column.name] = tf.constant(
+                    numpy.array([numpy.nan if v is None else v for v in values], numpy.float32)
+                )
         predictions = signature(**inputs)["predictions"].numpy().tolist()
         return Response(orjson.dumps({"predictions": predictions}), media_type="application/json")
 
@@ -132,8 +135,9 @@ def _free_port() -> int:
 @contextlib.contextmanager
 def _server(command: List[str], port: int, env: Dict[str, str], log: pathlib.Path, ready_path: str) -> Iterator[str]:
     with log.open("w") as handle:
-        process = subprocess.Popen(command, env={**os.environ, **env}, stdout=handle, stderr=subprocess.STDOUT,
-                                   start_new_session=True)
+        process = subprocess.Popen(
+            command, env={**os.environ, **env}, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True
+        )
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 180
@@ -143,8 +147,9 @@ def _server(command: List[str], port: int, env: Dict[str, str], log: pathlib.Pat
             if process.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"{command[:4]} did not start: {log.read_text()[-2000:]}")
             try:
-                request = urllib.request.Request(url + ready_path, data=body,
-                                                 headers={"Content-Type": "application/json"})
+                request = urllib.request.Request(
+                    url + ready_path, data=body, headers={"Content-Type": "application/json"}
+                )
                 with urllib.request.urlopen(request, timeout=5):
                     streak += 1
             except OSError:
@@ -158,10 +163,15 @@ def _server(command: List[str], port: int, env: Dict[str, str], log: pathlib.Pat
 
 def wrk(url: str, concurrency: int, seconds: float, bodies_file: str, script: pathlib.Path) -> Dict[str, float]:
     threads = 1 if concurrency == 1 else 2
-    done = subprocess.run(["wrk", f"-t{threads}", f"-c{concurrency}", f"-d{max(1, round(seconds))}s", "-s", str(script), url],
-                          env={**os.environ, "BENCH_BODIES": bodies_file}, capture_output=True, text=True, check=True)
+    done = subprocess.run(
+        ["wrk", f"-t{threads}", f"-c{concurrency}", f"-d{max(1, round(seconds))}s", "-s", str(script), url],
+        env={**os.environ, "BENCH_BODIES": bodies_file},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     line = next(line for line in done.stdout.splitlines() if line.startswith("BENCH "))
-    result = json.loads(line[len("BENCH "):])
+    result = json.loads(line[len("BENCH ") :])
     result["rps"] = result["requests"] / result["seconds"]
     return result
 
@@ -213,15 +223,42 @@ def main(argv: Optional[List[str]] = None) -> int:
     peaked.write_text("\n".join(peaked_bodies(config_lib.PROJECT_ROOT / config.data_dir, BODIES, seed=1)) + "\n")
     workloads = {"peaked": str(peaked), "flat": ""}
     python = sys.executable
-    uvicorn = [python, "-m", "uvicorn", "--loop", "uvloop", "--http", "httptools", "--no-access-log",
-               "--log-level", "warning", "--host", "127.0.0.1"]
+    uvicorn = [
+        python,
+        "-m",
+        "uvicorn",
+        "--loop",
+        "uvloop",
+        "--http",
+        "httptools",
+        "--no-access-log",
+        "--log-level",
+        "warning",
+        "--host",
+        "127.0.0.1",
+    ]
     results = []
     servers = {
         "limit": (uvicorn + ["--factory", "serving.bench.server_bench:limit_app", "--workers", str(args.workers)], {}),
-        "simple": (uvicorn + ["--factory", "serving.bench.server_bench:simple_app", "--workers", "1"],
-                   {"BENCH_MODEL": str(models / str(newest))}),
-        "server": ([python, "-m", "babyweight_cli", "serve", "--model-dir", str(models), "--workers",
-                    str(args.workers), "--log-dir", str(work / "logs")], {}),
+        "simple": (
+            uvicorn + ["--factory", "serving.bench.server_bench:simple_app", "--workers", "1"],
+            {"BENCH_MODEL": str(models / str(newest))},
+        ),
+        "server": (
+            [
+                python,
+                "-m",
+                "babyweight_cli",
+                "serve",
+                "--model-dir",
+                str(models),
+                "--workers",
+                str(args.workers),
+                "--log-dir",
+                str(work / "logs"),
+            ],
+            {},
+        ),
     }
     for name, (command, env) in servers.items():
         port = _free_port()
@@ -246,8 +283,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     return 0
 
 
-def _push_under_load(url: str, models: pathlib.Path, newest: int, seconds: float, bodies: str,
-                     script: pathlib.Path) -> Dict:
+def _push_under_load(
+    url: str, models: pathlib.Path, newest: int, seconds: float, bodies: str, script: pathlib.Path
+) -> Dict:
     """wrk at concurrency 64 while a new version is copied in; then how long until the new version served."""
     import threading
 
@@ -272,35 +310,54 @@ def _push_under_load(url: str, models: pathlib.Path, newest: int, seconds: float
     deadline = time.monotonic() + 120
     while not serving_new() and time.monotonic() < deadline:
         time.sleep(0.2)
-    return {"server": "server", "workload": "peaked, new version pushed", "concurrency": 64, **result,
-            "new_version_available": serving_new(), "switch_seconds": time.monotonic() - pushed["at"]}
+    return {
+        "server": "server",
+        "workload": "peaked, new version pushed",
+        "concurrency": 64,
+        **result,
+        "new_version_available": serving_new(),
+        "switch_seconds": time.monotonic() - pushed["at"],
+    }
 
 
 def _row(result: Dict) -> str:
     hit = f"{result['hit_rate']:.0%}" if "hit_rate" in result else "-"
-    pushed = ("" if "new_version_available" not in result
-              else f"  new version serving: {'yes' if result['new_version_available'] else 'NO'} "
-                   f"({result['switch_seconds']:.1f} s after the push; that worker's view)")
-    return (f"{result['server']:7} {result['workload']:27} c={result['concurrency']:<3} {result['rps']:9.0f} req/s  "
-            f"p50 {result['p50_ms']:7.2f} ms  p99 {result['p99_ms']:7.2f} ms  errors {result['non2xx'] + result['socket_errors']:<4}"
-            f" cache hits {hit}{pushed}")
+    pushed = (
+        ""
+        if "new_version_available" not in result
+        else f"  new version serving: {'yes' if result['new_version_available'] else 'NO'} "
+        f"({result['switch_seconds']:.1f} s after the push; that worker's view)"
+    )
+    return (
+        f"{result['server']:7} {result['workload']:27} c={result['concurrency']:<3} {result['rps']:9.0f} req/s  "
+        f"p50 {result['p50_ms']:7.2f} ms  p99 {result['p99_ms']:7.2f} ms  "
+        f"errors {result['non2xx'] + result['socket_errors']:<4}"
+        f" cache hits {hit}{pushed}"
+    )
 
 
 def _report(results: List[Dict], path: pathlib.Path) -> None:
     def rps(server: str, workload: str, concurrency: int) -> float:
-        return next(r["rps"] for r in results if (r["server"], r["workload"], r["concurrency"]) ==
-                    (server, workload, concurrency))
+        return next(
+            r["rps"]
+            for r in results
+            if (r["server"], r["workload"], r["concurrency"]) == (server, workload, concurrency)
+        )
 
     print("\nratios (same run):")
     print(f"  peaked c=64: server/limit {rps('server', 'peaked', 64) / rps('limit', 'peaked', 64):.2f} (goal >= 0.5)")
-    print(f"  flat c=64: server/limit {rps('server', 'flat', 64) / rps('limit', 'flat', 64):.2f} (goal >= 0.25), "
-          f"server/simple {rps('server', 'flat', 64) / rps('simple', 'flat', 64):.1f} (goal >= 3)")
+    print(
+        f"  flat c=64: server/limit {rps('server', 'flat', 64) / rps('limit', 'flat', 64):.2f} (goal >= 0.25), "
+        f"server/simple {rps('server', 'flat', 64) / rps('simple', 'flat', 64):.1f} (goal >= 3)"
+    )
     print("\n| server | workload | concurrency | requests/s | p50 ms | p99 ms | errors | cache hits |")
     print("|---|---|---|---|---|---|---|---|")
     for result in results:
         hit = f"{result['hit_rate']:.0%}" if "hit_rate" in result else "-"
-        print(f"| {result['server']} | {result['workload']} | {result['concurrency']} | {result['rps']:,.0f} | "
-              f"{result['p50_ms']:.2f} | {result['p99_ms']:.2f} | {result['non2xx'] + result['socket_errors']} | {hit} |")
+        print(
+            f"| {result['server']} | {result['workload']} | {result['concurrency']} | {result['rps']:,.0f} | "
+            f"{result['p50_ms']:.2f} | {result['p99_ms']:.2f} | {result['non2xx'] + result['socket_errors']} | {hit} |"
+        )
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(results, indent=1))
     print(f"figures: {path}")

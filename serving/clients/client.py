@@ -1,9 +1,11 @@
 """`babyweight predict --url URL FILE`: predictions for the rows of a CSV or JSON-lines file, from a server
-(or, with --tflite, from a pushed version's TFLite model on this machine, as a device runs it: serving/clients/device.py).
+(or, with --tflite, from a pushed version's TFLite model on this machine, as a device runs it:
+serving/clients/device.py).
 
     babyweight predict --url http://127.0.0.1:8501 data/natality/natality.csv
     babyweight predict --url http://127.0.0.1:8501 --label stable requests.jsonl --output predictions.csv
-    babyweight predict --url https://REGION-aiplatform.googleapis.com/v1/projects/P/locations/REGION/endpoints/E:predict FILE
+    babyweight predict --url \
+        https://REGION-aiplatform.googleapis.com/v1/projects/P/locations/REGION/endpoints/E:predict FILE
     babyweight predict --tflite outputs/serving_model/VERSION/babyweight.tflite data/natality/natality.csv
 
 The file is read as `babyweight validate-serving` reads it (models/requests.py): a CSV of the natality table's
@@ -14,6 +16,7 @@ with row, prediction, model_version and error, one line per input row (stdout, o
 predicted; 1: some rows refused; 2: the file, the server or the TFLite model can't be read or reached.
 A Vertex AI endpoint is called with the application-default credentials (gcloud auth application-default login).
 """
+
 import argparse
 import csv
 import json
@@ -84,8 +87,9 @@ def post(url: str, instances: List[Dict[str, Any]]) -> Tuple[List[float], str]:
 
 def predict_rows(url: str, rows: List[Dict[str, Any]], batch_size: int) -> List[Dict[str, Any]]:
     """One result per row: {"row", "prediction", "model_version", "error"}; refused rows aren't sent."""
-    results = [{"row": number, "prediction": "", "model_version": "", "error": ""}
-               for number in range(1, len(rows) + 1)]
+    results = [
+        {"row": number, "prediction": "", "model_version": "", "error": ""} for number in range(1, len(rows) + 1)
+    ]
     ready: List[Tuple[int, Dict[str, Any]]] = []
     for index, row in enumerate(rows):
         try:
@@ -93,7 +97,7 @@ def predict_rows(url: str, rows: List[Dict[str, Any]], batch_size: int) -> List[
         except ValueError as error:
             results[index]["error"] = f"row {index + 1}: {error}"
     for start in range(0, len(ready), batch_size):
-        batch = ready[start:start + batch_size]
+        batch = ready[start : start + batch_size]
         while batch:
             try:
                 predictions, version = post(url, [instance for _, instance in batch])
@@ -112,21 +116,28 @@ def predict_rows(url: str, rows: List[Dict[str, Any]], batch_size: int) -> List[
 
 def main(argv: Optional[List[str]] = None) -> int:
     """`babyweight predict --url URL FILE [--output OUT]`."""
-    parser = argparse.ArgumentParser(prog="babyweight predict", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog=__doc__.split("\n\n", 1)[1])
+    parser = argparse.ArgumentParser(
+        prog="babyweight predict",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n\n", 1)[1],
+    )
     parser.add_argument("file", type=pathlib.Path, help="CSV with a header line, or JSON lines")
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--url", default="http://127.0.0.1:8501", help="the server (default: %(default)s)")
-    source.add_argument("--tflite", type=pathlib.Path,
-                        help="a TFLite export (babyweight.tflite or babyweight_float16.tflite in a pushed version's "
-                             "folder), run here by the TensorFlow Lite interpreter instead of asking a server")
+    source.add_argument(
+        "--tflite",
+        type=pathlib.Path,
+        help="a TFLite export (babyweight.tflite or babyweight_float16.tflite in a pushed version's "
+        "folder), run here by the TensorFlow Lite interpreter instead of asking a server",
+    )
     parser.add_argument("--model", default=MODEL_NAME)
     target = parser.add_mutually_exclusive_group()
     target.add_argument("--version", type=int, help="ask this version (default: the newest available)")
     target.add_argument("--label", help="ask the version with this label (e.g. stable)")
-    parser.add_argument("--batch-size", type=int, default=64,
-                        help="instances per request (per model call with --tflite)")
+    parser.add_argument(
+        "--batch-size", type=int, default=64, help="instances per request (per model call with --tflite)"
+    )
     parser.add_argument("--output", type=pathlib.Path, help="write the CSV here instead of printing it")
     args = parser.parse_args(argv)
     if args.tflite and (args.version or args.label):
@@ -151,9 +162,12 @@ def main(argv: Optional[List[str]] = None) -> int:
         handle.close()
     refused = [r for r in results if r["error"]]
     versions = sorted({r["model_version"] for r in results if r["model_version"]})
-    print(f"{len(results) - len(refused)} of {len(results)} row(s) of {args.file} predicted by version(s) "
-          f"{', '.join(versions) or '-'}" + (f"; {len(refused)} refused (error column), e.g. {refused[0]['error']}"
-                                              if refused else ""), file=sys.stderr)
+    print(
+        f"{len(results) - len(refused)} of {len(results)} row(s) of {args.file} predicted by version(s) "
+        f"{', '.join(versions) or '-'}"
+        + (f"; {len(refused)} refused (error column), e.g. {refused[0]['error']}" if refused else ""),
+        file=sys.stderr,
+    )
     return 1 if refused else 0
 
 

@@ -10,6 +10,7 @@ server's (contract.to_instance: types, required features, 'unknown' codes), appl
 TensorFlow Lite drops the SavedModel's own check of required features, so a row the server refuses is refused here,
 in the same words, and never predicted.
 """
+
 import pathlib
 from typing import Any, Dict, List, Sequence
 
@@ -40,8 +41,9 @@ def version_of(path: str) -> str:
 def predict_rows(model: DeviceModel, rows: List[Dict[str, Any]], batch_size: int) -> List[Dict[str, Any]]:
     """One result per row: {"row", "prediction", "model_version", "error"}, as `babyweight predict --url` gives."""
     version = version_of(model.path)
-    results = [{"row": number, "prediction": "", "model_version": "", "error": ""}
-               for number in range(1, len(rows) + 1)]
+    results = [
+        {"row": number, "prediction": "", "model_version": "", "error": ""} for number in range(1, len(rows) + 1)
+    ]
     ready = []
     for index, row in enumerate(rows):
         try:
@@ -49,7 +51,7 @@ def predict_rows(model: DeviceModel, rows: List[Dict[str, Any]], batch_size: int
         except ValueError as error:
             results[index]["error"] = f"row {index + 1}: {error}"
     for start in range(0, len(ready), batch_size):
-        batch = ready[start:start + batch_size]
+        batch = ready[start : start + batch_size]
         predictions = model.predict_keys([key for _, key in batch])
         for (index, _), prediction in zip(batch, predictions):
             if numpy.isfinite(prediction):

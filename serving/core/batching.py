@@ -5,6 +5,7 @@ loop has taken every request that arrived with them (or after `timeout` seconds,
 batch_timeout_micros), in calls of at most `max_batch_size` instances. Alone, a request waits for nothing;
 under load, the requests that came in while the model ran go together in the next call.
 """
+
 import asyncio
 import logging
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
@@ -56,8 +57,9 @@ class Batcher:
                 for one in batch:
                     self._call(version, [one])
                 return
-            logging.error("version %d refused a request that the serving contract's check passed: %s",
-                          version.version, error)
+            logging.error(
+                "version %d refused a request that the serving contract's check passed: %s", version.version, error
+            )
             if not batch[0][1].done():
                 batch[0][1].set_exception(error)
             return
@@ -65,6 +67,6 @@ class Batcher:
         start = 0
         for request_keys, future in batch:
             if not future.done():  # a client that went away
-                future.set_result(predictions[start:start + len(request_keys)])
+                future.set_result(predictions[start : start + len(request_keys)])
             start += len(request_keys)
         version.table.offer(keys, predictions.tolist())

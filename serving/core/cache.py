@@ -5,6 +5,7 @@ request log's; the model predicts them at load, in batches, so those requests ar
 the head, an instance the model has answered `admit_after` times is kept, up to `capacity` answers. A table
 belongs to one loaded version: a new version starts its own, so it never answers with an older model's numbers.
 """
+
 from typing import Callable, Dict, Iterable, List, Optional, Sequence
 
 import numpy
@@ -24,12 +25,13 @@ class PredictionTable:
         self._seen: Dict[features.InstanceKey, int] = {}
         self.head_size = 0
 
-    def fill(self, keys: Sequence[features.InstanceKey],
-             predict: Callable[[Sequence[features.InstanceKey]], numpy.ndarray]) -> None:
+    def fill(
+        self, keys: Sequence[features.InstanceKey], predict: Callable[[Sequence[features.InstanceKey]], numpy.ndarray]
+    ) -> None:
         """Predicts the head in batches and keeps every answer (before the version takes traffic)."""
-        keys = list(keys)[:self.capacity]
+        keys = list(keys)[: self.capacity]
         for start in range(0, len(keys), FILL_BATCH):
-            batch = keys[start:start + FILL_BATCH]
+            batch = keys[start : start + FILL_BATCH]
             self._answers.update(zip(batch, predict(batch).tolist()))
         self.head_size = len(self._answers)
 

@@ -3,6 +3,7 @@
 A request is read whole before anything is predicted: an instance with an unknown feature, a value of the
 wrong type or without a required feature fails the request with a 400 naming the instance and the feature.
 """
+
 import base64
 import binascii
 import dataclasses
@@ -59,16 +60,19 @@ def check_instance(index: int, instance: Any) -> features.InstanceKey:
     for name, value in instance.items():
         kind = _KINDS.get(name)
         if kind is None:
-            raise RequestError(f"instance {index}: unknown feature {name!r} (the model takes: "
-                               f"{', '.join(features.FEATURE_NAMES)})")
+            raise RequestError(
+                f"instance {index}: unknown feature {name!r} (the model takes: {', '.join(features.FEATURE_NAMES)})"
+            )
         if value is not None and value.__class__ not in kind:  # bool is not int here: true is no number
             reason = _wrong_value(index, name, value, kind)
             if reason:
                 raise RequestError(reason)
     lacking = features.missing_required(instance)
     if lacking:
-        raise RequestError(f"instance {index}: missing required feature {lacking[0]!r} (no value, or an "
-                           f"'unknown' code); every request needs {', '.join(c.name for c in features.REQUIRED_FEATURES)}")
+        raise RequestError(
+            f"instance {index}: missing required feature {lacking[0]!r} (no value, or an "
+            f"'unknown' code); every request needs {', '.join(c.name for c in features.REQUIRED_FEATURES)}"
+        )
     return features.instance_key(instance)
 
 
@@ -84,8 +88,10 @@ def _example(index: int, instance: Any) -> Dict[str, Any]:
     if isinstance(instance, dict) and set(instance) == {"examples"}:
         instance = instance["examples"]
     if not (isinstance(instance, dict) and set(instance) == {"b64"} and isinstance(instance["b64"], str)):
-        raise RequestError(f"instance {index}: {EXAMPLES_SIGNATURE} takes serialized tf.Examples as "
-                           '{"b64": "..."}; send named features with "signature_name": "serving_raw"')
+        raise RequestError(
+            f"instance {index}: {EXAMPLES_SIGNATURE} takes serialized tf.Examples as "
+            '{"b64": "..."}; send named features with "signature_name": "serving_raw"'
+        )
     try:
         example = example_pb2.Example.FromString(base64.b64decode(instance["b64"], validate=True))
     except (binascii.Error, ValueError):

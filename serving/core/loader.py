@@ -3,6 +3,7 @@
 A version is ready only when all of that has worked: a manager (serving/core/manager.py) never hands out a version
 that is still loading or that failed to load.
 """
+
 import dataclasses
 import json
 import logging
@@ -56,8 +57,13 @@ def _signature_defs(path: str) -> Dict[str, Any]:
     with tf.io.gfile.GFile(os.path.join(path, "saved_model.pb"), "rb") as handle:
         saved_model.ParseFromString(handle.read())
     signatures = saved_model.meta_graphs[0].signature_def
-    return {"signature_def": {name: json_format.MessageToDict(signatures[name], preserving_proto_field_name=True)
-                              for name in contract.SIGNATURES if name in signatures}}
+    return {
+        "signature_def": {
+            name: json_format.MessageToDict(signatures[name], preserving_proto_field_name=True)
+            for name in contract.SIGNATURES
+            if name in signatures
+        }
+    }
 
 
 _NUMBERS = [index for index, column in enumerate(features.FEATURES) if column.dtype != "string"]
@@ -74,8 +80,12 @@ def _fast_call(function: Any) -> Callable[[Sequence[features.InstanceKey]], nump
     """
     names = [column.name for column in features.FEATURES]
 
-    @tf.function(input_signature=[tf.TensorSpec([None, len(_NUMBERS)], tf.float32),
-                                  tf.TensorSpec([None, len(_TEXTS)], tf.string)])
+    @tf.function(
+        input_signature=[
+            tf.TensorSpec([None, len(_NUMBERS)], tf.float32),
+            tf.TensorSpec([None, len(_TEXTS)], tf.string),
+        ]
+    )
     def packed(numbers: tf.Tensor, texts: tf.Tensor) -> tf.Tensor:
         columns = {names[index]: numbers[:, place] for place, index in enumerate(_NUMBERS)}
         columns.update({names[index]: texts[:, place] for place, index in enumerate(_TEXTS)})
@@ -85,8 +95,9 @@ def _fast_call(function: Any) -> Callable[[Sequence[features.InstanceKey]], nump
     flat, captured = concrete._call_flat, concrete.captured_inputs  # noqa: SLF001 (checked at warm-up)
 
     def call(keys: Sequence[features.InstanceKey]) -> numpy.ndarray:
-        numbers = numpy.array([[numpy.nan if key[i] is None else key[i] for i in _NUMBERS] for key in keys],
-                              numpy.float32)
+        numbers = numpy.array(
+            [[numpy.nan if key[i] is None else key[i] for i in _NUMBERS] for key in keys], numpy.float32
+        )
         texts = numpy.array([["" if key[i] is None else key[i] for i in _TEXTS] for key in keys], object)
         return flat([tf.constant(numbers), tf.constant(texts)], captured).numpy().reshape(-1)
 
@@ -102,8 +113,14 @@ def read_frequent_instances(path: str) -> List[Dict[str, Any]]:
         return [instance for _, instance in json.load(handle)["instances"]]
 
 
-def load(path: str, version: int, head_size: int, capacity: int, admit_after: int,
-         traffic_head: Sequence[features.InstanceKey] = ()) -> LoadedVersion:
+def load(
+    path: str,
+    version: int,
+    head_size: int,
+    capacity: int,
+    admit_after: int,
+    traffic_head: Sequence[features.InstanceKey] = (),
+) -> LoadedVersion:
     """Loads, checks and warms up a version; predicts its head (training data first, then traffic)."""
     started = time.monotonic()
     try:
@@ -111,14 +128,22 @@ def load(path: str, version: int, head_size: int, capacity: int, admit_after: in
     except LoadError:
         raise
     except tf.errors.OpError as error:
-        raise LoadError(f"version {version} at {path} can't be loaded: {type(error).__name__}: "
-                        f"{error.message.splitlines()[0]}") from None
+        raise LoadError(
+            f"version {version} at {path} can't be loaded: {type(error).__name__}: {error.message.splitlines()[0]}"
+        ) from None
     except Exception as error:  # a damaged folder can break any step: it is a version that can't be served
         raise LoadError(f"version {version} at {path} can't be loaded: {type(error).__name__}: {error}") from None
 
 
-def _load(path: str, version: int, head_size: int, capacity: int, admit_after: int,
-          traffic_head: Sequence[features.InstanceKey], started: float) -> LoadedVersion:
+def _load(
+    path: str,
+    version: int,
+    head_size: int,
+    capacity: int,
+    admit_after: int,
+    traffic_head: Sequence[features.InstanceKey],
+    started: float,
+) -> LoadedVersion:
     model = tf.saved_model.load(path)
     raw = model.signatures[contract.RAW_SIGNATURE]
     if contract.EXAMPLES_SIGNATURE not in model.signatures:  # its metadata is served; examples are read in Python
@@ -129,16 +154,20 @@ def _load(path: str, version: int, head_size: int, capacity: int, admit_after: i
         return raw(**columns_of(keys))[PREDICTIONS].numpy().reshape(-1)
 
     predict_keys = _fast_call(raw)
-    head = [features.instance_key(instance) for instance in read_frequent_instances(path)
-            if not features.missing_required(instance)]  # the signature refuses those
+    head = [
+        features.instance_key(instance)
+        for instance in read_frequent_instances(path)
+        if not features.missing_required(instance)
+    ]  # the signature refuses those
     head = list(dict.fromkeys(head + list(traffic_head)))[:head_size]
-    warmup = head[:max(WARMUP_BATCHES)] or [_typical_key()]
+    warmup = head[: max(WARMUP_BATCHES)] or [_typical_key()]
     for size in WARMUP_BATCHES:
         keys = (warmup * size)[:size]
         public = public_call(keys)
         if not numpy.allclose(public, predict_keys(keys), rtol=1e-6, atol=1e-6):
-            logging.warning("version %d: the fast signature call disagrees with the public one; using the "
-                            "public call", version)
+            logging.warning(
+                "version %d: the fast signature call disagrees with the public one; using the public call", version
+            )
             predict_keys = public_call
         if not numpy.all(numpy.isfinite(public)):
             raise LoadError(f"version {version} at {path} predicts {public[:3]} at warm-up, not numbers")

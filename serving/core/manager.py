@@ -7,6 +7,7 @@ are available. A request takes a handle to one version (`resolve`) and keeps it 
 is being unloaded finishes the requests it has. A version that fails to load is refused with a log line and its
 error in the status; it is tried again only when its files change.
 """
+
 import dataclasses
 import logging
 import os
@@ -54,7 +55,7 @@ class ModelConfig:
             return ordered
         if self.policy == "specific":
             return [v for v in ordered if v in self.versions]
-        return ordered[:self.num_versions]
+        return ordered[: self.num_versions]
 
 
 def read_model_config(path: str, name: str, default_base_path: str) -> ModelConfig:
@@ -76,10 +77,13 @@ def read_model_config(path: str, name: str, default_base_path: str) -> ModelConf
     choice = entry.model_version_policy.WhichOneof("policy_choice") or "latest"
     policy = entry.model_version_policy
     return ModelConfig(
-        name, base_path, choice,
+        name,
+        base_path,
+        choice,
         num_versions=(policy.latest.num_versions or 1) if choice == "latest" else 1,
         versions=tuple(policy.specific.versions) if choice == "specific" else (),
-        labels=tuple(sorted(entry.version_labels.items())))
+        labels=tuple(sorted(entry.version_labels.items())),
+    )
 
 
 def list_versions(base_path: str) -> Dict[int, str]:
@@ -89,8 +93,11 @@ def list_versions(base_path: str) -> Dict[int, str]:
         return {int(name) if name.isdigit() else 1: base_path}
     if not tf.io.gfile.isdir(base_path):
         return {}
-    return {int(name.rstrip("/")): os.path.join(base_path, name.rstrip("/"))
-            for name in tf.io.gfile.listdir(base_path) if name.rstrip("/").isdigit()}
+    return {
+        int(name.rstrip("/")): os.path.join(base_path, name.rstrip("/"))
+        for name in tf.io.gfile.listdir(base_path)
+        if name.rstrip("/").isdigit()
+    }
 
 
 def files_fingerprint(path: str) -> Tuple[Tuple[str, int], ...]:
@@ -115,9 +122,13 @@ class VersionState:
 class Manager:
     """Keeps the aspired versions loaded and hands out one per request."""
 
-    def __init__(self, settings: ServerSettings, default_base_path: str,
-                 traffic_head: Callable[[], Sequence[features.InstanceKey]] = lambda: (),
-                 on_change: Callable[[], None] = lambda: None):
+    def __init__(
+        self,
+        settings: ServerSettings,
+        default_base_path: str,
+        traffic_head: Callable[[], Sequence[features.InstanceKey]] = lambda: (),
+        on_change: Callable[[], None] = lambda: None,
+    ):
         self.settings = settings
         self._default_base_path = default_base_path
         self._traffic_head = traffic_head
@@ -138,24 +149,33 @@ class Manager:
         if label is not None:
             labels = dict(self.config.labels)
             if label not in labels:
-                raise NotFound(f"model {self.config.name!r} has no label {label!r}"
-                               + (f" (labels: {', '.join(sorted(labels))})" if labels else ""))
+                raise NotFound(
+                    f"model {self.config.name!r} has no label {label!r}"
+                    + (f" (labels: {', '.join(sorted(labels))})" if labels else "")
+                )
             version = labels[label]
         if version is not None:
             if version in available:
                 return available[version]
             state = self.states.get(version)
             if state is None and label is not None:
-                raise NotFound(f"label {label!r} points to version {version}, which is not served (serving: "
-                               f"{', '.join(map(str, sorted(available, reverse=True))) or 'none'})")
+                raise NotFound(
+                    f"label {label!r} points to version {version}, which is not served (serving: "
+                    f"{', '.join(map(str, sorted(available, reverse=True))) or 'none'})"
+                )
             if state is None:
-                raise NotFound(f"model {self.config.name!r} has no version {version} (serving: "
-                               f"{', '.join(map(str, sorted(available, reverse=True))) or 'none'})")
-            raise Unavailable(f"version {version} of {self.config.name!r} is {state.state}"
-                              + (f": {state.error}" if state.error else ""))
+                raise NotFound(
+                    f"model {self.config.name!r} has no version {version} (serving: "
+                    f"{', '.join(map(str, sorted(available, reverse=True))) or 'none'})"
+                )
+            raise Unavailable(
+                f"version {version} of {self.config.name!r} is {state.state}"
+                + (f": {state.error}" if state.error else "")
+            )
         if not available:
-            raise Unavailable(f"no version of {self.config.name!r} is available yet in {self.config.base_path}"
-                              + self._why_none())
+            raise Unavailable(
+                f"no version of {self.config.name!r} is available yet in {self.config.base_path}" + self._why_none()
+            )
         return available[max(available)]
 
     def _why_none(self) -> str:
@@ -174,9 +194,14 @@ class Manager:
             versions = [version]
         else:
             versions = sorted(states, reverse=True)
-        return [{"version": str(v), "state": states[v].state,
-                 "status": {"error_code": "UNKNOWN" if states[v].error else "OK",
-                            "error_message": states[v].error}} for v in versions]
+        return [
+            {
+                "version": str(v),
+                "state": states[v].state,
+                "status": {"error_code": "UNKNOWN" if states[v].error else "OK", "error_message": states[v].error},
+            }
+            for v in versions
+        ]
 
     def resolve_number(self, version: Optional[int], label: Optional[str]) -> int:
         if label is not None:
@@ -201,8 +226,9 @@ class Manager:
             return
         self._config_stamp = stamp
         try:
-            self.config = read_model_config(self.settings.model_config_file, self.settings.model_name,
-                                            self._default_base_path)
+            self.config = read_model_config(
+                self.settings.model_config_file, self.settings.model_name, self._default_base_path
+            )
             logging.info("model config reloaded from %s: %s", self.settings.model_config_file, self.config)
         except ConfigFileError as error:
             logging.error("keeping the previous model config: %s", error)
@@ -231,8 +257,14 @@ class Manager:
     def _load(self, version: int, path: str) -> None:
         self.states[version] = VersionState(LOADING)
         try:
-            loaded = loader.load(path, version, self.settings.cache_head_size, self.settings.cache_capacity,
-                                 self.settings.cache_admit_after, self._traffic_head())
+            loaded = loader.load(
+                path,
+                version,
+                self.settings.cache_head_size,
+                self.settings.cache_capacity,
+                self.settings.cache_admit_after,
+                self._traffic_head(),
+            )
         except loader.LoadError as error:
             logging.error("refused: %s; still serving %s", error, sorted(self.available) or "nothing")
             self.states[version] = VersionState(END, str(error))
@@ -240,8 +272,12 @@ class Manager:
             return
         self.available = {**self.available, version: loaded}
         self.states[version] = VersionState(AVAILABLE)
-        logging.info("version %d is available (%.1f s to load; %d predictions precomputed)",
-                     version, loaded.seconds_to_load, loaded.table.head_size)
+        logging.info(
+            "version %d is available (%.1f s to load; %d predictions precomputed)",
+            version,
+            loaded.seconds_to_load,
+            loaded.table.head_size,
+        )
         self._on_change()
 
     def _unload(self, version: int) -> None:
@@ -254,6 +290,7 @@ class Manager:
 
     def start(self) -> None:
         """Polls in a background thread until `stop`."""
+
         def run() -> None:
             while not self._stop.is_set():
                 try:

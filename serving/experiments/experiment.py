@@ -18,6 +18,7 @@ FILE` for a batch) joins the actual weight with the recorded predictions, once p
 the policy's statistics are sums over those joins, so they survive a restart and every worker process reads the
 same, refreshed each `REFRESH_SECONDS` (at once in the process that took the feedback).
 """
+
 import dataclasses
 import hashlib
 import math
@@ -77,9 +78,11 @@ def load_config(path: str) -> ExperimentConfig:
     if unknown:
         raise ExperimentError(f"{where}: unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
     try:
-        values.update(arms=tuple(str(arm) for arm in values.get("arms") or ()),
-                      split=tuple(float(share) for share in values.get("split") or ()),
-                      **{name: float(values[name]) for name in ("epsilon", "promote_level") if name in values})
+        values.update(
+            arms=tuple(str(arm) for arm in values.get("arms") or ()),
+            split=tuple(float(share) for share in values.get("split") or ()),
+            **{name: float(values[name]) for name in ("epsilon", "promote_level") if name in values},
+        )
     except (TypeError, ValueError) as error:
         raise ExperimentError(f"{where}: split, epsilon and promote_level take numbers: {error}") from None
     config = ExperimentConfig(**values)
@@ -90,8 +93,9 @@ def load_config(path: str) -> ExperimentConfig:
         raise ExperimentError(f"{where}: policy {config.policy!r} is not one of {', '.join(POLICIES)}")
     if config.reward not in REWARDS:
         raise ExperimentError(f"{where}: reward {config.reward!r} is not one of {', '.join(REWARDS)}")
-    if config.policy == "split" and (len(config.split) != len(arms) or min(config.split) < 0
-                                     or not math.isclose(sum(config.split), 1.0)):
+    if config.policy == "split" and (
+        len(config.split) != len(arms) or min(config.split) < 0 or not math.isclose(sum(config.split), 1.0)
+    ):
         raise ExperimentError(f"{where}: 'split' needs one share per arm, adding up to 1, not {list(config.split)}")
     if config.policy == "shadow" and len(arms) != 2:
         raise ExperimentError(f"{where}: shadow takes two arms, the incumbent and the challenger")
@@ -128,13 +132,13 @@ def _posterior(stats: Mapping[str, ArmStats]) -> Dict[str, Tuple[float, float]]:
     """
     n = sum(s.n for s in stats.values())
     pooled_mean = sum(s.loss_sum for s in stats.values()) / n if n else 0.0
-    pooled_var = (sum(s.loss_squares for s in stats.values()) / n - pooled_mean ** 2) if n > 1 else 1.0
+    pooled_var = (sum(s.loss_squares for s in stats.values()) / n - pooled_mean**2) if n > 1 else 1.0
     pooled_var = max(pooled_var, 1e-6)
     beliefs = {}
     for arm, s in stats.items():
         weight = s.n + PRIOR_WEIGHT
         mean = (s.loss_sum + PRIOR_WEIGHT * pooled_mean) / weight
-        var = ((s.loss_squares - s.loss_sum ** 2 / s.n) / (s.n - 1)) if s.n > 1 else pooled_var
+        var = ((s.loss_squares - s.loss_sum**2 / s.n) / (s.n - 1)) if s.n > 1 else pooled_var
         beliefs[arm] = (mean, math.sqrt(max(var, 1e-6) / weight))
     return beliefs
 
@@ -164,8 +168,11 @@ class Policy:
             # A routing key hashes to the same point of [0, 1) every time: the same arm for the same patient. The
             # arms salt it, so the same patients aren't the first share of every experiment.
             salted = "|".join(arms) + "|" + (routing_key or "")
-            point = (int.from_bytes(hashlib.sha256(salted.encode()).digest()[:8], "big") / 2 ** 64
-                     if routing_key else self.rng.random())
+            point = (
+                int.from_bytes(hashlib.sha256(salted.encode()).digest()[:8], "big") / 2**64
+                if routing_key
+                else self.rng.random()
+            )
             total = 0.0
             for arm, share in zip(arms, config.split):
                 total += share
@@ -232,19 +239,31 @@ class Store:
     def close(self) -> None:
         self.db.close()
 
-    def record(self, request_id: str, arm: str, version: int, predictions: Sequence[float], shadow: bool = False,
-               when: Optional[float] = None) -> bool:
+    def record(
+        self,
+        request_id: str,
+        arm: str,
+        version: int,
+        predictions: Sequence[float],
+        shadow: bool = False,
+        when: Optional[float] = None,
+    ) -> bool:
         """One routed (or shadowed) request's predictions, one row per instance, in one transaction; False (and
         nothing written) if the request id was recorded already (a client's retry keeps its first answer)."""
         when = time.time() if when is None else when
         self.db.execute("BEGIN IMMEDIATE")
         try:
-            seen = self.db.execute("SELECT 1 FROM predictions WHERE request_id = ? AND shadow = ? LIMIT 1",
-                                   (request_id, int(shadow))).fetchone()
+            seen = self.db.execute(
+                "SELECT 1 FROM predictions WHERE request_id = ? AND shadow = ? LIMIT 1", (request_id, int(shadow))
+            ).fetchone()
             if not seen:
-                self.db.executemany("INSERT INTO predictions VALUES (?, ?, ?, ?, ?, ?, ?)",
-                                    [(request_id, index, arm, version, float(p), int(shadow), when)
-                                     for index, p in enumerate(predictions)])
+                self.db.executemany(
+                    "INSERT INTO predictions VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    [
+                        (request_id, index, arm, version, float(p), int(shadow), when)
+                        for index, p in enumerate(predictions)
+                    ],
+                )
             self.db.execute("COMMIT")
         except BaseException:
             self.db.execute("ROLLBACK")
@@ -259,8 +278,10 @@ class Store:
         try:
             for request_id, instance, actual in items:
                 name = f"{request_id}" + (f"#{instance}" if instance else "")
-                rows = self.db.execute("SELECT arm, prediction FROM predictions WHERE request_id = ? AND instance = ?",
-                                       (request_id, instance)).fetchall()
+                rows = self.db.execute(
+                    "SELECT arm, prediction FROM predictions WHERE request_id = ? AND instance = ?",
+                    (request_id, instance),
+                ).fetchall()
                 if not rows:
                     result.unknown.append(name)
                     continue
@@ -269,7 +290,8 @@ class Store:
                     error = actual - prediction
                     inserted += self.db.execute(
                         "INSERT OR IGNORE INTO outcomes VALUES (?, ?, ?, ?, ?, ?, ?)",
-                        (request_id, instance, arm, actual, error, self.config.loss(error), when)).rowcount
+                        (request_id, instance, arm, actual, error, self.config.loss(error), when),
+                    ).rowcount
                 if inserted:
                     result.accepted += 1
                 else:
@@ -282,8 +304,12 @@ class Store:
 
     def stats(self) -> Dict[str, ArmStats]:
         """Each arm's sums over its joined outcomes (arms without any: zero)."""
-        found = {arm: ArmStats(n, total, squares) for arm, n, total, squares in self.db.execute(
-            "SELECT arm, COUNT(*), SUM(loss), SUM(loss * loss) FROM outcomes GROUP BY arm")}
+        found = {
+            arm: ArmStats(n, total, squares)
+            for arm, n, total, squares in self.db.execute(
+                "SELECT arm, COUNT(*), SUM(loss), SUM(loss * loss) FROM outcomes GROUP BY arm"
+            )
+        }
         return {arm: found.get(arm, ArmStats()) for arm in self.config.arms}
 
     def errors(self) -> Dict[str, np.ndarray]:
@@ -295,14 +321,16 @@ class Store:
 
     def routed(self) -> List[Tuple[float, str, int]]:
         """(time, arm, version) of each answered (not shadow) request, in time order."""
-        return self.db.execute("SELECT time, arm, version FROM predictions WHERE shadow = 0 AND instance = 0 "
-                               "ORDER BY time").fetchall()
+        return self.db.execute(
+            "SELECT time, arm, version FROM predictions WHERE shadow = 0 AND instance = 0 ORDER BY time"
+        ).fetchall()
 
     def versions(self) -> Dict[str, List[int]]:
         """The versions each arm answered with (a label's version can change during an experiment)."""
         found: Dict[str, List[int]] = {}
-        for arm, version in self.db.execute("SELECT arm, version FROM predictions GROUP BY arm, version "
-                                            "ORDER BY MIN(time)"):
+        for arm, version in self.db.execute(
+            "SELECT arm, version FROM predictions GROUP BY arm, version ORDER BY MIN(time)"
+        ):
             found.setdefault(arm, []).append(version)
         return found
 
@@ -347,8 +375,10 @@ def parse_feedback(payload: Any, where: str = "the body") -> List[Tuple[str, int
                 raise ValueError("instance")
             instance = int(instance)
         except (TypeError, KeyError, ValueError):
-            raise ExperimentError(f"{where}, item {number}: needs request_id and a numeric weight_pounds "
-                                  f"(and optionally instance, a whole number), got {item!r}") from None
+            raise ExperimentError(
+                f"{where}, item {number}: needs request_id and a numeric weight_pounds "
+                f"(and optionally instance, a whole number), got {item!r}"
+            ) from None
         if not math.isfinite(actual):
             raise ExperimentError(f"{where}, item {number}: weight_pounds {actual} is not a number")
         parsed.append((request_id, instance, actual))

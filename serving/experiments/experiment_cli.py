@@ -7,6 +7,7 @@
     babyweight experiment vertex --experiment-file exp.yaml --project P --region R --endpoint babyweight \
         --log-table P.babyweight_serving.request_response_logging --outcomes-table P.babyweight.outcomes
 """
+
 import argparse
 import csv
 import dataclasses
@@ -16,8 +17,8 @@ import json
 import math
 import pathlib
 import sys
-from collections import deque
 import tempfile
+from collections import deque
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import numpy as np
@@ -36,8 +37,9 @@ def read_feedback_file(path: pathlib.Path) -> List[tuple]:
         reader = csv.DictReader(io.StringIO(text))
         items = []
         for row in reader:
-            items += experiment.parse_feedback([{k: v for k, v in row.items() if v not in ("", None)}],
-                                               f"{path}, line {reader.line_num}")
+            items += experiment.parse_feedback(
+                [{k: v for k, v in row.items() if v not in ("", None)}], f"{path}, line {reader.line_num}"
+            )
         return items
     items = []
     for number, line in enumerate(text.splitlines(), start=1):
@@ -50,8 +52,9 @@ def read_feedback_file(path: pathlib.Path) -> List[tuple]:
     return items
 
 
-def _interval(values: np.ndarray, statistic: Callable[[np.ndarray], float], seed: int = 0,
-              resamples: int = 2000) -> List[float]:
+def _interval(
+    values: np.ndarray, statistic: Callable[[np.ndarray], float], seed: int = 0, resamples: int = 2000
+) -> List[float]:
     """A 95% bootstrap interval of a statistic of the errors."""
     if len(values) < 2:
         return [math.nan, math.nan]
@@ -77,8 +80,8 @@ def report(config: ExperimentConfig, bins: int = 20) -> Dict[str, Any]:
             "outcomes": int(len(e)),
             "mae": float(np.abs(e).mean()) if len(e) else math.nan,
             "mae_interval": _interval(e, lambda x: np.abs(x).mean()),
-            "rmse": float(np.sqrt((e ** 2).mean())) if len(e) else math.nan,
-            "rmse_interval": _interval(e, lambda x: np.sqrt((x ** 2).mean())),
+            "rmse": float(np.sqrt((e**2).mean())) if len(e) else math.nan,
+            "rmse_interval": _interval(e, lambda x: np.sqrt((x**2).mean())),
             "probability_best": best[arm],
         }
     shares: List[Dict[str, Any]] = []
@@ -89,9 +92,16 @@ def report(config: ExperimentConfig, bins: int = 20) -> Dict[str, Any]:
         for low, high in zip(edges, edges[1:]):
             inside = (times >= low) & (times < high)
             if inside.any():
-                shares.append({"time": float(low), **{arm: float((chosen[inside] == arm).mean()) for arm in config.arms}})
-    return {"policy": config.policy, "reward": config.reward, "arms": arms, "traffic": shares,
-            "stats": {arm: dataclasses.asdict(s) for arm, s in stats.items()}}
+                shares.append(
+                    {"time": float(low), **{arm: float((chosen[inside] == arm).mean()) for arm in config.arms}}
+                )
+    return {
+        "policy": config.policy,
+        "reward": config.reward,
+        "arms": arms,
+        "traffic": shares,
+        "stats": {arm: dataclasses.asdict(s) for arm, s in stats.items()},
+    }
 
 
 COLOURS = ("#4878d0", "#ee854a", "#6acc64", "#d65f5f", "#956cb4")
@@ -100,25 +110,36 @@ COLOURS = ("#4878d0", "#ee854a", "#6acc64", "#d65f5f", "#956cb4")
 def traffic_svg(result: Dict[str, Any], width: int = 640, height: int = 200) -> str:
     """The traffic share per arm over time as a stacked-area inline SVG (no library, no network to view it)."""
     traffic, arms = result["traffic"], list(result["arms"])
-    parts = [f"<svg xmlns='http://www.w3.org/2000/svg' width='{width}' height='{height + 40}' role='img'>",
-             "<title>Traffic share per arm over time</title>"]
+    parts = [
+        f"<svg xmlns='http://www.w3.org/2000/svg' width='{width}' height='{height + 40}' role='img'>",
+        "<title>Traffic share per arm over time</title>",
+    ]
     if len(traffic) > 1:
         start, end = traffic[0]["time"], traffic[-1]["time"]
         xs = [(point["time"] - start) / (end - start) * width for point in traffic]
         below = [0.0] * len(traffic)
         for index, arm in enumerate(arms):
             above = [low + point[arm] for low, point in zip(below, traffic)]
-            outline = [(x, height * (1 - y)) for x, y in zip(xs, above)] + \
-                      [(x, height * (1 - y)) for x, y in reversed(list(zip(xs, below)))]
+            outline = [(x, height * (1 - y)) for x, y in zip(xs, above)] + [
+                (x, height * (1 - y)) for x, y in reversed(list(zip(xs, below)))
+            ]
             points = " ".join(f"{x:.1f},{y:.1f}" for x, y in outline)
-            parts.append(f"<polygon points='{points}' fill='{COLOURS[index % len(COLOURS)]}'>"
-                         f"<title>{html.escape(arm)}</title></polygon>")
+            parts.append(
+                f"<polygon points='{points}' fill='{COLOURS[index % len(COLOURS)]}'>"
+                f"<title>{html.escape(arm)}</title></polygon>"
+            )
             below = above
-        parts.append(f"<text x='0' y='{height + 15}' font-size='12'>{(end - start) / 60:.1f} minutes of routed "
-                     "requests, left to right; share of requests, bottom to top</text>")
-    parts.append("".join(f"<text x='{8 + 120 * index}' y='{height + 34}' font-size='12' "
-                         f"fill='{COLOURS[index % len(COLOURS)]}'>&#9632; {html.escape(arm)}</text>"
-                         for index, arm in enumerate(arms)))
+        parts.append(
+            f"<text x='0' y='{height + 15}' font-size='12'>{(end - start) / 60:.1f} minutes of routed "
+            "requests, left to right; share of requests, bottom to top</text>"
+        )
+    parts.append(
+        "".join(
+            f"<text x='{8 + 120 * index}' y='{height + 34}' font-size='12' "
+            f"fill='{COLOURS[index % len(COLOURS)]}'>&#9632; {html.escape(arm)}</text>"
+            for index, arm in enumerate(arms)
+        )
+    )
     return "".join(parts) + "</svg>"
 
 
@@ -131,14 +152,16 @@ def write_html(result: Dict[str, Any], path: pathlib.Path) -> None:
         f"<td>{a['outcomes']}</td><td>{number(a['mae'])} [{number(a['mae_interval'][0])}, "
         f"{number(a['mae_interval'][1])}]</td><td>{number(a['rmse'])} [{number(a['rmse_interval'][0])}, "
         f"{number(a['rmse_interval'][1])}]</td><td>{a['probability_best']:.3f}</td></tr>"
-        for arm, a in result["arms"].items())
+        for arm, a in result["arms"].items()
+    )
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(
         "<!DOCTYPE html><html><head><meta charset='utf-8'><title>babyweight experiment</title></head><body>"
         f"<h1>Experiment: {html.escape(result['policy'])}, {html.escape(result['reward'])} error</h1>"
         "<table border='1'><tr><th>arm</th><th>versions</th><th>requests</th><th>outcomes</th>"
         "<th>MAE [95%]</th><th>RMSE [95%]</th><th>P(best)</th></tr>" + rows + "</table>"
-        f"<h2>Traffic share over time</h2>{traffic_svg(result)}</body></html>")
+        f"<h2>Traffic share over time</h2>{traffic_svg(result)}</body></html>"
+    )
 
 
 def promote(config: ExperimentConfig, model_config_file: str, model_name: str) -> str:
@@ -150,13 +173,17 @@ def promote(config: ExperimentConfig, model_config_file: str, model_name: str) -
     winner = max(result["arms"], key=lambda arm: result["arms"][arm]["probability_best"])
     chance = result["arms"][winner]["probability_best"]
     if chance < config.promote_level:
-        raise ExperimentError(f"no arm is best with probability {config.promote_level:g} yet: the likeliest, "
-                              f"{winner}, is best with probability {chance:.3f} after "
-                              f"{result['arms'][winner]['outcomes']} outcome(s); feed more outcomes")
+        raise ExperimentError(
+            f"no arm is best with probability {config.promote_level:g} yet: the likeliest, "
+            f"{winner}, is best with probability {chance:.3f} after "
+            f"{result['arms'][winner]['outcomes']} outcome(s); feed more outcomes"
+        )
     versions = result["arms"][winner]["versions"]
     if len(versions) != 1:
-        raise ExperimentError(f"arm {winner} answered with versions {versions}: its outcomes can't say which version "
-                              "won; run a new experiment (a new state file) for the version it has now")
+        raise ExperimentError(
+            f"arm {winner} answered with versions {versions}: its outcomes can't say which version "
+            "won; run a new experiment (a new state file) for the version it has now"
+        )
     path = pathlib.Path(model_config_file)
     try:
         parsed = text_format.Parse(path.read_text(), model_server_config_pb2.ModelServerConfig())
@@ -170,11 +197,11 @@ def promote(config: ExperimentConfig, model_config_file: str, model_name: str) -
     with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=path.name, delete=False) as temporary:
         temporary.write(text_format.MessageToString(parsed))
     pathlib.Path(temporary.name).replace(path)  # the server re-reads the file whole, never half-written
-    return (f"stable: version {previous} -> {versions[-1]} (arm {winner}, best with probability {chance:.3f}; "
-            f"{path})")
+    return f"stable: version {previous} -> {versions[-1]} (arm {winner}, best with probability {chance:.3f}; {path})"
 
 
-# Vertex AI logs each request and answer of the endpoint (pipeline/components/vertex_pusher.py turns it on); a client that
+# Vertex AI logs each request and answer of the endpoint (pipeline/components/vertex_pusher.py turns it on); a client
+# that
 # wants its outcomes joined sends its own id in the body's "parameters" (Vertex passes them to the container,
 # whose :predict ignores them) and writes (request_id, weight_pounds) to an outcomes table.
 VERTEX_QUERY = """SELECT outcome.request_id AS request_id, log.deployed_model_id AS arm,
@@ -189,13 +216,21 @@ def percentages(shares: Dict[str, float]) -> Dict[str, int]:
     """Whole percentages adding up to 100 (Vertex's traffic_split), by the largest remainders."""
     exact = {arm: share * 100 for arm, share in shares.items()}
     whole = {arm: int(math.floor(value)) for arm, value in exact.items()}
-    for arm in sorted(exact, key=lambda a: exact[a] - whole[a], reverse=True)[:100 - sum(whole.values())]:
+    for arm in sorted(exact, key=lambda a: exact[a] - whole[a], reverse=True)[: 100 - sum(whole.values())]:
         whole[arm] += 1
     return whole
 
 
-def vertex_split(config: ExperimentConfig, project: str, region: str, endpoint_name: str, log_table: str,
-                 outcomes_table: str, dry_run: bool = False, bigquery_client: Any = None) -> Dict[str, int]:
+def vertex_split(
+    config: ExperimentConfig,
+    project: str,
+    region: str,
+    endpoint_name: str,
+    log_table: str,
+    outcomes_table: str,
+    dry_run: bool = False,
+    bigquery_client: Any = None,
+) -> Dict[str, int]:
     """The experiment's policy over the endpoint's deployed models, fed by the logged answers joined with the
     outcomes table; sets the endpoint's traffic_split (unless dry_run) and returns it."""
     from google.cloud import aiplatform
@@ -209,8 +244,10 @@ def vertex_split(config: ExperimentConfig, project: str, region: str, endpoint_n
     if config.policy == "shadow":
         raise ExperimentError("Vertex AI's traffic_split has no shadow mode: use split, thompson or epsilon_greedy")
     if config.policy == "split" and not set(config.arms) <= set(deployed):
-        raise ExperimentError(f"a split on Vertex AI names deployed model ids as its arms; {endpoint_name} has "
-                              f"{', '.join(deployed)}, the file names {', '.join(config.arms)}")
+        raise ExperimentError(
+            f"a split on Vertex AI names deployed model ids as its arms; {endpoint_name} has "
+            f"{', '.join(deployed)}, the file names {', '.join(config.arms)}"
+        )
     arms = config.arms if set(config.arms) <= set(deployed) else deployed
     if len(arms) < 2:
         raise ExperimentError(f"endpoint {endpoint_name} has {len(arms)} deployed model(s); an experiment needs two")
@@ -240,8 +277,14 @@ class SimulationResult:
     shares: Dict[str, float]
 
 
-def simulate(predictions: Dict[str, np.ndarray], actual: np.ndarray, config: ExperimentConfig, requests: int,
-             delay: int, seed: int) -> SimulationResult:
+def simulate(
+    predictions: Dict[str, np.ndarray],
+    actual: np.ndarray,
+    config: ExperimentConfig,
+    requests: int,
+    delay: int,
+    seed: int,
+) -> SimulationResult:
     """Replays `requests` rows drawn at random; each outcome is fed back `delay` requests after its answer."""
     rng = np.random.default_rng(seed)
     rows = rng.integers(0, len(actual), size=requests)
@@ -260,12 +303,19 @@ def simulate(predictions: Dict[str, np.ndarray], actual: np.ndarray, config: Exp
         chosen.append(arm)
         regret += absolute[arm][row] - absolute[best][row]
         pending.append((step + delay, arm, config.loss(actual[row] - predictions[arm][row])))
-    last_half = chosen[requests // 2:]
-    return SimulationResult(config.policy if config.policy != "split" else
-                            ("always " + config.arms[0] if config.split[0] == 1 else "split " +
-                             "/".join(f"{share:.0%}" for share in config.split)),
-                            float(regret), last_half.count(best) / len(last_half),
-                            {arm: chosen.count(arm) / requests for arm in config.arms})
+    last_half = chosen[requests // 2 :]
+    return SimulationResult(
+        config.policy
+        if config.policy != "split"
+        else (
+            "always " + config.arms[0]
+            if config.split[0] == 1
+            else "split " + "/".join(f"{share:.0%}" for share in config.split)
+        ),
+        float(regret),
+        last_half.count(best) / len(last_half),
+        {arm: chosen.count(arm) / requests for arm in config.arms},
+    )
 
 
 def version_predictions(model_dir: str, versions: Sequence[str], data: pathlib.Path) -> tuple:
@@ -273,8 +323,7 @@ def version_predictions(model_dir: str, versions: Sequence[str], data: pathlib.P
     import tensorflow as tf
 
     from models import features
-    from serving.core import contract
-    from serving.core import loader
+    from serving.core import contract, loader
 
     instances, actual = [], []
     with data.open(newline="") as handle:
@@ -323,22 +372,37 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.command == "vertex":
-            split = vertex_split(experiment.load_config(args.experiment_file), args.project, args.region,
-                                 args.endpoint, args.log_table, args.outcomes_table, args.dry_run)
-            print(("would set" if args.dry_run else "set") + f" {args.endpoint}'s traffic_split: " +
-                  ", ".join(f"{arm} {share}%" for arm, share in split.items()))
+            split = vertex_split(
+                experiment.load_config(args.experiment_file),
+                args.project,
+                args.region,
+                args.endpoint,
+                args.log_table,
+                args.outcomes_table,
+                args.dry_run,
+            )
+            print(
+                ("would set" if args.dry_run else "set")
+                + f" {args.endpoint}'s traffic_split: "
+                + ", ".join(f"{arm} {share}%" for arm, share in split.items())
+            )
             return 0
         if args.command == "simulate":
             versions = args.versions.split(",")
             predictions, actual = version_predictions(args.model_dir, versions, args.data)
             arms = tuple(versions)
             even = tuple(1 / len(arms) for _ in arms)
-            print(f"{args.requests} requests replayed from {len(actual)} rows of {args.data}, outcomes "
-                  f"{args.delay} requests late; MAE per version: " + ", ".join(
-                      f"{v} {np.abs(actual - predictions[v]).mean():.3f}" for v in versions))
+            print(
+                f"{args.requests} requests replayed from {len(actual)} rows of {args.data}, outcomes "
+                f"{args.delay} requests late; MAE per version: "
+                + ", ".join(f"{v} {np.abs(actual - predictions[v]).mean():.3f}" for v in versions)
+            )
             print(f"{'policy':<24} {'regret (lb)':>12} {'best share, last half':>22}")
-            for config in (ExperimentConfig(arms, "thompson"), ExperimentConfig(arms, "split", split=even),
-                           ExperimentConfig(arms, "split", split=(1.0,) + (0.0,) * (len(arms) - 1))):
+            for config in (
+                ExperimentConfig(arms, "thompson"),
+                ExperimentConfig(arms, "split", split=even),
+                ExperimentConfig(arms, "split", split=(1.0,) + (0.0,) * (len(arms) - 1)),
+            ):
                 result = simulate(predictions, actual, config, args.requests, args.delay, args.seed)
                 print(f"{result.policy:<24} {result.regret:>12.1f} {result.best_share_last_half:>22.3f}")
             return 0
@@ -349,10 +413,12 @@ def main(argv: Optional[List[str]] = None) -> int:
                 result = store.feedback(read_feedback_file(args.outcomes))
             finally:
                 store.close()
-            print(f"{result.accepted} outcome(s) joined; {len(result.unknown)} unknown request id(s)"
-                  + (f": {', '.join(result.unknown[:10])}" if result.unknown else "")
-                  + f"; {len(result.duplicate)} duplicate(s)"
-                  + (f": {', '.join(result.duplicate[:10])}" if result.duplicate else ""))
+            print(
+                f"{result.accepted} outcome(s) joined; {len(result.unknown)} unknown request id(s)"
+                + (f": {', '.join(result.unknown[:10])}" if result.unknown else "")
+                + f"; {len(result.duplicate)} duplicate(s)"
+                + (f": {', '.join(result.duplicate[:10])}" if result.duplicate else "")
+            )
             return 1 if result.unknown or result.duplicate else 0
         if args.command == "report":
             result = report(config)
@@ -364,9 +430,11 @@ def main(argv: Optional[List[str]] = None) -> int:
                 for arm, a in result["arms"].items():
                     mae_low, mae_high = a["mae_interval"]
                     rmse_low, rmse_high = a["rmse_interval"]
-                    print(f"{arm:<12} versions {a['versions']} requests {a['requests']} outcomes {a['outcomes']} "
-                          f"MAE {a['mae']:.3f} [{mae_low:.3f}, {mae_high:.3f}] RMSE {a['rmse']:.3f} "
-                          f"[{rmse_low:.3f}, {rmse_high:.3f}] P(best) {a['probability_best']:.3f}")
+                    print(
+                        f"{arm:<12} versions {a['versions']} requests {a['requests']} outcomes {a['outcomes']} "
+                        f"MAE {a['mae']:.3f} [{mae_low:.3f}, {mae_high:.3f}] RMSE {a['rmse']:.3f} "
+                        f"[{rmse_low:.3f}, {rmse_high:.3f}] P(best) {a['probability_best']:.3f}"
+                    )
                 if args.output:
                     print(f"report: {args.output}")
             return 0

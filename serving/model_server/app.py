@@ -10,6 +10,7 @@ Errors answer {"error": "..."}: 400 a bad request (naming the instance and featu
 version or label, 413 a request too large, 503 no version available yet. Each answer carries the request's id
 and the version that answered in the X-Request-Id and X-Model-Version headers.
 """
+
 import asyncio
 import contextlib
 import gc
@@ -39,8 +40,10 @@ from serving.experiments import experiment
 from serving.model_server import metrics, request_log
 from serving.model_server.settings import ServerSettings
 
-MODELS_ROUTE = re.compile(r"^/v1/models/(?P<name>[^/:]+)(?:/versions/(?P<version>[^/:]+)|/labels/(?P<label>[^/:]+))?"
-                          r"(?P<action>/metadata|:predict|:regress|:feedback)?$")
+MODELS_ROUTE = re.compile(
+    r"^/v1/models/(?P<name>[^/:]+)(?:/versions/(?P<version>[^/:]+)|/labels/(?P<label>[^/:]+))?"
+    r"(?P<action>/metadata|:predict|:regress|:feedback)?$"
+)
 JSON = "application/json"
 ROUTING_HEADER = experiment.ROUTING_HEADER.encode()
 TRAFFIC_HEAD_RECORDS = 50_000  # newest request log records read for the traffic's head when a version loads
@@ -53,8 +56,10 @@ def default_paths(settings: ServerSettings) -> Dict[str, str]:
     from pipeline import config as config_lib  # the profile's paths only; serving uses no pipeline component
 
     config = config_lib.load_config()
-    return {"model_dir": settings.model_dir or config.serving_dir,
-            "log_dir": settings.log_dir or os.path.join(config.output_dir, "serving_logs")}
+    return {
+        "model_dir": settings.model_dir or config.serving_dir,
+        "log_dir": settings.log_dir or os.path.join(config.output_dir, "serving_logs"),
+    }
 
 
 class ModelServer:
@@ -65,13 +70,18 @@ class ModelServer:
         paths = default_paths(settings)
         self.log_dir = paths["log_dir"]
         self.metrics = metrics.Metrics()
-        self.batcher = batching.Batcher(settings.max_batch_size, settings.batch_timeout_micros / 1e6,
-                                        on_batch=self.metrics.batched)
-        self.manager = manager.Manager(settings, paths["model_dir"], traffic_head=self.traffic_head,
-                                       on_change=_settle_memory)
+        self.batcher = batching.Batcher(
+            settings.max_batch_size, settings.batch_timeout_micros / 1e6, on_batch=self.metrics.batched
+        )
+        self.manager = manager.Manager(
+            settings, paths["model_dir"], traffic_head=self.traffic_head, on_change=_settle_memory
+        )
         self.log: Optional[request_log.RequestLog] = None
-        self.experiment = (experiment.Experiment(experiment.load_config(settings.experiment_file))
-                           if settings.experiment_file else None)
+        self.experiment = (
+            experiment.Experiment(experiment.load_config(settings.experiment_file))
+            if settings.experiment_file
+            else None
+        )
         self._shadows: set = set()  # shadow predictions running after their requests were answered
         self._ids = itertools.count()
         self._id_prefix = secrets.token_hex(4)
@@ -109,8 +119,11 @@ class ModelServer:
             return _error(404, f"no such route: {request.scope['path']}")
         name, version, label, action = match.group("name", "version", "label", "action")
         if name != self.manager.config.name or (version is not None and not version.isdigit()):
-            status, message = ((404, f"no model named {name!r} (this server serves {self.manager.config.name!r})")
-                               if name != self.manager.config.name else (400, f"version {version!r} is not a number"))
+            status, message = (
+                (404, f"no model named {name!r} (this server serves {self.manager.config.name!r})")
+                if name != self.manager.config.name
+                else (400, f"version {version!r} is not a number")
+            )
             if request.method == "POST":
                 return self._refused(status, message, self._request_id(request), "none", (action or ":")[1:])
             return _error(status, message)
@@ -155,12 +168,17 @@ class ModelServer:
             return _error(404, str(error))
         except manager.Unavailable as error:
             return _error(503, str(error))
-        return _json({"model_spec": {"name": self.manager.config.name, "signature_name": "",
-                                     "version": str(handle.version)},
-                      "metadata": {"signature_def": handle.signature_defs},
-                      # Beyond TF Serving's answer: what one request may hold, for clients and infra validation.
-                      "limits": {"max_instances": self.settings.max_instances,
-                                 "max_body_bytes": self.settings.max_body_bytes}})
+        return _json(
+            {
+                "model_spec": {"name": self.manager.config.name, "signature_name": "", "version": str(handle.version)},
+                "metadata": {"signature_def": handle.signature_defs},
+                # Beyond TF Serving's answer: what one request may hold, for clients and infra validation.
+                "limits": {
+                    "max_instances": self.settings.max_instances,
+                    "max_body_bytes": self.settings.max_body_bytes,
+                },
+            }
+        )
 
     async def predict(self, request: Request, version: Optional[int], label: Optional[str], route: str) -> Response:
         started = time.perf_counter()
@@ -191,8 +209,11 @@ class ModelServer:
                 arm = incumbent
                 handle = self.manager.resolve(*experiment.arm_target(arm))
             version_name = str(handle.version)
-            parsed = (contract.parse_regress(body, self.settings.max_instances) if route == "regress"
-                      else contract.parse_predict(body, self.settings.max_instances))
+            parsed = (
+                contract.parse_regress(body, self.settings.max_instances)
+                if route == "regress"
+                else contract.parse_predict(body, self.settings.max_instances)
+            )
             predictions, path = await self._predictions(handle, parsed)
         except contract.RequestError as error:
             return self._refused(error.status, str(error), request_id, version_name, route)
@@ -204,8 +225,13 @@ class ModelServer:
             return self._refused(400, loader.first_reason(error.message), request_id, version_name, route)
         except Exception:  # a bug, not the request's fault: an answer in the API's form, counted, logged
             logging.exception("request %s failed", request_id)
-            return self._refused(500, f"internal error answering request {request_id} (see the server's log)",
-                                 request_id, version_name, route)
+            return self._refused(
+                500,
+                f"internal error answering request {request_id} (see the server's log)",
+                request_id,
+                version_name,
+                route,
+            )
         if arm is not None:
             await self._record(request_id, arm, handle, predictions, shadow, parsed)
         if route == "regress":
@@ -218,14 +244,31 @@ class ModelServer:
         if self.log is not None:
             now = time.time()
             for index, (instance, prediction) in enumerate(zip(parsed.instances, predictions)):
-                self.log.write({"request_id": request_id, "time": now, "model": self.manager.config.name,
-                                "version": handle.version, "signature": parsed.signature, "index": index,
-                                "instance": instance, "prediction": prediction, "latency_ms": seconds * 1e3,
-                                "path": path})
+                self.log.write(
+                    {
+                        "request_id": request_id,
+                        "time": now,
+                        "model": self.manager.config.name,
+                        "version": handle.version,
+                        "signature": parsed.signature,
+                        "index": index,
+                        "instance": instance,
+                        "prediction": prediction,
+                        "latency_ms": seconds * 1e3,
+                        "path": path,
+                    }
+                )
         return _Answer(content, 200, request_id, version_name, arm)
 
-    async def _record(self, request_id: str, arm: str, handle: Any, predictions: List[float], shadow: Optional[str],
-                      parsed: contract.Request) -> None:
+    async def _record(
+        self,
+        request_id: str,
+        arm: str,
+        handle: Any,
+        predictions: List[float],
+        shadow: Optional[str],
+        parsed: contract.Request,
+    ) -> None:
         """The experiment's record of a routed request; in shadow mode the challenger is asked after the answer."""
         if not self.experiment.store.record(request_id, arm, handle.version, predictions):
             logging.warning("request id %s was recorded already: its first answer is the one outcomes join", request_id)
@@ -268,8 +311,9 @@ class ModelServer:
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > limit:
-                raise contract.RequestError(f"the body has more than {limit} bytes; the server takes at most "
-                                            f"{limit}", 413)
+                raise contract.RequestError(
+                    f"the body has more than {limit} bytes; the server takes at most {limit}", 413
+                )
             chunks.append(chunk)
             if not message.get("more_body", False):
                 return chunks[0] if len(chunks) == 1 else b"".join(chunks)
@@ -308,8 +352,12 @@ class _Answer(Response):
         self.status_code = status
         self.body = content
         self.background = None
-        self.raw_headers = [(b"content-length", str(len(content)).encode()), (b"content-type", b"application/json"),
-                            (b"x-request-id", request_id.encode()), (b"x-model-version", version.encode())]
+        self.raw_headers = [
+            (b"content-length", str(len(content)).encode()),
+            (b"content-type", b"application/json"),
+            (b"x-request-id", request_id.encode()),
+            (b"x-model-version", version.encode()),
+        ]
         if arm is not None:
             self.raw_headers.append((b"x-experiment-arm", arm.encode()))
 
@@ -338,8 +386,10 @@ def create_app(settings: ServerSettings) -> Starlette:
     tf.config.threading.set_intra_op_parallelism_threads(threads)
     tf.config.threading.set_inter_op_parallelism_threads(threads)
     server = ModelServer(settings)
-    routes = [Route("/v1/models/{rest:path}", server.models, methods=["GET", "POST"]),
-              Route("/metrics", server.prometheus, methods=["GET"])]
+    routes = [
+        Route("/v1/models/{rest:path}", server.models, methods=["GET", "POST"]),
+        Route("/metrics", server.prometheus, methods=["GET"]),
+    ]
     if settings.health_route:
         routes.append(Route(settings.health_route, server.health, methods=["GET"]))
     if settings.predict_route:

@@ -5,6 +5,7 @@ before the workers start) and /metrics adds up every process's, as prometheus_cl
 A request only adds to plain counters in memory; `flush` moves them into prometheus_client's values (shared
 memory files in multiprocess mode, a few microseconds a write) every FLUSH_SECONDS and before /metrics answers.
 """
+
 import bisect
 import collections
 import os
@@ -36,15 +37,33 @@ class _PendingHistogram:
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
-        self.requests = Counter("babyweight_requests", "Requests answered, by version, route and HTTP status.",
-                                ["version", "route", "code"], registry=self.registry)
-        self.latency = Histogram("babyweight_request_seconds",
-                                 "Time from a request's body to its answer, by version and path (cache: every "
-                                 "instance from the table; model: some from the model).", ["version", "path"], buckets=LATENCY_BUCKETS, registry=self.registry)
-        self.batch = Histogram("babyweight_batch_instances", "Instances per model call.", ["version"],
-                               buckets=BATCH_BUCKETS, registry=self.registry)
-        self.cache = Counter("babyweight_cache_lookups", "Instances looked up in the prediction table, by result.",
-                             ["version", "result"], registry=self.registry)
+        self.requests = Counter(
+            "babyweight_requests",
+            "Requests answered, by version, route and HTTP status.",
+            ["version", "route", "code"],
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "babyweight_request_seconds",
+            "Time from a request's body to its answer, by version and path (cache: every "
+            "instance from the table; model: some from the model).",
+            ["version", "path"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.batch = Histogram(
+            "babyweight_batch_instances",
+            "Instances per model call.",
+            ["version"],
+            buckets=BATCH_BUCKETS,
+            registry=self.registry,
+        )
+        self.cache = Counter(
+            "babyweight_cache_lookups",
+            "Instances looked up in the prediction table, by result.",
+            ["version", "result"],
+            registry=self.registry,
+        )
         self._counts: Dict[Tuple, float] = collections.defaultdict(float)  # (counter, labels...) -> increment
         self._histograms: Dict[Tuple, _PendingHistogram] = {}
 

@@ -3,9 +3,11 @@
 One line per instance: {"request_id", "time", "model", "version", "signature", "index", "instance" (the raw
 features as sent), "prediction", "latency_ms", "path" ("cache" or "model")}. Each server process writes its
 own files, requests-<start time>-<pid>-<n>.jsonl, in the log folder, and starts a new one when it reaches
-`max_bytes`; its oldest files beyond `keep_files` are deleted (each process's own: another's may be open). `babyweight validate-serving FOLDER` reads
+`max_bytes`; its oldest files beyond `keep_files` are deleted (each process's own: another's may be open).
+`babyweight validate-serving FOLDER` reads
 the files as they are (models/requests.py), and the next version's cache learns its head from them.
 """
+
 import collections
 import logging
 import os
@@ -48,7 +50,7 @@ class RequestLog:
         self._size = 0
         # Each process deletes only its own old files: another's may still be open.
         own = self.folder.glob(f"requests-*-{os.getpid()}-*.jsonl")
-        for old in sorted(own, key=lambda p: p.stat().st_mtime)[:-self.keep_files]:
+        for old in sorted(own, key=lambda p: p.stat().st_mtime)[: -self.keep_files]:
             old.unlink(missing_ok=True)
 
     def _flush(self) -> None:

@@ -1,9 +1,10 @@
 """`babyweight serve`: the prediction server over the pushed models, in worker processes on one port.
 
-    babyweight serve                                   # outputs/serving_model on http://127.0.0.1:8501
-    babyweight serve --model-dir gs://BUCKET/serving_model --host 0.0.0.0 --workers 4
-    babyweight serve --model-config-file models.config  # TF Serving's model_config_list: policy and labels
+babyweight serve                                   # outputs/serving_model on http://127.0.0.1:8501
+babyweight serve --model-dir gs://BUCKET/serving_model --host 0.0.0.0 --workers 4
+babyweight serve --model-config-file models.config  # TF Serving's model_config_list: policy and labels
 """
+
 import logging
 import os
 import shutil
@@ -27,13 +28,28 @@ def run(settings: settings_lib.ServerSettings) -> None:
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
     os.environ[settings_lib.ENV_SETTINGS] = settings_lib.to_environment(settings)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(process)d %(levelname)s %(message)s")
-    logging.info("serving %s as %r on http://%s:%d/v1/models/%s (%d worker process(es))",
-                 settings.model_dir or "the profile's serving_model folder", settings.model_name, settings.host,
-                 settings.port, settings.model_name, workers)
+    logging.info(
+        "serving %s as %r on http://%s:%d/v1/models/%s (%d worker process(es))",
+        settings.model_dir or "the profile's serving_model folder",
+        settings.model_name,
+        settings.host,
+        settings.port,
+        settings.model_name,
+        workers,
+    )
     try:
-        uvicorn.run(APP_FACTORY, factory=True, host=settings.host, port=settings.port, workers=workers,
-                    loop="uvloop", http="httptools", access_log=False, log_level="warning",
-                    timeout_graceful_shutdown=10)
+        uvicorn.run(
+            APP_FACTORY,
+            factory=True,
+            host=settings.host,
+            port=settings.port,
+            workers=workers,
+            loop="uvloop",
+            http="httptools",
+            access_log=False,
+            log_level="warning",
+            timeout_graceful_shutdown=10,
+        )
     finally:
         shutil.rmtree(metrics_dir, ignore_errors=True)
 

@@ -3,6 +3,7 @@
 Worker processes get the settings of the command that started them through BABYWEIGHT_SERVE_SETTINGS (JSON).
 On Vertex AI the platform's variables win: AIP_HTTP_PORT, AIP_STORAGE_URI, AIP_HEALTH_ROUTE, AIP_PREDICT_ROUTE.
 """
+
 import argparse
 import dataclasses
 import json
@@ -37,7 +38,9 @@ class ServerSettings:
     health_route: str = ""  # Vertex AI's AIP_HEALTH_ROUTE: 200 once a version is available
     predict_route: str = ""  # Vertex AI's AIP_PREDICT_ROUTE: predicts with the default version
     metrics_dir: str = ""  # where worker processes keep Prometheus counters ('' = a fresh temporary folder)
-    experiment_file: str = ""  # an A/B split, shadow or bandit between versions (serving/experiments/experiment.py); '' = none
+    experiment_file: str = (
+        ""  # an A/B split, shadow or bandit between versions (serving/experiments/experiment.py); '' = none
+    )
 
     @property
     def request_log_enabled(self) -> bool:
@@ -48,22 +51,33 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
     """One --flag per setting, with the field's default and comment."""
     comments = _field_comments()
     for field in dataclasses.fields(ServerSettings):
-        parser.add_argument("--" + field.name.replace("_", "-"), type=field.type, default=field.default,
-                            help=comments.get(field.name, "") + " (default: %(default)r)")
+        parser.add_argument(
+            "--" + field.name.replace("_", "-"),
+            type=field.type,
+            default=field.default,
+            help=comments.get(field.name, "") + " (default: %(default)r)",
+        )
 
 
 def from_args(args: argparse.Namespace) -> ServerSettings:
     """Settings from parsed flags, then Vertex AI's variables where the platform sets them."""
-    return with_vertex_environment(ServerSettings(**{f.name: getattr(args, f.name)
-                                                     for f in dataclasses.fields(ServerSettings)}))
+    return with_vertex_environment(
+        ServerSettings(**{f.name: getattr(args, f.name) for f in dataclasses.fields(ServerSettings)})
+    )
 
 
 def with_vertex_environment(settings: ServerSettings, environ: Optional[Mapping[str, str]] = None) -> ServerSettings:
     """Vertex AI tells a custom serving container its port, routes and model folder in AIP_* variables."""
     environ = os.environ if environ is None else environ
-    changes = {name: environ[variable] for name, variable in (
-        ("model_dir", "AIP_STORAGE_URI"), ("health_route", "AIP_HEALTH_ROUTE"), ("predict_route", "AIP_PREDICT_ROUTE"))
-        if environ.get(variable)}
+    changes = {
+        name: environ[variable]
+        for name, variable in (
+            ("model_dir", "AIP_STORAGE_URI"),
+            ("health_route", "AIP_HEALTH_ROUTE"),
+            ("predict_route", "AIP_PREDICT_ROUTE"),
+        )
+        if environ.get(variable)
+    }
     if environ.get("AIP_HTTP_PORT"):
         changes.update(port=int(environ["AIP_HTTP_PORT"]), host="0.0.0.0")
     return dataclasses.replace(settings, **changes)

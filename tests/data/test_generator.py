@@ -1,4 +1,5 @@
 """The synthetic generator: deterministic, in the table's format, calibrated to the published facts."""
+
 import filecmp
 import pathlib
 
@@ -83,8 +84,14 @@ def test_unknown_codes_appear_at_realistic_rates(sample):
 
 
 def test_spans_drift_by_the_configured_shift(tmp_path):
-    paths = generator.write(20_000, 1, tmp_path, spans=3, first_year=2004,
-                            drift=generator.Drift(weight_shift_per_span=-0.2, married_rate_shift_per_span=-0.1))
+    paths = generator.write(
+        20_000,
+        1,
+        tmp_path,
+        spans=3,
+        first_year=2004,
+        drift=generator.Drift(weight_shift_per_span=-0.2, married_rate_shift_per_span=-0.1),
+    )
     assert [p.parent.name for p in paths] == ["span-1", "span-2", "span-3"]
     spans = [pd.read_csv(p) for p in paths]
     assert [int(s.year.iloc[0]) for s in spans] == [2004, 2005, 2006]

@@ -1,4 +1,5 @@
 """Each strategy name builds its tf.distribute strategy; Mirrored really trains on two logical CPUs."""
+
 import subprocess
 import sys
 import textwrap
@@ -38,8 +39,7 @@ def test_tpu_strategy_resolves_connects_and_initializes_the_tpu(monkeypatch):
     monkeypatch.setattr(tf.tpu.experimental, "initialize_tpu_system", lambda r: calls.append(("initialize",)))
     monkeypatch.setattr(tf.distribute, "TPUStrategy", FakeTPUStrategy)
     strategy = distribution.select_strategy("tpu", "grpc://10.0.0.2:8470")
-    assert calls == [("resolve", "grpc://10.0.0.2:8470"), ("connect",), ("initialize",),
-                     ("strategy", "FakeResolver")]
+    assert calls == [("resolve", "grpc://10.0.0.2:8470"), ("connect",), ("initialize",), ("strategy", "FakeResolver")]
     assert distribution.global_batch_size(64, strategy) == 512
 
 

@@ -1,4 +1,5 @@
 """The features table agrees with the curated schema and with itself."""
+
 import pathlib
 
 from google.protobuf import text_format

@@ -1,4 +1,5 @@
 """The Keras model builds and learns; training is sized by the data."""
+
 import numpy as np
 import pytest
 
@@ -7,8 +8,9 @@ from models import features, model
 
 def _batch(rows: int, seed: int = 0):
     rng = np.random.default_rng(seed)
-    inputs = {features.transformed_name(name): rng.integers(0, size, rows)
-              for name, size in features.id_sizes().items()}
+    inputs = {
+        features.transformed_name(name): rng.integers(0, size, rows) for name, size in features.id_sizes().items()
+    }
     for column in features.numeric_features():
         inputs[features.transformed_name(column.name)] = rng.normal(size=rows).astype(np.float32)
         inputs[features.missing_key(column)] = np.zeros(rows, np.float32)
@@ -29,11 +31,14 @@ def test_model_learns_a_simple_signal():
     assert history.history["loss"][-1] < 0.1 * history.history["loss"][0]
 
 
-@pytest.mark.parametrize("examples, expected", [
-    (16_000, (63, 7)),  # 4 epochs would be 252 steps: more epochs until at least 400
-    (1_000_000, (3907, 4)),  # large data: the configured 4 epochs
-    (10, (1, 400)),
-])
+@pytest.mark.parametrize(
+    "examples, expected",
+    [
+        (16_000, (63, 7)),  # 4 epochs would be 252 steps: more epochs until at least 400
+        (1_000_000, (3907, 4)),  # large data: the configured 4 epochs
+        (10, (1, 400)),
+    ],
+)
 def test_training_schedule_covers_small_and_large_data(examples, expected):
     assert model.training_schedule(examples, 256, 4, 400) == expected
 
@@ -42,8 +47,9 @@ def _raw_rows(rows: int):
     """Dense raw rows as `serving_raw` takes them: every feature known, and a label."""
     import tensorflow as tf
 
-    values = {c.name: tf.fill([rows], "true") if c.dtype == "string" else tf.fill([rows], 30.0)
-              for c in features.FEATURES}
+    values = {
+        c.name: tf.fill([rows], "true") if c.dtype == "string" else tf.fill([rows], 30.0) for c in features.FEATURES
+    }
     values[features.LABEL.name] = tf.fill([rows], 7.5)
     return values
 
@@ -70,8 +76,10 @@ def test_masking_is_the_same_for_the_same_seed():
     for column in features.OPTIONAL_FEATURES:
         removed = [model.is_missing(column, masked[column.name]).numpy() for masked in (first, again, other)]
         np.testing.assert_array_equal(removed[0], removed[1])
-    assert any((model.is_missing(c, first[c.name]).numpy() != model.is_missing(c, other[c.name]).numpy()).any()
-               for c in features.OPTIONAL_FEATURES)
+    assert any(
+        (model.is_missing(c, first[c.name]).numpy() != model.is_missing(c, other[c.name]).numpy()).any()
+        for c in features.OPTIONAL_FEATURES
+    )
 
 
 def test_masking_off_keeps_every_value_and_presence_keeps_its_share():
@@ -85,8 +93,10 @@ def test_masking_off_keeps_every_value_and_presence_keeps_its_share():
     assert 0.17 < 1 - model.is_missing(features.BY_NAME["ever_born"], cut["ever_born"]).numpy().mean() < 0.23
     assert not model.is_missing(features.BY_NAME["plurality"], cut["plurality"]).numpy().any()
     both = model.mask_features(rows, 0.5, presence={"ever_born": 1.0, "father_age": 0.5})
-    kept = {name: 1 - model.is_missing(features.BY_NAME[name], both[name]).numpy().mean()
-            for name in ("ever_born", "father_age")}
+    kept = {
+        name: 1 - model.is_missing(features.BY_NAME[name], both[name]).numpy().mean()
+        for name in ("ever_born", "father_age")
+    }
     assert 0.7 < kept["ever_born"] < 0.8  # masked as without `presence`: a quarter of the values
     assert 0.33 < kept["father_age"] < 0.42  # and then half of those kept
     with pytest.raises(ValueError, match="cannot remove hospital_id: not among the model features"):
@@ -123,8 +133,13 @@ class _RawSpec:
 
     def raw_feature_spec(self):
         import tensorflow as tf
-        spec = {c.name: tf.io.VarLenFeature(tf.string if c.dtype == "string" else
-                                             (tf.int64 if c.dtype == "int" else tf.float32)) for c in features.COLUMNS}
+
+        spec = {
+            c.name: tf.io.VarLenFeature(
+                tf.string if c.dtype == "string" else (tf.int64 if c.dtype == "int" else tf.float32)
+            )
+            for c in features.COLUMNS
+        }
         return spec
 
 
@@ -132,6 +147,7 @@ def _counter_reference(rows, limit):
     """The definition `frequent_instances` keeps: every row that a request may be, counted twice (as it is, and
     as its required features alone) in a collections.Counter, most_common(limit)."""
     import collections
+
     counts = collections.Counter()
     kept = 0
     for row in rows:
@@ -142,30 +158,40 @@ def _counter_reference(rows, limit):
         counts[key] += 1
         counts[tuple(value if column.required else None for column, value in zip(features.FEATURES, key))] += 1
         kept += 1
-    return {"rows": kept, "instances": [[count, dict(zip(features.FEATURE_NAMES, key))]
-                                        for key, count in counts.most_common(limit)]}
+    return {
+        "rows": kept,
+        "instances": [[count, dict(zip(features.FEATURE_NAMES, key))] for key, count in counts.most_common(limit)],
+    }
 
 
 def test_frequent_instances_count_as_a_counter_does(tmp_path):
     """Ties (in the order they first appear), rows lacking a required feature, 'unknown' codes and empty values,
     in three files read in name order."""
     import tensorflow as tf
+
     rng = np.random.default_rng(3)
     rows = []
     for _ in range(3000):
-        row = {"mother_age": float(rng.choice([22, 31, 99, np.nan])), "gestation_weeks": float(rng.choice([38, 40, 99])),
-               "is_male": rng.choice(["true", "false", ""]), "plurality": float(rng.choice([1, 2, np.nan])),
-               "mother_married": rng.choice(["true", ""]), "weight_gain_pounds": float(rng.choice([20, 35, np.nan]))}
+        row = {
+            "mother_age": float(rng.choice([22, 31, 99, np.nan])),
+            "gestation_weeks": float(rng.choice([38, 40, 99])),
+            "is_male": rng.choice(["true", "false", ""]),
+            "plurality": float(rng.choice([1, 2, np.nan])),
+            "mother_married": rng.choice(["true", ""]),
+            "weight_gain_pounds": float(rng.choice([20, 35, np.nan])),
+        }
         rows.append({name: value for name, value in row.items() if value == value and value != ""})
     for part in range(3):
         with tf.io.TFRecordWriter(str(tmp_path / f"part-{part}.gz"), "GZIP") as writer:
             for row in rows[part::3]:
-                feature = {name: tf.train.Feature(bytes_list=tf.train.BytesList(value=[value.encode()]))
-                           if isinstance(value, str) else tf.train.Feature(
-                               int64_list=tf.train.Int64List(value=[int(value)]))
-                           if features.BY_NAME[name].dtype == "int" else
-                           tf.train.Feature(float_list=tf.train.FloatList(value=[value]))
-                           for name, value in row.items()}
+                feature = {
+                    name: tf.train.Feature(bytes_list=tf.train.BytesList(value=[value.encode()]))
+                    if isinstance(value, str)
+                    else tf.train.Feature(int64_list=tf.train.Int64List(value=[int(value)]))
+                    if features.BY_NAME[name].dtype == "int"
+                    else tf.train.Feature(float_list=tf.train.FloatList(value=[value]))
+                    for name, value in row.items()
+                }
                 writer.write(tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString())
     in_file_order = [row for part in range(3) for row in rows[part::3]]
     expected = _counter_reference(in_file_order, limit=25)

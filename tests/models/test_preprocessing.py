@@ -1,4 +1,5 @@
 """preprocessing_fn, run through TF Transform's Beam implementation on a few rows."""
+
 import tempfile
 
 import numpy as np
@@ -12,12 +13,39 @@ from pipeline.commands.run import load_schema
 
 USED = [c.name for c in features.FEATURES] + [features.LABEL.name]
 ROWS = [  # father_age 99 and weight_gain_pounds 99 are the table's 'unknown' codes
-    dict(is_male=[b"true"], mother_age=[20], plurality=[1], gestation_weeks=[40], mother_married=[b"true"],
-         weight_gain_pounds=[30], ever_born=[1], father_age=[22], weight_pounds=[8.0]),
-    dict(is_male=[b"false"], mother_age=[30], plurality=[2], gestation_weeks=[30], mother_married=[b"false"],
-         weight_gain_pounds=[99], ever_born=[2], father_age=[99], weight_pounds=[3.0]),
-    dict(is_male=[b"true"], mother_age=[40], plurality=[9], gestation_weeks=[], mother_married=[],
-         weight_gain_pounds=[10], ever_born=[], father_age=[42], weight_pounds=[]),
+    dict(
+        is_male=[b"true"],
+        mother_age=[20],
+        plurality=[1],
+        gestation_weeks=[40],
+        mother_married=[b"true"],
+        weight_gain_pounds=[30],
+        ever_born=[1],
+        father_age=[22],
+        weight_pounds=[8.0],
+    ),
+    dict(
+        is_male=[b"false"],
+        mother_age=[30],
+        plurality=[2],
+        gestation_weeks=[30],
+        mother_married=[b"false"],
+        weight_gain_pounds=[99],
+        ever_born=[2],
+        father_age=[99],
+        weight_pounds=[3.0],
+    ),
+    dict(
+        is_male=[b"true"],
+        mother_age=[40],
+        plurality=[9],
+        gestation_weeks=[],
+        mother_married=[],
+        weight_gain_pounds=[10],
+        ever_born=[],
+        father_age=[42],
+        weight_pounds=[],
+    ),
 ]
 
 
@@ -25,13 +53,17 @@ ROWS = [  # father_age 99 and weight_gain_pounds 99 are the table's 'unknown' co
 def transformed():
     spec = schema_utils.schema_as_feature_spec(load_schema(config_lib.load_config())).feature_spec
     metadata = dataset_metadata.DatasetMetadata(
-        schema_utils.schema_from_feature_spec({name: spec[name] for name in USED}))
-    rows = [{k: np.array(v, dtype=np.object_ if v and isinstance(v[0], bytes) else None) for k, v in row.items()}
-            for row in ROWS]
+        schema_utils.schema_from_feature_spec({name: spec[name] for name in USED})
+    )
+    rows = [
+        {k: np.array(v, dtype=np.object_ if v and isinstance(v[0], bytes) else None) for k, v in row.items()}
+        for row in ROWS
+    ]
     # TF1 mode, as the pipeline's Transform runs it (pipeline/pipeline.py, force_tf_compat_v1=True).
     with tempfile.TemporaryDirectory() as temp_dir, tft_beam.Context(temp_dir=temp_dir, force_tf_compat_v1=True):
         (outputs, _), _ = (rows, metadata) | tft_beam.AnalyzeAndTransformDataset(
-            preprocessing.preprocessing_fn, output_record_batches=False)
+            preprocessing.preprocessing_fn, output_record_batches=False
+        )
     return outputs
 
 
@@ -60,7 +92,10 @@ def test_categories_and_buckets_map_to_ids_with_unknown_or_missing_ids(transform
     assert vocabulary_ids[0] == vocabulary_ids[2] != vocabulary_ids[1]
     sizes = features.id_sizes()
     assert _column(transformed, "gestation_weeks_bucket_x_plurality") == [
-        3 * sizes["plurality"] + 0, 1 * sizes["plurality"] + 1, 5 * sizes["plurality"] + 5]
+        3 * sizes["plurality"] + 0,
+        1 * sizes["plurality"] + 1,
+        5 * sizes["plurality"] + 5,
+    ]
 
 
 def test_text_values_get_ids_by_frequency_and_a_missing_one_the_shared_last_id(transformed):
@@ -72,14 +107,19 @@ def test_text_values_get_ids_by_frequency_and_a_missing_one_the_shared_last_id(t
 def test_an_empty_text_is_no_value_and_a_feature_never_present_in_training_only_has_the_shared_id():
     spec = schema_utils.schema_as_feature_spec(load_schema(config_lib.load_config())).feature_spec
     metadata = dataset_metadata.DatasetMetadata(
-        schema_utils.schema_from_feature_spec({name: spec[name] for name in USED}))
-    rows = [dict(row, is_male=[b""] if index < 2 else [b"false"], mother_married=[])
-            for index, row in enumerate(ROWS)]  # "" written as a value twice: it must not take an id
-    rows = [{k: np.array(v, dtype=np.object_ if k in ("is_male", "mother_married") else None) for k, v in row.items()}
-            for row in rows]
+        schema_utils.schema_from_feature_spec({name: spec[name] for name in USED})
+    )
+    rows = [
+        dict(row, is_male=[b""] if index < 2 else [b"false"], mother_married=[]) for index, row in enumerate(ROWS)
+    ]  # "" written as a value twice: it must not take an id
+    rows = [
+        {k: np.array(v, dtype=np.object_ if k in ("is_male", "mother_married") else None) for k, v in row.items()}
+        for row in rows
+    ]
     with tempfile.TemporaryDirectory() as temp_dir, tft_beam.Context(temp_dir=temp_dir, force_tf_compat_v1=True):
         (outputs, _), _ = (rows, metadata) | tft_beam.AnalyzeAndTransformDataset(
-            preprocessing.preprocessing_fn, output_record_batches=False)
+            preprocessing.preprocessing_fn, output_record_batches=False
+        )
     size = features.VOCABULARY_SIZE
     assert _column(outputs, "is_male") == [size, size, 0]
     assert _column(outputs, "mother_married") == [size, size, size]
@@ -103,20 +143,25 @@ def test_values_beyond_the_training_range_are_taken_as_its_ends():
     range's end, not about a z-score it never saw (an extrapolation the infra validator caught at 64 lb)."""
     spec = schema_utils.schema_as_feature_spec(load_schema(config_lib.load_config())).feature_spec
     metadata = dataset_metadata.DatasetMetadata(
-        schema_utils.schema_from_feature_spec({name: spec[name] for name in USED}))
+        schema_utils.schema_from_feature_spec({name: spec[name] for name in USED})
+    )
 
     def arrays(rows):
-        return [{k: np.array(v, dtype=np.object_ if v and isinstance(v[0], bytes) else None) for k, v in row.items()}
-                for row in rows]
+        return [
+            {k: np.array(v, dtype=np.object_ if v and isinstance(v[0], bytes) else None) for k, v in row.items()}
+            for row in rows
+        ]
 
-    beyond = [dict(ROWS[0], mother_age=[64], ever_born=[98], gestation_weeks=[98]),
-              dict(ROWS[0], mother_age=[12], ever_born=[0])]
+    beyond = [
+        dict(ROWS[0], mother_age=[64], ever_born=[98], gestation_weeks=[98]),
+        dict(ROWS[0], mother_age=[12], ever_born=[0]),
+    ]
     with tempfile.TemporaryDirectory() as temp_dir, tft_beam.Context(temp_dir=temp_dir, force_tf_compat_v1=True):
         transform_fn = (arrays(ROWS), metadata) | tft_beam.AnalyzeDataset(preprocessing.preprocessing_fn)
         (served, _) = ((arrays(beyond), metadata), transform_fn) | tft_beam.TransformDataset(
-            output_record_batches=False)
-        (trained, _) = ((arrays(ROWS), metadata), transform_fn) | tft_beam.TransformDataset(
-            output_record_batches=False)
+            output_record_batches=False
+        )
+        (trained, _) = ((arrays(ROWS), metadata), transform_fn) | tft_beam.TransformDataset(output_record_batches=False)
     for name, highest in (("mother_age", 2), ("ever_born", 1), ("gestation_weeks", 0)):  # rows of the maximum
         assert _column(served, name)[0] == pytest.approx(_column(trained, name)[highest]), name
     for name in ("mother_age", "ever_born"):  # 12 and 0 below the minimum, which row 0 has
@@ -136,35 +181,46 @@ def test_the_transform_converts_to_tflite_builtin_ops_and_maps_every_value_as_te
 
     spec = schema_utils.schema_as_feature_spec(load_schema(config_lib.load_config())).feature_spec
     metadata = dataset_metadata.DatasetMetadata(
-        schema_utils.schema_from_feature_spec({name: spec[name] for name in USED}))
-    rows = [{k: np.array(v, dtype=np.object_ if v and isinstance(v[0], bytes) else None) for k, v in row.items()}
-            for row in ROWS]
+        schema_utils.schema_from_feature_spec({name: spec[name] for name in USED})
+    )
+    rows = [
+        {k: np.array(v, dtype=np.object_ if v and isinstance(v[0], bytes) else None) for k, v in row.items()}
+        for row in ROWS
+    ]
     with beam.Pipeline() as pipeline, tft_beam.Context(temp_dir=str(tmp_path / "tmp"), force_tf_compat_v1=True):
-        transform_fn = ((pipeline | beam.Create(rows, reshuffle=False), metadata)
-                        | tft_beam.AnalyzeDataset(preprocessing.preprocessing_fn))
+        transform_fn = (pipeline | beam.Create(rows, reshuffle=False), metadata) | tft_beam.AnalyzeDataset(
+            preprocessing.preprocessing_fn
+        )
         _ = transform_fn | tft_beam.WriteTransformFn(str(tmp_path / "transform"))
     output = tft.TFTransformOutput(str(tmp_path / "transform"))
     raw_spec = {name: spec[name] for name in features.FEATURE_NAMES}
     module = tf.Module()
     module.layer = output.transform_features_layer()
 
-    @tf.function(input_signature=[tf.TensorSpec([None], tf.string if c.dtype == "string" else tf.float32, name=c.name)
-                                  for c in features.FEATURES])
+    @tf.function(
+        input_signature=[
+            tf.TensorSpec([None], tf.string if c.dtype == "string" else tf.float32, name=c.name)
+            for c in features.FEATURES
+        ]
+    )
     def transform(*values):
         transformed = module.layer(model.sparse_raw(dict(zip(features.FEATURE_NAMES, values)), raw_spec))
         return {name: tf.cast(tf.reshape(value, [-1]), tf.float32) for name, value in transformed.items()}
 
     tf.saved_model.save(module, str(tmp_path / "saved"), signatures={lite.SIGNATURE: transform})
     runner = Interpreter(model_content=lite.convert(str(tmp_path / "saved"), "float32")).get_signature_runner(
-        lite.SIGNATURE)
+        lite.SIGNATURE
+    )
     instances = [
         {"is_male": "true", "mother_age": 25, "gestation_weeks": 39, "mother_married": "false", "plurality": 2},
         {"is_male": "maybe", "mother_age": 70, "gestation_weeks": 99, "mother_married": "", "plurality": 7},
         {"mother_age": 12, "gestation_weeks": 20.5, "father_age": 99, "weight_gain_pounds": 45, "ever_born": 3},
     ]
     columns = features.raw_columns([features.instance_key(instance) for instance in instances])
-    expected = {name: value.numpy() for name, value in transform(
-        *[tf.constant(columns[name]) for name in features.FEATURE_NAMES]).items()}
+    expected = {
+        name: value.numpy()
+        for name, value in transform(*[tf.constant(columns[name]) for name in features.FEATURE_NAMES]).items()
+    }
     got = runner(**columns)
     assert set(got) == set(expected)
     for name in expected:

@@ -1,4 +1,5 @@
 """The Tuner's search (models/tuning.py) and its Vertex AI Vizier oracle (models/vizier.py), without the cloud."""
+
 import types
 
 import keras_tuner as kt
@@ -20,11 +21,20 @@ def test_the_space_defaults_to_the_profile_and_names_the_trainer_s_settings():
     space = tuning.search_space(settings)
     assert set(space.values) <= set(settings)  # the Trainer takes the values as they are
     defaults = {hp.name: hp.default for hp in space.space}
-    assert defaults == {"hidden_units": "256,128", "embedding_dim": 8, "learning_rate": 0.004, "batch_size": 256,
-                        "train_epochs": 4, "min_train_steps": 1500, "mask_rate": 0.5}
+    assert defaults == {
+        "hidden_units": "256,128",
+        "embedding_dim": 8,
+        "learning_rate": 0.004,
+        "batch_size": 256,
+        "train_epochs": 4,
+        "min_train_steps": 1500,
+        "mask_rate": 0.5,
+    }
     # A profile value outside the listed choices is searched too, as the first trial.
-    odd = {hp.name: hp for hp in tuning.search_space(_settings(hidden_units="100,10", mask_rate="0.3",
-                                                               learning_rate="0.05")).space}
+    odd = {
+        hp.name: hp
+        for hp in tuning.search_space(_settings(hidden_units="100,10", mask_rate="0.3", learning_rate="0.05")).space
+    }
     assert "100,10" in odd["hidden_units"].values and odd["hidden_units"].default == "100,10"
     assert 0.3 in odd["mask_rate"].values and 0.0 not in space.space[-1].values
     assert tuning.search_space(_settings(mask_rate="0")).space[-1].values == [0.0, 0.25, 0.5, 0.75]  # as asked
@@ -34,8 +44,9 @@ def test_the_space_defaults_to_the_profile_and_names_the_trainer_s_settings():
 def test_the_first_trial_is_the_profile_then_the_search_moves_the_same_way_each_time(tmp_path):
     def trials(seed):
         space = tuning.search_space(_settings())
-        oracle = tuning.ProfileFirstOracle(objective=kt.Objective(tuning.OBJECTIVE, "min"), max_trials=3,
-                                           hyperparameters=space, seed=seed)
+        oracle = tuning.ProfileFirstOracle(
+            objective=kt.Objective(tuning.OBJECTIVE, "min"), max_trials=3, hyperparameters=space, seed=seed
+        )
         oracle._set_project_dir(str(tmp_path / str(len(list(tmp_path.iterdir())))), "p")
         chosen = []
         for score in (1.1, 1.0):
@@ -55,8 +66,13 @@ def test_the_first_trial_is_the_profile_then_the_search_moves_the_same_way_each_
 
 def test_the_trainer_takes_the_tuner_s_values_in_place_of_the_profile_s():
     settings = _settings()
-    fn_args = types.SimpleNamespace(custom_config=settings, hyperparameters={
-        "space": [], "values": {"hidden_units": "512,256,128", "learning_rate": 0.002, "mask_rate": 0.25}})
+    fn_args = types.SimpleNamespace(
+        custom_config=settings,
+        hyperparameters={
+            "space": [],
+            "values": {"hidden_units": "512,256,128", "learning_rate": 0.002, "mask_rate": 0.25},
+        },
+    )
     chosen = model.trainer_settings(fn_args)
     assert model.hidden_units(chosen["hidden_units"]) == [512, 256, 128]
     assert (chosen["learning_rate"], chosen["mask_rate"], chosen["batch_size"]) == (0.002, 0.25, 256)
@@ -83,10 +99,13 @@ def test_trials_hold_out_one_row_in_five_of_the_train_split_and_train_on_the_res
 
 
 def test_results_read_tfx_s_tuner_results_best_first():
-    rows = tuning.results([{"trial_id": "01", "score": 1.2, "batch_size": 128},
-                           {"trial_id": "00", "score": 1.1, "batch_size": 256}])
-    assert rows == [{"trial": 1, "val_rmse": 1.1, "values": {"batch_size": 256}},
-                    {"trial": 2, "val_rmse": 1.2, "values": {"batch_size": 128}}]
+    rows = tuning.results(
+        [{"trial_id": "01", "score": 1.2, "batch_size": 128}, {"trial_id": "00", "score": 1.1, "batch_size": 256}]
+    )
+    assert rows == [
+        {"trial": 1, "val_rmse": 1.1, "values": {"batch_size": 256}},
+        {"trial": 2, "val_rmse": 1.2, "values": {"batch_size": 128}},
+    ]
 
 
 class _Operation:
@@ -115,10 +134,13 @@ class FakeVizier:
     def suggest_trials(self, request):
         trials = []
         if self.suggestions:
-            parameters = [vizier._parameter(types.SimpleNamespace(name=name), value)
-                          for name, value in self.suggestions.pop(0).items()]
-            trials = [aiplatform_v1.Trial(name=f"{request.parent}/trials/{len(self.created) + 2}",
-                                          parameters=parameters)]
+            parameters = [
+                vizier._parameter(types.SimpleNamespace(name=name), value)
+                for name, value in self.suggestions.pop(0).items()
+            ]
+            trials = [
+                aiplatform_v1.Trial(name=f"{request.parent}/trials/{len(self.created) + 2}", parameters=parameters)
+            ]
         return _Operation(aiplatform_v1.SuggestTrialsResponse(trials=trials))
 
     def complete_trial(self, request):
@@ -126,9 +148,15 @@ class FakeVizier:
 
 
 def _vizier_oracle(client, tmp_path, max_trials=3):
-    oracle = vizier.VizierOracle(project="p", region="europe-west4", study_prefix="babyweight_tuner", client=client,
-                                 objective=kt.Objective(tuning.OBJECTIVE, "min"), max_trials=max_trials,
-                                 hyperparameters=tuning.search_space(_settings()))
+    oracle = vizier.VizierOracle(
+        project="p",
+        region="europe-west4",
+        study_prefix="babyweight_tuner",
+        client=client,
+        objective=kt.Objective(tuning.OBJECTIVE, "min"),
+        max_trials=max_trials,
+        hyperparameters=tuning.search_space(_settings()),
+    )
     oracle._set_project_dir(str(tmp_path), "p")
     return oracle
 
@@ -136,7 +164,8 @@ def _vizier_oracle(client, tmp_path, max_trials=3):
 def test_the_search_space_becomes_a_vizier_study_minimizing_validation_rmse():
     spec = vizier.study_spec(tuning.search_space(_settings()), kt.Objective(tuning.OBJECTIVE, "min"))
     assert [(m.metric_id, m.goal) for m in spec.metrics] == [
-        ("val_rmse", aiplatform_v1.StudySpec.MetricSpec.GoalType.MINIMIZE)]
+        ("val_rmse", aiplatform_v1.StudySpec.MetricSpec.GoalType.MINIMIZE)
+    ]
     parameters = {p.parameter_id: p for p in spec.parameters}
     assert list(parameters["hidden_units"].categorical_value_spec.values)[:2] == ["128", "128,64"]
     assert parameters["hidden_units"].categorical_value_spec.default_value == "256,128"
@@ -149,8 +178,19 @@ def test_the_search_space_becomes_a_vizier_study_minimizing_validation_rmse():
 
 
 def test_vizier_suggests_the_trials_and_learns_their_scores_and_failures(tmp_path):
-    client = FakeVizier([{"hidden_units": "512,256", "embedding_dim": 16.0, "learning_rate": 0.002,
-                          "batch_size": 128.0, "train_epochs": 2.0, "min_train_steps": 3000.0, "mask_rate": 0.75}])
+    client = FakeVizier(
+        [
+            {
+                "hidden_units": "512,256",
+                "embedding_dim": 16.0,
+                "learning_rate": 0.002,
+                "batch_size": 128.0,
+                "train_epochs": 2.0,
+                "min_train_steps": 3000.0,
+                "mask_rate": 0.75,
+            }
+        ]
+    )
     oracle = _vizier_oracle(client, tmp_path)
     assert client.studies == []  # nothing is created until a trial is asked for (workers build an oracle too)
     first = oracle.create_trial("tuner0")
@@ -165,12 +205,19 @@ def test_vizier_suggests_the_trials_and_learns_their_scores_and_failures(tmp_pat
     oracle.end_trial(kt.engine.trial.Trial.from_proto(remote.to_proto()))
     assert not client.completed[0].trial_infeasible
     assert [(m.metric_id, m.value) for m in client.completed[0].final_measurement.metrics] == [
-        ("val_rmse", pytest.approx(1.05))]
+        ("val_rmse", pytest.approx(1.05))
+    ]
 
     second = oracle.create_trial("tuner1")
-    assert second.hyperparameters.values == {"hidden_units": "512,256", "embedding_dim": 16, "learning_rate": 0.002,
-                                             "batch_size": 128, "train_epochs": 2, "min_train_steps": 3000,
-                                             "mask_rate": 0.75}
+    assert second.hyperparameters.values == {
+        "hidden_units": "512,256",
+        "embedding_dim": 16,
+        "learning_rate": 0.002,
+        "batch_size": 128,
+        "train_epochs": 2,
+        "min_train_steps": 3000,
+        "mask_rate": 0.75,
+    }
     assert isinstance(second.hyperparameters.values["batch_size"], int)
     second.status, second.message = "FAILED", "Traceback...\nFailedTrialError: training diverged (validation RMSE nan)"
     oracle.end_trial(second)
@@ -185,8 +232,10 @@ def test_tuner_fn_picks_kerastuner_locally_and_vizier_on_vertex_and_keeps_every_
     tuner = tuning.tuner_fn(fn_args).tuner
     assert isinstance(tuner.oracle, tuning.ProfileFirstOracle)
     assert (tuner.oracle.max_trials, tuner.oracle.num_initial_points, tuner.oracle.seed) == (4, 2, 1)
-    fn_args.custom_config = dict(fn_args.custom_config, **{tuning.VIZIER_KEY: {
-        "project": "p", "region": "us-central1", "study_prefix": "babyweight_tuner"}})
+    fn_args.custom_config = dict(
+        fn_args.custom_config,
+        **{tuning.VIZIER_KEY: {"project": "p", "region": "us-central1", "study_prefix": "babyweight_tuner"}},
+    )
     assert isinstance(tuning.tuner_fn(fn_args).tuner.oracle, vizier.VizierOracle)
 
 
@@ -198,14 +247,21 @@ class _Failing(tuning.TrainerTrials):
 def test_a_search_whose_trials_all_failed_is_an_error_not_a_best_value(tmp_path):
     from pipeline.components.trainer_executor import check_completed
 
-    oracle = tuning.ProfileFirstOracle(objective=kt.Objective(tuning.OBJECTIVE, "min"), max_trials=2,
-                                       hyperparameters=tuning.search_space(_settings()), seed=1)
+    oracle = tuning.ProfileFirstOracle(
+        objective=kt.Objective(tuning.OBJECTIVE, "min"),
+        max_trials=2,
+        hyperparameters=tuning.search_space(_settings()),
+        seed=1,
+    )
     tuner = _Failing(types.SimpleNamespace(), oracle, directory=str(tmp_path), project_name="p")
     tuner.search()
     # KerasTuner would hand a failed trial's values to the Trainer as the best.
     assert tuner.oracle.get_best_trials()[0].status == "FAILED"
-    with pytest.raises(RuntimeError, match=r"none of the Tuner's 2 trial\(s\) completed: "
-                                           r"RuntimeError: out of memory in trial 0; RuntimeError: out of memory"):
+    with pytest.raises(
+        RuntimeError,
+        match=r"none of the Tuner's 2 trial\(s\) completed: "
+        r"RuntimeError: out of memory in trial 0; RuntimeError: out of memory",
+    ):
         check_completed(tuner)
 
 
@@ -225,8 +281,7 @@ def test_a_trial_trains_on_four_fifths_and_is_scored_once_on_the_masked_fifth(mo
     monkeypatch.setattr(model, "_count_records", lambda files, holdout=None: 1000)
     monkeypatch.setattr(model, "build_keras_model", lambda *args, **kwargs: Model())
     settings = dict(_settings(), mask_rate=0.25)
-    model.fit(settings, None, ["train"], [], {}, tf.distribute.get_strategy(), holdout=True,
-              validation_mask_rate=0.5)
+    model.fit(settings, None, ["train"], [], {}, tf.distribute.get_strategy(), holdout=True, validation_mask_rate=0.5)
     train, validation, fitted = calls
     assert (train["holdout"], train["mask_rate"], train["repeat"], train["shuffle"]) == (False, 0.25, True, True)
     assert (validation["holdout"], validation["mask_rate"], validation["repeat"]) == (True, 0.5, False)
@@ -257,9 +312,15 @@ def test_a_diverged_trial_fails_with_the_reason(monkeypatch):
 def test_the_summary_lists_the_trials_best_first_marking_the_choice_and_the_profile():
     from pipeline.reports import summary
 
-    record = {"chosen": {"hidden_units": "128", "learning_rate": 0.0016758}, "trials": tuning.results([
-        {"trial_id": "0", "score": 1.0011, "hidden_units": "256,128", "learning_rate": 0.004},
-        {"trial_id": "2", "score": 0.99281, "hidden_units": "128", "learning_rate": 0.0016758}])}
+    record = {
+        "chosen": {"hidden_units": "128", "learning_rate": 0.0016758},
+        "trials": tuning.results(
+            [
+                {"trial_id": "0", "score": 1.0011, "hidden_units": "256,128", "learning_rate": 0.004},
+                {"trial_id": "2", "score": 0.99281, "hidden_units": "128", "learning_rate": 0.0016758},
+            ]
+        ),
+    }
     step = types.SimpleNamespace(state="complete", seconds=197.2)
     lines = summary.tuning_lines(record, step)
     assert lines[0].startswith("  tuning: 2 trials completed in 197 s; validation RMSE on rows held out")

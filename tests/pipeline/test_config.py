@@ -1,4 +1,5 @@
 """Config: one object from a profile file plus overrides, with clear errors."""
+
 import pytest
 
 from pipeline import config as config_lib
@@ -13,28 +14,36 @@ def test_local_profile_loads_with_paths_under_the_project():
 
 
 def test_overrides_are_typed_like_the_field():
-    config = config_lib.load_config(overrides=config_lib.parse_overrides(
-        ["train_epochs=2", "enable_cache=false", "hidden_units=8,4", "learning_rate=0.1", "output_dir=/tmp/x"]))
+    config = config_lib.load_config(
+        overrides=config_lib.parse_overrides(
+            ["train_epochs=2", "enable_cache=false", "hidden_units=8,4", "learning_rate=0.1", "output_dir=/tmp/x"]
+        )
+    )
     assert config.train_epochs == 2 and config.enable_cache is False
     assert config.hidden_units == (8, 4) and config.learning_rate == 0.1
     assert config.output_dir == "/tmp/x"
 
 
-@pytest.mark.parametrize("overrides, message", [
-    ({"train_epoch": "2"}, "unknown setting(s) train_epoch"),
-    ({"strategy": "parameter_server"}, "strategy 'parameter_server' is not one of default, mirrored, "
-                                       "multi_worker_mirrored, tpu"),
-    ({"orchestrator": "airflow"}, "orchestrator 'airflow' is not one of local, vertex"),
-    ({"batch_size": "many"}, "setting 'batch_size': cannot read 'many'"),
-    ({"eval_hash_buckets": "0"}, "eval_hash_buckets must be at least 1"),
-    ({"warning_checks": "drift,colour"}, "warning_checks: unknown check(s) colour; known: drift, missing"),
-    ({"training_window_spans": "0"}, "training_window_spans must be at least 1"),
-    ({"recency_half_life_spans": "-1"}, "recency_half_life_spans must be 0 (off) or positive"),
-    ({"min_imputed_presence": "1.5"}, "min_imputed_presence must be between 0 and 1, not 1.5"),
-    ({"mask_rate": "-0.1"}, "mask_rate must be between 0 and 1, not -0.1"),
-    ({"min_drift_rows": "-1"}, "min_drift_rows must be 0 (always a verdict) or positive, not -1"),
-    ({"trainer_replica_count": "2"}, "trainer_replica_count 2 needs strategy multi_worker_mirrored, not 'default'"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"train_epoch": "2"}, "unknown setting(s) train_epoch"),
+        (
+            {"strategy": "parameter_server"},
+            "strategy 'parameter_server' is not one of default, mirrored, multi_worker_mirrored, tpu",
+        ),
+        ({"orchestrator": "airflow"}, "orchestrator 'airflow' is not one of local, vertex"),
+        ({"batch_size": "many"}, "setting 'batch_size': cannot read 'many'"),
+        ({"eval_hash_buckets": "0"}, "eval_hash_buckets must be at least 1"),
+        ({"warning_checks": "drift,colour"}, "warning_checks: unknown check(s) colour; known: drift, missing"),
+        ({"training_window_spans": "0"}, "training_window_spans must be at least 1"),
+        ({"recency_half_life_spans": "-1"}, "recency_half_life_spans must be 0 (off) or positive"),
+        ({"min_imputed_presence": "1.5"}, "min_imputed_presence must be between 0 and 1, not 1.5"),
+        ({"mask_rate": "-0.1"}, "mask_rate must be between 0 and 1, not -0.1"),
+        ({"min_drift_rows": "-1"}, "min_drift_rows must be 0 (always a verdict) or positive, not -1"),
+        ({"trainer_replica_count": "2"}, "trainer_replica_count 2 needs strategy multi_worker_mirrored, not 'default'"),
+    ],
+)
 def test_bad_settings_say_which_and_where(overrides, message):
     with pytest.raises(config_lib.ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
         config_lib.load_config(overrides=overrides)
@@ -55,14 +64,18 @@ def test_input_pattern_reads_the_newest_span_when_data_comes_in_span_folders(tmp
     (tmp_path / "span-1").mkdir()
     (tmp_path / "span-12").mkdir()
     assert config_lib.load_config(overrides={"data_dir": str(tmp_path)}).input_pattern == "span-{SPAN}/*.csv"
-    assert config_lib.load_config(overrides={"data_dir": str(tmp_path), "input_pattern": "x/*.csv"}).input_pattern \
+    assert (
+        config_lib.load_config(overrides={"data_dir": str(tmp_path), "input_pattern": "x/*.csv"}).input_pattern
         == "x/*.csv"
+    )
 
 
 def test_warning_checks_come_as_a_list_or_comma_separated():
     assert config_lib.load_config().warning_checks == ()
     assert config_lib.load_config(overrides={"warning_checks": "drift, unexpected"}).warning_checks == (
-        "drift", "unexpected")
+        "drift",
+        "unexpected",
+    )
 
 
 def test_bulk_inference_dir_is_off_by_default_and_needs_csv_files_when_set(tmp_path):

@@ -1,4 +1,5 @@
 """The pipeline definition: components, their wiring and the settings they get from config."""
+
 import json
 import shutil
 
@@ -6,8 +7,8 @@ import pytest
 
 from pipeline import cache
 from pipeline import config as config_lib
-from pipeline.components import csv_example_gen
 from pipeline import pipeline as pipeline_lib
+from pipeline.components import csv_example_gen
 
 
 def _components(config):
@@ -17,9 +18,24 @@ def _components(config):
 def test_one_definition_wires_every_component():
     components = _components(config_lib.load_config())
     assert set(components) == {
-        "CsvExampleGen", "StatisticsGen", "ImportSchemaGen", "previous_validated_span", "DataValidator", "DataGate",
-        "training_window", "Transform", "Trainer", "TreeBaseline", "latest_blessed_model_resolver", "Evaluator",
-        "previous_predictions", "PredictionMonitor", "InfraValidator", "Pusher", "TFLiteExporter"}
+        "CsvExampleGen",
+        "StatisticsGen",
+        "ImportSchemaGen",
+        "previous_validated_span",
+        "DataValidator",
+        "DataGate",
+        "training_window",
+        "Transform",
+        "Trainer",
+        "TreeBaseline",
+        "latest_blessed_model_resolver",
+        "Evaluator",
+        "previous_predictions",
+        "PredictionMonitor",
+        "InfraValidator",
+        "Pusher",
+        "TFLiteExporter",
+    }
     # The Pusher needs both blessings: the Evaluator's, and the InfraValidator's of the same model.
     assert components["Pusher"].inputs["model_blessing"] is components["Evaluator"].outputs["blessing"]
     assert components["Pusher"].inputs["infra_blessing"] is components["InfraValidator"].outputs["blessing"]
@@ -37,8 +53,9 @@ def test_one_definition_wires_every_component():
 
 
 def test_config_reaches_the_components():
-    config = config_lib.load_config(overrides={"train_hash_buckets": "9", "strategy": "mirrored",
-                                               "output_dir": "/tmp/somewhere"})
+    config = config_lib.load_config(
+        overrides={"train_hash_buckets": "9", "strategy": "mirrored", "output_dir": "/tmp/somewhere"}
+    )
     components = _components(config)
     assert '"hash_buckets": 9' in components["CsvExampleGen"].exec_properties["output_config"]
     trainer_config = json.loads(components["Trainer"].exec_properties["custom_config"])
@@ -49,8 +66,11 @@ def test_config_reaches_the_components():
     assert "/tmp/somewhere/serving_model" in str(components["Pusher"].exec_properties["push_destination"])
     assert components["CsvExampleGen"].executor_spec.executor_class is csv_example_gen.Executor
     assert components["InfraValidator"].exec_properties["max_memory_mb"] == config.infra_max_memory_mb
-    tuned = _components(config_lib.load_config(overrides={"min_imputed_presence": "0.35", "min_drift_rows": "5000",
-                                                         "infra_max_p99_ms": "7"}))
+    tuned = _components(
+        config_lib.load_config(
+            overrides={"min_imputed_presence": "0.35", "min_drift_rows": "5000", "infra_max_p99_ms": "7"}
+        )
+    )
     assert tuned["InfraValidator"].exec_properties["max_p99_ms"] == 7
     assert tuned["DataValidator"].exec_properties["min_imputed_presence"] == 0.35
     assert tuned["DataValidator"].exec_properties["min_drift_rows"] == 5000
@@ -62,25 +82,62 @@ def _copy_of_the_project(tmp_path):
     return tmp_path
 
 
-@pytest.mark.parametrize("edited, changes, keeps", [
-    ("pipeline/components/checks.py", ["pipeline.components.validation"], ["models.preprocessing", "pipeline.components.csv_example_gen"]),
-    ("pipeline/components/csv_check.py", ["pipeline.components.csv_example_gen"], ["models.preprocessing"]),
-    ("models/features.py", ["models.preprocessing", "models.model", "pipeline.components.baseline"], []),
-    ("pipeline/reports/report.py", [], ["pipeline.components.validation", "models.model", "pipeline.components.monitor", "pipeline.components.baseline"]),
-    # The monitor records its slices by these names; the report's plots and the history page run no step.
-    ("pipeline/reports/slices.py", ["pipeline.components.monitor"], ["models.model", "pipeline.components.validation"]),
-    ("pipeline/reports/plots.py", [], ["pipeline.components.monitor", "models.model", "pipeline.components.validation"]),
-    # The metadata reader of the commands and the resolvers run no step: the Trainer and validator keep their keys.
-    ("pipeline/metadata/mlmd.py", [], ["models.model", "pipeline.components.trainer_executor", "pipeline.components.validation"]),
-    ("pipeline/components/spans.py", [], ["models.model", "pipeline.components.trainer_executor", "pipeline.components.validation"]),
-    # The search space reruns the Tuner (and through its output the Trainer), not the Trainer's own key.
-    ("models/tuning.py", ["models.tuning"], ["models.model", "pipeline.components.trainer_executor"]),
-    ("models/model.py", ["models.tuning", "models.model"], ["models.preprocessing"]),
-    # The server the InfraValidator starts is part of its key, and of no other step's.
-    ("serving/core/batching.py", ["serving.model_server.app"], ["pipeline.components.infra_validator", "models.model", "pipeline.components.monitor"]),
-])
+@pytest.mark.parametrize(
+    "edited, changes, keeps",
+    [
+        (
+            "pipeline/components/checks.py",
+            ["pipeline.components.validation"],
+            ["models.preprocessing", "pipeline.components.csv_example_gen"],
+        ),
+        ("pipeline/components/csv_check.py", ["pipeline.components.csv_example_gen"], ["models.preprocessing"]),
+        ("models/features.py", ["models.preprocessing", "models.model", "pipeline.components.baseline"], []),
+        (
+            "pipeline/reports/report.py",
+            [],
+            [
+                "pipeline.components.validation",
+                "models.model",
+                "pipeline.components.monitor",
+                "pipeline.components.baseline",
+            ],
+        ),
+        # The monitor records its slices by these names; the report's plots and the history page run no step.
+        (
+            "pipeline/reports/slices.py",
+            ["pipeline.components.monitor"],
+            ["models.model", "pipeline.components.validation"],
+        ),
+        (
+            "pipeline/reports/plots.py",
+            [],
+            ["pipeline.components.monitor", "models.model", "pipeline.components.validation"],
+        ),
+        # The metadata reader of the commands and the resolvers run no step: the Trainer and validator keep their keys.
+        (
+            "pipeline/metadata/mlmd.py",
+            [],
+            ["models.model", "pipeline.components.trainer_executor", "pipeline.components.validation"],
+        ),
+        (
+            "pipeline/components/spans.py",
+            [],
+            ["models.model", "pipeline.components.trainer_executor", "pipeline.components.validation"],
+        ),
+        # The search space reruns the Tuner (and through its output the Trainer), not the Trainer's own key.
+        ("models/tuning.py", ["models.tuning"], ["models.model", "pipeline.components.trainer_executor"]),
+        ("models/model.py", ["models.tuning", "models.model"], ["models.preprocessing"]),
+        # The server the InfraValidator starts is part of its key, and of no other step's.
+        (
+            "serving/core/batching.py",
+            ["serving.model_server.app"],
+            ["pipeline.components.infra_validator", "models.model", "pipeline.components.monitor"],
+        ),
+    ],
+)
 def test_a_code_change_changes_the_fingerprint_of_the_steps_that_run_it(tmp_path, edited, changes, keeps):
-    """Modules imported by a step's module count too (pipeline/components/checks.py by pipeline/components/validation.py)."""
+    """Modules imported by a step's module count too (pipeline/components/checks.py by
+    pipeline/components/validation.py)."""
     root = _copy_of_the_project(tmp_path)
     before = {module: cache.code_fingerprint(module, root=root) for module in changes + keeps}
     assert before == {module: cache.code_fingerprint(module) for module in before}
@@ -91,19 +148,32 @@ def test_a_code_change_changes_the_fingerprint_of_the_steps_that_run_it(tmp_path
 
 def test_every_step_running_project_code_has_its_fingerprint():
     components = _components(config_lib.load_config())
-    for step, modules in {"DataValidator": ["pipeline.components.validation"], "DataGate": ["pipeline.components.validation"],
-                          "TreeBaseline": ["pipeline.components.baseline"], "PredictionMonitor": ["pipeline.components.monitor"],
-                          "InfraValidator": ["pipeline.components.infra_validator", *pipeline_lib.SERVER_MODULES],
-                          "TFLiteExporter": ["pipeline.components.tflite_export"]}.items():
+    for step, modules in {
+        "DataValidator": ["pipeline.components.validation"],
+        "DataGate": ["pipeline.components.validation"],
+        "TreeBaseline": ["pipeline.components.baseline"],
+        "PredictionMonitor": ["pipeline.components.monitor"],
+        "InfraValidator": ["pipeline.components.infra_validator", *pipeline_lib.SERVER_MODULES],
+        "TFLiteExporter": ["pipeline.components.tflite_export"],
+    }.items():
         assert components[step].exec_properties["code_fingerprint"] == cache.code_fingerprint(*modules), step
     # The server's modules are found (a misspelt name would hash nothing of the server).
-    hashed = {path.relative_to(cache.PROJECT_ROOT).as_posix() for path in cache.project_modules(pipeline_lib.SERVER_MODULES)}
-    assert {"serving/model_server/server.py", "serving/model_server/app.py", "serving/core/loader.py", "serving/core/batching.py"} <= hashed
+    hashed = {
+        path.relative_to(cache.PROJECT_ROOT).as_posix() for path in cache.project_modules(pipeline_lib.SERVER_MODULES)
+    }
+    assert {
+        "serving/model_server/server.py",
+        "serving/model_server/app.py",
+        "serving/core/loader.py",
+        "serving/core/batching.py",
+    } <= hashed
     custom = {step: json.loads(components[step].exec_properties["custom_config"]) for step in ("Transform", "Trainer")}
     example_gen = json.loads(components["CsvExampleGen"].exec_properties["custom_config"])["custom_config"]
     assert example_gen["value"] == cache.code_fingerprint("pipeline.components.csv_example_gen")
     assert custom["Transform"]["code_fingerprint"] == cache.code_fingerprint("models.preprocessing")
-    assert custom["Trainer"]["code_fingerprint"] == cache.code_fingerprint("models.model", "pipeline.components.trainer_executor")
+    assert custom["Trainer"]["code_fingerprint"] == cache.code_fingerprint(
+        "models.model", "pipeline.components.trainer_executor"
+    )
 
 
 def test_the_tuned_profile_tunes_on_the_trainer_s_inputs_and_the_trainer_takes_the_best_values():
@@ -122,7 +192,8 @@ def test_the_tuned_profile_tunes_on_the_trainer_s_inputs_and_the_trainer_takes_t
     # The trials train as the Trainer does: the same settings, but for the search's own.
     trainer_custom = json.loads(trainer.exec_properties["custom_config"])
     assert {k: v for k, v in custom.items() if k not in ("tuner_trials", "code_fingerprint")} == {
-        k: v for k, v in trainer_custom.items() if k != "code_fingerprint"}
+        k: v for k, v in trainer_custom.items() if k != "code_fingerprint"
+    }
     assert tuner.executor_spec.executor_class.__name__ == "SpanAwareTunerExecutor"
     with pytest.raises(config_lib.ConfigError, match="parallel trials run on Vertex AI only"):
         config_lib.load_config("tuned", {"tuner_parallel_trials": "2"})
@@ -145,8 +216,11 @@ def test_large_inputs_run_statistics_and_evaluation_in_worker_processes(rows, pa
     assert config.beam_parallel_rows == 100_000
     components = pipeline_lib.create_pipeline(config, input_rows=rows).components
     for component in components:
-        modes = [arg for arg in getattr(component.executor_spec, "beam_pipeline_args", [])
-                 if arg.startswith("--direct_running_mode=")]
+        modes = [
+            arg
+            for arg in getattr(component.executor_spec, "beam_pipeline_args", [])
+            if arg.startswith("--direct_running_mode=")
+        ]
         in_workers = modes[-1:] == ["--direct_running_mode=multi_processing"]  # Beam takes the last one
         assert in_workers == (parallel and component.id in config_lib.PARALLEL_STEPS), component.id
     assert {c.id for c in components} >= set(config_lib.PARALLEL_STEPS)

@@ -1,4 +1,5 @@
 """A prediction server in a subprocess on a free local port, stopped (and checked gone) after the test."""
+
 import contextlib
 import json
 import os
@@ -26,8 +27,9 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def call(url: str, body: Optional[Any] = None, headers: Optional[Dict[str, str]] = None,
-         raw: Optional[bytes] = None) -> Tuple[int, Dict[str, str], Any]:
+def call(
+    url: str, body: Optional[Any] = None, headers: Optional[Dict[str, str]] = None, raw: Optional[bytes] = None
+) -> Tuple[int, Dict[str, str], Any]:
     """(status, headers, parsed JSON body) of a GET, or of a POST when a body is given."""
     data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
     request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json", **(headers or {})})
@@ -39,21 +41,42 @@ def call(url: str, body: Optional[Any] = None, headers: Optional[Dict[str, str]]
 
 
 @contextlib.contextmanager
-def running_server(model_dir: pathlib.Path, log_dir: pathlib.Path, *flags: str,
-                   env: Optional[Dict[str, str]] = None, available: int = 1, through_make: bool = False) -> Iterator[str]:
+def running_server(
+    model_dir: pathlib.Path,
+    log_dir: pathlib.Path,
+    *flags: str,
+    env: Optional[Dict[str, str]] = None,
+    available: int = 1,
+    through_make: bool = False,
+) -> Iterator[str]:
     """`babyweight serve` on a free port once `available` versions are; yields its URL; SIGTERM at the end, and
     every process must be gone."""
     port = free_port()
-    arguments = ["--model-dir", str(model_dir), "--port", str(port), "--log-dir", str(log_dir), "--poll-seconds", "0.2",
-                 "--workers", "1", *flags]
-    command = ([sys.executable, "-m", "babyweight_cli", "serve", *arguments] if not through_make
-               else ["make", "-s", "serve", "ARGS=" + " ".join(arguments)])  # as docs/serving.md says
+    arguments = [
+        "--model-dir",
+        str(model_dir),
+        "--port",
+        str(port),
+        "--log-dir",
+        str(log_dir),
+        "--poll-seconds",
+        "0.2",
+        "--workers",
+        "1",
+        *flags,
+    ]
+    command = (
+        [sys.executable, "-m", "babyweight_cli", "serve", *arguments]
+        if not through_make
+        else ["make", "-s", "serve", "ARGS=" + " ".join(arguments)]
+    )  # as docs/serving.md says
     environment = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", **(env or {})}
     port = int(environment.get("AIP_HTTP_PORT", port))
     output = log_dir.parent / f"server-{port}.log"
     with output.open("w") as handle:
-        process = subprocess.Popen(command, cwd=PROJECT_ROOT, env=environment, stdout=handle,
-                                   stderr=subprocess.STDOUT, start_new_session=True)
+        process = subprocess.Popen(
+            command, cwd=PROJECT_ROOT, env=environment, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True
+        )
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + START_SECONDS
@@ -65,7 +88,9 @@ def running_server(model_dir: pathlib.Path, log_dir: pathlib.Path, *flags: str,
                     break
             except (urllib.error.URLError, ConnectionError, KeyError):
                 pass
-            assert time.monotonic() < deadline, f"no version available in {START_SECONDS} s: {output.read_text()[-3000:]}"
+            assert time.monotonic() < deadline, (
+                f"no version available in {START_SECONDS} s: {output.read_text()[-3000:]}"
+            )
             time.sleep(0.2)
         yield url
     finally:

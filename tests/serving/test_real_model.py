@@ -1,4 +1,5 @@
 """The pipeline's own model, pushed from a run on the real export, served and checked end to end."""
+
 import base64
 import csv
 import json
@@ -11,8 +12,7 @@ import pytest
 import tensorflow as tf
 
 from models import features, lite
-from serving.core import contract
-from serving.core import loader
+from serving.core import contract, loader
 from tests.serving.conftest import PROJECT_ROOT, call, running_server
 from tests.serving.model_server.test_server import call_text
 
@@ -37,29 +37,43 @@ def test_served_predictions_equal_the_signatures_on_real_rows(real_export_run, r
     with running_server(version_dir.parent, logs) as url:
         served = []
         for start in range(0, len(instances), 100):
-            status, headers, body = call(f"{url}/v1/models/babyweight:predict", {"instances": instances[start:start + 100]})
+            status, headers, body = call(
+                f"{url}/v1/models/babyweight:predict", {"instances": instances[start : start + 100]}
+            )
             assert status == 200, body
             served += [p[0] for p in body["predictions"]]
         # The same rows as serialized tf.Examples (serving_default's form), as the training data holds them.
         examples = [_example(instance) for instance in instances[:300]]
-        status, _, body = call(f"{url}/v1/models/babyweight:predict", {"signature_name": "serving_default",
-                               "instances": [{"b64": base64.b64encode(e).decode()} for e in examples]})
+        status, _, body = call(
+            f"{url}/v1/models/babyweight:predict",
+            {
+                "signature_name": "serving_default",
+                "instances": [{"b64": base64.b64encode(e).decode()} for e in examples],
+            },
+        )
         assert status == 200, body
         by_examples = [p[0] for p in body["predictions"]]
         # Asked again, the frequent ones come from the version's table: the same numbers.
-        again = [call(f"{url}/v1/models/babyweight:predict", {"instances": [i]})[2]["predictions"][0][0]
-                 for i in instances[:200]]
+        again = [
+            call(f"{url}/v1/models/babyweight:predict", {"instances": [i]})[2]["predictions"][0][0]
+            for i in instances[:200]
+        ]
         metrics = call_text(f"{url}/metrics")
     # float32 answers; a row's answer may differ in the last bit with the batch it was computed in.
     np.testing.assert_allclose(served, expected.reshape(-1), rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(again, served[:200], rtol=1e-6, atol=1e-6)
     default = tf.saved_model.load(str(version_dir)).signatures["serving_default"]
-    np.testing.assert_allclose(by_examples, default(examples=tf.constant(examples))["predictions"].numpy().reshape(-1),
-                               rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(
+        by_examples, default(examples=tf.constant(examples))["predictions"].numpy().reshape(-1), rtol=1e-6, atol=1e-6
+    )
     assert 'babyweight_cache_lookups_total{result="hit"' in metrics
     # The request log is what validate-serving checks against the run's training data.
-    checked = subprocess.run([sys.executable, "-m", "babyweight_cli", "validate-serving", str(logs),
-                              "--output-dir", config.output_dir], cwd=PROJECT_ROOT, capture_output=True, text=True)
+    checked = subprocess.run(
+        [sys.executable, "-m", "babyweight_cli", "validate-serving", str(logs), "--output-dir", config.output_dir],
+        cwd=PROJECT_ROOT,
+        capture_output=True,
+        text=True,
+    )
     assert checked.returncode in (0, 1), checked.stderr
     assert f"{len(instances) + 300 + 200} request(s) in {logs}" in checked.stdout
 
@@ -97,8 +111,10 @@ def test_the_pipelines_bulk_inferrer_predicts_unlabelled_rows_as_predict_batch_d
             refused.append(f"births.csv:{line}")
     assert len(refused) >= 5  # the fixture's rows without gestation weeks, and any others the contract refuses
     assert result.outcome.ok, result.outcome.summary
-    assert (f"bulk inference: {len(rows) - len(refused)} unlabelled rows predicted, {len(refused)} of {len(rows)} "
-            "left out: they lack a required feature") in result.outcome.summary
+    assert (
+        f"bulk inference: {len(rows) - len(refused)} unlabelled rows predicted, {len(refused)} of {len(rows)} "
+        "left out: they lack a required feature"
+    ) in result.outcome.summary
     # Its steps run after the Pusher, so that their failure can't hold back a model that passed every check.
     order = list(result.steps)
     assert order.index("Pusher") < order.index("UnlabelledExampleGen") < order.index("BulkInferrer")
@@ -107,12 +123,19 @@ def test_the_pipelines_bulk_inferrer_predicts_unlabelled_rows_as_predict_batch_d
     inferred = {}
     for record in records:
         example = tf.train.Example.FromString(record.numpy())
-        values = {name: list(getattr(feature, feature.WhichOneof("kind")).value)
-                  for name, feature in example.features.feature.items() if feature.WhichOneof("kind")}
+        values = {
+            name: list(getattr(feature, feature.WhichOneof("kind")).value)
+            for name, feature in example.features.feature.items()
+            if feature.WhichOneof("kind")
+        }
         inferred[features.instance_key(values)] = values["predicted_weight_pounds"][0]
     version = max(pathlib.Path(config.serving_dir).iterdir(), key=lambda p: int(p.name))
-    assert batch_cli.main(["--input", str(unlabelled), "--output", str(tmp_path / "run"),
-                       "--model-dir", str(version.parent)]) == 0
+    assert (
+        batch_cli.main(
+            ["--input", str(unlabelled), "--output", str(tmp_path / "run"), "--model-dir", str(version.parent)]
+        )
+        == 0
+    )
     predicted = [json.loads(line) for path in tmp_path.glob("run-predictions-*") for line in path.open()]
     rejected = [json.loads(line) for path in tmp_path.glob("run-rejected-*") for line in path.open()]
     assert len(predicted) == len(rows) - len(refused)  # (inferred holds each distinct instance once)
@@ -128,10 +151,23 @@ def test_a_predict_batch_job_ends_without_tensorflows_noise_at_exit(real_export_
     """The real model's functions, freed while Python shuts down, reported a TypeError after every job."""
     config, _ = real_export_run
     (tmp_path / "rows.csv").write_text("\n".join(real_export_csv.read_text().splitlines()[:21]) + "\n")
-    job = subprocess.run([sys.executable, "-m", "babyweight_cli", "predict-batch",
-                          "--input", str(tmp_path / "rows.csv"), "--output", str(tmp_path / "run"),
-                          "--model-dir", config.serving_dir],
-                         capture_output=True, text=True, timeout=300)
+    job = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "babyweight_cli",
+            "predict-batch",
+            "--input",
+            str(tmp_path / "rows.csv"),
+            "--output",
+            str(tmp_path / "run"),
+            "--model-dir",
+            config.serving_dir,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert job.returncode == 0 and "20 row(s) read" in job.stdout, job.stderr[-2000:]
     assert "Exception ignored" not in job.stderr, job.stderr[-2000:]
 
@@ -158,14 +194,18 @@ def test_the_pushed_tflite_models_predict_every_real_row_as_the_savedmodel_does(
     version = max(pathlib.Path(config.serving_dir).iterdir(), key=lambda p: int(p.name))
     record = result.steps["TFLiteExporter"].outputs["tflite_model"][0]
     assert record.custom_properties["pushed"].int_value == 1 and record.custom_properties[
-        "destination"].string_value == str(version)
+        "destination"
+    ].string_value == str(version)
     assert "TFLite: babyweight.tflite" in result.outcome.summary and f"pushed to {version}" in result.outcome.summary
     rows = list(csv.DictReader(real_export_csv.open()))
-    complete = next(contract.to_instance(row) for row in rows if all(row[c.name] not in ("", "99")
-                                                                  for c in features.FEATURES))
+    complete = next(
+        contract.to_instance(row) for row in rows if all(row[c.name] not in ("", "99") for c in features.FEATURES)
+    )
     rows += _edge_instances(complete)
-    by_variant = {variant: device.predict_rows(device.DeviceModel(str(version / name)), rows, batch_size=512)
-                  for variant, name in lite.FILES.items()}
+    by_variant = {
+        variant: device.predict_rows(device.DeviceModel(str(version / name)), rows, batch_size=512)
+        for variant, name in lite.FILES.items()
+    }
     signature = tf.saved_model.load(str(version)).signatures["serving_raw"]
     accepted, keys, lacking = [], [], 0
     for index, row in enumerate(rows):
@@ -185,13 +225,19 @@ def test_the_pushed_tflite_models_predict_every_real_row_as_the_savedmodel_does(
         lacking += any(features.is_missing_value(column, instance.get(column.name)) for column in features.FEATURES)
     assert len(rows) - len(accepted) == 144  # the real rows without gestation weeks (no value, or 99)
     assert lacking > 5000  # real NULL patterns and 'unknown' codes (5,801 rows), and the edge instances
-    expected = np.concatenate([signature(**loader.columns_of(keys[start:start + 4096]))["predictions"].numpy()
-                               .reshape(-1) for start in range(0, len(keys), 4096)])
+    expected = np.concatenate(
+        [
+            signature(**loader.columns_of(keys[start : start + 4096]))["predictions"].numpy().reshape(-1)
+            for start in range(0, len(keys), 4096)
+        ]
+    )
     float32 = np.array([by_variant["float32"][index]["prediction"] for index in accepted])
     float16 = np.array([by_variant["float16"][index]["prediction"] for index in accepted])
     assert np.abs(float32 - expected).max() <= tflite_export.MAX_FLOAT32_DIFFERENCE  # the issue's 0.01 lb
     labels = np.array([float(rows[index].get(features.LABEL.name) or "nan") for index in accepted])
     known = ~np.isnan(labels)
-    rmse = {name: np.sqrt(np.mean((values[known] - labels[known]) ** 2))
-            for name, values in (("saved", expected), ("float16", float16))}
+    rmse = {
+        name: np.sqrt(np.mean((values[known] - labels[known]) ** 2))
+        for name, values in (("saved", expected), ("float16", float16))
+    }
     assert abs(rmse["float16"] - rmse["saved"]) <= tflite_export.MAX_FLOAT16_RMSE_INCREASE, rmse  # its 0.005 lb

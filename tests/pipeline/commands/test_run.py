@@ -1,4 +1,5 @@
 """A blocked run is an expected outcome: its traceback goes to the log file, a crash's to the console too."""
+
 import logging
 import pathlib
 
@@ -71,19 +72,26 @@ def test_a_failure_before_the_run_is_recorded_leaves_the_earlier_run_alone(monke
     assert not (pathlib.Path(config.output_dir) / "reports").exists()  # no report rewritten for the earlier run
 
 
-@pytest.mark.parametrize("rows, reason", [
-    (["30,39", "31"], "births.csv, line 3: 1 fields, expected 2"),
-    (["30,39", "31,39.5"], "a model feature's value of the wrong type: {path}, line 3, column gestation_weeks: "
-                           "'39.5' is not an integer"),
-])
+@pytest.mark.parametrize(
+    "rows, reason",
+    [
+        (["30,39", "31"], "births.csv, line 3: 1 fields, expected 2"),
+        (
+            ["30,39", "31,39.5"],
+            "a model feature's value of the wrong type: {path}, line 3, column gestation_weeks: "
+            "'39.5' is not an integer",
+        ),
+    ],
+)
 def test_unusable_unlabelled_rows_skip_the_bulk_inferrer_not_the_run(monkeypatch, tmp_path, rows, reason):
     """Rows ExampleGen can't read, or would type unlike the model's parsing, are named, and the run goes on
     without the BulkInferrer step (the model is still trained and pushed)."""
     (tmp_path / "unlabelled").mkdir()
     path = tmp_path / "unlabelled" / "births.csv"
     path.write_text("mother_age,gestation_weeks\n" + "\n".join(rows) + "\n")
-    config = config_lib.load_config(overrides={"output_dir": str(tmp_path / "out"),
-                                               "bulk_inference_dir": str(path.parent)})
+    config = config_lib.load_config(
+        overrides={"output_dir": str(tmp_path / "out"), "bulk_inference_dir": str(path.parent)}
+    )
     assert reason.format(path=path) in run_lib.unusable_unlabelled_rows(config)
     built = []
 
@@ -102,8 +110,9 @@ def test_unusable_unlabelled_rows_skip_the_bulk_inferrer_not_the_run(monkeypatch
 
 def test_a_text_feature_written_as_numbers_makes_the_unlabelled_rows_unusable(tmp_path):
     (tmp_path / "births.csv").write_text("mother_age,gestation_weeks,is_male\n30,39,1\n31,40,0\n32,38,\n")
-    config = config_lib.load_config(overrides={"output_dir": str(tmp_path / "out"),
-                                               "bulk_inference_dir": str(tmp_path)})
+    config = config_lib.load_config(
+        overrides={"output_dir": str(tmp_path / "out"), "bulk_inference_dir": str(tmp_path)}
+    )
     assert run_lib.unusable_unlabelled_rows(config).startswith("text feature(s) is_male hold only numbers in")
     (tmp_path / "births.csv").write_text("mother_age,gestation_weeks,is_male\n30,39,1\n31,40,true\n")
     assert run_lib.unusable_unlabelled_rows(config) == ""

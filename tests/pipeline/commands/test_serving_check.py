@@ -1,4 +1,5 @@
 """Serving requests are checked against the SERVING environment of the schema and for skew against training."""
+
 import json
 import pathlib
 
@@ -8,8 +9,8 @@ import tensorflow_data_validation as tfdv
 
 from data import generator
 from models import features
-from pipeline.config import PROJECT_ROOT
 from pipeline.commands import serving_check
+from pipeline.config import PROJECT_ROOT
 
 SCHEMA_PATH = PROJECT_ROOT / "schema" / "schema.pbtxt"
 

@@ -1,4 +1,5 @@
 """The reference models' inputs and fit, on rows as the examples and requests carry them."""
+
 import numpy as np
 import pandas as pd
 
@@ -19,8 +20,9 @@ def _frame(rows: int, seed: int = 0) -> pd.DataFrame:
 
 
 def test_tree_inputs_are_numbers_flags_and_nan_for_missing_values_and_unknown_codes():
-    frame = pd.DataFrame({"is_male": ["true", "false", ""], "father_age": [30.0, 99.0, np.nan],
-                          "gestation_weeks": ["39", "", "99"]})
+    frame = pd.DataFrame(
+        {"is_male": ["true", "false", ""], "father_age": [30.0, 99.0, np.nan], "gestation_weeks": ["39", "", "99"]}
+    )
     columns = [features.BY_NAME[n] for n in ("is_male", "father_age", "gestation_weeks", "plurality")]
     matrix = baseline.tree_inputs(frame, columns)
     expected = np.array([[1, 30, 39, np.nan], [0, np.nan, np.nan, np.nan], [np.nan, np.nan, np.nan, np.nan]])

@@ -1,4 +1,5 @@
 """The CSV check stops what CsvExampleGen can't read, naming file and line, and locates wrong-type values."""
+
 import pathlib
 import subprocess
 
@@ -6,8 +7,8 @@ import pytest
 
 from models import features
 from pipeline import config as config_lib
-from pipeline.components import csv_check
 from pipeline.commands.run import load_schema
+from pipeline.components import csv_check
 
 HEADER = ",".join(features.COLUMN_NAMES)
 GOOD_ROW = "2005,2005,1,,3,,true,,7.68751907594,1,,3,,,33,39,04212004,false,,,,,,34,8,0,2,9,,37,1"
@@ -36,12 +37,15 @@ def test_real_export_passes_unchanged(schema, real_export_csv):
     assert checked.rows == 16_000
 
 
-@pytest.mark.parametrize("text, rows, by_arrow", [
-    (HEADER + "\n" + GOOD_ROW + "\n\n" + GOOD_ROW + "\n", 2, 2),  # a blank line is no row
-    (HEADER + "\r\n" + GOOD_ROW.replace("true", '"tr\nue"') + "\r\n", 1, 1),  # a quoted line break
-    # Python's int() reads ' 33', Arrow doesn't: the scan counts the rows
-    (HEADER + "\n" + GOOD_ROW.replace(",33,39,", ", 33,39,") + "\n", 1, None),
-])
+@pytest.mark.parametrize(
+    "text, rows, by_arrow",
+    [
+        (HEADER + "\n" + GOOD_ROW + "\n\n" + GOOD_ROW + "\n", 2, 2),  # a blank line is no row
+        (HEADER + "\r\n" + GOOD_ROW.replace("true", '"tr\nue"') + "\r\n", 1, 1),  # a quoted line break
+        # Python's int() reads ' 33', Arrow doesn't: the scan counts the rows
+        (HEADER + "\n" + GOOD_ROW.replace(",33,39,", ", 33,39,") + "\n", 1, None),
+    ],
+)
 def test_arrow_and_the_line_by_line_scan_count_alike(tmp_path, schema, text, rows, by_arrow):
     path = _write(tmp_path, "a.csv", text)
     header = csv_check.header_names(text.split("\n")[0])
@@ -51,12 +55,15 @@ def test_arrow_and_the_line_by_line_scan_count_alike(tmp_path, schema, text, row
     assert (checked.rows, checked.notes) == (rows, [])
 
 
-@pytest.mark.parametrize("text, message", [
-    ("", "the file is empty"),
-    (HEADER + "\n", "has a header but no rows"),
-    (HEADER + "\n" + GOOD_ROW + "\n" + GOOD_ROW + ",7\n", "line 3: 32 fields, expected 31 as in the header"),
-    (HEADER + "\n" + GOOD_ROW.replace("7.68751907594", "7,7") + "\n", "line 2: 32 fields"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("", "the file is empty"),
+        (HEADER + "\n", "has a header but no rows"),
+        (HEADER + "\n" + GOOD_ROW + "\n" + GOOD_ROW + ",7\n", "line 3: 32 fields, expected 31 as in the header"),
+        (HEADER + "\n" + GOOD_ROW.replace("7.68751907594", "7,7") + "\n", "line 2: 32 fields"),
+    ],
+)
 def test_each_problem_names_the_file_and_place(tmp_path, schema, text, message):
     path = _write(tmp_path, "bad.csv", text)
     with pytest.raises(csv_check.InputDataError) as error:
@@ -65,17 +72,28 @@ def test_each_problem_names_the_file_and_place(tmp_path, schema, text, message):
     assert message in str(error.value)
 
 
-@pytest.mark.parametrize("text, note", [
-    (HEADER + "\n" + GOOD_ROW.replace(",33,39,", ",thirty,39,") + "\n",
-     "line 2, column mother_age: 'thirty' is not an integer"),
-    (HEADER + "\n" + GOOD_ROW.replace("7.68751907594", "7.7lb") + "\n",
-     "line 2, column weight_pounds: '7.7lb' is not a number"),
-    # Arrow's casts read a hexadecimal integer and 'nan(1)'; Python's int() and float(), and so TFX, don't.
-    ("\n".join([HEADER, GOOD_ROW, GOOD_ROW.replace(",33,39,", ",0x21,39,")]) + "\n",
-     "line 3, column mother_age: '0x21' is not an integer"),
-    ("\n".join([HEADER, GOOD_ROW, GOOD_ROW.replace("7.68751907594", "nan(1)")]) + "\n",
-     "line 3, column weight_pounds: 'nan(1)' is not a number"),
-])
+@pytest.mark.parametrize(
+    "text, note",
+    [
+        (
+            HEADER + "\n" + GOOD_ROW.replace(",33,39,", ",thirty,39,") + "\n",
+            "line 2, column mother_age: 'thirty' is not an integer",
+        ),
+        (
+            HEADER + "\n" + GOOD_ROW.replace("7.68751907594", "7.7lb") + "\n",
+            "line 2, column weight_pounds: '7.7lb' is not a number",
+        ),
+        # Arrow's casts read a hexadecimal integer and 'nan(1)'; Python's int() and float(), and so TFX, don't.
+        (
+            "\n".join([HEADER, GOOD_ROW, GOOD_ROW.replace(",33,39,", ",0x21,39,")]) + "\n",
+            "line 3, column mother_age: '0x21' is not an integer",
+        ),
+        (
+            "\n".join([HEADER, GOOD_ROW, GOOD_ROW.replace("7.68751907594", "nan(1)")]) + "\n",
+            "line 3, column weight_pounds: 'nan(1)' is not a number",
+        ),
+    ],
+)
 def test_values_of_the_wrong_type_are_located_for_data_validation(tmp_path, schema, text, note):
     path = _write(tmp_path, "typo.csv", text)
     checked = csv_check.check_csv_files(tmp_path, "*.csv", schema)
@@ -169,10 +187,13 @@ def test_a_semicolon_file_is_named_and_its_remedy_works(tmp_path, schema, real_r
     assert [p.name for p in folder.iterdir()] == ["a.csv"]
 
 
-@pytest.mark.parametrize("encoding, expected", [
-    ("windows-1252", "line 4: byte b'\\xe9' is not UTF-8 text"),
-    ("utf-16", "the file is UTF-16 text"),
-])
+@pytest.mark.parametrize(
+    "encoding, expected",
+    [
+        ("windows-1252", "line 4: byte b'\\xe9' is not UTF-8 text"),
+        ("utf-16", "the file is UTF-16 text"),
+    ],
+)
 def test_other_encodings_are_named_and_their_remedy_works(tmp_path, schema, real_rows, encoding, expected):
     lines = real_rows.splitlines(keepends=True)
     state = features.COLUMN_NAMES.index("state")
@@ -186,7 +207,6 @@ def test_other_encodings_are_named_and_their_remedy_works(tmp_path, schema, real
     subprocess.run(_remedy(message), shell=True, check=True)
     assert csv_check.check_csv_files(tmp_path, "*.csv", schema).rows == 200
     assert "Québec" in path.read_text(encoding="utf-8")
-
 
 
 def test_lines_ending_in_a_carriage_return_alone_are_named_and_their_remedy_works(tmp_path, schema, real_rows):

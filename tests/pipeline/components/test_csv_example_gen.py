@@ -1,4 +1,5 @@
 """The pipeline's ExampleGen reads CSV files as people's tools save them exactly like plain ones."""
+
 import pathlib
 
 import apache_beam as beam
@@ -47,12 +48,17 @@ def _quoted_header(text: str) -> str:
     return ",".join(f'"{name}"' for name in header.split(",")) + "\n" + rest
 
 
-@pytest.mark.parametrize("variant, encode", [
-    ("byte-order mark and CRLF (Excel's CSV UTF-8)",
-     lambda text: b"\xef\xbb\xbf" + text.replace("\n", "\r\n").encode()),
-    ("byte-order mark only", lambda text: b"\xef\xbb\xbf" + text.encode()),
-    ("quoted header (R's write.csv)", lambda text: _quoted_header(text).encode()),
-])
+@pytest.mark.parametrize(
+    "variant, encode",
+    [
+        (
+            "byte-order mark and CRLF (Excel's CSV UTF-8)",
+            lambda text: b"\xef\xbb\xbf" + text.replace("\n", "\r\n").encode(),
+        ),
+        ("byte-order mark only", lambda text: b"\xef\xbb\xbf" + text.encode()),
+        ("quoted header (R's write.csv)", lambda text: _quoted_header(text).encode()),
+    ],
+)
 def test_saved_by_other_tools_reads_like_the_plain_file(tmp_path, plain_text, variant, encode):
     plain = _examples(_write(tmp_path / "plain", plain_text.encode()))
     other = _examples(_write(tmp_path / "other", encode(plain_text)))
@@ -91,12 +97,13 @@ EDGE_FILES = {
     # an integer beyond int64 (text, as TFX infers it), nan and inf, text that isn't ASCII, a value too long
     # for one byte of length, a column without a value, a column that is integer in one file and float in
     # the other (the type is the split's, over both files), and a hexadecimal integer (Arrow reads it, TFX doesn't).
-    "a.csv": ('id,padded,big,special,name,empty,mixed,hex\r\n'
-              '1, 7,1,nan,"Smith, J.",,3,0x1F\r\n'
-              '\r\n'
-              '2,1_000,99999999999999999999,inf,"two\nlines",,4,2\r\n'),
-    "b.csv": ('id,padded,big,special,name,empty,mixed,hex\n'
-              f'3,8,2,-1e3,Zoë {"x" * 200},,4.5,3\n'),
+    "a.csv": (
+        "id,padded,big,special,name,empty,mixed,hex\r\n"
+        '1, 7,1,nan,"Smith, J.",,3,0x1F\r\n'
+        "\r\n"
+        '2,1_000,99999999999999999999,inf,"two\nlines",,4,2\r\n'
+    ),
+    "b.csv": (f"id,padded,big,special,name,empty,mixed,hex\n3,8,2,-1e3,Zoë {'x' * 200},,4.5,3\n"),
 }
 
 
@@ -127,21 +134,35 @@ def _run_executor(executor_class, input_base: pathlib.Path, output: pathlib.Path
     split's records (deterministic bytes), sorted."""
     examples = standard_artifacts.Examples()
     examples.uri = str(output)
-    executor_class().Do({}, {"examples": [examples]}, {
-        "input_base": str(input_base),
-        "input_config": proto_utils.proto_to_json(example_gen_pb2.Input(splits=[
-            example_gen_pb2.Input.Split(name="all", pattern="*.csv")])),
-        "output_config": proto_utils.proto_to_json(example_gen_pb2.Output(split_config=example_gen_pb2.SplitConfig(
-            splits=[example_gen_pb2.SplitConfig.Split(name="train", hash_buckets=4),
-                    example_gen_pb2.SplitConfig.Split(name="eval", hash_buckets=1)]))),
-        "output_data_format": example_gen_pb2.FORMAT_TF_EXAMPLE,
-        "output_file_format": example_gen_pb2.FORMAT_TFRECORDS_GZIP,
-    })
+    executor_class().Do(
+        {},
+        {"examples": [examples]},
+        {
+            "input_base": str(input_base),
+            "input_config": proto_utils.proto_to_json(
+                example_gen_pb2.Input(splits=[example_gen_pb2.Input.Split(name="all", pattern="*.csv")])
+            ),
+            "output_config": proto_utils.proto_to_json(
+                example_gen_pb2.Output(
+                    split_config=example_gen_pb2.SplitConfig(
+                        splits=[
+                            example_gen_pb2.SplitConfig.Split(name="train", hash_buckets=4),
+                            example_gen_pb2.SplitConfig.Split(name="eval", hash_buckets=1),
+                        ]
+                    )
+                )
+            ),
+            "output_data_format": example_gen_pb2.FORMAT_TF_EXAMPLE,
+            "output_file_format": example_gen_pb2.FORMAT_TFRECORDS_GZIP,
+        },
+    )
     splits = {}
     for split in ("train", "eval"):
         files = sorted(str(path) for path in (output / f"Split-{split}").glob("*"))
-        splits[split] = sorted(tf.train.Example.FromString(record.numpy()).SerializeToString(deterministic=True)
-                               for record in tf.data.TFRecordDataset(files, compression_type="GZIP"))
+        splits[split] = sorted(
+            tf.train.Example.FromString(record.numpy()).SerializeToString(deterministic=True)
+            for record in tf.data.TFRecordDataset(files, compression_type="GZIP")
+        )
     return examples, splits
 
 
@@ -160,10 +181,13 @@ def test_the_executor_splits_and_records_as_tfx_own(tmp_path, real_export_csv):
     assert not list((tmp_path / "ours").rglob(".*")), "no temporary file is left behind"
 
 
-@pytest.mark.parametrize("text, kinds", [
-    ("a,b\n,\n,\n", {"a": None, "b": None}),  # no column has a value: every feature has no kind, as TFX writes
-    ("a,b\n1.5,nan(1)\n2,2\n", {"a": "float_list", "b": "bytes_list"}),  # Arrow reads nan(1); Python doesn't
-])
+@pytest.mark.parametrize(
+    "text, kinds",
+    [
+        ("a,b\n,\n,\n", {"a": None, "b": None}),  # no column has a value: every feature has no kind, as TFX writes
+        ("a,b\n1.5,nan(1)\n2,2\n", {"a": "float_list", "b": "bytes_list"}),  # Arrow reads nan(1); Python doesn't
+    ],
+)
 def test_more_edge_cases_give_tfx_own_bytes(tmp_path, text, kinds):
     folder = _write(tmp_path / "more", text.encode())
     ours = _examples(folder)

@@ -1,7 +1,7 @@
 """Infra validation: toy candidates served by `babyweight serve` and judged; the requests it sends; no server left."""
-import pathlib
 
 import os
+import pathlib
 import re
 
 import pandas as pd
@@ -23,8 +23,14 @@ GOOD = infra_validator.Budget(max_memory_mb=4096, max_p99_ms=1000, load_timeout_
 def instances(real_export_csv):
     """Real rows (their NULLs and 'unknown' codes as exported), as the validator reads the eval split."""
     kinds = {c.name: (str if c.dtype == "string" else float) for c in features.FEATURES}
-    rows = pd.read_csv(real_export_csv, nrows=300, usecols=list(kinds), dtype=kinds, keep_default_na=False,
-                       na_values={name: [""] for name, kind in kinds.items() if kind is float})
+    rows = pd.read_csv(
+        real_export_csv,
+        nrows=300,
+        usecols=list(kinds),
+        dtype=kinds,
+        keep_default_na=False,
+        na_values={name: [""] for name, kind in kinds.items() if kind is float},
+    )
     return [infra_validator.instance_of(row) for row in rows.to_dict("records")]
 
 
@@ -73,14 +79,17 @@ def test_requests_cover_the_contracts_edge_cases_with_the_answers_it_promises(in
     assert {(case.status, case.timed) for case in rows} == {(200, True), (400, False)}, "some real rows lack one"
 
 
-@pytest.mark.parametrize("status, body, reason", [
-    (200, {"predictions": [[7.5]]}, None),
-    (200, {"predictions": [[None]]}, "prediction null is not a number within the label's schema domain [0.2, 20]"),
-    (200, {"predictions": [[25.0]]}, "prediction 25.0 is not a number"),
-    (200, {"predictions": [[float("inf")]]}, "prediction Infinity is not a number"),
-    (200, {"predictions": [[7.5], [7.1]]}, "expected 1 predictions"),
-    (500, {"error": "internal error"}, "expected predictions, got 500"),
-])
+@pytest.mark.parametrize(
+    "status, body, reason",
+    [
+        (200, {"predictions": [[7.5]]}, None),
+        (200, {"predictions": [[None]]}, "prediction null is not a number within the label's schema domain [0.2, 20]"),
+        (200, {"predictions": [[25.0]]}, "prediction 25.0 is not a number"),
+        (200, {"predictions": [[float("inf")]]}, "prediction Infinity is not a number"),
+        (200, {"predictions": [[7.5], [7.1]]}, "expected 1 predictions"),
+        (500, {"error": "internal error"}, "expected predictions, got 500"),
+    ],
+)
 def test_an_answer_is_judged_by_the_contract_and_the_labels_schema_domain(status, body, reason):
     case = infra_validator.expect("eval row 0", [{"mother_age": 30, "gestation_weeks": 39}])
     found = infra_validator.judge(case, status, body, infra_validator.label_bounds(SCHEMA))
@@ -94,10 +103,13 @@ def test_a_refusal_must_name_the_lacking_feature():
     case = infra_validator.expect("gestation_weeks missing", [{"mother_age": 30}])
     assert infra_validator.judge(case, 400, {"error": "missing required feature 'gestation_weeks'"}, (0, 1)) is None
     assert "without naming the lacking feature 'gestation_weeks'" in infra_validator.judge(
-        case, 400, {"error": "bad request"}, (0, 1))
+        case, 400, {"error": "bad request"}, (0, 1)
+    )
     # The server's refusals list the required features at their end: naming the wrong one must not pass.
-    wrong = ("instance 0: missing required feature 'mother_age' (no value, or an 'unknown' code); every request "
-             "needs mother_age, gestation_weeks")
+    wrong = (
+        "instance 0: missing required feature 'mother_age' (no value, or an 'unknown' code); every request "
+        "needs mother_age, gestation_weeks"
+    )
     assert "without naming" in infra_validator.judge(case, 400, {"error": wrong}, (0, 1))
     assert "expected a refusal (400), got 200" in infra_validator.judge(case, 200, {"predictions": [[7.0]]}, (0, 9))
 
@@ -128,8 +140,10 @@ def test_a_model_answering_nonsense_on_an_edge_case_is_refused_naming_it(tmp_pat
     checks, _ = validate(model, instances, GOOD, tmp_path / "scratch")
     answers = checks["answers"]
     assert checks["load"].passed and not answers.passed
-    assert answers.failures == ["plurality = 5 (its schema maximum): instance 0: prediction null is not a number "
-                                "within the label's schema domain [0.2, 20]"]
+    assert answers.failures == [
+        "plurality = 5 (its schema maximum): instance 0: prediction null is not a number "
+        "within the label's schema domain [0.2, 20]"
+    ]
 
 
 def test_a_budget_below_the_figures_is_refused_with_both(tmp_path, instances):
@@ -154,7 +168,8 @@ def test_a_server_dying_mid_way_fails_the_answers_and_no_more_is_sent(tmp_path, 
         server.stop()
     assert not answers.passed and not latencies and answers.figure.startswith(f"0 of {len(cases)} requests")
     assert answers.failures == [answers.failures[0]] and answers.failures[0].startswith(
-        "eval row 0: the server died answering it (exit code -9)")
+        "eval row 0: the server died answering it (exit code -9)"
+    )
     assert answers.failures[0].endswith(f"the {len(cases) - 1} request(s) after it were not sent")
     assert not servers_of(model)
 
@@ -222,8 +237,14 @@ def _examples(rows: pd.DataFrame, folder: pathlib.Path) -> pathlib.Path:
     return folder
 
 
-def _run_infra_then_push(tmp_path: pathlib.Path, rows: pd.DataFrame, damaged: bool = False,
-                         evaluator_blessed: bool = True, nonsense_when=None, max_memory_mb: float = 4096.0):
+def _run_infra_then_push(
+    tmp_path: pathlib.Path,
+    rows: pd.DataFrame,
+    damaged: bool = False,
+    evaluator_blessed: bool = True,
+    nonsense_when=None,
+    max_memory_mb: float = 4096.0,
+):
     """Importers of a toy model, its Evaluator blessing, eval examples and the schema, then InfraValidator and
     TFX's Pusher, run by TFX's LocalDagRunner; the pushed versions and the run's ML Metadata steps."""
     from tfx import v1 as tfx
@@ -237,25 +258,49 @@ def _run_infra_then_push(tmp_path: pathlib.Path, rows: pd.DataFrame, damaged: bo
     standard = tfx.types.standard_artifacts
     imported = {
         "model": tfx.dsl.Importer(source_uri=str(tmp_path / "model"), artifact_type=standard.Model),
-        "model_blessing": tfx.dsl.Importer(source_uri=str(tmp_path / "model"), artifact_type=standard.ModelBlessing,
-                                           custom_properties={"blessed": int(evaluator_blessed)}),
-        "examples": tfx.dsl.Importer(source_uri=str(_examples(rows, tmp_path / "examples")),
-                                     artifact_type=standard.Examples, properties={"split_names": '["train", "eval"]'}),
-        "schema": tfx.dsl.Importer(source_uri=str(pathlib.Path(config.schema_path).parent), artifact_type=standard.Schema),
+        "model_blessing": tfx.dsl.Importer(
+            source_uri=str(tmp_path / "model"),
+            artifact_type=standard.ModelBlessing,
+            custom_properties={"blessed": int(evaluator_blessed)},
+        ),
+        "examples": tfx.dsl.Importer(
+            source_uri=str(_examples(rows, tmp_path / "examples")),
+            artifact_type=standard.Examples,
+            properties={"split_names": '["train", "eval"]'},
+        ),
+        "schema": tfx.dsl.Importer(
+            source_uri=str(pathlib.Path(config.schema_path).parent), artifact_type=standard.Schema
+        ),
     }
     for name, importer in imported.items():
         importer.with_id(f"import_{name}")
     inputs = {name: importer.outputs["result"] for name, importer in imported.items()}
     validator = infra_validator.InfraValidator(
-        **inputs, eval_requests=100, max_memory_mb=max_memory_mb, max_p99_ms=1000.0, load_timeout_seconds=120.0,
-        code_fingerprint="test")
+        **inputs,
+        eval_requests=100,
+        max_memory_mb=max_memory_mb,
+        max_p99_ms=1000.0,
+        load_timeout_seconds=120.0,
+        code_fingerprint="test",
+    )
     pusher = tfx.components.Pusher(
-        model=inputs["model"], model_blessing=inputs["model_blessing"], infra_blessing=validator.outputs["blessing"],
+        model=inputs["model"],
+        model_blessing=inputs["model_blessing"],
+        infra_blessing=validator.outputs["blessing"],
         push_destination=tfx.proto.PushDestination(
-            filesystem=tfx.proto.PushDestination.Filesystem(base_directory=config.serving_dir)))
-    tfx.orchestration.LocalDagRunner().run(tfx.dsl.Pipeline(
-        pipeline_name="infra", pipeline_root=str(tmp_path / "root"), components=[*imported.values(), validator, pusher],
-        metadata_connection_config=tfx.orchestration.metadata.sqlite_metadata_connection_config(config.metadata_path)))
+            filesystem=tfx.proto.PushDestination.Filesystem(base_directory=config.serving_dir)
+        ),
+    )
+    tfx.orchestration.LocalDagRunner().run(
+        tfx.dsl.Pipeline(
+            pipeline_name="infra",
+            pipeline_root=str(tmp_path / "root"),
+            components=[*imported.values(), validator, pusher],
+            metadata_connection_config=tfx.orchestration.metadata.sqlite_metadata_connection_config(
+                config.metadata_path
+            ),
+        )
+    )
     assert not servers_of(model), "the validating server is still running"
     store = mlmd.open_sqlite(config.metadata_path)
     steps = store.steps(store.runs()[-1])
@@ -266,18 +311,30 @@ def _run_infra_then_push(tmp_path: pathlib.Path, rows: pd.DataFrame, damaged: bo
 @pytest.fixture(scope="module")
 def eval_rows(real_export_csv):
     kinds = {c.name: (str if c.dtype == "string" else float) for c in features.FEATURES}
-    return pd.read_csv(real_export_csv, nrows=100, usecols=list(kinds), dtype=kinds, keep_default_na=False,
-                       na_values={name: [""] for name, kind in kinds.items() if kind is float})
+    return pd.read_csv(
+        real_export_csv,
+        nrows=100,
+        usecols=list(kinds),
+        dtype=kinds,
+        keep_default_na=False,
+        na_values={name: [""] for name, kind in kinds.items() if kind is float},
+    )
 
 
-@pytest.mark.parametrize("candidate, pushed_count, verdict", [
-    ({}, 1, "infra validation (the candidate served by babyweight serve): blessed"),
-    ({"damaged": True}, 0, "pushed: no (infra validation failed: load)"),
-    ({"nonsense_when": ("plurality", 5.0)}, 0, "pushed: no (infra validation failed: answers)"),
-    ({"max_memory_mb": 50.0}, 0, "pushed: no (infra validation failed: memory)"),
-    ({"evaluator_blessed": False}, 0,
-     "infra validation: not run (the Evaluator did not bless the model, so it was not served)"),
-])
+@pytest.mark.parametrize(
+    "candidate, pushed_count, verdict",
+    [
+        ({}, 1, "infra validation (the candidate served by babyweight serve): blessed"),
+        ({"damaged": True}, 0, "pushed: no (infra validation failed: load)"),
+        ({"nonsense_when": ("plurality", 5.0)}, 0, "pushed: no (infra validation failed: answers)"),
+        ({"max_memory_mb": 50.0}, 0, "pushed: no (infra validation failed: memory)"),
+        (
+            {"evaluator_blessed": False},
+            0,
+            "infra validation: not run (the Evaluator did not bless the model, so it was not served)",
+        ),
+    ],
+)
 def test_tfx_pusher_pushes_only_a_model_with_both_blessings(tmp_path, eval_rows, candidate, pushed_count, verdict):
     from pipeline.reports import summary
 

@@ -1,4 +1,5 @@
 """Which spans count: the previous validated span and the training window, from ML Metadata records."""
+
 import pytest
 from ml_metadata.proto import metadata_store_pb2
 
@@ -31,7 +32,7 @@ def test_window_takes_the_newest_version_of_the_last_validated_spans():
 
 def test_recency_weights_halve_every_half_life_and_are_equal_when_off():
     file_spans = {"a": 4, "b": 2, "c": 3}
-    assert recency_weights(file_spans, 2) == {"a": 1.0, "b": 0.5, "c": 2 ** -0.5}
+    assert recency_weights(file_spans, 2) == {"a": 1.0, "b": 0.5, "c": 2**-0.5}
     assert recency_weights(file_spans, 0) == {"a": 1.0, "b": 1.0, "c": 1.0}
 
 
@@ -57,7 +58,9 @@ def test_the_baseline_resolver_skips_blessed_models_the_evaluator_cannot_score(t
     assert [m.id for m in resolved["model"]] == [1]  # model 2 is newer, but was exported before the contract
     assert [b.get_int_custom_property("current_model_id") for b in resolved["model_blessing"]] == [1]
     assert strategy.resolve_artifacts(None, {"model": models[1:], "model_blessing": blessings}) == {
-        "model": [], "model_blessing": []}
+        "model": [],
+        "model_blessing": [],
+    }
     gone = standard_artifacts.Model()  # a newer blessed model whose folder was deleted: skipped, not an error
     gone.uri, gone.id = str(tmp_path / "deleted"), 3
     blessing = standard_artifacts.ModelBlessing()

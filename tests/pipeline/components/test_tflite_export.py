@@ -1,4 +1,5 @@
 """TFLite export: conversion to builtin ops, the parity checks, and the step in a TFX pipeline (toy models)."""
+
 import pathlib
 import re
 import shutil
@@ -18,8 +19,14 @@ from tests.serving import toy_model
 @pytest.fixture(scope="module")
 def eval_rows(real_export_csv):
     kinds = {c.name: (str if c.dtype == "string" else float) for c in features.FEATURES + (features.LABEL,)}
-    return pd.read_csv(real_export_csv, nrows=1000, usecols=list(kinds), dtype=kinds, keep_default_na=False,
-                       na_values={name: [""] for name, kind in kinds.items() if kind is float})
+    return pd.read_csv(
+        real_export_csv,
+        nrows=1000,
+        usecols=list(kinds),
+        dtype=kinds,
+        keep_default_na=False,
+        na_values={name: [""] for name, kind in kinds.items() if kind is float},
+    )
 
 
 def test_a_model_converts_to_builtin_ops_and_the_interpreter_predicts_what_the_savedmodel_does(tmp_path, eval_rows):
@@ -35,14 +42,17 @@ def test_a_model_converts_to_builtin_ops_and_the_interpreter_predicts_what_the_s
         lite.convert(str(model), "int4")
 
 
-@pytest.mark.parametrize("float32_shift, float16_shift, failed", [
-    (0.0, 0.0, []),
-    (0.009, 0.0, []),
-    (0.02, 0.0, ["float32"]),
-    (0.0, 0.5, ["float16"]),
-    (0.0, "one row", ["float16"]),
-    (float("nan"), 0.0, ["float32", "float16"]),
-])
+@pytest.mark.parametrize(
+    "float32_shift, float16_shift, failed",
+    [
+        (0.0, 0.0, []),
+        (0.009, 0.0, []),
+        (0.02, 0.0, ["float32"]),
+        (0.0, 0.5, ["float16"]),
+        (0.0, "one row", ["float16"]),
+        (float("nan"), 0.0, ["float32", "float16"]),
+    ],
+)
 def test_each_check_passes_only_within_its_limit(float32_shift, float16_shift, failed):
     rng = np.random.default_rng(0)
     labels = rng.normal(7.3, 1.2, 500)
@@ -60,12 +70,19 @@ def test_each_check_passes_only_within_its_limit(float32_shift, float16_shift, f
         assert "0.020000 lb (row 18 of 500; limit 0.01 lb)" in verdict["checks"][0]["figure"]
     if failed == ["float16"]:
         assert f"RMSE {verdict['figures']['rmse_float16']:.4f} lb against" in verdict["checks"][1]["figure"]
-        assert f"largest difference {verdict['figures']['float16_max_difference']:.4f} lb (limit 0.05 lb)" in (
-            verdict["checks"][1]["figure"])
+        assert (
+            f"largest difference {verdict['figures']['float16_max_difference']:.4f} lb (limit 0.05 lb)"
+            in (verdict["checks"][1]["figure"])
+        )
 
 
-def _run_export(tmp_path: pathlib.Path, rows: pd.DataFrame, pushed: bool = True, destination: str = "",
-                served: Optional[float] = None):
+def _run_export(
+    tmp_path: pathlib.Path,
+    rows: pd.DataFrame,
+    pushed: bool = True,
+    destination: str = "",
+    served: Optional[float] = None,
+):
     """Importers of a toy model, a push of it (by default TFX's filesystem Pusher's: version 7 of serving_dir, a copy
     of the model, or another toy model of offset `served`) and eval examples, then the TFLiteExporter, run by TFX's
     LocalDagRunner; the config and the run's steps."""
@@ -84,19 +101,34 @@ def _run_export(tmp_path: pathlib.Path, rows: pd.DataFrame, pushed: bool = True,
     imported = {
         "model": tfx.dsl.Importer(source_uri=str(tmp_path / "model"), artifact_type=standard.Model),
         "pushed_model": tfx.dsl.Importer(
-            source_uri=str(tmp_path / "pushed"), artifact_type=standard.PushedModel,
-            custom_properties={"pushed": int(pushed),
-                               "pushed_destination": destination or str(pathlib.Path(config.serving_dir) / "7")}),
-        "examples": tfx.dsl.Importer(source_uri=str(_examples(rows, tmp_path / "examples")),
-                                     artifact_type=standard.Examples, properties={"split_names": '["train", "eval"]'}),
+            source_uri=str(tmp_path / "pushed"),
+            artifact_type=standard.PushedModel,
+            custom_properties={
+                "pushed": int(pushed),
+                "pushed_destination": destination or str(pathlib.Path(config.serving_dir) / "7"),
+            },
+        ),
+        "examples": tfx.dsl.Importer(
+            source_uri=str(_examples(rows, tmp_path / "examples")),
+            artifact_type=standard.Examples,
+            properties={"split_names": '["train", "eval"]'},
+        ),
     }
     for name, importer in imported.items():
         importer.with_id(f"import_{name}")
-    exporter = tflite_export.TFLiteExporter(**{name: i.outputs["result"] for name, i in imported.items()},
-                                            code_fingerprint="test")
-    tfx.orchestration.LocalDagRunner().run(tfx.dsl.Pipeline(
-        pipeline_name="tflite", pipeline_root=str(tmp_path / "root"), components=[*imported.values(), exporter],
-        metadata_connection_config=tfx.orchestration.metadata.sqlite_metadata_connection_config(config.metadata_path)))
+    exporter = tflite_export.TFLiteExporter(
+        **{name: i.outputs["result"] for name, i in imported.items()}, code_fingerprint="test"
+    )
+    tfx.orchestration.LocalDagRunner().run(
+        tfx.dsl.Pipeline(
+            pipeline_name="tflite",
+            pipeline_root=str(tmp_path / "root"),
+            components=[*imported.values(), exporter],
+            metadata_connection_config=tfx.orchestration.metadata.sqlite_metadata_connection_config(
+                config.metadata_path
+            ),
+        )
+    )
     store = mlmd.open_sqlite(config.metadata_path)
     return config, store.steps(store.runs()[-1])
 
@@ -159,7 +191,8 @@ def test_a_version_folder_holding_another_model_gets_nothing(tmp_path, eval_rows
     assert not _tflite_files(pathlib.Path(config.serving_dir) / "7")
     record = tflite_export.read(summary.output_of(steps, "TFLiteExporter", "tflite_model").uri)
     assert not record["pushed"] and record["skipped"] == (
-        f"{pathlib.Path(config.serving_dir) / '7'} does not hold this model's SavedModel")
+        f"{pathlib.Path(config.serving_dir) / '7'} does not hold this model's SavedModel"
+    )
 
 
 def test_a_conversion_that_fails_is_recorded_and_the_run_goes_on(tmp_path, eval_rows, monkeypatch):
@@ -186,7 +219,8 @@ def test_without_an_eval_row_to_check_them_on_nothing_is_pushed_and_the_step_say
     record = tflite_export.read(summary.output_of(steps, "TFLiteExporter", "tflite_model").uri)
     assert not record["pushed"] and not record["checks"]
     assert ": NOT pushed: no eval row the serving contract accepts to check them on" in summary.summarize_run(
-        config, "run", steps)
+        config, "run", steps
+    )
 
 
 def test_a_model_that_was_not_pushed_is_not_exported(tmp_path, eval_rows):
@@ -195,7 +229,13 @@ def test_a_model_that_was_not_pushed_is_not_exported(tmp_path, eval_rows):
     config, steps = _run_export(tmp_path, eval_rows, pushed=False)
     assert not _tflite_files(pathlib.Path(config.serving_dir) / "7")
     record = tflite_export.read(summary.output_of(steps, "TFLiteExporter", "tflite_model").uri)
-    assert record == {"pushed": False, "checks": [], "figures": {}, "files": {},
-                      "skipped": "the model was not pushed, so it was not exported"}
+    assert record == {
+        "pushed": False,
+        "checks": [],
+        "figures": {},
+        "files": {},
+        "skipped": "the model was not pushed, so it was not exported",
+    }
     assert "  TFLite: not exported (the model was not pushed, so it was not exported)" in summary.summarize_run(
-        config, "run", steps)
+        config, "run", steps
+    )

@@ -3,19 +3,20 @@
 Statistics are computed in memory here as CsvExampleGen's output would give them (an empty CSV field is
 a feature with no values); tests/test_spans_e2e.py runs the same corruptions through the pipeline.
 """
+
 import pathlib
 import shutil
 
 import pytest
 import tensorflow_data_validation as tfdv
+from tensorflow_metadata.proto.v0 import anomalies_pb2, statistics_pb2
 
 from data import generator
-from pipeline.config import PROJECT_ROOT
 from pipeline import config as config_lib
 from pipeline.commands import serving_check
 from pipeline.components.checks import CHECKS, QUESTIONS, check_of
 from pipeline.components.validation import Verdict, csv_presence, findings, validate_span, validate_split
-from tensorflow_metadata.proto.v0 import anomalies_pb2, statistics_pb2
+from pipeline.config import PROJECT_ROOT
 
 SCHEMA_PATH = PROJECT_ROOT / "schema" / "schema.pbtxt"
 ROWS = 1500
@@ -82,7 +83,8 @@ def test_a_multi_valued_feature_breaks_its_value_count(schema, spans):
     statistics = serving_check.statistics_of(requests, schema)
     found = findings(validate_split(statistics, schema, None), "train", ())
     assert ("value_count", "mother_age", "FEATURE_TYPE_HIGH_NUMBER_VALUES") in {
-        (f.check, f.feature, f.kind) for f in found}, found
+        (f.check, f.feature, f.kind) for f in found
+    }, found
 
 
 def test_warning_checks_are_reported_without_blocking(spans, schema, tmp_path):
@@ -123,8 +125,10 @@ def real_spans(real_export_csv, schema):
     rows = serving_check.read_requests(real_export_csv)
 
     def span(part):
-        return {"train": serving_check.statistics_of([r for i, r in enumerate(part) if i % 5], schema),
-                "eval": serving_check.statistics_of([r for i, r in enumerate(part) if i % 5 == 0], schema)}
+        return {
+            "train": serving_check.statistics_of([r for i, r in enumerate(part) if i % 5], schema),
+            "eval": serving_check.statistics_of([r for i, r in enumerate(part) if i % 5 == 0], schema),
+        }
 
     years = sorted({row["year"] for row in rows})
     result = {f"year {year}": span([r for r in rows if r["year"] == year]) for year in years}
@@ -134,8 +138,9 @@ def real_spans(real_export_csv, schema):
 
 def _validate(current, schema, previous=None, warning_checks=()):
     config = config_lib.load_config()
-    return validate_span(current, schema, previous, warning_checks, config.min_imputed_presence,
-                         config.min_drift_rows)[1]
+    return validate_span(current, schema, previous, warning_checks, config.min_imputed_presence, config.min_drift_rows)[
+        1
+    ]
 
 
 def test_every_year_of_the_real_export_and_both_its_ends_pass_validation(real_spans, schema):
@@ -161,8 +166,14 @@ def test_years_in_order_pass_and_report_drift_on_small_spans(real_spans, schema)
 def test_the_same_drift_between_large_spans_blocks(real_spans, schema):
     """2005 against 2003-2004's rows would be small; 2008's drift against 2007 blocks once both are large."""
     config = config_lib.load_config()
-    found = validate_span(real_spans["year 2008"], schema, real_spans["year 2007"]["train"], (),
-                          config.min_imputed_presence, min_drift_rows=400)[1]
+    found = validate_span(
+        real_spans["year 2008"],
+        schema,
+        real_spans["year 2007"]["train"],
+        (),
+        config.min_imputed_presence,
+        min_drift_rows=400,
+    )[1]
     assert ("drift", "ever_born", True) in {(f.check, f.feature, f.blocking) for f in found}
 
 
@@ -175,19 +186,26 @@ def _with_presence(span: dict, schema, feature: str, share: float, split: str = 
     return dict(span, **{split: serving_check.statistics_of(requests, schema)})
 
 
-@pytest.mark.parametrize("feature, share, split, blocks", [
-    ("ever_born", 0.22, "train", False),  # below the schema's floor (0.25), above min_imputed_presence (0.2)
-    ("ever_born", 0.1, "train", True),  # too few training rows: the model would answer worse with it
-    ("ever_born", 0.0, "train", True),
-    ("ever_born", 0.1, "eval", False),  # the eval split trains nothing
-    ("mother_married", 0.9, "train", False),  # always present in the table: reported
-    ("gestation_weeks", 0.7, "train", True),  # required by the serving contract: its floor blocks
-    ("weight_pounds", 0.7, "eval", True),  # the label
-])
+@pytest.mark.parametrize(
+    "feature, share, split, blocks",
+    [
+        ("ever_born", 0.22, "train", False),  # below the schema's floor (0.25), above min_imputed_presence (0.2)
+        ("ever_born", 0.1, "train", True),  # too few training rows: the model would answer worse with it
+        ("ever_born", 0.0, "train", True),
+        ("ever_born", 0.1, "eval", False),  # the eval split trains nothing
+        ("mother_married", 0.9, "train", False),  # always present in the table: reported
+        ("gestation_weeks", 0.7, "train", True),  # required by the serving contract: its floor blocks
+        ("weight_pounds", 0.7, "eval", True),  # the label
+    ],
+)
 def test_presence_blocks_an_imputed_feature_only_where_the_model_cant_be_trusted(
-        real_spans, schema, feature, share, split, blocks):
-    found = [f for f in _validate(_with_presence(real_spans["year 2006"], schema, feature, share, split), schema)
-             if f.check == "presence"]
+    real_spans, schema, feature, share, split, blocks
+):
+    found = [
+        f
+        for f in _validate(_with_presence(real_spans["year 2006"], schema, feature, share, split), schema)
+        if f.check == "presence"
+    ]
     assert [(f.feature, f.split) for f in found] == [(feature, split)] * len(found) and found, found
     assert {f.blocking for f in found} == {blocks}, found
     if feature == "ever_born":
@@ -210,8 +228,15 @@ def test_drift_between_random_halves_of_one_year_is_noise_below_min_drift_rows(r
         crossed[rows] = set()
         for seed in range(4):
             sample = random.Random(seed).sample(pool, 2 * rows)
-            found = findings(validate_split(serving_check.statistics_of(sample[:rows], schema), schema,
-                                            serving_check.statistics_of(sample[rows:], schema)), "train", ())
+            found = findings(
+                validate_split(
+                    serving_check.statistics_of(sample[:rows], schema),
+                    schema,
+                    serving_check.statistics_of(sample[rows:], schema),
+                ),
+                "train",
+                (),
+            )
             crossed[rows] |= {f.feature for f in found if f.check == "drift"}
     assert crossed[150] and not crossed[limit], crossed
 
@@ -230,8 +255,9 @@ def test_drift_thresholds_keep_a_margin_over_consecutive_clean_real_years(real_s
             thresholds[feature.name] = getattr(comparator, kind).threshold
             getattr(comparator, kind).threshold = 1e-9
     for previous, current in (("year 2005", "year 2006"), ("year 2006", "year 2007")):
-        found = findings(validate_split(real_spans[current]["train"], measuring, real_spans[previous]["train"]),
-                         "train", ())
+        found = findings(
+            validate_split(real_spans[current]["train"], measuring, real_spans[previous]["train"]), "train", ()
+        )
         assert {f.feature for f in found} == set(thresholds), found  # a distance for every compared feature
         for finding in found:
             distance = float(finding.description.split(" is ")[1].split(" ")[0])

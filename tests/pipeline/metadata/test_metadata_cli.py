@@ -1,4 +1,5 @@
 """`babyweight metadata`: read back a real run's store, and a MySQL-compatible server written by TFX."""
+
 import json
 import os
 import re
@@ -66,10 +67,16 @@ def test_lineage_of_the_pushed_model_reaches_the_examples(capsys, store):
     lineage = _json(capsys, store, "lineage")
     assert lineage["artifact"]["type"] == "PushedModel"
     upstream = {(a["type"], a["producer"]) for a in lineage["upstream"]}
-    assert {("Model", "Trainer"), ("ModelBlessing", "Evaluator"), ("InfraBlessing", "InfraValidator"),
-            ("TransformGraph", "Transform"),
-            ("Schema", "ImportSchemaGen"), ("Examples", "CsvExampleGen"), ("ExampleAnomalies", "DataValidator"),
-            ("ExampleStatistics", "StatisticsGen")} <= upstream
+    assert {
+        ("Model", "Trainer"),
+        ("ModelBlessing", "Evaluator"),
+        ("InfraBlessing", "InfraValidator"),
+        ("TransformGraph", "Transform"),
+        ("Schema", "ImportSchemaGen"),
+        ("Examples", "CsvExampleGen"),
+        ("ExampleAnomalies", "DataValidator"),
+        ("ExampleStatistics", "StatisticsGen"),
+    } <= upstream
 
 
 def test_the_tflite_models_lineage_reaches_the_model_and_its_push_and_show_prints_their_checks(capsys, store):
@@ -107,10 +114,13 @@ def test_show_summarises_statistics_evaluation_and_anomalies(capsys, store):
     assert metadata_cli.main(["--store", store, "show", str(by_type["InfraBlessing"][0])]) == 0
     printed = capsys.readouterr().out
     config = config_lib.load_config()
-    assert re.search(rf"^  memory +ok +peak \d+ MiB resident \(budget {config.infra_max_memory_mb:g} MiB\)$",
-                     printed, re.M), printed
-    assert (f"budget: {config.infra_max_memory_mb:g} MiB, p99 {config.infra_max_p99_ms:g} ms, "
-            f"load within {config.infra_load_timeout_seconds:g} s") in printed
+    assert re.search(
+        rf"^  memory +ok +peak \d+ MiB resident \(budget {config.infra_max_memory_mb:g} MiB\)$", printed, re.M
+    ), printed
+    assert (
+        f"budget: {config.infra_max_memory_mb:g} MiB, p99 {config.infra_max_p99_ms:g} ms, "
+        f"load within {config.infra_load_timeout_seconds:g} s"
+    ) in printed
 
 
 def test_diff_of_a_run_and_its_cached_rerun_reports_the_cached_steps(capsys, store):
@@ -123,12 +133,15 @@ def test_diff_of_a_run_and_its_cached_rerun_reports_the_cached_steps(capsys, sto
     assert code == 0 and "cached" in out
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--store", "/nowhere/metadata.sqlite", "runs"], "no ML Metadata store at /nowhere/metadata.sqlite"),
-    (["run", "2020-01-01T00:00:00"], "unknown run '2020-01-01T00:00:00'; runs: "),
-    (["show", "99999"], "unknown artifact '99999'; the store has artifacts 1-"),
-    (["artifacts", "--type", "Modle"], "no artifacts of type 'Modle'; types: "),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--store", "/nowhere/metadata.sqlite", "runs"], "no ML Metadata store at /nowhere/metadata.sqlite"),
+        (["run", "2020-01-01T00:00:00"], "unknown run '2020-01-01T00:00:00'; runs: "),
+        (["show", "99999"], "unknown artifact '99999'; the store has artifacts 1-"),
+        (["artifacts", "--type", "Modle"], "no artifacts of type 'Modle'; types: "),
+    ],
+)
 def test_errors_are_one_line_saying_what_exists(capsys, store, args, message):
     if args[0] != "--store":
         args = ["--store", store] + args
@@ -155,8 +168,12 @@ def mysql_server(tmp_path_factory):
     if not server or not install:
         skip_or_fail_in_ci("mariadb-server is not installed (make test installs it where apt-get works)")
     root = tmp_path_factory.mktemp("mariadb")
-    subprocess.run([install, f"--datadir={root / 'data'}", "--user=root", "--auth-root-authentication-method=normal"],
-                   check=True, capture_output=True, timeout=120)
+    subprocess.run(
+        [install, f"--datadir={root / 'data'}", "--user=root", "--auth-root-authentication-method=normal"],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
     for _ in range(3):  # another process may take the free port between the probe and the server's bind
         process, port = _start_mariadb(server, root)
         if process is not None:
@@ -174,9 +191,20 @@ def _start_mariadb(server: str, root) -> tuple:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     process = subprocess.Popen(
-        [server, f"--datadir={root / 'data'}", f"--socket={root / 'mysqld.sock'}", f"--port={port}",
-         "--bind-address=127.0.0.1", "--user=root", "--skip-grant-tables", f"--pid-file={root / 'mysqld.pid'}",
-         f"--log-error={root / 'error.log'}"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        [
+            server,
+            f"--datadir={root / 'data'}",
+            f"--socket={root / 'mysqld.sock'}",
+            f"--port={port}",
+            "--bind-address=127.0.0.1",
+            "--user=root",
+            "--skip-grant-tables",
+            f"--pid-file={root / 'mysqld.pid'}",
+            f"--log-error={root / 'error.log'}",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + 60
     while time.time() < deadline:
         if process.poll() is not None:
@@ -195,15 +223,30 @@ def test_a_pipeline_writes_to_mysql_and_the_command_reads_it_back(capsys, tmp_pa
     generator.write(300, 4, tmp_path / "data")
     config = config_lib.load_config(overrides={"data_dir": str(tmp_path / "data"), "output_dir": str(tmp_path)})
     connection = tfx.orchestration.metadata.mysql_metadata_connection_config(
-        host="127.0.0.1", port=mysql_server, database="mlmd", username="root", password="")
+        host="127.0.0.1", port=mysql_server, database="mlmd", username="root", password=""
+    )
     example_gen = example_gen_component(config)
     statistics_gen = tfx.components.StatisticsGen(examples=example_gen.outputs["examples"])
-    tfx.orchestration.LocalDagRunner().run(tfx.dsl.Pipeline(
-        pipeline_name="babyweight-mysql", pipeline_root=str(tmp_path / "root"),
-        components=[example_gen, statistics_gen], metadata_connection_config=connection,
-        beam_pipeline_args=config.beam_pipeline_args()))
-    mysql = ["--mysql-host", "127.0.0.1", "--mysql-port", str(mysql_server), "--mysql-user", "root",
-             "--mysql-database", "mlmd", "--json"]
+    tfx.orchestration.LocalDagRunner().run(
+        tfx.dsl.Pipeline(
+            pipeline_name="babyweight-mysql",
+            pipeline_root=str(tmp_path / "root"),
+            components=[example_gen, statistics_gen],
+            metadata_connection_config=connection,
+            beam_pipeline_args=config.beam_pipeline_args(),
+        )
+    )
+    mysql = [
+        "--mysql-host",
+        "127.0.0.1",
+        "--mysql-port",
+        str(mysql_server),
+        "--mysql-user",
+        "root",
+        "--mysql-database",
+        "mlmd",
+        "--json",
+    ]
     code, out, err = _cli(capsys, *mysql, "runs")
     assert code == 0, err
     assert [run["status"] for run in json.loads(out)] == ["complete"]

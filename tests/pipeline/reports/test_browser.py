@@ -1,4 +1,5 @@
 """The Chromium driver's failures: a browser that won't start is named with its exit code and stderr."""
+
 import os
 import stat
 
@@ -13,8 +14,11 @@ def test_a_browser_that_exits_at_once_is_an_error_with_its_exit_code_and_stderr(
     fake.chmod(fake.stat().st_mode | stat.S_IXUSR)
     monkeypatch.setattr(browser, "executable", lambda: str(fake))
     before = set(os.listdir("/proc/self/fd"))
-    with pytest.raises(browser.BrowserError, match=r"closed its pipe \(Chromium exit code 3\); its stderr ends: "
-                                                   r"Missing X server"):
+    with pytest.raises(
+        browser.BrowserError,
+        match=r"closed its pipe \(Chromium exit code 3\); its stderr ends: "
+        r"Missing X server",
+    ):
         browser.Chromium()
     assert set(os.listdir("/proc/self/fd")) == before  # the pipes closed
 
@@ -54,9 +58,11 @@ def test_make_report_screenshot_draws_a_small_png_from_the_statistics_heading(tm
     if browser.executable() is None:
         skip_or_fail_in_ci("headless Chromium is not installed (make test installs Debian's chromium as root)")
     page = tmp_path / "run-1.html"
-    page.write_text("<!DOCTYPE html><html><body><h1>babyweight run 1</h1><div style='height:900px'></div>"
-                    "<h2>Statistics: the new span</h2><div style='width:300px;height:200px;background:#1f77b4'></div>"
-                    "</body></html>")
+    page.write_text(
+        "<!DOCTYPE html><html><body><h1>babyweight run 1</h1><div style='height:900px'></div>"
+        "<h2>Statistics: the new span</h2><div style='width:300px;height:200px;background:#1f77b4'></div>"
+        "</body></html>"
+    )
     output = tmp_path / "docs" / "report.png"
     assert browser.main(["screenshot", "--output", str(output), "--height", "400", str(page)]) == 0
     assert capsys.readouterr().out.startswith(f"{output}: ")

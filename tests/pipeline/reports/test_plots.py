@@ -1,4 +1,5 @@
 """The report's plots: SVG images that parse, carry their titles as text, stay small; the data behind them."""
+
 import base64
 import re
 import warnings
@@ -40,11 +41,14 @@ def categorical(shares) -> statistics_pb2.FeatureNameStatistics:
     return feature
 
 
-@pytest.mark.parametrize("make, previous", [
-    (lambda seed: numeric(np.random.default_rng(seed).normal(30, 5, 500)), True),
-    (lambda seed: numeric(np.random.default_rng(seed).normal(30, 5, 500)), False),
-    (lambda seed: categorical({"true": 300 + seed, "false": 200}), True),
-])
+@pytest.mark.parametrize(
+    "make, previous",
+    [
+        (lambda seed: numeric(np.random.default_rng(seed).normal(30, 5, 500)), True),
+        (lambda seed: numeric(np.random.default_rng(seed).normal(30, 5, 500)), False),
+        (lambda seed: categorical({"true": 300 + seed, "false": 200}), True),
+    ],
+)
 def test_a_distribution_plot_is_an_svg_titled_with_the_drift_and_its_threshold(make, previous):
     title = "mother_age: BLOCKING drift\nJensen-Shannon 0.210 > threshold 0.1"
     tag = plots.distribution(title, make(1), "span 3", make(2) if previous else None, "span 2", alert=True)
@@ -68,9 +72,16 @@ def test_unknown_codes_are_a_bar_of_their_own_not_values_of_the_histogram():
         return values
 
     values = {"now": weeks(0.2), "before": weeks(0.05)}
-    tag = plots.distribution("gestation_weeks\nJensen-Shannon 0.050 <= threshold 0.15", numeric(values["now"][:-10]),
-                             "span 3", numeric(values["before"][:-10]), "span 2", alert=False, values=values,
-                             unknown_codes=(99,))
+    tag = plots.distribution(
+        "gestation_weeks\nJensen-Shannon 0.050 <= threshold 0.15",
+        numeric(values["now"][:-10]),
+        "span 3",
+        numeric(values["before"][:-10]),
+        "span 2",
+        alert=False,
+        values=values,
+        unknown_codes=(99,),
+    )
     shown = texts(svg_of(tag))
     assert "unknown" in shown and "(99)" in shown, shown
     ticks = [float(t) for t in re.findall(r"(?<![\w.])(\d+(?:\.\d+)?)(?![\w.])", shown.split("unknown")[0])]
@@ -85,11 +96,16 @@ def test_predicted_against_actual_draws_the_monitors_grid_with_the_diagonal():
     actual = rng.normal(7.3, 1.2, 3000)
     predicted = actual + rng.normal(0, 0.8, 3000)
     labels = np.concatenate([actual, [np.nan] * 5])
-    record = monitor.describe(np.concatenate([predicted, [7.0] * 5]), labels,
-                              {"plurality": np.array(["1"] * 2000 + ["2"] * 1005)})
+    record = monitor.describe(
+        np.concatenate([predicted, [7.0] * 5]), labels, {"plurality": np.array(["1"] * 2000 + ["2"] * 1005)}
+    )
     grid = record["predicted_vs_actual"]
-    counts, _, _ = np.histogram2d(actual, np.clip(predicted, grid["low"], grid["high"]), bins=grid["bins"],
-                                  range=[[grid["low"], grid["high"]]] * 2)
+    counts, _, _ = np.histogram2d(
+        actual,
+        np.clip(predicted, grid["low"], grid["high"]),
+        bins=grid["bins"],
+        range=[[grid["low"], grid["high"]]] * 2,
+    )
     assert sum(cell[2] for cell in grid["cells"]) == 3000  # the labelled rows, every one in a cell
     assert (grid["high"] - grid["low"]) / grid["bins"] == 0.25 and grid["low"] == np.floor(actual.min())
     assert all(counts[i, j] == n for i, j, n in grid["cells"])
@@ -121,26 +137,45 @@ def test_residuals_by_slice_carry_their_spread_and_the_plot_names_each_slice():
 
 
 def test_metrics_by_slice_draws_each_threshold_and_the_baseline():
-    metrics = {"overall": {"root_mean_squared_error": 0.9, "root_mean_squared_error_diff": -0.01,
-                           "mean_absolute_error": 0.7},
-               "twins": {"root_mean_squared_error": 0.8, "root_mean_squared_error_diff": 0.02,
-                         "mean_absolute_error": 0.6}}
-    tag = plots.metrics_by_slice(metrics, {"root_mean_squared_error": "RMSE", "mean_absolute_error": "MAE"},
-                                 {"root_mean_squared_error": 1.2}, "TFMA's metrics per slice")
+    metrics = {
+        "overall": {"root_mean_squared_error": 0.9, "root_mean_squared_error_diff": -0.01, "mean_absolute_error": 0.7},
+        "twins": {"root_mean_squared_error": 0.8, "root_mean_squared_error_diff": 0.02, "mean_absolute_error": 0.6},
+    }
+    tag = plots.metrics_by_slice(
+        metrics,
+        {"root_mean_squared_error": "RMSE", "mean_absolute_error": "MAE"},
+        {"root_mean_squared_error": 1.2},
+        "TFMA's metrics per slice",
+    )
     shown = texts(svg_of(tag))
     assert "threshold 1.2 (overall)" in shown and "blessed baseline" in shown and "twins" in shown
     assert shown.count("threshold") == 1  # MAE was given none: no line, no legend
 
 
 def test_plots_over_runs_take_runs_without_a_value_and_a_single_run():
-    tag = plots.over_runs(["1: span 1", "2: span 2", "3: span 3"], {"eval RMSE": [0.9, None, 0.88]},
-                          "Eval RMSE per run, with its threshold", "RMSE (lb)", limits=[1.2, None, 1.2])
+    tag = plots.over_runs(
+        ["1: span 1", "2: span 2", "3: span 3"],
+        {"eval RMSE": [0.9, None, 0.88]},
+        "Eval RMSE per run, with its threshold",
+        "RMSE (lb)",
+        limits=[1.2, None, 1.2],
+    )
     assert "Eval RMSE per run" in texts(svg_of(tag)) and "2: span 2" in texts(svg_of(tag))
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # numpy's deprecations (errors in numpy 2) included
-        single = plots.over_runs(["1: span 1"], {"mean prediction": [7.2]}, "Predictions on the eval split", "lb",
-                                 band=[(5.1, 8.1)], band_label="5-95%")
+        single = plots.over_runs(
+            ["1: span 1"],
+            {"mean prediction": [7.2]},
+            "Predictions on the eval split",
+            "lb",
+            band=[(5.1, 8.1)],
+            band_label="5-95%",
+        )
     assert "mean prediction (bars: 5-95%)" in texts(svg_of(single))
-    drift = plots.drift_over_runs(["1", "2"], {"mother_age": [None, 0.2], "is_male": [None, 0.01]},
-                                  {"mother_age": [None, 0.1], "is_male": [None, 0.1]}, "Drift distance")
+    drift = plots.drift_over_runs(
+        ["1", "2"],
+        {"mother_age": [None, 0.2], "is_male": [None, 0.01]},
+        {"mother_age": [None, 0.1], "is_male": [None, 0.1]},
+        "Drift distance",
+    )
     assert "mother_age" in texts(svg_of(drift)) and "is_male" in texts(svg_of(drift))

@@ -1,4 +1,5 @@
 """`babyweight predict --tflite`: a TFLite export run by the TensorFlow Lite interpreter alone (toy models)."""
+
 import csv
 import io
 import json
@@ -28,8 +29,9 @@ sys.exit(babyweight_cli.main(sys.argv[1:]))
 
 
 def predict(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", WITHOUT_TENSORFLOW, "predict", *args], cwd=PROJECT_ROOT,
-                          capture_output=True, text=True)
+    return subprocess.run(
+        [sys.executable, "-c", WITHOUT_TENSORFLOW, "predict", *args], cwd=PROJECT_ROOT, capture_output=True, text=True
+    )
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +53,8 @@ ROWS = [
 
 
 def test_rows_are_predicted_without_tensorflow_as_the_savedmodel_predicts_and_refused_as_the_server_refuses(
-        exported, tmp_path):
+    exported, tmp_path
+):
     path = tmp_path / "births.csv"
     with path.open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=["mother_age", "gestation_weeks", "is_male"])
@@ -67,8 +70,12 @@ def test_rows_are_predicted_without_tensorflow_as_the_savedmodel_predicts_and_re
         except ValueError as error:  # the server's contract, in its words
             assert result["error"] == f"row {number}: {error}" and result["prediction"] == ""
             continue
-        expected = signature(**{name: tf.constant(array) for name, array in features.raw_columns(
-            [features.instance_key(instance)]).items()})["predictions"].numpy()[0, 0]
+        expected = signature(
+            **{
+                name: tf.constant(array)
+                for name, array in features.raw_columns([features.instance_key(instance)]).items()
+            }
+        )["predictions"].numpy()[0, 0]
         assert float(result["prediction"]) == pytest.approx(expected, abs=1e-5)
         assert result["model_version"] == "12" and result["error"] == ""
     assert [bool(r["error"]) for r in results] == [False, True, False, True, True]
@@ -78,8 +85,9 @@ def test_rows_are_predicted_without_tensorflow_as_the_savedmodel_predicts_and_re
 
 def test_json_lines_and_the_float16_model_give_the_same_answers_within_its_precision(exported, tmp_path):
     path = tmp_path / "requests.jsonl"
-    path.write_text("".join(json.dumps({"mother_age": age, "gestation_weeks": 38, "plurality": 2}) + "\n"
-                            for age in range(18, 45)))
+    path.write_text(
+        "".join(json.dumps({"mother_age": age, "gestation_weeks": 38, "plurality": 2}) + "\n" for age in range(18, 45))
+    )
     answers = []
     for name in lite.FILES.values():
         done = predict("--tflite", str(exported / name), str(path), "--output", str(tmp_path / f"{name}.csv"))
@@ -116,8 +124,10 @@ def test_the_benchmark_measures_the_models_on_the_same_rows(tmp_path, capsys):
     for variant, name in lite.FILES.items():
         (version / name).write_bytes(lite.convert(str(version), variant))
     rows = tmp_path / "rows.csv"
-    rows.write_text("mother_age,gestation_weeks,weight_pounds\n" + "".join(
-        f"{age},{weeks},{age / 5:.1f}\n" for age in range(18, 48) for weeks in (30, 35, 39, 99)))
+    rows.write_text(
+        "mother_age,gestation_weeks,weight_pounds\n"
+        + "".join(f"{age},{weeks},{age / 5:.1f}\n" for age in range(18, 48) for weeks in (30, 35, 39, 99))
+    )
     assert bench_device.main(["--output-dir", str(tmp_path), "--input", str(rows), "--single-rows", "50"]) == 0
     results = json.loads((tmp_path / "bench" / "tflite.json").read_text())
     assert results["rows"] == 90  # the 30 rows at the 'unknown' code 99 are not requests
@@ -136,6 +146,8 @@ def test_a_number_written_as_nan_is_no_value_on_every_path():
     """Some tools write a missing number as 'nan': no value for the device, predict --url (JSON has no NaN to
     send: the server would refuse the whole body) and predict-batch alike."""
     assert contract.to_instance({"mother_age": "30", "gestation_weeks": "39", "father_age": "nan"}) == {
-        "mother_age": 30, "gestation_weeks": 39}
+        "mother_age": 30,
+        "gestation_weeks": 39,
+    }
     with pytest.raises(ValueError, match="missing required feature 'gestation_weeks'"):
         contract.to_instance({"mother_age": "30", "gestation_weeks": "NaN"})

@@ -1,4 +1,5 @@
 """Requests in TF Serving's formats, checked against the serving contract before anything is predicted."""
+
 import base64
 import json
 
@@ -31,8 +32,15 @@ def test_columns_are_read_as_rows_and_answered_as_outputs():
 
 
 def test_regress_merges_the_context_into_each_example():
-    request = contract.parse_regress(body({"context": {"mother_age": 30}, "examples": [
-        {"gestation_weeks": 39}, {"gestation_weeks": 41, "mother_age": 20}]}), 10)
+    request = contract.parse_regress(
+        body(
+            {
+                "context": {"mother_age": 30},
+                "examples": [{"gestation_weeks": 39}, {"gestation_weeks": 41, "mother_age": 20}],
+            }
+        ),
+        10,
+    )
     assert [key[features.FEATURE_NAMES.index("mother_age")] for key in request.keys] == [30.0, 20.0]
 
 
@@ -52,23 +60,29 @@ def test_serialized_examples_go_to_serving_default_as_their_features():
         assert request.keys == [features.instance_key({"mother_age": 31, "gestation_weeks": 39, "is_male": "true"})]
 
 
-@pytest.mark.parametrize("payload, message", [
-    ({"instances": [ROW, {**ROW, "mother_age": "thirty"}]}, "instance 1: feature 'mother_age' must be a number"),
-    ({"instances": [{**ROW, "is_male": 1}]}, "instance 0: feature 'is_male' must be a string"),
-    ({"instances": [{**ROW, "apgar_1min": 9}]}, "instance 0: unknown feature 'apgar_1min'"),
-    ({"instances": [ROW, ROW, {"mother_age": 30}]}, "instance 2: missing required feature 'gestation_weeks'"),
-    ({"instances": [{**ROW, "gestation_weeks": 99}]}, "instance 0: missing required feature 'gestation_weeks'"),
-    ({"instances": [{**ROW, "plurality": [1, 2]}]}, "instance 0: feature 'plurality' has 2 values"),
-    ({"instances": ["x"]}, "instance 0: expected an object"),
-    ({"instances": []}, "non-empty list"),
-    ({"instances": [ROW], "inputs": {}}, "exactly one of"),
-    ({"inputs": {"mother_age": [30, 31], "gestation_weeks": [39]}}, "one value per instance"),
-    ({"instances": [ROW], "signature_name": "score_examples"}, "unknown signature_name 'score_examples'"),
-    ({"signature_name": "serving_default", "instances": [ROW]}, 'instance 0: serving_default takes serialized'),
-    ({"instances": [{"b64": "not base64!"}]}, "instance 0: 'b64' is not base64"),
-    ({"instances": [{"b64": base64.b64encode(b"\xff\xfe garbage").decode()}]}, "instance 0: 'b64' is not a serialized"),
-    ({"instances": [{"b64": base64.b64encode(b"").decode()}]}, "instance 0: missing required feature 'mother_age'"),
-])
+@pytest.mark.parametrize(
+    "payload, message",
+    [
+        ({"instances": [ROW, {**ROW, "mother_age": "thirty"}]}, "instance 1: feature 'mother_age' must be a number"),
+        ({"instances": [{**ROW, "is_male": 1}]}, "instance 0: feature 'is_male' must be a string"),
+        ({"instances": [{**ROW, "apgar_1min": 9}]}, "instance 0: unknown feature 'apgar_1min'"),
+        ({"instances": [ROW, ROW, {"mother_age": 30}]}, "instance 2: missing required feature 'gestation_weeks'"),
+        ({"instances": [{**ROW, "gestation_weeks": 99}]}, "instance 0: missing required feature 'gestation_weeks'"),
+        ({"instances": [{**ROW, "plurality": [1, 2]}]}, "instance 0: feature 'plurality' has 2 values"),
+        ({"instances": ["x"]}, "instance 0: expected an object"),
+        ({"instances": []}, "non-empty list"),
+        ({"instances": [ROW], "inputs": {}}, "exactly one of"),
+        ({"inputs": {"mother_age": [30, 31], "gestation_weeks": [39]}}, "one value per instance"),
+        ({"instances": [ROW], "signature_name": "score_examples"}, "unknown signature_name 'score_examples'"),
+        ({"signature_name": "serving_default", "instances": [ROW]}, "instance 0: serving_default takes serialized"),
+        ({"instances": [{"b64": "not base64!"}]}, "instance 0: 'b64' is not base64"),
+        (
+            {"instances": [{"b64": base64.b64encode(b"\xff\xfe garbage").decode()}]},
+            "instance 0: 'b64' is not a serialized",
+        ),
+        ({"instances": [{"b64": base64.b64encode(b"").decode()}]}, "instance 0: missing required feature 'mother_age'"),
+    ],
+)
 def test_bad_requests_are_refused_naming_the_instance_and_feature(payload, message):
     with pytest.raises(contract.RequestError, match=message) as refused:
         contract.parse_predict(body(payload), 10)

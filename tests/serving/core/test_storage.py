@@ -2,6 +2,7 @@
 
 TensorFlow's in-memory file system (ram://) stands in for Cloud Storage here: no network is needed.
 """
+
 import os
 
 import pytest

@@ -1,4 +1,5 @@
 """New versions under load, versions that fail to load, the version policy and labels that move."""
+
 import concurrent.futures
 import itertools
 import shutil
@@ -15,8 +16,10 @@ ROW = {"mother_age": 31, "gestation_weeks": 39}
 
 
 def _statuses(url):
-    return {v["version"]: (v["state"], v["status"]["error_message"])
-            for v in call(f"{url}/v1/models/babyweight")[2]["model_version_status"]}
+    return {
+        v["version"]: (v["state"], v["status"]["error_message"])
+        for v in call(f"{url}/v1/models/babyweight")[2]["model_version_status"]
+    }
 
 
 def _until(condition, seconds=60):
@@ -102,11 +105,24 @@ def test_the_policy_and_labels_follow_the_config_file(tmp_path):
     config.write_text(LABELS_CONFIG.format(base=models, policy="latest { num_versions: 2 }", canary=3))
     with running_server(models, tmp_path / "logs", "--model-config-file", str(config), available=2) as url:
         assert {v: s for v, (s, _) in _statuses(url).items()} == {"3": "AVAILABLE", "2": "AVAILABLE"}
-        assert call(f"{url}/v1/models/babyweight/labels/canary:predict", {"instances": [ROW]})[1]["x-model-version"] == "3"
+        assert (
+            call(f"{url}/v1/models/babyweight/labels/canary:predict", {"instances": [ROW]})[1]["x-model-version"] == "3"
+        )
         status, _, body = call(f"{url}/v1/models/babyweight/labels/stable:predict", {"instances": [ROW]})
-        assert status == 404 and "label 'stable' points to version 1, which is not served (serving: 3, 2)" in body["error"]
+        assert (
+            status == 404 and "label 'stable' points to version 1, which is not served (serving: 3, 2)" in body["error"]
+        )
         # The operator moves the labels and pins versions, without a restart.
         config.write_text(LABELS_CONFIG.format(base=models, policy="specific { versions: 1 versions: 2 }", canary=2))
-        _until(lambda: {v: s for v, (s, _) in _statuses(url).items() if s == "AVAILABLE"} == {"2": "AVAILABLE", "1": "AVAILABLE"})
-        assert call(f"{url}/v1/models/babyweight/labels/stable:predict", {"instances": [ROW]})[1]["x-model-version"] == "1"
-        assert call(f"{url}/v1/models/babyweight/labels/canary:predict", {"instances": [ROW]})[1]["x-model-version"] == "2"
+        _until(
+            lambda: (
+                {v: s for v, (s, _) in _statuses(url).items() if s == "AVAILABLE"}
+                == {"2": "AVAILABLE", "1": "AVAILABLE"}
+            )
+        )
+        assert (
+            call(f"{url}/v1/models/babyweight/labels/stable:predict", {"instances": [ROW]})[1]["x-model-version"] == "1"
+        )
+        assert (
+            call(f"{url}/v1/models/babyweight/labels/canary:predict", {"instances": [ROW]})[1]["x-model-version"] == "2"
+        )

@@ -1,4 +1,5 @@
 """Experiments between versions: routing (sticky split, shadow, bandit), feedback joins, persistence, promotion."""
+
 import csv
 import dataclasses
 import json
@@ -27,13 +28,16 @@ def _models_config(folder, toy_versions):
     return path
 
 
-@pytest.mark.parametrize("settings, message", [
-    ({"arms": ["stable"]}, "'arms' needs two or more different labels or versions"),
-    ({"policy": "ucb"}, "policy 'ucb' is not one of split, thompson, epsilon_greedy, shadow"),
-    ({"policy": "split", "split": [0.7, 0.2]}, "'split' needs one share per arm, adding up to 1"),
-    ({"reward": "log"}, "reward 'log' is not one of absolute, squared"),
-    ({"arm": ["a", "b"]}, "unknown setting(s) arm"),
-])
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        ({"arms": ["stable"]}, "'arms' needs two or more different labels or versions"),
+        ({"policy": "ucb"}, "policy 'ucb' is not one of split, thompson, epsilon_greedy, shadow"),
+        ({"policy": "split", "split": [0.7, 0.2]}, "'split' needs one share per arm, adding up to 1"),
+        ({"reward": "log"}, "reward 'log' is not one of absolute, squared"),
+        ({"arm": ["a", "b"]}, "unknown setting(s) arm"),
+    ],
+)
 def test_a_bad_experiment_file_is_refused_naming_the_setting(tmp_path, settings, message):
     path = _experiment_file(tmp_path, **settings)
     with pytest.raises(ExperimentError, match="experiment file .*experiment.yaml") as error:
@@ -52,12 +56,14 @@ def test_a_fixed_split_keeps_a_routing_key_on_one_arm_and_splits_the_rest_by_sha
 
 def test_thompson_sampling_prefers_the_arm_with_the_lower_loss_and_still_tries_a_new_one():
     policy = experiment.Policy(ExperimentConfig(("a", "b", "c")), seed=1)
-    stats = {"a": ArmStats(200, 200 * 0.7, 200 * 0.7 ** 2 + 200 * 0.3), "b": ArmStats(200, 200 * 0.9, 200 * 0.9 ** 2
-                                                                                         + 200 * 0.3)}
+    stats = {
+        "a": ArmStats(200, 200 * 0.7, 200 * 0.7**2 + 200 * 0.3),
+        "b": ArmStats(200, 200 * 0.9, 200 * 0.9**2 + 200 * 0.3),
+    }
     chosen = [policy.choose(stats) for _ in range(2000)]
     assert chosen.count("b") < 0.02 * 2000 and chosen.count("a") > 0.4 * 2000
     assert chosen.count("c") > 0.2 * 2000  # no outcome yet: its belief is wide, so it is tried
-    best = experiment.probability_best({**stats, "c": ArmStats(200, 200 * 0.9, 200 * 0.9 ** 2 + 200 * 0.3)})
+    best = experiment.probability_best({**stats, "c": ArmStats(200, 200 * 0.9, 200 * 0.9**2 + 200 * 0.3)})
     assert best["a"] > 0.99 and best["b"] < 0.01
     shares = policy.shares(stats)
     assert shares["b"] < 0.02 and shares["c"] > 0.2
@@ -116,8 +122,10 @@ def test_a_served_split_is_sticky_says_its_arm_and_takes_feedback_across_a_resta
     flags = ("--model-config-file", str(_models_config(tmp_path, toy_versions)), "--experiment-file", str(exp))
     url_predict = "/v1/models/babyweight:predict"
     with running_server(toy_versions, tmp_path / "logs", *flags, available=2) as url:
-        sticky = {call(url + url_predict, {"instances": [MEDIUM]}, {"X-Routing-Key": "patient-7"})[1]["x-experiment-arm"]
-                  for _ in range(10)}
+        sticky = {
+            call(url + url_predict, {"instances": [MEDIUM]}, {"X-Routing-Key": "patient-7"})[1]["x-experiment-arm"]
+            for _ in range(10)
+        }
         answers = [call(url + url_predict, {"instances": [MEDIUM]}, {"X-Request-Id": f"q{n}"}) for n in range(40)]
         arms = {headers["x-experiment-arm"] for _, headers, _ in answers}
         for status, headers, body in answers:  # the arm's version answered
@@ -125,17 +133,27 @@ def test_a_served_split_is_sticky_says_its_arm_and_takes_feedback_across_a_resta
             assert status == 200 and headers["x-model-version"] == str(version)
             assert body["predictions"][0][0] == pytest.approx(toy_model.expected(MEDIUM, version))
         pinned = call(url + "/v1/models/babyweight/versions/1:predict", {"instances": [MEDIUM]})[1]
-        status, _, result = call(url + "/v1/models/babyweight:feedback", {"feedback": [
-            {"request_id": "q0", "weight_pounds": 7.0}, {"request_id": "q1", "weight_pounds": 7.0},
-            {"request_id": "q0", "weight_pounds": 7.0}, {"request_id": "unseen", "weight_pounds": 7.0}]})
+        status, _, result = call(
+            url + "/v1/models/babyweight:feedback",
+            {
+                "feedback": [
+                    {"request_id": "q0", "weight_pounds": 7.0},
+                    {"request_id": "q1", "weight_pounds": 7.0},
+                    {"request_id": "q0", "weight_pounds": 7.0},
+                    {"request_id": "unseen", "weight_pounds": 7.0},
+                ]
+            },
+        )
         bad = call(url + "/v1/models/babyweight:feedback", {"feedback": [{"request_id": "q2"}]})
     assert len(sticky) == 1 and arms == {"stable", "canary"}
     assert "x-experiment-arm" not in pinned  # a version asked by name is not routed
     assert status == 200 and result == {"accepted": 2, "unknown": ["unseen"], "duplicate": ["q0"]}
     assert bad[0] == 400 and "needs request_id and a numeric weight_pounds" in bad[2]["error"]
     with running_server(toy_versions, tmp_path / "logs", *flags, available=2) as url:
-        again = call(url + "/v1/models/babyweight:feedback", {"feedback": [{"request_id": "q1", "weight_pounds": 7.0},
-                                                                            {"request_id": "q3", "weight_pounds": 7.0}]})
+        again = call(
+            url + "/v1/models/babyweight:feedback",
+            {"feedback": [{"request_id": "q1", "weight_pounds": 7.0}, {"request_id": "q3", "weight_pounds": 7.0}]},
+        )
     assert again[2] == {"accepted": 1, "unknown": [], "duplicate": ["q1"]}  # the state survived the restart
     result = experiment_cli.report(experiment.load_config(str(exp)))
     assert sum(a["outcomes"] for a in result["arms"].values()) == 3
@@ -165,16 +183,23 @@ def test_shadow_mode_answers_with_the_incumbent_and_records_the_challenger(toy_v
     exp = _experiment_file(tmp_path, policy="shadow")
     flags = ("--model-config-file", str(_models_config(tmp_path, toy_versions)), "--experiment-file", str(exp))
     with running_server(toy_versions, tmp_path / "logs", *flags, available=2) as url:
-        answers = [call(url + "/v1/models/babyweight:predict", {"instances": [MEDIUM, dict(MEDIUM, mother_age=25)]},
-                        {"X-Request-Id": f"s{n}"}) for n in range(5)]
+        answers = [
+            call(
+                url + "/v1/models/babyweight:predict",
+                {"instances": [MEDIUM, dict(MEDIUM, mother_age=25)]},
+                {"X-Request-Id": f"s{n}"},
+            )
+            for n in range(5)
+        ]
         call(url + "/v1/models/babyweight:predict", {"instances": [MEDIUM]})  # the shadows run after the answers
         call(url + "/v1/models/babyweight:feedback", {"feedback": [{"request_id": "s0", "weight_pounds": 9.0}]})
     for status, headers, body in answers:
         assert status == 200 and headers["x-model-version"] == "1" and headers["x-experiment-arm"] == "stable"
         assert body["predictions"][0][0] == pytest.approx(toy_model.expected(MEDIUM, 1))
     store = experiment.Store(experiment.load_config(str(exp)))
-    shadowed = store.db.execute("SELECT version, prediction FROM predictions WHERE arm = 'canary' AND instance = 1 "
-                                "AND shadow = 1").fetchall()
+    shadowed = store.db.execute(
+        "SELECT version, prediction FROM predictions WHERE arm = 'canary' AND instance = 1 AND shadow = 1"
+    ).fetchall()
     stats = store.stats()
     store.close()
     assert len(shadowed) == 5 and shadowed[0] == (2, pytest.approx(toy_model.expected(dict(MEDIUM, mother_age=25), 2)))
@@ -189,7 +214,7 @@ def _fed(tmp_path, errors_by_arm, **settings):
     config = experiment.load_config(str(path))
     store = experiment.Store(config)
     for arm, errors in errors_by_arm.items():
-        for n, error in enumerate(errors):
+        for n in range(len(errors)):
             store.record(f"{arm}-{n}", arm, {"stable": 1, "canary": 2}[arm], [7.0], when=1000.0 + n)
         store.feedback([(f"{arm}-{n}", 0, 7.0 + error) for n, error in enumerate(errors)])
     store.close()
@@ -225,8 +250,11 @@ def test_promotion_moves_stable_to_a_clear_winner_and_refuses_an_unclear_one(tmp
 def test_a_seeded_simulation_sends_the_best_version_most_traffic_with_less_regret_than_a_split(real_export_csv):
     """Real rows and outcomes; two real predictors fit on the other half of the rows: the mean weight per week of
     gestation (and plurality), and the overall mean weight (clearly worse)."""
-    rows = [r for r in csv.DictReader(real_export_csv.open()) if r["weight_pounds"] and r["gestation_weeks"]
-            and r["gestation_weeks"] != "99"]
+    rows = [
+        r
+        for r in csv.DictReader(real_export_csv.open())
+        if r["weight_pounds"] and r["gestation_weeks"] and r["gestation_weeks"] != "99"
+    ]
     fit, replay = rows[::2], rows[1::2]
     groups = {}
     for r in fit:
@@ -237,8 +265,9 @@ def test_a_seeded_simulation_sends_the_best_version_most_traffic_with_less_regre
     predictions = {"by_week": by_week, "mean": np.full(len(actual), overall)}
     arms = ("mean", "by_week")  # the incumbent first
     bandit = experiment_cli.simulate(predictions, actual, ExperimentConfig(arms), 4000, 200, seed=5)
-    split = experiment_cli.simulate(predictions, actual, ExperimentConfig(arms, "split", split=(0.5, 0.5)), 4000, 200,
-                                    seed=5)
+    split = experiment_cli.simulate(
+        predictions, actual, ExperimentConfig(arms, "split", split=(0.5, 0.5)), 4000, 200, seed=5
+    )
     assert bandit.best_share_last_half >= 0.9
     assert bandit.regret < 0.5 * split.regret
     assert split.best_share_last_half == pytest.approx(0.5, abs=0.05)
@@ -249,11 +278,17 @@ def test_the_vertex_command_splits_an_endpoints_traffic_by_the_policy(tmp_path, 
     from google.cloud import aiplatform
 
     rng = np.random.default_rng(2)
-    rows = ([{"request_id": f"a{n}", "arm": "111", "prediction": 7.0, "actual": 7.0 + e}
-             for n, e in enumerate(rng.normal(0, 1.3, 400))]
-            + [{"request_id": f"b{n}", "arm": "222", "prediction": 7.0, "actual": 7.0 + e}
-               for n, e in enumerate(rng.normal(0, 0.8, 400))]
-            + [{"request_id": "c", "arm": "222", "prediction": None, "actual": 7.0}])  # no prediction: skipped
+    rows = (
+        [
+            {"request_id": f"a{n}", "arm": "111", "prediction": 7.0, "actual": 7.0 + e}
+            for n, e in enumerate(rng.normal(0, 1.3, 400))
+        ]
+        + [
+            {"request_id": f"b{n}", "arm": "222", "prediction": 7.0, "actual": 7.0 + e}
+            for n, e in enumerate(rng.normal(0, 0.8, 400))
+        ]
+        + [{"request_id": "c", "arm": "222", "prediction": None, "actual": 7.0}]
+    )  # no prediction: skipped
     rows += [dict(rows[0])] * 500  # one request logged again and again: counted once
     queries, updates, calls = [], [], {}
 
@@ -274,29 +309,58 @@ def test_the_vertex_command_splits_an_endpoints_traffic_by_the_policy(tmp_path, 
     monkeypatch.setattr(aiplatform, "init", lambda **kwargs: calls.update(kwargs))
     monkeypatch.setattr(aiplatform.Endpoint, "list", classmethod(lambda cls, filter: [FakeEndpoint()]))
     config = experiment.load_config(str(_experiment_file(tmp_path)))
-    split = experiment_cli.vertex_split(config, "p", "us-central1", "babyweight", "p.logs.requests", "p.b.outcomes",
-                                        bigquery_client=FakeBigQuery())
+    split = experiment_cli.vertex_split(
+        config, "p", "us-central1", "babyweight", "p.logs.requests", "p.b.outcomes", bigquery_client=FakeBigQuery()
+    )
     assert calls == {"project": "p", "location": "us-central1"}
     assert "FROM `p.logs.requests` AS log" in queries[0] and "JOIN `p.b.outcomes` AS outcome" in queries[0]
     assert updates == [split] and sum(split.values()) == 100 and split["222"] >= 95
     (tmp_path / "fixed").mkdir()
-    fixed = experiment.load_config(str(_experiment_file(tmp_path / "fixed", arms=["222", "111"], policy="split",
-                                                        split=[0.7, 0.3])))
-    assert experiment_cli.vertex_split(fixed, "p", "r", "babyweight", "l", "o", dry_run=True,
-                                       bigquery_client=FakeBigQuery()) == {"222": 70, "111": 30}
+    fixed = experiment.load_config(
+        str(_experiment_file(tmp_path / "fixed", arms=["222", "111"], policy="split", split=[0.7, 0.3]))
+    )
+    assert experiment_cli.vertex_split(
+        fixed, "p", "r", "babyweight", "l", "o", dry_run=True, bigquery_client=FakeBigQuery()
+    ) == {"222": 70, "111": 30}
     with pytest.raises(ExperimentError, match="no shadow mode"):
-        experiment_cli.vertex_split(dataclasses.replace(config, policy="shadow"), "p", "r", "babyweight", "l", "o",
-                                    bigquery_client=FakeBigQuery())
+        experiment_cli.vertex_split(
+            dataclasses.replace(config, policy="shadow"),
+            "p",
+            "r",
+            "babyweight",
+            "l",
+            "o",
+            bigquery_client=FakeBigQuery(),
+        )
     assert len(updates) == 1  # a dry run sets nothing
     assert experiment_cli.percentages({"a": 1 / 3, "b": 1 / 3, "c": 1 / 3}) == {"a": 34, "b": 33, "c": 33}
 
 
-def test_the_simulate_command_replays_real_rows_through_served_versions(toy_versions, real_export_csv, tmp_path,
-                                                                       capsys):
+def test_the_simulate_command_replays_real_rows_through_served_versions(
+    toy_versions, real_export_csv, tmp_path, capsys
+):
     rows = tmp_path / "rows.csv"
     rows.write_text("".join(real_export_csv.open().readlines()[:1500]))
-    assert experiment_cli.main(["simulate", "--model-dir", str(toy_versions), "--versions", "1,2", "--data", str(rows),
-                                "--requests", "3000", "--delay", "100", "--seed", "3"]) == 0
+    assert (
+        experiment_cli.main(
+            [
+                "simulate",
+                "--model-dir",
+                str(toy_versions),
+                "--versions",
+                "1,2",
+                "--data",
+                str(rows),
+                "--requests",
+                "3000",
+                "--delay",
+                "100",
+                "--seed",
+                "3",
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     lines = {line.split("  ")[0].strip(): line.split() for line in printed.splitlines()[2:]}
     assert set(lines) == {"thompson", "split 50%/50%", "always 1"}, printed

@@ -1,4 +1,5 @@
 """Metrics counted in memory and flushed give what prometheus_client would; the request log rotates by size."""
+
 import json
 import time
 
@@ -9,8 +10,13 @@ from serving.model_server import metrics, request_log
 
 def test_flushed_histograms_equal_prometheus_own_observations():
     served = metrics.Metrics()
-    reference = Histogram("babyweight_request_seconds", "x", ["version", "path"], buckets=metrics.LATENCY_BUCKETS,
-                          registry=CollectorRegistry())
+    reference = Histogram(
+        "babyweight_request_seconds",
+        "x",
+        ["version", "path"],
+        buckets=metrics.LATENCY_BUCKETS,
+        registry=CollectorRegistry(),
+    )
     values = [0.0001, 0.0002, 0.00021, 0.003, 0.003, 0.7, 9.0]
     for value in values:
         served.observe("3", "cache", value)
@@ -24,8 +30,11 @@ def test_flushed_histograms_equal_prometheus_own_observations():
 
 
 def _histogram_lines(text: str) -> dict:
-    return dict(line.split(" ") for line in text.splitlines()
-                if line.startswith("babyweight_request_seconds_") and "_created" not in line)
+    return dict(
+        line.split(" ")
+        for line in text.splitlines()
+        if line.startswith("babyweight_request_seconds_") and "_created" not in line
+    )
 
 
 def _exposition(histogram) -> str:

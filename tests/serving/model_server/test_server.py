@@ -1,4 +1,5 @@
 """The server's REST API, versions, labels, cache, request log and metrics, over toy versions in a subprocess."""
+
 import base64
 import json
 import time
@@ -6,7 +7,8 @@ import time
 import pytest
 import tensorflow as tf
 
-from models import features, requests as requests_lib
+from models import features
+from models import requests as requests_lib
 from serving.model_server import request_log
 from tests.serving import toy_model
 from tests.serving.conftest import call, running_server
@@ -31,8 +33,17 @@ def server(toy_versions, tmp_path_factory):
     folder = tmp_path_factory.mktemp("server")
     config = folder / "models.config"
     config.write_text(LABELS_CONFIG.format(base=toy_versions, policy="all {}", canary=2))
-    with running_server(toy_versions, folder / "logs", "--model-config-file", str(config),
-                        "--max-instances", "8", "--max-body-bytes", "4000", available=2) as url:
+    with running_server(
+        toy_versions,
+        folder / "logs",
+        "--model-config-file",
+        str(config),
+        "--max-instances",
+        "8",
+        "--max-body-bytes",
+        "4000",
+        available=2,
+    ) as url:
         yield url, folder / "logs", toy_versions
 
 
@@ -40,7 +51,10 @@ def test_status_lists_every_version_and_each_route(server):
     url = server[0]
     status, _, body = call(f"{url}/v1/models/babyweight")
     assert status == 200
-    assert [(v["version"], v["state"]) for v in body["model_version_status"]] == [("2", "AVAILABLE"), ("1", "AVAILABLE")]
+    assert [(v["version"], v["state"]) for v in body["model_version_status"]] == [
+        ("2", "AVAILABLE"),
+        ("1", "AVAILABLE"),
+    ]
     assert call(f"{url}/v1/models/babyweight/versions/1")[2]["model_version_status"][0]["version"] == "1"
     assert call(f"{url}/v1/models/babyweight/labels/canary")[2]["model_version_status"][0]["version"] == "2"
 
@@ -59,59 +73,103 @@ def test_metadata_names_the_signatures_inputs_and_outputs(server):
 @pytest.mark.parametrize("path, offset", [("", 2), ("/versions/1", 1), ("/labels/stable", 1), ("/labels/canary", 2)])
 def test_predict_answers_with_the_version_asked(server, path, offset):
     url = server[0]
-    status, headers, body = call(f"{url}/v1/models/babyweight{path}:predict", {"instances": [ROW, {**ROW, "is_male": None}]})
+    status, headers, body = call(
+        f"{url}/v1/models/babyweight{path}:predict", {"instances": [ROW, {**ROW, "is_male": None}]}
+    )
     assert status == 200, body
-    assert [p[0] for p in body["predictions"]] == pytest.approx([
-        toy_model.expected(ROW, offset), toy_model.expected({**ROW, "is_male": None}, offset)])
+    assert [p[0] for p in body["predictions"]] == pytest.approx(
+        [toy_model.expected(ROW, offset), toy_model.expected({**ROW, "is_male": None}, offset)]
+    )
     assert headers["x-model-version"] == str(offset) and headers["x-request-id"]
 
 
 def test_columnar_regress_and_serialized_examples(server):
     url = server[0]
-    status, _, body = call(f"{url}/v1/models/babyweight:predict", {"inputs": {"mother_age": [31], "gestation_weeks": [39]}})
+    status, _, body = call(
+        f"{url}/v1/models/babyweight:predict", {"inputs": {"mother_age": [31], "gestation_weeks": [39]}}
+    )
     assert status == 200 and body["outputs"][0][0] == pytest.approx(2 + 3.1 + 1.95)
-    status, _, body = call(f"{url}/v1/models/babyweight/versions/1:regress",
-                           {"context": {"mother_age": 31}, "examples": [{"gestation_weeks": 39}, {"gestation_weeks": 40}]})
+    status, _, body = call(
+        f"{url}/v1/models/babyweight/versions/1:regress",
+        {"context": {"mother_age": 31}, "examples": [{"gestation_weeks": 39}, {"gestation_weeks": 40}]},
+    )
     assert status == 200 and body["results"] == pytest.approx([1 + 3.1 + 1.95, 1 + 3.1 + 2.0])
-    example = tf.train.Example(features=tf.train.Features(feature={
-        "mother_age": tf.train.Feature(float_list=tf.train.FloatList(value=[31])),
-        "gestation_weeks": tf.train.Feature(float_list=tf.train.FloatList(value=[39]))}))
+    example = tf.train.Example(
+        features=tf.train.Features(
+            feature={
+                "mother_age": tf.train.Feature(float_list=tf.train.FloatList(value=[31])),
+                "gestation_weeks": tf.train.Feature(float_list=tf.train.FloatList(value=[39])),
+            }
+        )
+    )
     b64 = base64.b64encode(example.SerializeToString()).decode()
-    status, _, body = call(f"{url}/v1/models/babyweight:predict", {"signature_name": "serving_default",
-                                                                   "instances": [{"b64": b64}]})
+    status, _, body = call(
+        f"{url}/v1/models/babyweight:predict", {"signature_name": "serving_default", "instances": [{"b64": b64}]}
+    )
     assert status == 200 and body["predictions"][0][0] == pytest.approx(2 + 3.1 + 1.95)
-    no_weeks = tf.train.Example(features=tf.train.Features(feature={
-        "mother_age": tf.train.Feature(float_list=tf.train.FloatList(value=[31]))})).SerializeToString()
-    status, _, body = call(f"{url}/v1/models/babyweight:predict",
-                           {"instances": [{"b64": b64}, {"b64": base64.b64encode(no_weeks).decode()}]})
+    no_weeks = tf.train.Example(
+        features=tf.train.Features(feature={"mother_age": tf.train.Feature(float_list=tf.train.FloatList(value=[31]))})
+    ).SerializeToString()
+    status, _, body = call(
+        f"{url}/v1/models/babyweight:predict",
+        {"instances": [{"b64": b64}, {"b64": base64.b64encode(no_weeks).decode()}]},
+    )
     assert status == 400 and "instance 1: missing required feature 'gestation_weeks'" in body["error"]
     # A whole row of the table, as the training data's examples are: the label and other columns are ignored.
-    row = tf.train.Example(features=tf.train.Features(feature={
-        "mother_age": tf.train.Feature(int64_list=tf.train.Int64List(value=[31])),
-        "gestation_weeks": tf.train.Feature(int64_list=tf.train.Int64List(value=[39])),
-        "is_male": tf.train.Feature(bytes_list=tf.train.BytesList(value=[b"true"])),
-        "weight_pounds": tf.train.Feature(float_list=tf.train.FloatList(value=[7.5]))})).SerializeToString()
-    status, _, body = call(f"{url}/v1/models/babyweight:predict", {"instances": [{"b64": base64.b64encode(row).decode()}]})
+    row = tf.train.Example(
+        features=tf.train.Features(
+            feature={
+                "mother_age": tf.train.Feature(int64_list=tf.train.Int64List(value=[31])),
+                "gestation_weeks": tf.train.Feature(int64_list=tf.train.Int64List(value=[39])),
+                "is_male": tf.train.Feature(bytes_list=tf.train.BytesList(value=[b"true"])),
+                "weight_pounds": tf.train.Feature(float_list=tf.train.FloatList(value=[7.5])),
+            }
+        )
+    ).SerializeToString()
+    status, _, body = call(
+        f"{url}/v1/models/babyweight:predict", {"instances": [{"b64": base64.b64encode(row).decode()}]}
+    )
     assert status == 200 and body["predictions"][0][0] == pytest.approx(toy_model.expected(ROW, 2))
-    status, _, body = call(f"{url}/v1/models/babyweight:predict",
-                           {"instances": [{"b64": base64.b64encode(b"\xff\xfe garbage").decode()}]})
+    status, _, body = call(
+        f"{url}/v1/models/babyweight:predict", {"instances": [{"b64": base64.b64encode(b"\xff\xfe garbage").decode()}]}
+    )
     assert status == 400 and "instance 0: 'b64' is not a serialized tf.Example" in body["error"]
 
 
-@pytest.mark.parametrize("path, payload, status, message", [
-    ("/v1/models/babyweight:predict", {"instances": [ROW, {"mother_age": 30}]}, 400,
-     "instance 1: missing required feature 'gestation_weeks'"),
-    ("/v1/models/babyweight:predict", {"instances": [ROW, {**ROW, "gestation_weeks": 99.5}]}, 400,
-     "instance 1: missing required feature 'gestation_weeks'"),  # the model reads 99.5 weeks as 99, unknown
-    ("/v1/models/babyweight:predict", {"instances": [{**ROW, "gestation_weeks": "39"}]}, 400,
-     "instance 0: feature 'gestation_weeks' must be a number"),
-    ("/v1/models/babyweight:predict", {"instances": [{**ROW, "colour": "red"}]}, 400, "instance 0: unknown feature 'colour'"),
-    ("/v1/models/babyweight:predict", {"instances": [ROW] * 9}, 413, "at most 8"),
-    ("/v1/models/babyweight:predict", {"instances": [{**ROW, "is_male": "x" * 5000}]}, 413, "at most 4000"),
-    ("/v1/models/other:predict", {"instances": [ROW]}, 404, "no model named 'other'"),
-    ("/v1/models/babyweight/versions/7:predict", {"instances": [ROW]}, 404, "no version 7"),
-    ("/v1/models/babyweight/labels/beta:predict", {"instances": [ROW]}, 404, "no label 'beta'"),
-])
+@pytest.mark.parametrize(
+    "path, payload, status, message",
+    [
+        (
+            "/v1/models/babyweight:predict",
+            {"instances": [ROW, {"mother_age": 30}]},
+            400,
+            "instance 1: missing required feature 'gestation_weeks'",
+        ),
+        (
+            "/v1/models/babyweight:predict",
+            {"instances": [ROW, {**ROW, "gestation_weeks": 99.5}]},
+            400,
+            "instance 1: missing required feature 'gestation_weeks'",
+        ),  # the model reads 99.5 weeks as 99, unknown
+        (
+            "/v1/models/babyweight:predict",
+            {"instances": [{**ROW, "gestation_weeks": "39"}]},
+            400,
+            "instance 0: feature 'gestation_weeks' must be a number",
+        ),
+        (
+            "/v1/models/babyweight:predict",
+            {"instances": [{**ROW, "colour": "red"}]},
+            400,
+            "instance 0: unknown feature 'colour'",
+        ),
+        ("/v1/models/babyweight:predict", {"instances": [ROW] * 9}, 413, "at most 8"),
+        ("/v1/models/babyweight:predict", {"instances": [{**ROW, "is_male": "x" * 5000}]}, 413, "at most 4000"),
+        ("/v1/models/other:predict", {"instances": [ROW]}, 404, "no model named 'other'"),
+        ("/v1/models/babyweight/versions/7:predict", {"instances": [ROW]}, 404, "no version 7"),
+        ("/v1/models/babyweight/labels/beta:predict", {"instances": [ROW]}, 404, "no label 'beta'"),
+    ],
+)
 def test_bad_requests_get_the_status_and_a_named_reason(server, path, payload, status, message):
     url = server[0]
     got, headers, body = call(url + path, payload)
@@ -154,23 +212,35 @@ def test_metrics_count_requests_errors_batches_and_paths(server):
     url = server[0]
     call(f"{url}/v1/models/babyweight:predict", {"instances": [{"mother_age": 30}]})
     text = call_text(f"{url}/metrics")
-    for line in ('babyweight_requests_total{code="200",route="predict",version="2"}',
-                 'babyweight_requests_total{code="400",route="predict",version="2"}',
-                 'babyweight_batch_instances_count{version="2"}',
-                 'babyweight_request_seconds_bucket{le="0.005",path="model",version="2"}'):
+    for line in (
+        'babyweight_requests_total{code="200",route="predict",version="2"}',
+        'babyweight_requests_total{code="400",route="predict",version="2"}',
+        'babyweight_batch_instances_count{version="2"}',
+        'babyweight_request_seconds_bucket{le="0.005",path="model",version="2"}',
+    ):
         assert line in text, line
 
 
 def test_request_log_has_every_prediction_and_validate_serving_reads_it(server):
     url, logs = server[:2]
-    status, headers, body = call(f"{url}/v1/models/babyweight/labels/stable:predict",
-                                 {"instances": [ROW, {"mother_age": 22, "gestation_weeks": 41}]},
-                                 headers={"X-Request-Id": "clinic-7-0001"})
+    status, headers, body = call(
+        f"{url}/v1/models/babyweight/labels/stable:predict",
+        {"instances": [ROW, {"mother_age": 22, "gestation_weeks": 41}]},
+        headers={"X-Request-Id": "clinic-7-0001"},
+    )
     assert headers["x-request-id"] == "clinic-7-0001"
-    records = _wait_for(lambda: [r for f in request_log.log_files(str(logs)) for r in map(json.loads, f.open())
-                                 if r["request_id"] == "clinic-7-0001"])
+    records = _wait_for(
+        lambda: [
+            r
+            for f in request_log.log_files(str(logs))
+            for r in map(json.loads, f.open())
+            if r["request_id"] == "clinic-7-0001"
+        ]
+    )
     assert [(r["index"], r["version"], r["instance"], r["prediction"]) for r in records] == [
-        (0, 1, ROW, body["predictions"][0][0]), (1, 1, {"mother_age": 22, "gestation_weeks": 41}, body["predictions"][1][0])]
+        (0, 1, ROW, body["predictions"][0][0]),
+        (1, 1, {"mother_age": 22, "gestation_weeks": 41}, body["predictions"][1][0]),
+    ]
     assert records[0]["path"] in ("cache", "model") and records[0]["latency_ms"] > 0
     assert ROW in requests_lib.read_requests(logs)  # what validate-serving reads
 
