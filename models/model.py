@@ -1,13 +1,5 @@
-"""Wide-and-deep Keras regressor of birth weight, and the TFX Trainer's `run_fn`.
-
-The exported SavedModel carries the TF Transform graph, so every signature takes raw features:
-- `serving_default`: serialized tf.Example (no label) -> {"predictions": pounds};
-- `serving_raw`: one tensor per raw feature (NaN or "" = missing) -> {"predictions": pounds};
-  both refuse (InvalidArgumentError, naming the feature and rows) a call in which a row lacks a
-  required feature (features.REQUIRED_FEATURES) and answer rows that lack optional ones;
-- `score_examples`: serialized tf.Example -> {"predictions": pounds} for every row (evaluation, monitoring);
-- `transform_features`: serialized tf.Example -> transformed features (TFMA slices and labels on it).
-"""
+"""Wide-and-deep Keras regressor of birth weight, its training (`fit`, the masking of optional inputs), and the
+TFX Trainer's `run_fn`, which exports the model with the signatures of models/signatures.py."""
 
 import json
 import logging
@@ -16,23 +8,16 @@ import os
 import time
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
-import numpy as np
 import tensorflow as tf
 import tensorflow_transform as tft
 from tensorflow.python.autograph.core import config as autograph_config
 from tfx import v1 as tfx
 
-from models import features, lite
+from models import features, signatures
 from models.distribution import global_batch_size, select_strategy, write_dir
-from models.preprocessing import dense_raw, is_missing
+from models.preprocessing import dense_raw
 
-PREDICTIONS = lite.PREDICTIONS
-# The signature that predicts every row of a split, required features or not (TFMA, monitoring).
-SCORE_SIGNATURE = "score_examples"
-# The signature that gives the transformed features of serialized examples (TFMA slices on it, so does monitoring).
-TRANSFORM_SIGNATURE = "transform_features"
 SHUFFLE_BUFFER = 20_000
-TRANSFORM_BATCH = 1024
 COUNT_BATCH = 65_536
 # Differently masked copies of the training rows, cached (one per epoch up to this many; then reused).
 MAX_MASKED_COPIES = 8
@@ -50,9 +35,6 @@ HOLDOUT_BUCKETS = 5
 # without it against; a share between 0 and 1 is a span where the feature is that rare (`make quality
 # --presence`, the measurement behind the pipeline's min_imputed_presence).
 PRESENCE_KEY = "feature_presence"
-# How many of the training data's most frequent instances the Trainer writes beside the model
-# (features.FREQUENT_INSTANCES_FILE); a server precomputes as many of them as its cache is configured for.
-FREQUENT_INSTANCES_MAX = 50_000
 
 # TensorFlow's AutoGraph leaves the `keras` package unconverted, as Keras code runs as it is in graphs,
 # but not its Keras 2 twin `tf_keras` that TFX 1.16 needs: converting it costs about 30 s of the
@@ -130,23 +112,6 @@ def file_weights(
     return recency_weights(file_spans, half_life_spans)
 
 
-def sparse_raw(dense: Dict[str, tf.Tensor], raw_spec: Dict[str, Any]) -> Dict[str, tf.SparseTensor]:
-    """Dense raw features ("" or NaN where a row has no value) as the sparse tensors the transform graph takes.
-
-    The one way from a row's values to the transform's input, used by training and by `serving_raw`.
-    """
-    raw = {}
-    for name, value in dense.items():
-        present = tf.not_equal(value, "") if value.dtype == tf.string else ~tf.math.is_nan(value)
-        indices = tf.where(present)
-        raw[name] = tf.sparse.SparseTensor(
-            tf.concat([indices, tf.zeros_like(indices)], axis=1),
-            tf.cast(tf.boolean_mask(value, present), raw_spec[name].dtype),
-            tf.stack([tf.shape(value, out_type=tf.int64)[0], tf.constant(1, tf.int64)]),
-        )
-    return raw
-
-
 def mask_features(
     dense: Dict[str, tf.Tensor], mask_rate: float, presence: Optional[Mapping[str, float]] = None, seed: Any = (0, 0)
 ) -> Dict[str, tf.Tensor]:
@@ -216,7 +181,7 @@ def _input_fn(
     The transformed rows are cached only if the `passes` over them outnumber the copies: with a million rows
     each of 4 epochs reads its own copy, and caching them all took 11 GB for nothing.
     """
-    raw_spec = _raw_feature_spec(tf_transform_output, with_label=True)
+    raw_spec = signatures.raw_feature_spec(tf_transform_output, with_label=True)
     tft_layer = tf_transform_output.transform_features_layer()
 
     def transform(index: tf.Tensor, batch: Tuple[tf.Tensor, tf.Tensor]):
@@ -228,7 +193,7 @@ def _input_fn(
             presence,
             seed=tf.stack([tf.constant(seed, tf.int64), index]),
         )
-        transformed = tft_layer(sparse_raw(dense, raw_spec))
+        transformed = tft_layer(signatures.sparse_raw(dense, raw_spec))
         batch = {key: tf.reshape(value, [-1]) for key, value in transformed.items()}
         label = batch.pop(features.label_key())
         weight = batch.pop(features.label_weight_key()) * recency
@@ -238,7 +203,9 @@ def _input_fn(
     for pattern in file_patterns:
         records = _records([pattern], holdout)
         recency = tf.constant(weights[pattern], tf.float32)
-        parts.append(records.batch(TRANSFORM_BATCH).map(lambda batch, w=recency: (batch, tf.fill(tf.shape(batch), w))))
+        parts.append(
+            records.batch(signatures.TRANSFORM_BATCH).map(lambda batch, w=recency: (batch, tf.fill(tf.shape(batch), w)))
+        )
     dataset = parts[0]
     for part in parts[1:]:
         dataset = dataset.concatenate(part)
@@ -252,145 +219,6 @@ def _input_fn(
     if repeat:
         dataset = dataset.repeat()
     return dataset.batch(batch_size).prefetch(tf.data.AUTOTUNE)
-
-
-def _raw_feature_spec(tf_transform_output: tft.TFTransformOutput, with_label: bool) -> Dict[str, Any]:
-    spec = tf_transform_output.raw_feature_spec()
-    if not with_label:
-        spec.pop(features.LABEL.name)
-    return spec
-
-
-def _require(dense: Dict[str, tf.Tensor]) -> List[tf.Operation]:
-    """Asserts that fail a call whose rows lack a required feature (features.REQUIRED_FEATURES), naming it."""
-    checks = []
-    for column in features.REQUIRED_FEATURES:
-        missing = is_missing(column, dense[column.name])
-        checks.append(
-            tf.debugging.Assert(
-                ~tf.reduce_any(missing),
-                [
-                    f"missing required feature {column.name} (no value, or an unknown code) in instance(s)",
-                    tf.where(missing)[:, 0],
-                ],
-                summarize=20,
-            )
-        )
-    return checks
-
-
-def serving_signatures(model: tf.keras.Model, tf_transform_output: tft.TFTransformOutput) -> Dict[str, Any]:
-    """The exported model's signatures, each applying the transform graph to raw features.
-
-    `serving_default` and `serving_raw` answer clients and refuse a call in which a row lacks a required
-    feature; `score_examples` predicts every row, as evaluation and monitoring score whole splits.
-    """
-    model.tft_layer = tf_transform_output.transform_features_layer()
-    label_keys = (features.label_key(), features.label_weight_key())
-
-    def predict(raw_features: Dict[str, Any]) -> Dict[str, tf.Tensor]:
-        transformed = model.tft_layer(raw_features)
-        inputs = {key: value for key, value in transformed.items() if key not in label_keys}
-        return {PREDICTIONS: model(inputs)}
-
-    def predict_checked(raw_features: Dict[str, Any], dense: Dict[str, tf.Tensor]) -> Dict[str, tf.Tensor]:
-        with tf.control_dependencies(_require(dense)):
-            return {key: tf.identity(value) for key, value in predict(raw_features).items()}
-
-    raw_spec = _raw_feature_spec(tf_transform_output, with_label=False)
-    examples_spec = [tf.TensorSpec([None], tf.string, name="examples")]
-
-    @tf.function(input_signature=examples_spec, autograph=False)
-    def serve_examples(serialized: tf.Tensor) -> Dict[str, tf.Tensor]:
-        parsed = tf.io.parse_example(serialized, raw_spec)
-        return predict_checked(parsed, {c.name: dense_raw(parsed[c.name]) for c in features.REQUIRED_FEATURES})
-
-    @tf.function(input_signature=examples_spec, autograph=False)
-    def score_examples(serialized: tf.Tensor) -> Dict[str, tf.Tensor]:
-        return predict(tf.io.parse_example(serialized, raw_spec))
-
-    raw_inputs = [
-        tf.TensorSpec([None], tf.string if raw_spec[c.name].dtype == tf.string else tf.float32, name=c.name)
-        for c in features.FEATURES
-    ]
-
-    @tf.function(input_signature=raw_inputs, autograph=False)
-    def serve_raw(*values: tf.Tensor) -> Dict[str, tf.Tensor]:
-        raw = sparse_raw({column.name: value for column, value in zip(features.FEATURES, values)}, raw_spec)
-        # Checked as the transform will see them: 99.5 weeks becomes the integer 99, the 'unknown' code.
-        return predict_checked(raw, {c.name: dense_raw(raw[c.name]) for c in features.REQUIRED_FEATURES})
-
-    @tf.function(input_signature=examples_spec, autograph=False)
-    def transform_features(serialized: tf.Tensor) -> Dict[str, tf.Tensor]:
-        return model.tft_layer(tf.io.parse_example(serialized, _raw_feature_spec(tf_transform_output, True)))
-
-    return {
-        "serving_default": serve_examples,
-        lite.SIGNATURE: serve_raw,
-        SCORE_SIGNATURE: score_examples,
-        TRANSFORM_SIGNATURE: transform_features,
-    }
-
-
-def frequent_instances(
-    file_patterns: List[str], tf_transform_output: tft.TFTransformOutput, limit: int = FREQUENT_INSTANCES_MAX
-) -> Dict[str, Any]:
-    """The most frequent instances of the raw training rows, with their counts: {"rows": N, "instances": [...]}.
-
-    Each row counts twice: as it is, and as the smallest request the serving contract takes (its required
-    features alone), the two shapes a client sends most. Rows lacking a required feature are not requests.
-    Counted a column at a time (numpy), in the order `collections.Counter.most_common` gives: the most frequent
-    first, ties in the order they first appear (each row's full instance before its smallest request).
-    """
-    raw_spec = _raw_feature_spec(tf_transform_output, with_label=False)
-    files = [name for pattern in file_patterns for name in sorted(tf.io.gfile.glob(pattern))]  # as `_records`
-    dataset = (
-        tf.data.TFRecordDataset(files, compression_type="GZIP")
-        .batch(TRANSFORM_BATCH)
-        .map(lambda records: {name: dense_raw(value) for name, value in tf.io.parse_example(records, raw_spec).items()})
-    )
-    batches = list(dataset.as_numpy_iterator())
-    columns = {
-        column.name: np.concatenate([batch[column.name] for batch in batches]) if batches else np.array([])
-        for column in features.FEATURES
-    }
-    requests = np.ones(len(columns[features.FEATURES[0].name]), bool)
-    for column in features.REQUIRED_FEATURES:  # features.missing_required, on each distinct value
-        values, inverse = np.unique(columns[column.name], return_inverse=True)
-        requests &= ~np.array([features.is_missing_value(column, value) for value in values.tolist()], bool)[inverse]
-    # Each column's values as codes (numbers as float32, as features.instance_key reads them; "", NaN: None).
-    codes, keys = [], []
-    for column in features.FEATURES:
-        values = columns[column.name][requests]
-        if column.dtype == "string":
-            distinct, inverse = np.unique(values, return_inverse=True)
-            key_values = [value.decode() if value else None for value in distinct.tolist()]
-        else:
-            distinct, inverse = np.unique(values.astype(np.float32), return_inverse=True)  # NaNs: one, last
-            key_values = [None if value != value else value for value in distinct.tolist()]
-        none = len(key_values)  # one code for no value; the smallest request has none of the optional features
-        full = np.array([none if value is None else code for code, value in enumerate(key_values)], np.int64)[inverse]
-        smallest = full if column.required else np.full_like(full, none)
-        codes.append(np.stack([full, smallest], axis=1).reshape(-1))  # row 1 full, row 1 smallest, row 2 ...
-        keys.append(key_values + [None])
-    rows = int(requests.sum())
-    if not rows:
-        return {"rows": 0, "instances": []}
-    instances, first, counts = np.unique(np.stack(codes, axis=1), axis=0, return_index=True, return_counts=True)
-    order = np.lexsort((first, -counts))[:limit]
-    return {
-        "rows": rows,
-        "instances": [
-            [
-                int(counts[index]),
-                {
-                    column.name: keys[place][code]
-                    for place, (column, code) in enumerate(zip(features.FEATURES, instances[index]))
-                },
-            ]
-            for index in order
-        ],
-    }
 
 
 def _records(file_patterns: List[str], holdout: Optional[bool] = None) -> tf.data.Dataset:
@@ -592,12 +420,15 @@ def run_fn(fn_args: tfx.components.FnArgs) -> None:
     # save_traces=False: the signatures are all that serving and TFMA call, and tracing every layer
     # for Keras' own reloading would double the export time and the model's load time.
     model.save(
-        serving_dir, save_format="tf", save_traces=False, signatures=serving_signatures(model, tf_transform_output)
+        serving_dir,
+        save_format="tf",
+        save_traces=False,
+        signatures=signatures.serving_signatures(model, tf_transform_output),
     )
     frequent_path = os.path.join(serving_dir, features.FREQUENT_INSTANCES_FILE)
     tf.io.gfile.makedirs(os.path.dirname(frequent_path))
     with tf.io.gfile.GFile(frequent_path, "w") as handle:
-        json.dump(frequent_instances(fn_args.train_files, tf_transform_output), handle)
+        json.dump(signatures.frequent_instances(fn_args.train_files, tf_transform_output), handle)
     for own, shared in ((serving_dir, fn_args.serving_model_dir), (log_dir, fn_args.model_run_dir)):
         if own != shared:  # a worker's copy, written only because saving is collective
             tf.io.gfile.rmtree(own)

@@ -9,7 +9,7 @@ import tensorflow_model_analysis as tfma
 from google.protobuf.wrappers_pb2 import BoolValue
 
 from models import features
-from models.model import SCORE_SIGNATURE, TRANSFORM_SIGNATURE
+from models.signatures import SCORE_SIGNATURE, TRANSFORM_SIGNATURE
 from pipeline.cache import code_fingerprint
 from pipeline.components import tfma_metrics
 from pipeline.config import PipelineConfig

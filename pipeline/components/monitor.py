@@ -21,7 +21,7 @@ from tfx import v1 as tfx
 from tfx.utils import io_utils, path_utils
 
 from models import features
-from models.model import SCORE_SIGNATURE, TRANSFORM_SIGNATURE
+from models.signatures import SCORE_SIGNATURE, TRANSFORM_SIGNATURE
 from pipeline.components.baseline import read_examples, split_files
 from pipeline.reports import slices
 

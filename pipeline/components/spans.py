@@ -19,7 +19,7 @@ from tfx import v1 as tfx
 from tfx.types import artifact_utils
 from tfx.utils import path_utils
 
-from models.model import SCORE_SIGNATURE
+from models.signatures import SCORE_SIGNATURE
 from pipeline.artifacts import span_of
 from pipeline.metadata import mlmd
 

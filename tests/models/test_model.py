@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from models import features, model
+from models import features, model, signatures
 
 
 def _batch(rows: int, seed: int = 0):
@@ -129,7 +129,7 @@ def test_parsed_integers_reach_the_missing_check_as_the_python_twin_sees_them():
 
 
 class _RawSpec:
-    """The part of a TFTransformOutput that `model.frequent_instances` reads: the raw features' spec."""
+    """The part of a TFTransformOutput that `signatures.frequent_instances` reads: the raw features' spec."""
 
     def raw_feature_spec(self):
         import tensorflow as tf
@@ -196,4 +196,4 @@ def test_frequent_instances_count_as_a_counter_does(tmp_path):
     in_file_order = [row for part in range(3) for row in rows[part::3]]
     expected = _counter_reference(in_file_order, limit=25)
     assert 0 < expected["rows"] < 3000 and expected["instances"][0][0] > 1
-    assert model.frequent_instances([str(tmp_path / "part-*.gz")], _RawSpec(), limit=25) == expected
+    assert signatures.frequent_instances([str(tmp_path / "part-*.gz")], _RawSpec(), limit=25) == expected

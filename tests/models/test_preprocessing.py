@@ -177,7 +177,7 @@ def test_the_transform_converts_to_tflite_builtin_ops_and_maps_every_value_as_te
     import tensorflow_transform as tft
     from tflite_runtime.interpreter import Interpreter
 
-    from models import lite, model
+    from models import lite, signatures
 
     spec = schema_utils.schema_as_feature_spec(load_schema(config_lib.load_config())).feature_spec
     metadata = dataset_metadata.DatasetMetadata(
@@ -204,7 +204,7 @@ def test_the_transform_converts_to_tflite_builtin_ops_and_maps_every_value_as_te
         ]
     )
     def transform(*values):
-        transformed = module.layer(model.sparse_raw(dict(zip(features.FEATURE_NAMES, values)), raw_spec))
+        transformed = module.layer(signatures.sparse_raw(dict(zip(features.FEATURE_NAMES, values)), raw_spec))
         return {name: tf.cast(tf.reshape(value, [-1]), tf.float32) for name, value in transformed.items()}
 
     tf.saved_model.save(module, str(tmp_path / "saved"), signatures={lite.SIGNATURE: transform})

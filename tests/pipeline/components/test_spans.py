@@ -40,7 +40,7 @@ def test_the_baseline_resolver_skips_blessed_models_the_evaluator_cannot_score(t
     import tensorflow as tf
     from tfx.types import standard_artifacts
 
-    from models.model import SCORE_SIGNATURE
+    from models.signatures import SCORE_SIGNATURE
 
     identity = tf.function(lambda x: {"predictions": x}, input_signature=[tf.TensorSpec([None], tf.float32)])
     models, blessings = [], []
