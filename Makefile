@@ -10,6 +10,8 @@ ARGS ?=
 export TF_USE_LEGACY_KERAS := 1
 export TF_CPP_MIN_LOG_LEVEL := 2
 export PYTHONWARNINGS := ignore::FutureWarning
+# make test's worker processes (pytest-xdist): one per CPU, at most 4; tests sharing a pipeline run share a worker.
+TEST_WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 2); [ $$n -gt 4 ] && n=4; echo $$n)
 
 .PHONY: run test test-fast lint mariadb chromium report-screenshot wrk metadata simulate validate-serving serve predict predict-batch bench-predict bench-tflite bench-serving vertex bench quality schema-draft data clean
 
@@ -17,11 +19,11 @@ run: $(VENV)/.installed
 	$(PY) runner_local.py $(ARGS)
 
 test: $(VENV)/.installed lint mariadb chromium
-	$(PY) -m pytest tests $(ARGS)
+	$(PY) -m pytest tests -n $(TEST_WORKERS) --dist loadgroup $(ARGS)
 
 # The unit tests: everything but the end-to-end tests marked slow.
 test-fast: $(VENV)/.installed
-	$(PY) -m pytest tests -m "not slow" $(ARGS)
+	$(PY) -m pytest tests -m "not slow" -n $(TEST_WORKERS) --dist loadgroup $(ARGS)
 
 # Ruff's lint and format checks (pyproject.toml); `$(VENV)/bin/ruff format .` and `ruff check --fix .` mend most.
 lint: $(VENV)/.installed

@@ -50,7 +50,7 @@ setuptools.setup(
         "tflite-runtime; platform_system == 'Linux'",
     ]
     + SERVING_REQUIRES,
-    extras_require={"test": ["pytest", "ruff"]},  # ruff: lint and format (pyproject.toml)
+    extras_require={"test": ["pytest", "pytest-xdist", "ruff"]},  # ruff: lint and format (pyproject.toml)
     entry_points={
         "console_scripts": [
             "babyweight-local=runner_local:main",

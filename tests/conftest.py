@@ -25,6 +25,20 @@ PROJECT_ROOT = pathlib.Path(__file__).resolve().parent.parent
 SHARED_NATALITY = quality.SHARED_NATALITY
 
 
+# The session's expensive runs: the tests that read one share a worker process under pytest-xdist (make test's
+# `-n 2 --dist loadgroup`), so each run is made once.
+SHARED_RUNS = ("pipeline_runs", "real_export_run")
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """Groups the tests for pytest-xdist: a test reading a shared run joins that run's group, the others their
+    module's (so a module-scoped run is made once); the slow groups go first, so the long ones start early."""
+    for item in items:
+        shared = next((name for name in SHARED_RUNS if name in item.fixturenames), None)
+        item.add_marker(pytest.mark.xdist_group(shared or item.module.__name__))
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)  # stable: each module keeps its order
+
+
 def skip_or_fail_in_ci(reason: str) -> None:
     """Skips a test whose requirement is missing on a developer's machine; in CI (CI=true) fails it instead."""
     if os.environ.get("CI") == "true":
