@@ -30,6 +30,7 @@ SHARED_NATALITY = quality.SHARED_NATALITY
 SHARED_RUNS = ("pipeline_runs", "real_export_run")
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own, which reads the groups
 def pytest_collection_modifyitems(config, items) -> None:
     """Groups the tests for pytest-xdist: a test reading a shared run joins that run's group, the others their
     module's (so a module-scoped run is made once); the slow groups go first, so the long ones start early."""

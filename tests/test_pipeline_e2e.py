@@ -204,7 +204,7 @@ def test_editing_the_code_a_step_runs_reruns_that_step_only(tmp_path):
         return {step.node_id: step.state for step in store.steps(store.runs()[-1])}
 
     assert set(run().values()) == {"complete"}
-    checks = copy / "pipeline" / "checks.py"
+    checks = copy / "pipeline" / "components" / "checks.py"
     checks.write_text(checks.read_text() + "\n# edited\n")
     states = run()
     assert states["DataValidator"] == states["DataGate"] == "complete", states

@@ -174,7 +174,7 @@ def _distribution_plots(
             detail = "no earlier validated span to compare with"
         else:
             detail = "no drift check in the schema"
-        values = {key: frame[name].to_numpy() for key, frame in rows.items() if frame is not None}
+        values = {key: frame[name].to_numpy() for key, frame in rows.items() if frame is not None and name in frame}
         images.append(
             plots.distribution(
                 f"{head}\n{detail}",

@@ -58,6 +58,7 @@ def _run_with_two_cpus(body: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_mirrored_strategy_trains_one_step_on_two_logical_cpus():
     result = _run_with_two_cpus("""
         strategy = distribution.select_strategy("mirrored")
@@ -77,6 +78,7 @@ def test_mirrored_strategy_trains_one_step_on_two_logical_cpus():
     assert "replicas 2" in result.stdout
 
 
+@pytest.mark.slow
 def test_multi_worker_mirrored_strategy_builds_for_a_single_worker():
     result = _run_with_two_cpus("""
         os.environ.pop("TF_CONFIG", None)

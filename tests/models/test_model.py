@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from models import features, model, signatures
+from models import features, model, preprocessing, signatures
 
 
 def _batch(rows: int, seed: int = 0):
@@ -60,8 +60,8 @@ def test_masking_removes_optional_features_in_about_the_configured_share_of_rows
     rows = 20_000
     masked = model.mask_features(_raw_rows(rows), 0.5)
     for column in features.REQUIRED_FEATURES:
-        assert not model.is_missing(column, masked[column.name]).numpy().any(), column.name
-    removed = np.stack([model.is_missing(c, masked[c.name]).numpy() for c in features.OPTIONAL_FEATURES])
+        assert not preprocessing.is_missing(column, masked[column.name]).numpy().any(), column.name
+    removed = np.stack([preprocessing.is_missing(c, masked[c.name]).numpy() for c in features.OPTIONAL_FEATURES])
     # Half the rows are partial, and a partial row loses each optional feature with a probability drawn
     # uniformly for the row: a quarter of all values, and rows lacking every optional feature are common.
     assert 0.22 < removed.mean() < 0.28
@@ -74,10 +74,10 @@ def test_masking_is_the_same_for_the_same_seed():
     rows = _raw_rows(500)
     first, again, other = (model.mask_features(rows, 0.5, seed=seed) for seed in ((1, 7), (1, 7), (1, 8)))
     for column in features.OPTIONAL_FEATURES:
-        removed = [model.is_missing(column, masked[column.name]).numpy() for masked in (first, again, other)]
+        removed = [preprocessing.is_missing(column, masked[column.name]).numpy() for masked in (first, again, other)]
         np.testing.assert_array_equal(removed[0], removed[1])
     assert any(
-        (model.is_missing(c, first[c.name]).numpy() != model.is_missing(c, other[c.name]).numpy()).any()
+        (preprocessing.is_missing(c, first[c.name]).numpy() != preprocessing.is_missing(c, other[c.name]).numpy()).any()
         for c in features.OPTIONAL_FEATURES
     )
 
@@ -86,15 +86,15 @@ def test_masking_off_keeps_every_value_and_presence_keeps_its_share():
     rows = _raw_rows(2000)
     unmasked = model.mask_features(rows, 0.0)
     for column in features.FEATURES:
-        assert not model.is_missing(column, unmasked[column.name]).numpy().any()
+        assert not preprocessing.is_missing(column, unmasked[column.name]).numpy().any()
     cut = model.mask_features(rows, 0.0, presence={"father_age": 0.0, "is_male": 0.0, "ever_born": 0.2})
-    assert model.is_missing(features.BY_NAME["father_age"], cut["father_age"]).numpy().all()
-    assert model.is_missing(features.BY_NAME["is_male"], cut["is_male"]).numpy().all()
-    assert 0.17 < 1 - model.is_missing(features.BY_NAME["ever_born"], cut["ever_born"]).numpy().mean() < 0.23
-    assert not model.is_missing(features.BY_NAME["plurality"], cut["plurality"]).numpy().any()
+    assert preprocessing.is_missing(features.BY_NAME["father_age"], cut["father_age"]).numpy().all()
+    assert preprocessing.is_missing(features.BY_NAME["is_male"], cut["is_male"]).numpy().all()
+    assert 0.17 < 1 - preprocessing.is_missing(features.BY_NAME["ever_born"], cut["ever_born"]).numpy().mean() < 0.23
+    assert not preprocessing.is_missing(features.BY_NAME["plurality"], cut["plurality"]).numpy().any()
     both = model.mask_features(rows, 0.5, presence={"ever_born": 1.0, "father_age": 0.5})
     kept = {
-        name: 1 - model.is_missing(features.BY_NAME[name], both[name]).numpy().mean()
+        name: 1 - preprocessing.is_missing(features.BY_NAME[name], both[name]).numpy().mean()
         for name in ("ever_born", "father_age")
     }
     assert 0.7 < kept["ever_born"] < 0.8  # masked as without `presence`: a quarter of the values
@@ -113,7 +113,7 @@ def test_python_and_graph_agree_on_what_is_missing():
         else:
             values = [30.0, float("nan"), 99.0, 0.0]
             tensor = tf.constant(values, tf.float32)
-        graph = model.is_missing(column, tensor).numpy().tolist()
+        graph = preprocessing.is_missing(column, tensor).numpy().tolist()
         assert graph == [features.is_missing_value(column, v) for v in values], column.name
 
 

@@ -169,6 +169,7 @@ def test_values_beyond_the_training_range_are_taken_as_its_ends():
     assert _column(served, "gestation_weeks_bucket")[0] == 3  # 98 weeks: as 40, the training maximum
 
 
+@pytest.mark.slow
 def test_the_transform_converts_to_tflite_builtin_ops_and_maps_every_value_as_tensorflow_does(tmp_path):
     """The device's model runs on builtin ops alone (models/lite.py): a transform op without one (a vocabulary's
     hash table, text made dense, ArgMax of int64) fails this conversion, and any difference in a mapping shows."""

@@ -81,6 +81,7 @@ def test_column_names_strip_the_mark_and_quotes(tmp_path):
     assert csv_example_gen.column_names(str(path)) == ["source_year", "year", "month"]
 
 
+@pytest.mark.slow
 def test_the_real_export_gives_tfx_own_bytes(tmp_path, real_export_csv):
     """Every row of the real export is the record TFX's CsvExampleGen makes of it, byte for byte, so TFX's hash
     split puts it in the same split."""
@@ -166,6 +167,7 @@ def _run_executor(executor_class, input_base: pathlib.Path, output: pathlib.Path
     return examples, splits
 
 
+@pytest.mark.slow
 def test_the_executor_splits_and_records_as_tfx_own(tmp_path, real_export_csv):
     """The pipeline's executor and TFX's on the real export: the same rows in each split, the same artifact."""
     folder = tmp_path / "real"

@@ -174,6 +174,7 @@ def test_a_server_dying_mid_way_fails_the_answers_and_no_more_is_sent(tmp_path, 
     assert not servers_of(model)
 
 
+@pytest.mark.slow
 def test_a_taken_port_is_retried_on_another(tmp_path, instances, monkeypatch):
     import socket
 

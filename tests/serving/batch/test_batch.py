@@ -377,6 +377,7 @@ def test_the_server_never_imports_beam():
     assert loaded.stdout.strip() == "False"
 
 
+@pytest.mark.slow
 def test_the_watched_folder_predicts_each_file_as_it_lands_while_the_job_runs(
     version_dir, real_export_csv, tmp_path, capsys
 ):

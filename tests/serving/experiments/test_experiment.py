@@ -117,6 +117,7 @@ def test_the_batch_feedback_command_reads_csv_and_reports_what_it_could_not_join
     assert "bad.csv, line 4, item 0: needs request_id and a numeric weight_pounds" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_a_served_split_is_sticky_says_its_arm_and_takes_feedback_across_a_restart(toy_versions, tmp_path):
     exp = _experiment_file(tmp_path, policy="split", split=[0.5, 0.5])
     flags = ("--model-config-file", str(_models_config(tmp_path, toy_versions)), "--experiment-file", str(exp))

@@ -37,6 +37,7 @@ def test_vertex_ai_custom_container_contract(toy_versions, tmp_path):
         assert headers["x-model-version"] == "1"
 
 
+@pytest.mark.slow
 def test_worker_processes_share_the_port_and_the_metrics(toy_versions, tmp_path):
     def answered() -> float:
         return sum(
