@@ -14,7 +14,8 @@ COPY models/ models/
 COPY serving/ serving/
 COPY data/__init__.py data/generator.py data/
 COPY schema/ schema/
-COPY runner_local.py runner_dataflow.py ./
+# The entry points setup.py installs (py_modules); the server and runner_local.py import babyweight_cli.
+COPY runner_local.py runner_dataflow.py babyweight_cli.py ./
 # The image already has TFX and its dependencies; add Keras 2, the TFLite interpreter (the TFLiteExporter checks its
 # models with it) and the server's dependencies at the pinned versions, then this package.
 RUN pip install --no-cache-dir -c constraints.txt tf-keras psutil tflite-runtime -r serving/requirements.txt \

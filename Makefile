@@ -19,11 +19,11 @@ run: $(VENV)/.installed
 	$(PY) runner_local.py $(ARGS)
 
 test: $(VENV)/.installed lint mariadb chromium
-	$(PY) -m pytest tests -n $(TEST_WORKERS) --dist loadgroup $(ARGS)
+	$(PY) -m pytest tests -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder $(ARGS)
 
 # The unit tests: everything but the end-to-end tests marked slow.
 test-fast: $(VENV)/.installed
-	$(PY) -m pytest tests -m "not slow" -n $(TEST_WORKERS) --dist loadgroup $(ARGS)
+	$(PY) -m pytest tests -m "not slow" -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder $(ARGS)
 
 # Ruff's lint and format checks (pyproject.toml); `$(VENV)/bin/ruff format .` and `ruff check --fix .` mend most.
 lint: $(VENV)/.installed

@@ -22,22 +22,44 @@ from pipeline.commands import run as run_lib  # noqa: E402
 from pipeline.metadata import mlmd  # noqa: E402
 
 PROJECT_ROOT = pathlib.Path(__file__).resolve().parent.parent
+# A short training, for the end-to-end runs that check the pipeline's workings rather than the model's quality (that
+# is checked on the real export with the profile's own settings: real_export_run, tests/test_model_quality.py).
+QUICK_TRAINING = {"train_epochs": "1", "min_train_steps": "100"}
 SHARED_NATALITY = quality.SHARED_NATALITY
 
 
 # The session's expensive runs: the tests that read one share a worker process under pytest-xdist (make test's
-# `-n 2 --dist loadgroup`), so each run is made once.
+# `-n N --dist loadgroup --no-loadscope-reorder`: groups in this order), so each run is made once.
 SHARED_RUNS = ("pipeline_runs", "real_export_run")
+# The longest groups, started first so that no worker is left with one of them at the end (measured with
+# --durations: minutes each).
+LONGEST_GROUPS = (
+    "tests.test_real_years_e2e",
+    "real_export_run",
+    "tests.test_spans_e2e",
+    "pipeline_runs",
+    "tests.test_pipeline_e2e",
+    "tests.test_simulate",
+    "tests.test_tuning_e2e",
+)
 
 
 @pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own, which reads the groups
 def pytest_collection_modifyitems(config, items) -> None:
     """Groups the tests for pytest-xdist: a test reading a shared run joins that run's group, the others their
     module's (so a module-scoped run is made once); the slow groups go first, so the long ones start early."""
+    group_of = {}
     for item in items:
         shared = next((name for name in SHARED_RUNS if name in item.fixturenames), None)
-        item.add_marker(pytest.mark.xdist_group(shared or item.module.__name__))
-    items.sort(key=lambda item: item.get_closest_marker("slow") is None)  # stable: each module keeps its order
+        group_of[item.nodeid] = shared or item.module.__name__
+        item.add_marker(pytest.mark.xdist_group(group_of[item.nodeid]))
+
+    def order(item) -> tuple:
+        group = group_of[item.nodeid]
+        rank = LONGEST_GROUPS.index(group) if group in LONGEST_GROUPS else len(LONGEST_GROUPS)
+        return rank, item.get_closest_marker("slow") is None
+
+    items.sort(key=order)  # stable: each module keeps its order
 
 
 def skip_or_fail_in_ci(reason: str) -> None:
@@ -151,7 +173,9 @@ def pipeline_runs(tmp_path_factory):
     frame.to_csv(corrupt, index=False)
 
     def config(data_dir: pathlib.Path) -> config_lib.PipelineConfig:
-        return config_lib.load_config(overrides={"data_dir": str(data_dir), "output_dir": str(root / "out")})
+        return config_lib.load_config(
+            overrides=dict(QUICK_TRAINING, data_dir=str(data_dir), output_dir=str(root / "out"))
+        )
 
     return {
         "first": run_pipeline(config(clean.parent)),

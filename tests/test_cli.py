@@ -176,7 +176,7 @@ def test_a_run_is_alive_while_a_process_holds_the_store_s_runner_lock(tmp_path):
 
 
 @pytest.mark.slow
-def test_make_bench_prints_its_table_alone_and_logs_the_rest():
+def test_make_bench_prints_its_table_alone_and_logs_the_rest(tmp_path):
     done = subprocess.run(
         # A few hundred rows and a short training: the table and the log are what is checked, not the model.
         [
@@ -191,7 +191,7 @@ def test_make_bench_prints_its_table_alone_and_logs_the_rest():
             "min_train_steps=100",
         ],
         cwd=PROJECT_ROOT,
-        env=BARE_ENV,
+        env=dict(BARE_ENV, BABYWEIGHT_OUTPUT_DIR=str(tmp_path)),  # its log and figures, not the project's outputs/
         capture_output=True,
         text=True,
     )
@@ -201,6 +201,7 @@ def test_make_bench_prints_its_table_alone_and_logs_the_rest():
     assert lines[0] == "generated 500 rows in " + lines[0].split(" in ")[1] and "run ok: True" in lines[2]
     table = [line.split() for line in lines[4:] if line.split()[1:2] in (["complete"], ["cached"])]
     assert {row[0] for row in table} >= {"CsvExampleGen", "Transform", "Trainer", "Evaluator", "TFLiteExporter"}
+    assert lines[-1] == f"log: {tmp_path / 'bench.log'}"
     log = lines[-1].removeprefix("log: ")
     assert "TFLite converter" in open(log).read()
     record = json.loads(open(lines[-2].removeprefix("written: ")).read())  # the same figures, as JSON

@@ -24,10 +24,26 @@ def test_image_holds_the_code_and_schema_where_the_vertex_profile_looks():
     assert "ENV TF_USE_LEGACY_KERAS=1" in DOCKERFILE
 
 
+def test_image_holds_every_module_setup_py_installs():
+    """`pip install -e .` in the image installs setup.py's py_modules: each must be copied (the server the
+    InfraValidator starts imports babyweight_cli)."""
+    import ast
+
+    setup = ast.parse((config_lib.PROJECT_ROOT / "setup.py").read_text())
+    modules = next(
+        ast.literal_eval(keyword.value)
+        for node in ast.walk(setup)
+        if isinstance(node, ast.Call)
+        for keyword in node.keywords
+        if keyword.arg == "py_modules"
+    )
+    copied = " ".join(re.findall(r"^COPY (.+) \./$", DOCKERFILE, re.M))
+    assert modules and all(f"{module}.py" in copied.split() for module in modules), (modules, copied)
+
+
 def test_pipeline_image_can_start_the_server_the_infra_validator_runs():
     """The InfraValidator runs `python -m serving.model_server.server` in this image: the serving package (copied,
-    above) and
-    the server's pinned dependencies are in it."""
+    above) and the server's pinned dependencies are in it."""
     assert re.search(r"pip install --no-cache-dir -c constraints.txt [^\n]*-r serving/requirements.txt", DOCKERFILE)
     assert re.search(r"pip install --no-cache-dir -c constraints.txt [^\n]*\bpsutil\b", DOCKERFILE)
 

@@ -28,7 +28,7 @@ from pipeline.commands import quality, serving_check
 from pipeline.components import baseline
 from pipeline.metadata import mlmd
 from pipeline.reports import summary
-from tests.conftest import PROJECT_ROOT
+from tests.conftest import PROJECT_ROOT, QUICK_TRAINING
 
 pytestmark = pytest.mark.slow
 
@@ -140,12 +140,7 @@ def schema_runs(tmp_path_factory):
     schema.parent.mkdir()
     original = (PROJECT_ROOT / "schema" / "schema.pbtxt").read_text()
     config = config_lib.load_config(
-        overrides={
-            "data_dir": str(data),
-            "output_dir": str(root / "out"),
-            "schema_dir": str(schema.parent),
-            "min_train_steps": "100",
-        }
+        overrides=dict(QUICK_TRAINING, data_dir=str(data), output_dir=str(root / "out"), schema_dir=str(schema.parent))
     )
     mother_age = original.index('name: "mother_age"')
     runs = {}
@@ -189,10 +184,7 @@ def test_editing_the_code_a_step_runs_reruns_that_step_only(tmp_path):
         str(tmp_path / "data"),
         "--output-dir",
         str(tmp_path / "out"),
-        "--set",
-        "min_train_steps=100",
-        "--set",
-        "train_epochs=1",
+        *(f"--set={key}={value}" for key, value in QUICK_TRAINING.items()),
     ]
 
     def run() -> Dict[str, str]:

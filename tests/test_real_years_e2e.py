@@ -14,13 +14,11 @@ import tensorflow as tf
 
 from pipeline import config as config_lib
 from pipeline.components import csv_example_gen
-from tests.conftest import run_pipeline
+from tests.conftest import QUICK_TRAINING, run_pipeline
 from tests.pipeline.components.test_csv_example_gen import _run_executor
 
 pytestmark = pytest.mark.slow
 
-# Validation is what these runs are for: a short training keeps them quick.
-QUICK = {"train_epochs": "1", "min_train_steps": "100"}
 EXCEL_YEAR = 2006
 
 
@@ -45,7 +43,7 @@ def year_runs(years_root, real_export_csv):
             (root / "plain" / f"natality-{year}.csv").write_text(text)
         (folder / f"natality-{year}.csv").write_bytes(_excel(text) if int(year) == EXCEL_YEAR else text.encode())
         config = config_lib.load_config(
-            overrides=dict(QUICK, data_dir=str(root / "arrivals"), output_dir=str(root / "out"))
+            overrides=dict(QUICK_TRAINING, data_dir=str(root / "arrivals"), output_dir=str(root / "out"))
         )
         runs[int(year)] = run_pipeline(config)
     return runs

@@ -193,7 +193,7 @@ def test_pusher_deploys_to_the_configured_vertex_endpoint(compiled):
         "min_replica_count": 1,
         "max_replica_count": 3,
     }
-    # This project's server, which honours Vertex's AIP_* variables (tests/serving/test_deployment.py).
+    # This project's server, which honours Vertex's AIP_* variables (tests/serving/model_server/test_deployment.py).
     assert custom_config["ai_platform_vertex_container_image_uri"] == SERVING_IMAGE
     assert custom_config["request_response_logging"] == {
         "bq_destination_table": "bq://my-project.babyweight_serving.request_response_logging",

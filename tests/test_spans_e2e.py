@@ -5,7 +5,9 @@ corrupted by the generator in one way (a run each, all blocked), a clean span (t
 spans only) and a span whose anomaly is configured as a warning (trains).
 """
 
+import base64
 import pathlib
+import re
 import shutil
 
 import pytest
@@ -13,7 +15,7 @@ import pytest
 from data import generator
 from pipeline import config as config_lib
 from pipeline.components import spans as spans_lib
-from tests.conftest import run_pipeline
+from tests.conftest import QUICK_TRAINING, run_pipeline
 
 pytestmark = pytest.mark.slow
 
@@ -40,11 +42,12 @@ def span_runs(tmp_path_factory):
     runs = {}
     for span, path in enumerate(paths, start=1):
         shutil.copytree(path.parent, root / "arrivals" / f"span-{span}")
-        overrides = {
-            "data_dir": str(root / "arrivals"),
-            "output_dir": str(root / "out"),
-            "training_window_spans": str(WINDOW),
-        }
+        overrides = dict(
+            QUICK_TRAINING,
+            data_dir=str(root / "arrivals"),
+            output_dir=str(root / "out"),
+            training_window_spans=str(WINDOW),
+        )
         if span == 9:
             overrides["warning_checks"] = "unexpected"
         runs[span] = run_pipeline(config_lib.load_config(overrides=overrides))
@@ -145,6 +148,13 @@ def test_each_run_writes_a_self_contained_html_report(span_runs):
     assert "TFLite models for devices" in page and "float32  ok     largest difference from the SavedModel" in page
     blocked = pathlib.Path(span_runs[2].outcome.summary.split("  report: ")[1].splitlines()[0]).read_text()
     assert "BLOCKING" in blocked and "Evaluation by slice" not in blocked
+    # The columns with 'unknown' codes: their codes a bar of their own, read from the rows of both spans...
+    plots = [base64.b64decode(data).decode() for data in re.findall(r"data:image/svg\+xml;base64,([^']+)'", page)]
+    assert sum("unknown" in plot and "(99)" in plot for plot in plots) == 4, "gestation, weight gain, ever born, father"
+    # ...unless a span's rows can't be read: span 5 holds text in weight_gain_pounds, so both spans are drawn from
+    # TFDV's histograms, and the page says so.
+    typed = pathlib.Path(span_runs[5].outcome.summary.split("  report: ")[1].splitlines()[0]).read_text()
+    assert "drawn from TFDV's histograms (their rows could not be read)" in typed
 
 
 def test_predictions_are_compared_with_the_previous_run_that_trained(span_runs):

@@ -35,8 +35,11 @@ class BaselineMetrics(types.Artifact):
     TYPE_NAME = "babyweight.BaselineMetrics"  # namespace.Name, as Vertex Pipelines requires
 
 
-def read_examples(files: Sequence[str], limit: Optional[int] = None) -> pd.DataFrame:
-    """The model features and the label of gzipped tf.Example files, one row per example (the first `limit`).
+def read_examples(
+    files: Sequence[str], limit: Optional[int] = None, columns: Optional[Sequence[features.Column]] = None
+) -> pd.DataFrame:
+    """The model features and the label (or `columns`) of gzipped tf.Example files, one row per example (the first
+    `limit`).
 
     Text features as str ('' where none), numbers as float (NaN where none), as `serving_raw` takes them.
     """
@@ -45,7 +48,7 @@ def read_examples(files: Sequence[str], limit: Optional[int] = None) -> pd.DataF
     from models.preprocessing import dense_raw
 
     dtypes = {"string": tf.string, "int": tf.int64, "float": tf.float32}
-    columns = list(features.FEATURES) + [features.LABEL]
+    columns = list(columns or (*features.FEATURES, features.LABEL))
     spec = {c.name: tf.io.VarLenFeature(dtypes[c.dtype]) for c in columns}
     parts: Dict[str, List[np.ndarray]] = {c.name: [] for c in columns}
     records = tf.data.TFRecordDataset(list(files), compression_type="GZIP")

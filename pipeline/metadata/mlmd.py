@@ -119,6 +119,9 @@ class Store:
             )
         return found[0]
 
+    def artifacts_by_uri(self, uri: str) -> List[metadata_store_pb2.Artifact]:
+        return self._store.get_artifacts_by_uri(uri)
+
     def artifacts(self) -> List[metadata_store_pb2.Artifact]:
         return sorted(self._store.get_artifacts(), key=lambda a: a.id)
 

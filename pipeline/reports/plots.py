@@ -142,8 +142,8 @@ def unknown_shares(values: Dict[str, np.ndarray], unknown_codes: Sequence[float]
 def _distribution_with_unknown(
     title: str, values: Dict[str, np.ndarray], now: str, before: str, alert: bool, unknown_codes: Sequence[float]
 ) -> str:
-    """Known values as a histogram (share of rows per unit, on bins shared by both spans) beside one bar group
-    for the 'unknown' codes (share of rows), each span's shares of all its rows."""
+    """Known values as a histogram (share of the known values per unit, on bins shared by both spans) beside one
+    bar group for the 'unknown' codes (their share of all the span's rows)."""
     spans = [
         (key, label, colour, fill)
         for key, label, colour, fill in (("before", before, BEFORE, True), ("now", now, NOW, False))
@@ -165,10 +165,9 @@ def _distribution_with_unknown(
     shares = unknown_shares(values, unknown_codes)
     for index, (key, _, colour, fill) in enumerate(spans):
         counts, _ = np.histogram(known[key], edges)
-        total = len(values[key])
         axes.bar(
             edges[:-1],
-            counts / total / np.diff(edges),
+            counts / max(len(known[key]), 1) / np.diff(edges),  # as TFDV's histograms: a share of the known values
             np.diff(edges),
             align="edge",
             color=colour if fill else "none",

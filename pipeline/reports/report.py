@@ -120,22 +120,23 @@ def coded_values(store: mlmd.Store, statistics_uri: str) -> Optional[pd.DataFram
     """The columns with 'unknown' codes, in the first PLOT_ROWS rows of the drift split that the statistics at
     `statistics_uri` were computed on (its StatisticsGen's input examples); None if they can't be read."""
     try:
-        artifact = next((a for a in store.artifacts() if a.uri == statistics_uri), None)
+        artifact = next(iter(store.artifacts_by_uri(statistics_uri)), None)
         producer = store.producer(artifact) if artifact is not None else None
         examples = store.inputs(producer).get("examples") if producer is not None else None
         if not examples:
-            logging.warning(
-                "report: no examples recorded for the statistics %s; plotted from TFDV's histograms", statistics_uri
-            )
-            return None
+            raise ValueError("ML Metadata records no examples for them")
         files = io_utils.all_files_pattern(os.path.join(examples[0].uri, f"Split-{DRIFT_SPLIT}"))
         import tensorflow as tf
 
-        return baseline.read_examples(sorted(tf.io.gfile.glob(files)), limit=PLOT_ROWS)[list(CODED_COLUMNS)]
-    except Exception:  # a plot drawn from the statistics instead; the run and its report go on
+        coded = [features.BY_NAME[name] for name in CODED_COLUMNS]
+        return baseline.read_examples(sorted(tf.io.gfile.glob(files)), limit=PLOT_ROWS, columns=coded)
+    except Exception as error:  # plotted from TFDV's histograms instead: the run and its report go on
+        # A span whose column holds text where a number belongs (blocked as a type change) can't be parsed.
+        reason = (str(error).splitlines() or [type(error).__name__])[0][:200]
         logging.warning(
-            "report: the rows behind %s can't be read; plotted from TFDV's histograms", statistics_uri, exc_info=True
+            "report: the rows behind %s can't be read (%s); plotted from TFDV's histograms", statistics_uri, reason
         )
+        logging.info("the rows behind %s", statistics_uri, exc_info=True)
         return None
 
 
@@ -210,6 +211,12 @@ def _statistics_section(
     parts = [
         f"<p>Train split: {current.datasets[0].num_examples} rows in span {verdict.span}"
         + (f", {previous.datasets[0].num_examples} in span {verdict.baseline_span}" if previous else "")
+        + (
+            f". A column with 'unknown' codes (99 weeks, ...) is drawn from the first {PLOT_ROWS:,} rows of each span, "
+            "its codes as a bar of their own"
+            if rows
+            else ". The columns with 'unknown' codes are drawn from TFDV's histograms (their rows could not be read)"
+        )
         + f". TFDV's interactive view of the same statistics: <a href='{html.escape(facets_link)}'>Facets</a> "
         "(it loads its code from the web).</p>",
         _distribution_plots(
@@ -319,10 +326,11 @@ def write_report(config, run_name: str, steps: List[mlmd.StepRecord], outcome: s
         facets = path.with_name(path.stem + "-facets.html")
         beside.append((facets, _facets_page(current, previous, verdict)))
         store = mlmd.open_sqlite(config.metadata_path)
-        rows = {
-            "now": coded_values(store, statistics.uri),
-            "before": coded_values(store, verdict.baseline_statistics) if verdict.baseline_statistics else None,
-        }
+        rows = {"now": coded_values(store, statistics.uri)}
+        if verdict.baseline_statistics:
+            rows["before"] = coded_values(store, verdict.baseline_statistics)
+        if any(frame is None for frame in rows.values()):
+            rows = {}  # both spans from TFDV's histograms: one span's rows against the other's histogram would mislead
         sections += [
             "<h2>Statistics: the new span next to the previous validated span</h2>",
             _statistics_section(

@@ -86,7 +86,7 @@ def test_unknown_codes_are_a_bar_of_their_own_not_values_of_the_histogram():
     assert "unknown" in shown and "(99)" in shown, shown
     ticks = [float(t) for t in re.findall(r"(?<![\w.])(\d+(?:\.\d+)?)(?![\w.])", shown.split("unknown")[0])]
     assert ticks and max(ticks) < 60, shown  # no axis stretched to 99 weeks
-    # The bars' heights: each span's share of its rows with the code (drawn as data, so read from the figure).
+    # The heights of the "unknown" bars: each span's share of all its rows (no value counts as a row) holding the code.
     figure_shares = plots.unknown_shares(values, (99,))
     assert figure_shares == pytest.approx({"now": 0.2, "before": 0.05})
 
