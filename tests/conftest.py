@@ -44,10 +44,10 @@ LONGEST_GROUPS = (
 )
 
 
-@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own, which reads the groups
-def pytest_collection_modifyitems(config, items) -> None:
+@pytest.hookimpl(wrapper=True)  # around every other implementation: pytest-xdist's reads the groups
+def pytest_collection_modifyitems(config, items):
     """Groups the tests for pytest-xdist: a test reading a shared run joins that run's group, the others their
-    module's (so a module-scoped run is made once); the slow groups go first, so the long ones start early."""
+    module's (so a module-scoped run is made once); the longest groups go first, then the other slow ones."""
     group_of = {}
     for item in items:
         shared = next((name for name in SHARED_RUNS if name in item.fixturenames), None)
@@ -60,6 +60,12 @@ def pytest_collection_modifyitems(config, items) -> None:
         return rank, item.get_closest_marker("slow") is None
 
     items.sort(key=order)  # stable: each module keeps its order
+    result = yield
+    if getattr(config.option, "loadgroup", False) and items and "@" not in items[0].nodeid:
+        # pytest-xdist marks a group in the test's id; a pytest whose ids it can't set (9.1 and later, for xdist
+        # 3.8) would spread each group over the workers and make every shared run once per worker.
+        raise pytest.UsageError("pytest-xdist did not group the tests: use the pytest pinned in constraints.txt")
+    return result
 
 
 def skip_or_fail_in_ci(reason: str) -> None:

@@ -145,7 +145,7 @@ def _distribution_plots(
     previous: Optional[statistics_pb2.DatasetFeatureStatistics],
     verdict: Verdict,
     drift: Dict[str, Tuple[str, float, float]],
-    rows: Dict[str, Optional[pd.DataFrame]],
+    coded: Dict[str, pd.DataFrame],
 ) -> str:
     """Each model column's distribution over the previous span's: blocking ones first, then warnings, then by
     drift distance against its threshold."""
@@ -175,7 +175,7 @@ def _distribution_plots(
             detail = "no earlier validated span to compare with"
         else:
             detail = "no drift check in the schema"
-        values = {key: frame[name].to_numpy() for key, frame in rows.items() if frame is not None and name in frame}
+        values = {key: frame[name].to_numpy() for key, frame in coded.items() if name in frame}
         images.append(
             plots.distribution(
                 f"{head}\n{detail}",
@@ -198,7 +198,7 @@ def _statistics_section(
     verdict: Verdict,
     measurements: Dict[str, Tuple[str, float, float]],
     facets_link: str,
-    rows: Dict[str, Optional[pd.DataFrame]],
+    coded: Dict[str, pd.DataFrame],
 ) -> str:
     now = _feature_rows(current.datasets[0])
     before = _feature_rows(previous.datasets[0]) if previous is not None else {}
@@ -214,13 +214,13 @@ def _statistics_section(
         + (
             f". A column with 'unknown' codes (99 weeks, ...) is drawn from the first {PLOT_ROWS:,} rows of each span, "
             "its codes as a bar of their own"
-            if rows
+            if coded
             else ". The columns with 'unknown' codes are drawn from TFDV's histograms (their rows could not be read)"
         )
         + f". TFDV's interactive view of the same statistics: <a href='{html.escape(facets_link)}'>Facets</a> "
         "(it loads its code from the web).</p>",
         _distribution_plots(
-            current.datasets[0], previous.datasets[0] if previous else None, verdict, measurements, rows
+            current.datasets[0], previous.datasets[0] if previous else None, verdict, measurements, coded
         ),
         _table(frame.set_index(["feature", "span"]) if len(frame) else frame),
     ]
@@ -326,11 +326,11 @@ def write_report(config, run_name: str, steps: List[mlmd.StepRecord], outcome: s
         facets = path.with_name(path.stem + "-facets.html")
         beside.append((facets, _facets_page(current, previous, verdict)))
         store = mlmd.open_sqlite(config.metadata_path)
-        rows = {"now": coded_values(store, statistics.uri)}
+        coded = {"now": coded_values(store, statistics.uri)}
         if verdict.baseline_statistics:
-            rows["before"] = coded_values(store, verdict.baseline_statistics)
-        if any(frame is None for frame in rows.values()):
-            rows = {}  # both spans from TFDV's histograms: one span's rows against the other's histogram would mislead
+            coded["before"] = coded_values(store, verdict.baseline_statistics)
+        if any(frame is None for frame in coded.values()):
+            coded = {}  # both spans from TFDV's histograms: one span's rows against the other's histogram would mislead
         sections += [
             "<h2>Statistics: the new span next to the previous validated span</h2>",
             _statistics_section(
@@ -340,7 +340,7 @@ def write_report(config, run_name: str, steps: List[mlmd.StepRecord], outcome: s
                 verdict,
                 drift_measurements(found),
                 facets.name,
-                rows,
+                coded,
             ),
         ]
     tuning = summary.run_tuning_lines(steps, indent="")
