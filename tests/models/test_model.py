@@ -120,8 +120,6 @@ def test_python_and_graph_agree_on_what_is_missing():
 def test_parsed_integers_reach_the_missing_check_as_the_python_twin_sees_them():
     import tensorflow as tf
 
-    from models import preprocessing
-
     weeks = features.BY_NAME["gestation_weeks"]
     parsed = tf.sparse.SparseTensor([[0, 0], [1, 0], [3, 0]], tf.constant([39, 99, 17], tf.int64), [4, 1])
     graph = preprocessing.is_missing(weeks, preprocessing.dense_raw(parsed)).numpy().tolist()
