@@ -7,8 +7,11 @@ import pathlib
 import sys
 from typing import Dict, List
 
-os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+import babyweight_cli
+
+# What the make targets and the commands set (Keras 2, TensorFlow's log level), and TensorFlow imported quietly:
+# each xdist worker imports it, and its CUDA plugin registration lines would end every run's output.
+babyweight_cli.install_quiet_tensorflow()
 
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
