@@ -45,6 +45,8 @@ def test_one_definition_wires_every_component():
     assert components["TFLiteExporter"].inputs["model"] is components["Pusher"].inputs["model"]
     assert components["TFLiteExporter"].inputs["pushed_model"] is components["Pusher"].outputs["pushed_model"]
     assert "DataGate" in {node.id for node in components["Transform"].upstream_nodes}
+    # No analyzer cache: nothing reads one, and writing it cost Transform seconds per span of the window.
+    assert "updated_analyzer_cache" not in components["Transform"].outputs
     assert "DataGate" in {node.id for node in components["training_window"].upstream_nodes}
     assert components["Trainer"].inputs["examples"] is components["training_window"].outputs["examples"]
     # The trees learn from the Trainer's rows and are scored on the Evaluator's.
