@@ -21,6 +21,9 @@ SHUFFLE_BUFFER = 20_000
 COUNT_BATCH = 65_536
 # Differently masked copies of the training rows, cached (one per epoch up to this many; then reused).
 MAX_MASKED_COPIES = 8
+# The Trainer validates at this many evenly spaced epochs (the last among them), not after each: a small data set
+# trains in hundreds of short epochs, and validating after each took as long as training.
+VALIDATIONS = 10
 # Training steps per call into the graph: with the input cached, Keras' per-step round trip from Python
 # costs about as much as a step of this model (1,500 steps: 16 s -> 12 s).
 STEPS_PER_EXECUTION = 20
@@ -266,6 +269,12 @@ def training_schedule(train_examples: int, batch_size: int, epochs: int, min_ste
     return steps_per_epoch, max(epochs, math.ceil(min_steps / steps_per_epoch))
 
 
+def validation_epochs(epochs: int) -> List[int]:
+    """The epochs (1-based) after which the Trainer validates: VALIDATIONS of them (or each, if fewer), evenly
+    spaced, the last one among them."""
+    return sorted({math.ceil(epochs * k / VALIDATIONS) for k in range(1, VALIDATIONS + 1)})
+
+
 def trainer_settings(fn_args: tfx.components.FnArgs) -> Dict[str, Any]:
     """The pipeline's settings for the model (custom_config), with the Tuner's best values, where the Trainer
     was given them (fn_args.hyperparameters: a KerasTuner HyperParameters config), in place of the profile's."""
@@ -299,9 +308,9 @@ def fit(
 ) -> Tuple[tf.keras.Model, Dict[str, List[float]]]:
     """A model trained with `settings` (the Trainer's, or a Tuner trial's), and its history.
 
-    It trains on `train_files` and is validated after every epoch on `eval_files`. With `holdout` (the Tuner's
-    trials) it trains on the train files' rows but one in HOLDOUT_BUCKETS and is validated once, at the end, on
-    that one, each held-out row once whatever the batch size, masked as `mask_features` does at
+    It trains on `train_files` and is validated on `eval_files` after `validation_epochs(epochs)`. With `holdout`
+    (the Tuner's trials) it trains on the train files' rows but one in HOLDOUT_BUCKETS and is validated once, at
+    the end, on that one, each held-out row once whatever the batch size, masked as `mask_features` does at
     `validation_mask_rate` (with the seed, so every trial is scored on the same rows and the same gaps), so that
     the search never sees the eval split the Evaluator scores the chosen model on.
     """
@@ -353,7 +362,7 @@ def fit(
         epochs=epochs,
         validation_data=validation_dataset,
         validation_steps=max(1, math.ceil(_count_records(validation_files, validation_part) / batch_size)),
-        validation_freq=[epochs] if holdout else 1,
+        validation_freq=[epochs] if holdout else validation_epochs(epochs),
         callbacks=[
             *callbacks,
             tf.keras.callbacks.LambdaCallback(
@@ -367,7 +376,7 @@ def fit(
 
 class FitTimer(tf.keras.callbacks.Callback):
     """The training throughput of a model.fit: examples trained, seconds (masking and transforming the rows,
-    and validating after each epoch, included: the Trainer's own pace) and examples/s."""
+    and validating, included: the Trainer's own pace) and examples/s."""
 
     def on_train_begin(self, logs: Optional[Dict[str, Any]] = None) -> None:
         self._started, self._epochs = time.time(), 0

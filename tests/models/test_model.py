@@ -43,6 +43,18 @@ def test_training_schedule_covers_small_and_large_data(examples, expected):
     assert model.training_schedule(examples, 256, 4, 400) == expected
 
 
+@pytest.mark.parametrize(
+    "epochs, expected",
+    [
+        (400, [40, 80, 120, 160, 200, 240, 280, 320, 360, 400]),  # small data: 400 short epochs, validated 10 times
+        (25, [3, 5, 8, 10, 13, 15, 18, 20, 23, 25]),
+        (4, [1, 2, 3, 4]),  # large data: after each epoch
+    ],
+)
+def test_the_trainer_validates_at_evenly_spaced_epochs_ending_with_the_last(epochs, expected):
+    assert model.validation_epochs(epochs) == expected
+
+
 def _raw_rows(rows: int):
     """Dense raw rows as `serving_raw` takes them: every feature known, and a label."""
     import tensorflow as tf

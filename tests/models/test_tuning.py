@@ -293,7 +293,7 @@ def test_a_trial_trains_on_four_fifths_and_is_scored_once_on_the_masked_fifth(mo
     model.fit(settings, None, ["train"], ["eval"], {}, tf.distribute.get_strategy())  # the Trainer
     train, validation, fitted = calls
     assert train["holdout"] is None and validation["holdout"] is None and validation["mask_rate"] == 0.0
-    assert validation["repeat"] and fitted == {"validation_steps": 4, "freq": 1}
+    assert validation["repeat"] and fitted == {"validation_steps": 4, "freq": model.validation_epochs(epochs)}
 
 
 def test_a_diverged_trial_fails_with_the_reason(monkeypatch):
