@@ -15,7 +15,7 @@ from data import generator
 from pipeline import config as config_lib
 from pipeline.metadata import metadata_cli
 from pipeline.reports import history
-from tests.conftest import PROJECT_ROOT, run_pipeline
+from tests.conftest import PROJECT_ROOT, QUICK_TRAINING, run_pipeline
 
 pytestmark = pytest.mark.slow
 
@@ -29,10 +29,11 @@ def _metadata(capsys, *args):
 
 def test_a_killed_run_is_interrupted_in_its_step_and_a_rerun_completes_from_the_cache(tmp_path, capsys):
     generator.write(2_000, 3, tmp_path / "data")
-    config = config_lib.load_config(overrides={"data_dir": str(tmp_path / "data"), "output_dir": str(tmp_path / "out")})
+    overrides = dict(QUICK_TRAINING, data_dir=str(tmp_path / "data"), output_dir=str(tmp_path / "out"))
+    config = config_lib.load_config(overrides=overrides)
     console = (tmp_path / "console.txt").open("w")
     runner = subprocess.Popen(
-        [sys.executable, "runner_local.py", "--data-dir", config.data_dir, "--output-dir", config.output_dir],
+        [sys.executable, "runner_local.py", *(f"--set={key}={value}" for key, value in overrides.items())],
         cwd=PROJECT_ROOT,
         stdout=console,
         stderr=subprocess.STDOUT,
@@ -43,7 +44,7 @@ def test_a_killed_run_is_interrupted_in_its_step_and_a_rerun_completes_from_the_
         while "Component Trainer is running." not in (tmp_path / "console.txt").read_text():
             assert runner.poll() is None and time.monotonic() < deadline, (tmp_path / "console.txt").read_text()
             time.sleep(0.5)
-        time.sleep(3)  # well inside the Trainer (it trains for many seconds)
+        time.sleep(3)  # well inside the Trainer (it loads the transform and builds its input for longer)
         # While its process lives the run is running, not interrupted.
         live = json.loads(_metadata(capsys, "runs", "--store", config.metadata_path, "--json"))
         assert [run["status"] for run in live] == ["running"] and runner.poll() is None

@@ -6,12 +6,16 @@ import pytest
 
 from pipeline.commands import run as run_lib
 from pipeline.commands import simulate
+from tests.conftest import QUICK_TRAINING
 
 pytestmark = pytest.mark.slow
 
 
 def test_simulation_prints_what_each_span_did(tmp_path, capsys):
-    code = simulate.main(["--spans", "3", "--rows", "1500", "--corrupt", "2:shift", "--output-dir", str(tmp_path)])
+    quick = [f"--set={key}={value}" for key, value in QUICK_TRAINING.items()]  # on enough rows to be blessed
+    code = simulate.main(
+        ["--spans", "3", "--rows", "6000", "--corrupt", "2:shift", "--output-dir", str(tmp_path), *quick]
+    )
     assert code == 0
     lines = capsys.readouterr().out.splitlines()
     header = lines.index(next(line for line in lines if line.split()[:3] == ["span", "drift", "found"]))
