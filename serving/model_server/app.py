@@ -366,8 +366,11 @@ def _settle_memory() -> None:
     """After a version loads or leaves: collect, then keep what is live out of later collections.
 
     A version's objects and its table (up to --cache-capacity keys) would otherwise be walked by every full collection
-    of the garbage collector, a pause of milliseconds in the middle of requests.
+    of the garbage collector, a pause of milliseconds in the middle of requests. What an earlier call froze is
+    unfrozen first: a version unloaded since then (its SavedModel's graphs hold reference cycles) is freed only by a
+    collection that sees it, and frozen it would stay in memory for good (about 54 MiB a push).
     """
+    gc.unfreeze()
     gc.collect()
     gc.freeze()
 
