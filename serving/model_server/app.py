@@ -38,6 +38,7 @@ from models import features
 from serving.core import batching, cache, contract, loader, manager
 from serving.experiments import experiment
 from serving.model_server import metrics, request_log
+from serving.model_server import settings as settings_lib
 from serving.model_server.settings import ServerSettings
 
 MODELS_ROUTE = re.compile(
@@ -385,7 +386,8 @@ def _error(status: int, message: str) -> Response:
 
 def create_app(settings: ServerSettings) -> Starlette:
     """The ASGI app of one server process."""
-    threads = max(1, (os.cpu_count() or 1) // max(1, settings.workers or os.cpu_count() or 1))
+    cpus = settings_lib.usable_cpus()
+    threads = max(1, cpus // max(1, settings.workers or cpus))
     tf.config.threading.set_intra_op_parallelism_threads(threads)
     tf.config.threading.set_inter_op_parallelism_threads(threads)
     server = ModelServer(settings)
@@ -421,7 +423,5 @@ def create_app(settings: ServerSettings) -> Starlette:
 
 def app_from_environment() -> Starlette:
     """uvicorn's factory in each worker process: the settings `babyweight serve` was started with."""
-    from serving.model_server import settings as settings_lib
-
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(process)d %(levelname)s %(message)s")
     return create_app(settings_lib.from_environment())

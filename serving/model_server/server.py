@@ -21,10 +21,12 @@ def run(settings: settings_lib.ServerSettings) -> None:
     """Starts uvicorn with the settings' workers; returns when it is stopped (Ctrl-C, SIGTERM)."""
     import uvicorn
 
-    workers = settings.workers or os.cpu_count() or 1
-    metrics_dir = settings.metrics_dir or tempfile.mkdtemp(prefix="babyweight-metrics-")
-    shutil.rmtree(metrics_dir, ignore_errors=True)  # counters of an earlier server would add up with ours
-    os.makedirs(metrics_dir)
+    workers = settings.workers or settings_lib.usable_cpus()
+    # A folder of our own for the workers' counters (an earlier server's would add up with ours), made inside
+    # --metrics-dir where given: only it is removed at exit, never the folder given or anything else in it.
+    if settings.metrics_dir:
+        os.makedirs(settings.metrics_dir, exist_ok=True)
+    metrics_dir = tempfile.mkdtemp(prefix="babyweight-metrics-", dir=settings.metrics_dir or None)
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
     os.environ[settings_lib.ENV_SETTINGS] = settings_lib.to_environment(settings)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(process)d %(levelname)s %(message)s")

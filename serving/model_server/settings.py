@@ -7,7 +7,9 @@ On Vertex AI the platform's variables win: AIP_HTTP_PORT, AIP_STORAGE_URI, AIP_H
 import argparse
 import dataclasses
 import json
+import math
 import os
+import pathlib
 from typing import Any, List, Mapping, Optional
 
 ENV_SETTINGS = "BABYWEIGHT_SERVE_SETTINGS"
@@ -23,7 +25,7 @@ class ServerSettings:
     model_config_file: str = ""  # TF Serving's model_config_list (version policy, labels); re-read when it changes
     host: str = "127.0.0.1"  # 0.0.0.0 to take requests from other machines (the serving image does)
     port: int = 8501  # TF Serving's REST port
-    workers: int = 0  # server processes, each with its own model copy, batcher and cache; 0 = one per CPU
+    workers: int = 0  # server processes, each with its own model copy, batcher and cache; 0 = one per usable CPU
     poll_seconds: float = 1.0  # how often the model folder (and the config file) is looked at for new versions
     max_batch_size: int = 256  # instances per model call, concurrent requests together
     batch_timeout_micros: int = 0  # wait this long for more requests before a call (0: take what is queued)
@@ -37,7 +39,7 @@ class ServerSettings:
     log_keep_files: int = 20  # older log files beyond this many are deleted
     health_route: str = ""  # Vertex AI's AIP_HEALTH_ROUTE: 200 once a version is available
     predict_route: str = ""  # Vertex AI's AIP_PREDICT_ROUTE: predicts with the default version
-    metrics_dir: str = ""  # where worker processes keep Prometheus counters ('' = a fresh temporary folder)
+    metrics_dir: str = ""  # a folder made in it holds the workers' Prometheus counters ('' = the temporary folder)
     experiment_file: str = (
         ""  # an A/B split, shadow or bandit between versions (serving/experiments/experiment.py); '' = none
     )
@@ -45,6 +47,42 @@ class ServerSettings:
     @property
     def request_log_enabled(self) -> bool:
         return self.log_dir != "off"
+
+
+def usable_cpus(cgroup_root: str = "/sys/fs/cgroup") -> int:
+    """The CPUs this process may use: those its affinity allows, at most its cgroup's CPU quota rounded up (a
+    container started with --cpus 2 on a 64-CPU host gets 2, not 64)."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        cpus = os.cpu_count() or 1
+    quota = cgroup_cpu_quota(cgroup_root)
+    return max(1, min(cpus, math.ceil(quota)) if quota else cpus)
+
+
+def cgroup_cpu_quota(root: str = "/sys/fs/cgroup") -> Optional[float]:
+    """CPUs the cgroup's quota allows (cgroup v2's cpu.max, the first found from the process's cgroup up to the
+    root, or v1's cpu.cfs_quota_us over cpu.cfs_period_us); None where there is no quota or no file to read."""
+    try:
+        own = next(line[3:] for line in pathlib.Path("/proc/self/cgroup").read_text().splitlines() if line[:3] == "0::")
+    except (OSError, StopIteration):
+        own = "/"
+    own_folder = pathlib.Path(root, own.strip().lstrip("/"))
+    for folder in [own_folder, *own_folder.parents]:
+        if not folder.is_relative_to(root):
+            break
+        try:
+            quota, period = (folder / "cpu.max").read_text().split()[:2]
+            if quota != "max":  # else a parent's quota may still apply
+                return int(quota) / int(period)
+        except (OSError, ValueError):
+            continue
+    try:
+        quota = int(pathlib.Path(root, "cpu", "cpu.cfs_quota_us").read_text())
+        period = int(pathlib.Path(root, "cpu", "cpu.cfs_period_us").read_text())
+    except (OSError, ValueError):
+        return None
+    return quota / period if quota > 0 and period > 0 else None
 
 
 def add_flags(parser: argparse.ArgumentParser) -> None:

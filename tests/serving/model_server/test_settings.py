@@ -1,0 +1,65 @@
+"""`babyweight serve`'s start: how many workers by default, and the folder of the workers' counters."""
+
+import os
+
+import pytest
+
+from serving.model_server import server
+from serving.model_server import settings as settings_lib
+
+
+@pytest.fixture(autouse=True)
+def server_environment(monkeypatch):
+    """server.run sets these for its workers: put back after each test."""
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", "unset")
+    monkeypatch.setenv(settings_lib.ENV_SETTINGS, "{}")
+
+
+@pytest.mark.parametrize(
+    "files, quota",
+    [
+        ({"cpu.max": "150000 100000\n"}, 1.5),  # cgroup v2: docker run --cpus 1.5
+        ({"cpu.max": "max 100000\n"}, None),
+        ({"cpu/cpu.cfs_quota_us": "200000\n", "cpu/cpu.cfs_period_us": "100000\n"}, 2.0),  # cgroup v1
+        ({"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}, None),
+        ({}, None),
+    ],
+)
+def test_the_cgroup_s_cpu_quota_is_read_as_a_container_sets_it(tmp_path, files, quota):
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    assert settings_lib.cgroup_cpu_quota(str(tmp_path)) == quota
+
+
+def test_workers_default_to_the_cpus_the_process_may_use_not_the_host_s(tmp_path, monkeypatch):
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)  # the host's
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)  # taskset
+    assert settings_lib.usable_cpus(str(tmp_path)) == 8
+    (tmp_path / "cpu.max").write_text("150000 100000\n")  # a 1.5-CPU container
+    assert settings_lib.usable_cpus(str(tmp_path)) == 2
+    started = {}
+    monkeypatch.setattr(settings_lib, "usable_cpus", lambda: 2)
+    monkeypatch.setattr("uvicorn.run", lambda *args, **kwargs: started.update(kwargs))
+    server.run(settings_lib.ServerSettings())
+    assert started["workers"] == 2
+
+
+def test_the_metrics_dir_given_keeps_what_it_holds(tmp_path, monkeypatch):
+    """The workers' counters go to a folder made inside --metrics-dir; only that folder is removed at exit."""
+    given = tmp_path / "outputs"
+    (given / "serving_model" / "1").mkdir(parents=True)
+    (given / "metadata.sqlite").write_text("ML Metadata")
+    seen = {}
+
+    def uvicorn_run(*args, **kwargs):
+        seen["folder"] = os.environ["PROMETHEUS_MULTIPROC_DIR"]
+        assert os.path.isdir(seen["folder"]) and not os.listdir(seen["folder"])  # fresh: no earlier server's counts
+        open(os.path.join(seen["folder"], "counter_1.db"), "w").close()
+
+    monkeypatch.setattr("uvicorn.run", uvicorn_run)
+    server.run(settings_lib.ServerSettings(metrics_dir=str(given), workers=1))
+    assert os.path.dirname(seen["folder"]) == str(given)
+    assert not os.path.exists(seen["folder"])
+    assert sorted(path.name for path in given.iterdir()) == ["metadata.sqlite", "serving_model"]
+    assert (given / "serving_model" / "1").is_dir()
