@@ -6,6 +6,10 @@ loaded and warmed up before it takes traffic, and an older one leaves only once 
 are available. A request takes a handle to one version (`resolve`) and keeps it to the end, so a version that
 is being unloaded finishes the requests it has. A version that fails to load is refused with a log line and its
 error in the status; it is tried again only when its files change.
+
+Storage faults keep what is served (TF Serving's availability-preserving policy): a listing that fails (a bucket
+unreachable, a folder unreadable) or comes back empty unloads nothing; a failed poll is logged, counted
+(`on_storage_error`) and retried with a backoff that doubles up to MAX_BACKOFF_SECONDS.
 """
 
 import dataclasses
@@ -23,6 +27,7 @@ from serving.core import loader
 from serving.model_server.settings import ServerSettings
 
 LOADING, AVAILABLE, UNLOADING, END = "LOADING", "AVAILABLE", "UNLOADING", "END"
+MAX_BACKOFF_SECONDS = 30.0
 
 
 class NotFound(LookupError):
@@ -31,6 +36,10 @@ class NotFound(LookupError):
 
 class Unavailable(RuntimeError):
     """Nothing to answer with yet (HTTP 503)."""
+
+
+class StorageError(OSError):
+    """The model folder could not be listed; the message names it and the file system's reason."""
 
 
 class ConfigFileError(ValueError):
@@ -87,16 +96,21 @@ def read_model_config(path: str, name: str, default_base_path: str) -> ModelConf
 
 
 def list_versions(base_path: str) -> Dict[int, str]:
-    """Version folders (integer names) under base_path, or base_path itself if it holds a SavedModel."""
+    """Version folders (integer names) under base_path, or base_path itself if it holds a SavedModel; none if
+    base_path does not exist (yet). Raises StorageError if it can't be listed (tf.io.gfile.isdir would say False)."""
     if tf.io.gfile.exists(os.path.join(base_path, "saved_model.pb")):  # one version, e.g. Vertex's AIP_STORAGE_URI
         name = os.path.basename(base_path.rstrip("/"))
         return {int(name) if name.isdigit() else 1: base_path}
-    if not tf.io.gfile.isdir(base_path):
+    try:
+        names = tf.io.gfile.listdir(base_path)
+    except tf.errors.NotFoundError:
+        if tf.io.gfile.exists(base_path):  # there but not a folder
+            raise StorageError(f"the model folder {base_path} is not a folder") from None
         return {}
+    except tf.errors.OpError as error:
+        raise StorageError(f"can't list the model folder {base_path}: {error.message}") from error
     return {
-        int(name.rstrip("/")): os.path.join(base_path, name.rstrip("/"))
-        for name in tf.io.gfile.listdir(base_path)
-        if name.rstrip("/").isdigit()
+        int(name.rstrip("/")): os.path.join(base_path, name.rstrip("/")) for name in names if name.rstrip("/").isdigit()
     }
 
 
@@ -128,11 +142,13 @@ class Manager:
         default_base_path: str,
         traffic_head: Callable[[], Sequence[features.InstanceKey]] = lambda: (),
         on_change: Callable[[], None] = lambda: None,
+        on_storage_error: Callable[[], None] = lambda: None,
     ):
         self.settings = settings
         self._default_base_path = default_base_path
         self._traffic_head = traffic_head
         self._on_change = on_change
+        self._on_storage_error = on_storage_error
         self.config = read_model_config(settings.model_config_file, settings.model_name, default_base_path)
         self._config_stamp = self._stamp()
         self.available: Dict[int, loader.LoadedVersion] = {}  # replaced whole, never changed in place
@@ -237,6 +253,11 @@ class Manager:
         """One look at the config file and the folder; loads and unloads to match the policy."""
         self._reload_config()
         found = list_versions(self.config.base_path)
+        if not found and self.available:
+            # An empty or missing folder is as likely a storage fault (a bucket not mounted) as an intent.
+            raise StorageError(
+                f"no version found under {self.config.base_path}; still serving {sorted(self.available)}"
+            )
         for version, fingerprint in list(self._failed.items()):
             if version in found and files_fingerprint(found[version]) != fingerprint:
                 del self._failed[version]  # its files changed (a copy finished): try it again
@@ -247,7 +268,7 @@ class Manager:
                 break
             self._load(pending[0], found[pending[0]])
         ready = [v for v in aspired if v in self.available]
-        if ready or not aspired:
+        if ready:  # a version leaves only for one that is available (none available: the old ones stay)
             for version in [v for v in self.available if v not in aspired]:
                 self._unload(version)
         for version in [v for v in list(self.states) if v not in found and v not in self.available]:
@@ -292,15 +313,29 @@ class Manager:
         """Polls in a background thread until `stop`."""
 
         def run() -> None:
+            failures = 0
             while not self._stop.is_set():
                 try:
                     self.poll_once()
-                except Exception:  # a poll that fails (storage unreachable) must not stop the next one
-                    logging.exception("polling %s failed; trying again", self.config.base_path)
-                self._stop.wait(self.settings.poll_seconds)
+                    failures = 0
+                except Exception as error:  # a poll that fails (storage unreachable) must not stop the next one
+                    failures += 1
+                    self._on_storage_error()
+                    wait = self.backoff(failures)
+                    if isinstance(error, (StorageError, tf.errors.OpError)):
+                        logging.error("%s; polling again in %.0f s", error, wait)
+                    else:
+                        logging.exception("polling %s failed; polling again in %.0f s", self.config.base_path, wait)
+                self._stop.wait(self.backoff(failures))
 
         self._thread = threading.Thread(target=run, name="version-manager", daemon=True)
         self._thread.start()
+
+    def backoff(self, failures: int) -> float:
+        """Seconds to the next poll after this many failed polls in a row."""
+        return min(
+            self.settings.poll_seconds * 2 ** min(failures, 16), max(MAX_BACKOFF_SECONDS, self.settings.poll_seconds)
+        )
 
     def stop(self) -> None:
         self._stop.set()

@@ -75,7 +75,11 @@ class ModelServer:
             settings.max_batch_size, settings.batch_timeout_micros / 1e6, on_batch=self.metrics.batched
         )
         self.manager = manager.Manager(
-            settings, paths["model_dir"], traffic_head=self.traffic_head, on_change=_settle_memory
+            settings,
+            paths["model_dir"],
+            traffic_head=self.traffic_head,
+            on_change=_settle_memory,
+            on_storage_error=self.metrics.storage_error,
         )
         self.log: Optional[request_log.RequestLog] = None
         self.experiment = (

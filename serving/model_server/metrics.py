@@ -64,6 +64,11 @@ class Metrics:
             ["version", "result"],
             registry=self.registry,
         )
+        self.storage_errors = Counter(
+            "babyweight_model_storage_errors",
+            "Polls of the model folder that failed (listing or reading it); the loaded versions kept serving.",
+            registry=self.registry,
+        )
         self._counts: Dict[Tuple, float] = collections.defaultdict(float)  # (counter, labels...) -> increment
         self._histograms: Dict[Tuple, _PendingHistogram] = {}
 
@@ -78,6 +83,10 @@ class Metrics:
             self._counts[(self.cache, version, "hit")] += hits
         if misses:
             self._counts[(self.cache, version, "miss")] += misses
+
+    def storage_error(self) -> None:
+        """A failed poll of the model folder (from the manager's thread: prometheus_client's own lock)."""
+        self.storage_errors.inc()
 
     def batched(self, version: int, instances: int) -> None:
         self._pending(self.batch, BATCH_BUCKETS, str(version)).add(instances)

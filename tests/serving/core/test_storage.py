@@ -4,6 +4,7 @@ TensorFlow's in-memory file system (ram://) stands in for Cloud Storage here: no
 """
 
 import os
+import time
 
 import pytest
 import tensorflow as tf
@@ -36,3 +37,55 @@ def test_the_manager_finds_loads_and_serves_versions_from_a_non_local_path(tmp_p
     assert handle.predict_keys([features.instance_key(row)])[0] == pytest.approx(toy_model.expected(row, 5.0))
     # One version's folder given directly, as Vertex's AIP_STORAGE_URI is.
     assert manager.list_versions(f"{base}/4") == {4: f"{base}/4"}
+
+
+def test_a_folder_that_can_t_be_listed_or_is_gone_keeps_the_loaded_version(tmp_path, monkeypatch):
+    """tf.io.gfile.isdir says False on any error: a hiccup must not read as "no versions" and unload them all."""
+    models = tmp_path / "models"
+    toy_model.save(models / "1", 1.0)
+    versions = manager.Manager(settings.ServerSettings(model_dir=str(models)), str(models))
+    versions.poll_once()
+    assert sorted(versions.available) == [1]
+
+    def denied(path):
+        raise tf.errors.PermissionDeniedError(None, None, f"{path}: permission denied")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(tf.io.gfile, "listdir", denied)
+        with pytest.raises(manager.StorageError, match=r"can't list the model folder .*models: .*permission denied"):
+            versions.poll_once()
+        assert sorted(versions.available) == [1] and versions.resolve().version == 1
+    models.rename(tmp_path / "away")  # a bucket or volume not mounted
+    with pytest.raises(manager.StorageError, match=r"no version found under .*models; still serving \[1\]"):
+        versions.poll_once()
+    (tmp_path / "away").rename(models)
+    toy_model.save(models / "2", 2.0)  # storage back, with a new version: it takes over as before
+    versions.poll_once()
+    assert sorted(versions.available) == [2]
+
+
+def test_failed_polls_back_off_to_a_bound_and_are_counted(tmp_path, monkeypatch):
+    models = tmp_path / "models"
+    toy_model.save(models / "1", 1.0)
+    failed = []
+    versions = manager.Manager(
+        settings.ServerSettings(model_dir=str(models), poll_seconds=0.01),
+        str(models),
+        on_storage_error=lambda: failed.append(1),
+    )
+    assert [versions.backoff(n) for n in (0, 1, 3)] == [0.01, 0.02, 0.08]
+    assert versions.backoff(40) == manager.MAX_BACKOFF_SECONDS
+    versions.poll_once()
+
+    def unreachable(path):
+        raise tf.errors.UnavailableError(None, None, "storage unreachable")
+
+    monkeypatch.setattr(tf.io.gfile, "listdir", unreachable)
+    versions.start()
+    try:
+        deadline = time.monotonic() + 30
+        while len(failed) < 4 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert len(failed) >= 4 and versions.resolve().version == 1
+    finally:
+        versions.stop()

@@ -151,3 +151,18 @@ def test_pushed_versions_leave_nothing_frozen_behind(tmp_path):
     finally:
         gc.unfreeze()
     assert frozen[-1] - frozen[0] < 100, frozen
+
+
+def test_the_model_folder_gone_for_a_while_is_counted_and_the_loaded_version_keeps_serving(tmp_path):
+    from tests.serving.model_server.test_server import _metric
+
+    models = tmp_path / "models"
+    toy_model.save(models / "1", 1.0)
+    with running_server(models, tmp_path / "logs") as url:
+        models.rename(tmp_path / "away")  # a volume or bucket not mounted for a while
+        _until(lambda: _metric(url, "babyweight_model_storage_errors_total") >= 2)
+        status, headers, _ = call(f"{url}/v1/models/babyweight:predict", {"instances": [ROW]})
+        assert status == 200 and headers["x-model-version"] == "1"
+        (tmp_path / "away").rename(models)
+        toy_model.save(models / "2", 2.0)
+        _until(lambda: call(f"{url}/v1/models/babyweight:predict", {"instances": [ROW]})[1]["x-model-version"] == "2")
