@@ -55,8 +55,10 @@ def test_serving_image_holds_the_server_and_its_pinned_dependencies_only():
     python = (config_lib.PROJECT_ROOT / ".python-version").read_text().strip()
     assert f"ARG PYTHON_VERSION={python}" in SERVING_DOCKERFILE
     assert "pip install --no-cache-dir -c constraints.txt -r serving/requirements.txt" in SERVING_DOCKERFILE
-    for path in ("babyweight_cli.py", "models/", "serving/", "constraints.txt", "serving/requirements.txt"):
+    for path in ("babyweight_cli.py", "models/", "schema/", "serving/", "constraints.txt", "serving/requirements.txt"):
         assert f"COPY {path}" in SERVING_DOCKERFILE and (config_lib.PROJECT_ROOT / path).exists()
+    users = re.findall(r"^USER (\S+)", SERVING_DOCKERFILE, re.M)
+    assert users and users[-1] not in ("root", "0"), "the server runs as an unprivileged user"
     assert "COPY pipeline/" not in SERVING_DOCKERFILE
     # Every module the server imports is in the image: models/ and serving/ import nothing of pipeline/ at the
     # top (serving/model_server/app.py reads the local profile's folders only when --model-dir or --log-dir is not

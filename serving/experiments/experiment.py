@@ -31,11 +31,15 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 import yaml
 
+from serving.core import schema
+
 POLICIES = ("split", "thompson", "epsilon_greedy", "shadow")
 REWARDS = ("absolute", "squared")
 REFRESH_SECONDS = 1.0
 ROUTING_HEADER = "x-routing-key"
 PRIOR_WEIGHT = 1.0  # pseudo-observations at the pooled loss an arm's posterior starts from
+MAX_LOSS = 1e6  # beyond any loss of an outcome in the label's domain: larger stored losses are left out of the sums
+MAX_REQUEST_ID = 128  # characters: a client's X-Request-Id, and an outcome's request_id
 
 
 class ExperimentError(ValueError):
@@ -132,13 +136,17 @@ def _posterior(stats: Mapping[str, ArmStats]) -> Dict[str, Tuple[float, float]]:
     """
     n = sum(s.n for s in stats.values())
     pooled_mean = sum(s.loss_sum for s in stats.values()) / n if n else 0.0
-    pooled_var = (sum(s.loss_squares for s in stats.values()) / n - pooled_mean**2) if n > 1 else 1.0
+    pooled_var = (sum(s.loss_squares for s in stats.values()) / n - pooled_mean * pooled_mean) if n > 1 else 1.0
+    if not (math.isfinite(pooled_mean) and math.isfinite(pooled_var)):  # sums beyond floats (Store.stats bounds them)
+        pooled_mean, pooled_var = 0.0, 1.0
     pooled_var = max(pooled_var, 1e-6)
     beliefs = {}
     for arm, s in stats.items():
         weight = s.n + PRIOR_WEIGHT
         mean = (s.loss_sum + PRIOR_WEIGHT * pooled_mean) / weight
-        var = ((s.loss_squares - s.loss_sum**2 / s.n) / (s.n - 1)) if s.n > 1 else pooled_var
+        var = ((s.loss_squares - s.loss_sum * s.loss_sum / s.n) / (s.n - 1)) if s.n > 1 else pooled_var
+        if not (math.isfinite(mean) and math.isfinite(var)):
+            mean, var = pooled_mean, pooled_var
         beliefs[arm] = (mean, math.sqrt(max(var, 1e-6) / weight))
     return beliefs
 
@@ -307,7 +315,10 @@ class Store:
         found = {
             arm: ArmStats(n, total, squares)
             for arm, n, total, squares in self.db.execute(
-                "SELECT arm, COUNT(*), SUM(loss), SUM(loss * loss) FROM outcomes GROUP BY arm"
+                # Outcomes are checked against the label's domain, so a loss is small; one stored beyond MAX_LOSS
+                # (by an older server, or written into the file) would only make the sums overflow.
+                "SELECT arm, COUNT(*), SUM(loss), SUM(loss * loss) FROM outcomes WHERE abs(loss) <= ? GROUP BY arm",
+                (MAX_LOSS,),
             )
         }
         return {arm: found.get(arm, ArmStats()) for arm in self.config.arms}
@@ -381,5 +392,13 @@ def parse_feedback(payload: Any, where: str = "the body") -> List[Tuple[str, int
             ) from None
         if not math.isfinite(actual):
             raise ExperimentError(f"{where}, item {number}: weight_pounds {actual} is not a number")
+        low, high = schema.label_domain()
+        if not low <= actual <= high:
+            raise ExperimentError(
+                f"{where}, item {number}: weight_pounds {actual:g} is outside the label's domain "
+                f"[{low:g}, {high:g}] (schema/schema.pbtxt)"
+            )
+        if len(request_id) > MAX_REQUEST_ID:
+            raise ExperimentError(f"{where}, item {number}: request_id is longer than {MAX_REQUEST_ID} characters")
         parsed.append((request_id, instance, actual))
     return parsed

@@ -14,7 +14,7 @@ and the version that answered in the X-Request-Id and X-Model-Version headers.
 import asyncio
 import contextlib
 import gc
-import itertools
+import hmac
 import logging
 import os
 import re
@@ -47,6 +47,9 @@ MODELS_ROUTE = re.compile(
 )
 JSON = "application/json"
 ROUTING_HEADER = experiment.ROUTING_HEADER.encode()
+# A client's X-Request-Id: it goes into the request log and joins outcomes, so it is short and plain.
+CLIENT_REQUEST_ID = re.compile(rf"[A-Za-z0-9._:-]{{1,{experiment.MAX_REQUEST_ID}}}\Z")
+BAD_REQUEST_ID = f"X-Request-Id: at most {experiment.MAX_REQUEST_ID} letters, digits and . _ : - characters"
 TRAFFIC_HEAD_RECORDS = 50_000  # newest request log records read for the traffic's head when a version loads
 
 
@@ -88,8 +91,8 @@ class ModelServer:
             else None
         )
         self._shadows: set = set()  # shadow predictions running after their requests were answered
-        self._ids = itertools.count()
-        self._id_prefix = secrets.token_hex(4)
+        self._id_prefix = secrets.token_hex(4)  # tells the worker processes apart in the logs
+        self._feedback_token = settings_lib.feedback_token(settings)
 
     def start(self) -> None:
         if self.settings.request_log_enabled:
@@ -144,7 +147,20 @@ class ModelServer:
         return await self.predict(request, number, label, action[1:])
 
     async def feedback(self, request: Request) -> Response:
-        """Outcomes joined with the experiment's recorded predictions: what was accepted, unknown or a duplicate."""
+        """Outcomes joined with the experiment's recorded predictions: what was accepted, unknown or a duplicate.
+        It changes what the experiment's policy does, so it takes the feedback token (Authorization: Bearer)."""
+        if self._feedback_token is None:
+            return _error(
+                403,
+                f"feedback is off: this server has no feedback token ({settings_lib.FEEDBACK_TOKEN_ENV} or "
+                "--feedback-token-file)",
+            )
+        given = request.headers.get("authorization", "")
+        scheme, _, token = given.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self._feedback_token.encode()):
+            response = _error(401, "feedback takes the server's feedback token: Authorization: Bearer TOKEN")
+            response.headers["WWW-Authenticate"] = "Bearer"
+            return response
         if self.experiment is None:
             return _error(400, "this server runs no experiment (babyweight serve --experiment-file FILE)")
         try:
@@ -195,13 +211,17 @@ class ModelServer:
                 request_id = value.decode("latin-1")
             elif key == ROUTING_HEADER:
                 routing_key = value.decode("latin-1")
-        request_id = request_id or self._new_id()
+        bad_id = request_id is not None and CLIENT_REQUEST_ID.match(request_id) is None
+        if request_id is None or bad_id:
+            request_id = self._new_id()
         version_name = "none"
         arm = shadow = None
         if self.experiment is not None and version is None and label is None:
             arm, shadow = self.experiment.route(routing_key)
             version, label = experiment.arm_target(arm)
         try:
+            if bad_id:
+                raise contract.RequestError(BAD_REQUEST_ID)
             body = await self._body(request, declared)
             try:
                 handle = self.manager.resolve(version, label)
@@ -324,12 +344,13 @@ class ModelServer:
                 return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
     def _request_id(self, request: Request) -> str:
-        """The client's X-Request-Id, else a new one."""
-        return request.headers.get("x-request-id") or self._new_id()
+        """The client's X-Request-Id where it is one, else a new one."""
+        given = request.headers.get("x-request-id")
+        return given if given and CLIENT_REQUEST_ID.match(given) else self._new_id()
 
     def _new_id(self) -> str:
-        """Unique: a random prefix per process, then a counter."""
-        return f"{self._id_prefix}-{next(self._ids):x}"
+        """The process's prefix, then 128 random bits: no client can guess another's id (and send its outcome)."""
+        return f"{self._id_prefix}-{secrets.token_hex(16)}"
 
     def _refused(self, status: int, message: str, request_id: str, version: str, route: str) -> Response:
         self.metrics.request(version, route, status)

@@ -21,6 +21,8 @@ def run(settings: settings_lib.ServerSettings) -> None:
     """Starts uvicorn with the settings' workers; returns when it is stopped (Ctrl-C, SIGTERM)."""
     import uvicorn
 
+    settings_lib.feedback_token(settings)  # a token that can't be read stops the start, not each worker
+
     workers = settings.workers or settings_lib.usable_cpus()
     # A folder of our own for the workers' counters (an earlier server's would add up with ours), made inside
     # --metrics-dir where given: only it is removed at exit, never the folder given or anything else in it.
@@ -58,7 +60,11 @@ def run(settings: settings_lib.ServerSettings) -> None:
 
 def main(argv: Optional[List[str]] = None) -> int:
     """`babyweight serve [--flags]`: see --help for every setting."""
-    run(settings_lib.parse(argv))
+    try:
+        run(settings_lib.parse(argv))
+    except settings_lib.SettingsError as error:
+        print(f"babyweight serve: {error}", file=sys.stderr)
+        return 2
     return 0
 
 

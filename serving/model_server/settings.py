@@ -13,6 +13,8 @@ import pathlib
 from typing import Any, List, Mapping, Optional
 
 ENV_SETTINGS = "BABYWEIGHT_SERVE_SETTINGS"
+FEEDBACK_TOKEN_ENV = "BABYWEIGHT_FEEDBACK_TOKEN"
+MIN_TOKEN_CHARACTERS = 16
 MODEL_NAME = "babyweight"
 
 
@@ -43,6 +45,7 @@ class ServerSettings:
     experiment_file: str = (
         ""  # an A/B split, shadow or bandit between versions (serving/experiments/experiment.py); '' = none
     )
+    feedback_token_file: str = ""  # a file holding the token :feedback requires (else BABYWEIGHT_FEEDBACK_TOKEN)
 
     @property
     def request_log_enabled(self) -> bool:
@@ -83,6 +86,32 @@ def cgroup_cpu_quota(root: str = "/sys/fs/cgroup") -> Optional[float]:
     except (OSError, ValueError):
         return None
     return quota / period if quota > 0 and period > 0 else None
+
+
+class SettingsError(ValueError):
+    """A setting the server can't start with; the message names it."""
+
+
+def feedback_token(settings: ServerSettings, environ: Optional[Mapping[str, str]] = None) -> Optional[str]:
+    """The bearer token :feedback requires: the contents of --feedback-token-file, else BABYWEIGHT_FEEDBACK_TOKEN;
+    None when neither is set (feedback is then off). A secret is never a flag: flags show in `ps`."""
+    environ = os.environ if environ is None else environ
+    if settings.feedback_token_file:
+        where = f"--feedback-token-file {settings.feedback_token_file}"
+        try:
+            token = pathlib.Path(settings.feedback_token_file).read_text().strip()
+        except (OSError, UnicodeDecodeError) as error:
+            raise SettingsError(f"{where}: can't read it ({error})") from None
+    elif environ.get(FEEDBACK_TOKEN_ENV):
+        where, token = FEEDBACK_TOKEN_ENV, environ[FEEDBACK_TOKEN_ENV].strip()
+    else:
+        return None
+    if len(token) < MIN_TOKEN_CHARACTERS or not token.isascii() or not token.isprintable():
+        raise SettingsError(
+            f"{where}: the token must be at least {MIN_TOKEN_CHARACTERS} printable ASCII characters "
+            "(python -c 'import secrets; print(secrets.token_urlsafe(32))' makes one)"
+        )
+    return token
 
 
 def add_flags(parser: argparse.ArgumentParser) -> None:

@@ -3,6 +3,8 @@
 import csv
 import dataclasses
 import json
+import math
+import re
 
 import numpy as np
 import pytest
@@ -14,6 +16,9 @@ from tests.serving.conftest import call, running_server
 from tests.serving.model_server.test_server import LABELS_CONFIG
 
 MEDIUM = {"mother_age": 30, "gestation_weeks": 39}
+TOKEN = "test-feedback-token-0123456789"
+WITH_TOKEN = {"BABYWEIGHT_FEEDBACK_TOKEN": TOKEN}
+AUTHORIZED = {"Authorization": f"Bearer {TOKEN}"}
 
 
 def _experiment_file(folder, **settings):
@@ -99,6 +104,36 @@ def test_feedback_joins_late_outcomes_once_and_names_unknown_and_duplicate_ids(t
     reopened.close()
 
 
+@pytest.mark.parametrize(
+    "item, message",
+    [
+        ({"request_id": "a", "weight_pounds": 1e308}, "weight_pounds 1e+308 is outside the label's domain [0.2, 20]"),
+        ({"request_id": "a", "weight_pounds": -3}, "weight_pounds -3 is outside the label's domain"),
+        ({"request_id": "a", "weight_pounds": 0.1}, "weight_pounds 0.1 is outside the label's domain"),
+        ({"request_id": "a" * 129, "weight_pounds": 7}, "request_id is longer than 128 characters"),
+    ],
+)
+def test_an_outcome_that_is_no_birth_weight_is_refused_naming_it(item, message):
+    with pytest.raises(ExperimentError, match=re.escape(f"the body, item 0: {message}")):
+        experiment.parse_feedback({"feedback": [item]})
+    assert experiment.parse_feedback({"request_id": "a", "weight_pounds": 20.0}) == [("a", 0, 20.0)]
+
+
+def test_whatever_the_state_file_holds_routing_and_reports_do_not_overflow(tmp_path):
+    """An outcome stored before outcomes were checked (1e308 pounds): its loss would make the sums overflow."""
+    config = experiment.load_config(str(_experiment_file(tmp_path)))
+    store = experiment.Store(config)
+    for n in range(3):
+        store.record(f"r{n}", "stable" if n else "canary", 1, [7.0])
+    store.feedback([("r1", 0, 7.5), ("r2", 0, 6.5)])
+    store.db.execute("INSERT INTO outcomes VALUES ('r0', 0, 'canary', 1e308, 1e308, 1e308, 0)")
+    served = experiment.Experiment(config)
+    assert {served.route(None)[0] for _ in range(50)} <= {"stable", "canary"}
+    assert all(math.isfinite(p) for p in experiment.probability_best(store.stats()).values())
+    beliefs = experiment._posterior({"a": ArmStats(2, 1e308, float("inf")), "b": ArmStats(3, 1.5, 1.0)})
+    assert all(math.isfinite(value) for belief in beliefs.values() for value in belief)
+
+
 def test_the_batch_feedback_command_reads_csv_and_reports_what_it_could_not_join(tmp_path, capsys):
     path = _experiment_file(tmp_path)
     store = experiment.Store(experiment.load_config(str(path)))
@@ -122,7 +157,7 @@ def test_a_served_split_is_sticky_says_its_arm_and_takes_feedback_across_a_resta
     exp = _experiment_file(tmp_path, policy="split", split=[0.5, 0.5])
     flags = ("--model-config-file", str(_models_config(tmp_path, toy_versions)), "--experiment-file", str(exp))
     url_predict = "/v1/models/babyweight:predict"
-    with running_server(toy_versions, tmp_path / "logs", *flags, available=2) as url:
+    with running_server(toy_versions, tmp_path / "logs", *flags, available=2, env=WITH_TOKEN) as url:
         sticky = {
             call(url + url_predict, {"instances": [MEDIUM]}, {"X-Routing-Key": "patient-7"})[1]["x-experiment-arm"]
             for _ in range(10)
@@ -144,16 +179,31 @@ def test_a_served_split_is_sticky_says_its_arm_and_takes_feedback_across_a_resta
                     {"request_id": "unseen", "weight_pounds": 7.0},
                 ]
             },
+            AUTHORIZED,
         )
-        bad = call(url + "/v1/models/babyweight:feedback", {"feedback": [{"request_id": "q2"}]})
+        bad = call(url + "/v1/models/babyweight:feedback", {"feedback": [{"request_id": "q2"}]}, AUTHORIZED)
+        outside = call(url + "/v1/models/babyweight:feedback", {"request_id": "q2", "weight_pounds": 1e308}, AUTHORIZED)
+        # Feedback steers the policy: without the token it is refused, and nothing is joined.
+        anonymous = call(url + "/v1/models/babyweight:feedback", {"request_id": "q2", "weight_pounds": 7.0})
+        wrong = call(
+            url + "/v1/models/babyweight:feedback",
+            {"request_id": "q2", "weight_pounds": 7.0},
+            {"Authorization": "Bearer " + TOKEN[:-1] + "x"},
+        )
     assert len(sticky) == 1 and arms == {"stable", "canary"}
     assert "x-experiment-arm" not in pinned  # a version asked by name is not routed
     assert status == 200 and result == {"accepted": 2, "unknown": ["unseen"], "duplicate": ["q0"]}
     assert bad[0] == 400 and "needs request_id and a numeric weight_pounds" in bad[2]["error"]
-    with running_server(toy_versions, tmp_path / "logs", *flags, available=2) as url:
+    assert outside[0] == 400 and "weight_pounds 1e+308 is outside the label's domain [0.2, 20]" in outside[2]["error"]
+    assert anonymous[0] == wrong[0] == 401 and anonymous[1]["www-authenticate"] == "Bearer"
+    with running_server(toy_versions, tmp_path / "logs", *flags, available=2) as url:  # no token: feedback is off
+        off = call(url + "/v1/models/babyweight:feedback", {"request_id": "q1", "weight_pounds": 7.0}, AUTHORIZED)
+    assert off[0] == 403 and "feedback is off: this server has no feedback token" in off[2]["error"]
+    with running_server(toy_versions, tmp_path / "logs", *flags, available=2, env=WITH_TOKEN) as url:
         again = call(
             url + "/v1/models/babyweight:feedback",
             {"feedback": [{"request_id": "q1", "weight_pounds": 7.0}, {"request_id": "q3", "weight_pounds": 7.0}]},
+            AUTHORIZED,
         )
     assert again[2] == {"accepted": 1, "unknown": [], "duplicate": ["q1"]}  # the state survived the restart
     result = experiment_cli.report(experiment.load_config(str(exp)))
@@ -183,7 +233,7 @@ def test_a_restarted_bandit_routes_by_the_persisted_outcomes_and_an_absent_arm_f
 def test_shadow_mode_answers_with_the_incumbent_and_records_the_challenger(toy_versions, tmp_path):
     exp = _experiment_file(tmp_path, policy="shadow")
     flags = ("--model-config-file", str(_models_config(tmp_path, toy_versions)), "--experiment-file", str(exp))
-    with running_server(toy_versions, tmp_path / "logs", *flags, available=2) as url:
+    with running_server(toy_versions, tmp_path / "logs", *flags, available=2, env=WITH_TOKEN) as url:
         answers = [
             call(
                 url + "/v1/models/babyweight:predict",
@@ -193,7 +243,11 @@ def test_shadow_mode_answers_with_the_incumbent_and_records_the_challenger(toy_v
             for n in range(5)
         ]
         call(url + "/v1/models/babyweight:predict", {"instances": [MEDIUM]})  # the shadows run after the answers
-        call(url + "/v1/models/babyweight:feedback", {"feedback": [{"request_id": "s0", "weight_pounds": 9.0}]})
+        call(
+            url + "/v1/models/babyweight:feedback",
+            {"feedback": [{"request_id": "s0", "weight_pounds": 9.0}]},
+            AUTHORIZED,
+        )
     for status, headers, body in answers:
         assert status == 200 and headers["x-model-version"] == "1" and headers["x-experiment-arm"] == "stable"
         assert body["predictions"][0][0] == pytest.approx(toy_model.expected(MEDIUM, 1))

@@ -2,6 +2,7 @@
 
 import base64
 import json
+import re
 import time
 
 import pytest
@@ -219,6 +220,25 @@ def test_metrics_count_requests_errors_batches_and_paths(server):
         'babyweight_request_seconds_bucket{le="0.005",path="model",version="2"}',
     ):
         assert line in text, line
+
+
+@pytest.mark.parametrize("given", ["x" * 129, "a b", "id\u00e9", "<script>"])
+def test_a_client_request_id_beyond_its_limits_is_refused_with_a_new_id(server, given):
+    status, headers, body = call(
+        f"{server[0]}/v1/models/babyweight:predict",
+        {"instances": [ROW]},
+        headers={"X-Request-Id": given.encode("utf-8").decode("latin-1")},
+    )
+    assert status == 400 and body["error"].startswith("X-Request-Id: at most 128 letters, digits and")
+    assert re.fullmatch(r"[0-9a-f]{8}-[0-9a-f]{32}", headers["x-request-id"])
+
+
+def test_the_ids_the_server_makes_are_unguessable(server):
+    """128 random bits after the process's prefix: a client can't send the outcome of another's request."""
+    ids = [call(f"{server[0]}/v1/models/babyweight:predict", {"instances": [ROW]})[1]["x-request-id"] for _ in range(3)]
+    assert all(re.fullmatch(r"[0-9a-f]{8}-[0-9a-f]{32}", found) for found in ids) and len(set(ids)) == 3
+    suffixes = [int(found.split("-")[1], 16) for found in ids]
+    assert max(suffixes) - min(suffixes) > 2**64  # not a counter
 
 
 def test_request_log_has_every_prediction_and_validate_serving_reads_it(server):

@@ -1,5 +1,6 @@
 """`babyweight serve`'s start: how many workers by default, and the folder of the workers' counters."""
 
+import dataclasses
 import os
 
 import pytest
@@ -63,3 +64,26 @@ def test_the_metrics_dir_given_keeps_what_it_holds(tmp_path, monkeypatch):
     assert not os.path.exists(seen["folder"])
     assert sorted(path.name for path in given.iterdir()) == ["metadata.sqlite", "serving_model"]
     assert (given / "serving_model" / "1").is_dir()
+
+
+def test_the_feedback_token_comes_from_a_file_or_the_environment_never_a_flag(tmp_path):
+    token = "s3cret-token-of-32-characters-xx"
+    assert settings_lib.feedback_token(settings_lib.ServerSettings(), {}) is None  # feedback off
+    environ = {settings_lib.FEEDBACK_TOKEN_ENV: token + "\n"}
+    assert settings_lib.feedback_token(settings_lib.ServerSettings(), environ) == token
+    (tmp_path / "token").write_text(token + "\n")
+    from_file = settings_lib.ServerSettings(feedback_token_file=str(tmp_path / "token"))
+    assert (
+        settings_lib.feedback_token(from_file, {settings_lib.FEEDBACK_TOKEN_ENV: "another-token-0123456789"}) == token
+    )
+    assert not [field for field in dataclasses.fields(settings_lib.ServerSettings) if field.name == "feedback_token"]
+    with pytest.raises(settings_lib.SettingsError, match=r"--feedback-token-file .*missing: can't read it"):
+        settings_lib.feedback_token(settings_lib.ServerSettings(feedback_token_file=str(tmp_path / "missing")), {})
+    with pytest.raises(settings_lib.SettingsError, match="BABYWEIGHT_FEEDBACK_TOKEN: the token must be at least 16"):
+        settings_lib.feedback_token(settings_lib.ServerSettings(), {settings_lib.FEEDBACK_TOKEN_ENV: "short"})
+
+
+def test_serve_with_an_unreadable_token_file_stops_before_starting_naming_it(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("uvicorn.run", lambda *args, **kwargs: pytest.fail("started"))
+    assert server.main(["--feedback-token-file", str(tmp_path / "missing")]) == 2
+    assert "babyweight serve: --feedback-token-file" in capsys.readouterr().err
