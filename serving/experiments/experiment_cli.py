@@ -15,6 +15,7 @@ import html
 import io
 import json
 import math
+import os
 import pathlib
 import sys
 import tempfile
@@ -196,6 +197,8 @@ def promote(config: ExperimentConfig, model_config_file: str, model_name: str) -
     entries[0].version_labels["stable"] = versions[-1]
     with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=path.name, delete=False) as temporary:
         temporary.write(text_format.MessageToString(parsed))
+    # The file's own mode, not the temporary's 600: a server running as another user must still read it.
+    os.chmod(temporary.name, path.stat().st_mode & 0o7777)
     pathlib.Path(temporary.name).replace(path)  # the server re-reads the file whole, never half-written
     return f"stable: version {previous} -> {versions[-1]} (arm {winner}, best with probability {chance:.3f}; {path})"
 

@@ -50,6 +50,7 @@ ROUTING_HEADER = experiment.ROUTING_HEADER.encode()
 # A client's X-Request-Id: it goes into the request log and joins outcomes, so it is short and plain.
 CLIENT_REQUEST_ID = re.compile(rf"[A-Za-z0-9._:-]{{1,{experiment.MAX_REQUEST_ID}}}\Z")
 BAD_REQUEST_ID = f"X-Request-Id: at most {experiment.MAX_REQUEST_ID} letters, digits and . _ : - characters"
+MAX_ECHOED = 200  # characters of a client's path echoed in an error
 TRAFFIC_HEAD_RECORDS = 50_000  # newest request log records read for the traffic's head when a version loads
 
 
@@ -124,22 +125,24 @@ class ModelServer:
     async def models(self, request: Request) -> Response:
         match = MODELS_ROUTE.match(request.scope["path"])
         if match is None:
-            return _error(404, f"no such route: {request.scope['path']}")
+            return self._answered(_error(404, f"no such route: {request.scope['path'][:MAX_ECHOED]!r}"), request)
         name, version, label, action = match.group("name", "version", "label", "action")
-        if name != self.manager.config.name or (version is not None and not version.isdigit()):
-            status, message = (
-                (404, f"no model named {name!r} (this server serves {self.manager.config.name!r})")
+        # Versions are folder names of ASCII digits ('²' is a digit to str.isdigit, not to int()).
+        if name != self.manager.config.name or (version is not None and not (version.isascii() and version.isdigit())):
+            message = (
+                f"no model named {name!r} (this server serves {self.manager.config.name!r})"
                 if name != self.manager.config.name
-                else (400, f"version {version!r} is not a number")
+                else f"no version {version!r} of {name!r}: versions are numbers"
             )
             if request.method == "POST":
-                return self._refused(status, message, self._request_id(request), "none", (action or ":")[1:])
-            return _error(status, message)
+                return self._refused(404, message, self._request_id(request), "none", (action or ":")[1:])
+            return self._answered(_error(404, message), request)
         number = int(version) if version is not None else None
         if request.method == "GET":
             if action not in (None, "/metadata"):
-                return _error(405, f"{action} takes POST")
-            return self._metadata(number, label) if action else self._status(number, label)
+                return self._answered(_error(405, f"{action} takes POST"), request)
+            answer = self._metadata(number, label) if action else self._status(number, label)
+            return self._answered(answer, request)
         if action == ":feedback":
             return await self.feedback(request)
         if action not in (":predict", ":regress"):
@@ -189,7 +192,7 @@ class ModelServer:
             return _error(404, str(error))
         except manager.Unavailable as error:
             return _error(503, str(error))
-        return _json(
+        answer = _json(
             {
                 "model_spec": {"name": self.manager.config.name, "signature_name": "", "version": str(handle.version)},
                 "metadata": {"signature_def": handle.signature_defs},
@@ -200,6 +203,8 @@ class ModelServer:
                 },
             }
         )
+        answer.headers["X-Model-Version"] = str(handle.version)
+        return answer
 
     async def predict(self, request: Request, version: Optional[int], label: Optional[str], route: str) -> Response:
         started = time.perf_counter()
@@ -343,6 +348,12 @@ class ModelServer:
             if not message.get("more_body", False):
                 return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
+    def _answered(self, response: Response, request: Request, version: str = "none") -> Response:
+        """A GET's answer or a route's refusal with the headers every answer carries."""
+        response.headers["X-Request-Id"] = self._request_id(request)
+        response.headers.setdefault("X-Model-Version", version)
+        return response
+
     def _request_id(self, request: Request) -> str:
         """The client's X-Request-Id where it is one, else a new one."""
         given = request.headers.get("x-request-id")
@@ -441,7 +452,15 @@ def create_app(settings: ServerSettings) -> Starlette:
             server.metrics.flush()
             server.stop()
 
-    app = Starlette(routes=routes, lifespan=lifespan)
+    async def not_routed(request: Request, error: Exception) -> Response:
+        """Starlette's own 404 and 405 (a path or method no route takes), in the API's form and headers."""
+        status = getattr(error, "status_code", 404)
+        what = "no such route" if status == 404 else f"{request.method} is not taken here"
+        response = _error(status, f"{what}: {request.url.path[:MAX_ECHOED]!r}")
+        response.headers.update(getattr(error, "headers", None) or {})  # 405's Allow
+        return server._answered(response, request)
+
+    app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={404: not_routed, 405: not_routed})
     app.state.server = server
     return app
 

@@ -288,10 +288,11 @@ def test_promotion_moves_stable_to_a_clear_winner_and_refuses_an_unclear_one(tmp
         return dict(manager.read_model_config(str(models), "babyweight", str(toy_versions)).labels)
 
     assert labels() == {"stable": 1, "canary": 2}  # refused: unchanged
+    models.chmod(0o644)  # readable by a server running as another user: the promotion keeps it so
     clear, config = _fed(tmp_path / "clear", {"stable": rng.normal(0, 1.2, 300), "canary": rng.normal(0, 0.6, 300)})
     assert experiment_cli.main(["promote", "--experiment-file", str(clear), "--model-config-file", str(models)]) == 0
     assert "stable: version 1 -> 2 (arm canary" in capsys.readouterr().out
-    assert labels() == {"stable": 2, "canary": 2}
+    assert labels() == {"stable": 2, "canary": 2} and models.stat().st_mode & 0o777 == 0o644
     page = tmp_path / "report.html"
     assert experiment_cli.main(["report", "--experiment-file", str(clear), "--output", str(page)]) == 0
     text = page.read_text()

@@ -48,8 +48,9 @@ def test_worker_processes_share_the_port_and_the_metrics(toy_versions, tmp_path)
 
     with running_server(toy_versions, tmp_path / "logs", "--workers", "2") as url:
         # Each worker loads its own copy: until both have, one may still answer 503.
-        streak = 0
+        streak, deadline = 0, time.monotonic() + 120
         while streak < 20:
+            assert time.monotonic() < deadline, "the two workers never answered 20 requests in a row"
             streak = streak + 1 if call(f"{url}/v1/models/babyweight:predict", {"instances": [ROW]})[0] == 200 else 0
         time.sleep(metrics.FLUSH_SECONDS * 3)  # each process moves its counts to the shared files every flush
         before = answered()

@@ -169,6 +169,8 @@ def test_columnar_regress_and_serialized_examples(server):
         ("/v1/models/other:predict", {"instances": [ROW]}, 404, "no model named 'other'"),
         ("/v1/models/babyweight/versions/7:predict", {"instances": [ROW]}, 404, "no version 7"),
         ("/v1/models/babyweight/labels/beta:predict", {"instances": [ROW]}, 404, "no label 'beta'"),
+        ("/v1/models/babyweight/versions/abc:predict", {"instances": [ROW]}, 404, "no version 'abc'"),
+        ("/v1/models/babyweight/versions/%C2%B2:predict", {"instances": [ROW]}, 404, "no version '\u00b2'"),
     ],
 )
 def test_bad_requests_get_the_status_and_a_named_reason(server, path, payload, status, message):
@@ -176,6 +178,33 @@ def test_bad_requests_get_the_status_and_a_named_reason(server, path, payload, s
     got, headers, body = call(url + path, payload)
     assert got == status and message in body["error"], body
     assert headers["x-request-id"]
+
+
+@pytest.mark.parametrize(
+    "method, path, status",
+    [
+        ("GET", "/v1/models/babyweight", 200),
+        ("GET", "/v1/models/babyweight/versions/1/metadata", 200),
+        ("GET", "/v1/models/babyweight/versions/%C2%B2", 404),
+        ("GET", "/v1/models/babyweight:predict", 405),
+        ("GET", "/nowhere", 404),
+        ("DELETE", "/v1/models/babyweight", 405),
+        ("PUT", "/metrics", 405),
+    ],
+)
+def test_every_answer_carries_a_request_id_and_a_version_in_the_api_s_form(server, method, path, status):
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(urllib.request.Request(server[0] + path, method=method), timeout=30) as response:
+            got, headers, body = response.status, response.headers, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        got, headers, body = error.code, error.headers, json.loads(error.read())
+    assert got == status and headers["X-Request-Id"] and headers["X-Model-Version"]
+    assert status == 200 or body["error"]
+    if path.endswith("/metadata"):
+        assert headers["X-Model-Version"] == "1"
 
 
 def test_malformed_json_is_a_400_and_the_server_keeps_answering(server):
@@ -210,7 +239,10 @@ def test_repeated_instances_are_learned_then_answered_from_the_table(server):
 
 
 def test_metrics_count_requests_errors_batches_and_paths(server):
+    """Counts what this test asked (not what earlier tests did: it passes run alone)."""
     url = server[0]
+    rare = {"mother_age": 43, "gestation_weeks": 33, "is_male": "false"}  # in no table: the model answers
+    assert call(f"{url}/v1/models/babyweight:predict", {"instances": [rare]})[0] == 200
     call(f"{url}/v1/models/babyweight:predict", {"instances": [{"mother_age": 30}]})
     text = call_text(f"{url}/metrics")
     for line in (
