@@ -15,7 +15,7 @@ from data import generator
 from pipeline import config as config_lib
 from pipeline.metadata import metadata_cli
 from pipeline.reports import history
-from tests.conftest import PROJECT_ROOT, QUICK_TRAINING, run_pipeline
+from tests.conftest import PROJECT_ROOT, run_pipeline
 
 pytestmark = pytest.mark.slow
 
@@ -29,7 +29,8 @@ def _metadata(capsys, *args):
 
 def test_a_killed_run_is_interrupted_in_its_step_and_a_rerun_completes_from_the_cache(tmp_path, capsys):
     generator.write(2_000, 3, tmp_path / "data")
-    overrides = dict(QUICK_TRAINING, data_dir=str(tmp_path / "data"), output_dir=str(tmp_path / "out"))
+    # The profile's training (many seconds of model.fit): the kill must land inside it.
+    overrides = dict(data_dir=str(tmp_path / "data"), output_dir=str(tmp_path / "out"))
     config = config_lib.load_config(overrides=overrides)
     console = (tmp_path / "console.txt").open("w")
     runner = subprocess.Popen(
@@ -41,10 +42,10 @@ def test_a_killed_run_is_interrupted_in_its_step_and_a_rerun_completes_from_the_
     )
     try:
         deadline = time.monotonic() + 600
-        while "Component Trainer is running." not in (tmp_path / "console.txt").read_text():
+        log = pathlib.Path(config.log_path)
+        while "epoch 1/" not in (log.read_text() if log.exists() else ""):  # inside the Trainer's model.fit
             assert runner.poll() is None and time.monotonic() < deadline, (tmp_path / "console.txt").read_text()
-            time.sleep(0.5)
-        time.sleep(3)  # well inside the Trainer (it loads the transform and builds its input for longer)
+            time.sleep(0.2)
         # While its process lives the run is running, not interrupted.
         live = json.loads(_metadata(capsys, "runs", "--store", config.metadata_path, "--json"))
         assert [run["status"] for run in live] == ["running"] and runner.poll() is None

@@ -113,10 +113,23 @@ def _plain_columns(values: Sequence[Dict[str, Any]]) -> Optional[Dict[str, numpy
     return columns
 
 
-def _perhaps_lacking(columns: Dict[str, numpy.ndarray]) -> numpy.ndarray:
-    """The instances that may lack a required feature (no value, or one of its 'unknown' codes): the contract's
-    own check (`features.missing_required`) decides for each of these; the others have every required one."""
+def _perhaps_refused(columns: Dict[str, numpy.ndarray]) -> numpy.ndarray:
+    """The instances the contract may refuse: that may lack a required feature (no value, or one of its 'unknown'
+    codes), or hold a number outside its domain or a text too long. The contract's own check decides for each of
+    these; the others pass it."""
+    from serving.core import contract
+
     mask = numpy.zeros(len(next(iter(columns.values()))), bool)
+    domains = contract.numeric_domains()
+    for column in features.FEATURES:
+        values = columns[column.name]
+        if column.dtype == "string":
+            if max(map(len, values), default=0) > contract.MAX_TEXT_CHARACTERS:
+                mask |= numpy.array([len(value) > contract.MAX_TEXT_CHARACTERS for value in values], bool)
+        else:
+            low, high = domains[column.name]
+            with numpy.errstate(invalid="ignore"):
+                mask |= ~numpy.isnan(values) & ~((values >= low) & (values <= high))
     for column in features.REQUIRED_FEATURES:
         values = columns[column.name]
         if column.dtype == "string":
@@ -133,7 +146,7 @@ def parse(records: Sequence[Record]) -> Tuple[Optional[Parsed], List[Dict[str, A
 
     The contract is `contract.to_instance` (the server's check: types, value counts, required features); a batch
     of plain values is converted a column at a time, which gives the same inputs (tests check), and only the
-    instances that may lack a required feature go through the contract one by one.
+    instances the contract may refuse go through it one by one.
     """
     from serving.core import contract, loader
 
@@ -180,7 +193,7 @@ def parse(records: Sequence[Record]) -> Tuple[Optional[Parsed], List[Dict[str, A
         kept, columns = accepted, {name: tensor.numpy() for name, tensor in loader.columns_of(keys).items()}
     else:
         keep = numpy.ones(len(kept), bool)
-        for index in numpy.flatnonzero(_perhaps_lacking(columns)):
+        for index in numpy.flatnonzero(_perhaps_refused(columns)):
             try:
                 contract.to_instance(values[index])
             except ValueError as error:

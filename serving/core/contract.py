@@ -1,17 +1,22 @@
 """Requests in TF Serving's REST formats, checked against the serving contract (models/features.py).
 
 A request is read whole before anything is predicted: an instance with an unknown feature, a value of the
-wrong type or without a required feature fails the request with a 400 naming the instance and the feature.
+wrong type, a number outside its domain in the schema (schema/schema.pbtxt, the one definition of the domains:
+a number beyond them is no birth record, and the model would cast 1e30 weeks to int64's minimum), a text longer
+than MAX_TEXT_CHARACTERS, or without a required feature fails the request with a 400 naming the instance and
+the feature. Too many instances is a 413, counted before columns are turned into rows.
 """
 
 import base64
 import binascii
 import dataclasses
+import functools
 from typing import Any, Dict, List, Optional, Sequence
 
 import orjson
 
 from models import features, lite
+from serving.core import schema
 
 RAW_SIGNATURE = lite.SIGNATURE  # named raw features
 EXAMPLES_SIGNATURE = "serving_default"  # serialized tf.Examples, base64 in JSON ({"b64": ...})
@@ -37,7 +42,37 @@ class Request:
 
 
 # The JSON types each feature takes: numbers for the numeric ones, text or true/false for the others.
-_KINDS = {c.name: ((int, float) if c.dtype != "string" else (str, bool)) for c in features.FEATURES}
+_NUMBER, _TEXT = (int, float), (str, bool)
+_KINDS = {c.name: (_NUMBER if c.dtype != "string" else _TEXT) for c in features.FEATURES}
+MAX_TEXT_CHARACTERS = 64  # a text value's longest: the codes and states the model takes are a few characters
+
+
+@functools.lru_cache(maxsize=None)
+def numeric_domains() -> Dict[str, tuple]:
+    """(min, max) of each numeric model feature, from the schema (their 'unknown' codes are inside)."""
+    found = {}
+    for feature in schema.load().feature:
+        if _KINDS.get(feature.name) is _NUMBER:
+            found[feature.name] = schema.domain(feature)
+    missing = [name for name, kind in _KINDS.items() if kind is _NUMBER and name not in found]
+    if missing:
+        raise ValueError(f"{schema.SCHEMA_FILE}: no domain for the numeric feature(s) {', '.join(missing)}")
+    return found
+
+
+def _outside(index: int, name: str, value: Any, kind: tuple) -> Optional[str]:
+    """Why a value of the right type is refused (a number beyond its domain, a text too long), or None."""
+    if value.__class__ is list:
+        value = value[0] if value else None
+    if value is None:
+        return None
+    if kind is _NUMBER:
+        low, high = numeric_domains()[name]
+        if not low <= value <= high:  # NaN and infinities too
+            return f"instance {index}: feature {name!r} is {value!r}, outside its domain [{low:g}, {high:g}]"
+    elif value.__class__ is str and len(value) > MAX_TEXT_CHARACTERS:
+        return f"instance {index}: feature {name!r} is a text of {len(value)} characters; at most {MAX_TEXT_CHARACTERS}"
+    return None
 
 
 def _wrong_value(index: int, name: str, value: Any, kind: tuple) -> Optional[str]:
@@ -73,6 +108,10 @@ def check_instance(index: int, instance: Any) -> features.InstanceKey:
             f"instance {index}: missing required feature {lacking[0]!r} (no value, or an "
             f"'unknown' code); every request needs {', '.join(c.name for c in features.REQUIRED_FEATURES)}"
         )
+    for name, value in instance.items():
+        reason = _outside(index, name, value, _KINDS[name])
+        if reason:
+            raise RequestError(reason)
     return features.instance_key(instance)
 
 
@@ -113,8 +152,9 @@ def _example(index: int, instance: Any) -> Dict[str, Any]:
     return values
 
 
-def _columns_to_rows(inputs: Any) -> List[Any]:
-    """TF Serving's columnar format ({"inputs": {feature: [values]}}) as instances."""
+def _columns_to_rows(inputs: Any, max_instances: int) -> List[Any]:
+    """TF Serving's columnar format ({"inputs": {feature: [values]}}) as instances, at most max_instances of them
+    (counted before they are made)."""
     if isinstance(inputs, list):  # a list of tf.Examples, or of instances
         return inputs
     if not isinstance(inputs, dict) or not inputs:
@@ -125,7 +165,13 @@ def _columns_to_rows(inputs: Any) -> List[Any]:
     if len(set(lengths.values())) != 1 or -1 in lengths.values():
         raise RequestError(f"'inputs': every feature needs a list of one value per instance, got lengths {lengths}")
     count = next(iter(lengths.values()))
+    _check_count(count, max_instances)
     return [{name: values[index] for name, values in inputs.items()} for index in range(count)]
+
+
+def _check_count(count: int, max_instances: int) -> None:
+    if count > max_instances:
+        raise RequestError(f"{count} instances in one request; the server takes at most {max_instances}", 413)
 
 
 def parse_predict(body: bytes, max_instances: int, signature: Optional[str] = None) -> Request:
@@ -139,7 +185,7 @@ def parse_predict(body: bytes, max_instances: int, signature: Optional[str] = No
     if ("instances" in payload) == ("inputs" in payload):
         raise RequestError('the body needs exactly one of "instances" (rows) or "inputs" (columns)')
     columnar = "inputs" in payload
-    rows = _columns_to_rows(payload["inputs"]) if columnar else payload["instances"]
+    rows = _columns_to_rows(payload["inputs"], max_instances) if columnar else payload["instances"]
     if not isinstance(rows, list) or not rows:
         raise RequestError("'instances' must be a non-empty list")
     return _request(rows, payload.get("signature_name", signature), columnar, max_instances)
@@ -161,8 +207,7 @@ def parse_regress(body: bytes, max_instances: int) -> Request:
 
 
 def _request(rows: Sequence[Any], signature: Optional[str], columnar: bool, max_instances: int) -> Request:
-    if len(rows) > max_instances:
-        raise RequestError(f"{len(rows)} instances in one request; the server takes at most {max_instances}", 413)
+    _check_count(len(rows), max_instances)
     if signature is None:  # TF Serving's default is serving_default; named features mean serving_raw
         is_example = isinstance(rows[0], dict) and set(rows[0]) in ({"b64"}, {"examples"})
         signature = EXAMPLES_SIGNATURE if is_example else RAW_SIGNATURE

@@ -28,6 +28,7 @@ from serving.model_server.settings import ServerSettings
 
 LOADING, AVAILABLE, UNLOADING, END = "LOADING", "AVAILABLE", "UNLOADING", "END"
 MAX_BACKOFF_SECONDS = 30.0
+MIN_POLL_SECONDS = 0.01  # a --poll-seconds of 0 must not spin
 
 
 class NotFound(LookupError):
@@ -268,7 +269,9 @@ class Manager:
                 break
             self._load(pending[0], found[pending[0]])
         ready = [v for v in aspired if v in self.available]
-        if ready:  # a version leaves only for one that is available (none available: the old ones stay)
+        # A version leaves for one that is available, or when the policy wants none of the listed versions (a
+        # `specific` policy naming others); not when the ones it wants all failed to load: the old ones stay.
+        if ready or not self.config.aspired(list(found)):
             for version in [v for v in self.available if v not in aspired]:
                 self._unload(version)
         for version in [v for v in list(self.states) if v not in found and v not in self.available]:
@@ -320,12 +323,12 @@ class Manager:
                     failures = 0
                 except Exception as error:  # a poll that fails (storage unreachable) must not stop the next one
                     failures += 1
-                    self._on_storage_error()
                     wait = self.backoff(failures)
                     if isinstance(error, (StorageError, tf.errors.OpError)):
-                        logging.error("%s; polling again in %.0f s", error, wait)
+                        self._on_storage_error()
+                        logging.error("%s; polling again in %.1f s", error, wait)
                     else:
-                        logging.exception("polling %s failed; polling again in %.0f s", self.config.base_path, wait)
+                        logging.exception("polling %s failed; polling again in %.1f s", self.config.base_path, wait)
                 self._stop.wait(self.backoff(failures))
 
         self._thread = threading.Thread(target=run, name="version-manager", daemon=True)
@@ -333,9 +336,8 @@ class Manager:
 
     def backoff(self, failures: int) -> float:
         """Seconds to the next poll after this many failed polls in a row."""
-        return min(
-            self.settings.poll_seconds * 2 ** min(failures, 16), max(MAX_BACKOFF_SECONDS, self.settings.poll_seconds)
-        )
+        first = max(self.settings.poll_seconds, MIN_POLL_SECONDS)
+        return min(first * 2 ** min(failures, 16), max(MAX_BACKOFF_SECONDS, first))
 
     def stop(self) -> None:
         self._stop.set()

@@ -17,7 +17,14 @@ def load(path: str = str(SCHEMA_FILE)) -> schema_pb2.Schema:
     return text_format.Parse(pathlib.Path(path).read_text(), schema_pb2.Schema())
 
 
+def domain(feature: schema_pb2.Feature) -> Tuple[float, float]:
+    """A numeric feature's (min, max) as the schema writes them: its float_domain's are float32 in the proto
+    (0.2 reads 0.20000000298), so they are taken back to the decimals written."""
+    if feature.HasField("int_domain"):
+        return feature.int_domain.min, feature.int_domain.max
+    return float(f"{feature.float_domain.min:.7g}"), float(f"{feature.float_domain.max:.7g}")
+
+
 def label_domain(path: str = str(SCHEMA_FILE)) -> Tuple[float, float]:
-    """The label's float_domain (min, max): an outcome outside it is no birth weight."""
-    feature = next(f for f in load(path).feature if f.name == features.LABEL.name)
-    return feature.float_domain.min, feature.float_domain.max
+    """The label's domain (min, max): an outcome outside it is no birth weight."""
+    return domain(next(f for f in load(path).feature if f.name == features.LABEL.name))

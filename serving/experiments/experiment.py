@@ -38,7 +38,7 @@ REWARDS = ("absolute", "squared")
 REFRESH_SECONDS = 1.0
 ROUTING_HEADER = "x-routing-key"
 PRIOR_WEIGHT = 1.0  # pseudo-observations at the pooled loss an arm's posterior starts from
-MAX_LOSS = 1e6  # beyond any loss of an outcome in the label's domain: larger stored losses are left out of the sums
+MAX_LOSS = 1e6  # beyond any loss of a sensible prediction: larger losses count as this much in the sums
 MAX_REQUEST_ID = 128  # characters: a client's X-Request-Id, and an outcome's request_id
 
 
@@ -315,9 +315,11 @@ class Store:
         found = {
             arm: ArmStats(n, total, squares)
             for arm, n, total, squares in self.db.execute(
-                # Outcomes are checked against the label's domain, so a loss is small; one stored beyond MAX_LOSS
-                # (by an older server, or written into the file) would only make the sums overflow.
-                "SELECT arm, COUNT(*), SUM(loss), SUM(loss * loss) FROM outcomes WHERE abs(loss) <= ? GROUP BY arm",
+                # A loss is capped at MAX_LOSS in the sums (an arm answering nonsense still scores as the worst),
+                # so that no stored value (a model's absurd prediction, an outcome from before they were
+                # checked) can make them overflow.
+                "SELECT arm, COUNT(*), SUM(MIN(loss, ?1)), SUM(MIN(loss, ?1) * MIN(loss, ?1)) FROM outcomes "
+                "GROUP BY arm",
                 (MAX_LOSS,),
             )
         }

@@ -48,8 +48,8 @@ MODELS_ROUTE = re.compile(
 JSON = "application/json"
 ROUTING_HEADER = experiment.ROUTING_HEADER.encode()
 # A client's X-Request-Id: it goes into the request log and joins outcomes, so it is short and plain.
-CLIENT_REQUEST_ID = re.compile(rf"[A-Za-z0-9._:-]{{1,{experiment.MAX_REQUEST_ID}}}\Z")
-BAD_REQUEST_ID = f"X-Request-Id: at most {experiment.MAX_REQUEST_ID} letters, digits and . _ : - characters"
+CLIENT_REQUEST_ID = re.compile(rf"[A-Za-z0-9._:/+=-]{{1,{experiment.MAX_REQUEST_ID}}}\Z")
+BAD_REQUEST_ID = f"X-Request-Id: at most {experiment.MAX_REQUEST_ID} letters, digits and . _ : / + = - characters"
 MAX_ECHOED = 200  # characters of a client's path echoed in an error
 TRAFFIC_HEAD_RECORDS = 50_000  # newest request log records read for the traffic's head when a version loads
 
@@ -216,8 +216,8 @@ class ModelServer:
                 request_id = value.decode("latin-1")
             elif key == ROUTING_HEADER:
                 routing_key = value.decode("latin-1")
-        bad_id = request_id is not None and CLIENT_REQUEST_ID.match(request_id) is None
-        if request_id is None or bad_id:
+        bad_id = bool(request_id) and CLIENT_REQUEST_ID.match(request_id) is None  # an empty one: none sent
+        if not request_id or bad_id:
             request_id = self._new_id()
         version_name = "none"
         arm = shadow = None
@@ -262,8 +262,11 @@ class ModelServer:
                 version_name,
                 route,
             )
-        if arm is not None:
-            await self._record(request_id, arm, handle, predictions, shadow, parsed)
+        if arm is not None and not await self._record(request_id, arm, handle, predictions, shadow, parsed):
+            # Outcomes for this id join the earlier request's answer: this one's would be joined wrongly (and an
+            # id sent ahead by another client would capture this client's outcomes), so it is not answered.
+            message = f"X-Request-Id {request_id!r} was used by an earlier request of this experiment; send a new one"
+            return self._refused(409, message, request_id, version_name, route)
         if route == "regress":
             content = orjson.dumps({"results": predictions})
         else:
@@ -298,15 +301,17 @@ class ModelServer:
         predictions: List[float],
         shadow: Optional[str],
         parsed: contract.Request,
-    ) -> None:
-        """The experiment's record of a routed request; in shadow mode the challenger is asked after the answer."""
+    ) -> bool:
+        """The experiment's record of a routed request; in shadow mode the challenger is asked after the answer.
+        False (nothing recorded) if the request id was recorded already."""
         if not self.experiment.store.record(request_id, arm, handle.version, predictions):
-            logging.warning("request id %s was recorded already: its first answer is the one outcomes join", request_id)
-            return
+            logging.warning("request id %s was recorded already: refused with 409", request_id)
+            return False
         if shadow is not None:
             task = asyncio.get_running_loop().create_task(self._shadow(request_id, shadow, parsed))
             self._shadows.add(task)
             task.add_done_callback(self._shadows.discard)
+        return True
 
     async def _shadow(self, request_id: str, shadow: str, parsed: contract.Request) -> None:
         """The challenger's predictions for a request already answered, recorded and never returned."""

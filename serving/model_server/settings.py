@@ -64,22 +64,25 @@ def usable_cpus(cgroup_root: str = "/sys/fs/cgroup") -> int:
 
 
 def cgroup_cpu_quota(root: str = "/sys/fs/cgroup") -> Optional[float]:
-    """CPUs the cgroup's quota allows (cgroup v2's cpu.max, the first found from the process's cgroup up to the
-    root, or v1's cpu.cfs_quota_us over cpu.cfs_period_us); None where there is no quota or no file to read."""
+    """CPUs the cgroup's quota allows (cgroup v2's cpu.max: the smallest from the process's cgroup up to the root,
+    or v1's cpu.cfs_quota_us over cpu.cfs_period_us at the root); None where there is no quota or file to read."""
     try:
         own = next(line[3:] for line in pathlib.Path("/proc/self/cgroup").read_text().splitlines() if line[:3] == "0::")
     except (OSError, StopIteration):
         own = "/"
     own_folder = pathlib.Path(root, own.strip().lstrip("/"))
+    quotas = []
     for folder in [own_folder, *own_folder.parents]:
         if not folder.is_relative_to(root):
             break
         try:
             quota, period = (folder / "cpu.max").read_text().split()[:2]
-            if quota != "max":  # else a parent's quota may still apply
-                return int(quota) / int(period)
+            if quota != "max":  # an ancestor's quota applies too: the smallest binds
+                quotas.append(int(quota) / int(period))
         except (OSError, ValueError):
             continue
+    if quotas:
+        return min(quotas)
     try:
         quota = int(pathlib.Path(root, "cpu", "cpu.cfs_quota_us").read_text())
         period = int(pathlib.Path(root, "cpu", "cpu.cfs_period_us").read_text())

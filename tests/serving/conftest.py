@@ -70,7 +70,8 @@ def running_server(
         if not through_make
         else ["make", "-s", "serve", "ARGS=" + " ".join(arguments)]
     )  # as docs/serving.md says
-    environment = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", **(env or {})}
+    inherited = {key: value for key, value in os.environ.items() if key != "BABYWEIGHT_FEEDBACK_TOKEN"}
+    environment = {**inherited, "TF_CPP_MIN_LOG_LEVEL": "2", **(env or {})}  # a token only where a test gives one
     port = int(environment.get("AIP_HTTP_PORT", port))
     output = log_dir.parent / f"server-{port}.log"
     with output.open("w") as handle:

@@ -81,12 +81,49 @@ def test_serialized_examples_go_to_serving_default_as_their_features():
             "instance 0: 'b64' is not a serialized",
         ),
         ({"instances": [{"b64": base64.b64encode(b"").decode()}]}, "instance 0: missing required feature 'mother_age'"),
+        # The schema's domains: absurd numbers are no birth (1e30 weeks once reached the model as int64's minimum).
+        (
+            {"instances": [ROW, {**ROW, "gestation_weeks": 1e30}]},
+            r"instance 1: feature 'gestation_weeks' is 1e\+30, outside its domain \[17, 99\]",
+        ),
+        (
+            {"instances": [{**ROW, "mother_age": -5}]},
+            r"instance 0: feature 'mother_age' is -5, outside its domain \[10, 64\]",
+        ),
+        ({"instances": [{**ROW, "plurality": [9]}]}, r"feature 'plurality' is 9, outside its domain \[1, 5\]"),
+        (
+            {"instances": [{**ROW, "is_male": "x" * 65}]},
+            "instance 0: feature 'is_male' is a text of 65 characters; at most 64",
+        ),
     ],
 )
 def test_bad_requests_are_refused_naming_the_instance_and_feature(payload, message):
     with pytest.raises(contract.RequestError, match=message) as refused:
         contract.parse_predict(body(payload), 10)
     assert refused.value.status == 400
+
+
+def test_every_numeric_feature_has_its_domain_from_the_schema_and_its_unknown_codes_are_inside():
+    domains = contract.numeric_domains()
+    assert {c.name for c in features.FEATURES if c.dtype != "string"} == set(domains)
+    for column in features.FEATURES:
+        for code in getattr(column, "missing_codes", ()):
+            assert domains[column.name][0] <= code <= domains[column.name][1], column.name
+
+
+def test_columns_are_counted_before_they_become_rows():
+    """A 1 MiB body of columns once became ~100 MB of rows before the limit was checked."""
+    calls = []
+    original = contract._check_count
+    contract._check_count = lambda count, limit: (calls.append(count), original(count, limit))
+    try:
+        with pytest.raises(contract.RequestError, match="100000 instances in one request") as big:
+            contract.parse_predict(
+                body({"inputs": {"mother_age": [30] * 100_000, "gestation_weeks": [39] * 100_000}}), 10
+            )
+    finally:
+        contract._check_count = original
+    assert big.value.status == 413 and calls == [100_000]
 
 
 def test_malformed_json_and_too_many_instances():

@@ -109,14 +109,15 @@ def test_feedback_joins_late_outcomes_once_and_names_unknown_and_duplicate_ids(t
     [
         ({"request_id": "a", "weight_pounds": 1e308}, "weight_pounds 1e+308 is outside the label's domain [0.2, 20]"),
         ({"request_id": "a", "weight_pounds": -3}, "weight_pounds -3 is outside the label's domain"),
-        ({"request_id": "a", "weight_pounds": 0.1}, "weight_pounds 0.1 is outside the label's domain"),
+        ({"request_id": "a", "weight_pounds": 0.19}, "weight_pounds 0.19 is outside the label's domain"),
         ({"request_id": "a" * 129, "weight_pounds": 7}, "request_id is longer than 128 characters"),
     ],
 )
 def test_an_outcome_that_is_no_birth_weight_is_refused_naming_it(item, message):
     with pytest.raises(ExperimentError, match=re.escape(f"the body, item 0: {message}")):
         experiment.parse_feedback({"feedback": [item]})
-    assert experiment.parse_feedback({"request_id": "a", "weight_pounds": 20.0}) == [("a", 0, 20.0)]
+    for edge in (0.2, 20.0):  # the schema's own bounds (float32 in its proto) are in
+        assert experiment.parse_feedback({"request_id": "a", "weight_pounds": edge}) == [("a", 0, edge)]
 
 
 def test_whatever_the_state_file_holds_routing_and_reports_do_not_overflow(tmp_path):
@@ -130,6 +131,7 @@ def test_whatever_the_state_file_holds_routing_and_reports_do_not_overflow(tmp_p
     served = experiment.Experiment(config)
     assert {served.route(None)[0] for _ in range(50)} <= {"stable", "canary"}
     assert all(math.isfinite(p) for p in experiment.probability_best(store.stats()).values())
+    assert store.stats()["canary"].loss_sum == experiment.MAX_LOSS  # capped, not dropped: still the worst arm
     beliefs = experiment._posterior({"a": ArmStats(2, 1e308, float("inf")), "b": ArmStats(3, 1.5, 1.0)})
     assert all(math.isfinite(value) for belief in beliefs.values() for value in belief)
 
@@ -168,6 +170,7 @@ def test_a_served_split_is_sticky_says_its_arm_and_takes_feedback_across_a_resta
             version = {"stable": 1, "canary": 2}[headers["x-experiment-arm"]]
             assert status == 200 and headers["x-model-version"] == str(version)
             assert body["predictions"][0][0] == pytest.approx(toy_model.expected(MEDIUM, version))
+        reused = call(url + url_predict, {"instances": [MEDIUM]}, {"X-Request-Id": "q0"})  # claimed by the first
         pinned = call(url + "/v1/models/babyweight/versions/1:predict", {"instances": [MEDIUM]})[1]
         status, _, result = call(
             url + "/v1/models/babyweight:feedback",
@@ -190,6 +193,7 @@ def test_a_served_split_is_sticky_says_its_arm_and_takes_feedback_across_a_resta
             {"request_id": "q2", "weight_pounds": 7.0},
             {"Authorization": "Bearer " + TOKEN[:-1] + "x"},
         )
+    assert reused[0] == 409 and "X-Request-Id 'q0' was used by an earlier request" in reused[2]["error"]
     assert len(sticky) == 1 and arms == {"stable", "canary"}
     assert "x-experiment-arm" not in pinned  # a version asked by name is not routed
     assert status == 200 and result == {"accepted": 2, "unknown": ["unseen"], "duplicate": ["q0"]}

@@ -2,6 +2,7 @@
 
 import dataclasses
 import os
+import pathlib
 
 import pytest
 
@@ -14,6 +15,7 @@ def server_environment(monkeypatch):
     """server.run sets these for its workers: put back after each test."""
     monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", "unset")
     monkeypatch.setenv(settings_lib.ENV_SETTINGS, "{}")
+    monkeypatch.delenv(settings_lib.FEEDBACK_TOKEN_ENV, raising=False)  # the shell's must not reach the tests
 
 
 @pytest.mark.parametrize(
@@ -21,12 +23,22 @@ def server_environment(monkeypatch):
     [
         ({"cpu.max": "150000 100000\n"}, 1.5),  # cgroup v2: docker run --cpus 1.5
         ({"cpu.max": "max 100000\n"}, None),
+        ({"cpu.max": "300000 100000\n", "a/b/cpu.max": "max 100000\n", "a/cpu.max": "50000 100000\n"}, 0.5),
         ({"cpu/cpu.cfs_quota_us": "200000\n", "cpu/cpu.cfs_period_us": "100000\n"}, 2.0),  # cgroup v1
         ({"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}, None),
         ({}, None),
     ],
 )
-def test_the_cgroup_s_cpu_quota_is_read_as_a_container_sets_it(tmp_path, files, quota):
+def test_the_cgroup_s_cpu_quota_is_read_as_a_container_sets_it(tmp_path, monkeypatch, files, quota):
+    """The smallest quota from the process's own cgroup (here /a/b) up to the root binds."""
+    real_read = pathlib.Path.read_text
+    monkeypatch.setattr(
+        pathlib.Path,
+        "read_text",
+        lambda path, *args, **kwargs: (
+            "0::/a/b\n" if str(path) == "/proc/self/cgroup" else real_read(path, *args, **kwargs)
+        ),
+    )
     for name, text in files.items():
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_text(text)
