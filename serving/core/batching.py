@@ -2,18 +2,31 @@
 
 The batcher runs on the server's event loop. A request's instances join the queue; the queue is run when the
 loop has taken every request that arrived with them (or after `timeout` seconds, TF Serving's
-batch_timeout_micros), in calls of at most `max_batch_size` instances. Alone, a request waits for nothing;
-under load, the requests that came in while the model ran go together in the next call.
+batch_timeout_micros), in calls of at most `max_batch_size` instances (a larger request takes several calls).
+Alone, a request waits for nothing; under load, the requests that came in while the model ran go together in the
+next call. An answer that is not a finite number fails its request (NotANumber) and is never kept in the table.
 """
 
 import asyncio
 import logging
+import math
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy
 
 from models import features
 from serving.core import loader
 
 Pending = Tuple[Sequence[features.InstanceKey], asyncio.Future]
+
+
+class NotANumber(RuntimeError):
+    """The model answered an instance with something that is not a finite number: the version's fault, not the
+    request's, and nothing to serve."""
+
+    def __init__(self, version: int, instance: int, value: float):
+        super().__init__(f"version {version} answered {value} for instance {instance}, not a weight: nothing served")
+        self.version = version
 
 
 class Batcher:
@@ -51,7 +64,7 @@ class Batcher:
     def _call(self, version: loader.LoadedVersion, batch: List[Pending]) -> None:
         keys = [key for request_keys, _ in batch for key in request_keys]
         try:
-            predictions = version.predict_keys(keys)
+            predictions = self._predict(version, keys)
         except Exception as error:  # checked requests should not fail; if one does, it alone fails
             if len(batch) > 1:
                 for one in batch:
@@ -63,10 +76,25 @@ class Batcher:
             if not batch[0][1].done():
                 batch[0][1].set_exception(error)
             return
-        self._on_batch(version.version, len(keys))
         start = 0
+        answers = predictions.tolist()
         for request_keys, future in batch:
+            end = start + len(request_keys)
             if not future.done():  # a client that went away
-                future.set_result(predictions[start : start + len(request_keys)])
-            start += len(request_keys)
-        version.table.offer(keys, predictions.tolist())
+                wrong = next((index for index in range(start, end) if not math.isfinite(answers[index])), None)
+                if wrong is None:
+                    future.set_result(predictions[start:end])
+                else:
+                    future.set_exception(NotANumber(version.version, wrong - start, answers[wrong]))
+            start = end
+        version.table.offer(keys, answers)  # it keeps finite answers only
+
+    def _predict(self, version: loader.LoadedVersion, keys: List[features.InstanceKey]) -> numpy.ndarray:
+        """The version's answers for `keys`, in model calls of at most max_batch_size instances."""
+        size = self.max_batch_size
+        parts = []
+        for start in range(0, len(keys), size):
+            chunk = keys[start : start + size]
+            parts.append(version.predict_keys(chunk))
+            self._on_batch(version.version, len(chunk))
+        return parts[0] if len(parts) == 1 else numpy.concatenate(parts)

@@ -119,12 +119,13 @@ def load(
     head_size: int,
     capacity: int,
     admit_after: int,
+    max_bytes: int,
     traffic_head: Sequence[features.InstanceKey] = (),
 ) -> LoadedVersion:
     """Loads, checks and warms up a version; predicts its head (training data first, then traffic)."""
     started = time.monotonic()
     try:
-        return _load(path, version, head_size, capacity, admit_after, traffic_head, started)
+        return _load(path, version, head_size, capacity, admit_after, max_bytes, traffic_head, started)
     except LoadError:
         raise
     except tf.errors.OpError as error:
@@ -141,6 +142,7 @@ def _load(
     head_size: int,
     capacity: int,
     admit_after: int,
+    max_bytes: int,
     traffic_head: Sequence[features.InstanceKey],
     started: float,
 ) -> LoadedVersion:
@@ -171,7 +173,7 @@ def _load(
             predict_keys = public_call
         if not numpy.all(numpy.isfinite(public)):
             raise LoadError(f"version {version} at {path} predicts {public[:3]} at warm-up, not numbers")
-    table = cache.PredictionTable(capacity, admit_after)
+    table = cache.PredictionTable(capacity, admit_after, max_bytes)
     table.fill(head, predict_keys)
     return LoadedVersion(version, path, predict_keys, defs, table, time.monotonic() - started, model)
 

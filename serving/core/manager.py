@@ -287,6 +287,7 @@ class Manager:
                 self.settings.cache_head_size,
                 self.settings.cache_capacity,
                 self.settings.cache_admit_after,
+                self.settings.cache_max_bytes,
                 self._traffic_head(),
             )
         except loader.LoadError as error:

@@ -2,7 +2,7 @@
 
 import functools
 import pathlib
-from typing import Tuple
+from typing import Dict, FrozenSet, Tuple
 
 from google.protobuf import text_format
 from tensorflow_metadata.proto.v0 import schema_pb2
@@ -28,3 +28,9 @@ def domain(feature: schema_pb2.Feature) -> Tuple[float, float]:
 def label_domain(path: str = str(SCHEMA_FILE)) -> Tuple[float, float]:
     """The label's domain (min, max): an outcome outside it is no birth weight."""
     return domain(next(f for f in load(path).feature if f.name == features.LABEL.name))
+
+
+@functools.lru_cache(maxsize=None)
+def string_domains(path: str = str(SCHEMA_FILE)) -> Dict[str, FrozenSet[str]]:
+    """Each text feature's values where the schema lists them (a string_domain): any other value is one it never saw."""
+    return {f.name: frozenset(f.string_domain.value) for f in load(path).feature if f.HasField("string_domain")}

@@ -15,18 +15,23 @@ Requests without a version or label in their URL are routed by the policy; each 
 only its prediction is recorded. Every routed instance is recorded in the state file (SQLite): request id,
 instance, arm, version, prediction. Feedback (POST /v1/models/NAME:feedback, or `babyweight experiment feedback
 FILE` for a batch) joins the actual weight with the recorded predictions, once per request, instance and arm;
-the policy's statistics are sums over those joins, so they survive a restart and every worker process reads the
-same, refreshed each `REFRESH_SECONDS` (at once in the process that took the feedback).
+the policy's statistics are running sums over those joins (a row per arm, added to as outcomes join), so they survive
+a restart and every worker process reads the same, refreshed each `REFRESH_SECONDS` (at once in the process that took
+the feedback). In the server, every read and write of the state file runs on one writer thread, never on the event
+loop: a locked or failing file costs the experiment its record (logged and counted), never a client its answer.
 """
 
+import asyncio
+import concurrent.futures
 import dataclasses
 import hashlib
+import logging
 import math
 import pathlib
 import random
 import sqlite3
 import time
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import yaml
@@ -40,6 +45,8 @@ ROUTING_HEADER = "x-routing-key"
 PRIOR_WEIGHT = 1.0  # pseudo-observations at the pooled loss an arm's posterior starts from
 MAX_LOSS = 1e6  # beyond any loss of a sensible prediction: larger losses count as this much in the sums
 MAX_REQUEST_ID = 128  # characters: a client's X-Request-Id, and an outcome's request_id
+MAX_PENDING_WRITES = 1000  # the server's records waiting for the writer thread; beyond, a record is dropped (counted)
+SERVER_LOCK_SECONDS = 2.0  # how long the server's writer waits for another process's lock on the state file
 
 
 class ExperimentError(ValueError):
@@ -230,19 +237,37 @@ CREATE TABLE IF NOT EXISTS outcomes (
     request_id TEXT NOT NULL, instance INTEGER NOT NULL, arm TEXT NOT NULL, actual REAL NOT NULL,
     error REAL NOT NULL, loss REAL NOT NULL, time REAL NOT NULL,
     PRIMARY KEY (request_id, instance, arm));
+CREATE TABLE IF NOT EXISTS arm_totals (
+    arm TEXT PRIMARY KEY, n INTEGER NOT NULL, loss_sum REAL NOT NULL, loss_squares REAL NOT NULL);
 """
 
 
 class Store:
     """The experiment's state in SQLite (WAL: several server processes write, the commands read)."""
 
-    def __init__(self, config: ExperimentConfig):
+    def __init__(self, config: ExperimentConfig, lock_seconds: float = 30.0):
         self.config = config
         pathlib.Path(config.state).parent.mkdir(parents=True, exist_ok=True)
-        self.db = sqlite3.connect(config.state, timeout=30, isolation_level=None, check_same_thread=False)
+        self.db = sqlite3.connect(config.state, timeout=lock_seconds, isolation_level=None, check_same_thread=False)
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.executescript(SCHEMA)
+        self._add_up_earlier_outcomes()
+
+    def _add_up_earlier_outcomes(self) -> None:
+        """The running sums of a state file written before they were kept: added up once from its outcomes."""
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            if self.db.execute("SELECT 1 FROM arm_totals LIMIT 1").fetchone() is None:
+                self.db.execute(
+                    "INSERT INTO arm_totals SELECT arm, COUNT(*), SUM(MIN(loss, ?1)), "
+                    "SUM(MIN(loss, ?1) * MIN(loss, ?1)) FROM outcomes GROUP BY arm",
+                    (MAX_LOSS,),
+                )
+            self.db.execute("COMMIT")
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
 
     def close(self) -> None:
         self.db.close()
@@ -282,6 +307,7 @@ class Store:
         """Joins (request id, instance, actual weight) with the recorded predictions; each once."""
         when = time.time() if when is None else when
         result = FeedbackResult()
+        added: Dict[str, ArmStats] = {}
         self.db.execute("BEGIN IMMEDIATE")
         try:
             for request_id, instance, actual in items:
@@ -296,14 +322,25 @@ class Store:
                 inserted = 0
                 for arm, prediction in rows:
                     error = actual - prediction
-                    inserted += self.db.execute(
+                    loss = self.config.loss(error)
+                    joined = self.db.execute(
                         "INSERT OR IGNORE INTO outcomes VALUES (?, ?, ?, ?, ?, ?, ?)",
-                        (request_id, instance, arm, actual, error, self.config.loss(error), when),
+                        (request_id, instance, arm, actual, error, loss, when),
                     ).rowcount
+                    if joined:
+                        # Capped (an arm answering nonsense still scores as the worst), so that no prediction or
+                        # outcome can make the sums overflow.
+                        added[arm] = added.get(arm, ArmStats()).add(min(loss, MAX_LOSS))
+                    inserted += joined
                 if inserted:
                     result.accepted += 1
                 else:
                     result.duplicate.append(name)
+            self.db.executemany(
+                "INSERT INTO arm_totals VALUES (?, ?, ?, ?) ON CONFLICT (arm) DO UPDATE SET n = n + excluded.n, "
+                "loss_sum = loss_sum + excluded.loss_sum, loss_squares = loss_squares + excluded.loss_squares",
+                [(arm, s.n, s.loss_sum, s.loss_squares) for arm, s in added.items()],
+            )
             self.db.execute("COMMIT")
         except BaseException:
             self.db.execute("ROLLBACK")
@@ -311,17 +348,10 @@ class Store:
         return result
 
     def stats(self) -> Dict[str, ArmStats]:
-        """Each arm's sums over its joined outcomes (arms without any: zero)."""
+        """Each arm's sums over its joined outcomes (arms without any: zero): a row per arm, whatever the outcomes."""
         found = {
             arm: ArmStats(n, total, squares)
-            for arm, n, total, squares in self.db.execute(
-                # A loss is capped at MAX_LOSS in the sums (an arm answering nonsense still scores as the worst),
-                # so that no stored value (a model's absurd prediction, an outcome from before they were
-                # checked) can make them overflow.
-                "SELECT arm, COUNT(*), SUM(MIN(loss, ?1)), SUM(MIN(loss, ?1) * MIN(loss, ?1)) FROM outcomes "
-                "GROUP BY arm",
-                (MAX_LOSS,),
-            )
+            for arm, n, total, squares in self.db.execute("SELECT arm, n, loss_sum, loss_squares FROM arm_totals")
         }
         return {arm: found.get(arm, ArmStats()) for arm in self.config.arms}
 
@@ -349,27 +379,72 @@ class Store:
 
 
 class Experiment:
-    """The server's side: routes requests, records them, takes feedback, keeps the statistics fresh."""
+    """The server's side: routes requests on the event loop from the statistics it holds; records them, takes
+    feedback and refreshes the statistics on its writer thread (at most MAX_PENDING_WRITES waiting)."""
 
-    def __init__(self, config: ExperimentConfig):
+    def __init__(self, config: ExperimentConfig, on_error: Callable[[str], None] = lambda reason: None):
         self.config = config
-        self.store = Store(config)
         self.policy = Policy(config)
-        self._stats = self.store.stats()
+        self._on_error = on_error  # (reason): a record or refresh that failed or was dropped, for the metrics
+        self._writer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="experiment-writer")
+        self.store = self._writer.submit(Store, config, SERVER_LOCK_SECONDS).result()
+        self._stats = self._writer.submit(self.store.stats).result()
         self._refreshed = time.monotonic()
+        self._refreshing = False
+        self._pending = 0
 
     def route(self, routing_key: Optional[str]) -> Tuple[str, Optional[str]]:
-        """(the arm that answers, the arm that shadows it or None)."""
-        if time.monotonic() - self._refreshed > REFRESH_SECONDS:  # other workers' feedback
-            self._stats, self._refreshed = self.store.stats(), time.monotonic()
+        """(the arm that answers, the arm that shadows it or None), from the statistics held: never waits."""
+        if not self._refreshing and time.monotonic() - self._refreshed > REFRESH_SECONDS:  # other workers' feedback
+            self._refreshing = True
+            self._writer.submit(self._refresh)
         arm = self.policy.choose(self._stats, routing_key)
         return arm, (self.config.arms[1] if self.config.policy == "shadow" else None)
 
-    def feedback(self, items: Iterable[Tuple[str, int, float]]) -> FeedbackResult:
-        """Joins outcomes, then reads the statistics again at once."""
-        result = self.store.feedback(items)
-        self._stats, self._refreshed = self.store.stats(), time.monotonic()
-        return result
+    def _refresh(self) -> None:
+        """On the writer thread: the statistics read again (the event loop swaps in the new dict whole)."""
+        try:
+            self._stats = self.store.stats()
+        except Exception:
+            logging.exception("experiment: the statistics could not be read from %s", self.config.state)
+            self._on_error("refresh")
+        finally:
+            self._refreshed, self._refreshing = time.monotonic(), False
+
+    async def record(
+        self, request_id: str, arm: str, version: int, predictions: Sequence[float], shadow: bool = False
+    ) -> Optional[bool]:
+        """Store.record on the writer thread: True, False (the id was recorded already) or None (not recorded: the
+        writer is too far behind, or the state file failed; logged and counted; the client is answered anyway)."""
+        if self._pending >= MAX_PENDING_WRITES:
+            self._on_error("queue_full")
+            return None
+        self._pending += 1
+        try:
+            return await asyncio.get_running_loop().run_in_executor(
+                self._writer, self.store.record, request_id, arm, version, predictions, shadow
+            )
+        except Exception:
+            logging.exception("experiment: request %s was not recorded in %s", request_id, self.config.state)
+            self._on_error("record")
+            return None
+        finally:
+            self._pending -= 1
+
+    async def feedback(self, items: Iterable[Tuple[str, int, float]]) -> FeedbackResult:
+        """Joins outcomes on the writer thread, then reads the statistics again at once."""
+
+        def join() -> FeedbackResult:
+            result = self.store.feedback(items)
+            self._refresh()
+            return result
+
+        return await asyncio.get_running_loop().run_in_executor(self._writer, join)
+
+    def close(self) -> None:
+        """Writes what is queued, then closes the state file."""
+        self._writer.submit(self.store.close)
+        self._writer.shutdown(wait=True)
 
 
 def parse_feedback(payload: Any, where: str = "the body") -> List[Tuple[str, int, float]]:

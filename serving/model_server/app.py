@@ -7,7 +7,8 @@
     POST /v1/models/NAME:feedback                          {"feedback": [{"request_id": ..., "weight_pounds": ...}]}
     GET  /metrics                                          Prometheus' text format
 Errors answer {"error": "..."}: 400 a bad request (naming the instance and feature), 404 an unknown model,
-version or label, 413 a request too large, 503 no version available yet. Each answer carries the request's id
+version or label, 413 a request too large, 500 a version that answered no number (naming it), 503 no version
+available yet. Each answer carries the request's id
 and the version that answered in the X-Request-Id and X-Model-Version headers.
 """
 
@@ -51,6 +52,7 @@ ROUTING_HEADER = experiment.ROUTING_HEADER.encode()
 CLIENT_REQUEST_ID = re.compile(rf"[A-Za-z0-9._:/+=-]{{1,{experiment.MAX_REQUEST_ID}}}\Z")
 BAD_REQUEST_ID = f"X-Request-Id: at most {experiment.MAX_REQUEST_ID} letters, digits and . _ : / + = - characters"
 MAX_ECHOED = 200  # characters of a client's path echoed in an error
+DRAIN_BYTES = 64 << 20  # of a body too large, read and dropped before the 413; beyond, the connection is closed
 TRAFFIC_HEAD_RECORDS = 50_000  # newest request log records read for the traffic's head when a version loads
 
 
@@ -86,18 +88,23 @@ class ModelServer:
             on_storage_error=self.metrics.storage_error,
         )
         self.log: Optional[request_log.RequestLog] = None
-        self.experiment = (
-            experiment.Experiment(experiment.load_config(settings.experiment_file))
-            if settings.experiment_file
-            else None
-        )
+        self.experiment = None
+        if settings.experiment_file:
+            config = experiment.load_config(settings.experiment_file)
+            self.experiment = experiment.Experiment(config, on_error=self.metrics.experiment_error)
         self._shadows: set = set()  # shadow predictions running after their requests were answered
         self._id_prefix = secrets.token_hex(4)  # tells the worker processes apart in the logs
         self._feedback_token = settings_lib.feedback_token(settings)
 
     def start(self) -> None:
         if self.settings.request_log_enabled:
-            self.log = request_log.RequestLog(self.log_dir, self.settings.log_max_bytes, self.settings.log_keep_files)
+            self.log = request_log.RequestLog(
+                self.log_dir,
+                self.settings.log_max_bytes,
+                self.settings.log_keep_files,
+                max_total_bytes=self.settings.log_max_total_bytes,
+            )
+            self.metrics.watch_request_log(self.log.counts)
         self.manager.start()
 
     def stop(self) -> None:
@@ -105,7 +112,7 @@ class ModelServer:
         if self.log is not None:
             self.log.close()
         if self.experiment is not None:
-            self.experiment.store.close()
+            self.experiment.close()
 
     def traffic_head(self) -> Sequence[features.InstanceKey]:
         """The most frequent instances of the request log, for a loading version's table."""
@@ -168,7 +175,7 @@ class ModelServer:
             return _error(400, "this server runs no experiment (babyweight serve --experiment-file FILE)")
         try:
             items = experiment.parse_feedback(orjson.loads(await self._body(request, None)))
-            return _json(self.experiment.feedback(items).as_json())
+            return _json((await self.experiment.feedback(items)).as_json())
         except orjson.JSONDecodeError as error:
             return _error(400, f"the body is not JSON: {error}")
         except experiment.ExperimentError as error:
@@ -251,6 +258,10 @@ class ModelServer:
             return self._refused(404, str(error), request_id, version_name, route)
         except manager.Unavailable as error:
             return self._refused(503, str(error), request_id, version_name, route)
+        except batching.NotANumber as error:  # the version's fault: said, counted, never served
+            logging.error("request %s: %s", request_id, error)
+            self.metrics.not_a_number(version_name)
+            return self._refused(500, str(error), request_id, version_name, route)
         except tf.errors.InvalidArgumentError as error:  # the model refuses what the contract's check let through
             return self._refused(400, loader.first_reason(error.message), request_id, version_name, route)
         except Exception:  # a bug, not the request's fault: an answer in the API's form, counted, logged
@@ -303,8 +314,8 @@ class ModelServer:
         parsed: contract.Request,
     ) -> bool:
         """The experiment's record of a routed request; in shadow mode the challenger is asked after the answer.
-        False (nothing recorded) if the request id was recorded already."""
-        if not self.experiment.store.record(request_id, arm, handle.version, predictions):
+        False (nothing recorded) if the request id was recorded already; a record that failed answers all the same."""
+        if await self.experiment.record(request_id, arm, handle.version, predictions) is False:
             logging.warning("request id %s was recorded already: refused with 409", request_id)
             return False
         if shadow is not None:
@@ -318,7 +329,7 @@ class ModelServer:
         try:
             challenger = self.manager.resolve(*experiment.arm_target(shadow))
             shadowed, _ = await self._predictions(challenger, parsed)
-            self.experiment.store.record(request_id, shadow, challenger.version, shadowed, shadow=True)
+            await self.experiment.record(request_id, shadow, challenger.version, shadowed, shadow=True)
         except Exception:  # the shadow's failure is logged, never the client's
             logging.exception("shadow %s failed on request %s", shadow, request_id)
 
@@ -339,18 +350,21 @@ class ModelServer:
         """The request's body, refused (413) as soon as it is larger than the server takes."""
         limit = self.settings.max_body_bytes
         if declared is not None and declared.isdigit() and int(declared) > limit:
-            raise contract.RequestError(f"the body has {int(declared)} bytes; the server takes at most {limit}", 413)
+            raise await _dropped(
+                request, f"the body has {int(declared)} bytes; the server takes at most {limit}", more=True
+            )
         chunks, size = [], 0
         while True:  # ASGI's messages, read directly: Starlette's body() costs a stream of generators
             message = await request.receive()
             chunk = message.get("body", b"")
             size += len(chunk)
+            more = message.get("more_body", False)
             if size > limit:
-                raise contract.RequestError(
-                    f"the body has more than {limit} bytes; the server takes at most {limit}", 413
+                raise await _dropped(
+                    request, f"the body has more than {limit} bytes; the server takes at most {limit}", more
                 )
             chunks.append(chunk)
-            if not message.get("more_body", False):
+            if not more:
                 return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
     def _answered(self, response: Response, request: Request, version: str = "none") -> Response:
@@ -402,6 +416,17 @@ class _Answer(Response):
         ]
         if arm is not None:
             self.raw_headers.append((b"x-experiment-arm", arm.encode()))
+
+
+async def _dropped(request: Request, message: str, more: bool) -> contract.RequestError:
+    """A 413 for a body too large, once the rest of it was read and dropped (up to DRAIN_BYTES): a client still
+    sending it would otherwise find the connection closed (a broken pipe) instead of the answer."""
+    drained = 0
+    while more and drained < DRAIN_BYTES:
+        received = await request.receive()
+        drained += len(received.get("body", b""))
+        more = received.get("more_body", False)
+    return contract.RequestError(message, 413)
 
 
 def _settle_memory() -> None:

@@ -9,7 +9,7 @@ memory files in multiprocess mode, a few microseconds a write) every FLUSH_SECON
 import bisect
 import collections
 import os
-from typing import Dict, List, Tuple
+from typing import Callable, Dict, List, Mapping, Optional, Tuple
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest, multiprocess
 
@@ -69,6 +69,32 @@ class Metrics:
             "Polls of the model folder that failed (listing or reading it); the loaded versions kept serving.",
             registry=self.registry,
         )
+        self.experiment_errors = Counter(
+            "babyweight_experiment_errors",
+            "Experiment records and statistics reads that failed or were dropped (the writer too far behind), by "
+            "reason; the clients were answered all the same.",
+            ["reason"],
+            registry=self.registry,
+        )
+        self.request_log_dropped = Counter(
+            "babyweight_request_log_dropped_records",
+            "Request log records not written, by reason (queue_full, write_error, unencodable); answers went out.",
+            ["reason"],
+            registry=self.registry,
+        )
+        self.request_log_errors = Counter(
+            "babyweight_request_log_errors",
+            "Failures to write the request log (folder, file, disk); the writer tries again in a new file.",
+            registry=self.registry,
+        )
+        self._request_log_counts: Optional[Callable[[], Tuple[Mapping[str, int], int]]] = None
+        self._request_log_seen: Dict[str, int] = {}  # the totals already added, by reason ('' for errors)
+        self.not_a_number_answers = Counter(
+            "babyweight_not_a_number_answers",
+            "Requests refused (500) because the version answered an instance with no finite number, by version.",
+            ["version"],
+            registry=self.registry,
+        )
         self._counts: Dict[Tuple, float] = collections.defaultdict(float)  # (counter, labels...) -> increment
         self._histograms: Dict[Tuple, _PendingHistogram] = {}
 
@@ -88,6 +114,28 @@ class Metrics:
         """A failed poll of the model folder (from the manager's thread: prometheus_client's own lock)."""
         self.storage_errors.inc()
 
+    def experiment_error(self, reason: str) -> None:
+        """An experiment record or refresh lost (from the loop or the writer thread: prometheus_client's own lock)."""
+        self.experiment_errors.labels(reason).inc()
+
+    def watch_request_log(self, counts: Callable[[], Tuple[Mapping[str, int], int]]) -> None:
+        """Each flush adds what `counts` (RequestLog.counts: dropped records by reason, errors) grew by."""
+        self._request_log_counts = counts
+
+    def _flush_request_log(self) -> None:
+        if self._request_log_counts is None:
+            return
+        dropped, errors = self._request_log_counts()  # totals since the start: only what they grew by is added
+        for reason, total in dropped.items():
+            # inc(0) too: each reason shows in /metrics, at 0 until it happens.
+            self.request_log_dropped.labels(reason).inc(total - self._request_log_seen.get(reason, 0))
+            self._request_log_seen[reason] = total
+        self.request_log_errors.inc(errors - self._request_log_seen.get("", 0))
+        self._request_log_seen[""] = errors
+
+    def not_a_number(self, version: str) -> None:
+        self._counts[(self.not_a_number_answers, version)] += 1
+
     def batched(self, version: int, instances: int) -> None:
         self._pending(self.batch, BATCH_BUCKETS, str(version)).add(instances)
 
@@ -100,6 +148,7 @@ class Metrics:
 
     def flush(self) -> None:
         """Moves what requests added into prometheus_client's values (call it from the thread that adds)."""
+        self._flush_request_log()
         counts, self._counts = self._counts, collections.defaultdict(float)
         histograms, self._histograms = self._histograms, {}
         for (metric, *labels), amount in counts.items():

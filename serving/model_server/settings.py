@@ -36,9 +36,11 @@ class ServerSettings:
     cache_head_size: int = 50_000  # frequent instances predicted when a version loads (training data, request log)
     cache_capacity: int = 200_000  # answers kept per version (the head and what traffic repeats)
     cache_admit_after: int = 2  # an instance is kept after this many model answers for it
+    cache_max_bytes: int = 128 << 20  # memory per version's table; the answers traffic added longest ago go first
     log_dir: str = ""  # request log folder ('' = OUTPUT_DIR/serving_logs); 'off' = no request log
     log_max_bytes: int = 64 << 20  # a log file is closed and a new one started at this size
-    log_keep_files: int = 20  # older log files beyond this many are deleted
+    log_keep_files: int = 100  # log files kept in the folder, all processes'; the oldest beyond go (never a live one)
+    log_max_total_bytes: int = 1 << 30  # log bytes kept in the folder, all processes'; the oldest files beyond go
     health_route: str = ""  # Vertex AI's AIP_HEALTH_ROUTE: 200 once a version is available
     predict_route: str = ""  # Vertex AI's AIP_PREDICT_ROUTE: predicts with the default version
     metrics_dir: str = ""  # a folder made in it holds the workers' Prometheus counters ('' = the temporary folder)

@@ -1,10 +1,13 @@
 """Experiments between versions: routing (sticky split, shadow, bandit), feedback joins, persistence, promotion."""
 
+import concurrent.futures
 import csv
 import dataclasses
 import json
 import math
 import re
+import sqlite3
+import time
 
 import numpy as np
 import pytest
@@ -13,7 +16,7 @@ from serving.experiments import experiment, experiment_cli
 from serving.experiments.experiment import ArmStats, ExperimentConfig, ExperimentError
 from tests.serving import toy_model
 from tests.serving.conftest import call, running_server
-from tests.serving.model_server.test_server import LABELS_CONFIG
+from tests.serving.model_server.test_server import LABELS_CONFIG, call_text
 
 MEDIUM = {"mother_age": 30, "gestation_weeks": 39}
 TOKEN = "test-feedback-token-0123456789"
@@ -121,19 +124,41 @@ def test_an_outcome_that_is_no_birth_weight_is_refused_naming_it(item, message):
 
 
 def test_whatever_the_state_file_holds_routing_and_reports_do_not_overflow(tmp_path):
-    """An outcome stored before outcomes were checked (1e308 pounds): its loss would make the sums overflow."""
-    config = experiment.load_config(str(_experiment_file(tmp_path)))
+    """A model's absurd prediction, and an outcome stored before outcomes were checked (1e308 pounds) in a state
+    file from before the running sums: their losses would make the sums overflow."""
+    config = experiment.load_config(str(_experiment_file(tmp_path, reward="squared")))
     store = experiment.Store(config)
     for n in range(3):
         store.record(f"r{n}", "stable" if n else "canary", 1, [7.0])
-    store.feedback([("r1", 0, 7.5), ("r2", 0, 6.5)])
+    store.record("r3", "canary", 1, [1e300])  # its squared error is inf
+    store.feedback([("r1", 0, 7.5), ("r2", 0, 6.5), ("r3", 0, 7.0)])
     store.db.execute("INSERT INTO outcomes VALUES ('r0', 0, 'canary', 1e308, 1e308, 1e308, 0)")
+    store.db.execute("DROP TABLE arm_totals")  # the file as an earlier server left it: summed once at the next start
+    store.close()
     served = experiment.Experiment(config)
-    assert {served.route(None)[0] for _ in range(50)} <= {"stable", "canary"}
-    assert all(math.isfinite(p) for p in experiment.probability_best(store.stats()).values())
-    assert store.stats()["canary"].loss_sum == experiment.MAX_LOSS  # capped, not dropped: still the worst arm
+    try:
+        assert {served.route(None)[0] for _ in range(50)} <= {"stable", "canary"}
+        stats = served.store.stats()
+    finally:
+        served.close()
+    assert all(math.isfinite(p) for p in experiment.probability_best(stats).values())
+    assert stats["canary"].loss_sum == 2 * experiment.MAX_LOSS  # capped, not dropped: still the worst arm
+    assert stats["stable"].n == 2 and stats["stable"].loss_sum == pytest.approx(0.5)
     beliefs = experiment._posterior({"a": ArmStats(2, 1e308, float("inf")), "b": ArmStats(3, 1.5, 1.0)})
     assert all(math.isfinite(value) for belief in beliefs.values() for value in belief)
+
+
+def test_the_statistics_are_running_sums_read_without_scanning_the_outcomes(tmp_path):
+    """Each worker reads the statistics every second: a scan of every outcome would grow with the experiment."""
+    store = experiment.Store(experiment.load_config(str(_experiment_file(tmp_path))))
+    for n in range(20):
+        store.record(f"r{n}", ("stable", "canary")[n % 2], 1, [7.0])
+    store.feedback([(f"r{n}", 0, 7.0 + n / 10) for n in range(20)])
+    before = store.stats()
+    store.db.execute("DELETE FROM outcomes")  # the sums alone answer
+    assert store.stats() == before and before["canary"].n == 10
+    assert before["canary"].loss_sum == pytest.approx(sum(n / 10 for n in range(1, 20, 2)))
+    store.close()
 
 
 def test_the_batch_feedback_command_reads_csv_and_reports_what_it_could_not_join(tmp_path, capsys):
@@ -213,6 +238,34 @@ def test_a_served_split_is_sticky_says_its_arm_and_takes_feedback_across_a_resta
     result = experiment_cli.report(experiment.load_config(str(exp)))
     assert sum(a["outcomes"] for a in result["arms"].values()) == 3
     assert sum(a["requests"] for a in result["arms"].values()) == 50
+
+
+def test_a_locked_state_file_stalls_no_request_and_costs_only_its_record(toy_versions, tmp_path):
+    """Another process holds the state file's write lock: the event loop goes on (health, metrics, other requests),
+    the routed request is answered once the writer gives up, and the lost record is counted."""
+    exp = _experiment_file(tmp_path, policy="split", split=[0.5, 0.5])
+    flags = ("--model-config-file", str(_models_config(tmp_path, toy_versions)), "--experiment-file", str(exp))
+    predict = "/v1/models/babyweight:predict"
+    with running_server(toy_versions, tmp_path / "logs", *flags, available=2) as url:
+        assert call(url + predict, {"instances": [MEDIUM]})[0] == 200
+        holder = sqlite3.connect(str(tmp_path / "state.sqlite"), isolation_level=None)
+        holder.execute("BEGIN IMMEDIATE")
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            routed = pool.submit(call, url + predict, {"instances": [MEDIUM]}, {"X-Request-Id": "while-locked"})
+            time.sleep(0.5)  # the routed request waits on the lock meanwhile
+            started = time.monotonic()
+            pinned = call(url + "/v1/models/babyweight/versions/1:predict", {"instances": [MEDIUM]})
+            text = call_text(url + "/metrics")
+            waited = time.monotonic() - started
+            status, headers, body = routed.result()
+        holder.execute("ROLLBACK")
+        holder.close()
+        counted = call_text(url + "/metrics")
+    assert waited < 1.0, f"the event loop stalled {waited:.1f} s behind the state file's lock"
+    assert pinned[0] == 200 and "babyweight_requests_total" in text
+    version = {"stable": 1, "canary": 2}[headers["x-experiment-arm"]]
+    assert status == 200 and body["predictions"][0][0] == pytest.approx(toy_model.expected(MEDIUM, version))
+    assert 'babyweight_experiment_errors_total{reason="record"} 1.0' in counted
 
 
 def test_a_restarted_bandit_routes_by_the_persisted_outcomes_and_an_absent_arm_falls_back(toy_versions, tmp_path):

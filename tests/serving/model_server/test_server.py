@@ -238,6 +238,40 @@ def test_repeated_instances_are_learned_then_answered_from_the_table(server):
     assert answers[0] == answers[1] == answers[2]
 
 
+def test_a_body_of_40_megabytes_is_a_413_and_the_connection_answers(server):
+    """The body is read and dropped before the 413: a client still sending it got a broken pipe, not the answer."""
+    status, _, body = call(f"{server[0]}/v1/models/babyweight:predict", raw=b" " * 40_000_000)
+    assert status == 413 and body["error"] == "the body has 40000000 bytes; the server takes at most 4000"
+    assert call(f"{server[0]}/v1/models/babyweight:predict", {"instances": [ROW]})[0] == 200
+
+
+@pytest.mark.slow
+def test_a_version_answering_no_number_is_a_500_naming_it_never_cached_and_batches_are_capped(tmp_path):
+    """A broken version (NaN for plurality 5) on every request path: said, counted, never kept; and a request larger
+    than --max-batch-size takes several model calls."""
+    toy_model.save(tmp_path / "models" / "1", 1.0, nonsense_when=("plurality", 5.0))
+    broken = {"mother_age": 30, "gestation_weeks": 39, "plurality": 5}
+    predict = "/v1/models/babyweight:predict"
+    with running_server(tmp_path / "models", tmp_path / "logs", "--max-batch-size", "3") as url:
+        answers = [call(url + predict, {"instances": [ROW, broken]}) for _ in range(3)]  # admitted after 2, if kept
+        regress = call(url + "/v1/models/babyweight:regress", {"examples": [broken]})
+        rows = [{"mother_age": 20 + n, "gestation_weeks": 30 + n} for n in range(7)]
+        batches = _metric(url, 'babyweight_batch_instances_count{version="1"}')
+        assert call(url + predict, {"instances": rows})[0] == 200
+        calls = _metric(url, 'babyweight_batch_instances_count{version="1"}') - batches
+        text = call_text(url + "/metrics")
+    for status, headers, body in answers + [regress]:
+        assert status == 500 and headers["x-model-version"] == "1"
+        assert re.fullmatch(r"version 1 answered nan for instance [01], not a weight: nothing served", body["error"])
+    assert answers[0][2]["error"].endswith("instance 1, not a weight: nothing served")
+    assert 'babyweight_not_a_number_answers_total{version="1"} 4.0' in text
+    assert 'babyweight_requests_total{code="500",route="predict",version="1"} 3.0' in text
+    # 7 instances with --max-batch-size 3: three calls (3 + 3 + 1), none above 3.
+    assert calls == 3
+    count = re.search(r'babyweight_batch_instances_count\{version="1"\} (\S+)', text).group(1)
+    assert re.search(r'babyweight_batch_instances_bucket\{le="4.0",version="1"\} (\S+)', text).group(1) == count
+
+
 def test_metrics_count_requests_errors_batches_and_paths(server):
     """Counts what this test asked (not what earlier tests did: it passes run alone)."""
     url = server[0]
