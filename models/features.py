@@ -7,6 +7,7 @@ the model, the serving signatures, the evaluation slices) reads it from `COLUMNS
 import dataclasses
 import enum
 import math
+import numbers
 from typing import Any, Dict, List, Mapping, Sequence, Tuple
 
 import numpy
@@ -128,6 +129,23 @@ def label_key() -> str:
 def label_weight_key() -> str:
     """Transformed example weight: 1 where the row has a label, 0 where it has none."""
     return transformed_name(LABEL.name + "_present")
+
+
+def predicted(answers: Sequence[Any]) -> numpy.ndarray:
+    """Which of a model's answers (one per instance) are predictions: finite numbers. None (JSON's null), NaN, an
+    infinity, a text or a bool is none; `predict-batch`, `predict --tflite` and `predict --url` reject such a row."""
+    if isinstance(answers, numpy.ndarray) and answers.dtype.kind == "f":
+        return numpy.isfinite(answers)  # a model's own output: one step for a batch
+    return numpy.array(
+        [isinstance(a, numbers.Real) and not isinstance(a, (bool, numpy.bool_)) and math.isfinite(a) for a in answers],
+        bool,
+    )
+
+
+def not_a_prediction(answer: Any) -> str:
+    """Why an answer `predicted` refuses is no prediction, in the words every prediction path reports."""
+    shown = "null" if answer is None else repr(answer) if isinstance(answer, str) else answer
+    return f"the model's prediction is not a number: {shown}"
 
 
 def bucket_name(column: Column) -> str:

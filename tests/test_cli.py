@@ -49,6 +49,43 @@ def test_a_flag_after_the_subcommand_is_the_one_used(tmp_path):
     assert done.stdout == ""
 
 
+def test_the_mysql_password_comes_from_a_file_or_the_environment_never_the_command_line(tmp_path, monkeypatch, capsys):
+    """A flag's value shows in `ps` to every user of the machine: the password is read from a file or from
+    BABYWEIGHT_MYSQL_PASSWORD, and a --mysql-password is refused without repeating it."""
+    passwords = []
+
+    def store(config):
+        passwords.append(config.mysql.password)
+        raise RuntimeError("no server here")
+
+    monkeypatch.setattr(metadata_cli.metadata_store, "MetadataStore", store)
+    monkeypatch.delenv("BABYWEIGHT_MYSQL_PASSWORD", raising=False)
+    secret = tmp_path / "mysql-password"
+    secret.write_text("s3cret word\n")  # the line end an editor adds is no part of it
+    host = ["--mysql-host", "127.0.0.1"]
+    assert metadata_cli.main(host + ["runs", "--mysql-password-file", str(secret)]) == 1
+    assert "can't open the ML Metadata store at MySQL 127.0.0.1:3306/mlmd" in capsys.readouterr().err
+    monkeypatch.setenv("BABYWEIGHT_MYSQL_PASSWORD", "from the environment")
+    assert metadata_cli.main(host + ["runs"]) == 1
+    assert metadata_cli.main(host + ["--mysql-password-file", str(secret), "runs"]) == 1  # the file wins
+    assert passwords == ["s3cret word", "from the environment", "s3cret word"]
+    capsys.readouterr()
+    for unreadable, why in ((tmp_path / "missing", "No such file or directory"), (tmp_path, "Is a directory")):
+        assert metadata_cli.main(host + ["--mysql-password-file", str(unreadable), "runs"]) == 1
+        assert capsys.readouterr().err == f"error: --mysql-password-file {unreadable}: can't read it: {why}\n"
+    (tmp_path / "empty").write_text("\n")
+    assert metadata_cli.main(host + ["--mysql-password-file", str(tmp_path / "empty"), "runs"]) == 1
+    assert capsys.readouterr().err == f"error: --mysql-password-file {tmp_path / 'empty'}: the file is empty\n"
+    assert len(passwords) == 3  # none of these connected
+    for given in (["--mysql-password", "hunter2"], ["--mysql-password=hunter2"]):
+        assert metadata_cli.main(host + given + ["runs"]) == 2
+        err = capsys.readouterr().err
+        assert "--mysql-password-file" in err and "BABYWEIGHT_MYSQL_PASSWORD" in err and "hunter2" not in err
+    assert "--mysql-password " not in metadata_cli.build_parser().format_help()
+    with pytest.raises(SystemExit):  # no abbreviation of --mysql-password-file takes a password either
+        metadata_cli.build_parser().parse_args(["--mysql-pass", "hunter2", "runs"])
+
+
 def _store_with_a_run(path) -> str:
     """An ML Metadata store as TFX leaves a run killed in its Trainer: one run, its Trainer RUNNING."""
     from ml_metadata import metadata_store

@@ -8,13 +8,15 @@
     babyweight metadata diff RUN_A RUN_B
 Every subcommand takes --json. The store is outputs/metadata.sqlite unless --store or --mysql-* say
 otherwise; these flags go before or after the subcommand. RUN may be a run id or a negative index (-1 = the
-latest run).
+latest run). A MySQL password is read from --mysql-password-file PATH or the BABYWEIGHT_MYSQL_PASSWORD
+environment variable, never from the command line (where `ps` shows it to every user of the machine).
 """
 
 import argparse
 import datetime
 import json
 import logging
+import os
 import sys
 from typing import Any, Dict, List, Optional
 
@@ -29,6 +31,25 @@ def _timestamp(milliseconds: int) -> str:
     return datetime.datetime.fromtimestamp(milliseconds / 1000, datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
 
 
+PASSWORD_VARIABLE = "BABYWEIGHT_MYSQL_PASSWORD"
+
+
+def mysql_password(path: Optional[str]) -> str:
+    """The MySQL password: the first line of the file at `path` if given, else $BABYWEIGHT_MYSQL_PASSWORD, else none."""
+    if path is None:
+        return os.environ.get(PASSWORD_VARIABLE, "")
+    try:
+        with open(path, encoding="utf-8") as handle:
+            password = handle.readline().rstrip("\r\n")
+    except (OSError, UnicodeDecodeError) as error:
+        raise MetadataError(
+            f"--mysql-password-file {path}: can't read it: {getattr(error, 'strerror', None) or error}"
+        ) from None
+    if not password:
+        raise MetadataError(f"--mysql-password-file {path}: the file is empty")
+    return password
+
+
 def connect(args: argparse.Namespace) -> Store:
     """The store named by the flags: MySQL if --mysql-host is given, else the SQLite file."""
     if not args.mysql_host:
@@ -38,7 +59,7 @@ def connect(args: argparse.Namespace) -> Store:
     config.mysql.port = args.mysql_port
     config.mysql.database = args.mysql_database
     config.mysql.user = args.mysql_user
-    config.mysql.password = args.mysql_password
+    config.mysql.password = mysql_password(args.mysql_password_file)
     try:
         return Store(metadata_store.MetadataStore(config))
     except Exception as error:  # MLMD raises its own status errors with C++ detail
@@ -410,20 +431,28 @@ def _store_flags(parser: argparse.ArgumentParser, defaults: bool) -> None:
     parser.add_argument("--mysql-port", type=int, default=default(3306))
     parser.add_argument("--mysql-database", default=default("mlmd"))
     parser.add_argument("--mysql-user", default=default("mlmd"))
-    parser.add_argument("--mysql-password", default=default(""))
+    parser.add_argument(
+        "--mysql-password-file",
+        default=default(None),
+        metavar="PATH",
+        help=f"a file holding the MySQL password (default: ${PASSWORD_VARIABLE}, else none)",
+    )
     parser.add_argument("--json", action="store_true", default=default(False), help="print JSON for scripts")
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The `babyweight metadata ...` command line."""
-    parser = argparse.ArgumentParser(prog="babyweight metadata", description=__doc__.split("\n\n")[0])
+    # No abbreviations: `--mysql-password W` must not be taken for --mysql-password-file.
+    parser = argparse.ArgumentParser(
+        prog="babyweight metadata", description=__doc__.split("\n\n")[0], allow_abbrev=False
+    )
     _store_flags(parser, defaults=True)
-    flags = argparse.ArgumentParser(add_help=False)
+    flags = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     _store_flags(flags, defaults=False)
     commands = parser.add_subparsers(dest="command", required=True)
 
     def command(name: str, help: str) -> argparse.ArgumentParser:
-        return commands.add_parser(name, help=help, parents=[flags])
+        return commands.add_parser(name, help=help, parents=[flags], allow_abbrev=False)
 
     command("runs", "pipeline runs with status, start time and duration")
     command("run", "a run's steps, their state and outputs").add_argument("run")
@@ -440,6 +469,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[List[str]] = None) -> int:
     """`babyweight metadata SUBCOMMAND ...`; errors are one line on stderr and exit code 1."""
+    given = sys.argv[1:] if argv is None else argv
+    if any(arg == "--mysql-password" or arg.startswith("--mysql-password=") for arg in given):
+        # argparse would repeat the unknown flag's value, the password, in its error.
+        print(
+            "error: there is no --mysql-password (a password on the command line shows in `ps`): put it in a "
+            f"file for --mysql-password-file PATH, or in ${PASSWORD_VARIABLE}",
+            file=sys.stderr,
+        )
+        return 2
     args = build_parser().parse_args(argv)
     # Reading an evaluation (show, diff) loads TensorFlow, whose deprecation warnings are no answer.
     logging.getLogger("tensorflow").setLevel(logging.ERROR)

@@ -16,6 +16,9 @@ from serving.batch.io import (
     Files,
     PubSubMessages,
     WatchedFolder,
+    matched_files,
+    output_files,
+    remove_earlier_outputs,
 )
 
 
@@ -101,7 +104,9 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     parser = argparse.ArgumentParser(prog="babyweight predict-batch", description=__doc__.split("\n\n")[0])
     parser.add_argument("--input", help="files: a glob of CSV files in the table's 31-column schema")
-    parser.add_argument("--output", help="files: prefix of the predictions and rejected files")
+    parser.add_argument(
+        "--output", help="files: prefix of the predictions and rejected files (an earlier run's there are replaced)"
+    )
     parser.add_argument("--format", choices=("jsonl", "csv"), default="jsonl", help="files: of the predictions")
     parser.add_argument("--watch", action="store_true", help="files: keep picking up new files (streaming)")
     parser.add_argument("--poll-seconds", type=float, default=5.0, help="--watch: how often the folder is listed")
@@ -170,6 +175,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             pipeline.run()
             print(f"submitted to Dataflow: predictions into {args.table} (see the console's Dataflow jobs)")
             return 0
+        if not args.watch:  # a watching job waits for files to land
+            matched_files(args.input)
         quiet_tensorflow_at_exit()
         pipeline = beam.Pipeline(
             options=PipelineOptions(["--runner=DirectRunner"] + (["--streaming"] if args.watch else []))
@@ -184,6 +191,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         import signal
 
         earlier = glob.glob(f"{args.output}-*")
+        before = {} if args.watch else output_files(args.output)
         previous = signal.signal(signal.SIGINT, stop_watching(args.output, earlier)) if args.watch else None
         try:
             result = pipeline.run()
@@ -191,6 +199,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         finally:
             if args.watch:
                 signal.signal(signal.SIGINT, previous)
+        # Its files written, a run removes an earlier run's it did not rewrite (its 3rd shard where this one wrote
+        # 2); a watching job adds files beside those there (restarted, it predicts every file again).
+        removed = [] if args.watch else remove_earlier_outputs(args.output, before)
     except (ValueError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -207,5 +218,16 @@ def main(argv: Optional[List[str]] = None) -> int:
         f"{found.predicted} predicted by version {core.version}, "
         f"{found.rejected} rejected\npredictions: {args.output}-predictions-*.{args.format}\n"
         f"rejected (with reasons): {args.output}-rejected-*.jsonl"
+        + (f"\nremoved {len(removed)} file(s) an earlier run wrote beside {args.output}" if removed else "")
     )
-    return 0
+    if args.watch or found.predicted:
+        return 0
+    if found.rejected:
+        print(
+            f"error: every row was rejected ({found.rejected} of {found.read}); the rows and the reasons: "
+            f"{args.output}-rejected-*.jsonl",
+            file=sys.stderr,
+        )
+    else:
+        print(f"error: the files matching {args.input!r} hold no row: nothing was predicted", file=sys.stderr)
+    return 1

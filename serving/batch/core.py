@@ -295,9 +295,9 @@ class Rows(beam.DoFn):
 
     def process(self, result: inference.PredictionResult) -> Iterator[Any]:
         parsed, (predictions, refused) = result.example, result.inference
-        good = numpy.isfinite(predictions)
+        good = features.predicted(predictions)
         for index in numpy.flatnonzero(~good):
-            reason = refused.get(index) or f"the model's prediction is not a number: {predictions[index]}"
+            reason = refused.get(index) or features.not_a_prediction(predictions[index])
             yield beam.pvalue.TaggedOutput(
                 REJECTED, {"id": parsed.ids[index], "reason": reason, "text": parsed.texts[index]}
             )

@@ -2,11 +2,13 @@
 Pub/Sub messages and BigQuery rows in; files and BigQuery tables out."""
 
 import csv
+import glob
 import io
 import json
 import logging
 import os
-from typing import Any, Dict, Iterator, List, Optional
+import re
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import apache_beam as beam
 import orjson
@@ -113,6 +115,21 @@ def glob_root(pattern: str) -> str:
             break
         fixed.append(part)
     return "/".join(fixed[:-1] if len(fixed) == len(pattern.split("/")) else fixed)
+
+
+def matched_files(pattern: str) -> List[str]:
+    """The files a glob names (a folder is none); none at all is an error naming the glob, checked before a job
+    starts: the job would read nothing and predict nothing."""
+    from apache_beam.io.filesystems import FileSystems
+
+    (result,) = FileSystems.match([pattern])
+    paths = [metadata.path for metadata in result.metadata_list if not os.path.isdir(metadata.path)]
+    if not paths:
+        raise ValueError(
+            f"--input {pattern!r} matches no file: nothing to predict (a glob of CSV files, quoted so that the "
+            "shell passes it whole)"
+        )
+    return paths
 
 
 class CsvFiles(Source):
@@ -224,6 +241,45 @@ class Files(Sink):
         self._write_lines(rejects | "RejectedLines" >> beam.Map(json.dumps), REJECTED, ".jsonl")
 
 
+# The names of the files Files writes beside its prefix: a run's shards as WriteToText names them
+# (PREFIX-predictions-00000-of-00003.jsonl), a watching job's as WindowFiles does (PREFIX-rejected-START-ID.jsonl).
+OUTPUT_NAME = rf"-({PREDICTIONS}|{REJECTED})-(\d{{5,}}-of-\d{{5,}}|\d{{8}}T\d{{6}}-[0-9a-f]{{8}})\.(jsonl|csv)"
+
+
+def output_files(prefix: str) -> Dict[str, Tuple[int, ...]]:
+    """The files predict-batch writes beside `prefix` that are there now (a run's shards, a watching job's
+    files, either format; no other file), each with what tells a rewritten file from the one that was there."""
+    named = re.compile(re.escape(os.path.basename(prefix)) + OUTPUT_NAME)
+    pattern = glob.escape(prefix) + "-*"
+    found: Dict[str, Tuple[int, ...]] = {}
+    if "://" in prefix:  # Cloud Storage: through Beam's file systems
+        from apache_beam.io.filesystems import FileSystems
+
+        (result,) = FileSystems.match([pattern])
+        found = {m.path: (m.size_in_bytes, m.last_updated_in_seconds) for m in result.metadata_list}
+    else:  # locally a glob, which lists one folder (Beam's match walks every folder under it)
+        for path in glob.glob(pattern):
+            try:
+                stat = os.stat(path)
+            except FileNotFoundError:
+                continue
+            found[path] = (stat.st_ino, stat.st_size, stat.st_mtime_ns)
+    return {path: facts for path, facts in found.items() if named.fullmatch(os.path.basename(path))}
+
+
+def remove_earlier_outputs(prefix: str, before: Dict[str, Tuple[int, ...]]) -> List[str]:
+    """After a run: removes the files of `before` (output_files before it) that it did not rewrite, an earlier
+    run's shards (3 of them where this run wrote 2) that readers of PREFIX-* would read with its own; returns them.
+    Removed only once the run has written its files, so a run that fails leaves the earlier output whole."""
+    from apache_beam.io.filesystems import FileSystems
+
+    now = output_files(prefix)
+    earlier = sorted(path for path, facts in before.items() if now.get(path) == facts)
+    if earlier:
+        FileSystems.delete(earlier)
+    return earlier
+
+
 def message_record(message: Any) -> Record:
     """A Pub/Sub message -> a record named by its message id (or, where a runner gives none, its `id` attribute,
     else a digest of its data), its data the original (JSON) text."""
@@ -269,17 +325,21 @@ class BigQueryRows(Source):
         self.key_column = key_column
 
     def read(self, pipeline: beam.Pipeline) -> beam.PCollection:
-        key = self.key_column
         return in_batches(
             pipeline
             | "ReadBigQuery" >> beam.io.ReadFromBigQuery(query=self.query, use_standard_sql=True)
-            | "Records"
-            >> beam.Map(
-                lambda row: Record(
-                    str(row.get(key)), json.dumps(row, default=str), {k: v for k, v in row.items() if v is not None}
-                )
-            )
+            | "Records" >> beam.Map(table_record, self.key_column)
         )
+
+
+def table_record(row: Dict[str, Any], key_column: str) -> Record:
+    """A query's row -> a record named by its key column's value. A key column the query doesn't return is an error
+    naming it and the columns it does: a mistyped name would otherwise name every row None."""
+    if key_column not in row:
+        raise ValueError(
+            f"--key-column {key_column!r} is not a column of the query; the query returns {', '.join(row)}"
+        )
+    return Record(str(row[key_column]), json.dumps(row, default=str), {k: v for k, v in row.items() if v is not None})
 
 
 PREDICTION_SCHEMA = "id:STRING,prediction:FLOAT,model_version:INTEGER,timestamp:TIMESTAMP"

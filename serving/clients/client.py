@@ -11,9 +11,10 @@ serving/clients/device.py).
 The file is read as `babyweight validate-serving` reads it (models/requests.py): a CSV of the natality table's
 columns or JSON lines of features. The model's features are sent (the table's other columns are not); a row
 the serving contract refuses (a required feature missing, a value not of its type) is not sent and gets an
-error naming the row and feature, and so does a row the server refuses; the other rows are answered. Output: CSV
-with row, prediction, model_version and error, one line per input row (stdout, or --output). Exit code 0: every row
-predicted; 1: some rows refused; 2: the file, the server or the TFLite model can't be read or reached.
+error naming the row and feature, and so does a row the server refuses, or answers with no number (null, NaN, an
+infinity: predict-batch rejects such an answer too); the other rows are answered. Output: CSV with row, prediction,
+model_version and error, one line per input row (stdout, or --output). Exit code 0: every row predicted; 1: some
+rows refused; 2: the file, the server or the TFLite model can't be read or reached.
 A Vertex AI endpoint is called with the application-default credentials (gcloud auth application-default login).
 """
 
@@ -28,6 +29,7 @@ import urllib.parse
 import urllib.request
 from typing import Any, Dict, List, Optional, Tuple
 
+from models import features
 from models.requests import RequestsError, read_requests
 from serving.core import contract
 from serving.model_server.settings import MODEL_NAME
@@ -63,8 +65,9 @@ def _headers(url: str) -> Dict[str, str]:
     return headers
 
 
-def post(url: str, instances: List[Dict[str, Any]]) -> Tuple[List[float], str]:
-    """The predictions for `instances` and the version that answered."""
+def post(url: str, instances: List[Dict[str, Any]]) -> Tuple[List[Any], str]:
+    """The answers for `instances` (a prediction each, or what the server sent instead) and the version that
+    answered."""
     request = urllib.request.Request(url, data=json.dumps({"instances": instances}).encode(), headers=_headers(url))
     try:
         with urllib.request.urlopen(request, timeout=TIMEOUT_SECONDS) as response:
@@ -82,7 +85,7 @@ def post(url: str, instances: List[Dict[str, Any]]) -> Tuple[List[float], str]:
     predictions = answer.get("predictions")
     if not isinstance(predictions, list) or len(predictions) != len(instances):
         raise ServerError(f"{url} answered without a prediction per instance: {str(answer)[:200]}")
-    return [p[0] if isinstance(p, list) else p for p in predictions], version
+    return [p[0] if isinstance(p, list) and len(p) == 1 else p for p in predictions], version
 
 
 def predict_rows(url: str, rows: List[Dict[str, Any]], batch_size: int) -> List[Dict[str, Any]]:
@@ -108,8 +111,11 @@ def predict_rows(url: str, rows: List[Dict[str, Any]], batch_size: int) -> List[
                 index = batch.pop(int(refused.group(1)))[0]  # that row alone is refused; the others go again
                 results[index]["error"] = f"row {index + 1}: {refused.group(2)}"
                 continue
-            for (index, _), prediction in zip(batch, predictions):
-                results[index].update(prediction=prediction, model_version=version)
+            for (index, _), prediction, good in zip(batch, predictions, features.predicted(predictions)):
+                if good:
+                    results[index].update(prediction=prediction, model_version=version)
+                else:  # null, NaN or an infinity: no prediction (predict-batch and --tflite reject it too)
+                    results[index]["error"] = f"row {index + 1}: {features.not_a_prediction(prediction)}"
             break
     return results
 

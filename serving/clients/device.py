@@ -53,9 +53,9 @@ def predict_rows(model: DeviceModel, rows: List[Dict[str, Any]], batch_size: int
     for start in range(0, len(ready), batch_size):
         batch = ready[start : start + batch_size]
         predictions = model.predict_keys([key for _, key in batch])
-        for (index, _), prediction in zip(batch, predictions):
-            if numpy.isfinite(prediction):
+        for (index, _), prediction, good in zip(batch, predictions, features.predicted(predictions)):
+            if good:
                 results[index].update(prediction=float(prediction), model_version=version)
-            else:  # no prediction (predict-batch rejects such an answer too)
-                results[index]["error"] = f"row {index + 1}: the model answered {prediction}"
+            else:  # no prediction (predict-batch and predict --url reject such an answer too)
+                results[index]["error"] = f"row {index + 1}: {features.not_a_prediction(prediction)}"
     return results

@@ -236,6 +236,8 @@ def test_a_pipeline_writes_to_mysql_and_the_command_reads_it_back(capsys, tmp_pa
             beam_pipeline_args=config.beam_pipeline_args(),
         )
     )
+    # The password as a user gives it, in a file (the test server skips grant checks, so any password opens it).
+    (tmp_path / "mysql-password").write_text("not-on-the-command-line\n")
     mysql = [
         "--mysql-host",
         "127.0.0.1",
@@ -243,6 +245,8 @@ def test_a_pipeline_writes_to_mysql_and_the_command_reads_it_back(capsys, tmp_pa
         str(mysql_server),
         "--mysql-user",
         "root",
+        "--mysql-password-file",
+        str(tmp_path / "mysql-password"),
         "--mysql-database",
         "mlmd",
         "--json",

@@ -112,6 +112,7 @@ def test_a_named_version_and_csv_output(version_dir, real_export_csv, tmp_path):
 
 def test_no_pushed_version_is_a_clear_error(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
+    (tmp_path / "rows.csv").write_text("mother_age,gestation_weeks\n30,39\n")
     assert (
         batch_cli.main(
             [
@@ -639,3 +640,126 @@ def test_a_batch_whose_prediction_raises_is_rejected_row_by_row_with_the_error(t
             equal_to([(f"r{n}", "prediction failed: ValueError('boom')") for n in range(3)]),
             label="rejected",
         )
+
+
+def _files_to_files(tmp_path, version_dir, *extra):
+    return batch_cli.main(
+        [
+            "--input",
+            str(tmp_path / "in" / "*.csv"),
+            "--output",
+            str(tmp_path / "out" / "run"),
+            "--model-dir",
+            str(version_dir),
+            *extra,
+        ]
+    )
+
+
+def test_a_glob_that_matches_no_file_is_an_error_naming_it_before_any_pipeline_starts(
+    version_dir, tmp_path, capsys, monkeypatch
+):
+    import apache_beam as beam
+
+    def never(self, *args, **kwargs):
+        raise AssertionError("a pipeline started")
+
+    monkeypatch.setattr(beam.Pipeline, "run", never)
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "rows.txt").write_text("mother_age,gestation_weeks\n30,39\n")  # not *.csv
+    (tmp_path / "in" / "folder.csv").mkdir()  # a folder is no file
+    assert _files_to_files(tmp_path, version_dir) == 2
+    err = capsys.readouterr().err
+    assert f"error: --input {str(tmp_path / 'in' / '*.csv')!r} matches no file" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_run_that_rejects_every_row_writes_them_and_exits_non_zero_saying_so(version_dir, tmp_path, capsys):
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.csv").write_text("mother_age,gestation_weeks\n30,\n31,99\nthirty,39\n")
+    assert _files_to_files(tmp_path, version_dir) == 1
+    captured = capsys.readouterr()
+    rejected = _read(str(tmp_path / "out" / "run-rejected-*.jsonl"))
+    assert sorted(row["id"] for row in rejected) == ["a.csv:2", "a.csv:3", "a.csv:4"]
+    assert _read(str(tmp_path / "out" / "run-predictions-*.jsonl")) == []
+    assert "3 row(s) read from" in captured.out and "0 predicted" in captured.out
+    assert (
+        f"error: every row was rejected (3 of 3); the rows and the reasons: {tmp_path / 'out' / 'run'}-rejected-*.jsonl"
+        in captured.err
+    )
+    (tmp_path / "in" / "a.csv").write_text("mother_age,gestation_weeks\n")  # a header alone: nothing to predict
+    assert _files_to_files(tmp_path, version_dir) == 1
+    assert f"error: the files matching {str(tmp_path / 'in' / '*.csv')!r} hold no row" in capsys.readouterr().err
+
+
+def test_a_new_run_removes_the_earlier_runs_files_of_its_prefix_and_nothing_else(version_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    stale = [  # an earlier run's three shards, one in CSV, and a watching job's window files
+        "run-predictions-00000-of-00003.jsonl",
+        "run-predictions-00001-of-00003.jsonl",
+        "run-predictions-00002-of-00003.jsonl",
+        "run-predictions-00000-of-00001.csv",
+        "run-rejected-00000-of-00003.jsonl",
+        "run-predictions-20240101T000000-0123abcd.jsonl",
+        "run-rejected-20240101T000000-0123abcd.jsonl",
+    ]
+    kept = [  # not this command's outputs for the prefix "run"
+        "run-notes.txt",
+        "run-predictions-final.jsonl",
+        "run-predictions-00000-of-00003.jsonl.bak",
+        "run2-predictions-00000-of-00001.jsonl",
+        "rerun-predictions-00000-of-00001.jsonl",
+    ]
+    for name in stale + kept:
+        (out / name).write_text('{"id": "stale.csv:2", "prediction": 1.0}\n')
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.csv").write_text("mother_age,gestation_weeks\n30,39\n31,\n")
+    # A run that fails before writing (a version that isn't there) leaves the earlier output as it was.
+    assert _files_to_files(tmp_path, version_dir, "--version", "7") == 2
+    assert sorted(path.name for path in out.iterdir() if not path.name.startswith("beam-temp-")) == sorted(stale + kept)
+    assert _files_to_files(tmp_path, version_dir) == 0
+    left = sorted(path.name for path in out.iterdir() if not path.name.startswith("beam-temp-"))
+    assert set(kept) <= set(left) and not set(stale) & set(left)
+    written = sorted(set(left) - set(kept))  # this run's shards
+    assert [row["id"] for name in written if "-predictions-" in name for row in _read(str(out / name))] == ["a.csv:2"]
+    assert [row["id"] for name in written if "-rejected-" in name for row in _read(str(out / name))] == ["a.csv:3"]
+    assert f"removed {len(stale)} file(s) an earlier run wrote beside {out / 'run'}" in capsys.readouterr().out
+    # Run again with the same shards: the files it rewrote are this run's, and stay.
+    assert _files_to_files(tmp_path, version_dir) == 0
+    assert sorted(path.name for path in out.iterdir() if not path.name.startswith("beam-temp-")) == left
+
+
+def test_a_key_column_the_query_does_not_return_is_an_error_naming_it_and_the_columns(monkeypatch):
+    """BigQuery's read stands in as the rows it gives (dicts); no network: the source's own transforms after it."""
+    import apache_beam as beam
+    from apache_beam.testing.util import assert_that, equal_to
+
+    rows = [
+        {"record_id": "r1", "mother_age": 30, "gestation_weeks": 39, "is_male": True},
+        {"record_id": "r2", "mother_age": 31, "gestation_weeks": None},
+    ]
+
+    class FakeQuery(beam.PTransform):
+        def __init__(self, query, use_standard_sql):
+            super().__init__()
+
+        def expand(self, begin):
+            return begin | beam.Create(rows)
+
+    monkeypatch.setattr(beam.io, "ReadFromBigQuery", FakeQuery)
+    with beam.Pipeline() as pipeline:
+        records = batch_io.BigQueryRows("SELECT ...", "record_id").read(pipeline)
+        assert_that(
+            records | beam.FlatMap(lambda batch: [(r.id, r.fields) for r in batch]),
+            equal_to(
+                [
+                    ("r1", {"record_id": "r1", "mother_age": 30, "gestation_weeks": 39, "is_male": True}),
+                    ("r2", {"record_id": "r2", "mother_age": 31}),
+                ]
+            ),
+        )
+    with pytest.raises(Exception, match="--key-column 'recordid' is not a column of the query") as raised:
+        with beam.Pipeline() as pipeline:
+            batch_io.BigQueryRows("SELECT ...", "recordid").read(pipeline)
+    assert "the query returns record_id, mother_age, gestation_weeks, is_male" in str(raised.value)
