@@ -7,6 +7,8 @@ babyweight serve --model-config-file models.config  # TF Serving's model_config_
 
 import logging
 import os
+import pathlib
+import re
 import shutil
 import sys
 import tempfile
@@ -15,6 +17,30 @@ from typing import List, Optional
 from serving.model_server import settings as settings_lib
 
 APP_FACTORY = "serving.model_server.app:app_from_environment"
+METRICS_PREFIX = "babyweight-metrics-"
+METRICS_FOLDER = re.compile(rf"{METRICS_PREFIX}(?P<pid>\d+)-\w+")
+
+
+def remove_dead_metrics_folders(parent: str) -> List[str]:
+    """The counters' folders of servers that died without cleaning up (SIGKILL, OOM): removed; a live one's stay."""
+    removed = []
+    for folder in pathlib.Path(parent).glob(METRICS_PREFIX + "*"):
+        match = METRICS_FOLDER.fullmatch(folder.name)
+        if match is None or not folder.is_dir() or _alive(int(match.group("pid"))):
+            continue
+        shutil.rmtree(folder, ignore_errors=True)
+        removed.append(str(folder))
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: alive
+        return True
+    return True
 
 
 def run(settings: settings_lib.ServerSettings) -> None:
@@ -23,15 +49,18 @@ def run(settings: settings_lib.ServerSettings) -> None:
 
     settings_lib.feedback_token(settings)  # a token that can't be read stops the start, not each worker
 
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(process)d %(levelname)s %(message)s")
     workers = settings.workers or settings_lib.usable_cpus()
     # A folder of our own for the workers' counters (an earlier server's would add up with ours), made inside
     # --metrics-dir where given: only it is removed at exit, never the folder given or anything else in it.
     if settings.metrics_dir:
         os.makedirs(settings.metrics_dir, exist_ok=True)
-    metrics_dir = tempfile.mkdtemp(prefix="babyweight-metrics-", dir=settings.metrics_dir or None)
+    parent = settings.metrics_dir or tempfile.gettempdir()
+    for removed in remove_dead_metrics_folders(parent):
+        logging.info("removed %s, left by a server that is gone", removed)
+    metrics_dir = tempfile.mkdtemp(prefix=f"{METRICS_PREFIX}{os.getpid()}-", dir=parent)
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
     os.environ[settings_lib.ENV_SETTINGS] = settings_lib.to_environment(settings)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(process)d %(levelname)s %(message)s")
     logging.info(
         "serving %s as %r on http://%s:%d/v1/models/%s (%d worker process(es))",
         settings.model_dir or "the profile's serving_model folder",

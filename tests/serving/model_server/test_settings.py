@@ -3,6 +3,8 @@
 import dataclasses
 import os
 import pathlib
+import subprocess
+import sys
 
 import pytest
 
@@ -76,6 +78,21 @@ def test_the_metrics_dir_given_keeps_what_it_holds(tmp_path, monkeypatch):
     assert not os.path.exists(seen["folder"])
     assert sorted(path.name for path in given.iterdir()) == ["metadata.sqlite", "serving_model"]
     assert (given / "serving_model" / "1").is_dir()
+
+
+def test_a_killed_servers_metrics_folder_is_removed_at_the_next_start_and_a_live_ones_kept(tmp_path, monkeypatch):
+    """A SIGKILLed server leaves its counters' folder: the next start removes it (a live server's stays)."""
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    left = tmp_path / f"babyweight-metrics-{dead.pid}-abc123"
+    live = tmp_path / f"babyweight-metrics-{os.getppid()}-def456"
+    other = tmp_path / "babyweight-metrics-notes"
+    for folder in (left, live, other):
+        folder.mkdir()
+        (folder / "counter_1.db").write_text("")
+    monkeypatch.setattr("uvicorn.run", lambda *args, **kwargs: None)
+    server.run(settings_lib.ServerSettings(metrics_dir=str(tmp_path), workers=1))
+    assert not left.exists() and live.is_dir() and other.is_dir()
 
 
 def test_the_feedback_token_comes_from_a_file_or_the_environment_never_a_flag(tmp_path):
