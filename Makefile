@@ -13,12 +13,12 @@ export PYTHONWARNINGS := ignore::FutureWarning
 # make test's worker processes (pytest-xdist): one per CPU, at most 4; tests sharing a pipeline run share a worker.
 TEST_WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 2); [ $$n -gt 4 ] && n=4; echo $$n)
 
-.PHONY: run test test-fast lint mariadb chromium report-screenshot wrk metadata simulate validate-serving serve predict predict-batch bench-predict bench-tflite bench-serving vertex bench quality schema-draft data clean
+.PHONY: run test test-fast lint mariadb chromium report-screenshot wrk metadata simulate validate-serving serve predict predict-batch bench-predict bench-tflite bench-serving soak-serving vertex bench quality schema-draft data clean
 
 run: $(VENV)/.installed
 	$(PY) runner_local.py $(ARGS)
 
-test: $(VENV)/.installed lint mariadb chromium
+test: $(VENV)/.installed lint mariadb chromium wrk
 	$(PY) -m pytest tests -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder $(ARGS)
 
 # The unit tests: everything but the end-to-end tests marked slow.
@@ -92,7 +92,12 @@ bench-tflite: $(VENV)/.installed
 bench-serving: $(VENV)/.installed wrk
 	$(PY) -m serving.bench.server_bench $(ARGS)
 
-# wrk, the HTTP load generator of the serving benchmark (Debian's package).
+# The server left running under wrk's load: hostile requests, 20 pushes, log and model folder faults (docs/serving.md,
+# Soak): ARGS="--pushes 5"
+soak-serving: $(VENV)/.installed wrk
+	$(PY) -m serving.bench.soak $(ARGS)
+
+# wrk, the HTTP load generator of the serving benchmark and soak, and of the soak's test (Debian's package).
 wrk:
 	@command -v wrk >/dev/null 2>&1 || \
 	  if command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \

@@ -133,7 +133,10 @@ def _free_port() -> int:
 
 
 @contextlib.contextmanager
-def _server(command: List[str], port: int, env: Dict[str, str], log: pathlib.Path, ready_path: str) -> Iterator[str]:
+def _server(
+    command: List[str], port: int, env: Dict[str, str], log: pathlib.Path, ready_path: str
+) -> Iterator[Tuple[str, int]]:
+    """The server started (every worker answering ready_path): (its URL, its pid); SIGTERM to its group at the end."""
     with log.open("w") as handle:
         process = subprocess.Popen(
             command, env={**os.environ, **env}, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True
@@ -155,16 +158,28 @@ def _server(command: List[str], port: int, env: Dict[str, str], log: pathlib.Pat
             except OSError:
                 streak = 0
                 time.sleep(0.2)
-        yield url
+        yield url, process.pid
     finally:
         os.killpg(process.pid, 15)
         process.wait(timeout=30)
 
 
-def wrk(url: str, concurrency: int, seconds: float, bodies_file: str, script: pathlib.Path) -> Dict[str, float]:
+def wrk(
+    url: str, concurrency: int, seconds: float, bodies_file: str, script: pathlib.Path, timeout_seconds: int = 2
+) -> Dict[str, float]:
+    """One wrk run's figures; a request unanswered after timeout_seconds counts as a socket error."""
     threads = 1 if concurrency == 1 else 2
     done = subprocess.run(
-        ["wrk", f"-t{threads}", f"-c{concurrency}", f"-d{max(1, round(seconds))}s", "-s", str(script), url],
+        [
+            "wrk",
+            f"-t{threads}",
+            f"-c{concurrency}",
+            f"-d{max(1, round(seconds))}s",
+            f"--timeout={timeout_seconds}s",
+            "-s",
+            str(script),
+            url,
+        ],
         env={**os.environ, "BENCH_BODIES": bodies_file},
         capture_output=True,
         text=True,
@@ -262,7 +277,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     }
     for name, (command, env) in servers.items():
         port = _free_port()
-        with _server(command + ["--port", str(port)], port, env, work / f"{name}.log", PATH) as url:
+        with _server(command + ["--port", str(port)], port, env, work / f"{name}.log", PATH) as (url, _):
             for workload, bodies in workloads.items():
                 # Warm-up: the steady state is measured (the server's table has learned what the pool repeats).
                 wrk(url + PATH, 64, WARMUP_SECONDS, bodies, script)

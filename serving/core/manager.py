@@ -148,7 +148,8 @@ class Manager:
         self.settings = settings
         self._default_base_path = default_base_path
         self._traffic_head = traffic_head
-        self._on_change = on_change
+        self._on_change = on_change  # after a poll that loaded or unloaded versions
+        self._changed = False
         self._on_storage_error = on_storage_error
         self.config = read_model_config(settings.model_config_file, settings.model_name, default_base_path)
         self._config_stamp = self._stamp()
@@ -251,7 +252,16 @@ class Manager:
             logging.error("keeping the previous model config: %s", error)
 
     def poll_once(self) -> None:
-        """One look at the config file and the folder; loads and unloads to match the policy."""
+        """One look at the config file and the folder; loads and unloads to match the policy; then `on_change`
+        once if anything was loaded or unloaded (a push is a load and an unload: one pause, not two)."""
+        self._changed = False
+        try:
+            self._poll()
+        finally:
+            if self._changed:
+                self._on_change()
+
+    def _poll(self) -> None:
         self._reload_config()
         found = list_versions(self.config.base_path)
         if not found and self.available:
@@ -303,7 +313,7 @@ class Manager:
             loaded.seconds_to_load,
             loaded.table.head_size,
         )
-        self._on_change()
+        self._changed = True
 
     def _unload(self, version: int) -> None:
         self.states[version] = VersionState(UNLOADING)
@@ -311,7 +321,7 @@ class Manager:
         # Requests holding this version keep it alive until they finish; then Python frees it.
         self.states[version] = VersionState(END)
         logging.info("version %d unloaded", version)
-        self._on_change()
+        self._changed = True
 
     def start(self) -> None:
         """Polls in a background thread until `stop`."""

@@ -132,14 +132,18 @@ def test_the_policy_and_labels_follow_the_config_file(tmp_path):
 
 
 def test_pushed_versions_leave_nothing_frozen_behind(tmp_path):
-    """After each load and unload the server collects and freezes what is live (app._settle_memory). A version that
-    left is garbage in reference cycles (its SavedModel's graphs): frozen, it would never be freed (about 2,200
-    objects a push of this toy model, 54 MiB a push of the real one)."""
+    """After a poll that loaded or unloaded, the server collects and freezes what is live (app._settle_memory), once
+    a push (one full collection's pause, not one for the load and one for the unload). A version that left is
+    garbage in reference cycles (its SavedModel's graphs): frozen, it would never be freed (about 2,200 objects a
+    push of this toy model, 54 MiB a push of the real one)."""
     from serving.model_server import app
 
     models = tmp_path / "models"
+    settled = []
     versions = manager.Manager(
-        settings.ServerSettings(model_dir=str(models)), str(models), on_change=app._settle_memory
+        settings.ServerSettings(model_dir=str(models)),
+        str(models),
+        on_change=lambda: (settled.append(1), app._settle_memory()),
     )
     frozen = []
     try:
@@ -151,6 +155,9 @@ def test_pushed_versions_leave_nothing_frozen_behind(tmp_path):
     finally:
         gc.unfreeze()
     assert frozen[-1] - frozen[0] < 100, frozen
+    assert len(settled) == 5
+    versions.poll_once()  # nothing changed: no pause
+    assert len(settled) == 5
 
 
 def test_the_model_folder_gone_for_a_while_is_counted_and_the_loaded_version_keeps_serving(tmp_path):
