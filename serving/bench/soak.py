@@ -12,7 +12,8 @@ run one after the other:
   log      the request log's folder removed, then a file put in its place (nothing can be written) for
            --fault-seconds, then taken away: the server answers throughout, the log starts again by itself and
            the records it could not write are counted, not held;
-  models   the model folder made unreadable (a file in its place) for --fault-seconds: the loaded version serves.
+  models   the model folder made unreadable (a file in its place) for --fault-seconds: the loaded version serves;
+           a version pushed once it is back is served (polling resumed).
 One table on stdout, and outputs/bench/soak.json.
 """
 
@@ -51,6 +52,13 @@ HOSTILE: List[Tuple[str, str, str, Dict[str, str], bytes]] = [
     ("broken JSON", "POST", PATH, {}, b""),
     ("deeply nested JSON", "POST", PATH, {}, b"[" * 200_000),
     ("deeply nested JSON", "POST", PATH, {}, b'{"instances": ' + b'{"a": ' * 5_000 + b"1" + b"}" * 5_000 + b"}"),
+    (  # within JSON's nesting limit, deep enough to exhaust repr's stack in an error message
+        "deeply nested JSON",
+        "POST",
+        PATH,
+        {},
+        b'{"instances": [{"gestation_weeks": 39, "mother_age": ' + b"[" * 1_000 + b"]" * 1_000 + b"}]}",
+    ),
     ("wrong types", "POST", PATH, {}, b'{"instances": [{"mother_age": "thirty", "gestation_weeks": 39}]}'),
     ("wrong types", "POST", PATH, {}, b'{"instances": "everyone"}'),
     ("wrong types", "POST", PATH, {}, b'{"instances": [[30, 39]]}'),
@@ -76,6 +84,8 @@ HOSTILE: List[Tuple[str, str, str, Dict[str, str], bytes]] = [
     ("unknown routes", "GET", "/v1/models/babyweight/versions/" + "9" * 40, {}, b""),
     ("unknown routes", "POST", "/v1/models/babyweight:explode", {}, _instances(1)),
     ("unknown routes", "GET", "/v1/models/babyweight/labels/" + "x" * 5_000, {}, b""),
+    ("unknown routes", "GET", "/v1/models/babyweight/versions/" + "9" * 5_000, {}, b""),  # past int()'s digits
+    ("unknown routes", "POST", "/v1/models/babyweight/versions/" + "9" * 5_000 + ":predict", {}, _instances(1)),
     ("verbs", "DELETE", "/v1/models/babyweight", {}, b""),
     ("verbs", "PUT", PATH, {}, _instances(1)),
     ("verbs", "PATCH", "/metrics", {}, b""),
@@ -87,6 +97,7 @@ HOSTILE: List[Tuple[str, str, str, Dict[str, str], bytes]] = [
         b'{"instances": [{"mother_age": 30, "gestation_weeks": 39, "is_male": "\xff"}]}',
     ),
     ("bad headers", "POST", PATH, {"X-Request-Id": "x" * 500}, _instances(1)),
+    ("bad headers", "POST", PATH, {"X-Routing-Key": "x" * 200_000}, _instances(1)),  # a head past 64 KiB: 431
     ("bad headers", "POST", PATH, {"Content-Type": "text/plain", "X-Request-Id": "a b"}, _instances(1)),
     (
         "unauthenticated writes",
@@ -104,6 +115,7 @@ class Load:
     def __init__(self, url: str, bodies: str, script: pathlib.Path, concurrency: int = CONCURRENCY):
         self.url, self.bodies, self.script, self.concurrency = url, bodies, script, concurrency
         self.totals = {"requests": 0, "non2xx": 0, "socket_errors": 0, "seconds": 0.0, "p99_ms": 0.0}
+        self.error: Optional[str] = None  # why wrk stopped early (it could not connect, say)
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
 
@@ -118,36 +130,50 @@ class Load:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            chunk = server_bench.wrk(
-                self.url + PATH, self.concurrency, CHUNK_SECONDS, self.bodies, self.script, timeout_seconds=10
-            )
+            try:
+                chunk = server_bench.wrk(
+                    self.url + PATH, self.concurrency, CHUNK_SECONDS, self.bodies, self.script, timeout_seconds=10
+                )
+            except Exception as error:  # the scenario fails with the reason, not silently with fewer requests
+                self.error = f"{type(error).__name__}: {error}"
+                return
             for name in ("requests", "non2xx", "socket_errors", "seconds"):
                 self.totals[name] += chunk[name]
             self.totals["p99_ms"] = max(self.totals["p99_ms"], chunk["p99_ms"])
 
 
-def send(url: str, method: str, path: str, headers: Dict[str, str], body: bytes) -> Optional[int]:
-    """The status of one request on its own connection, or None if the connection was dropped."""
+def send(url: str, method: str, path: str, headers: Dict[str, str], body: bytes) -> Tuple[Optional[int], bytes]:
+    """The status and body of one request on its own connection; (None, the error) if the connection was dropped."""
     host, port = url.split("//")[1].split(":")
     connection = http.client.HTTPConnection(host, int(port), timeout=30)
     try:
         connection.request(method, path, body=body or None, headers={"Content-Type": "application/json", **headers})
         response = connection.getresponse()
-        response.read()
-        return response.status
-    except OSError:
-        return None
+        return response.status, response.read()
+    except OSError as error:
+        return None, repr(error).encode()
     finally:
         connection.close()
 
 
-def worker_rss(server_pid: int) -> List[float]:
-    """Each worker process's resident memory (MiB): the server's children that uvicorn spawned."""
+def workers(server_pid: int) -> List[psutil.Process]:
+    """The server's worker processes: its children that uvicorn spawned."""
     found = []
     for child in psutil.Process(server_pid).children(recursive=True):
         try:
             if "spawn_main" in " ".join(child.cmdline()):
-                found.append(child.memory_info().rss / 2**20)
+                found.append(child)
+        except psutil.Error:
+            continue
+    return found
+
+
+def worker_rss(server_pid: int) -> List[float]:
+    """Each worker process's resident memory (MiB)."""
+    found = []
+    for child in workers(server_pid):
+        try:
+            found.append(child.memory_info().rss / 2**20)
         except psutil.Error:
             continue
     return sorted(found)
@@ -193,11 +219,13 @@ def hostile(url: str, rounds: int) -> Dict[str, Any]:
         for round_ in range(rounds):
             for index in range(len(HOSTILE)):
                 family, method, path, headers, body = HOSTILE[(index + offset + round_) % len(HOSTILE)]
-                answer = send(url, method, path, headers, body)
+                answer, text = send(url, method, path, headers, body)
                 kind = "dropped" if answer is None else f"{answer // 100}xx"
                 with lock:
                     counts = statuses.setdefault(family, {})
                     counts[kind] = counts.get(kind, 0) + 1
+                    if kind != "4xx":  # what went wrong, once per family
+                        counts.setdefault(f"first {kind}", f"{answer} {text[:120]!r}")
 
     clients = [threading.Thread(target=client, args=(offset,)) for offset in (0, len(HOSTILE) // 2)]
     for thread in clients:
@@ -209,7 +237,7 @@ def hostile(url: str, rounds: int) -> Dict[str, Any]:
 
 def scenario_hostile(url: str, rounds: int) -> Dict[str, Any]:
     statuses = hostile(url, rounds)
-    sent = sum(sum(counts.values()) for counts in statuses.values())
+    sent = sum(sum(n for n in counts.values() if isinstance(n, int)) for counts in statuses.values())
     refused = sum(counts.get("4xx", 0) for counts in statuses.values())
     wrong = {family: counts for family, counts in statuses.items() if set(counts) != {"4xx"}}
     return {
@@ -221,7 +249,7 @@ def scenario_hostile(url: str, rounds: int) -> Dict[str, Any]:
     }
 
 
-def scenario_pushes(url: str, pid: int, models: pathlib.Path, newest: int, pushes: int) -> Dict[str, Any]:
+def scenario_pushes(url: str, pid: int, models: pathlib.Path, newest: int, pushes: int, count: int) -> Dict[str, Any]:
     """Copies in versions newest+1 .. newest+pushes, as the Pusher does (whole), each waited for until it serves."""
     rss_first: List[float] = []
     switch = []
@@ -242,7 +270,7 @@ def scenario_pushes(url: str, pid: int, models: pathlib.Path, newest: int, pushe
         "rss_last_mib": [round(value) for value in rss_last],
         "rss_growth": growth,
         "switch_seconds_max": max(switch),
-        "ok": growth <= 0.10,
+        "ok": growth <= 0.10 and len(rss_first) == len(rss_last) == count,  # every worker measured
     }
 
 
@@ -256,9 +284,8 @@ def scenario_log(url: str, pid: int, logs: pathlib.Path, fault_seconds: float) -
     time.sleep(fault_seconds)
     dropped = metric(url, "babyweight_request_log_dropped_records_total")
     logs.unlink()
-    recovered = _until(
-        lambda: any(path.stat().st_size > 0 for path in request_log.log_files(str(logs))), 30, "the log writing again"
-    )
+    pids = {str(child.pid) for child in workers(pid)} or {str(pid)}  # one worker: the server's own process
+    recovered = _until(lambda: _writing(logs) >= pids, 30, "every worker's log writing again")
     rss_after = worker_rss(pid)
     return {
         "log_recreated_seconds": recreated,
@@ -269,6 +296,19 @@ def scenario_log(url: str, pid: int, logs: pathlib.Path, fault_seconds: float) -
         "rss_after_mib": [round(value) for value in rss_after],
         "ok": dropped > 0,
     }
+
+
+def _writing(logs: pathlib.Path) -> set:
+    """The pids of the processes whose request log files in `logs` hold records."""
+    found = set()
+    for path in request_log.log_files(str(logs)):
+        match = request_log.FILE_NAME.fullmatch(path.name)
+        try:
+            if match and path.stat().st_size > 0:
+                found.add(match.group("pid"))
+        except OSError:
+            continue
+    return found
 
 
 def _remove(folder: pathlib.Path) -> None:
@@ -290,9 +330,16 @@ def scenario_models(url: str, models: pathlib.Path, fault_seconds: float) -> Dic
     errors = metric(url, "babyweight_model_storage_errors_total") - errors_before
     models.unlink()
     away.rename(models)
+    # Polling resumes: a version pushed once the folder is back is served (within the backoff's 30 s and its load).
+    newest = max(int(name) for name in os.listdir(models) if name.isdigit())
+    staging = models.parent / "staging"
+    shutil.copytree(models / str(newest), staging)
+    staging.rename(models / str(newest + 1))
+    resumed = _until(functools.partial(_switched, url, newest + 1), 120, f"version {newest + 1} serving")
     return {
         "storage_errors": errors,
         "still_available": during == served,
+        "resumed_seconds": resumed,
         "ok": during == served and errors > 0,
     }
 
@@ -324,7 +371,7 @@ def run(args: argparse.Namespace) -> List[Dict[str, Any]]:
         with server_bench._server(command, port, {}, work / "server.log", PATH) as (url, pid):
             scenarios = {
                 "hostile": lambda: scenario_hostile(url, args.hostile_rounds),
-                "pushes": lambda: scenario_pushes(url, pid, models, newest, args.pushes),
+                "pushes": lambda: scenario_pushes(url, pid, models, newest, args.pushes, args.workers),
                 "log": lambda: scenario_log(url, pid, logs, args.fault_seconds),
                 "models": lambda: scenario_models(url, models, args.fault_seconds),
             }
@@ -332,9 +379,20 @@ def run(args: argparse.Namespace) -> List[Dict[str, Any]]:
                 with Load(url, str(bodies), script) as load:
                     result = scenario()
                 result = {"scenario": name, **result, **{f"valid_{key}": value for key, value in load.totals.items()}}
-                result["ok"] = result["ok"] and load.totals["non2xx"] == 0 and load.totals["socket_errors"] == 0
+                result["load_error"] = load.error
+                result["ok"] = (
+                    result["ok"]
+                    and load.error is None
+                    and load.totals["requests"] > 0
+                    and load.totals["non2xx"] == 0
+                    and load.totals["socket_errors"] == 0
+                )
                 results.append(result)
                 print(_row(result), flush=True)
+        if not all(result["ok"] for result in results):  # the server's own account of what went wrong
+            lines = (work / "server.log").read_text(errors="replace").splitlines()
+            shown = [line for line in lines if " INFO " not in line][-40:]
+            print("\n".join(["the server's log, but its INFO lines:"] + shown))
         return results
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -364,12 +422,15 @@ def _row(result: Dict[str, Any]) -> str:
     else:
         found = (
             f"{result['storage_errors']:.0f} failed polls counted; the loaded version "
-            f"{'kept serving' if result['still_available'] else 'WAS UNLOADED'}"
+            f"{'kept serving' if result['still_available'] else 'WAS UNLOADED'}; a version pushed after the fault "
+            f"served {result['resumed_seconds']:.1f} s later"
         )
     valid = (
         f"{result['valid_requests']:,} valid requests, {result['valid_non2xx'] + result['valid_socket_errors']} "
         f"failed, p99 {result['valid_p99_ms']:.0f} ms"
     )
+    if result.get("load_error"):
+        valid += f" (wrk stopped: {result['load_error']})"
     return f"| {name} | {'yes' if result['ok'] else 'NO'} | {valid} | {found} |"
 
 

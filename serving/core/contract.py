@@ -11,6 +11,7 @@ import base64
 import binascii
 import dataclasses
 import functools
+import reprlib
 from typing import Any, Dict, List, Optional, Sequence
 
 import orjson
@@ -45,6 +46,14 @@ class Request:
 _NUMBER, _TEXT = (int, float), (str, bool)
 _KINDS = {c.name: (_NUMBER if c.dtype != "string" else _TEXT) for c in features.FEATURES}
 MAX_TEXT_CHARACTERS = 64  # a text value's longest: the codes and states the model takes are a few characters
+_SHOWN = reprlib.Repr()
+_SHOWN.maxlevel, _SHOWN.maxstring, _SHOWN.maxother, _SHOWN.maxlong, _SHOWN.maxlist, _SHOWN.maxdict = 2, 80, 80, 40, 4, 4
+
+
+def shown(value: Any) -> str:
+    """A client's value as an error message quotes it: its repr cut short, two levels deep at most (a value nested
+    a thousand deep would exhaust the stack of repr, a megabyte key would be echoed whole)."""
+    return _SHOWN.repr(value)
 
 
 @functools.lru_cache(maxsize=None)
@@ -69,7 +78,7 @@ def _outside(index: int, name: str, value: Any, kind: tuple) -> Optional[str]:
     if kind is _NUMBER:
         low, high = numeric_domains()[name]
         if not low <= value <= high:  # NaN and infinities too
-            return f"instance {index}: feature {name!r} is {value!r}, outside its domain [{low:g}, {high:g}]"
+            return f"instance {index}: feature {name!r} is {shown(value)}, outside its domain [{low:g}, {high:g}]"
     elif value.__class__ is str and len(value) > MAX_TEXT_CHARACTERS:
         return f"instance {index}: feature {name!r} is a text of {len(value)} characters; at most {MAX_TEXT_CHARACTERS}"
     return None
@@ -84,8 +93,8 @@ def _wrong_value(index: int, name: str, value: Any, kind: tuple) -> Optional[str
             return None
         value = value[0]
     if kind == (int, float):
-        return f"instance {index}: feature {name!r} must be a number, got {value!r}"
-    return f"instance {index}: feature {name!r} must be a string (or true/false), got {value!r}"
+        return f"instance {index}: feature {name!r} must be a number, got {shown(value)}"
+    return f"instance {index}: feature {name!r} must be a string (or true/false), got {shown(value)}"
 
 
 def check_instance(index: int, instance: Any) -> features.InstanceKey:
@@ -96,7 +105,8 @@ def check_instance(index: int, instance: Any) -> features.InstanceKey:
         kind = _KINDS.get(name)
         if kind is None:
             raise RequestError(
-                f"instance {index}: unknown feature {name!r} (the model takes: {', '.join(features.FEATURE_NAMES)})"
+                f"instance {index}: unknown feature {shown(name)} "
+                f"(the model takes: {', '.join(features.FEATURE_NAMES)})"
             )
         if value is not None and value.__class__ not in kind:  # bool is not int here: true is no number
             reason = _wrong_value(index, name, value, kind)
@@ -163,7 +173,9 @@ def _columns_to_rows(inputs: Any, max_instances: int) -> List[Any]:
         return list(inputs["examples"]) if isinstance(inputs["examples"], list) else [inputs["examples"]]
     lengths = {name: len(values) if isinstance(values, list) else -1 for name, values in inputs.items()}
     if len(set(lengths.values())) != 1 or -1 in lengths.values():
-        raise RequestError(f"'inputs': every feature needs a list of one value per instance, got lengths {lengths}")
+        raise RequestError(
+            f"'inputs': every feature needs a list of one value per instance, got lengths {shown(lengths)}"
+        )
     count = next(iter(lengths.values()))
     _check_count(count, max_instances)
     return [{name: values[index] for name, values in inputs.items()} for index in range(count)]
@@ -214,7 +226,7 @@ def _request(rows: Sequence[Any], signature: Optional[str], columnar: bool, max_
     if signature == EXAMPLES_SIGNATURE:
         rows = [_example(index, row) for index, row in enumerate(rows)]
     elif signature != RAW_SIGNATURE:
-        raise RequestError(f"unknown signature_name {signature!r}; the model serves {', '.join(SIGNATURES)}")
+        raise RequestError(f"unknown signature_name {shown(signature)}; the model serves {', '.join(SIGNATURES)}")
     keys = [check_instance(index, row) for index, row in enumerate(rows)]
     return Request(signature, columnar, list(rows), keys)
 
@@ -240,7 +252,7 @@ def to_instance(row: Dict[str, Any]) -> Dict[str, Any]:
             try:
                 value = float(value)
             except ValueError:
-                raise ValueError(f"feature {column.name!r}: {value!r} is not a number") from None
+                raise ValueError(f"feature {column.name!r}: {shown(value)} is not a number") from None
             if value != value:  # "nan", as some tools write a missing number: no value, as NaN is
                 continue
             value = int(value) if value.is_integer() else value

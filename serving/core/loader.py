@@ -24,7 +24,22 @@ WARMUP_BATCHES = (1, 64)  # batch shapes run once before a version takes traffic
 
 
 class LoadError(RuntimeError):
-    """A version can't be served; the message says why (missing files, a broken graph, a wrong signature)."""
+    """A version can't be served; the message says why (missing files, a broken graph, a wrong signature).
+    `transient`: the storage failed (unreachable, timed out, refused), not the version's files."""
+
+    def __init__(self, message: str, transient: bool = False):
+        super().__init__(message)
+        self.transient = transient
+
+
+# Storage errors a retry may not meet again (a bucket's 503, a timeout): not the version's fault.
+TRANSIENT_ERRORS = (
+    tf.errors.UnavailableError,
+    tf.errors.DeadlineExceededError,
+    tf.errors.AbortedError,
+    tf.errors.PermissionDeniedError,
+    tf.errors.ResourceExhaustedError,
+)
 
 
 @dataclasses.dataclass
@@ -130,7 +145,8 @@ def load(
         raise
     except tf.errors.OpError as error:
         raise LoadError(
-            f"version {version} at {path} can't be loaded: {type(error).__name__}: {error.message.splitlines()[0]}"
+            f"version {version} at {path} can't be loaded: {type(error).__name__}: {error.message.splitlines()[0]}",
+            transient=isinstance(error, TRANSIENT_ERRORS),
         ) from None
     except Exception as error:  # a damaged folder can break any step: it is a version that can't be served
         raise LoadError(f"version {version} at {path} can't be loaded: {type(error).__name__}: {error}") from None

@@ -5,7 +5,8 @@ specific versions, from TF Serving's model_config_list file) says which should b
 loaded and warmed up before it takes traffic, and an older one leaves only once the versions that replace it
 are available. A request takes a handle to one version (`resolve`) and keeps it to the end, so a version that
 is being unloaded finishes the requests it has. A version that fails to load is refused with a log line and its
-error in the status; it is tried again only when its files change.
+error in the status; it is tried again when its files change, and (as TF Serving's max_num_load_retries) up to
+MAX_LOAD_RETRIES times with a backoff, so a storage error during a load doesn't keep a version out for good.
 
 Storage faults keep what is served (TF Serving's availability-preserving policy): a listing that fails (a bucket
 unreachable, a folder unreadable) or comes back empty unloads nothing; a failed poll is logged, counted
@@ -16,6 +17,7 @@ import dataclasses
 import logging
 import os
 import threading
+import time
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import tensorflow as tf
@@ -28,6 +30,8 @@ from serving.model_server.settings import ServerSettings
 
 LOADING, AVAILABLE, UNLOADING, END = "LOADING", "AVAILABLE", "UNLOADING", "END"
 MAX_BACKOFF_SECONDS = 30.0
+MAX_LOAD_RETRIES = 5  # a version that failed to load is tried again this many times, files changed or not
+LOAD_RETRY_SECONDS = 2.0  # the first retry's wait; it doubles for each, up to MAX_BACKOFF_SECONDS
 MIN_POLL_SECONDS = 0.01  # a --poll-seconds of 0 must not spin
 
 
@@ -156,6 +160,7 @@ class Manager:
         self.available: Dict[int, loader.LoadedVersion] = {}  # replaced whole, never changed in place
         self.states: Dict[int, VersionState] = {}
         self._failed: Dict[int, Tuple] = {}  # version -> its files when it failed
+        self._attempts: Dict[int, Tuple[int, float]] = {}  # version -> (failed loads in a row, when to try again)
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
 
@@ -270,8 +275,12 @@ class Manager:
                 f"no version found under {self.config.base_path}; still serving {sorted(self.available)}"
             )
         for version, fingerprint in list(self._failed.items()):
+            failures, retry_at = self._attempts.get(version, (0, float("inf")))
             if version in found and files_fingerprint(found[version]) != fingerprint:
                 del self._failed[version]  # its files changed (a copy finished): try it again
+                self._attempts.pop(version, None)
+            elif failures <= MAX_LOAD_RETRIES and time.monotonic() >= retry_at:
+                del self._failed[version]  # a retry: the storage may have failed, not the files
         while True:  # a version that fails to load gives its place to the next one the policy would take
             aspired = self.config.aspired([v for v in found if v not in self._failed])
             pending = [v for v in aspired if v not in self.available]
@@ -287,6 +296,7 @@ class Manager:
         for version in [v for v in list(self.states) if v not in found and v not in self.available]:
             del self.states[version]  # deleted from the folder: forgotten
             self._failed.pop(version, None)
+            self._attempts.pop(version, None)
 
     def _load(self, version: int, path: str) -> None:
         self.states[version] = VersionState(LOADING)
@@ -301,10 +311,21 @@ class Manager:
                 self._traffic_head(),
             )
         except loader.LoadError as error:
-            logging.error("refused: %s; still serving %s", error, sorted(self.available) or "nothing")
+            failures = self._attempts.get(version, (0, 0.0))[0] + 1
+            wait = min(LOAD_RETRY_SECONDS * 2 ** (failures - 1), MAX_BACKOFF_SECONDS)
+            self._attempts[version] = (failures, time.monotonic() + wait)
+            retry = (
+                f"tried again in {wait:g} s (retry {failures} of {MAX_LOAD_RETRIES})"
+                if failures <= MAX_LOAD_RETRIES
+                else "tried again when its files change"
+            )
+            logging.error("refused: %s; %s; still serving %s", error, retry, sorted(self.available) or "nothing")
+            if error.transient:
+                self._on_storage_error()
             self.states[version] = VersionState(END, str(error))
             self._failed[version] = files_fingerprint(path) if tf.io.gfile.exists(path) else ()
             return
+        self._attempts.pop(version, None)
         self.available = {**self.available, version: loaded}
         self.states[version] = VersionState(AVAILABLE)
         logging.info(

@@ -36,7 +36,7 @@ from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Seque
 import numpy as np
 import yaml
 
-from serving.core import schema
+from serving.core import contract, schema
 
 POLICIES = ("split", "thompson", "epsilon_greedy", "shadow")
 REWARDS = ("absolute", "squared")
@@ -45,8 +45,10 @@ ROUTING_HEADER = "x-routing-key"
 PRIOR_WEIGHT = 1.0  # pseudo-observations at the pooled loss an arm's posterior starts from
 MAX_LOSS = 1e6  # beyond any loss of a sensible prediction: larger losses count as this much in the sums
 MAX_REQUEST_ID = 128  # characters: a client's X-Request-Id, and an outcome's request_id
+MAX_INSTANCE = 2**31 - 1  # an outcome's instance number: beyond any request's (and within SQLite's integers)
 MAX_PENDING_WRITES = 1000  # the server's records waiting for the writer thread; beyond, a record is dropped (counted)
 SERVER_LOCK_SECONDS = 2.0  # how long the server's writer waits for another process's lock on the state file
+RECORD_WAIT_SECONDS = 0.25  # how long an answer waits for its record (to refuse a reused id); then it goes anyway
 
 
 class ExperimentError(ValueError):
@@ -411,25 +413,39 @@ class Experiment:
         finally:
             self._refreshed, self._refreshing = time.monotonic(), False
 
-    async def record(
+    def record(
         self, request_id: str, arm: str, version: int, predictions: Sequence[float], shadow: bool = False
-    ) -> Optional[bool]:
-        """Store.record on the writer thread: True, False (the id was recorded already) or None (not recorded: the
-        writer is too far behind, or the state file failed; logged and counted; the client is answered anyway)."""
+    ) -> "asyncio.Future[Optional[bool]]":
+        """Store.record on the writer thread, as a future of: True, False (the id was recorded already) or None (not
+        recorded: the writer too far behind, or the state file failed; logged and counted). Called on the loop."""
+        loop = asyncio.get_running_loop()
         if self._pending >= MAX_PENDING_WRITES:
             self._on_error("queue_full")
-            return None
+            dropped = loop.create_future()
+            dropped.set_result(None)
+            return dropped
         self._pending += 1
+        future = asyncio.wrap_future(
+            self._writer.submit(self._record, request_id, arm, version, predictions, shadow), loop=loop
+        )
+        future.add_done_callback(self._written)
+        return future
+
+    def _written(self, _: Any) -> None:
+        self._pending -= 1
+
+    def _record(
+        self, request_id: str, arm: str, version: int, predictions: Sequence[float], shadow: bool
+    ) -> Optional[bool]:
         try:
-            return await asyncio.get_running_loop().run_in_executor(
-                self._writer, self.store.record, request_id, arm, version, predictions, shadow
-            )
+            recorded = self.store.record(request_id, arm, version, predictions, shadow)
         except Exception:
             logging.exception("experiment: request %s was not recorded in %s", request_id, self.config.state)
             self._on_error("record")
             return None
-        finally:
-            self._pending -= 1
+        if not recorded:
+            logging.warning("experiment: request id %s was recorded already; this answer was not", request_id)
+        return recorded
 
     async def feedback(self, items: Iterable[Tuple[str, int, float]]) -> FeedbackResult:
         """Joins outcomes on the writer thread, then reads the statistics again at once."""
@@ -457,15 +473,17 @@ def parse_feedback(payload: Any, where: str = "the body") -> List[Tuple[str, int
         try:
             if item["request_id"] in (None, ""):
                 raise ValueError("no request_id")
+            if isinstance(item["weight_pounds"], bool):
+                raise ValueError("a weight is no truth value")
             request_id, actual = str(item["request_id"]), float(item["weight_pounds"])
             instance = float(item.get("instance") or 0)
-            if not instance.is_integer() or instance < 0:
+            if not instance.is_integer() or not 0 <= instance <= MAX_INSTANCE:
                 raise ValueError("instance")
             instance = int(instance)
         except (TypeError, KeyError, ValueError):
             raise ExperimentError(
                 f"{where}, item {number}: needs request_id and a numeric weight_pounds "
-                f"(and optionally instance, a whole number), got {item!r}"
+                f"(and optionally instance, a whole number), got {contract.shown(item)}"
             ) from None
         if not math.isfinite(actual):
             raise ExperimentError(f"{where}, item {number}: weight_pounds {actual} is not a number")

@@ -20,6 +20,7 @@ import logging
 import os
 import re
 import secrets
+import sqlite3
 import time
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -52,6 +53,8 @@ ROUTING_HEADER = experiment.ROUTING_HEADER.encode()
 CLIENT_REQUEST_ID = re.compile(rf"[A-Za-z0-9._:/+=-]{{1,{experiment.MAX_REQUEST_ID}}}\Z")
 BAD_REQUEST_ID = f"X-Request-Id: at most {experiment.MAX_REQUEST_ID} letters, digits and . _ : / + = - characters"
 MAX_ECHOED = 200  # characters of a client's path echoed in an error
+MAX_VERSION_DIGITS = 18  # a version number's: int64's, as TF Serving's
+BODY_SECONDS = 30.0  # a request body's time to arrive, whole; beyond, 408
 DRAIN_BYTES = 64 << 20  # of a body too large, read and dropped before the 413; beyond, the connection is closed
 TRAFFIC_HEAD_RECORDS = 50_000  # newest request log records read for the traffic's head when a version loads
 
@@ -134,12 +137,14 @@ class ModelServer:
         if match is None:
             return self._answered(_error(404, f"no such route: {request.scope['path'][:MAX_ECHOED]!r}"), request)
         name, version, label, action = match.group("name", "version", "label", "action")
-        # Versions are folder names of ASCII digits ('²' is a digit to str.isdigit, not to int()).
-        if name != self.manager.config.name or (version is not None and not (version.isascii() and version.isdigit())):
+        # Versions are folder names of ASCII digits ('²' is a digit to str.isdigit, not to int()), within int64.
+        numeric = version is None or (version.isascii() and version.isdigit() and len(version) <= MAX_VERSION_DIGITS)
+        if name != self.manager.config.name or not numeric:
             message = (
-                f"no model named {name!r} (this server serves {self.manager.config.name!r})"
+                f"no model named {contract.shown(name)} (this server serves {self.manager.config.name!r})"
                 if name != self.manager.config.name
-                else f"no version {version!r} of {name!r}: versions are numbers"
+                else f"no version {contract.shown(version)} of {name!r}: versions are numbers of at most "
+                f"{MAX_VERSION_DIGITS} digits"
             )
             if request.method == "POST":
                 return self._refused(404, message, self._request_id(request), "none", (action or ":")[1:])
@@ -151,9 +156,9 @@ class ModelServer:
             answer = self._metadata(number, label) if action else self._status(number, label)
             return self._answered(answer, request)
         if action == ":feedback":
-            return await self.feedback(request)
+            return self._answered(await self.feedback(request), request)
         if action not in (":predict", ":regress"):
-            return _error(405, "POST goes to :predict, :regress or :feedback")
+            return self._answered(_error(405, "POST goes to :predict, :regress or :feedback"), request)
         return await self.predict(request, number, label, action[1:])
 
     async def feedback(self, request: Request) -> Response:
@@ -182,7 +187,12 @@ class ModelServer:
             return _error(400, str(error))
         except contract.RequestError as error:
             return _error(error.status, str(error))
-        except Exception:  # e.g. the state file locked too long: an answer in the API's form, logged
+        except sqlite3.OperationalError as error:  # the state file locked by another process too long: try again
+            logging.warning("feedback: the experiment's state file: %s", error)
+            response = _error(503, f"the experiment's state file is busy ({error}); send the feedback again")
+            response.headers["Retry-After"] = "1"
+            return response
+        except Exception:  # a bug: an answer in the API's form, logged
             logging.exception("feedback failed")
             return _error(500, "internal error taking the feedback (see the server's log)")
 
@@ -314,9 +324,14 @@ class ModelServer:
         parsed: contract.Request,
     ) -> bool:
         """The experiment's record of a routed request; in shadow mode the challenger is asked after the answer.
-        False (nothing recorded) if the request id was recorded already; a record that failed answers all the same."""
-        if await self.experiment.record(request_id, arm, handle.version, predictions) is False:
-            logging.warning("request id %s was recorded already: refused with 409", request_id)
+        False (nothing recorded) if the request id was recorded already; a record that failed, or is still waiting
+        for the state file after RECORD_WAIT_SECONDS, answers all the same."""
+        record = self.experiment.record(request_id, arm, handle.version, predictions)
+        try:  # the answer waits a moment for its record (so that a reused id is refused), never for a locked file
+            recorded = await asyncio.wait_for(asyncio.shield(record), experiment.RECORD_WAIT_SECONDS)
+        except asyncio.TimeoutError:
+            recorded = None
+        if recorded is False:
             return False
         if shadow is not None:
             task = asyncio.get_running_loop().create_task(self._shadow(request_id, shadow, parsed))
@@ -347,12 +362,24 @@ class ModelServer:
         return predictions, "model"
 
     async def _body(self, request: Request, declared: Optional[bytes]) -> bytes:
-        """The request's body, refused (413) as soon as it is larger than the server takes."""
+        """The request's body, refused (413) as soon as it is larger than the server takes, or (408) when it takes
+        longer than BODY_SECONDS to arrive (a client trickling it): a timer cancels the reading, a few microseconds
+        where a timeout on each read would cost a task."""
+        task, expired = asyncio.current_task(), []
+        timer = asyncio.get_running_loop().call_later(BODY_SECONDS, lambda: (expired.append(True), task.cancel()))
+        try:
+            return await self._read(request, declared)
+        except asyncio.CancelledError:
+            if not expired:
+                raise
+            raise contract.RequestError(f"the body took longer than {BODY_SECONDS:g} s to arrive", 408) from None
+        finally:
+            timer.cancel()
+
+    async def _read(self, request: Request, declared: Optional[bytes]) -> bytes:
         limit = self.settings.max_body_bytes
         if declared is not None and declared.isdigit() and int(declared) > limit:
-            raise await _dropped(
-                request, f"the body has {int(declared)} bytes; the server takes at most {limit}", more=True
-            )
+            raise await _dropped(request, f"the body has {int(declared)} bytes; the server takes at most {limit}", True)
         chunks, size = [], 0
         while True:  # ASGI's messages, read directly: Starlette's body() costs a stream of generators
             message = await request.receive()
@@ -393,11 +420,11 @@ class ModelServer:
     async def health(self, request: Request) -> Response:
         """Vertex AI's AIP_HEALTH_ROUTE: 200 once a version is available, else 503."""
         if self.manager.available:
-            return _json({"status": "AVAILABLE", "versions": sorted(self.manager.available)})
-        return _error(503, "no version available yet")
+            return self._answered(_json({"status": "AVAILABLE", "versions": sorted(self.manager.available)}), request)
+        return self._answered(_error(503, "no version available yet"), request)
 
     async def prometheus(self, request: Request) -> Response:
-        return Response(self.metrics.exposition(), media_type=metrics.CONTENT_TYPE)
+        return self._answered(Response(self.metrics.exposition(), media_type=metrics.CONTENT_TYPE), request)
 
 
 class _Answer(Response):
@@ -419,8 +446,8 @@ class _Answer(Response):
 
 
 async def _dropped(request: Request, message: str, more: bool) -> contract.RequestError:
-    """A 413 for a body too large, once the rest of it was read and dropped (up to DRAIN_BYTES): a client still
-    sending it would otherwise find the connection closed (a broken pipe) instead of the answer."""
+    """A 413 for a body too large, once the rest of it was read and dropped (up to DRAIN_BYTES, within the body's
+    time): a client still sending it would otherwise find the connection closed instead of the answer."""
     drained = 0
     while more and drained < DRAIN_BYTES:
         received = await request.receive()

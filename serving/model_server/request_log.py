@@ -30,7 +30,7 @@ from serving.model_server.settings import ServerSettings
 FLUSH_SECONDS = 0.05  # short: each flush holds the interpreter while it encodes the records
 RETRY_SECONDS = 1.0  # after a failed write, records are dropped (not encoded) until the next try
 REMIND_SECONDS = 300.0  # a failure that lasts is logged again this often, with what it has cost
-MAX_PENDING = 50_000  # records queued for the writer (about 36 MiB; a healthy writer holds one flush's worth)
+MAX_PENDING = 50_000  # records queued for the writer (36-73 MiB measured; a healthy writer holds one flush's worth)
 PATTERN = "requests-*.jsonl"
 FILE_NAME = re.compile(r"requests-\d{8}T\d{6}-(?P<pid>\d+)-\d+\.jsonl")
 

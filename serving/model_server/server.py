@@ -26,7 +26,11 @@ def remove_dead_metrics_folders(parent: str) -> List[str]:
     removed = []
     for folder in pathlib.Path(parent).glob(METRICS_PREFIX + "*"):
         match = METRICS_FOLDER.fullmatch(folder.name)
-        if match is None or not folder.is_dir() or _alive(int(match.group("pid"))):
+        try:  # another user's folder (the temporary folder is shared) is theirs to remove
+            ours = folder.is_dir() and not folder.is_symlink() and folder.stat().st_uid == os.geteuid()
+        except OSError:
+            continue
+        if match is None or not ours or _alive(int(match.group("pid"))):
             continue
         shutil.rmtree(folder, ignore_errors=True)
         removed.append(str(folder))
@@ -38,6 +42,8 @@ def _alive(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
+    except (OverflowError, ValueError):  # no process has such a number
+        return False
     except PermissionError:  # another user's process: alive
         return True
     return True
@@ -46,6 +52,8 @@ def _alive(pid: int) -> bool:
 def run(settings: settings_lib.ServerSettings) -> None:
     """Starts uvicorn with the settings' workers; returns when it is stopped (Ctrl-C, SIGTERM)."""
     import uvicorn
+
+    from serving.model_server.protocol import LimitedHttpToolsProtocol
 
     settings_lib.feedback_token(settings)  # a token that can't be read stops the start, not each worker
 
@@ -78,7 +86,8 @@ def run(settings: settings_lib.ServerSettings) -> None:
             port=settings.port,
             workers=workers,
             loop="uvloop",
-            http="httptools",
+            http=LimitedHttpToolsProtocol,  # httptools with limits on a request's head (protocol.py)
+            limit_concurrency=settings.max_connections,
             access_log=False,
             log_level="warning",
             timeout_graceful_shutdown=10,

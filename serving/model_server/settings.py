@@ -33,6 +33,7 @@ class ServerSettings:
     batch_timeout_micros: int = 0  # wait this long for more requests before a call (0: take what is queued)
     max_instances: int = 1024  # instances per request; more is refused with 413
     max_body_bytes: int = 1 << 20  # bytes per request body; more is refused with 413
+    max_connections: int = 1000  # per worker: connections and requests at once; beyond, 503 (uvicorn's limit)
     cache_head_size: int = 50_000  # frequent instances predicted when a version loads (training data, request log)
     cache_capacity: int = 200_000  # answers kept per version (the head and what traffic repeats)
     cache_admit_after: int = 2  # an instance is kept after this many model answers for it
@@ -44,9 +45,7 @@ class ServerSettings:
     health_route: str = ""  # Vertex AI's AIP_HEALTH_ROUTE: 200 once a version is available
     predict_route: str = ""  # Vertex AI's AIP_PREDICT_ROUTE: predicts with the default version
     metrics_dir: str = ""  # a folder made in it holds the workers' Prometheus counters ('' = the temporary folder)
-    experiment_file: str = (
-        ""  # an A/B split, shadow or bandit between versions (serving/experiments/experiment.py); '' = none
-    )
+    experiment_file: str = ""  # A/B split, shadow or bandit between versions (serving/experiments/); '' = none
     feedback_token_file: str = ""  # a file holding the token :feedback requires (else BABYWEIGHT_FEEDBACK_TOKEN)
 
     @property
@@ -180,4 +179,23 @@ def _field_comments() -> dict:
 def parse(argv: Optional[List[str]] = None, prog: str = "babyweight serve") -> ServerSettings:
     parser = argparse.ArgumentParser(prog=prog)
     add_flags(parser)
-    return from_args(parser.parse_args(argv))
+    settings = from_args(parser.parse_args(argv))
+    for name in POSITIVE:
+        if getattr(settings, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1, not {getattr(settings, name)}")
+    return settings
+
+
+# Limits and sizes a server can't work with at 0 (or below).
+POSITIVE = (
+    "max_batch_size",
+    "max_instances",
+    "max_body_bytes",
+    "max_connections",
+    "cache_capacity",
+    "cache_admit_after",
+    "cache_max_bytes",
+    "log_max_bytes",
+    "log_keep_files",
+    "log_max_total_bytes",
+)

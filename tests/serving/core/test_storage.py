@@ -89,3 +89,40 @@ def test_failed_polls_back_off_to_a_bound_and_are_counted(tmp_path, monkeypatch)
         assert len(failed) >= 4 and versions.resolve().version == 1
     finally:
         versions.stop()
+
+
+def test_a_load_that_met_a_storage_error_is_tried_again_without_its_files_changing(tmp_path, monkeypatch):
+    """As TF Serving's max_num_load_retries: a bucket's 503 during a load no longer keeps the version out until its
+    files change (with two workers, one would serve it and the other never); retries stop after MAX_LOAD_RETRIES."""
+    from serving.core import loader
+
+    models = tmp_path / "models"
+    toy_model.save(models / "1", 1.0)
+    monkeypatch.setattr(manager, "LOAD_RETRY_SECONDS", 0.0)
+    real, calls, failed = loader.load, [], []
+
+    def flaky(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise loader.LoadError("version 1 at ...: UnavailableError: the bucket answered 503", transient=True)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(loader, "load", flaky)
+    versions = manager.Manager(
+        settings.ServerSettings(model_dir=str(models)), str(models), on_storage_error=lambda: failed.append(1)
+    )
+    versions.poll_once()
+    assert not versions.available and failed == [1]  # counted as a storage error
+    versions.poll_once()  # the same files: tried again
+    assert sorted(versions.available) == [1]
+
+    toy_model.save(models / "2", 2.0)
+    monkeypatch.setattr(loader, "load", lambda *args, **kwargs: calls.append(2) or flaky_forever())
+
+    def flaky_forever():
+        raise loader.LoadError("version 2 at ...: a broken graph")
+
+    for _ in range(manager.MAX_LOAD_RETRIES + 5):
+        versions.poll_once()
+    assert calls.count(2) == manager.MAX_LOAD_RETRIES + 1 and sorted(versions.available) == [1]
+    assert len(failed) == 1  # a broken version is no storage error

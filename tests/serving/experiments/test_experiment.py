@@ -10,6 +10,7 @@ import sqlite3
 import time
 
 import numpy as np
+import orjson
 import pytest
 
 from serving.experiments import experiment, experiment_cli
@@ -114,6 +115,12 @@ def test_feedback_joins_late_outcomes_once_and_names_unknown_and_duplicate_ids(t
         ({"request_id": "a", "weight_pounds": -3}, "weight_pounds -3 is outside the label's domain"),
         ({"request_id": "a", "weight_pounds": 0.19}, "weight_pounds 0.19 is outside the label's domain"),
         ({"request_id": "a" * 129, "weight_pounds": 7}, "request_id is longer than 128 characters"),
+        ({"request_id": "a", "weight_pounds": True}, "needs request_id and a numeric weight_pounds"),
+        ({"request_id": "a", "weight_pounds": 7, "instance": 1e30}, "needs request_id and a numeric weight_pounds"),
+        (  # nested past repr's stack: the message quotes it cut short
+            {"request_id": "a", "weight_pounds": orjson.loads("[" * 1000 + "]" * 1000)},
+            "needs request_id and a numeric weight_pounds",
+        ),
     ],
 )
 def test_an_outcome_that_is_no_birth_weight_is_refused_naming_it(item, message):
@@ -241,8 +248,8 @@ def test_a_served_split_is_sticky_says_its_arm_and_takes_feedback_across_a_resta
 
 
 def test_a_locked_state_file_stalls_no_request_and_costs_only_its_record(toy_versions, tmp_path):
-    """Another process holds the state file's write lock: the event loop goes on (health, metrics, other requests),
-    the routed request is answered once the writer gives up, and the lost record is counted."""
+    """Another process holds the state file's write lock: the event loop goes on (metrics, other requests), routed
+    requests are answered without waiting for their records, and the records lost are counted."""
     exp = _experiment_file(tmp_path, policy="split", split=[0.5, 0.5])
     flags = ("--model-config-file", str(_models_config(tmp_path, toy_versions)), "--experiment-file", str(exp))
     predict = "/v1/models/babyweight:predict"
@@ -250,22 +257,30 @@ def test_a_locked_state_file_stalls_no_request_and_costs_only_its_record(toy_ver
         assert call(url + predict, {"instances": [MEDIUM]})[0] == 200
         holder = sqlite3.connect(str(tmp_path / "state.sqlite"), isolation_level=None)
         holder.execute("BEGIN IMMEDIATE")
-        with concurrent.futures.ThreadPoolExecutor(1) as pool:
-            routed = pool.submit(call, url + predict, {"instances": [MEDIUM]}, {"X-Request-Id": "while-locked"})
-            time.sleep(0.5)  # the routed request waits on the lock meanwhile
+
+        def routed(number: int):
+            started = time.monotonic()
+            answer = call(url + predict, {"instances": [MEDIUM]}, {"X-Request-Id": f"while-locked-{number}"})
+            return answer, time.monotonic() - started
+
+        with concurrent.futures.ThreadPoolExecutor(3) as pool:
+            answers = list(pool.map(routed, range(3)))
             started = time.monotonic()
             pinned = call(url + "/v1/models/babyweight/versions/1:predict", {"instances": [MEDIUM]})
             text = call_text(url + "/metrics")
             waited = time.monotonic() - started
-            status, headers, body = routed.result()
+        deadline = time.monotonic() + 20  # each record gives up after 2 s of the lock, one after the other
+        while 'babyweight_experiment_errors_total{reason="record"} 3.0' not in call_text(url + "/metrics"):
+            assert time.monotonic() < deadline, "the lost records were not counted"
+            time.sleep(0.2)
         holder.execute("ROLLBACK")
         holder.close()
-        counted = call_text(url + "/metrics")
     assert waited < 1.0, f"the event loop stalled {waited:.1f} s behind the state file's lock"
     assert pinned[0] == 200 and "babyweight_requests_total" in text
-    version = {"stable": 1, "canary": 2}[headers["x-experiment-arm"]]
-    assert status == 200 and body["predictions"][0][0] == pytest.approx(toy_model.expected(MEDIUM, version))
-    assert 'babyweight_experiment_errors_total{reason="record"} 1.0' in counted
+    for (status, headers, body), seconds in answers:
+        version = {"stable": 1, "canary": 2}[headers["x-experiment-arm"]]
+        assert status == 200 and body["predictions"][0][0] == pytest.approx(toy_model.expected(MEDIUM, version))
+        assert seconds < 1.5, f"an answer waited {seconds:.1f} s for its record"
 
 
 def test_a_restarted_bandit_routes_by_the_persisted_outcomes_and_an_absent_arm_falls_back(toy_versions, tmp_path):

@@ -245,6 +245,32 @@ def test_a_body_of_40_megabytes_is_a_413_and_the_connection_answers(server):
     assert call(f"{server[0]}/v1/models/babyweight:predict", {"instances": [ROW]})[0] == 200
 
 
+def test_what_would_break_an_error_message_or_a_parser_is_a_4xx_in_the_apis_form(server):
+    """A value nested a thousand deep (within JSON's limit, past repr's stack), a version of 5,000 digits (past int()'s
+    limit) and a 200 KB header were a plain 500 or taken whole."""
+    import http.client
+
+    url = server[0]
+    nested = b'{"instances": [{"gestation_weeks": 39, "mother_age": ' + b"[" * 1000 + b"]" * 1000 + b"}]}"
+    status, _, body = call(f"{url}/v1/models/babyweight/versions/1:predict", raw=nested)
+    assert status == 400 and body["error"].startswith("instance 0: feature 'mother_age'")
+    assert len(body["error"]) < 300
+    for method, path, data in (
+        ("GET", "/v1/models/babyweight/versions/" + "9" * 5000, None),
+        ("POST", "/v1/models/babyweight/versions/" + "9" * 5000 + ":predict", {"instances": [ROW]}),
+    ):
+        status, headers, body = call(url + path, data)
+        assert status == 404 and "versions are numbers of at most 18 digits" in body["error"], method
+        assert len(body["error"]) < 300 and {key.lower() for key in headers} >= {"x-request-id", "x-model-version"}
+    host, port = url.split("//")[1].split(":")
+    connection = http.client.HTTPConnection(host, int(port), timeout=30)
+    connection.request("POST", "/v1/models/babyweight:predict", body=b"{}", headers={"X-Routing-Key": "x" * 200_000})
+    answer = connection.getresponse()
+    assert answer.status == 431 and json.loads(answer.read())["error"] == "the request head is longer than 65536 bytes"
+    connection.close()
+    assert call(f"{url}/v1/models/babyweight:predict", {"instances": [ROW]})[0] == 200
+
+
 @pytest.mark.slow
 def test_a_version_answering_no_number_is_a_500_naming_it_never_cached_and_batches_are_capped(tmp_path):
     """A broken version (NaN for plurality 5) on every request path: said, counted, never kept; and a request larger

@@ -87,12 +87,18 @@ def test_a_killed_servers_metrics_folder_is_removed_at_the_next_start_and_a_live
     left = tmp_path / f"babyweight-metrics-{dead.pid}-abc123"
     live = tmp_path / f"babyweight-metrics-{os.getppid()}-def456"
     other = tmp_path / "babyweight-metrics-notes"
-    for folder in (left, live, other):
+    absurd = tmp_path / ("babyweight-metrics-" + "9" * 30 + "-x")  # anyone may make one in /tmp: no crash
+    for folder in (left, live, other, absurd):
         folder.mkdir()
         (folder / "counter_1.db").write_text("")
+    foreign = tmp_path / f"babyweight-metrics-{dead.pid}-def789"  # a dead server of another user: theirs
+    foreign.mkdir()
+    if os.geteuid() == 0:
+        os.chown(foreign, 65534, 65534)
     monkeypatch.setattr("uvicorn.run", lambda *args, **kwargs: None)
     server.run(settings_lib.ServerSettings(metrics_dir=str(tmp_path), workers=1))
-    assert not left.exists() and live.is_dir() and other.is_dir()
+    assert not left.exists() and not absurd.exists() and live.is_dir() and other.is_dir()
+    assert foreign.is_dir() or os.geteuid() != 0
 
 
 def test_the_feedback_token_comes_from_a_file_or_the_environment_never_a_flag(tmp_path):
