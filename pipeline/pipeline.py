@@ -17,7 +17,7 @@ from pipeline.components.infra_validator import InfraValidator
 from pipeline.components.monitor import PredictionMonitor, PredictionStatistics, PreviousPredictions
 from pipeline.components.tflite_export import TFLiteExporter
 from pipeline.components.validation import DataGate, DataValidator
-from pipeline.config import PARALLEL_STEPS, PROJECT_ROOT, PipelineConfig, parallel_beam_args
+from pipeline.config import PROJECT_ROOT, PipelineConfig, parallel_beam_args, parallel_steps
 
 PREPROCESSING_FN = "models.preprocessing.preprocessing_fn"
 RUN_FN = "models.model.run_fn"
@@ -240,7 +240,7 @@ def create_pipeline(config: PipelineConfig, input_rows: int = 0) -> tfx.dsl.Pipe
     and Transform and Trainer read the last `training_window_spans` validated spans, all resolved from
     ML Metadata; on Vertex (whose compiler takes only TFX's built-in resolvers) they read the new data.
     The orchestrator also picks where ExampleGen reads, where the Trainer runs and where the Pusher pushes.
-    `input_rows` (the new span's, from the CSV check) picks how the local Beam steps run (config.PARALLEL_STEPS).
+    `input_rows` (the new span's, from the CSV check) picks how the local Beam steps run (config.parallel_steps).
     """
     local = config.orchestrator != "vertex"
     example_gen = example_gen_component(config)
@@ -340,7 +340,8 @@ def create_pipeline(config: PipelineConfig, input_rows: int = 0) -> tfx.dsl.Pipe
         model_blessing=tfx.dsl.Channel(type=tfx.types.standard_artifacts.ModelBlessing),
     ).with_id("latest_blessed_model_resolver")
 
-    evaluator = tfx.components.Evaluator(
+    evaluator_class = evaluator_lib.Evaluator if config.evaluator_engine == "batched" else tfx.components.Evaluator
+    evaluator = evaluator_class(
         examples=example_gen.outputs["examples"],
         model=trainer.outputs["model"],
         baseline_model=model_resolver.outputs["model"],
@@ -409,7 +410,7 @@ def create_pipeline(config: PipelineConfig, input_rows: int = 0) -> tfx.dsl.Pipe
         )
     parallel = parallel_beam_args(config, input_rows)
     for component in components:
-        if parallel and component.id in PARALLEL_STEPS:
+        if parallel and component.id in parallel_steps(config):
             component.with_beam_pipeline_args(parallel)
     return tfx.dsl.Pipeline(
         pipeline_name=config.pipeline_name,

@@ -3,11 +3,14 @@
     make bench                                  # the bundled 20k rows
     make bench ARGS="--rows 1000000"            # generated rows
     make bench ARGS="--set beam_direct_running_mode=multi_processing --set beam_direct_num_workers=2"
+    make bench ARGS="--rows 1000000 --compare-evaluators"   # then the run's eval split with a baseline, evaluated
+                                                            # by the batched engine and by TFMA's, side by side
 
 The table goes to stdout and outputs/bench/pipeline.json; the libraries' logs to outputs/bench.log.
 """
 
 import argparse
+import dataclasses
 import json
 import os
 import pathlib
@@ -60,6 +63,38 @@ def trainer_fit(steps: List[mlmd.StepRecord]) -> Optional[Dict[str, Any]]:
     return None
 
 
+def compare_evaluators(
+    config: config_lib.PipelineConfig, steps: List[mlmd.StepRecord], rows: Dict[str, int], work: pathlib.Path
+) -> Optional[Dict[str, Any]]:
+    """The run's eval split evaluated by each engine (pipeline/components/evaluator.py: `evaluate`), the trained model
+    against itself as the baseline (two models' work, as a run with a blessed baseline does), with the Beam options
+    the run's Evaluator had; their seconds and rows/s."""
+    from pipeline.components import evaluator as evaluator_lib  # pylint: disable=import-outside-toplevel
+
+    found = {step.node_id: step for step in steps}
+    if "Trainer" not in found or "CsvExampleGen" not in found:
+        return None
+    examples = found["CsvExampleGen"].outputs["examples"][0].uri
+    model = found["Trainer"].outputs["model"][0].uri
+    result: Dict[str, Any] = {"eval_rows": rows.get("eval", 0)}
+    for engine in ("batched", "tfma"):
+        # Each engine with the Beam options the pipeline gives its Evaluator (parallel_steps).
+        engine_config = dataclasses.replace(config, evaluator_engine=engine)
+        in_workers = "Evaluator" in config_lib.parallel_steps(engine_config)
+        parallel = config_lib.parallel_beam_args(engine_config, rows.get("all", 0)) if in_workers else []
+        beam = config.beam_pipeline_args() + parallel
+        ran = evaluator_lib.evaluate(
+            engine, examples, model, model, evaluator_lib.eval_config(config), str(work / engine), beam
+        )
+        result[engine] = {
+            "seconds": round(ran["seconds"], 1),
+            "rows_per_second": round(rows.get("eval", 0) / ran["seconds"]),
+            "blessed": ran["blessed"],
+            "beam": " ".join(arg for arg in beam if arg.startswith("--direct_")),
+        }
+    return result
+
+
 def main() -> None:
     """Generates or takes the data, runs the pipeline once without cache, prints a table of seconds and
     rows/s; the libraries' logs go to outputs/bench.log, not to the console."""
@@ -67,6 +102,11 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=0, help="generate this many rows (default: the bundled data)")
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument(
+        "--compare-evaluators",
+        action="store_true",
+        help="after the run, evaluate its eval split (the model against itself as the baseline) with both engines",
+    )
     args = parser.parse_args()
     babyweight_cli.install_quiet_tensorflow()
     from data import generator
@@ -96,14 +136,15 @@ def main() -> None:
         steps = store.steps(store.runs()[-1])
         rows = split_rows(steps)
         fit = trainer_fit(steps)
+        engines = compare_evaluators(config, steps, rows, pathlib.Path(work)) if args.compare_evaluators else None
 
-    parallel = config_lib.parallel_beam_args(config, rows.get("all", 0))  # as the run gave PARALLEL_STEPS
+    parallel = config_lib.parallel_beam_args(config, rows.get("all", 0))  # as the run gave parallel_steps
     record = {
         "rows": args.rows or config.data_dir,
         "rows_per_split": rows,
         "cores": os.cpu_count(),
         "beam": config.beam_pipeline_args(),
-        "beam_parallel_steps": parallel and {step: parallel for step in config_lib.PARALLEL_STEPS},
+        "beam_parallel_steps": parallel and {step: parallel for step in config_lib.parallel_steps(config)},
         "run_ok": outcome.ok,
         "wall_seconds": round(wall, 1),
         "generated_seconds": generated and round(generated, 1),
@@ -113,7 +154,7 @@ def main() -> None:
     print(
         f"\nrows: {record['rows']} ({', '.join(f'{k} {v}' for k, v in rows.items())}); "
         f"beam: {' '.join(config.beam_pipeline_args()[2:])}"
-        + (f" ({', '.join(config_lib.PARALLEL_STEPS)}: {' '.join(parallel)})" if parallel else "")
+        + (f" ({', '.join(config_lib.parallel_steps(config))}: {' '.join(parallel)})" if parallel else "")
         + f"; run ok: {outcome.ok}"
     )
     print(f"{'step':<32} {'state':<9} {'seconds':>8} {'rows/s':>10}")
@@ -138,6 +179,15 @@ def main() -> None:
         print(
             f"Trainer's model.fit: {fit['examples']} examples in {fit['seconds']} s, "
             f"{fit['examples_per_second']} examples/s"
+        )
+    if engines:
+        record["evaluator_engines"] = engines
+        batched, tfma_engine = engines["batched"], engines["tfma"]
+        print(
+            f"Evaluator engines on {engines['eval_rows']} eval rows with a baseline: batched "
+            f"{batched['seconds']:.1f} s ({batched['rows_per_second']} rows/s; {batched['beam']}), TFMA "
+            f"{tfma_engine['seconds']:.1f} s ({tfma_engine['rows_per_second']} rows/s; {tfma_engine['beam']}): "
+            f"{tfma_engine['seconds'] / batched['seconds']:.1f}x"
         )
     if not outcome.ok:
         print(outcome.summary)

@@ -139,7 +139,7 @@ def _is_number(value: str) -> bool:
 
 @contextlib.contextmanager
 def _quiet_worker_processes() -> Iterator[None]:
-    """Beam's worker processes (config.PARALLEL_STEPS on large inputs) import TensorFlow without the quiet import
+    """Beam's worker processes (config.parallel_steps on large inputs) import TensorFlow without the quiet import
     of this process (babyweight_cli), and its C++ start-up errors about GPU plugins would reach the console.
     The workers inherit this environment; this process read the variable when it imported TensorFlow."""
     previous = os.environ.get("TF_CPP_MIN_LOG_LEVEL")

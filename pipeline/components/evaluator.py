@@ -1,17 +1,29 @@
-"""The Evaluator's configuration: TFMA's EvalConfig, the one definition of its metrics, slices and thresholds.
+"""The Evaluator: TFMA's EvalConfig, the one definition of its metrics, slices and thresholds, and the component.
 
-TFX's own Evaluator runs it (pipeline/pipeline.py wires it); the thresholds come from the run's config
-(`eval_rmse_threshold`, `eval_rmse_max_increase`, `eval_mae_threshold`), the slices from models/features.py, and
-the error metrics are this project's (pipeline/components/tfma_metrics.py).
+The thresholds come from the run's config (`eval_rmse_threshold`, `eval_rmse_max_increase`, `eval_mae_threshold`),
+the slices from models/features.py, and the error metrics are this project's (pipeline/components/tfma_metrics.py).
+`Evaluator` is TFX's Evaluator (its inputs, outputs, ModelEvaluation and ModelBlessing), whose executor computes the
+metrics with pipeline/components/batched_evaluation.py inside TFMA's own evaluation; `evaluator_engine: tfma` runs
+TFX's Evaluator as shipped (pipeline/pipeline.py picks).
 """
+
+import os
+import time
+from typing import Any, Dict, List, Optional
+from unittest import mock
 
 import tensorflow_model_analysis as tfma
 from google.protobuf.wrappers_pb2 import BoolValue
+from tfx.components.evaluator import component as tfx_evaluator
+from tfx.components.evaluator import executor as tfx_executor
+from tfx.dsl.components.base import executor_spec
+from tfx.types import standard_artifacts
+from tfx.utils import proto_utils
 
 from models import features
 from models.signatures import SCORE_SIGNATURE, TRANSFORM_SIGNATURE
 from pipeline.cache import code_fingerprint
-from pipeline.components import tfma_metrics
+from pipeline.components import batched_evaluation, tfma_metrics
 from pipeline.config import PipelineConfig
 
 
@@ -76,3 +88,85 @@ def eval_config(config: PipelineConfig) -> tfma.EvalConfig:
             )
         ],
     )
+
+
+class _BatchedTfma:
+    """TFMA as TFX's Evaluator executor sees it, but for ExtractEvaluateAndWriteResults: TFMA's own, given the batched
+    extractors and evaluators where they can compute the EvalConfig."""
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(tfma, name)
+
+    @staticmethod
+    def ExtractEvaluateAndWriteResults(**arguments: Any) -> Any:  # noqa: N802 (TFMA's name)
+        reason = batched_evaluation.unsupported(
+            arguments["eval_config"], arguments.get("extractors"), arguments.get("slice_spec")
+        )
+        batched_evaluation.log_engine(reason)
+        if reason is None:
+            models = arguments["eval_shared_model"]
+            models = models if isinstance(models, list) else [models]
+            arguments["extractors"], arguments["evaluators"] = batched_evaluation.evaluators(
+                arguments["eval_config"], models
+            )
+        return tfma.ExtractEvaluateAndWriteResults(**arguments)
+
+
+class BatchedExecutor(tfx_executor.Executor):
+    """TFX's Evaluator executor, unchanged but for the call that evaluates (see _BatchedTfma): the same checks of its
+    inputs, the same TFMA outputs, the same blessing from TFMA's validation."""
+
+    def Do(self, input_dict: Dict[str, List[Any]], output_dict: Dict[str, List[Any]], exec_properties: Dict) -> None:
+        with mock.patch.object(tfx_executor, "tfma", _BatchedTfma()):
+            super().Do(input_dict, output_dict, exec_properties)
+
+
+class Evaluator(tfx_evaluator.Evaluator):
+    """TFX's Evaluator with the batched metrics (its id stays "Evaluator")."""
+
+    EXECUTOR_SPEC = executor_spec.BeamExecutorSpec(BatchedExecutor)
+
+
+ENGINES = {"batched": BatchedExecutor, "tfma": tfx_executor.Executor}
+
+
+def evaluate(
+    engine: str,
+    examples_uri: str,
+    model_uri: str,
+    baseline_uri: Optional[str],
+    config: tfma.EvalConfig,
+    output_dir: str,
+    beam_pipeline_args: Optional[List[str]] = None,
+) -> Dict[str, Any]:
+    """One evaluation by TFX's Evaluator executor with `engine`'s metrics, outside a pipeline (the benchmark and the
+    tests compare the engines so): its output folders, whether it blessed the model, and its seconds."""
+
+    def artifact(kind, uri: str, **properties):
+        made = kind()
+        made.uri = uri
+        for name, value in properties.items():
+            setattr(made, name, value)
+        return made
+
+    inputs = {
+        "examples": [artifact(standard_artifacts.Examples, examples_uri, split_names='["train", "eval"]')],
+        "model": [artifact(standard_artifacts.Model, model_uri, id=1)],
+    }
+    if baseline_uri:
+        inputs["baseline_model"] = [artifact(standard_artifacts.Model, baseline_uri, id=2)]
+    outputs = {
+        "evaluation": [artifact(standard_artifacts.ModelEvaluation, os.path.join(output_dir, "evaluation"))],
+        "blessing": [artifact(standard_artifacts.ModelBlessing, os.path.join(output_dir, "blessing"))],
+    }
+    for made in outputs.values():
+        os.makedirs(made[0].uri, exist_ok=True)
+    executor = ENGINES[engine]
+    context = executor.Context(beam_pipeline_args=beam_pipeline_args or [], tmp_dir=os.path.join(output_dir, "tmp"))
+    started = time.monotonic()
+    executor(context).Do(inputs, outputs, {"eval_config": proto_utils.proto_to_json(config), "example_splits": "null"})
+    return {
+        "evaluation": outputs["evaluation"][0].uri,
+        "blessed": os.path.exists(os.path.join(outputs["blessing"][0].uri, "BLESSED")),
+        "seconds": time.monotonic() - started,
+    }

@@ -213,9 +213,10 @@ def test_the_schema_file_s_contents_are_in_the_cache_key(tmp_path):
 
 
 @pytest.mark.parametrize("rows, parallel", [(20_000, False), (99_999, False), (100_000, True), (1_000_000, True)])
-def test_large_inputs_run_statistics_and_evaluation_in_worker_processes(rows, parallel):
-    config = config_lib.load_config()
-    assert config.beam_parallel_rows == 100_000
+@pytest.mark.parametrize("engine, steps", [("batched", {"StatisticsGen"}), ("tfma", {"StatisticsGen", "Evaluator"})])
+def test_large_inputs_run_statistics_and_tfmas_evaluation_in_worker_processes(rows, parallel, engine, steps):
+    config = config_lib.load_config(overrides={"evaluator_engine": engine})
+    assert config.beam_parallel_rows == 100_000 and set(config_lib.parallel_steps(config)) == steps
     components = pipeline_lib.create_pipeline(config, input_rows=rows).components
     for component in components:
         modes = [
@@ -224,8 +225,8 @@ def test_large_inputs_run_statistics_and_evaluation_in_worker_processes(rows, pa
             if arg.startswith("--direct_running_mode=")
         ]
         in_workers = modes[-1:] == ["--direct_running_mode=multi_processing"]  # Beam takes the last one
-        assert in_workers == (parallel and component.id in config_lib.PARALLEL_STEPS), component.id
-    assert {c.id for c in components} >= set(config_lib.PARALLEL_STEPS)
+        assert in_workers == (parallel and component.id in steps), component.id
+    assert {c.id for c in components} >= steps
     never = config_lib.load_config(overrides={"beam_parallel_rows": "0"})
     assert config_lib.parallel_beam_args(never, rows) == []
     with pytest.raises(config_lib.ConfigError, match="beam_parallel_rows"):
