@@ -8,9 +8,9 @@ computes the same numbers with vectorised work per batch of rows:
   preprocessing_function_names), on a batch of serialized examples at a time;
 - the slices as TFMA finds them (the models' transformed features first, then the raw features), their keys made
   by TFMA's own SingleSliceSpec, once per distinct value;
-- per slice and model, sums in float64 of the same float32 products TFMA's combiners add (weight, weight x error,
-  weight x error squared), merged across bundles and Beam workers, and turned into TFMA's MetricKeys and values,
-  with the candidate-minus-baseline diffs TFMA adds.
+- per slice and model, the sums TFMA's combiners add (weight, weight x error, weight x error squared; the error is
+  the float32 difference, the products float64), merged across bundles and Beam workers, and turned into TFMA's
+  MetricKeys and values, with the candidate-minus-baseline diffs TFMA adds.
 It runs as a TFMA Evaluator inside `tfma.ExtractEvaluateAndWriteResults`, so the EvalConfig's defaults, the files
 (metrics, plots, attributions, validations, eval_config.json, read by `tfma.load_eval_result`) and the validation
 against the thresholds (hence TFX's ModelBlessing) are TFMA's own. An EvalConfig it can't compute (`unsupported`
@@ -20,6 +20,7 @@ test_batched_evaluation.py: `test_*_matches_tfma`).
 """
 
 import collections
+import json
 import logging
 from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
@@ -48,6 +49,8 @@ METRICS = {  # class name in the EvalConfig -> the metric's name in TFMA's outpu
     **tfma_metrics.NAMES,
 }
 STAGE = "BatchedMetrics"
+# The output a model's prediction is read from when it has several, in TFMA's order (model_util).
+PREDICTION_KEYS = ("scores", "outputs", "predictions", "logistic", "probabilities", "logits")
 
 
 def unsupported(eval_config: tfma.EvalConfig, extractors: Any = None, slice_spec: Any = None) -> Optional[str]:
@@ -62,10 +65,12 @@ def unsupported(eval_config: tfma.EvalConfig, extractors: Any = None, slice_spec
     options = eval_config.options
     if options.compute_confidence_intervals.value or options.min_slice_size.value > 1:
         return "confidence intervals or a minimum slice size"
-    if options.include_default_metrics.value:
-        return "the model's default metrics"
+    if not options.HasField("include_default_metrics") or options.include_default_metrics.value:
+        return "the model's default metrics (include_default_metrics unset or true)"
     if not 1 <= len(eval_config.model_specs) <= 2:
         return f"{len(eval_config.model_specs)} models"
+    if not all(model.example_weight_key for model in eval_config.model_specs):
+        return "unweighted metrics (a model spec without example_weight_key)"
     for model in eval_config.model_specs:
         if (
             not model.signature_name
@@ -81,11 +86,18 @@ def unsupported(eval_config: tfma.EvalConfig, extractors: Any = None, slice_spec
             return "binarized, aggregated or query metrics"
         if metrics_spec.output_names:
             return "named outputs"
+        if metrics_spec.HasField("example_weights"):
+            return "example_weights options (weighted metrics only)"
         for metric in metrics_spec.metrics:
             if metric.class_name not in METRICS or (
                 metric.class_name in tfma_metrics.NAMES and metric.module != tfma_metrics.__name__
             ):
                 return f"metric {metric.class_name}"
+            if "name" in (json.loads(metric.config) if metric.config else {}):
+                return f"metric {metric.class_name} under another name"
+    for model in eval_config.model_specs:
+        if model.model_type not in ("", tfma.TF_GENERIC, tfma.TF_KERAS):
+            return f"model type {model.model_type}"
     return None
 
 
@@ -150,10 +162,15 @@ class _SliceSums(beam.DoFn):
             transform = (
                 loaded.signatures[spec.preprocessing_function_names[0]] if spec.preprocessing_function_names else None
             )
-            self._models.append((spec, loaded, loaded.signatures[spec.signature_name], transform))
-        self._slices = [slicer_lib.SingleSliceSpec(spec=spec) for spec in self._config.slicing_specs] or [
-            slicer_lib.SingleSliceSpec()
-        ]
+            score = loaded.signatures[spec.signature_name]
+            inputs = [list(function.structured_input_signature[1]) for function in (score, transform) if function]
+            if any(len(names) != 1 for names in inputs):
+                raise ValueError(f"model {spec.name!r}: its signatures must take one input, serialized examples")
+            self._models.append((spec, loaded, (score, inputs[0][0]), transform and (transform, inputs[-1][0])))
+        # TFMA counts a row once per slice key, however many specs give it: duplicate specs are one.
+        self._slices = list(
+            dict.fromkeys(slicer_lib.SingleSliceSpec(spec=spec) for spec in self._config.slicing_specs)
+        ) or [slicer_lib.SingleSliceSpec()]
         self._decoder = example_coder.ExamplesToRecordBatchDecoder()
         self._keys: Dict[Tuple[int, Any], List] = {}
 
@@ -173,7 +190,9 @@ class _SliceSums(beam.DoFn):
 
     def _flush(self) -> None:
         batches, self._batches, self._waiting = self._batches, [], 0
-        self._add([record for records, _ in batches for record in records], batches)
+        records = [record for records, _ in batches for record in records]
+        if records:
+            self._add(records, batches)
 
     def finish_bundle(self) -> Iterator[windowed_value.WindowedValue]:
         if self._batches:
@@ -184,15 +203,17 @@ class _SliceSums(beam.DoFn):
             )
 
     def _add(self, records: List[bytes], batches: List[Tuple[List[bytes], Optional[pa.RecordBatch]]]) -> None:
-        serialized = tf.constant(records)
+        serialized = tf.constant(records, dtype=tf.string)
         answers = []
-        for spec, _, score, transform in self._models:
-            transformed = {k: v.numpy() for k, v in transform(examples=serialized).items()} if transform else {}
-            outputs = score(examples=serialized)
-            prediction = (next(iter(outputs.values())) if len(outputs) == 1 else outputs["predictions"]).numpy()
-            label = transformed[spec.label_key] if spec.label_key in transformed else None
-            weight = transformed.get(spec.example_weight_key) if spec.example_weight_key else None
-            answers.append((transformed, prediction.reshape(len(records), -1)[:, 0], label, weight))
+        rows = len(records)
+        for spec, _, (score, score_input), transform in self._models:
+            transformed = {}
+            if transform:
+                function, name = transform
+                transformed = {k: v.numpy() for k, v in function(**{name: serialized}).items()}
+            prediction = _prediction(spec, score(**{score_input: serialized}), rows)
+            label, weight = (_column(spec, transformed, key, rows) for key in (spec.label_key, spec.example_weight_key))
+            answers.append((transformed, prediction, label, weight))
         for index, spec in enumerate(self._slices):
             if not spec._columns:  # noqa: SLF001 (TFMA's own spec: the overall slice)
                 self._add_slice((), np.ones(len(records), bool), answers)
@@ -206,9 +227,9 @@ class _SliceSums(beam.DoFn):
                 if values is None:
                     continue
             for value in _distinct(values):
-                rows = (values == value).any(axis=1)
+                matching = (values == value) if value == value else (values != values)  # NaN: one slice, as TFMA's
                 for key in self._slice_keys(index, spec, column, value):
-                    self._add_slice(key, rows, answers)
+                    self._add_slice(key, matching.any(axis=1), answers)
 
     def _raw_values(self, batches: List[Tuple[List[bytes], Optional[pa.RecordBatch]]], column: str) -> Any:
         """A raw feature's values for the rows of `batches`, from the Arrow batches TFMA's input decoded (decoded
@@ -245,14 +266,16 @@ class _SliceSums(beam.DoFn):
             sums[model, WEIGHT] += weights.astype(np.float64).sum()
             if label is None:
                 continue
-            difference = label[rows] - prediction[rows]  # float32, as TFMA's combiners subtract them
+            # The float32 difference, then float64 products, as TFMA's combiners have them (safe_to_scalar).
+            difference = (label[rows] - prediction[rows]).astype(np.float64)
+            weights = weights.astype(np.float64)
             for errors, total, weight_total in (
                 (np.abs(difference), ABS_ERRORS, ABS_WEIGHTS),
                 (difference * difference, SQUARED_ERRORS, SQUARED_WEIGHTS),
             ):
                 kept = ~np.isnan(errors)
-                sums[model, total] += (errors[kept] * weights[kept]).astype(np.float64).sum()
-                sums[model, weight_total] += weights[kept].astype(np.float64).sum()
+                sums[model, total] += (errors[kept] * weights[kept]).sum()
+                sums[model, weight_total] += weights[kept].sum()
 
 
 def _records(extracts: Dict[str, Any]) -> List[bytes]:
@@ -282,8 +305,42 @@ def _raw_values(batch: pa.RecordBatch, column: str, rows: int) -> Optional[np.nd
 
 
 def _distinct(values: np.ndarray) -> List[Any]:
-    flat = [value for value in values.ravel() if value is not None]
-    return list(collections.OrderedDict.fromkeys(flat))
+    """The distinct values of a slice column (no value: None, left out), every NaN as one."""
+    found: Dict[Any, None] = collections.OrderedDict()
+    for value in values.ravel():
+        if value is not None:
+            found.setdefault(float("nan") if value != value else value, None)
+    return list(found)
+
+
+def _prediction(spec: Any, outputs: Dict[str, tf.Tensor], rows: int) -> np.ndarray:
+    """A row's prediction from a model's outputs, the key chosen as TFMA chooses it; one value per row."""
+    if len(outputs) == 1:
+        prediction = next(iter(outputs.values()))
+    else:
+        key = next((key for key in PREDICTION_KEYS if key in outputs), None)
+        if key is None:
+            raise ValueError(f"model {spec.name!r}: no prediction among its outputs {sorted(outputs)}")
+        prediction = outputs[key]
+    prediction = prediction.numpy().reshape(rows, -1)
+    if prediction.shape[1] != 1:
+        raise ValueError(f"model {spec.name!r}: {prediction.shape[1]} values a row; the batched metrics take one")
+    return prediction[:, 0]
+
+
+def _column(spec: Any, transformed: Dict[str, np.ndarray], key: str, rows: int) -> Optional[np.ndarray]:
+    """A label or weight column (one value a row) from the preprocessing function's outputs; None without a key."""
+    if not key:
+        return None
+    if key not in transformed:
+        raise ValueError(
+            f"model {spec.name!r}: {key!r} is not among its preprocessing function's outputs, where the batched "
+            "Evaluator reads labels and weights (set evaluator_engine: tfma to read them from the raw features)"
+        )
+    column = transformed[key].reshape(rows, -1)
+    if column.shape[1] != 1:
+        raise ValueError(f"model {spec.name!r}: {key!r} has {column.shape[1]} values a row; one is taken")
+    return column[:, 0]
 
 
 def _to_metrics(sliced: Tuple[Any, np.ndarray], eval_config: tfma.EvalConfig) -> Tuple[Any, Dict]:
@@ -306,14 +363,6 @@ def _to_metrics(sliced: Tuple[Any, np.ndarray], eval_config: tfma.EvalConfig) ->
             if metric_key.model_name != baseline and base in metrics:
                 metrics[metric_key.make_diff_key()] = value - metrics[base]
     return key, metrics
-
-
-def _weightings(metrics_spec: Any, eval_config: tfma.EvalConfig) -> List[bool]:
-    """Whether each metric is computed weighted, unweighted or both (TFMA's rule: its example_weights options)."""
-    options = metrics_spec.example_weights
-    if options.HasField("weighted") or options.HasField("unweighted"):
-        return [weighted for weighted, wanted in ((False, options.unweighted), (True, options.weighted)) if wanted]
-    return [any(spec.example_weight_key for spec in eval_config.model_specs)]
 
 
 def _value(class_name: str, row: np.ndarray) -> float:

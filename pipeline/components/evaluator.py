@@ -8,9 +8,9 @@ TFX's Evaluator as shipped (pipeline/pipeline.py picks).
 """
 
 import os
+import threading
 import time
 from typing import Any, Dict, List, Optional
-from unittest import mock
 
 import tensorflow_model_analysis as tfma
 from google.protobuf.wrappers_pb2 import BoolValue
@@ -30,7 +30,10 @@ from pipeline.config import PipelineConfig
 def eval_config(config: PipelineConfig) -> tfma.EvalConfig:
     """TFMA: RMSE and MAE overall and per slice, with the thresholds that gate the blessing."""
     lower_is_better = tfma.MetricDirection.LOWER_IS_BETTER
-    module, metric_config = tfma_metrics.metric_config_args(code_fingerprint(tfma_metrics.__name__))
+    # The metrics' code and the batched evaluation's in the Evaluator's cache key: a change to either reruns it.
+    module, metric_config = tfma_metrics.metric_config_args(
+        code_fingerprint(tfma_metrics.__name__, batched_evaluation.__name__, __name__)
+    )
 
     def overall(**threshold) -> tfma.PerSliceMetricThreshold:
         # Thresholds gate on the whole eval split; slices (some of a few rows) are reported, not gated.
@@ -91,18 +94,28 @@ def eval_config(config: PipelineConfig) -> tfma.EvalConfig:
 
 
 class _BatchedTfma:
-    """TFMA as TFX's Evaluator executor sees it, but for ExtractEvaluateAndWriteResults: TFMA's own, given the batched
-    extractors and evaluators where they can compute the EvalConfig."""
+    """TFMA as TFX's Evaluator executor module sees it (installed once, below): TFMA itself, but for
+    ExtractEvaluateAndWriteResults in a thread where BatchedExecutor runs, which gets the batched extractors and
+    evaluators where they can compute the EvalConfig. A flag per thread, not a patch per run: TFX's own executor
+    running in another thread at the same time (a runner running steps side by side) gets TFMA's evaluation."""
+
+    def __init__(self) -> None:
+        self.local = threading.local()  # .batched: BatchedExecutor runs in this thread; .engine: who computed
 
     def __getattr__(self, name: str) -> Any:
         return getattr(tfma, name)
 
-    @staticmethod
-    def ExtractEvaluateAndWriteResults(**arguments: Any) -> Any:  # noqa: N802 (TFMA's name)
-        reason = batched_evaluation.unsupported(
-            arguments["eval_config"], arguments.get("extractors"), arguments.get("slice_spec")
+    def ExtractEvaluateAndWriteResults(self, **arguments: Any) -> Any:  # noqa: N802 (TFMA's name)
+        reason = (
+            batched_evaluation.unsupported(
+                arguments["eval_config"], arguments.get("extractors"), arguments.get("slice_spec")
+            )
+            if getattr(self.local, "batched", False)
+            else "evaluator_engine: tfma"
         )
-        batched_evaluation.log_engine(reason)
+        self.local.engine = "tfma" if reason else "batched"
+        if getattr(self.local, "batched", False):
+            batched_evaluation.log_engine(reason)
         if reason is None:
             models = arguments["eval_shared_model"]
             models = models if isinstance(models, list) else [models]
@@ -112,13 +125,21 @@ class _BatchedTfma:
         return tfma.ExtractEvaluateAndWriteResults(**arguments)
 
 
+_TFMA = _BatchedTfma()
+if not isinstance(tfx_executor.tfma, _BatchedTfma):
+    tfx_executor.tfma = _TFMA  # TFX's Evaluator executor reads TFMA through its module's global
+
+
 class BatchedExecutor(tfx_executor.Executor):
     """TFX's Evaluator executor, unchanged but for the call that evaluates (see _BatchedTfma): the same checks of its
     inputs, the same TFMA outputs, the same blessing from TFMA's validation."""
 
     def Do(self, input_dict: Dict[str, List[Any]], output_dict: Dict[str, List[Any]], exec_properties: Dict) -> None:
-        with mock.patch.object(tfx_executor, "tfma", _BatchedTfma()):
+        _TFMA.local.batched = True
+        try:
             super().Do(input_dict, output_dict, exec_properties)
+        finally:
+            _TFMA.local.batched = False
 
 
 class Evaluator(tfx_evaluator.Evaluator):
@@ -169,4 +190,5 @@ def evaluate(
         "evaluation": outputs["evaluation"][0].uri,
         "blessed": os.path.exists(os.path.join(outputs["blessing"][0].uri, "BLESSED")),
         "seconds": time.monotonic() - started,
+        "computed_by": getattr(_TFMA.local, "engine", None),  # batched, or tfma (asked for, or as the fallback)
     }

@@ -5,8 +5,9 @@ specific versions, from TF Serving's model_config_list file) says which should b
 loaded and warmed up before it takes traffic, and an older one leaves only once the versions that replace it
 are available. A request takes a handle to one version (`resolve`) and keeps it to the end, so a version that
 is being unloaded finishes the requests it has. A version that fails to load is refused with a log line and its
-error in the status; it is tried again when its files change, and (as TF Serving's max_num_load_retries) up to
-MAX_LOAD_RETRIES times with a backoff, so a storage error during a load doesn't keep a version out for good.
+error in the status; it is tried again when its files change, and after a storage error during its load (as TF
+Serving's max_num_load_retries) up to MAX_LOAD_RETRIES times with a backoff, so that a bucket's passing 503 doesn't
+keep it out for good.
 
 Storage faults keep what is served (TF Serving's availability-preserving policy): a listing that fails (a bucket
 unreachable, a folder unreadable) or comes back empty unloads nothing; a failed poll is logged, counted
@@ -311,7 +312,9 @@ class Manager:
                 self._traffic_head(),
             )
         except loader.LoadError as error:
-            failures = self._attempts.get(version, (0, 0.0))[0] + 1
+            # A storage error is tried again (MAX_LOAD_RETRIES times, the wait doubling); a version whose files are
+            # wrong only when they change.
+            failures = self._attempts.get(version, (0, 0.0))[0] + 1 if error.transient else MAX_LOAD_RETRIES + 1
             wait = min(LOAD_RETRY_SECONDS * 2 ** (failures - 1), MAX_BACKOFF_SECONDS)
             self._attempts[version] = (failures, time.monotonic() + wait)
             retry = (
@@ -323,7 +326,10 @@ class Manager:
             if error.transient:
                 self._on_storage_error()
             self.states[version] = VersionState(END, str(error))
-            self._failed[version] = files_fingerprint(path) if tf.io.gfile.exists(path) else ()
+            try:
+                self._failed[version] = files_fingerprint(path) if tf.io.gfile.exists(path) else ()
+            except tf.errors.OpError:  # the storage down: a fingerprint nothing matches, the retry's wait still holds
+                self._failed[version] = ("unreadable",)
             return
         self._attempts.pop(version, None)
         self.available = {**self.available, version: loaded}

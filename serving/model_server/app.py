@@ -55,7 +55,7 @@ BAD_REQUEST_ID = f"X-Request-Id: at most {experiment.MAX_REQUEST_ID} letters, di
 MAX_ECHOED = 200  # characters of a client's path echoed in an error
 MAX_VERSION_DIGITS = 18  # a version number's: int64's, as TF Serving's
 BODY_SECONDS = 30.0  # a request body's time to arrive, whole; beyond, 408
-DRAIN_BYTES = 64 << 20  # of a body too large, read and dropped before the 413; beyond, the connection is closed
+DRAIN_BYTES = 64 << 20  # of a body too large, read and dropped before the 413 (then the connection is closed)
 TRAFFIC_HEAD_RECORDS = 50_000  # newest request log records read for the traffic's head when a version loads
 
 
@@ -443,6 +443,8 @@ class _Answer(Response):
         ]
         if arm is not None:
             self.raw_headers.append((b"x-experiment-arm", arm.encode()))
+        if status in (408, 413):  # the body may be unread: the connection can't take another request
+            self.raw_headers.append((b"connection", b"close"))
 
 
 async def _dropped(request: Request, message: str, more: bool) -> contract.RequestError:

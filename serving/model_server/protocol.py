@@ -30,6 +30,11 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self._discard_left: Optional[int] = None
         self._tail = b""  # the last bytes of the head read so far: the blank line may span two reads
 
+    def connection_made(self, transport: Any) -> None:
+        super().connection_made(transport)
+        # A connection that sends nothing holds a place of --max-connections too: its first head has HEAD_SECONDS.
+        self._head_timer = self.loop.call_later(HEAD_SECONDS, self._refuse, 408, "request head")
+
     def data_received(self, data: bytes) -> None:
         if self._discard_left is not None:  # refused: what the client still sends is read and dropped, briefly
             self._discard_left -= len(data)
@@ -54,7 +59,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         else:
             found = data.find(b"\r\n\r\n")
             end = found + 4 if found >= 0 else -1
-        self._tail = data[-3:] if end < 0 else b""
+        self._tail = (self._tail + data)[-3:] if end < 0 else b""
         return len(data) if end < 0 else end
 
     def on_message_begin(self) -> None:
@@ -80,6 +85,12 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
     def _refuse(self, status: int, what: str) -> None:
         """The API's JSON error, then the connection closed (what the client still sends is not read)."""
         if self.transport.is_closing():
+            return
+        if self.cycle is not None and not self.cycle.response_complete:
+            # An earlier request's answer is still to come (pipelined requests): it goes out whole, then the
+            # connection closes; this head is read no further.
+            self.cycle.keep_alive = False
+            self.transport.pause_reading()
             return
         message = (
             f"the {what} is longer than {MAX_HEAD_BYTES} bytes"

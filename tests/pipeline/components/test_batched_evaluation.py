@@ -9,6 +9,8 @@ from typing import Dict, Optional
 import pytest
 import tensorflow as tf
 import tensorflow_model_analysis as tfma
+from google.protobuf import text_format
+from tensorflow_model_analysis.writers import metrics_plots_and_validations_writer
 
 from pipeline.components import batched_evaluation, tfma_metrics
 from pipeline.components import evaluator as evaluator_lib
@@ -42,10 +44,10 @@ def _shifted(model_dir: str, folder: pathlib.Path, offset: float) -> str:
 
 @dataclasses.dataclass
 class Outcome:
-    metrics: Dict  # slice -> {metric key: value}
+    metrics: Dict  # slice -> {metric key (TFMA's proto, as text): value}
     validation: tfma.ValidationResult
     blessed: bool
-    uri: str
+    computed_by: str
 
 
 def _evaluate(engine: str, folder: pathlib.Path, examples: str, model: str, baseline: Optional[str], config) -> Outcome:
@@ -58,29 +60,31 @@ def _evaluate(engine: str, folder: pathlib.Path, examples: str, model: str, base
         str(folder),
         ["--direct_running_mode=in_memory"],
     )
-    result = tfma.load_eval_result(ran["evaluation"])  # what users and TFMA's views read
+    assert tfma.load_eval_result(ran["evaluation"]).slicing_metrics  # what users and TFMA's views read
     metrics = {
-        slice_key: {
-            (name, sub_key): value["doubleValue"]
-            for output in by_output.values()
-            for sub_key, values in output.items()
-            for name, value in values.items()
+        text_format.MessageToString(per_slice.slice_key, as_one_line=True): {
+            # Every key whole: model name (candidate, baseline), weighting and diff included.
+            text_format.MessageToString(entry.key, as_one_line=True): entry.value.double_value.value
+            for entry in per_slice.metric_keys_and_values
         }
-        for slice_key, by_output in result.slicing_metrics
+        for per_slice in metrics_plots_and_validations_writer.load_and_deserialize_metrics(
+            os.path.join(ran["evaluation"], "metrics")
+        )
     }
-    return Outcome(metrics, tfma.load_validation_result(ran["evaluation"]), ran["blessed"], ran["evaluation"])
+    return Outcome(metrics, tfma.load_validation_result(ran["evaluation"]), ran["blessed"], ran["computed_by"])
 
 
 def _assert_same(ours: Outcome, tfma_outcome: Outcome) -> None:
-    assert sorted(map(str, ours.metrics)) == sorted(map(str, tfma_outcome.metrics))
+    assert (ours.computed_by, tfma_outcome.computed_by) == ("batched", "tfma")  # not TFMA against itself
+    assert sorted(ours.metrics) == sorted(tfma_outcome.metrics)
     assert len(tfma_outcome.metrics) >= 12  # overall, is_male, plurality and the gestation buckets
     for slice_key, expected in tfma_outcome.metrics.items():
         found = ours.metrics[slice_key]
         assert sorted(found) == sorted(expected), slice_key
         for key, value in expected.items():
-            # Diffs (names ending in _diff in TFMA's view) are differences of nearly equal numbers: compared with the
-            # tolerance of the numbers they come from.
-            scale = 1.0 if "diff" in str(key) else abs(value)
+            # A diff is the difference of nearly equal numbers: compared with the tolerance of the numbers it
+            # comes from.
+            scale = 1.0 if "is_diff: true" in key else abs(value)
             assert abs(found[key] - value) <= 1e-6 * max(scale, 1e-12), (slice_key, key, found[key], value)
     assert ours.blessed == tfma_outcome.blessed
     assert ours.validation.validation_ok == tfma_outcome.validation.validation_ok
@@ -122,7 +126,8 @@ def test_a_change_threshold_failure_against_a_baseline_matches_tfma(real_run, tm
     theirs = _evaluate("tfma", tmp_path / "tfma", examples, worse, model, config)
     _assert_same(ours, theirs)
     assert not ours.blessed and any("change_threshold" in failure[2] for failure in _failures(ours.validation))
-    assert any("diff" in str(key) for metrics in ours.metrics.values() for key in metrics)
+    assert any("is_diff: true" in key for metrics in ours.metrics.values() for key in metrics)
+    assert any('model_name: "baseline"' in key for metrics in ours.metrics.values() for key in metrics)
 
 
 @pytest.mark.slow
@@ -150,4 +155,16 @@ def test_an_eval_config_it_cannot_compute_is_left_to_tfma_saying_why(tmp_path):
     crossed.CopyFrom(config)
     crossed.slicing_specs.add(feature_keys=["is_male", "plurality"])
     assert "one feature or none only" in batched_evaluation.unsupported(crossed)
+    unset = tfma.EvalConfig()
+    unset.CopyFrom(config)
+    unset.options.ClearField("include_default_metrics")  # TFMA then adds the model's own metrics
+    assert "default metrics" in batched_evaluation.unsupported(unset)
+    weighting = tfma.EvalConfig()
+    weighting.CopyFrom(config)
+    weighting.metrics_specs[0].example_weights.unweighted = True
+    assert "example_weights" in batched_evaluation.unsupported(weighting)
+    renamed = tfma.EvalConfig()
+    renamed.CopyFrom(config)
+    renamed.metrics_specs[0].metrics[2].config = '{"name": "rmse"}'
+    assert "under another name" in batched_evaluation.unsupported(renamed)
     assert tfma_metrics.NAMES  # the project's metrics are among those it computes

@@ -117,12 +117,18 @@ def test_a_load_that_met_a_storage_error_is_tried_again_without_its_files_changi
     assert sorted(versions.available) == [1]
 
     toy_model.save(models / "2", 2.0)
-    monkeypatch.setattr(loader, "load", lambda *args, **kwargs: calls.append(2) or flaky_forever())
+    outcomes = {"2": "storage", "3": "broken"}
 
-    def flaky_forever():
-        raise loader.LoadError("version 2 at ...: a broken graph")
+    def failing(path, version, *args, **kwargs):
+        calls.append(version)
+        raise loader.LoadError(f"version {version}: {outcomes[str(version)]}", transient=version == 2)
 
+    monkeypatch.setattr(loader, "load", failing)
     for _ in range(manager.MAX_LOAD_RETRIES + 5):
         versions.poll_once()
     assert calls.count(2) == manager.MAX_LOAD_RETRIES + 1 and sorted(versions.available) == [1]
-    assert len(failed) == 1  # a broken version is no storage error
+    assert len(failed) == 1 + manager.MAX_LOAD_RETRIES + 1  # each storage error counted
+    toy_model.save(models / "3", 3.0)  # a version whose files are wrong: once, until they change
+    for _ in range(3):
+        versions.poll_once()
+    assert calls.count(3) == 1 and len(failed) == 1 + manager.MAX_LOAD_RETRIES + 1
