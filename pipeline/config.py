@@ -73,7 +73,7 @@ class PipelineConfig:
     infra_max_p99_ms: float  # ms: nor one whose single-row requests' p99 is above this
     infra_load_timeout_seconds: float  # nor one that has not loaded the model after this long
     orchestrator: str = "local"  # local: LocalDagRunner here; vertex: Vertex Pipelines, Dataflow, Vertex AI
-    # The Evaluator's metrics: batched (pipeline/components/batched_evaluation.py, TFMA's outputs and blessing) or
+    # The Evaluator's metrics: batched (pipeline/components/evaluation/batched.py, TFMA's outputs and blessing) or
     # tfma (TFMA's own row-by-row evaluation); an EvalConfig the batched one can't compute is TFMA's either way
     evaluator_engine: str = "batched"
     # TFX's Tuner before the Trainer, which then trains with the best values it found (models/tuning.py): locally

@@ -1,9 +1,10 @@
 """The Evaluator: TFMA's EvalConfig, the one definition of its metrics, slices and thresholds, and the component.
 
 The thresholds come from the run's config (`eval_rmse_threshold`, `eval_rmse_max_increase`, `eval_mae_threshold`),
-the slices from models/features.py, and the error metrics are this project's (pipeline/components/tfma_metrics.py).
+the slices from models/features.py, and the error metrics are this project's
+(pipeline/components/evaluation/tfma_metrics.py).
 `Evaluator` is TFX's Evaluator (its inputs, outputs, ModelEvaluation and ModelBlessing), whose executor computes the
-metrics with pipeline/components/batched_evaluation.py inside TFMA's own evaluation; `evaluator_engine: tfma` runs
+metrics with pipeline/components/evaluation/batched.py inside TFMA's own evaluation; `evaluator_engine: tfma` runs
 TFX's Evaluator as shipped (pipeline/pipeline.py picks).
 """
 
@@ -23,7 +24,8 @@ from tfx.utils import proto_utils
 from models import features
 from models.signatures import SCORE_SIGNATURE, TRANSFORM_SIGNATURE
 from pipeline.cache import code_fingerprint
-from pipeline.components import batched_evaluation, tfma_metrics
+from pipeline.components.evaluation import batched as batched_evaluation
+from pipeline.components.evaluation import tfma_metrics
 from pipeline.config import PipelineConfig
 
 

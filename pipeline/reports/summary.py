@@ -50,8 +50,8 @@ def slice_metrics(evaluation_uri: str) -> Dict[str, Dict[str, float]]:
 def evaluation_thresholds(store: mlmd.Store, evaluation: metadata_store_pb2.Artifact) -> Dict[str, List[Dict]]:
     """The thresholds of each metric the Evaluator that wrote `evaluation` ran with (its eval_config in ML Metadata),
     by the metric's name, as the metrics are (our metric classes have names of their own:
-    pipeline/components/tfma_metrics.py)."""
-    from pipeline.components import tfma_metrics
+    pipeline/components/evaluation/tfma_metrics.py)."""
+    from pipeline.components.evaluation import tfma_metrics
 
     evaluator = store.producer(evaluation)
     eval_config = json.loads(mlmd.value_of(evaluator.custom_properties["eval_config"])) if evaluator else {}

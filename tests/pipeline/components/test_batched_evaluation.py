@@ -12,8 +12,9 @@ import tensorflow_model_analysis as tfma
 from google.protobuf import text_format
 from tensorflow_model_analysis.writers import metrics_plots_and_validations_writer
 
-from pipeline.components import batched_evaluation, tfma_metrics
 from pipeline.components import evaluator as evaluator_lib
+from pipeline.components.evaluation import batched as batched_evaluation
+from pipeline.components.evaluation import tfma_metrics
 
 
 def _shifted(model_dir: str, folder: pathlib.Path, offset: float) -> str:

@@ -8,7 +8,7 @@ import pytest
 import tensorflow as tf
 from tensorflow_model_analysis.metrics import mean_regression_error, metric_types
 
-from pipeline.components import tfma_metrics
+from pipeline.components.evaluation import tfma_metrics
 
 RNG = np.random.default_rng(0)
 LABELS, PREDICTIONS = RNG.normal(7.3, 1.2, 600), RNG.normal(7.3, 1.0, 600)

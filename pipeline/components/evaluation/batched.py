@@ -38,7 +38,7 @@ from tensorflow_model_analysis.metrics import metric_types
 from tensorflow_model_analysis.slicer import slicer_lib
 from tfx_bsl.coders import example_coder
 
-from pipeline.components import tfma_metrics
+from pipeline.components.evaluation import tfma_metrics
 
 ROWS_PER_CALL = 8192  # serialized examples per model call
 # What each metric adds up, per slice and model: the index of its sums (see _Sums).
@@ -381,4 +381,4 @@ def log_engine(reason: Optional[str]) -> None:
             "Evaluator: TFMA evaluates this EvalConfig row by row (the batched evaluation can't: %s)", reason
         )
     else:
-        logging.info("Evaluator: batched evaluation (pipeline/components/batched_evaluation.py), TFMA's outputs")
+        logging.info("Evaluator: batched evaluation (pipeline/components/evaluation/batched.py), TFMA's outputs")
