@@ -11,7 +11,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from typing import Any, Dict, Iterator, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, Optional, Tuple
 
 import pytest
 
@@ -118,3 +118,14 @@ def toy_versions(tmp_path_factory) -> pathlib.Path:
     for version in (1, 2):
         toy_model.save(root / str(version), float(version))
     return root
+
+
+def wait_for(condition: Callable[[], Any], seconds: float = 10.0, step: float = 0.05) -> Any:
+    """What `condition` returns once it is truthy; AssertionError if it isn't within `seconds`."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        found = condition()
+        if found:
+            return found
+        time.sleep(step)
+    raise AssertionError(f"not within {seconds:g} s")

@@ -40,19 +40,7 @@ def test_files_to_files_predict_every_good_row_as_the_signature_does_and_reject_
     (tmp_path / "in").mkdir()
     (tmp_path / "in" / "a.csv").write_text("\n".join([header] + rows[:150] + bad[:1]) + "\n")
     (tmp_path / "in" / "b.csv").write_text("\n".join([header] + rows[150:] + bad[1:]) + "\n")
-    assert (
-        batch_cli.main(
-            [
-                "--input",
-                str(tmp_path / "in" / "*.csv"),
-                "--output",
-                str(tmp_path / "out" / "run"),
-                "--model-dir",
-                str(version_dir),
-            ]
-        )
-        == 0
-    )
+    assert _files_to_files(tmp_path, version_dir) == 0
     summary = capsys.readouterr().out
     predicted_rows = _read(str(tmp_path / "out" / "run-predictions-*.jsonl"))
     rejected_rows = _read(str(tmp_path / "out" / "run-rejected-*.jsonl"))

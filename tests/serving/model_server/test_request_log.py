@@ -14,21 +14,12 @@ import orjson
 import pytest
 
 from serving.model_server import metrics, request_log
+from tests.serving.conftest import wait_for
 
 
 @pytest.fixture(autouse=True)
 def quick_retries(monkeypatch):
     monkeypatch.setattr(request_log, "RETRY_SECONDS", 0.01)
-
-
-def _wait_for(condition, seconds: float = 5.0):
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        found = condition()
-        if found:
-            return found
-        time.sleep(0.01)
-    raise AssertionError("not within the deadline")
 
 
 def _logged_ids(folder: pathlib.Path) -> list:
@@ -44,10 +35,10 @@ def test_a_removed_folder_is_made_again_and_the_log_goes_on(tmp_path):
     log = request_log.RequestLog(str(folder), 1 << 20, 10)
     try:
         log.write({"request_id": "before"})
-        _wait_for(lambda: "before" in _logged_ids(folder))
+        wait_for(lambda: "before" in _logged_ids(folder))
         shutil.rmtree(folder)  # an operator's cleanup, or a volume remounted
         log.write({"request_id": "after"})
-        assert _wait_for(lambda: "after" in _logged_ids(folder))
+        assert wait_for(lambda: "after" in _logged_ids(folder))
         assert log.alive
     finally:
         log.close()
@@ -76,7 +67,7 @@ def test_an_unwritable_folder_drops_and_counts_records_and_the_log_comes_back(tm
             for number in range(10):
                 log.write({"request_id": f"lost-{batch}-{number}"})
             time.sleep(request_log.FLUSH_SECONDS * 2)
-        dropped, errors = _wait_for(lambda: log.counts()[0]["write_error"] == 50 and log.counts())
+        dropped, errors = wait_for(lambda: log.counts()[0]["write_error"] == 50 and log.counts())
         assert errors >= 2 and dropped["queue_full"] == 0 and log.alive
         failures = [r for r in caplog.records if "can't write" in r.getMessage()]
         assert len(failures) == 1, "one line per streak of failures, not one per try"
@@ -86,7 +77,7 @@ def test_an_unwritable_folder_drops_and_counts_records_and_the_log_comes_back(tm
             assert list(folder.iterdir()) == []  # a try that wrote nothing leaves no file behind
             monkeypatch.setattr(request_log, "_open_append", real_opener)
         log.write({"request_id": "after"})
-        assert _wait_for(lambda: _logged_ids(folder) == ["after"])
+        assert wait_for(lambda: _logged_ids(folder) == ["after"])
         assert any("writing again" in r.getMessage() for r in caplog.records)
         assert log.counts()[0]["write_error"] == 50
     finally:
@@ -107,7 +98,7 @@ def test_a_stuck_writer_bounds_the_queue_and_never_blocks_the_caller(tmp_path, m
     log = request_log.RequestLog(str(folder), 1 << 20, 10, max_pending=100)
     try:
         log.write({"request_id": "first"})
-        _wait_for(stuck.is_set)
+        wait_for(stuck.is_set)
         started, longest = time.perf_counter(), 0
         for number in range(1000):
             log.write({"request_id": f"r{number}"})
@@ -116,7 +107,7 @@ def test_a_stuck_writer_bounds_the_queue_and_never_blocks_the_caller(tmp_path, m
         assert longest == 100 and log.counts()[0]["queue_full"] == 900
         release.set()
         expected = ["first"] + [f"r{number}" for number in range(100)]
-        assert _wait_for(lambda: _logged_ids(folder) == expected)
+        assert wait_for(lambda: _logged_ids(folder) == expected)
     finally:
         release.set()
         log.close()
@@ -137,10 +128,10 @@ def test_an_unencodable_record_or_an_unexpected_error_does_not_stop_the_writer(t
     log = request_log.RequestLog(str(folder), 1 << 20, 10)
     try:
         log.write({"request_id": "lost"})
-        _wait_for(lambda: log.counts()[1] == 1)
+        wait_for(lambda: log.counts()[1] == 1)
         log.write({"request_id": "odd", "instance": object()})
         log.write({"request_id": "kept"})
-        assert _wait_for(lambda: _logged_ids(folder) == ["kept"])
+        assert wait_for(lambda: _logged_ids(folder) == ["kept"])
         assert log.alive
         assert log.counts() == ({"queue_full": 0, "write_error": 1, "unencodable": 1}, 1)
         assert any(r.exc_info and "a bug" in str(r.exc_info[1]) for r in caplog.records)  # a bug shows its traceback
@@ -172,7 +163,7 @@ def test_the_folder_budget_deletes_the_oldest_files_of_any_process_but_never_a_l
     log = request_log.RequestLog(str(tmp_path), **arguments)
     try:
         log.write({"request_id": "own"})
-        _wait_for(lambda: "own" in _logged_ids(tmp_path))
+        wait_for(lambda: "own" in _logged_ids(tmp_path))
     finally:
         log.close()
     own = [p.name for p in tmp_path.glob(f"requests-*-{os.getpid()}-*.jsonl")]

@@ -3,7 +3,6 @@
 import base64
 import json
 import re
-import time
 
 import pytest
 import tensorflow as tf
@@ -12,7 +11,7 @@ from models import features
 from models import requests as requests_lib
 from serving.model_server import request_log
 from tests.serving import toy_model
-from tests.serving.conftest import call, running_server
+from tests.serving.conftest import call, running_server, wait_for
 
 ROW = {"mother_age": 31, "gestation_weeks": 39, "is_male": True}
 LABELS_CONFIG = """model_config_list {{
@@ -341,7 +340,7 @@ def test_request_log_has_every_prediction_and_validate_serving_reads_it(server):
         headers={"X-Request-Id": "clinic-7-0001"},
     )
     assert headers["x-request-id"] == "clinic-7-0001"
-    records = _wait_for(
+    records = wait_for(
         lambda: [
             r
             for f in request_log.log_files(str(logs))
@@ -369,13 +368,3 @@ def _metric(url: str, name: str) -> float:
         if line.startswith(name + " "):
             return float(line.split()[-1])
     return 0.0
-
-
-def _wait_for(find, seconds: float = 10):
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        found = find()
-        if found:
-            return found
-        time.sleep(0.1)
-    raise AssertionError("not found in time")
