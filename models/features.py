@@ -158,6 +158,16 @@ def missing_key(column: Column) -> str:
     return transformed_name(column.name + "_missing")
 
 
+def transformed_keys(column: Column) -> List[str]:
+    """The transformed features a feature's value decides, crosses aside (`preprocessing.crosses`)."""
+    keys = [transformed_name(column.name)]
+    if column.transform in (Transform.ZSCORE, Transform.ZSCORE_AND_BUCKETS):
+        keys.append(missing_key(column))
+    if column.transform is Transform.ZSCORE_AND_BUCKETS:
+        keys.append(transformed_name(bucket_name(column)))
+    return keys
+
+
 def cross_name(first: str, second: str) -> str:
     """Name of the crossed id of two categorical ids."""
     return f"{first}_x_{second}"

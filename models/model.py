@@ -13,14 +13,16 @@ import tensorflow_transform as tft
 from tensorflow.python.autograph.core import config as autograph_config
 from tfx import v1 as tfx
 
-from models import features, signatures
+from models import features, masking, signatures
 from models.distribution import global_batch_size, select_strategy, write_dir
 from models.preprocessing import dense_raw
 
 SHUFFLE_BUFFER = 20_000
+DTYPES = (tf.float32, tf.int64)  # the transformed features' types
 COUNT_BATCH = 65_536
-# Differently masked copies of the training rows, cached (one per epoch up to this many; then reused).
-MAX_MASKED_COPIES = 8
+# The transformed training rows are kept in memory for the epochs after the first up to this size, and transformed
+# again each epoch beyond it (a million rows take about 150 MB).
+CACHE_MAX_BYTES = 4 * 2**30
 # The Trainer validates at this many evenly spaced epochs (the last among them), not after each: a small data set
 # trains in hundreds of short epochs, and validating after each took as long as training.
 VALIDATIONS = 10
@@ -115,49 +117,6 @@ def file_weights(
     return recency_weights(file_spans, half_life_spans)
 
 
-def mask_features(
-    dense: Dict[str, tf.Tensor], mask_rate: float, presence: Optional[Mapping[str, float]] = None, seed: Any = (0, 0)
-) -> Dict[str, tf.Tensor]:
-    """Training rows as requests send them: a `mask_rate` share of rows lose some of their optional features.
-
-    In such a row each optional feature is removed with a probability drawn for the row, uniform in [0, 1],
-    so rows lacking one feature and rows lacking all of them are both common: clients leave out several
-    at once. A feature in `presence` also keeps its value in only that share of rows, chosen at random
-    (0: in none), as in a span where it is that rare. The transform graph then treats a removed value
-    exactly as a missing one, as it does at serving time. The draws are stateless, from `seed` (two
-    integers): the same seed removes the same values, however tf.data orders its parallel calls.
-    """
-    presence = dict(presence or {})
-    unknown = sorted(set(presence) - {c.name for c in features.FEATURES})
-    if unknown:
-        raise ValueError(
-            f"cannot remove {', '.join(unknown)}: not among the model features "
-            f"{', '.join(c.name for c in features.FEATURES)}"
-        )
-    rows = tf.shape(dense[features.LABEL.name])
-    seed = tf.cast(seed, tf.int64)
-    draws = iter(range(2 + 2 * len(features.FEATURES)))
-
-    def uniform() -> tf.Tensor:  # each draw its own stream, folded in from the seed
-        return tf.random.stateless_uniform(rows, seed=tf.random.experimental.stateless_fold_in(seed, next(draws)))
-
-    partial = uniform() < mask_rate
-    share = uniform()
-    masked = dict(dense)
-    for column in features.FEATURES:
-        masks = []
-        if mask_rate and not column.required:
-            masks.append(partial & (uniform() < share))
-        if column.name in presence:
-            masks.append(uniform() >= presence[column.name])
-        if not masks:
-            continue
-        drop = masks[0] if len(masks) == 1 else masks[0] | masks[1]
-        value = dense[column.name]
-        masked[column.name] = tf.where(drop, tf.fill(rows, "" if value.dtype == tf.string else float("nan")), value)
-    return masked
-
-
 def _input_fn(
     file_patterns: List[str],
     weights: Dict[str, float],
@@ -166,37 +125,29 @@ def _input_fn(
     shuffle: bool,
     mask_rate: float = 0.0,
     presence: Optional[Mapping[str, float]] = None,
-    masked_copies: int = 1,
     seed: int = 0,
     repeat: bool = False,
     holdout: Optional[bool] = None,
-    passes: int = 2,
+    cache: bool = False,
 ) -> tf.data.Dataset:
-    """Raw examples of each span, masked by `mask_features`, transformed by the Transform graph, as
-    (features, label, weight).
+    """Raw examples of each span, transformed by the Transform graph, masked in transformed space
+    (models/masking.py), as (features, label, weight).
 
-    The weight is the span's recency weight, and 0 where the row has no label. With masking, the rows are
-    masked and transformed `masked_copies` times, each time afresh, and the copies cached: epochs cycle
-    through them, so the transform graph runs once per copy, not once per epoch (it costs as much as a
-    training step). Each batch is masked with its own seed, from `seed` and the batch's place in the input.
-    With `repeat` the rows repeat without end before they are batched, so every batch is full: workers of
-    MultiWorkerMirroredStrategy must all step with batches of one shape. `holdout` picks rows as `_records` does.
-    The transformed rows are cached only if the `passes` over them outnumber the copies: with a million rows
-    each of 4 epochs reads its own copy, and caching them all took 11 GB for nothing.
+    The weight is the span's recency weight, and 0 where the row has no label. The rows are transformed once
+    and, with `cache`, kept in memory as the transform's batches (a few bytes a feature: `cache_fits`): every
+    epoch reads them again and masks each batch afresh, with its own seed, from `seed` and the batch's place in
+    the input. With `repeat` the rows repeat without end before they are batched, so every batch is full:
+    workers of MultiWorkerMirroredStrategy must all step with batches of one shape. `holdout` picks rows as
+    `_records` does.
     """
     raw_spec = signatures.raw_feature_spec(tf_transform_output, with_label=True)
     tft_layer = tf_transform_output.transform_features_layer()
 
-    def transform(index: tf.Tensor, batch: Tuple[tf.Tensor, tf.Tensor]):
-        records, recency = batch
+    def transform(records: tf.Tensor, recency: tf.Tensor):
         parsed = tf.io.parse_example(records, raw_spec)
-        dense = mask_features(
-            {name: dense_raw(value) for name, value in parsed.items()},
-            mask_rate,
-            presence,
-            seed=tf.stack([tf.constant(seed, tf.int64), index]),
+        transformed = tft_layer(
+            signatures.sparse_raw({name: dense_raw(value) for name, value in parsed.items()}, raw_spec)
         )
-        transformed = tft_layer(signatures.sparse_raw(dense, raw_spec))
         batch = {key: tf.reshape(value, [-1]) for key, value in transformed.items()}
         label = batch.pop(features.label_key())
         weight = batch.pop(features.label_weight_key()) * recency
@@ -204,24 +155,49 @@ def _input_fn(
 
     parts = []
     for pattern in file_patterns:
-        records = _records([pattern], holdout)
         recency = tf.constant(weights[pattern], tf.float32)
         parts.append(
-            records.batch(signatures.TRANSFORM_BATCH).map(lambda batch, w=recency: (batch, tf.fill(tf.shape(batch), w)))
+            _records([pattern], holdout)
+            .batch(signatures.TRANSFORM_BATCH)
+            .map(lambda batch, w=recency: transform(batch, w), num_parallel_calls=tf.data.AUTOTUNE)
         )
     dataset = parts[0]
     for part in parts[1:]:
         dataset = dataset.concatenate(part)
-    random = mask_rate or any(0 < share < 1 for share in (presence or {}).values())
-    copies = masked_copies if random else 1  # without randomness every copy is the same
-    dataset = dataset.repeat(copies).enumerate().map(transform, num_parallel_calls=tf.data.AUTOTUNE).unbatch()
-    if passes > copies:
+    # Rows cross unbatch, shuffle and batch as two matrices (floats and ids) and their label and weight: tf.data's
+    # cost is per element and per tensor, and a dict of every feature made that 13 s an epoch at 800,000 rows (2 s).
+    keys = {d.name: sorted(k for k, s in dataset.element_spec[0].items() if s.dtype == d) for d in DTYPES}
+    if cache:
         dataset = dataset.cache()
+    dataset = dataset.map(
+        lambda rows, label, weight: ({d: tf.stack([rows[k] for k in keys[d]], 1) for d in keys}, label, weight)
+    )
+    dataset = dataset.unbatch()
     if shuffle:
         dataset = dataset.shuffle(SHUFFLE_BUFFER, reshuffle_each_iteration=True)
     if repeat:
         dataset = dataset.repeat()
-    return dataset.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+    mask = (
+        masking.TransformedMask(tft_layer, signatures.raw_feature_spec(tf_transform_output, with_label=False))
+        if mask_rate or presence
+        else None
+    )
+
+    def unpacked(index: tf.Tensor, batch: Tuple[Dict[str, tf.Tensor], tf.Tensor, tf.Tensor]):
+        packed, label, weight = batch
+        rows = {key: packed[d][:, i] for d in keys for i, key in enumerate(keys[d])}
+        if mask:
+            seed_index = tf.stack([tf.constant(seed, tf.int64), index])
+            rows = mask(rows, masking.drops(tf.shape(label)[0], mask_rate, presence, seed_index))
+        return rows, label, weight
+
+    dataset = dataset.batch(batch_size).enumerate().map(unpacked)
+    return dataset.prefetch(tf.data.AUTOTUNE)
+
+
+def cache_fits(tf_transform_output: tft.TFTransformOutput, rows: int) -> bool:
+    """Whether `rows` transformed rows fit in CACHE_MAX_BYTES (8 bytes a transformed feature, as int64 or less)."""
+    return rows * 8 * len(tf_transform_output.transformed_feature_spec()) <= CACHE_MAX_BYTES
 
 
 def _records(file_patterns: List[str], holdout: Optional[bool] = None) -> tf.data.Dataset:
@@ -310,7 +286,7 @@ def fit(
 
     It trains on `train_files` and is validated on `eval_files` after `validation_epochs(epochs)`. With `holdout`
     (the Tuner's trials) it trains on the train files' rows but one in HOLDOUT_BUCKETS and is validated once, at
-    the end, on that one, each held-out row once whatever the batch size, masked as `mask_features` does at
+    the end, on that one, each held-out row once whatever the batch size, masked as `masking.drops` says at
     `validation_mask_rate` (with the seed, so every trial is scored on the same rows and the same gaps), so that
     the search never sees the eval split the Evaluator scores the chosen model on.
     """
@@ -318,9 +294,12 @@ def fit(
     tf.keras.utils.set_random_seed(settings["seed"])
     batch_size = global_batch_size(settings["batch_size"], strategy)
     train_part, validation_files, validation_part = (False, train_files, True) if holdout else (None, eval_files, None)
+    train_examples = _count_records(train_files, train_part)
+    validation_examples = _count_records(validation_files, validation_part)
     steps_per_epoch, epochs = training_schedule(
-        _count_records(train_files, train_part), batch_size, settings["train_epochs"], settings["min_train_steps"]
+        train_examples, batch_size, settings["train_epochs"], settings["min_train_steps"]
     )
+    validations = [epochs] if holdout else validation_epochs(epochs)
     train_dataset = _input_fn(
         train_files,
         weights,
@@ -329,11 +308,10 @@ def fit(
         shuffle=True,
         mask_rate=settings["mask_rate"],
         presence=settings.get(PRESENCE_KEY),
-        masked_copies=min(epochs, MAX_MASKED_COPIES),
         seed=settings["seed"],
         repeat=True,
         holdout=train_part,
-        passes=epochs,
+        cache=epochs > 1 and cache_fits(tf_transform_output, train_examples),
     )
     # The Trainer's eval batches repeat so that every step has a full batch (MultiWorkerMirroredStrategy's
     # workers must step alike); a trial's are read once, so that no held-out row counts twice.
@@ -347,7 +325,7 @@ def fit(
         seed=settings["seed"],
         repeat=not holdout,
         holdout=validation_part,
-        passes=1 if holdout else epochs,
+        cache=len(validations) > 1 and cache_fits(tf_transform_output, validation_examples),
     )
     with strategy.scope():
         model = build_keras_model(
@@ -361,8 +339,8 @@ def fit(
         steps_per_epoch=steps_per_epoch,
         epochs=epochs,
         validation_data=validation_dataset,
-        validation_steps=max(1, math.ceil(_count_records(validation_files, validation_part) / batch_size)),
-        validation_freq=[epochs] if holdout else validation_epochs(epochs),
+        validation_steps=max(1, math.ceil(validation_examples / batch_size)),
+        validation_freq=validations,
         callbacks=[
             *callbacks,
             tf.keras.callbacks.LambdaCallback(

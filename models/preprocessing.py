@@ -127,6 +127,17 @@ def _vocabulary_ids(value: tf.Tensor) -> tf.Tensor:
     )
 
 
+def crosses(outputs: Dict[str, tf.Tensor]) -> Dict[str, tf.Tensor]:
+    """The crossed ids (features.CROSSES) of transformed features: the transform's, and training's masking's."""
+    sizes = features.id_sizes()
+    return {
+        features.transformed_name(features.cross_name(first, second)): outputs[features.transformed_name(first)]
+        * sizes[second]
+        + outputs[features.transformed_name(second)]
+        for first, second in features.CROSSES
+    }
+
+
 def preprocessing_fn(inputs: Dict[str, tf.Tensor]) -> Dict[str, tf.Tensor]:
     """Maps raw natality features to the model's inputs, and the label to a label plus a weight."""
     outputs: Dict[str, tf.Tensor] = {}
@@ -139,11 +150,7 @@ def preprocessing_fn(inputs: Dict[str, tf.Tensor]) -> Dict[str, tf.Tensor]:
             outputs[features.transformed_name(column.name)] = _category_ids(column, value)
         else:
             outputs.update(_numeric(column, value, ranges[column.name]))
-    sizes = features.id_sizes()
-    for first, second in features.CROSSES:
-        outputs[features.transformed_name(features.cross_name(first, second))] = (
-            outputs[features.transformed_name(first)] * sizes[second] + outputs[features.transformed_name(second)]
-        )
+    outputs.update(crosses(outputs))
     if features.LABEL.name in inputs:  # absent at serving time
         label = dense_raw(inputs[features.LABEL.name])
         present = ~tf.math.is_nan(label)

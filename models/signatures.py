@@ -9,6 +9,7 @@ The exported SavedModel carries the TF Transform graph, so every signature takes
 - `transform_features`: serialized tf.Example -> transformed features (TFMA slices and labels on it).
 """
 
+import math
 from typing import Any, Dict, List
 
 import numpy as np
@@ -27,6 +28,8 @@ TRANSFORM_SIGNATURE = "transform_features"
 # (features.FREQUENT_INSTANCES_FILE); a server precomputes as many of them as its cache is configured for.
 FREQUENT_INSTANCES_MAX = 50_000
 TRANSFORM_BATCH = 1024
+# Frequent instances are counted as one number each (their codes in mixed radix) while their codes fit below this.
+ONE_NUMBER_MAX = 2**62
 
 
 def sparse_raw(dense: Dict[str, tf.Tensor], raw_spec: Dict[str, Any]) -> Dict[str, tf.SparseTensor]:
@@ -139,7 +142,12 @@ def frequent_instances(
     dataset = (
         tf.data.TFRecordDataset(files, compression_type="GZIP")
         .batch(TRANSFORM_BATCH)
-        .map(lambda records: {name: dense_raw(value) for name, value in tf.io.parse_example(records, raw_spec).items()})
+        .map(
+            lambda records: {name: dense_raw(value) for name, value in tf.io.parse_example(records, raw_spec).items()},
+            num_parallel_calls=tf.data.AUTOTUNE,
+            deterministic=True,
+        )
+        .prefetch(tf.data.AUTOTUNE)
     )
     batches = list(dataset.as_numpy_iterator())
     columns = {
@@ -168,7 +176,16 @@ def frequent_instances(
     rows = int(requests.sum())
     if not rows:
         return {"rows": 0, "instances": []}
-    instances, first, counts = np.unique(np.stack(codes, axis=1), axis=0, return_index=True, return_counts=True)
+    stacked = np.stack(codes, axis=1)
+    # Each instance as one number (its codes' mixed-radix value) where they fit in an int64: sorting a million
+    # numbers is about 40 times faster than sorting as many rows (np.unique's axis=0, 6 s at 800,000 rows).
+    radices = [len(column_keys) for column_keys in keys]
+    if math.prod(radices) < ONE_NUMBER_MAX:
+        places = np.cumprod([1] + radices[:-1], dtype=np.int64)
+        _, first, counts = np.unique(stacked @ places, return_index=True, return_counts=True)
+        instances = stacked[first]
+    else:
+        instances, first, counts = np.unique(stacked, axis=0, return_index=True, return_counts=True)
     order = np.lexsort((first, -counts))[:limit]
     return {
         "rows": rows,

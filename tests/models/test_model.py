@@ -55,66 +55,6 @@ def test_the_trainer_validates_at_evenly_spaced_epochs_ending_with_the_last(epoc
     assert model.validation_epochs(epochs) == expected
 
 
-def _raw_rows(rows: int):
-    """Dense raw rows as `serving_raw` takes them: every feature known, and a label."""
-    import tensorflow as tf
-
-    values = {
-        c.name: tf.fill([rows], "true") if c.dtype == "string" else tf.fill([rows], 30.0) for c in features.FEATURES
-    }
-    values[features.LABEL.name] = tf.fill([rows], 7.5)
-    return values
-
-
-def test_masking_removes_optional_features_in_about_the_configured_share_of_rows_and_never_required_ones():
-
-    model.tf.random.set_seed(3)
-    rows = 20_000
-    masked = model.mask_features(_raw_rows(rows), 0.5)
-    for column in features.REQUIRED_FEATURES:
-        assert not preprocessing.is_missing(column, masked[column.name]).numpy().any(), column.name
-    removed = np.stack([preprocessing.is_missing(c, masked[c.name]).numpy() for c in features.OPTIONAL_FEATURES])
-    # Half the rows are partial, and a partial row loses each optional feature with a probability drawn
-    # uniformly for the row: a quarter of all values, and rows lacking every optional feature are common.
-    assert 0.22 < removed.mean() < 0.28
-    assert 0.5 * rows / 7 * 0.8 < removed.all(axis=0).sum() < 0.5 * rows / 7 * 1.2
-    assert 0.5 < (~removed.any(axis=0)).mean() < 0.6  # unmasked rows and partial rows that lost nothing
-    np.testing.assert_array_equal(masked[features.LABEL.name].numpy(), 7.5)
-
-
-def test_masking_is_the_same_for_the_same_seed():
-    rows = _raw_rows(500)
-    first, again, other = (model.mask_features(rows, 0.5, seed=seed) for seed in ((1, 7), (1, 7), (1, 8)))
-    for column in features.OPTIONAL_FEATURES:
-        removed = [preprocessing.is_missing(column, masked[column.name]).numpy() for masked in (first, again, other)]
-        np.testing.assert_array_equal(removed[0], removed[1])
-    assert any(
-        (preprocessing.is_missing(c, first[c.name]).numpy() != preprocessing.is_missing(c, other[c.name]).numpy()).any()
-        for c in features.OPTIONAL_FEATURES
-    )
-
-
-def test_masking_off_keeps_every_value_and_presence_keeps_its_share():
-    rows = _raw_rows(2000)
-    unmasked = model.mask_features(rows, 0.0)
-    for column in features.FEATURES:
-        assert not preprocessing.is_missing(column, unmasked[column.name]).numpy().any()
-    cut = model.mask_features(rows, 0.0, presence={"father_age": 0.0, "is_male": 0.0, "ever_born": 0.2})
-    assert preprocessing.is_missing(features.BY_NAME["father_age"], cut["father_age"]).numpy().all()
-    assert preprocessing.is_missing(features.BY_NAME["is_male"], cut["is_male"]).numpy().all()
-    assert 0.17 < 1 - preprocessing.is_missing(features.BY_NAME["ever_born"], cut["ever_born"]).numpy().mean() < 0.23
-    assert not preprocessing.is_missing(features.BY_NAME["plurality"], cut["plurality"]).numpy().any()
-    both = model.mask_features(rows, 0.5, presence={"ever_born": 1.0, "father_age": 0.5})
-    kept = {
-        name: 1 - preprocessing.is_missing(features.BY_NAME[name], both[name]).numpy().mean()
-        for name in ("ever_born", "father_age")
-    }
-    assert 0.7 < kept["ever_born"] < 0.8  # masked as without `presence`: a quarter of the values
-    assert 0.33 < kept["father_age"] < 0.42  # and then half of those kept
-    with pytest.raises(ValueError, match="cannot remove hospital_id: not among the model features"):
-        model.mask_features(rows, 0.0, presence={"hospital_id": 0.0})
-
-
 def test_python_and_graph_agree_on_what_is_missing():
     import tensorflow as tf
 
@@ -174,10 +114,15 @@ def _counter_reference(rows, limit):
     }
 
 
-def test_frequent_instances_count_as_a_counter_does(tmp_path):
+@pytest.mark.parametrize("as_one_number", [True, False])
+def test_frequent_instances_count_as_a_counter_does(tmp_path, monkeypatch, as_one_number):
     """Ties (in the order they first appear), rows lacking a required feature, 'unknown' codes and empty values,
-    in three files read in name order."""
+    in three files read in name order; each instance counted as one number, or as a row of codes (too many
+    distinct values for one number)."""
     import tensorflow as tf
+
+    if not as_one_number:
+        monkeypatch.setattr(signatures, "ONE_NUMBER_MAX", 1)
 
     rng = np.random.default_rng(3)
     rows = []

@@ -279,12 +279,14 @@ def test_a_trial_trains_on_four_fifths_and_is_scored_once_on_the_masked_fifth(mo
 
     monkeypatch.setattr(model, "_input_fn", spy)
     monkeypatch.setattr(model, "_count_records", lambda files, holdout=None: 1000)
+    monkeypatch.setattr(model, "cache_fits", lambda transform_output, rows: True)
     monkeypatch.setattr(model, "build_keras_model", lambda *args, **kwargs: Model())
     settings = dict(_settings(), mask_rate=0.25)
     model.fit(settings, None, ["train"], [], {}, tf.distribute.get_strategy(), holdout=True, validation_mask_rate=0.5)
     train, validation, fitted = calls
     assert (train["holdout"], train["mask_rate"], train["repeat"], train["shuffle"]) == (False, 0.25, True, True)
     assert (validation["holdout"], validation["mask_rate"], validation["repeat"]) == (True, 0.5, False)
+    assert train["cache"] and not validation["cache"]  # the trial's held-out rows are read once
     assert validation["seed"] == settings["seed"] and not validation["shuffle"]
     epochs = model.training_schedule(1000, 256, 4, 1500)[1]
     # Each held-out row once (1,000 rows: 3 full batches and a part), after the last epoch only.
@@ -294,6 +296,7 @@ def test_a_trial_trains_on_four_fifths_and_is_scored_once_on_the_masked_fifth(mo
     train, validation, fitted = calls
     assert train["holdout"] is None and validation["holdout"] is None and validation["mask_rate"] == 0.0
     assert validation["repeat"] and fitted == {"validation_steps": 4, "freq": model.validation_epochs(epochs)}
+    assert train["cache"] and validation["cache"]
 
 
 def test_a_diverged_trial_fails_with_the_reason(monkeypatch):
