@@ -55,7 +55,7 @@ class PipelineConfig:
     learning_rate: float
     hidden_units: Tuple[int, ...]
     embedding_dim: int
-    mask_rate: float  # share of training rows that lose some optional features (models/model.py, mask_features)
+    mask_rate: float  # share of training rows that lose some optional features (models/masking.py)
     seed: int  # the Trainer's random seed: the same data, code and config give the same model
     eval_rmse_threshold: float  # pounds: a model whose eval RMSE is above this is not blessed
     eval_mae_threshold: float  # pounds: a model whose eval MAE is above this is not blessed
@@ -73,6 +73,9 @@ class PipelineConfig:
     infra_max_p99_ms: float  # ms: nor one whose single-row requests' p99 is above this
     infra_load_timeout_seconds: float  # nor one that has not loaded the model after this long
     orchestrator: str = "local"  # local: LocalDagRunner here; vertex: Vertex Pipelines, Dataflow, Vertex AI
+    # A local run starts each step when the steps it depends on are done, this many at once (pipeline/runner.py);
+    # 1: one at a time, with TFX's LocalDagRunner
+    steps_at_once: int = 2
     # The Evaluator's metrics: batched (pipeline/components/evaluation/batched.py, TFMA's outputs and blessing) or
     # tfma (TFMA's own row-by-row evaluation); an EvalConfig the batched one can't compute is TFMA's either way
     evaluator_engine: str = "batched"
@@ -284,7 +287,7 @@ def _check(config: PipelineConfig, profile_path: pathlib.Path) -> None:
             f"beam_direct_running_mode {config.beam_direct_running_mode!r} is not "
             "in_memory, multi_threading or multi_processing"
         )
-    for name in ("train_hash_buckets", "eval_hash_buckets", "batch_size"):
+    for name in ("train_hash_buckets", "eval_hash_buckets", "batch_size", "steps_at_once"):
         if getattr(config, name) < 1:
             raise ConfigError(f"{name} must be at least 1, not {getattr(config, name)}")
     if config.beam_parallel_rows < 0:

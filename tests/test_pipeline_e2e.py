@@ -306,6 +306,9 @@ def test_summary_reports_rows_rmse_against_the_mean_predictor_and_seconds(pipeli
     assert "predicting the training mean: RMSE" in text
     for node in NODES:
         assert node in text.split("seconds per component:")[1]
+    # The local runner started the monitor and the Evaluator together, once the Trainer was done (pipeline/runner.py).
+    side_by_side = text.split("side by side: ")[1].splitlines()[0]
+    assert "Evaluator and PredictionMonitor" in side_by_side or "PredictionMonitor and Evaluator" in side_by_side
 
 
 def _eval_examples(config: config_lib.PipelineConfig, count: int) -> List[bytes]:

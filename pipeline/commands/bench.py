@@ -21,6 +21,7 @@ from typing import Any, Dict, List, Optional
 import babyweight_cli
 from pipeline import config as config_lib
 from pipeline.metadata import mlmd
+from pipeline.reports import summary
 
 # The rows each step reads, by split of the new span ("all": both); steps not listed move no rows.
 STEP_ROWS = {
@@ -174,6 +175,8 @@ def main() -> None:
     total = round(sum(step.seconds for step in steps), 1)
     record["components_seconds"] = total
     print(f"{'components total':<42} {total:8.1f}")
+    record["side_by_side"] = [list(pair) for pair in mlmd.overlaps(steps)]
+    print(f"steps side by side (pipeline/runner.py): {summary.side_by_side(steps)}")
     print(f"{'pipeline wall time (check, run, summary)':<42} {wall:8.1f}")
     if fit:
         print(

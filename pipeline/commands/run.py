@@ -1,4 +1,5 @@
-"""Local run of the pipeline: check the input, run it with LocalDagRunner, summarise from ML Metadata."""
+"""Local run of the pipeline: check the input, run it (independent steps side by side: pipeline/runner.py), summarise
+from ML Metadata."""
 
 import contextlib
 import dataclasses
@@ -13,6 +14,7 @@ from tensorflow_metadata.proto.v0 import schema_pb2
 from tfx import v1 as tfx
 
 from models import features
+from pipeline import runner
 from pipeline.components import csv_check
 from pipeline.components.validation import DataValidationError
 from pipeline.config import PipelineConfig
@@ -183,7 +185,12 @@ def run_local(config: PipelineConfig) -> Outcome:
     try:
         # `babyweight metadata` tells a killed run from a live one by the marker
         with mlmd.runner_marker(config.metadata_path), _quiet_worker_processes():
-            tfx.orchestration.LocalDagRunner().run(create_pipeline(config, checked.rows))
+            local_runner = (
+                runner.ParallelDagRunner(config.steps_at_once)
+                if config.steps_at_once > 1
+                else tfx.orchestration.LocalDagRunner()
+            )
+            local_runner.run(create_pipeline(config, checked.rows))
     except Exception as error:  # a failed component: report it, then summarise what did run
         failure, blocked = _failure_reason(error)
         # A span blocked by validation is an expected outcome: its traceback goes to the log file only.

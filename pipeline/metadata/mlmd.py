@@ -36,6 +36,8 @@ class StepRecord:
     node_id: str
     state: str  # complete, cached, failed, running, ...
     seconds: float
+    started: float  # seconds since the epoch: when the execution was registered, and last updated (its end)
+    ended: float
     outputs: Dict[str, List[metadata_store_pb2.Artifact]]  # by output key
     inputs: Dict[str, List[metadata_store_pb2.Artifact]]  # by input key
 
@@ -189,11 +191,24 @@ class Store:
                 node_id=self.node_of(execution),
                 state=STATES.get(execution.last_known_state, "unknown"),
                 seconds=round((execution.last_update_time_since_epoch - execution.create_time_since_epoch) / 1000, 1),
+                started=execution.create_time_since_epoch / 1000,
+                ended=execution.last_update_time_since_epoch / 1000,
                 outputs=self.outputs(execution),
                 inputs=self.inputs(execution),
             )
             for execution in self.executions(run)
         ]
+
+
+def overlaps(steps: List[StepRecord], min_seconds: float = 0.5) -> List[Tuple[str, str, float]]:
+    """The pairs of steps that ran at the same time for at least `min_seconds`, with those seconds, longest first."""
+    pairs = []
+    for index, first in enumerate(steps):
+        for second in steps[index + 1 :]:
+            seconds = min(first.ended, second.ended) - max(first.started, second.started)
+            if seconds >= min_seconds:
+                pairs.append((first.node_id, second.node_id, round(seconds, 1)))
+    return sorted(pairs, key=lambda pair: -pair[2])
 
 
 def open_sqlite(path: str, read_only: bool = True) -> Store:

@@ -19,6 +19,13 @@ from pipeline.metadata import mlmd
 from pipeline.reports import slices
 
 
+def side_by_side(steps: List[mlmd.StepRecord]) -> str:
+    """The steps that ran at the same time (pipeline/runner.py) and for how long, as the summary and bench say it."""
+    return (
+        "; ".join(f"{first} and {second} {seconds:.1f} s" for first, second, seconds in mlmd.overlaps(steps)) or "none"
+    )
+
+
 def output_of(steps: List[mlmd.StepRecord], node_id: str, key: str) -> Optional[metadata_store_pb2.Artifact]:
     """The artifact a step of the run wrote under `key`, or None if it didn't run or wrote none."""
     for step in steps:
@@ -376,4 +383,5 @@ def summarize_run(
     lines.append("  seconds per component:")
     lines.extend(f"    {step.node_id:<32} {step.state:<9} {step.seconds:6.1f}" for step in steps)
     lines.append(f"    {'total':<32} {'':<9} {sum(step.seconds for step in steps):6.1f}")
+    lines.append(f"  side by side: {side_by_side(steps)}")
     return "\n".join(lines)

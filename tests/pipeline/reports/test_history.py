@@ -8,7 +8,7 @@ from pipeline.reports import history
 
 
 def step(node_id: str, state: str) -> mlmd.StepRecord:
-    return mlmd.StepRecord(node_id, state, 1.0, {}, {})
+    return mlmd.StepRecord(node_id, state, 1.0, 0.0, 1.0, {}, {})
 
 
 def finding(check: str, feature: str, blocking: bool) -> Finding:
