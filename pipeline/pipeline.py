@@ -26,6 +26,11 @@ TUNER_FN = "models.tuning.tuner_fn"
 TRAINER_MODULES = (RUN_FN.rpartition(".")[0], trainer_executor.__name__)
 # The server the InfraValidator starts (`babyweight serve`): its code is part of that step's cache key.
 SERVER_MODULES = ("serving.model_server.server", "serving.model_server.app")
+# Steps the local runner (pipeline/runner.py) runs with no other beside them: the Tuner and the Trainer seed the
+# whole process's random generators (the same data gives the same model), the InfraValidator times the server.
+RUN_ALONE = ("Tuner", "Trainer", "InfraValidator")
+# Steps it starts only once every step not downstream of them succeeded: a run that fails pushes nothing.
+AFTER_ALL = ("Pusher",)
 
 
 def schema_fingerprint(config: PipelineConfig) -> str:

@@ -4,15 +4,19 @@ TFX's LocalDagRunner launches one step at a time, in topological order. This run
 own Launcher (driver, caching, executor, publisher, lineage: unchanged), as soon as every step it depends on is
 done, up to `workers` at once, each in a thread of this process (the steps' heavy work, TensorFlow's, Beam's
 worker processes', scikit-learn's, leaves Python's lock). ML Metadata calls are serialised: one at a time,
-through one lock. A failed step stops its dependants only; the others run on, and the run then raises the
-failure, as LocalDagRunner does. Which steps overlapped, ML Metadata tells (`mlmd.overlaps`).
+through one lock. A step in `alone` runs with no other beside it (a timing it measures, a seed it sets for the
+whole process); a step in `after_all` starts only when every step not downstream of it has succeeded (a push
+publishes outside the pipeline: not in a run that fails). A failed step stops its dependants (and the
+`after_all` steps) only; the others run on, and the run then raises the failure, as LocalDagRunner does.
+Interrupted (Ctrl-C), it starts nothing more and the steps running finish. Which steps overlapped, ML Metadata
+tells (`mlmd.overlaps`).
 """
 
 import concurrent.futures
 import datetime
 import logging
 import threading
-from typing import Any, Dict, Optional, Set
+from typing import Any, Dict, Iterable, Optional, Set
 
 from tfx.dsl.compiler import constants
 from tfx.orchestration import metadata
@@ -49,6 +53,10 @@ class _SerialMetadata(metadata.Metadata):
             super().__enter__()
         return self
 
+    def __exit__(self, *args) -> None:
+        with _MLMD_LOCK:
+            super().__exit__(*args)
+
     @property
     def store(self) -> Any:
         return _SerialStore(super().store)
@@ -57,8 +65,10 @@ class _SerialMetadata(metadata.Metadata):
 class ParallelDagRunner(tfx_runner.IrBasedRunner):
     """Runs a pipeline locally, independent steps side by side (module docstring)."""
 
-    def __init__(self, workers: int = 2):
+    def __init__(self, workers: int = 2, alone: Iterable[str] = (), after_all: Iterable[str] = ()):
         self.workers = workers
+        self.alone = frozenset(alone)
+        self.after_all = frozenset(after_all)
 
     def run_with_ir(self, pipeline: pipeline_pb2.Pipeline, run_options: Optional[pipeline_pb2.RunOptions] = None):
         if run_options is not None:
@@ -88,19 +98,35 @@ class ParallelDagRunner(tfx_runner.IrBasedRunner):
             ).launch()
             logging.info("Component %s is finished.", node_id)
 
+        downstream = {node_id: set() for node_id in nodes}  # each step's dependants, direct or not
+        for node_id in reversed(order):
+            for upstream_id in set(nodes[node_id].upstream_nodes) & set(nodes):
+                downstream[upstream_id] |= {node_id} | downstream[node_id]
+        needs = {  # the steps each waits for: its upstream ones, and for an `after_all` step every other one
+            node_id: set(order) - downstream[node_id] - {node_id}
+            if node_id in self.after_all
+            else set(nodes[node_id].upstream_nodes) & set(nodes)
+            for node_id in order
+        }
         done: Set[str] = set()
-        stopped: Set[str] = set()  # failed, or downstream of a failure
+        stopped: Set[str] = set()  # failed, or waiting for a failed step
         failures: Dict[str, BaseException] = {}
         running: Dict[concurrent.futures.Future, str] = {}
-        with concurrent.futures.ThreadPoolExecutor(self.workers, thread_name_prefix="step") as pool:
+        pool = concurrent.futures.ThreadPoolExecutor(self.workers, thread_name_prefix="step")
+        try:
             while True:
                 for node_id in order:
-                    waiting = node_id not in done and node_id not in stopped and node_id not in running.values()
-                    upstream = set(nodes[node_id].upstream_nodes) & set(nodes)
-                    if waiting and upstream & stopped:
+                    if node_id in done or node_id in stopped or node_id in running.values():
+                        continue
+                    if needs[node_id] & stopped:
                         stopped.add(node_id)
-                        logging.info("Component %s is not run: a step it depends on failed.", node_id)
-                    elif waiting and upstream <= done and len(running) < self.workers:
+                        logging.info("Component %s is not run: a step it waits for failed.", node_id)
+                        continue
+                    if not needs[node_id] <= done:
+                        continue
+                    if node_id in self.alone and running:
+                        break  # it goes next, before any step after it
+                    if len(running) < self.workers and not set(running.values()) & self.alone:
                         running[pool.submit(launch, node_id)] = node_id
                 if not running:
                     break
@@ -112,5 +138,11 @@ class ParallelDagRunner(tfx_runner.IrBasedRunner):
                     else:
                         failures[node_id] = future.exception()
                         stopped.add(node_id)
+                        logging.error("Component %s failed", node_id, exc_info=future.exception())
+        except BaseException:
+            logging.error("Run interrupted: starting no more steps; %s finish first", ", ".join(running.values()))
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
+        pool.shutdown()
         if failures:
             raise failures[next(node_id for node_id in order if node_id in failures)]

@@ -19,7 +19,7 @@ from pipeline.components import csv_check
 from pipeline.components.validation import DataValidationError
 from pipeline.config import PipelineConfig
 from pipeline.metadata import mlmd
-from pipeline.pipeline import create_pipeline
+from pipeline.pipeline import AFTER_ALL, RUN_ALONE, create_pipeline
 from pipeline.reports import history, report, summary
 
 
@@ -186,7 +186,7 @@ def run_local(config: PipelineConfig) -> Outcome:
         # `babyweight metadata` tells a killed run from a live one by the marker
         with mlmd.runner_marker(config.metadata_path), _quiet_worker_processes():
             local_runner = (
-                runner.ParallelDagRunner(config.steps_at_once)
+                runner.ParallelDagRunner(config.steps_at_once, RUN_ALONE, AFTER_ALL)
                 if config.steps_at_once > 1
                 else tfx.orchestration.LocalDagRunner()
             )

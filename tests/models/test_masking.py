@@ -100,35 +100,57 @@ def test_masking_transformed_rows_is_transforming_masked_rows_on_the_real_export
         assert 0 < _share(drop) < 1 or presence.get(name) == 0.0, name
 
 
-def test_the_trainers_rows_are_the_transformed_rows_cached_or_not_masked_alike(real_export_run):
+def _flat(dataset, batches: int):
+    """The rows of a dataset's first batches: {feature: values}, the label and the weight as "label", "weight"."""
+    rows = {}
+    for features_, label, weight in dataset.take(batches):
+        for key, value in dict(features_, label=label, weight=weight).items():
+            rows.setdefault(key, []).append(value.numpy())
+    return {key: np.concatenate(values) for key, values in rows.items()}
+
+
+def test_the_trainers_rows_are_the_transformed_rows(real_export_run):
     _, result = real_export_run
     transform = tft.TFTransformOutput(result.steps["Transform"].outputs["transform_graph"][0].uri)
     pattern = result.steps["CsvExampleGen"].outputs["examples"][0].uri + "/Split-train/*"
-    plain, cached, masked, masked_cached = (
-        list(
-            model._input_fn(
-                [pattern], {pattern: 0.5}, transform, 512, shuffle=False, mask_rate=rate, seed=4, cache=cache
-            ).take(3)
-        )
-        for rate, cache in ((0.0, False), (0.0, True), (0.5, False), (0.5, True))
-    )
+    rows = _flat(model._input_fn([pattern], {pattern: 0.5}, transform, 512, shuffle=False), 1)
     raw_spec = signatures.raw_feature_spec(transform, with_label=True)
-    records = next(iter(model._records([pattern]).batch(512)))
-    parsed = tf.io.parse_example(records, raw_spec)
-    expected = transform.transform_features_layer()(
-        signatures.sparse_raw({name: dense_raw(value) for name, value in parsed.items()}, raw_spec)
-    )
-    rows, label, weight = plain[0]
-    np.testing.assert_array_equal(label.numpy(), tf.reshape(expected[features.label_key()], [-1]).numpy())
-    np.testing.assert_array_equal(  # the span's recency weight, 0 where a row has no label
-        weight.numpy(), 0.5 * tf.reshape(expected[features.label_weight_key()], [-1]).numpy()
-    )
-    assert set(rows) == set(expected) - {features.label_key(), features.label_weight_key()}
+    parsed = tf.io.parse_example(next(iter(model._records([pattern]).batch(512))), raw_spec)
+    expected = {
+        key: tf.reshape(value, [-1]).numpy()
+        for key, value in transform.transform_features_layer()(
+            signatures.sparse_raw({name: dense_raw(value) for name, value in parsed.items()}, raw_spec)
+        ).items()
+    }
+    np.testing.assert_array_equal(rows.pop("label"), expected.pop(features.label_key()))
+    # The span's recency weight, 0 where a row has no label.
+    np.testing.assert_array_equal(rows.pop("weight"), 0.5 * expected.pop(features.label_weight_key()))
+    assert set(rows) == set(expected)
     for key, value in rows.items():  # tf.data's graph rounds a z-score's last bit differently from eager calls
-        np.testing.assert_allclose(value.numpy(), tf.reshape(expected[key], [-1]).numpy(), rtol=1e-6, err_msg=key)
-    for first, second in ((plain, cached), (masked, masked_cached)):
-        for one, other in zip(first, second):
-            for key in one[0]:
-                np.testing.assert_array_equal(one[0][key].numpy(), other[0][key].numpy(), err_msg=key)
-    missing = features.missing_key(features.BY_NAME["father_age"])
-    assert masked[0][0][missing].numpy().sum() > plain[0][0][missing].numpy().sum()  # the masking ran
+        np.testing.assert_allclose(value, expected[key], rtol=1e-6, err_msg=key)
+
+
+def test_each_pass_over_the_rows_masks_them_afresh_cached_or_not_and_whatever_the_batch_size(real_export_run):
+    _, result = real_export_run
+    transform = tft.TFTransformOutput(result.steps["Transform"].outputs["transform_graph"][0].uri)
+    pattern = result.steps["CsvExampleGen"].outputs["examples"][0].uri + "/Split-train/*"
+    rows = model._count_records([pattern])
+
+    def two_passes(batch_size: int, cache: bool):
+        dataset = model._input_fn(
+            [pattern], {pattern: 1.0}, transform, batch_size, False, 0.5, seed=4, repeat=True, cache=cache
+        )
+        return _flat(dataset, -(-2 * rows // batch_size))
+
+    cached, streamed, small = two_passes(512, True), two_passes(512, False), two_passes(128, True)
+    for other in (streamed, small):  # the same rows lose the same values: cached or not, whatever the batch size
+        for key, value in cached.items():
+            np.testing.assert_array_equal(value[: 2 * rows], other[key][: 2 * rows], err_msg=key)
+    # Each row once a pass, in order; masked afresh in the second pass.
+    np.testing.assert_array_equal(cached["label"][:rows], cached["label"][rows : 2 * rows])
+    gone = cached[features.missing_key(features.BY_NAME["father_age"])]
+    first, second = gone[:rows], gone[rows : 2 * rows]
+    assert 0.1 < first.mean() < 0.6 and (first != second).mean() > 0.1
+    ages = cached[features.transformed_name("father_age")]
+    kept = (first == 0) & (second == 0)
+    np.testing.assert_array_equal(ages[:rows][kept], ages[rows : 2 * rows][kept])
