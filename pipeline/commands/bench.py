@@ -21,7 +21,6 @@ from typing import Any, Dict, List, Optional
 import babyweight_cli
 from pipeline import config as config_lib
 from pipeline.metadata import mlmd
-from pipeline.reports import summary
 
 # The rows each step reads, by split of the new span ("all": both); steps not listed move no rows.
 STEP_ROWS = {
@@ -112,6 +111,7 @@ def main() -> None:
     babyweight_cli.install_quiet_tensorflow()
     from data import generator
     from pipeline.commands import run as run_lib
+    from pipeline.reports import summary  # imports TensorFlow: after its quiet import is in place
 
     output_dir = config_lib.load_config().output_dir
     log_path = pathlib.Path(output_dir) / "bench.log"

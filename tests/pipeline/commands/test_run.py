@@ -11,7 +11,7 @@ from pipeline.components.validation import DataValidationError
 
 
 class _FailingRunner:
-    """LocalDagRunner as it fails: TFX wraps the component's exception in its own."""
+    """The local runner as it fails: TFX's launcher wraps the component's exception in its own."""
 
     def __init__(self, error: BaseException):
         self.error = error
@@ -32,7 +32,7 @@ def logged(tmp_path):
 
 def _run(monkeypatch, capsys, log_path: pathlib.Path, error: BaseException):
     config = config_lib.load_config(overrides={"output_dir": str(log_path.parent / "out")})
-    monkeypatch.setattr(run_lib.tfx.orchestration, "LocalDagRunner", lambda: _FailingRunner(error))
+    monkeypatch.setattr(run_lib.runner, "ParallelDagRunner", lambda *args: _FailingRunner(error))
     run_lib.setup_logging(log_path)
     outcome = run_lib.run_local(config)
     logging.getLogger().handlers[0].flush()
@@ -100,7 +100,7 @@ def test_unusable_unlabelled_rows_skip_the_bulk_inferrer_not_the_run(monkeypatch
             built.append({component.id for component in pipeline.components})
             raise RuntimeError("stopped here")
 
-    monkeypatch.setattr(run_lib.tfx.orchestration, "LocalDagRunner", Capturing)
+    monkeypatch.setattr(run_lib.runner, "ParallelDagRunner", lambda *args: Capturing())
     run_lib.run_local(config)
     path.write_text("mother_age,gestation_weeks\n30,39\n31,\n")  # fixed: the step is back
     assert run_lib.unusable_unlabelled_rows(config) == ""
