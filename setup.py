@@ -42,6 +42,8 @@ setuptools.setup(
         "scikit-learn",  # the reference trees beside every model (pipeline/components/baseline.py)
         "psutil",  # the served candidate's memory (pipeline/components/infra_validator.py)
         "matplotlib",  # the plots of the run reports and the history page (pipeline/reports/plots.py)
+        "urllib3",  # `babyweight predict --url`: kept-alive connections, retries (serving/clients/client.py)
+        "tqdm",  # its progress bar on a terminal
         "pillow",  # the README's screenshot of a report, reduced to a few colours (pipeline/reports/browser.py)
         # TensorFlow Lite's interpreter alone, as a device runs the TFLite models (serving/clients/device.py): the
         # pipeline checks them with it (pipeline/components/tflite_export.py), `babyweight predict --tflite` runs them
