@@ -76,3 +76,10 @@ def test_cloud_build_config_builds_the_serving_dockerfile():
     cloud_page = (config_lib.PROJECT_ROOT / "docs" / "cloud.md").read_text()
     assert "gcloud builds submit --config serving/cloudbuild.yaml" in cloud_page
     assert "BABYWEIGHT_SERVING_IMAGE=" in cloud_page
+
+
+def test_serving_image_serves_tf_servings_two_ports():
+    """REST on 8501 and gRPC on 8500, as TF Serving's image: both exposed, both flags in the command."""
+    assert re.search(r"^EXPOSE 8500 8501$", SERVING_DOCKERFILE, re.M)
+    command = SERVING_DOCKERFILE[SERVING_DOCKERFILE.index("CMD [") :]
+    assert '"--port", "8501"' in command and '"--grpc-port", "8500"' in command

@@ -283,6 +283,8 @@ class Server:
             "127.0.0.1",
             "--port",
             str(self.port),
+            "--grpc-port",
+            "0",  # REST is what it validates; the gRPC port would be shared with a server already running
             "--workers",
             "1",
             "--log-dir",

@@ -78,6 +78,8 @@ def server_rate(models: str, records: list, count: int, work: pathlib.Path) -> D
         str(work / "logs"),
         "--port",
         str(port),
+        "--grpc-port",
+        "0",
     ]
     with bench._server(command, port, {}, work / "server.log", bench.PATH):
         connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)

@@ -366,7 +366,7 @@ def run(args: argparse.Namespace) -> List[Dict[str, Any]]:
         bodies.write_text("\n".join(server_bench.peaked_bodies(data_dir, 5_000, seed=3)) + "\n")
         port = server_bench._free_port()
         command = [sys.executable, "-m", "babyweight_cli", "serve", "--model-dir", str(models), "--log-dir", str(logs)]
-        command += ["--workers", str(args.workers), "--poll-seconds", "0.5", "--port", str(port)]
+        command += ["--workers", str(args.workers), "--poll-seconds", "0.5", "--port", str(port), "--grpc-port", "0"]
         results = []
         with server_bench._server(command, port, {}, work / "server.log", PATH) as (url, pid):
             scenarios = {

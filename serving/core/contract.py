@@ -126,14 +126,7 @@ def check_instance(index: int, instance: Any) -> features.InstanceKey:
 
 
 def _example(index: int, instance: Any) -> Dict[str, Any]:
-    """The model's features of a serialized tf.Example ({"b64": ...} or {"examples": {"b64": ...}}).
-
-    Read in Python, so the example is checked, cached, batched and logged as named features are; the model's
-    serving_raw answers it, which applies the same transform as serving_default (tests check they agree).
-    Features the model doesn't take are ignored, as serving_default's parsing ignores them.
-    """
-    from tensorflow.core.example import example_pb2  # only for this format: the client doesn't need TensorFlow
-
+    """The model's features of a serialized tf.Example in JSON ({"b64": ...} or {"examples": {"b64": ...}})."""
     if isinstance(instance, dict) and set(instance) == {"examples"}:
         instance = instance["examples"]
     if not (isinstance(instance, dict) and set(instance) == {"b64"} and isinstance(instance["b64"], str)):
@@ -142,11 +135,26 @@ def _example(index: int, instance: Any) -> Dict[str, Any]:
             '{"b64": "..."}; send named features with "signature_name": "serving_raw"'
         )
     try:
-        example = example_pb2.Example.FromString(base64.b64decode(instance["b64"], validate=True))
+        serialized = base64.b64decode(instance["b64"], validate=True)
     except (binascii.Error, ValueError):
         raise RequestError(f"instance {index}: 'b64' is not base64") from None
-    except Exception:  # protobuf's DecodeError
-        raise RequestError(f"instance {index}: 'b64' is not a serialized tf.Example") from None
+    return example_values(index, serialized, "'b64'")
+
+
+def example_values(index: int, example: Any, source: str = "the value") -> Dict[str, Any]:
+    """The model's features of a tf.Example (the message, or it serialized), as lists of values.
+
+    Read in Python, so the example is checked, cached, batched and logged as named features are; the model's
+    serving_raw answers it, which applies the same transform as serving_default (tests check they agree).
+    Features the model doesn't take are ignored, as serving_default's parsing ignores them.
+    """
+    if isinstance(example, bytes):
+        from tensorflow.core.example import example_pb2  # only for examples: the client doesn't need TensorFlow
+
+        try:
+            example = example_pb2.Example.FromString(example)
+        except Exception:  # protobuf's DecodeError
+            raise RequestError(f"instance {index}: {source} is not a serialized tf.Example") from None
     values = {}
     for name, feature in example.features.feature.items():
         if name not in _KINDS:
@@ -177,11 +185,11 @@ def _columns_to_rows(inputs: Any, max_instances: int) -> List[Any]:
             f"'inputs': every feature needs a list of one value per instance, got lengths {shown(lengths)}"
         )
     count = next(iter(lengths.values()))
-    _check_count(count, max_instances)
+    check_count(count, max_instances)
     return [{name: values[index] for name, values in inputs.items()} for index in range(count)]
 
 
-def _check_count(count: int, max_instances: int) -> None:
+def check_count(count: int, max_instances: int) -> None:
     if count > max_instances:
         raise RequestError(f"{count} instances in one request; the server takes at most {max_instances}", 413)
 
@@ -200,7 +208,7 @@ def parse_predict(body: bytes, max_instances: int, signature: Optional[str] = No
     rows = _columns_to_rows(payload["inputs"], max_instances) if columnar else payload["instances"]
     if not isinstance(rows, list) or not rows:
         raise RequestError("'instances' must be a non-empty list")
-    return _request(rows, payload.get("signature_name", signature), columnar, max_instances)
+    return checked(rows, payload.get("signature_name", signature), columnar, max_instances)
 
 
 def parse_regress(body: bytes, max_instances: int) -> Request:
@@ -215,11 +223,12 @@ def parse_regress(body: bytes, max_instances: int) -> Request:
     if not isinstance(context, dict):
         raise RequestError("'context' must be an object of feature values shared by every example")
     rows = [{**context, **example} if isinstance(example, dict) else example for example in payload["examples"]]
-    return _request(rows, RAW_SIGNATURE, False, max_instances)
+    return checked(rows, RAW_SIGNATURE, False, max_instances)
 
 
-def _request(rows: Sequence[Any], signature: Optional[str], columnar: bool, max_instances: int) -> Request:
-    _check_count(len(rows), max_instances)
+def checked(rows: Sequence[Any], signature: Optional[str], columnar: bool, max_instances: int) -> Request:
+    """A request of rows (named features, or tf.Examples as {"b64": ...} for serving_default), each checked."""
+    check_count(len(rows), max_instances)
     if signature is None:  # TF Serving's default is serving_default; named features mean serving_raw
         is_example = isinstance(rows[0], dict) and set(rows[0]) in ({"b64"}, {"examples"})
         signature = EXAMPLES_SIGNATURE if is_example else RAW_SIGNATURE

@@ -30,6 +30,7 @@ from serving.core import loader
 from serving.model_server.settings import ServerSettings
 
 LOADING, AVAILABLE, UNLOADING, END = "LOADING", "AVAILABLE", "UNLOADING", "END"
+STATES = (LOADING, AVAILABLE, UNLOADING, END)
 MAX_BACKOFF_SECONDS = 30.0
 MAX_LOAD_RETRIES = 5  # a version that failed to load is tried again this many times, files changed or not
 LOAD_RETRY_SECONDS = 2.0  # the first retry's wait; it doubles for each, up to MAX_BACKOFF_SECONDS

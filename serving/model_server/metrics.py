@@ -9,9 +9,12 @@ memory files in multiprocess mode, a few microseconds a write) every FLUSH_SECON
 import bisect
 import collections
 import os
-from typing import Callable, Dict, List, Mapping, Optional, Tuple
+import resource
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest, multiprocess
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
+
+from serving.core import manager as manager_lib
 
 LATENCY_BUCKETS = (0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
@@ -95,6 +98,37 @@ class Metrics:
             ["version"],
             registry=self.registry,
         )
+        # Gauges: each worker process's own (a pid label in multiprocess mode); each worker loads its own copies.
+        self.version_state = Gauge(
+            "babyweight_model_version_state",
+            "1 for each version's state in this worker (TF Serving's states: LOADING, AVAILABLE, UNLOADING, END); "
+            "0 for the others.",
+            ["version", "state"],
+            registry=self.registry,
+            multiprocess_mode="liveall",
+        )
+        self.load_seconds = Gauge(
+            "babyweight_model_load_seconds",
+            "Time the version took to load, check, warm up and fill its table in this worker.",
+            ["version"],
+            registry=self.registry,
+            multiprocess_mode="liveall",
+        )
+        self.memory = Gauge(
+            "babyweight_process_resident_memory_bytes",
+            "The worker process's resident memory.",
+            registry=self.registry,
+            multiprocess_mode="liveall",
+        )
+        self.cpu = Gauge(
+            "babyweight_process_cpu_seconds",
+            "CPU time the worker process used since it started (user and system).",
+            registry=self.registry,
+            multiprocess_mode="liveall",
+        )
+        self._manager: Any = None
+        self._versions_shown: set = set()  # versions with series in the state gauge
+        self._loaded_shown: set = set()  # versions with a series in the load time gauge
         self._counts: Dict[Tuple, float] = collections.defaultdict(float)  # (counter, labels...) -> increment
         self._histograms: Dict[Tuple, _PendingHistogram] = {}
 
@@ -121,6 +155,35 @@ class Metrics:
     def watch_request_log(self, counts: Callable[[], Tuple[Mapping[str, int], int]]) -> None:
         """Each flush adds what `counts` (RequestLog.counts: dropped records by reason, errors) grew by."""
         self._request_log_counts = counts
+
+    def watch_versions(self, manager: Any) -> None:
+        """Each flush shows the manager's versions: their states and load times (a version gone from the folder
+        leaves the gauges, so they hold as many series as the folder has versions)."""
+        self._manager = manager
+
+    def _flush_process(self) -> None:
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        self.cpu.set(usage.ru_utime + usage.ru_stime)
+        try:
+            with open("/proc/self/statm") as handle:
+                self.memory.set(int(handle.read().split()[1]) * resource.getpagesize())
+        except (OSError, ValueError, IndexError):  # not Linux: the peak instead
+            self.memory.set(usage.ru_maxrss * 1024)
+        if self._manager is None:
+            return
+        states = dict(self._manager.states)  # the poll thread replaces entries
+        available = self._manager.available
+        for version, state in states.items():
+            for name in manager_lib.STATES:
+                self.version_state.labels(str(version), name).set(1.0 if name == state.state else 0.0)
+        for version, loaded in available.items():
+            self.load_seconds.labels(str(version)).set(loaded.seconds_to_load)
+        for version in self._versions_shown - {str(v) for v in states}:
+            for name in manager_lib.STATES:
+                self.version_state.remove(version, name)
+        for version in self._loaded_shown - {str(v) for v in available}:
+            self.load_seconds.remove(version)
+        self._versions_shown, self._loaded_shown = {str(v) for v in states}, {str(v) for v in available}
 
     def _flush_request_log(self) -> None:
         if self._request_log_counts is None:
@@ -149,6 +212,7 @@ class Metrics:
     def flush(self) -> None:
         """Moves what requests added into prometheus_client's values (call it from the thread that adds)."""
         self._flush_request_log()
+        self._flush_process()
         counts, self._counts = self._counts, collections.defaultdict(float)
         histograms, self._histograms = self._histograms, {}
         for (metric, *labels), amount in counts.items():

@@ -10,11 +10,14 @@ import os
 import pathlib
 import re
 import shutil
+import socket
 import sys
 import tempfile
 from typing import List, Optional
 
+from serving.model_server import logs
 from serving.model_server import settings as settings_lib
+from serving.model_server.settings import SettingsError
 
 APP_FACTORY = "serving.model_server.app:app_from_environment"
 METRICS_PREFIX = "babyweight-metrics-"
@@ -49,6 +52,17 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def check_port_free(host: str, port: int) -> None:
+    """SettingsError if another process listens on the gRPC port. The workers bind it with SO_REUSEPORT (each
+    takes its share of the connections): a second server would share it silently, so it is tried alone first."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        try:
+            probe.bind((host, port))
+        except OSError as error:
+            raise SettingsError(f"--grpc-port {port}: can't listen on {host}:{port} ({error.strerror})") from None
+
+
 def run(settings: settings_lib.ServerSettings) -> None:
     """Starts uvicorn with the settings' workers; returns when it is stopped (Ctrl-C, SIGTERM)."""
     import uvicorn
@@ -56,8 +70,9 @@ def run(settings: settings_lib.ServerSettings) -> None:
     from serving.model_server.protocol import LimitedHttpToolsProtocol
 
     settings_lib.feedback_token(settings)  # a token that can't be read stops the start, not each worker
-
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(process)d %(levelname)s %(message)s")
+    logs.configure(settings)
+    if settings.grpc_port:
+        check_port_free(settings.host, settings.grpc_port)
     workers = settings.workers or settings_lib.usable_cpus()
     # A folder of our own for the workers' counters (an earlier server's would add up with ours), made inside
     # --metrics-dir where given: only it is removed at exit, never the folder given or anything else in it.
@@ -70,12 +85,13 @@ def run(settings: settings_lib.ServerSettings) -> None:
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
     os.environ[settings_lib.ENV_SETTINGS] = settings_lib.to_environment(settings)
     logging.info(
-        "serving %s as %r on http://%s:%d/v1/models/%s (%d worker process(es))",
+        "serving %s as %r on http://%s:%d/v1/models/%s%s (%d worker process(es))",
         settings.model_dir or "the profile's serving_model folder",
         settings.model_name,
         settings.host,
         settings.port,
         settings.model_name,
+        f" and gRPC {settings.host}:{settings.grpc_port}" if settings.grpc_port else "",
         workers,
     )
     try:
@@ -100,7 +116,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     """`babyweight serve [--flags]`: see --help for every setting."""
     try:
         run(settings_lib.parse(argv))
-    except settings_lib.SettingsError as error:
+    except SettingsError as error:
         print(f"babyweight serve: {error}", file=sys.stderr)
         return 2
     return 0

@@ -27,6 +27,8 @@ class ServerSettings:
     model_config_file: str = ""  # TF Serving's model_config_list (version policy, labels); re-read when it changes
     host: str = "127.0.0.1"  # 0.0.0.0 to take requests from other machines (the serving image does)
     port: int = 8501  # TF Serving's REST port
+    grpc_port: int = 8500  # TF Serving's gRPC port (PredictionService, ModelService); 0 = no gRPC
+    log_format: str = "text"  # the server's log lines: text, or json (one object a line, as Cloud Logging reads)
     workers: int = 0  # server processes, each with its own model copy, batcher and cache; 0 = one per usable CPU
     poll_seconds: float = 1.0  # how often the model folder (and the config file) is looked at for new versions
     max_batch_size: int = 256  # instances per model call, concurrent requests together
@@ -149,8 +151,8 @@ def with_vertex_environment(settings: ServerSettings, environ: Optional[Mapping[
         )
         if environ.get(variable)
     }
-    if environ.get("AIP_HTTP_PORT"):
-        changes.update(port=int(environ["AIP_HTTP_PORT"]), host="0.0.0.0")
+    if environ.get("AIP_HTTP_PORT"):  # on Vertex AI: Cloud Logging reads each line's JSON (severity, request id)
+        changes.update(port=int(environ["AIP_HTTP_PORT"]), host="0.0.0.0", log_format="json")
     return dataclasses.replace(settings, **changes)
 
 
@@ -180,6 +182,10 @@ def parse(argv: Optional[List[str]] = None, prog: str = "babyweight serve") -> S
     parser = argparse.ArgumentParser(prog=prog)
     add_flags(parser)
     settings = from_args(parser.parse_args(argv))
+    if settings.log_format not in ("text", "json"):
+        parser.error(f"--log-format must be text or json, not {settings.log_format!r}")
+    if not 0 <= settings.grpc_port <= 65535:
+        parser.error(f"--grpc-port must be a port number (0 = no gRPC), not {settings.grpc_port}")
     for name in POSITIVE:
         if getattr(settings, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1, not {getattr(settings, name)}")

@@ -63,6 +63,8 @@ def running_server(
         "0.2",
         "--workers",
         "1",
+        "--grpc-port",
+        "0",  # a test that calls gRPC gives a free port in `flags` (the last flag wins)
         *flags,
     ]
     command = (

@@ -114,15 +114,15 @@ def test_every_numeric_feature_has_its_domain_from_the_schema_and_its_unknown_co
 def test_columns_are_counted_before_they_become_rows():
     """A 1 MiB body of columns once became ~100 MB of rows before the limit was checked."""
     calls = []
-    original = contract._check_count
-    contract._check_count = lambda count, limit: (calls.append(count), original(count, limit))
+    original = contract.check_count
+    contract.check_count = lambda count, limit: (calls.append(count), original(count, limit))
     try:
         with pytest.raises(contract.RequestError, match="100000 instances in one request") as big:
             contract.parse_predict(
                 body({"inputs": {"mother_age": [30] * 100_000, "gestation_weeks": [39] * 100_000}}), 10
             )
     finally:
-        contract._check_count = original
+        contract.check_count = original
     assert big.value.status == 413 and calls == [100_000]
 
 

@@ -10,7 +10,7 @@ import time
 import pytest
 
 from serving.core import manager
-from serving.model_server import settings
+from serving.model_server import service, settings
 from tests.serving import toy_model
 from tests.serving.conftest import call, running_server
 from tests.serving.model_server.test_server import LABELS_CONFIG
@@ -132,18 +132,17 @@ def test_the_policy_and_labels_follow_the_config_file(tmp_path):
 
 
 def test_pushed_versions_leave_nothing_frozen_behind(tmp_path):
-    """After a poll that loaded or unloaded, the server collects and freezes what is live (app._settle_memory), once
+    """After a poll that loaded or unloaded, the server collects and freezes what is live (service.settle_memory), once
     a push (one full collection's pause, not one for the load and one for the unload). A version that left is
     garbage in reference cycles (its SavedModel's graphs): frozen, it would never be freed (about 2,200 objects a
     push of this toy model, 54 MiB a push of the real one)."""
-    from serving.model_server import app
 
     models = tmp_path / "models"
     settled = []
     versions = manager.Manager(
         settings.ServerSettings(model_dir=str(models)),
         str(models),
-        on_change=lambda: (settled.append(1), app._settle_memory()),
+        on_change=lambda: (settled.append(1), service.settle_memory()),
     )
     frozen = []
     try:

@@ -494,3 +494,44 @@ def test_the_simulate_command_replays_real_rows_through_served_versions(
     assert set(lines) == {"thompson", "split 50%/50%", "always 1"}, printed
     assert float(lines["thompson"][-1]) >= 0.9 and float(lines["always 1"][-1]) == 0.0  # version 2 is nearer
     assert float(lines["thompson"][-2]) < 0.5 * float(lines["split 50%/50%"][-2])
+
+
+def test_grpc_calls_are_routed_recorded_and_joined_as_rest_requests_are(toy_versions, tmp_path):
+    """A split over gRPC: each call answered by its arm's version (x-experiment-arm in the trailing metadata), its
+    x-request-id recorded so that feedback joins it, and a reused id refused (ALREADY_EXISTS), as over REST."""
+    import grpc
+    from tensorflow_serving.apis import prediction_service_pb2_grpc
+
+    from tests.serving.conftest import free_port
+    from tests.serving.model_server.test_grpc import predict_request
+
+    exp = _experiment_file(tmp_path, policy="split", split=[0.5, 0.5])
+    port = free_port()
+    flags = ("--model-config-file", str(_models_config(tmp_path, toy_versions)), "--experiment-file", str(exp))
+    with running_server(
+        toy_versions, tmp_path / "logs", *flags, "--grpc-port", str(port), available=2, env=WITH_TOKEN
+    ) as url:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
+            arms = {}
+            for number in range(30):
+                response, done = stub.Predict.with_call(
+                    predict_request([MEDIUM]), metadata=[("x-request-id", f"g{number}")], timeout=30
+                )
+                trailing = dict(done.trailing_metadata())
+                version = {"stable": 1, "canary": 2}[trailing["x-experiment-arm"]]
+                assert response.model_spec.version.value == version
+                assert response.outputs["predictions"].float_val[0] == pytest.approx(
+                    toy_model.expected(MEDIUM, version)
+                )
+                arms[trailing["x-experiment-arm"]] = True
+            with pytest.raises(grpc.RpcError) as reused:
+                stub.Predict(predict_request([MEDIUM]), metadata=[("x-request-id", "g0")], timeout=30)
+        status, _, result = call(
+            url + "/v1/models/babyweight:feedback",
+            {"feedback": [{"request_id": "g1", "weight_pounds": 7.0}]},
+            AUTHORIZED,
+        )
+    assert set(arms) == {"stable", "canary"}
+    assert reused.value.code() == grpc.StatusCode.ALREADY_EXISTS and "'g0' was used" in reused.value.details()
+    assert status == 200 and result["accepted"] == 1

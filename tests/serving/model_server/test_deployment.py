@@ -144,3 +144,25 @@ def test_the_readmes_commands_make_serve_then_babyweight_predict(toy_versions, t
     results = list(csv.DictReader(output.open()))
     assert len(results) == 20_000 and "predicted by version(s) 2" in done.stderr
     assert sum(1 for r in results if r["prediction"]) > 19_000
+
+
+def test_on_vertex_the_log_lines_are_json_with_severity_and_request_id(toy_versions, tmp_path, capsys):
+    """Cloud Logging reads a JSON line's severity and fields: the server writes them where AIP_* variables are set,
+    a line about a request with its request_id."""
+    import json
+    import logging
+
+    from serving.model_server import logs, settings
+
+    port = free_port()
+    env = {"AIP_HTTP_PORT": str(port), "AIP_STORAGE_URI": str(toy_versions / "1")}
+    with running_server(tmp_path / "ignored", tmp_path / "logs", env=env) as url:
+        assert call(url + "/v1/models/babyweight")[0] == 200
+    lines = (tmp_path / f"server-{port}.log").read_text().splitlines()
+    records = [json.loads(line) for line in lines if line.startswith("{")]
+    assert any(r["severity"] == "INFO" and "version 1 is available" in r["message"] for r in records), lines
+    assert not [line for line in lines if " INFO version " in line], "a text line where JSON was due"
+    logs.configure(settings.ServerSettings(log_format="json"))
+    logging.getLogger().error("request %s failed", "abc", extra={"request_id": "abc"})
+    record = json.loads(capsys.readouterr().err.strip().splitlines()[-1])
+    assert record["severity"] == "ERROR" and record["request_id"] == "abc" and record["message"] == "request abc failed"
