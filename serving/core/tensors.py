@@ -27,16 +27,18 @@ _CONTENT = {
 _NUMBERS = (types_pb2.DT_FLOAT, types_pb2.DT_DOUBLE, types_pb2.DT_INT32, types_pb2.DT_INT64)
 _TEXTS = (types_pb2.DT_STRING, types_pb2.DT_BOOL)
 _TEXT_FEATURES = frozenset(c.name for c in features.FEATURES if c.dtype == "string")
+_FEATURE_SET = frozenset(features.FEATURE_NAMES)
 
 
 def _count(name: str, tensor: tensor_pb2.TensorProto) -> int:
     """The instances in a tensor of shape [n] or [n, 1]."""
-    dims = [dim.size for dim in tensor.tensor_shape.dim]
-    if len(dims) not in (1, 2) or (len(dims) == 2 and dims[1] != 1) or dims[0] < 1:
+    dims = tensor.tensor_shape.dim
+    if len(dims) not in (1, 2) or (len(dims) == 2 and dims[1].size != 1) or dims[0].size < 1:
+        dims = [dim.size for dim in dims]
         raise contract.RequestError(
             f"input {contract.shown(name)}: shape {dims}; expected [n] or [n, 1], one value per instance"
         )
-    return dims[0]
+    return dims[0].size
 
 
 def _values(name: str, tensor: tensor_pb2.TensorProto, count: int) -> List[Any]:
@@ -77,10 +79,11 @@ def predict_request(inputs: Mapping[str, tensor_pb2.TensorProto], signature: str
         )
     if not inputs:
         raise contract.RequestError(f"no inputs: {lite.SIGNATURE} takes one tensor per feature")
+    given = list(inputs.items())  # a protobuf map's items, once: its iteration costs more than the checks
     counts = {}
-    for name, tensor in inputs.items():
+    for name, tensor in given:
         kinds = _TEXTS if name in _TEXT_FEATURES else _NUMBERS
-        if name not in features.FEATURE_NAMES:
+        if name not in _FEATURE_SET:
             raise contract.RequestError(
                 f"unknown input {contract.shown(name)} (the model takes: {', '.join(features.FEATURE_NAMES)})"
             )
@@ -90,10 +93,10 @@ def predict_request(inputs: Mapping[str, tensor_pb2.TensorProto], signature: str
         counts[name] = _count(name, tensor)
     if len(set(counts.values())) != 1:
         raise contract.RequestError(f"every input needs one value per instance, got {contract.shown(counts)}")
-    count = next(iter(counts.values()))
+    count = counts[given[0][0]]
     contract.check_count(count, max_instances)
     rows: List[Dict[str, Any]] = [{} for _ in range(count)]
-    for name, tensor in inputs.items():
+    for name, tensor in given:
         for index, value in enumerate(_values(name, tensor, count)):
             if value.__class__ is bytes:
                 if not value:
