@@ -26,7 +26,7 @@ from google.protobuf import text_format
 from tensorflow_serving.config import model_server_config_pb2
 
 from models import features
-from serving.core import loader
+from serving.core import contract, loader
 from serving.model_server.settings import ServerSettings
 
 LOADING, AVAILABLE, UNLOADING, END = "LOADING", "AVAILABLE", "UNLOADING", "END"
@@ -175,7 +175,7 @@ class Manager:
             labels = dict(self.config.labels)
             if label not in labels:
                 raise NotFound(
-                    f"model {self.config.name!r} has no label {label!r}"
+                    f"model {self.config.name!r} has no label {contract.shown(label)}"
                     + (f" (labels: {', '.join(sorted(labels))})" if labels else "")
                 )
             version = labels[label]
@@ -232,7 +232,7 @@ class Manager:
         if label is not None:
             labels = dict(self.config.labels)
             if label not in labels:
-                raise NotFound(f"model {self.config.name!r} has no label {label!r}")
+                raise NotFound(f"model {self.config.name!r} has no label {contract.shown(label)}")
             return labels[label]
         return version
 

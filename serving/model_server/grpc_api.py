@@ -37,6 +37,10 @@ from serving.model_server import service as service_lib
 
 STOP_GRACE_SECONDS = 5.0  # calls in flight when the server stops get this long to finish
 IDLE_CONNECTION_MS = 5 * 60 * 1000  # a connection with no call for this long is closed
+# Every connection is closed after this long (with gRPC's jitter; clients reconnect by themselves), its calls given
+# CONNECTION_GRACE_MS to finish: a call whose message never comes holds its place at most that long.
+CONNECTION_AGE_MS = 10 * 60 * 1000
+CONNECTION_GRACE_MS = 30 * 1000
 PREDICTIONS = tensors.lite.PREDICTIONS
 # The gRPC code TF Serving gives for each refusal (by the HTTP status the REST routes answer it with).
 CODES = {
@@ -235,7 +239,8 @@ async def start(service: service_lib.Service) -> grpc.aio.Server:
     (SO_REUSEPORT: the kernel spreads connections over them); `babyweight serve` checked first that no other
     process holds it. Limits: a message of at most --max-body-bytes (RESOURCE_EXHAUSTED beyond), at most
     --max-connections calls at once per worker (RESOURCE_EXHAUSTED beyond), metadata of at most
-    protocol.MAX_HEAD_BYTES, idle connections closed after IDLE_CONNECTION_MS."""
+    protocol.MAX_HEAD_BYTES, idle connections closed after IDLE_CONNECTION_MS and every one after CONNECTION_AGE_MS
+    (a client that starts calls and never sends their messages holds their places that long at most)."""
     settings = service.settings
     server = grpc.aio.server(
         options=[
@@ -243,6 +248,8 @@ async def start(service: service_lib.Service) -> grpc.aio.Server:
             ("grpc.max_receive_message_length", settings.max_body_bytes),
             ("grpc.max_metadata_size", protocol.MAX_HEAD_BYTES),
             ("grpc.max_connection_idle_ms", IDLE_CONNECTION_MS),
+            ("grpc.max_connection_age_ms", CONNECTION_AGE_MS),
+            ("grpc.max_connection_age_grace_ms", CONNECTION_GRACE_MS),
         ],
         maximum_concurrent_rpcs=settings.max_connections,
     )
