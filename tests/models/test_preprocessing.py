@@ -229,3 +229,68 @@ def test_the_transform_converts_to_tflite_builtin_ops_and_maps_every_value_as_te
     # Unseen text ("maybe"), "" and no value all take the shared last id, on the device as in TensorFlow.
     assert got[features.transformed_name("is_male")].tolist() == [0, features.VOCABULARY_SIZE, features.VOCABULARY_SIZE]
     assert got[features.transformed_name("mother_married")].tolist()[1:] == [features.VOCABULARY_SIZE] * 2
+
+
+@pytest.fixture(scope="module")
+def transform_output(tmp_path_factory):
+    """The transform graph of ROWS, written as the pipeline's Transform writes it."""
+    import apache_beam as beam
+    import tensorflow_transform as tft
+
+    folder = tmp_path_factory.mktemp("transform")
+    spec = schema_utils.schema_as_feature_spec(load_schema(config_lib.load_config())).feature_spec
+    metadata = dataset_metadata.DatasetMetadata(
+        schema_utils.schema_from_feature_spec({name: spec[name] for name in USED})
+    )
+    rows = [
+        {k: np.array(v, dtype=np.object_ if v and isinstance(v[0], bytes) else None) for k, v in row.items()}
+        for row in ROWS
+    ]
+    with beam.Pipeline() as pipeline, tft_beam.Context(temp_dir=str(folder / "tmp"), force_tf_compat_v1=True):
+        transform_fn = (pipeline | beam.Create(rows, reshuffle=False), metadata) | tft_beam.AnalyzeDataset(
+            preprocessing.preprocessing_fn
+        )
+        _ = transform_fn | tft_beam.WriteTransformFn(str(folder / "transform"))
+    return tft.TFTransformOutput(str(folder / "transform"))
+
+
+def test_the_analyzers_values_are_read_back_from_the_transform_graph(transform_output):
+    analyzed = preprocessing.read_analyzed(transform_output)
+    ages = [20, 30, 40]  # mother_age's known values; father_age's are 22 and 42 (99 is 'unknown')
+    place = {c.name: i for i, c in enumerate(preprocessing.NUMERIC_FEATURES)}
+    assert analyzed.lows[place["mother_age"]] == 20 and analyzed.highs[place["father_age"]] == 42
+    assert analyzed.means[place["mother_age"]] == pytest.approx(np.mean(ages))
+    assert analyzed.variances[place["father_age"]] == pytest.approx(100.0)
+    empty = [b""] * (features.VOCABULARY_SIZE - 2)
+    assert analyzed.vocabularies.tolist() == [[b"true", b"false", *empty], [b"false", b"true", *empty]]
+
+
+def test_the_dense_transform_maps_every_raw_value_as_the_transform_graph_does(transform_output):
+    """serving_raw's transform (`transform_dense`, dense inputs, the analyzers' values as constants) against TF
+    Transform's graph on the sparse tensors serving_raw built for it: missing values and 'unknown' codes, values
+    beyond the training range or between integers, unseen and empty texts, unknown categories."""
+    import tensorflow as tf
+
+    from models import signatures
+
+    instances = [
+        {"is_male": "true", "mother_age": 25, "plurality": 2, "gestation_weeks": 39, "mother_married": "false"},
+        {"is_male": "maybe", "mother_age": 70, "plurality": 7, "gestation_weeks": 98, "mother_married": ""},
+        {"mother_age": 12, "gestation_weeks": 20.5, "father_age": 99, "weight_gain_pounds": 45, "ever_born": 3},
+        {"mother_age": 33.7, "gestation_weeks": 99.5, "father_age": 99.9, "weight_gain_pounds": 99, "ever_born": -1},
+        {"mother_age": 1e30, "gestation_weeks": -1e30, "plurality": 1.5, "father_age": 30},
+        {},
+    ]
+    columns = {
+        name: tf.constant(value)
+        for name, value in features.raw_columns([features.instance_key(i) for i in instances]).items()
+    }
+    spec = schema_utils.schema_as_feature_spec(load_schema(config_lib.load_config())).feature_spec
+    raw_spec = {name: spec[name] for name in features.FEATURE_NAMES}
+    expected = transform_output.transform_features_layer()(signatures.sparse_raw(columns, raw_spec))
+    got, missing = preprocessing.transform_dense(columns, preprocessing.read_analyzed(transform_output))
+    assert set(got) == set(expected) - {features.label_key(), features.label_weight_key()}
+    for key, value in got.items():
+        np.testing.assert_allclose(value.numpy(), tf.reshape(expected[key], [-1]).numpy(), atol=1e-6, err_msg=key)
+    # Which rows lack each required feature (mother_age, gestation_weeks): 99.5 weeks is read as 99, 'unknown'.
+    assert missing.numpy().tolist() == [[False, False]] * 3 + [[False, True], [False, False], [True, True]]
