@@ -45,11 +45,6 @@ setuptools.setup(
         "urllib3",  # `babyweight predict --url`: kept-alive connections, retries (serving/clients/client.py)
         "tqdm",  # its progress bar on a terminal
         "pillow",  # the README's screenshot of a report, reduced to a few colours (pipeline/reports/browser.py)
-        # TensorFlow Lite's interpreter alone, as a device runs the TFLite models (serving/clients/device.py): the
-        # pipeline checks them with it (pipeline/components/tflite_export.py), `babyweight predict --tflite` runs them
-        # with it. It has
-        # Linux wheels only; elsewhere the pipeline checks them with TensorFlow's own interpreter.
-        "tflite-runtime; platform_system == 'Linux'",
     ]
     + SERVING_REQUIRES,
     extras_require={"test": ["pytest", "pytest-xdist", "ruff"]},  # ruff: lint and format (pyproject.toml)

@@ -13,7 +13,9 @@ pool of BODIES requests) and flat (every feature uniform over its range, a new i
 concurrency 1, 8 and 64, after WARMUP_SECONDS of load. Then a new version is pushed while the server is under load:
 errors are counted, and
 the time until the new version serves.
-The table goes to stdout and outputs/bench/serving.json.
+The table goes to stdout and outputs/bench/serving.json; then the model call alone, in this process: the graph
+serving_raw replaced, serving_raw, and the version's TFLite model (serving/bench/graph_bench.py;
+outputs/bench/serving_graph.json).
 """
 
 import argparse
@@ -360,7 +362,25 @@ def main(argv: Optional[List[str]] = None) -> int:
                 print(_row(results[-1]), flush=True)
     _report(results, pathlib.Path(args.output_dir) / "bench" / "serving.json")
     shutil.rmtree(work, ignore_errors=True)
+    _graphs(config, pathlib.Path(args.output_dir) / "bench" / "serving_graph.json")
     return 0
+
+
+def _graphs(config: Any, path: pathlib.Path) -> None:
+    """The model call alone, in this process: the old graph, serving_raw and the version's TFLite model
+    (serving/bench/graph_bench.py)."""
+    from serving.bench import graph_bench
+
+    found = graph_bench.newest(config)
+    if not found["transform_graph"]:
+        print(f"\nno transform graph under {config.pipeline_root}: the model call alone is not measured")
+        return
+    print(f"\nthe model call alone, in one process (version {found['model_dir']}):")
+    figures = {}
+    for instances in (1, 64):
+        figures[instances] = graph_bench.compare(found["model_dir"], found["transform_graph"], instances)
+        print("  " + graph_bench.line(instances, figures[instances]))
+    path.write_text(json.dumps(figures, indent=1))
 
 
 def _push_under_load(

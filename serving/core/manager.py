@@ -311,6 +311,7 @@ class Manager:
                 self.settings.cache_admit_after,
                 self.settings.cache_max_bytes,
                 self._traffic_head(),
+                self.settings.prefer_tflite_model,
             )
         except loader.LoadError as error:
             # A storage error is tried again (MAX_LOAD_RETRIES times, the wait doubling); a version whose files are
@@ -336,10 +337,11 @@ class Manager:
         self.available = {**self.available, version: loaded}
         self.states[version] = VersionState(AVAILABLE)
         logging.info(
-            "version %d is available (%.1f s to load; %d predictions precomputed)",
+            "version %d is available (%.1f s to load; %d predictions precomputed; model calls: %s)",
             version,
             loaded.seconds_to_load,
             loaded.table.head_size,
+            loaded.runtime,
         )
         self._changed = True
 

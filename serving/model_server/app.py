@@ -145,7 +145,9 @@ class RestApi:
             {
                 "model_spec": {"name": self.manager.config.name, "signature_name": "", "version": str(handle.version)},
                 "metadata": {"signature_def": handle.signature_defs},
-                # Beyond TF Serving's answer: what one request may hold, for clients and infra validation.
+                # Beyond TF Serving's answer: what answers the model calls (tensorflow, or the version's TFLite model:
+                # --prefer-tflite-model), and what one request may hold, for clients and infra validation.
+                "runtime": handle.runtime,
                 "limits": {
                     "max_instances": self.settings.max_instances,
                     "max_body_bytes": self.settings.max_body_bytes,

@@ -40,6 +40,7 @@ class ServerSettings:
     cache_capacity: int = 200_000  # answers kept per version (the head and what traffic repeats)
     cache_admit_after: int = 2  # an instance is kept after this many model answers for it
     cache_max_bytes: int = 128 << 20  # memory per version's table; the answers traffic added longest ago go first
+    prefer_tflite_model: bool = True  # answer with a version's TFLite model where it agrees with its SavedModel
     log_dir: str = ""  # request log folder ('' = OUTPUT_DIR/serving_logs); 'off' = no request log
     log_max_bytes: int = 64 << 20  # a log file is closed and a new one started at this size
     log_keep_files: int = 100  # log files kept in the folder, all processes'; the oldest beyond go (never a live one)
@@ -126,10 +127,19 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
     for field in dataclasses.fields(ServerSettings):
         parser.add_argument(
             "--" + field.name.replace("_", "-"),
-            type=field.type,
+            type=_boolean if field.type is bool else field.type,
             default=field.default,
             help=comments.get(field.name, "") + " (default: %(default)r)",
         )
+
+
+def _boolean(text: str) -> bool:
+    """A true/false flag's value, as TF Serving's flags take it (--prefer-tflite-model false)."""
+    if text.lower() in ("true", "1", "yes"):
+        return True
+    if text.lower() in ("false", "0", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, not {text!r}")
 
 
 def from_args(args: argparse.Namespace) -> ServerSettings:

@@ -122,3 +122,21 @@ def test_serve_with_an_unreadable_token_file_stops_before_starting_naming_it(tmp
     monkeypatch.setattr("uvicorn.run", lambda *args, **kwargs: pytest.fail("started"))
     assert server.main(["--feedback-token-file", str(tmp_path / "missing")]) == 2
     assert "babyweight serve: --feedback-token-file" in capsys.readouterr().err
+
+
+def test_true_false_flags_and_the_grpc_port_and_log_format_are_checked(capsys):
+    """--prefer-tflite-model takes true or false (as TF Serving's flags), not any word; a port or log format the
+    server can't use stops the start naming it; on Vertex the logs are JSON."""
+    assert settings_lib.parse([]).prefer_tflite_model is True and settings_lib.parse([]).grpc_port == 8500
+    assert settings_lib.parse(["--prefer-tflite-model", "false"]).prefer_tflite_model is False
+    assert settings_lib.parse(["--grpc-port", "0"]).grpc_port == 0
+    for argv, message in (
+        (["--prefer-tflite-model", "maybe"], "expected true or false, not 'maybe'"),
+        (["--grpc-port", "70000"], "--grpc-port must be a port number"),
+        (["--log-format", "xml"], "--log-format must be text or json"),
+    ):
+        with pytest.raises(SystemExit):
+            settings_lib.parse(argv)
+        assert message in capsys.readouterr().err
+    vertex = settings_lib.with_vertex_environment(settings_lib.ServerSettings(), {"AIP_HTTP_PORT": "8080"})
+    assert vertex.log_format == "json" and vertex.port == 8080
