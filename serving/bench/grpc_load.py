@@ -27,6 +27,7 @@ DATA, HEADERS, RST_STREAM, SETTINGS, PING, GOAWAY = 0x0, 0x1, 0x3, 0x4, 0x6, 0x7
 END_STREAM, ACK, END_HEADERS = 0x1, 0x1, 0x4
 WIDE_WINDOW = 2**31 - 1
 FLAT_BODIES = 400_000  # distinct instances prepared for the flat workload: more than a run sends
+TIMEOUT_SECONDS = 2.0  # a call unanswered this long is an error (wrk's --timeout in the HTTP rows)
 
 
 def _frame(kind: int, flags: int, stream: int, payload: bytes = b"") -> bytes:
@@ -119,17 +120,24 @@ async def _drive(host: str, port: int, bodies: Sequence[bytes], concurrency: int
     deadline = time.perf_counter() + seconds
     rng = random.Random(concurrency)
 
+    async def connect() -> Connection:
+        return (await loop.create_connection(lambda: Connection(f"{host}:{port}"), host, port))[1]
+
     async def worker(index: int) -> None:
-        _, connection = await loop.create_connection(lambda: Connection(f"{host}:{port}"), host, port)
+        connection = await connect()
         position = rng.randrange(len(bodies))
         while time.perf_counter() < deadline:
             body = bodies[position % len(bodies)]
             position += concurrency
             started = time.perf_counter()
             try:
-                ok = await asyncio.wait_for(connection.call(body), 2.0)
-            except asyncio.TimeoutError:
+                ok = await asyncio.wait_for(connection.call(body), TIMEOUT_SECONDS)
+            except (
+                asyncio.TimeoutError
+            ):  # counted as wrk counts one; the call's stream is abandoned with its connection
                 ok = False
+                connection.transport.close()
+                connection = await connect()
             if ok:
                 latencies.append(time.perf_counter() - started)
             else:

@@ -47,7 +47,7 @@ from models.requests import RequestsError, read_requests
 from serving.core import contract
 from serving.model_server.settings import MODEL_NAME
 
-TIMEOUT_SECONDS = 60  # one try's: to connect, and then for each read of the answer
+TIMEOUT_SECONDS = 60  # one try's, whole: to connect, send and read the answer (a trickled answer too)
 RETRIES = 5  # tries of a batch after the first, before the command gives up (exit code 2)
 # Waits between tries: none before the first retry, then this, doubling (urllib3's backoff_factor): 0, 1, 2, 4, 8 s.
 BACKOFF_SECONDS = 0.5
@@ -116,7 +116,7 @@ class RestSender:
     def __init__(self, url: str):
         self.url = url
         self.pool = urllib3.PoolManager(
-            maxsize=1, retries=retry_policy(), timeout=urllib3.Timeout(connect=TIMEOUT_SECONDS, read=TIMEOUT_SECONDS)
+            maxsize=1, retries=retry_policy(), timeout=urllib3.Timeout(total=TIMEOUT_SECONDS)
         )
         self.credentials = None
         if urllib.parse.urlparse(url).hostname.endswith("aiplatform.googleapis.com"):

@@ -18,9 +18,8 @@ import numpy
 import tensorflow as tf
 from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 
-from models import features
+from models import features, lite
 
-SIGNATURE = "serving_raw"
 RETRIED = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED)
 # RESOURCE_EXHAUSTED also says a request is too large (too many instances, the server's words; too many bytes,
 # gRPC's): the same request would be refused again, so those are not retried.
@@ -78,7 +77,7 @@ class Predictor:
         self.target = target
         self.timeout_seconds, self.retries, self.backoff_seconds = timeout_seconds, retries, backoff_seconds
         self.model_spec = predict_pb2.PredictRequest().model_spec
-        self.model_spec.name, self.model_spec.signature_name = model, SIGNATURE
+        self.model_spec.name, self.model_spec.signature_name = model, lite.SIGNATURE
         if version:
             self.model_spec.version.value = version
         elif label:

@@ -42,9 +42,10 @@ class Request:
     keys: List[features.InstanceKey]  # the model's input per instance
 
 
-# The JSON types each feature takes: numbers for the numeric ones, text or true/false for the others.
+# The JSON types each feature takes (its keys: the features the model takes): numbers for the numeric ones, text or
+# true/false for the others.
 _NUMBER, _TEXT = (int, float), (str, bool)
-_KINDS = {c.name: (_NUMBER if c.dtype != "string" else _TEXT) for c in features.FEATURES}
+FEATURE_KINDS = {c.name: (_NUMBER if c.dtype != "string" else _TEXT) for c in features.FEATURES}
 MAX_TEXT_CHARACTERS = 64  # a text value's longest: the codes and states the model takes are a few characters
 _SHOWN = reprlib.Repr()
 _SHOWN.maxlevel, _SHOWN.maxstring, _SHOWN.maxother, _SHOWN.maxlong, _SHOWN.maxlist, _SHOWN.maxdict = 2, 80, 80, 40, 4, 4
@@ -61,9 +62,9 @@ def numeric_domains() -> Dict[str, tuple]:
     """(min, max) of each numeric model feature, from the schema (their 'unknown' codes are inside)."""
     found = {}
     for feature in schema.load().feature:
-        if _KINDS.get(feature.name) is _NUMBER:
+        if FEATURE_KINDS.get(feature.name) is _NUMBER:
             found[feature.name] = schema.domain(feature)
-    missing = [name for name, kind in _KINDS.items() if kind is _NUMBER and name not in found]
+    missing = [name for name, kind in FEATURE_KINDS.items() if kind is _NUMBER and name not in found]
     if missing:
         raise ValueError(f"{schema.SCHEMA_FILE}: no domain for the numeric feature(s) {', '.join(missing)}")
     return found
@@ -102,7 +103,7 @@ def check_instance(index: int, instance: Any) -> features.InstanceKey:
     if instance.__class__ is not dict:
         raise RequestError(f"instance {index}: expected an object of feature values, got {type(instance).__name__}")
     for name, value in instance.items():
-        kind = _KINDS.get(name)
+        kind = FEATURE_KINDS.get(name)
         if kind is None:
             raise RequestError(
                 f"instance {index}: unknown feature {shown(name)} "
@@ -119,7 +120,7 @@ def check_instance(index: int, instance: Any) -> features.InstanceKey:
             f"'unknown' code); every request needs {', '.join(c.name for c in features.REQUIRED_FEATURES)}"
         )
     for name, value in instance.items():
-        reason = _outside(index, name, value, _KINDS[name])
+        reason = _outside(index, name, value, FEATURE_KINDS[name])
         if reason:
             raise RequestError(reason)
     return features.instance_key(instance)
@@ -157,7 +158,7 @@ def example_values(index: int, example: Any, source: str = "the value") -> Dict[
             raise RequestError(f"instance {index}: {source} is not a serialized tf.Example") from None
     values = {}
     for name, feature in example.features.feature.items():
-        if name not in _KINDS:
+        if name not in FEATURE_KINDS:
             continue
         kind = feature.WhichOneof("kind")
         listed = list(getattr(feature, kind).value) if kind else []

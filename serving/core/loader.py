@@ -25,6 +25,7 @@ WARMUP_BATCHES = (1, 64)  # batch shapes run once before a version takes traffic
 # instance (the pipeline's float32 export differs by about 0.000002 lb; its own check allows 0.01 lb a row).
 LITE_MAX_DIFFERENCE = 1e-4  # lb
 TENSORFLOW, TFLITE = "tensorflow", "tflite"  # a version's runtime
+PROBE_HEAD = 48  # frequent instances among a second runtime's probes (`probes`)
 
 
 class LoadError(RuntimeError):
@@ -58,6 +59,7 @@ class LoadedVersion:
     seconds_to_load: float
     model: Any = dataclasses.field(repr=False, default=None)  # keeps the SavedModel's objects alive
     runtime: str = TENSORFLOW  # what answers the model calls: the SavedModel, or its TFLite model (TFLITE)
+    probes: List[features.InstanceKey] = dataclasses.field(repr=False, default_factory=list)  # `probes(head)`
 
 
 def first_reason(message: str) -> str:
@@ -124,36 +126,46 @@ def _fast_call(function: Any) -> Callable[[Sequence[features.InstanceKey]], nump
     return call
 
 
+def lite_file(path: str) -> str:
+    """Where the pipeline writes a pushed version's float32 TFLite model (lite.FILES)."""
+    return os.path.join(path, lite.FILES["float32"])
+
+
 def _lite_call(
-    path: str, version: int, warmup: Sequence[features.InstanceKey], reference: Callable
+    path: str, version: int, probes: Sequence[features.InstanceKey], reference: Callable
 ) -> Optional[Callable[[Sequence[features.InstanceKey]], numpy.ndarray]]:
-    """The version's float32 TFLite model (lite.FILES, written beside it by the pipeline) as its model call, once it
-    answered every warm-up batch within LITE_MAX_DIFFERENCE of the SavedModel; None (logged) where there is no such
-    file or it answers otherwise.
+    """The version's float32 TFLite model as its model call, once it answered the probes (one at a time, then all
+    together) within LITE_MAX_DIFFERENCE of the SavedModel (`reference`); None (logged) where there is no such file,
+    it can't be read or it answers otherwise. Should the interpreter fail on a call later, the SavedModel answers it.
 
     One instance takes about a sixth of the SavedModel's call (TensorFlow's per-call overhead is most of a small
-    call) and 64 about half: TF Serving's --prefer_tflite_model. The interpreter is not thread-safe: a version's
-    calls come from the server's event loop alone, once it is loaded.
+    call) and 64 about half: TF Serving's --prefer_tflite_model. The interpreter is not thread-safe: the call is
+    made by one thread at a time (the loading thread, then the server's event loop alone once handed out).
     """
-    file = os.path.join(path, lite.FILES["float32"])
-    if not tf.io.gfile.exists(file):
-        return None
-    with tf.io.gfile.GFile(file, "rb") as handle:
-        content = handle.read()
-    threads = max(1, tf.config.threading.get_intra_op_parallelism_threads())
+    file = lite_file(path)
     try:
+        if not tf.io.gfile.exists(file):
+            return None
+        with tf.io.gfile.GFile(file, "rb") as handle:
+            content = handle.read()
+        threads = max(1, tf.config.threading.get_intra_op_parallelism_threads())
         model = lite.LiteModel(content=content, threads=threads, tensorflow_fallback=True)
-    except lite.LiteModelError as error:
-        logging.warning("version %d: %s: %s; the SavedModel answers", version, file, error)
+    except (lite.LiteModelError, tf.errors.OpError, OSError) as error:  # the SavedModel still serves
+        logging.warning("version %d: %s can't be used (%s); the SavedModel answers", version, file, error)
         return None
 
     def call(keys: Sequence[features.InstanceKey]) -> numpy.ndarray:
-        return model.predict_columns(features.raw_columns(keys))
-
-    for size in WARMUP_BATCHES:
-        keys = (list(warmup) * size)[:size]
         try:
-            difference = float(numpy.max(numpy.abs(call(keys) - reference(keys))))
+            return model.predict_columns(features.raw_columns(keys))
+        except lite.LiteModelError as error:
+            logging.error("version %d: %s; the SavedModel answers this call", version, error)
+            return reference(keys)
+
+    for keys in [[key] for key in probes] + [list(probes)]:
+        try:
+            difference = float(
+                numpy.max(numpy.abs(model.predict_columns(features.raw_columns(keys)) - reference(keys)))
+            )
         except lite.LiteModelError as error:
             difference, reason = float("nan"), str(error)
         else:
@@ -162,6 +174,28 @@ def _lite_call(
             logging.warning("version %d: %s is not used: %s; the SavedModel answers", version, file, reason)
             return None
     return call
+
+
+def lite_version(loaded: LoadedVersion) -> Optional[LoadedVersion]:
+    """A version served by its SavedModel, answered by its TFLite model from now on where that agrees (`_lite_call`):
+    the pipeline writes the file after the push, so it may appear after the version loaded. None otherwise."""
+    call = _lite_call(loaded.path, loaded.version, loaded.probes, loaded.predict_keys)
+    return None if call is None else dataclasses.replace(loaded, predict_keys=call, runtime=TFLITE)
+
+
+def probes(head: Sequence[features.InstanceKey]) -> List[features.InstanceKey]:
+    """Instances a second runtime must answer as the SavedModel does: frequent ones (PROBE_HEAD of the head), the
+    required features alone, and each numeric feature at its domain's ends and each text feature true, false and
+    a value never seen (beside the required ones): what the frequent instances leave out."""
+    typical = {column.name: 30 for column in features.REQUIRED_FEATURES}
+    edges = [typical]
+    for column in features.FEATURES:
+        if column.dtype == "string":
+            edges += [{**typical, column.name: value} for value in ("true", "false", "unseen")]
+        else:
+            edges += [{**typical, column.name: end} for end in contract.numeric_domains()[column.name]]
+    found = [features.instance_key(edge) for edge in edges if not features.missing_required(edge)]
+    return list(dict.fromkeys(list(head[:PROBE_HEAD]) + found))
 
 
 def read_frequent_instances(path: str) -> List[Dict[str, Any]]:
@@ -237,13 +271,14 @@ def _load(
             predict_keys = public_call
         if not numpy.all(numpy.isfinite(public)):
             raise LoadError(f"version {version} at {path} predicts {public[:3]} at warm-up, not numbers")
-    runtime = TENSORFLOW
-    lite_call = _lite_call(path, version, warmup, predict_keys) if prefer_tflite else None
+    runtime, checks = TENSORFLOW, probes(head)
+    lite_call = _lite_call(path, version, checks, predict_keys) if prefer_tflite else None
     if lite_call is not None:
         predict_keys, runtime = lite_call, TFLITE
     table = cache.PredictionTable(capacity, admit_after, max_bytes)
     table.fill(head, predict_keys)
-    return LoadedVersion(version, path, predict_keys, defs, table, time.monotonic() - started, model, runtime)
+    seconds = time.monotonic() - started
+    return LoadedVersion(version, path, predict_keys, defs, table, seconds, model, runtime, checks)
 
 
 def _typical_key() -> features.InstanceKey:

@@ -163,6 +163,7 @@ class Manager:
         self.states: Dict[int, VersionState] = {}
         self._failed: Dict[int, Tuple] = {}  # version -> its files when it failed
         self._attempts: Dict[int, Tuple[int, float]] = {}  # version -> (failed loads in a row, when to try again)
+        self._lite_tried: Dict[int, Optional[Tuple[int, int]]] = {}  # version -> its TFLite file when last tried
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
 
@@ -299,6 +300,24 @@ class Manager:
             del self.states[version]  # deleted from the folder: forgotten
             self._failed.pop(version, None)
             self._attempts.pop(version, None)
+        if self.settings.prefer_tflite_model:
+            self._prefer_tflite()
+
+    def _prefer_tflite(self) -> None:
+        """The versions their SavedModel answers whose TFLite file appeared or changed since it was last tried (the
+        pipeline writes it after the push: a running server often loads the version first) are tried again, and
+        answered by their TFLite model from then on where it agrees (loader.lite_version)."""
+        for version, loaded in list(self.available.items()):
+            if loaded.runtime != loader.TENSORFLOW:
+                continue
+            stamp = _file_stamp(loader.lite_file(loaded.path))
+            if stamp is None or self._lite_tried.get(version) == stamp:
+                continue
+            self._lite_tried[version] = stamp
+            upgraded = loader.lite_version(loaded)
+            if upgraded is not None and version in self.available:
+                self.available = {**self.available, version: upgraded}
+                logging.info("version %d: its TFLite model answers the model calls from now on", version)
 
     def _load(self, version: int, path: str) -> None:
         self.states[version] = VersionState(LOADING)
@@ -334,6 +353,7 @@ class Manager:
                 self._failed[version] = ("unreadable",)
             return
         self._attempts.pop(version, None)
+        self._lite_tried[version] = _file_stamp(loader.lite_file(path))  # tried at the load, where it was there
         self.available = {**self.available, version: loaded}
         self.states[version] = VersionState(AVAILABLE)
         logging.info(
@@ -346,6 +366,7 @@ class Manager:
         self._changed = True
 
     def _unload(self, version: int) -> None:
+        self._lite_tried.pop(version, None)
         self.states[version] = VersionState(UNLOADING)
         self.available = {v: loaded for v, loaded in self.available.items() if v != version}
         # Requests holding this version keep it alive until they finish; then Python frees it.
@@ -384,3 +405,12 @@ class Manager:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=30)
+
+
+def _file_stamp(path: str) -> Optional[Tuple[int, int]]:
+    """A file's length and modification time, None where it is not there (or can't be read now)."""
+    try:
+        stat = tf.io.gfile.stat(path)
+    except tf.errors.OpError:
+        return None
+    return stat.length, stat.mtime_nsec

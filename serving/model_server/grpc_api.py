@@ -30,23 +30,24 @@ from tensorflow_serving.apis import (
     regression_pb2,
 )
 
-from serving.core import contract, manager, tensors
+from models import lite
+from serving.core import contract, manager
 from serving.experiments import experiment
-from serving.model_server import protocol
+from serving.model_server import protocol, tensors
 from serving.model_server import service as service_lib
 
 STOP_GRACE_SECONDS = 5.0  # calls in flight when the server stops get this long to finish
 IDLE_CONNECTION_MS = 5 * 60 * 1000  # a connection with no call for this long is closed
 # Every connection is closed after this long (with gRPC's jitter; clients reconnect by themselves), its calls given
-# CONNECTION_GRACE_MS to finish: a call whose message never comes holds its place at most that long.
-CONNECTION_AGE_MS = 10 * 60 * 1000
+# CONNECTION_GRACE_MS to finish: a call whose message never comes holds its place at most that long (REST gives a
+# body 30 s). A connection carries at most STREAMS_PER_CONNECTION calls at once.
+CONNECTION_AGE_MS = 60 * 1000
 CONNECTION_GRACE_MS = 30 * 1000
-PREDICTIONS = tensors.lite.PREDICTIONS
+STREAMS_PER_CONNECTION = 100
 # The gRPC code TF Serving gives for each refusal (by the HTTP status the REST routes answer it with).
 CODES = {
     400: grpc.StatusCode.INVALID_ARGUMENT,
     404: grpc.StatusCode.NOT_FOUND,
-    408: grpc.StatusCode.DEADLINE_EXCEEDED,
     409: grpc.StatusCode.ALREADY_EXISTS,
     413: grpc.StatusCode.RESOURCE_EXHAUSTED,
     500: grpc.StatusCode.INTERNAL,
@@ -72,18 +73,18 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
     async def Predict(self, request: predict_pb2.PredictRequest, context: Any) -> predict_pb2.PredictResponse:
         spec = request.model_spec
         signature = spec.signature_name or contract.EXAMPLES_SIGNATURE
-        unknown = [name for name in request.output_filter if name != PREDICTIONS]
+        unknown = [name for name in request.output_filter if name != lite.PREDICTIONS]
         limit = self.settings.max_instances
 
         def parse() -> contract.Request:
             if unknown:
-                raise contract.RequestError(f"output tensor alias not found in signature: {unknown[0]}")
+                raise contract.RequestError(f"output tensor alias not found in signature: {contract.shown(unknown[0])}")
             return tensors.predict_request(request.inputs, signature, limit)
 
         outcome = await self._answer(spec, parse, "grpc_predict", context)
         response = predict_pb2.PredictResponse()
         _answered_spec(response.model_spec, self.service, outcome.version, signature)
-        response.outputs[PREDICTIONS].CopyFrom(tensors.predictions_tensor(outcome.predictions))
+        response.outputs[lite.PREDICTIONS].CopyFrom(tensors.predictions_tensor(outcome.predictions))
         return response
 
     async def Regress(
@@ -120,11 +121,11 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
             handle = self._resolve(request.model_spec)
         except _Refused as error:
             outcome = self.service.refused(error.status, str(error), request_id or "none", "none", "grpc_classify")
-            await self._abort(context, outcome)
+            await _refuse(context, outcome)
         outcome = self.service.refused(
             400, CLASSIFY_REFUSAL, request_id or "none", str(handle.version), "grpc_classify"
         )
-        await self._abort(context, outcome)
+        await _refuse(context, outcome)
 
     async def GetModelMetadata(
         self, request: get_model_metadata_pb2.GetModelMetadataRequest, context: Any
@@ -155,13 +156,13 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
         try:
             version, label = _version_of(spec, self.service)
         except _Refused as error:
-            await self._abort(context, self.service.refused(error.status, str(error), request_id, "none", route))
+            await _refuse(context, self.service.refused(error.status, str(error), request_id, "none", route))
         if request_id is None:
             outcome = self.service.refused(400, service_lib.BAD_REQUEST_ID, self.service.new_id(), "none", route)
-            await self._abort(context, outcome)
+            await _refuse(context, outcome)
         outcome = await self.service.answer(parse, version, label, route, request_id, routing_key, started)
         if outcome.status != 200:
-            await self._abort(context, outcome)
+            await _refuse(context, outcome)
         context.set_trailing_metadata(_trailing(outcome))
         return outcome
 
@@ -184,9 +185,6 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
             raise _Refused(404, str(error)) from None
         except manager.Unavailable as error:
             raise _Refused(503, str(error)) from None
-
-    async def _abort(self, context: Any, outcome: service_lib.Outcome) -> None:
-        await context.abort(CODES.get(outcome.status, grpc.StatusCode.UNKNOWN), outcome.message, _trailing(outcome))
 
 
 class ModelService(model_service_pb2_grpc.ModelServiceServicer):
@@ -230,8 +228,13 @@ def _trailing(outcome: service_lib.Outcome) -> Tuple[Tuple[str, str], ...]:
     return pairs + ((("x-experiment-arm", outcome.arm),) if outcome.arm is not None else ())
 
 
-async def _abort(context: Any, status: int, message: str) -> None:
-    await context.abort(CODES.get(status, grpc.StatusCode.UNKNOWN), message)
+async def _abort(context: Any, status: int, message: str, trailing: Tuple[Tuple[str, str], ...] = ()) -> None:
+    """Ends the call with TF Serving's code for `status` (raises grpc's abort exception)."""
+    await context.abort(CODES.get(status, grpc.StatusCode.UNKNOWN), message, trailing)
+
+
+async def _refuse(context: Any, outcome: service_lib.Outcome) -> None:
+    await _abort(context, outcome.status, outcome.message, _trailing(outcome))
 
 
 async def start(service: service_lib.Service) -> grpc.aio.Server:
@@ -239,8 +242,9 @@ async def start(service: service_lib.Service) -> grpc.aio.Server:
     (SO_REUSEPORT: the kernel spreads connections over them); `babyweight serve` checked first that no other
     process holds it. Limits: a message of at most --max-body-bytes (RESOURCE_EXHAUSTED beyond), at most
     --max-connections calls at once per worker (RESOURCE_EXHAUSTED beyond), metadata of at most
-    protocol.MAX_HEAD_BYTES, idle connections closed after IDLE_CONNECTION_MS and every one after CONNECTION_AGE_MS
-    (a client that starts calls and never sends their messages holds their places that long at most)."""
+    protocol.MAX_HEAD_BYTES, STREAMS_PER_CONNECTION calls at once per connection, idle connections closed after
+    IDLE_CONNECTION_MS and every one after CONNECTION_AGE_MS (a client that starts calls and never sends their
+    messages holds their places that long, and CONNECTION_GRACE_MS, at most)."""
     settings = service.settings
     server = grpc.aio.server(
         options=[
@@ -250,11 +254,13 @@ async def start(service: service_lib.Service) -> grpc.aio.Server:
             ("grpc.max_connection_idle_ms", IDLE_CONNECTION_MS),
             ("grpc.max_connection_age_ms", CONNECTION_AGE_MS),
             ("grpc.max_connection_age_grace_ms", CONNECTION_GRACE_MS),
+            ("grpc.max_concurrent_streams", STREAMS_PER_CONNECTION),
         ],
         maximum_concurrent_rpcs=settings.max_connections,
     )
     prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(PredictionService(service), server)
     model_service_pb2_grpc.add_ModelServiceServicer_to_server(ModelService(service), server)
-    server.add_insecure_port(f"{settings.host}:{settings.grpc_port}")
+    host = f"[{settings.host}]" if ":" in settings.host else settings.host  # an IPv6 address in brackets
+    server.add_insecure_port(f"{host}:{settings.grpc_port}")
     await server.start()
     return server

@@ -9,12 +9,15 @@ memory files in multiprocess mode, a few microseconds a write) every FLUSH_SECON
 import bisect
 import collections
 import os
+import pathlib
 import resource
-from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Tuple
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
+from prometheus_client.core import GaugeMetricFamily
 
 from serving.core import manager as manager_lib
+from serving.model_server import server
 
 LATENCY_BUCKETS = (0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
@@ -98,22 +101,7 @@ class Metrics:
             ["version"],
             registry=self.registry,
         )
-        # Gauges: each worker process's own (a pid label in multiprocess mode); each worker loads its own copies.
-        self.version_state = Gauge(
-            "babyweight_model_version_state",
-            "1 for each version's state in this worker (TF Serving's states: LOADING, AVAILABLE, UNLOADING, END); "
-            "0 for the others.",
-            ["version", "state"],
-            registry=self.registry,
-            multiprocess_mode="liveall",
-        )
-        self.load_seconds = Gauge(
-            "babyweight_model_load_seconds",
-            "Time the version took to load, check, warm up and fill its table in this worker.",
-            ["version"],
-            registry=self.registry,
-            multiprocess_mode="liveall",
-        )
+        # Gauges: each worker process's own (a pid label in multiprocess mode).
         self.memory = Gauge(
             "babyweight_process_resident_memory_bytes",
             "The worker process's resident memory.",
@@ -126,9 +114,7 @@ class Metrics:
             registry=self.registry,
             multiprocess_mode="liveall",
         )
-        self._manager: Any = None
-        self._versions_shown: set = set()  # versions with series in the state gauge
-        self._loaded_shown: set = set()  # versions with a series in the load time gauge
+        self._versions: Optional[_Versions] = None
         self._counts: Dict[Tuple, float] = collections.defaultdict(float)  # (counter, labels...) -> increment
         self._histograms: Dict[Tuple, _PendingHistogram] = {}
 
@@ -157,9 +143,11 @@ class Metrics:
         self._request_log_counts = counts
 
     def watch_versions(self, manager: Any) -> None:
-        """Each flush shows the manager's versions: their states and load times (a version gone from the folder
-        leaves the gauges, so they hold as many series as the folder has versions)."""
-        self._manager = manager
+        """/metrics shows the manager's versions as this worker holds them: their states and load times (read when
+        /metrics is asked, so a version gone from the folder leaves them)."""
+        self._versions = _Versions(manager)
+        if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            self.registry.register(self._versions)
 
     def _flush_process(self) -> None:
         usage = resource.getrusage(resource.RUSAGE_SELF)
@@ -169,21 +157,6 @@ class Metrics:
                 self.memory.set(int(handle.read().split()[1]) * resource.getpagesize())
         except (OSError, ValueError, IndexError):  # not Linux: the peak instead
             self.memory.set(usage.ru_maxrss * 1024)
-        if self._manager is None:
-            return
-        states = dict(self._manager.states)  # the poll thread replaces entries
-        available = self._manager.available
-        for version, state in states.items():
-            for name in manager_lib.STATES:
-                self.version_state.labels(str(version), name).set(1.0 if name == state.state else 0.0)
-        for version, loaded in available.items():
-            self.load_seconds.labels(str(version)).set(loaded.seconds_to_load)
-        for version in self._versions_shown - {str(v) for v in states}:
-            for name in manager_lib.STATES:
-                self.version_state.remove(version, name)
-        for version in self._loaded_shown - {str(v) for v in available}:
-            self.load_seconds.remove(version)
-        self._versions_shown, self._loaded_shown = {str(v) for v in states}, {str(v) for v in available}
 
     def _flush_request_log(self) -> None:
         if self._request_log_counts is None:
@@ -229,8 +202,47 @@ class Metrics:
     def exposition(self) -> bytes:
         """Every process's metrics (multiprocess mode) or this one's."""
         self.flush()
-        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        folder = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+        if folder:
+            _forget_dead_workers(folder)
             registry = CollectorRegistry()
             multiprocess.MultiProcessCollector(registry)
+            if self._versions is not None:
+                registry.register(self._versions)
             return generate_latest(registry)
         return generate_latest(self.registry)
+
+
+class _Versions:
+    """A collector of one manager's versions, as TF Serving reports them: 1 for the state each is in (LOADING,
+    AVAILABLE, UNLOADING, END) and 0 for the others, and the seconds each available one took to load."""
+
+    def __init__(self, manager: Any):
+        self.manager = manager
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        states = GaugeMetricFamily(
+            "babyweight_model_version_state",
+            "1 for the state each version is in, in the worker that answered /metrics; 0 for the others.",
+            labels=["version", "state"],
+        )
+        seconds = GaugeMetricFamily(
+            "babyweight_model_load_seconds",
+            "Time each available version took to load, check, warm up and fill its table.",
+            labels=["version"],
+        )
+        for version, state in sorted(dict(self.manager.states).items()):  # the poll thread replaces entries
+            for name in manager_lib.STATES:
+                states.add_metric([str(version), name], 1.0 if name == state.state else 0.0)
+        for version, loaded in sorted(self.manager.available.items()):
+            seconds.add_metric([str(version)], loaded.seconds_to_load)
+        yield states
+        yield seconds
+
+
+def _forget_dead_workers(folder: str) -> None:
+    """The live-only gauges of worker processes that are gone (uvicorn restarted one) leave /metrics."""
+    for path in pathlib.Path(folder).glob("gauge_live*_*.db"):
+        pid = path.stem.rpartition("_")[2]
+        if pid.isdigit() and not server.alive(int(pid)):
+            multiprocess.mark_process_dead(int(pid), folder)

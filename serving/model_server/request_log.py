@@ -25,6 +25,7 @@ from typing import IO, Any, Deque, Dict, Iterable, Iterator, List, Optional, Tup
 
 import orjson
 
+from serving.model_server import server
 from serving.model_server.settings import ServerSettings
 
 FLUSH_SECONDS = 0.05  # short: each flush holds the interpreter while it encodes the records
@@ -263,7 +264,7 @@ def prune(
         files.append((stat.st_mtime, path.name, path, stat.st_size, int(match["pid"])))
     files.sort()
     newest_by_pid = {pid: path for _, _, path, _, pid in files}  # oldest first: the newest wins
-    protected = {path for pid, path in newest_by_pid.items() if _alive(pid)} | set(keep)
+    protected = {path for pid, path in newest_by_pid.items() if server.alive(pid)} | set(keep)
     count, total = len(files), sum(size for _, _, _, size, _ in files)
     deleted = []
     for _, _, path, size, _ in files:
@@ -275,21 +276,6 @@ def prune(
         count, total = count - 1, total - size
         deleted.append(path)
     return deleted
-
-
-def _alive(pid: int) -> bool:
-    """Whether a process of this id runs (on this machine: a pid is only known in its own pid namespace)."""
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's
-        return True
-    except (OverflowError, OSError):  # not a pid
-        return False
-    return True
 
 
 def log_files(folder: str) -> List[pathlib.Path]:

@@ -33,22 +33,26 @@ def remove_dead_metrics_folders(parent: str) -> List[str]:
             ours = folder.is_dir() and not folder.is_symlink() and folder.stat().st_uid == os.geteuid()
         except OSError:
             continue
-        if match is None or not ours or _alive(int(match.group("pid"))):
+        if match is None or not ours or alive(int(match.group("pid"))):
             continue
         shutil.rmtree(folder, ignore_errors=True)
         removed.append(str(folder))
     return removed
 
 
-def _alive(pid: int) -> bool:
+def alive(pid: int) -> bool:
+    """Whether a process of this number runs (on this machine: a pid is known in its own pid namespace only); another
+    user's counts."""
+    if pid == os.getpid():
+        return True
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except (OverflowError, ValueError):  # no process has such a number
-        return False
-    except PermissionError:  # another user's process: alive
+    except PermissionError:  # another user's
         return True
+    except (OverflowError, ValueError, OSError):  # no process has such a number
+        return False
     return True
 
 
@@ -57,6 +61,8 @@ def check_port_free(host: str, port: int) -> None:
     takes its share of the connections): a second server would share it silently, so it is tried alone first."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as probe:
+        # A listener is what conflicts: an earlier server's connections still closing (TIME_WAIT) are not.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             probe.bind((host, port))
         except OSError as error:
@@ -107,6 +113,7 @@ def run(settings: settings_lib.ServerSettings) -> None:
             access_log=False,
             log_level="warning",
             timeout_graceful_shutdown=10,
+            log_config=None,  # uvicorn's own lines go through the root logger: JSON where the server's are
         )
     finally:
         shutil.rmtree(metrics_dir, ignore_errors=True)

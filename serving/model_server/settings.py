@@ -35,7 +35,7 @@ class ServerSettings:
     batch_timeout_micros: int = 0  # wait this long for more requests before a call (0: take what is queued)
     max_instances: int = 1024  # instances per request; more is refused with 413
     max_body_bytes: int = 1 << 20  # bytes per request body; more is refused with 413
-    max_connections: int = 1000  # per worker: connections and requests at once; beyond, 503 (uvicorn's limit)
+    max_connections: int = 1000  # per worker: REST connections and requests (503 beyond), gRPC calls at once
     cache_head_size: int = 50_000  # frequent instances predicted when a version loads (training data, request log)
     cache_capacity: int = 200_000  # answers kept per version (the head and what traffic repeats)
     cache_admit_after: int = 2  # an instance is kept after this many model answers for it
@@ -196,6 +196,8 @@ def parse(argv: Optional[List[str]] = None, prog: str = "babyweight serve") -> S
         parser.error(f"--log-format must be text or json, not {settings.log_format!r}")
     if not 0 <= settings.grpc_port <= 65535:
         parser.error(f"--grpc-port must be a port number (0 = no gRPC), not {settings.grpc_port}")
+    if settings.grpc_port == settings.port:
+        parser.error(f"--grpc-port {settings.grpc_port} is the REST port (--port): give another, or 0 for no gRPC")
     for name in POSITIVE:
         if getattr(settings, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1, not {getattr(settings, name)}")

@@ -109,6 +109,32 @@ def test_the_savedmodel_answers_where_asked_or_where_the_tflite_model_disagrees(
     assert loaded.predict_keys([features.instance_key(row)])[0] == pytest.approx(toy_model.expected(row, 1.0))
 
 
+def test_a_tflite_file_written_after_the_version_loaded_takes_over_its_model_calls(real_export_run, tmp_path):
+    """The pipeline writes the TFLite model after the push, so a running server loads the version first: it serves
+    it with the SavedModel, then with the TFLite model once the file is there and agrees."""
+    import shutil
+
+    from tests.serving.conftest import wait_for
+
+    config, _ = real_export_run
+    version_dir = max(pathlib.Path(config.serving_dir).iterdir(), key=lambda p: int(p.name))
+    models = tmp_path / "models"
+    shutil.copytree(version_dir, models / version_dir.name, ignore=shutil.ignore_patterns("*.tflite"))
+    row = {"mother_age": 31, "gestation_weeks": 39, "is_male": "true"}
+    with running_server(models, tmp_path / "logs") as url:
+        assert call(f"{url}/v1/models/babyweight/metadata")[2]["runtime"] == loader.TENSORFLOW
+        before = call(f"{url}/v1/models/babyweight:predict", {"instances": [row]})[2]["predictions"][0][0]
+        staging = tmp_path / "staging.tflite"
+        shutil.copy(version_dir / lite.FILES["float32"], staging)
+        staging.rename(models / version_dir.name / lite.FILES["float32"])
+        wait_for(lambda: call(f"{url}/v1/models/babyweight/metadata")[2]["runtime"] == loader.TFLITE, 30)
+        row = {**row, "father_age": 41}  # not in the table yet: the model answers
+        after = call(f"{url}/v1/models/babyweight:predict", {"instances": [row]})[2]["predictions"][0][0]
+    signature = tf.saved_model.load(str(version_dir)).signatures["serving_raw"]
+    expected = signature(**loader.columns_of([features.instance_key(row)]))["predictions"].numpy()[0, 0]
+    assert abs(after - expected) <= loader.LITE_MAX_DIFFERENCE and before > 0
+
+
 def _example(instance: dict) -> bytes:
     """A row's features as a tf.Example with the table's types (integers as int64, flags as bytes)."""
     feature = {}

@@ -56,7 +56,7 @@ def test_workers_default_to_the_cpus_the_process_may_use_not_the_host_s(tmp_path
     started = {}
     monkeypatch.setattr(settings_lib, "usable_cpus", lambda: 2)
     monkeypatch.setattr("uvicorn.run", lambda *args, **kwargs: started.update(kwargs))
-    server.run(settings_lib.ServerSettings())
+    server.run(settings_lib.ServerSettings(grpc_port=0))
     assert started["workers"] == 2
 
 
@@ -73,7 +73,7 @@ def test_the_metrics_dir_given_keeps_what_it_holds(tmp_path, monkeypatch):
         open(os.path.join(seen["folder"], "counter_1.db"), "w").close()
 
     monkeypatch.setattr("uvicorn.run", uvicorn_run)
-    server.run(settings_lib.ServerSettings(metrics_dir=str(given), workers=1))
+    server.run(settings_lib.ServerSettings(metrics_dir=str(given), workers=1, grpc_port=0))
     assert os.path.dirname(seen["folder"]) == str(given)
     assert not os.path.exists(seen["folder"])
     assert sorted(path.name for path in given.iterdir()) == ["metadata.sqlite", "serving_model"]
@@ -96,7 +96,7 @@ def test_a_killed_servers_metrics_folder_is_removed_at_the_next_start_and_a_live
     if os.geteuid() == 0:
         os.chown(foreign, 65534, 65534)
     monkeypatch.setattr("uvicorn.run", lambda *args, **kwargs: None)
-    server.run(settings_lib.ServerSettings(metrics_dir=str(tmp_path), workers=1))
+    server.run(settings_lib.ServerSettings(metrics_dir=str(tmp_path), workers=1, grpc_port=0))
     assert not left.exists() and not absurd.exists() and live.is_dir() and other.is_dir()
     assert foreign.is_dir() or os.geteuid() != 0
 

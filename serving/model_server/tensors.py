@@ -27,16 +27,20 @@ _CONTENT = {
 _NUMBERS = (types_pb2.DT_FLOAT, types_pb2.DT_DOUBLE, types_pb2.DT_INT32, types_pb2.DT_INT64)
 _TEXTS = (types_pb2.DT_STRING, types_pb2.DT_BOOL)
 _TEXT_FEATURES = frozenset(c.name for c in features.FEATURES if c.dtype == "string")
-_FEATURE_SET = frozenset(features.FEATURE_NAMES)
+
+
+def _dtype_name(dtype: int) -> str:
+    """A dtype's name, or its number where it names none (a client may send any number)."""
+    return types_pb2.DataType.Name(dtype) if dtype in types_pb2.DataType.values() else f"dtype {dtype}"
 
 
 def _count(name: str, tensor: tensor_pb2.TensorProto) -> int:
     """The instances in a tensor of shape [n] or [n, 1]."""
     dims = tensor.tensor_shape.dim
     if len(dims) not in (1, 2) or (len(dims) == 2 and dims[1].size != 1) or dims[0].size < 1:
-        dims = [dim.size for dim in dims]
+        shape = contract.shown([dim.size for dim in dims[:3]]) if len(dims) <= 3 else f"of rank {len(dims)}"
         raise contract.RequestError(
-            f"input {contract.shown(name)}: shape {dims}; expected [n] or [n, 1], one value per instance"
+            f"input {contract.shown(name)}: shape {shape}; expected [n] or [n, 1], one value per instance"
         )
     return dims[0].size
 
@@ -83,13 +87,13 @@ def predict_request(inputs: Mapping[str, tensor_pb2.TensorProto], signature: str
     counts = {}
     for name, tensor in given:
         kinds = _TEXTS if name in _TEXT_FEATURES else _NUMBERS
-        if name not in _FEATURE_SET:
+        if name not in contract.FEATURE_KINDS:
             raise contract.RequestError(
                 f"unknown input {contract.shown(name)} (the model takes: {', '.join(features.FEATURE_NAMES)})"
             )
         if tensor.dtype not in kinds:
-            expected = " or ".join(types_pb2.DataType.Name(kind) for kind in kinds)
-            raise contract.RequestError(f"input {name!r}: {types_pb2.DataType.Name(tensor.dtype)}; expected {expected}")
+            expected = " or ".join(_dtype_name(kind) for kind in kinds)
+            raise contract.RequestError(f"input {name!r}: {_dtype_name(tensor.dtype)}; expected {expected}")
         counts[name] = _count(name, tensor)
     if len(set(counts.values())) != 1:
         raise contract.RequestError(f"every input needs one value per instance, got {contract.shown(counts)}")
