@@ -165,6 +165,14 @@ def test_refusals_carry_tf_servings_codes(servers):
     code, details = refusal(stub.Predict, request)
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "input 'mother_age': DT_STRING" in details
     request = predict_request([ROW])
+    request.inputs["mother_age"].dtype = 12345  # no dtype has that number: a refusal naming it, not a 500
+    code, details = refusal(stub.Predict, request)
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "input 'mother_age': dtype 12345" in details
+    request = predict_request([ROW])
+    request.inputs["mother_age"].tensor_shape.dim.add(size=3)  # [1, 3]: one value per instance, or refused
+    code, details = refusal(stub.Predict, request)
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "shape [1, 3]" in details
+    request = predict_request([ROW])
     request.inputs["shoe_size"].CopyFrom(tf.make_tensor_proto([42.0]))
     assert refusal(stub.Predict, request)[0] == grpc.StatusCode.INVALID_ARGUMENT
     code, details = refusal(stub.Predict, predict_request([ROW], version=7))

@@ -134,6 +134,7 @@ def test_true_false_flags_and_the_grpc_port_and_log_format_are_checked(capsys):
         (["--prefer-tflite-model", "maybe"], "expected true or false, not 'maybe'"),
         (["--grpc-port", "70000"], "--grpc-port must be a port number"),
         (["--log-format", "xml"], "--log-format must be text or json"),
+        (["--grpc-port", "8501"], "--grpc-port 8501 is the REST port"),
     ):
         with pytest.raises(SystemExit):
             settings_lib.parse(argv)
