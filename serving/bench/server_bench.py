@@ -20,6 +20,7 @@ outputs/bench/serving_graph.json).
 
 import argparse
 import contextlib
+import functools
 import json
 import os
 import pathlib
@@ -196,6 +197,18 @@ def wrk(
     return result
 
 
+def _with_hits(url: str, measure: Any) -> Dict[str, float]:
+    """`measure`'s figures, with the share of instances the server at `url` answered from its table meanwhile
+    (hit_rate; none where url is '': a reference server has no table)."""
+    before = _cache_counts(url) if url else None
+    result = measure()
+    if before is not None:
+        after = _cache_counts(url)
+        looked = sum(after.values()) - sum(before.values())
+        result["hit_rate"] = (after["hit"] - before["hit"]) / looked if looked else 0.0
+    return result
+
+
 def _cache_counts(url: str) -> Dict[str, float]:
     counts = {"hit": 0.0, "miss": 0.0}
     with urllib.request.urlopen(url + "/metrics", timeout=10) as response:
@@ -246,12 +259,9 @@ def _grpc_rows(name: str, port: int, workloads: Dict[str, List[bytes]], seconds:
     for workload, bodies in workloads.items():
         grpc_load.drive("127.0.0.1", port, bodies, 64, WARMUP_SECONDS)
         for concurrency in CONCURRENCIES:
-            before = _cache_counts(url) if url else None
-            result = grpc_load.drive("127.0.0.1", port, bodies, concurrency, seconds)
-            if before is not None:
-                after = _cache_counts(url)
-                looked = sum(after.values()) - sum(before.values())
-                result["hit_rate"] = (after["hit"] - before["hit"]) / looked if looked else 0.0
+            result = _with_hits(
+                url, functools.partial(grpc_load.drive, "127.0.0.1", port, bodies, concurrency, seconds)
+            )
             rows.append({"server": name, "workload": workload, "concurrency": concurrency, **result})
             print(_row(rows[-1]), flush=True)
     return rows
@@ -348,12 +358,10 @@ def main(argv: Optional[List[str]] = None) -> int:
                 # Warm-up: the steady state is measured (the server's table has learned what the pool repeats).
                 wrk(url + PATH, 64, WARMUP_SECONDS, bodies, script)
                 for concurrency in CONCURRENCIES:
-                    before = _cache_counts(url) if name == "server" else None
-                    result = wrk(url + PATH, concurrency, args.seconds, bodies, script)
-                    if before is not None:
-                        after = _cache_counts(url)
-                        looked = sum(after.values()) - sum(before.values())
-                        result["hit_rate"] = (after["hit"] - before["hit"]) / looked if looked else 0.0
+                    result = _with_hits(
+                        url if name == "server" else "",
+                        functools.partial(wrk, url + PATH, concurrency, args.seconds, bodies, script),
+                    )
                     results.append({"server": name, "workload": workload, "concurrency": concurrency, **result})
                     print(_row(results[-1]), flush=True)
             if name == "server":

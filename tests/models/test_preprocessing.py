@@ -49,8 +49,8 @@ ROWS = [  # father_age 99 and weight_gain_pounds 99 are the table's 'unknown' co
 ]
 
 
-@pytest.fixture(scope="module")
-def transformed():
+def _rows_and_metadata():
+    """ROWS as TF Transform's Beam API takes them, with their metadata from the schema."""
     spec = schema_utils.schema_as_feature_spec(load_schema(config_lib.load_config())).feature_spec
     metadata = dataset_metadata.DatasetMetadata(
         schema_utils.schema_from_feature_spec({name: spec[name] for name in USED})
@@ -59,6 +59,12 @@ def transformed():
         {k: np.array(v, dtype=np.object_ if v and isinstance(v[0], bytes) else None) for k, v in row.items()}
         for row in ROWS
     ]
+    return rows, metadata
+
+
+@pytest.fixture(scope="module")
+def transformed():
+    rows, metadata = _rows_and_metadata()
     # TF1 mode, as the pipeline's Transform runs it (pipeline/pipeline.py, force_tf_compat_v1=True).
     with tempfile.TemporaryDirectory() as temp_dir, tft_beam.Context(temp_dir=temp_dir, force_tf_compat_v1=True):
         (outputs, _), _ = (rows, metadata) | tft_beam.AnalyzeAndTransformDataset(
@@ -170,30 +176,18 @@ def test_values_beyond_the_training_range_are_taken_as_its_ends():
 
 
 @pytest.mark.slow
-def test_the_transform_converts_to_tflite_builtin_ops_and_maps_every_value_as_tensorflow_does(tmp_path):
+def test_the_transform_converts_to_tflite_builtin_ops_and_maps_every_value_as_tensorflow_does(
+    tmp_path, transform_output
+):
     """The device's model runs on builtin ops alone (models/lite.py): a transform op without one (a vocabulary's
     hash table, text made dense, ArgMax of int64) fails this conversion, and any difference in a mapping shows."""
-    import apache_beam as beam
     import tensorflow as tf
-    import tensorflow_transform as tft
     from tflite_runtime.interpreter import Interpreter
 
     from models import lite, signatures
 
     spec = schema_utils.schema_as_feature_spec(load_schema(config_lib.load_config())).feature_spec
-    metadata = dataset_metadata.DatasetMetadata(
-        schema_utils.schema_from_feature_spec({name: spec[name] for name in USED})
-    )
-    rows = [
-        {k: np.array(v, dtype=np.object_ if v and isinstance(v[0], bytes) else None) for k, v in row.items()}
-        for row in ROWS
-    ]
-    with beam.Pipeline() as pipeline, tft_beam.Context(temp_dir=str(tmp_path / "tmp"), force_tf_compat_v1=True):
-        transform_fn = (pipeline | beam.Create(rows, reshuffle=False), metadata) | tft_beam.AnalyzeDataset(
-            preprocessing.preprocessing_fn
-        )
-        _ = transform_fn | tft_beam.WriteTransformFn(str(tmp_path / "transform"))
-    output = tft.TFTransformOutput(str(tmp_path / "transform"))
+    output = transform_output
     raw_spec = {name: spec[name] for name in features.FEATURE_NAMES}
     module = tf.Module()
     module.layer = output.transform_features_layer()
@@ -238,14 +232,7 @@ def transform_output(tmp_path_factory):
     import tensorflow_transform as tft
 
     folder = tmp_path_factory.mktemp("transform")
-    spec = schema_utils.schema_as_feature_spec(load_schema(config_lib.load_config())).feature_spec
-    metadata = dataset_metadata.DatasetMetadata(
-        schema_utils.schema_from_feature_spec({name: spec[name] for name in USED})
-    )
-    rows = [
-        {k: np.array(v, dtype=np.object_ if v and isinstance(v[0], bytes) else None) for k, v in row.items()}
-        for row in ROWS
-    ]
+    rows, metadata = _rows_and_metadata()
     with beam.Pipeline() as pipeline, tft_beam.Context(temp_dir=str(folder / "tmp"), force_tf_compat_v1=True):
         transform_fn = (pipeline | beam.Create(rows, reshuffle=False), metadata) | tft_beam.AnalyzeDataset(
             preprocessing.preprocessing_fn
