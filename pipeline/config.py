@@ -72,6 +72,20 @@ class PipelineConfig:
     infra_max_memory_mb: float  # MiB: a server process that peaks above this does not get the infra blessing
     infra_max_p99_ms: float  # ms: nor one whose single-row requests' p99 is above this
     infra_load_timeout_seconds: float  # nor one that has not loaded the model after this long
+    # The span a run reads, with a span-{SPAN} pattern: -1 = the newest (`babyweight watch` runs each in turn)
+    input_span: int = -1
+    # `babyweight watch` (docs/watch.md): new spans start runs; served requests and live outcomes are checked
+    watch_poll_seconds: float = 10  # how often it looks for new spans (a span's run starts within one look)
+    watch_settle_seconds: float = 5  # a span's files must be this long unchanged to be complete (or have _SUCCESS)
+    watch_interval_seconds: float = 300  # how often it checks the served requests and the live outcomes
+    watch_window_requests: int = 2500  # served requests in a window of the skew and drift checks
+    watch_false_alarm_rate: float = 1e-6  # a feature is judged only once its window is big enough for this rate
+    watch_retry_seconds: float = 60  # a crashed run is retried after this, doubling each time (at most an hour)
+    watch_max_attempts: int = 5  # ...this many times in all; then an alert
+    decay_rmse_margin: float = 0.1  # pounds: a version decays when its live RMSE is above its eval RMSE plus this
+    decay_alpha: float = 0.001  # ...with this chance of saying so on noise alone
+    decay_min_outcomes: int = 200  # a version's live outcomes are judged from this many
+    decay_window_outcomes: int = 1000  # its newest outcomes judged
     orchestrator: str = "local"  # local: LocalDagRunner here; vertex: Vertex Pipelines, Dataflow, Vertex AI
     # A local run starts each step when the steps it depends on are done, this many at once (pipeline/runner.py);
     # 1: one at a time, with TFX's LocalDagRunner
@@ -109,6 +123,10 @@ class PipelineConfig:
     serving_max_replicas: int = 3
     serving_log_table: str = ""  # bq://PROJECT.DATASET.TABLE of request-response logging ('' = PROJECT.NAME_serving...)
     serving_log_sampling_rate: float = 1.0  # share of requests logged
+    # Vertex Pipelines schedule of the pipeline (runner_dataflow.py --schedule), cron in UTC ('' = none)
+    vertex_schedule_cron: str = ""
+    vertex_monitoring_interval_hours: int = 1  # Vertex AI Model Monitoring's interval (its minimum is 1 h)
+    vertex_monitoring_emails: Tuple[str, ...] = ()  # who Model Monitoring e-mails its alerts to
 
     @property
     def pipeline_root(self) -> str:
@@ -273,6 +291,17 @@ def _input_pattern(data_dir: pathlib.Path) -> str:
     return SPAN_PATTERN if has_spans else "*.csv"
 
 
+_WATCH_POSITIVE = (
+    "watch_poll_seconds",
+    "watch_interval_seconds",
+    "watch_window_requests",
+    "watch_retry_seconds",
+    "watch_max_attempts",
+    "decay_min_outcomes",
+    "decay_window_outcomes",
+)
+
+
 def _check(config: PipelineConfig, profile_path: pathlib.Path) -> None:
     """Rejects values that would only fail later, deep inside a component."""
     if config.strategy not in STRATEGIES:
@@ -331,6 +360,21 @@ def _check(config: PipelineConfig, profile_path: pathlib.Path) -> None:
         )
     if config.train_epochs <= 0:
         raise ConfigError(f"train_epochs must be positive, not {config.train_epochs}")
+    for name in _WATCH_POSITIVE:
+        if getattr(config, name) <= 0:
+            raise ConfigError(f"{name} must be positive, not {getattr(config, name)} (set it in {profile_path})")
+    for name in ("watch_false_alarm_rate", "decay_alpha"):
+        if not 0 < getattr(config, name) < 0.5:
+            raise ConfigError(f"{name} must be a chance between 0 and 0.5, not {getattr(config, name)}")
+    if config.input_span < -1:
+        raise ConfigError(f"input_span must be a span number, or -1 for the newest, not {config.input_span}")
+    if config.input_span >= 0 and "{SPAN}" not in config.input_pattern:
+        raise ConfigError(f"input_span {config.input_span}: input_pattern {config.input_pattern!r} has no {{SPAN}}")
+    if config.vertex_monitoring_interval_hours < 1:
+        raise ConfigError(
+            f"vertex_monitoring_interval_hours {config.vertex_monitoring_interval_hours}: Vertex AI Model "
+            "Monitoring's shortest interval is 1 hour (babyweight watch checks more often, locally)"
+        )
     if config.orchestrator not in ORCHESTRATORS:
         raise ConfigError(
             f"orchestrator {config.orchestrator!r} is not one of {', '.join(ORCHESTRATORS)} (set it in {profile_path})"

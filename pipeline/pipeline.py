@@ -75,6 +75,16 @@ def example_gen_component(config: PipelineConfig) -> tfx.types.BaseNode:
         input_base=config.data_dir,
         code_fingerprint=code_fingerprint(csv_example_gen.__name__),
         input_config=tfx.proto.Input(splits=[tfx.proto.Input.Split(name="all", pattern=config.input_pattern)]),
+        # input_span pins the span (TFX's static range); else the driver reads the newest
+        range_config=(
+            tfx.proto.RangeConfig(
+                static_range=tfx.proto.StaticRange(
+                    start_span_number=config.input_span, end_span_number=config.input_span
+                )
+            )
+            if config.input_span >= 0
+            else None
+        ),
         output_config=tfx.proto.Output(
             split_config=tfx.proto.SplitConfig(
                 splits=[

@@ -168,7 +168,9 @@ def _written(page: str, write: Callable[[], pathlib.Path]) -> str:
 def run_local(config: PipelineConfig) -> Outcome:
     """Runs the pipeline once; on bad input or a failed step, says why, and pushes nothing."""
     try:
-        checked = csv_check.check_csv_files(pathlib.Path(config.data_dir), config.input_pattern, load_schema(config))
+        checked = csv_check.check_csv_files(
+            pathlib.Path(config.data_dir), config.input_pattern, load_schema(config), config.input_span
+        )
     except csv_check.InputDataError as error:
         return Outcome(False, f"Run stopped before the pipeline started: {error}", recorded=False)
     logging.info("input: %d rows in %d file(s) under %s", checked.rows, len(checked.files), config.data_dir)

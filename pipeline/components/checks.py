@@ -4,7 +4,7 @@ Kept apart from the validator (and free of heavy imports) so that the config can
 of `warning_checks` without loading TFDV.
 """
 
-from typing import Dict, Tuple
+from typing import Any, Dict, Tuple
 
 from tensorflow_metadata.proto.v0 import anomalies_pb2
 
@@ -90,3 +90,18 @@ _CHECK_OF_KIND = {
 def check_of(kind: int) -> str:
     """The check (one of CHECKS) that a TFDV anomaly kind (AnomalyInfo.Type) answers."""
     return _CHECK_OF_KIND.get(kind, "other")
+
+
+MEASURES = ("infinity_norm", "jensen_shannon_divergence")
+
+
+def comparator_thresholds(schema: Any, kind: str) -> Dict[str, Tuple[str, float]]:
+    """feature -> (measure, threshold) of the schema's `kind` ('skew' or 'drift') comparators: the one reading of
+    them that babyweight watch's floors and Vertex AI Model Monitoring's thresholds share (TFDV reads them itself)."""
+    thresholds = {}
+    for feature in schema.feature:
+        comparator = getattr(feature, f"{kind}_comparator")
+        for measure in MEASURES:
+            if comparator.HasField(measure) and getattr(comparator, measure).threshold > 0:
+                thresholds[feature.name] = (measure, getattr(comparator, measure).threshold)
+    return thresholds

@@ -60,12 +60,13 @@ class InputDataError(ValueError):
 class CsvSummary:
     files: List[pathlib.Path]
     rows: int
-    span: Optional[int]  # the newest span, when the input is in span-N/ folders
+    span: Optional[int]  # the span read, when the input is in span-N/ folders
     notes: List[str]  # values that TFDV will see as the wrong type, with their file, line and column
 
 
-def newest_span(data_dir: pathlib.Path, pattern: str) -> Optional[int]:
-    """The span CsvExampleGen will read for a span-{SPAN} pattern (the newest), else None."""
+def span_read(data_dir: pathlib.Path, pattern: str, span: int = -1) -> Optional[int]:
+    """The span CsvExampleGen will read for a span-{SPAN} pattern: `span` if it is not -1 (input_span), else the
+    newest; None for a pattern without spans."""
     if "{SPAN}" not in pattern:
         return None
     folder = re.compile(re.escape(pattern.split("/")[0]).replace(re.escape("{SPAN}"), r"(\d+)") + "$")
@@ -75,15 +76,19 @@ def newest_span(data_dir: pathlib.Path, pattern: str) -> Optional[int]:
             f"no span folders matching {pattern.split('/')[0]!r} in {data_dir} (name them "
             f"{pattern.split('/')[0].replace('{SPAN}', '1')}, ..., or set input_pattern)"
         )
-    return max(spans)
+    if span >= 0 and span not in spans:
+        raise InputDataError(
+            f"input_span {span}: no folder {pattern.split('/')[0].replace('{SPAN}', str(span))} in {data_dir}"
+        )
+    return span if span >= 0 else max(spans)
 
 
-def input_files(data_dir: pathlib.Path, pattern: str) -> List[pathlib.Path]:
-    """The files CsvExampleGen will read: `pattern` under `data_dir` (in its newest span), as its glob does."""
+def input_files(data_dir: pathlib.Path, pattern: str, span: int = -1) -> List[pathlib.Path]:
+    """The files CsvExampleGen will read: `pattern` under `data_dir` (in the span it reads), as its glob does."""
     if not data_dir.is_dir():
         raise InputDataError(f"input folder {data_dir} does not exist (set it with --data-dir)")
-    span = newest_span(data_dir, pattern)
-    glob = pattern if span is None else pattern.replace("{SPAN}", str(span))
+    chosen = span_read(data_dir, pattern, span)
+    glob = pattern if chosen is None else pattern.replace("{SPAN}", str(chosen))
     files = sorted(p for p in data_dir.glob(glob) if p.is_file() and not fnmatch.fnmatch(p.name, ".*"))
     if not files:
         raise InputDataError(
@@ -98,9 +103,10 @@ def _numeric_types(schema: schema_pb2.Schema) -> Dict[str, type]:
     return {f.name: kinds[f.type] for f in schema.feature if f.type in kinds}
 
 
-def check_csv_files(data_dir: pathlib.Path, pattern: str, schema: schema_pb2.Schema) -> CsvSummary:
-    """Raises InputDataError unless CsvExampleGen can read every file; notes values of the wrong type."""
-    files = input_files(data_dir, pattern)
+def check_csv_files(data_dir: pathlib.Path, pattern: str, schema: schema_pb2.Schema, span: int = -1) -> CsvSummary:
+    """Raises InputDataError unless CsvExampleGen can read every file (of `span`, -1 the newest); notes values of
+    the wrong type."""
+    files = input_files(data_dir, pattern, span)
     numeric = _numeric_types(schema)
     problems: List[str] = []
     notes: List[str] = []
@@ -120,7 +126,7 @@ def check_csv_files(data_dir: pathlib.Path, pattern: str, schema: schema_pb2.Sch
             rows += checked[1]
     if problems:
         raise InputDataError("input data can't be used:\n  " + "\n  ".join(problems[: MAX_REPORTED + 1]))
-    return CsvSummary(files, rows, newest_span(data_dir, pattern), notes[:MAX_REPORTED])
+    return CsvSummary(files, rows, span_read(data_dir, pattern, span), notes[:MAX_REPORTED])
 
 
 def _encoding_problem(path: pathlib.Path) -> Optional[str]:

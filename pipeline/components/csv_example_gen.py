@@ -23,7 +23,7 @@ them in every name. Here the header is parsed by Python's csv module without the
 import concurrent.futures
 import itertools
 import os
-from typing import Any, Dict, Iterator, List, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import apache_beam as beam
 import numpy as np
@@ -42,7 +42,7 @@ from tfx.components.example_gen.csv_example_gen import executor as csv_executor
 from tfx.components.util import examples_utils
 from tfx.dsl.components.base import executor_spec
 from tfx.dsl.io import fileio
-from tfx.proto import example_gen_pb2
+from tfx.proto import example_gen_pb2, range_config_pb2
 from tfx.types import artifact_utils, standard_component_specs
 from tfx.utils import proto_utils
 from tfx_bsl.coders import csv_decoder, example_coder
@@ -409,6 +409,7 @@ class CsvExampleGen(tfx.components.CsvExampleGen):
         input_config: example_gen_pb2.Input,
         output_config: example_gen_pb2.Output,
         code_fingerprint: str,
+        range_config: Optional[range_config_pb2.RangeConfig] = None,
     ):  # pylint: disable=super-init-not-called
         custom_config = example_gen_pb2.CustomConfig()
         custom_config.custom_config.Pack(wrappers_pb2.StringValue(value=code_fingerprint))
@@ -418,6 +419,7 @@ class CsvExampleGen(tfx.components.CsvExampleGen):
             input_config=input_config,
             output_config=output_config,
             custom_config=custom_config,
+            range_config=range_config,
         )
 
 
