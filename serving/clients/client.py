@@ -23,7 +23,8 @@ connection fails is sent again, a few times with growing waits (RETRIES, BACKOFF
 up with exit code 2. Each batch carries one X-Request-Id (gRPC metadata x-request-id), the same on every try, so the
 server's request log ties the tries together, and each row's answer is written once: where the server says a retry's
 id answered an earlier try (an experiment's 409), the answer was lost in transit and those rows get that error
-instead of a second answer. On a terminal, a progress bar (rows done of all) runs on stderr.
+instead of a second answer. With --client-id, every request carries that X-Client-Id: a label of this client's traffic
+in the server's request log, not a credential. On a terminal, a progress bar (rows done of all) runs on stderr.
 A Vertex AI endpoint is called with the application-default credentials (gcloud auth application-default login).
 """
 
@@ -113,8 +114,9 @@ def _cause(error: Exception) -> str:
 class RestSender:
     """Batches POSTed to a :predict URL over one pool of kept-alive connections, with retry_policy()."""
 
-    def __init__(self, url: str):
+    def __init__(self, url: str, client_id: str = ""):
         self.url = url
+        self.client_id = client_id  # the X-Client-Id of every request, none where ""
         self.pool = urllib3.PoolManager(
             maxsize=1, retries=retry_policy(), timeout=urllib3.Timeout(total=TIMEOUT_SECONDS)
         )
@@ -126,6 +128,8 @@ class RestSender:
 
     def _headers(self, request_id: str) -> Dict[str, str]:
         headers = {"Content-Type": "application/json", "X-Request-Id": request_id}
+        if self.client_id:
+            headers["X-Client-Id"] = self.client_id
         if self.credentials is not None:
             if not self.credentials.valid:  # the first request, or an hour later
                 import google.auth.transport.requests
@@ -284,9 +288,14 @@ def main(argv: Optional[List[str]] = None) -> int:
         "--batch-size", type=int, default=64, help="instances per request (per model call with --tflite)"
     )
     parser.add_argument("--output", type=pathlib.Path, help="write the CSV here instead of printing it")
+    parser.add_argument(
+        "--client-id", default="", help="--url: sent as X-Client-Id, this client's label in the server's request log"
+    )
     args = parser.parse_args(argv)
     if args.tflite and (args.version or args.label):
         parser.error("--version and --label choose a server's version; a TFLite file is one version")
+    if args.client_id and (args.grpc or args.tflite):
+        parser.error("--client-id goes with --url's requests")
     from models import lite
     from serving.clients import device
 
@@ -298,7 +307,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             sender = (
                 GrpcSender(args.grpc, args.model, args.version, args.label)
                 if args.grpc
-                else RestSender(predict_url(args.url, args.model, args.version, args.label))
+                else RestSender(predict_url(args.url, args.model, args.version, args.label), args.client_id)
             )
             with contextlib.closing(sender):
                 results = predict_rows(sender, rows, args.batch_size)

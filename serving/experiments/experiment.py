@@ -5,6 +5,7 @@ An experiment file (YAML; `babyweight serve --experiment-file FILE`) names the a
     arms: [stable, canary]          # labels of --model-config-file, or version numbers
     policy: thompson                # split | thompson | epsilon_greedy | shadow
     split: [0.9, 0.1]               # split: each arm's share; a request's X-Routing-Key always gets the same arm
+                                    # (one arm, split: [1.0]: every answer recorded, for outcomes without a test)
     epsilon: 0.1                    # epsilon_greedy: the share of requests sent to a random arm
     reward: absolute                # the loss of an answer once its outcome is known: absolute or squared error
     state: outputs/experiment.sqlite
@@ -100,10 +101,22 @@ def load_config(path: str) -> ExperimentConfig:
         raise ExperimentError(f"{where}: split, epsilon and promote_level take numbers: {error}") from None
     config = ExperimentConfig(**values)
     arms = config.arms
-    if len(arms) < 2 or len(set(arms)) != len(arms):
-        raise ExperimentError(f"{where}: 'arms' needs two or more different labels or versions, not {list(arms)}")
     if config.policy not in POLICIES:
         raise ExperimentError(f"{where}: policy {config.policy!r} is not one of {', '.join(POLICIES)}")
+    # A split of one arm chooses nothing: it records every answer, so that outcomes join what each version answered
+    # without an A/B test. The other policies compare arms.
+    if config.policy == "split":
+        fewest, needs = 1, "one or more different labels or versions"
+    else:
+        shadow = config.policy == "shadow"
+        compares = "shadow asks a challenger beside the incumbent" if shadow else "a bandit chooses between arms"
+        fewest = 2
+        needs = (
+            f"two or more different labels or versions for policy {config.policy} ({compares}; "
+            "one arm takes policy split, split: [1.0])"
+        )
+    if len(arms) < fewest or len(set(arms)) != len(arms):
+        raise ExperimentError(f"{where}: 'arms' needs {needs}, not {list(arms)}")
     if config.reward not in REWARDS:
         raise ExperimentError(f"{where}: reward {config.reward!r} is not one of {', '.join(REWARDS)}")
     if config.policy == "split" and (

@@ -170,6 +170,8 @@ def promote(config: ExperimentConfig, model_config_file: str, model_name: str) -
     from google.protobuf import text_format
     from tensorflow_serving.config import model_server_config_pb2
 
+    if len(config.arms) < 2:  # a one-arm split records answers for their outcomes; it compares nothing
+        raise ExperimentError(f"the experiment has one arm, {config.arms[0]}: there is no winner to promote")
     result = report(config)
     winner = max(result["arms"], key=lambda arm: result["arms"][arm]["probability_best"])
     chance = result["arms"][winner]["probability_best"]
@@ -253,7 +255,10 @@ def vertex_split(
         )
     arms = config.arms if set(config.arms) <= set(deployed) else deployed
     if len(arms) < 2:
-        raise ExperimentError(f"endpoint {endpoint_name} has {len(arms)} deployed model(s); an experiment needs two")
+        raise ExperimentError(
+            f"endpoint {endpoint_name}: the experiment has {len(arms)} arm(s) among its deployed models "
+            f"({', '.join(deployed) or 'none'}); a traffic split between them needs two"
+        )
     if bigquery_client is None:
         from google.cloud import bigquery
 

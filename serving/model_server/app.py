@@ -9,7 +9,8 @@
 Errors answer {"error": "..."}: 400 a bad request (naming the instance and feature), 404 an unknown model,
 version or label, 413 a request too large, 500 a version that answered no number (naming it), 503 no version
 available yet. Each answer carries the request's id
-and the version that answered in the X-Request-Id and X-Model-Version headers.
+and the version that answered in the X-Request-Id and X-Model-Version headers. A prediction's X-Client-Id (a label
+the client chooses, checked as X-Request-Id is) goes into the request log.
 """
 
 import asyncio
@@ -159,7 +160,7 @@ class RestApi:
 
     async def predict(self, request: Request, version: Optional[int], label: Optional[str], route: str) -> Response:
         started = time.perf_counter()
-        declared, given_id, routing_key = None, None, None
+        declared, given_id, routing_key, given_client = None, None, None, None
         for key, value in request.scope["headers"]:  # one pass over the raw headers for those we read
             if key == b"content-length":
                 declared = value
@@ -167,9 +168,14 @@ class RestApi:
                 given_id = value.decode("latin-1")
             elif key == ROUTING_HEADER:
                 routing_key = value.decode("latin-1")
+            elif key == b"x-client-id":
+                given_client = value.decode("latin-1")
         request_id, bad_id = self.service.request_id(given_id)
         if bad_id:
             return self._respond(self.service.refused(400, service_lib.BAD_REQUEST_ID, request_id, "none", route))
+        client, bad_client = self.service.client_id(given_client)
+        if bad_client:
+            return self._respond(self.service.refused(400, service_lib.BAD_CLIENT_ID, request_id, "none", route))
         try:
             body = await self._body(request, declared)
         except contract.RequestError as error:
@@ -181,7 +187,7 @@ class RestApi:
                 return contract.parse_regress(body, max_instances)
             return contract.parse_predict(body, max_instances)
 
-        outcome = await self.service.answer(parse, version, label, route, request_id, routing_key, started)
+        outcome = await self.service.answer(parse, version, label, route, request_id, routing_key, started, client)
         return self._respond(outcome, route)
 
     def _respond(self, outcome: service_lib.Outcome, route: str = "") -> Response:

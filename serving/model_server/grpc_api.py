@@ -10,7 +10,8 @@ contract, table, batcher, experiment, request log and metrics a REST request tak
 grpc_regress, ...; the code label the HTTP status REST would answer). Refusals carry TF Serving's codes:
 INVALID_ARGUMENT naming the instance and feature, NOT_FOUND, UNAVAILABLE, RESOURCE_EXHAUSTED for too many
 instances or bytes (--max-instances, --max-body-bytes), INTERNAL for the server's fault. The request id is read
-from the x-request-id metadata (else made) and sent back, with the version that answered, as trailing metadata.
+from the x-request-id metadata (else made) and sent back, with the version that answered, as trailing metadata; the
+client id (a label the client chooses, checked as the request id is) from x-client-id, into the request log.
 MultiInference and HandleReloadConfigRequest are not served (UNIMPLEMENTED): the model config file is re-read by
 itself.
 """
@@ -116,7 +117,7 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
     async def Classify(self, request: classification_pb2.ClassificationRequest, context: Any) -> Any:
         """Refused as TF Serving refuses it for a model of regression (predict) signatures, once the version is
         known (an unknown model or version is NOT_FOUND first)."""
-        request_id, _ = self._request_id(context)
+        request_id = self._metadata(context)[0]
         try:
             handle = self._resolve(request.model_spec)
         except _Refused as error:
@@ -152,7 +153,7 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
         self, spec: Any, parse: Callable[[], contract.Request], route: str, context: Any
     ) -> service_lib.Outcome:
         started = time.perf_counter()
-        request_id, routing_key = self._request_id(context)
+        request_id, routing_key, client = self._metadata(context)
         try:
             version, label = _version_of(spec, self.service)
         except _Refused as error:
@@ -160,22 +161,28 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
         if request_id is None:
             outcome = self.service.refused(400, service_lib.BAD_REQUEST_ID, self.service.new_id(), "none", route)
             await _refuse(context, outcome)
-        outcome = await self.service.answer(parse, version, label, route, request_id, routing_key, started)
+        if client is None:
+            await _refuse(context, self.service.refused(400, service_lib.BAD_CLIENT_ID, request_id, "none", route))
+        outcome = await self.service.answer(parse, version, label, route, request_id, routing_key, started, client)
         if outcome.status != 200:
             await _refuse(context, outcome)
         context.set_trailing_metadata(_trailing(outcome))
         return outcome
 
-    def _request_id(self, context: Any) -> Tuple[Optional[str], Optional[str]]:
-        """(the request's id: the client's x-request-id, else a new one; None for one refused, the routing key)."""
-        given = routing_key = None
+    def _metadata(self, context: Any) -> Tuple[Optional[str], Optional[str], Optional[str]]:
+        """(the request's id: the client's x-request-id, else a new one; the routing key; the client id: the
+        client's x-client-id, else ""), the request id and the client id None where the client's was refused."""
+        given = routing_key = given_client = None
         for key, value in context.invocation_metadata() or ():
             if key == "x-request-id":
                 given = value
             elif key == experiment.ROUTING_HEADER:
                 routing_key = value
+            elif key == "x-client-id":
+                given_client = value
         request_id, bad = self.service.request_id(given if isinstance(given, str) else None)
-        return (None if bad else request_id), routing_key
+        client, bad_client = self.service.client_id(given_client if isinstance(given_client, str) else None)
+        return (None if bad else request_id), routing_key, (None if bad_client else client)
 
     def _resolve(self, spec: Any) -> Any:
         version, label = _version_of(spec, self.service)

@@ -1,12 +1,12 @@
 """Every prediction as a JSON line, written by a background thread off the requests' path.
 
-One line per instance: {"request_id", "time", "model", "version", "signature", "index", "instance" (the raw
-features as sent), "prediction", "latency_ms", "path" ("cache" or "model")}. Each server process writes its
-own files, requests-<start time>-<pid>-<n>.jsonl, in the log folder, and starts a new one when it reaches
-`max_bytes`. Each new file enforces the folder's budget (`keep_files` files, `max_total_bytes` bytes), all
-processes' files together, past restarts included: the oldest are deleted, except each live process's newest
-(the one it writes). `babyweight validate-serving FOLDER` reads the files as they are (models/requests.py), and
-the next version's cache learns its head from them.
+One line per instance: {"request_id", "client" (the client's X-Client-Id, a label it chooses; "" when none), "time",
+"model", "version", "signature", "index", "instance" (the raw features as sent), "prediction", "latency_ms", "path"
+("cache" or "model")}. Each server process writes its own files, requests-<start time>-<pid>-<n>.jsonl, in the log
+folder, and starts a new one when it reaches `max_bytes`. Each new file enforces the folder's budget (`keep_files`
+files, `max_total_bytes` bytes), all processes' files together, past restarts included: the oldest are deleted,
+except each live process's newest (the one it writes). `babyweight validate-serving FOLDER` reads the files as they
+are (models/requests.py), and the next version's cache learns its head from them.
 
 Storage faults never reach the requests: `write` only queues (at most `max_pending` records; beyond, records
 are dropped), and the writer thread catches every error, drops what it can't write, logs once per streak of

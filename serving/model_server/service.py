@@ -23,9 +23,12 @@ from serving.model_server import metrics, request_log
 from serving.model_server import settings as settings_lib
 from serving.model_server.settings import ServerSettings
 
-# A client's request id: it goes into the request log and joins outcomes, so it is short and plain.
+# A client's request id (it joins outcomes) and client id (a label it chooses for its traffic, not who it is): both
+# go into the request log, so they are short and plain.
 CLIENT_REQUEST_ID = re.compile(rf"[A-Za-z0-9._:/+=-]{{1,{experiment.MAX_REQUEST_ID}}}\Z")
-BAD_REQUEST_ID = f"X-Request-Id: at most {experiment.MAX_REQUEST_ID} letters, digits and . _ : / + = - characters"
+PLAIN_CHARACTERS = f"at most {experiment.MAX_REQUEST_ID} letters, digits and . _ : / + = - characters"
+BAD_REQUEST_ID = f"X-Request-Id: {PLAIN_CHARACTERS}"
+BAD_CLIENT_ID = f"X-Client-Id: {PLAIN_CHARACTERS}"
 TRAFFIC_HEAD_RECORDS = 50_000  # newest request log records read for the traffic's head when a version loads
 
 
@@ -119,6 +122,11 @@ class Service:
         bad = bool(given) and CLIENT_REQUEST_ID.match(given) is None  # an empty one: none sent
         return (given, False) if given and not bad else (self.new_id(), bad)
 
+    def client_id(self, given: Optional[str]) -> tuple:
+        """(the request's client id, whether the client's was refused): the X-Client-Id sent, else ""."""
+        bad = bool(given) and CLIENT_REQUEST_ID.match(given) is None
+        return ("" if bad or not given else given), bad
+
     def new_id(self) -> str:
         """The process's prefix, then 128 random bits: no client can guess another's id (and send its outcome)."""
         return f"{self._id_prefix}-{secrets.token_hex(16)}"
@@ -136,10 +144,12 @@ class Service:
         request_id: str,
         routing_key: Optional[str],
         started: float,
+        client: str = "",
     ) -> Outcome:
         """A request's predictions: the version chosen (by the client, else the experiment), the request read
         (`parse` raises RequestError naming the instance and feature), the table or the model asked, the answer
-        recorded, logged and counted. Every failure is a refusal with its status; nothing raises."""
+        recorded, logged (with the client id checked by client_id) and counted. Every failure is a refusal with its
+        status; nothing raises."""
         version_name = "none"
         arm = shadow = None
         if self.experiment is not None and version is None and label is None:
@@ -189,6 +199,7 @@ class Service:
                 self.log.write(
                     {
                         "request_id": request_id,
+                        "client": client,
                         "time": now,
                         "model": self.manager.config.name,
                         "version": handle.version,

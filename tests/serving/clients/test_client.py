@@ -73,11 +73,11 @@ class Scripted:
     """A :predict server on a free loopback port that answers mother_age / 10 for each instance, after playing
     `script` (one step per request: "503", ("429", retry_after), "reset": the request read and answered, then the
     socket closed before the answer goes out). It records each request (its X-Request-Id, its connection, its
-    instances, when it came); with `experiment`, it answers 409 for an id it answered before, as the real server
-    does while it runs an experiment."""
+    instances, when it came) and its X-Client-Id (`clients`); with `experiment`, it answers 409 for an id it answered
+    before, as the real server does while it runs an experiment."""
 
     def __init__(self, script=(), experiment=False):
-        self.script, self.requests, self.answered = list(script), [], set()
+        self.script, self.requests, self.answered, self.clients = list(script), [], set(), []
         self.experiment = experiment
         scripted = self
 
@@ -88,6 +88,7 @@ class Scripted:
                 instances = json.loads(self.rfile.read(int(self.headers["Content-Length"])))["instances"]
                 request_id = self.headers.get("X-Request-Id")
                 scripted.requests.append((request_id, self.client_address, instances, time.monotonic()))
+                scripted.clients.append(self.headers.get("X-Client-Id"))
                 step = scripted.script.pop(0) if scripted.script else None
                 if step == "reset":
                     scripted.answered.add(request_id)
@@ -182,6 +183,16 @@ def test_a_429s_retry_after_is_honoured_up_to_a_bound(ages, capsys, monkeypatch)
     with Scripted([("429", "3600")]) as server:
         assert client.main(["--url", server.url, ages(30)]) == 0
     assert 0.15 <= server.requests[1][3] - server.requests[0][3] < 5
+
+
+def test_the_client_id_goes_with_every_request_and_only_where_given(ages, capsys):
+    with Scripted() as server:
+        assert client.main(["--url", server.url, "--batch-size", "1", "--client-id", "ward-4", ages(30, 31)]) == 0
+        assert client.main(["--url", server.url, ages(30)]) == 0
+    assert server.clients == ["ward-4", "ward-4", None]
+    with pytest.raises(SystemExit):  # a REST header: --grpc and --tflite don't send it
+        client.main(["--grpc", "127.0.0.1:1", "--client-id", "ward-4", ages(30)])
+    assert "--client-id goes with --url's requests" in capsys.readouterr().err
 
 
 def test_batches_go_over_one_kept_alive_connection(ages, capsys):

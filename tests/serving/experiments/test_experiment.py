@@ -40,7 +40,13 @@ def _models_config(folder, toy_versions):
 @pytest.mark.parametrize(
     "settings, message",
     [
-        ({"arms": ["stable"]}, "'arms' needs two or more different labels or versions"),
+        # One arm is a split's (it records every answer); a bandit or a shadow compares two or more.
+        ({"arms": ["stable"]}, "'arms' needs two or more different labels or versions for policy thompson (a bandit"),
+        ({"arms": ["stable"], "policy": "epsilon_greedy"}, "versions for policy epsilon_greedy (a bandit chooses"),
+        ({"arms": ["stable"], "policy": "shadow"}, "versions for policy shadow (shadow asks a challenger beside"),
+        ({"arms": [], "policy": "split", "split": []}, "'arms' needs one or more different labels or versions"),
+        ({"arms": ["a", "a"], "policy": "split", "split": [0.5, 0.5]}, "'arms' needs one or more different labels"),
+        ({"arms": ["stable"], "policy": "split", "split": [0.5]}, "'split' needs one share per arm, adding up to 1"),
         ({"policy": "ucb"}, "policy 'ucb' is not one of split, thompson, epsilon_greedy, shadow"),
         ({"policy": "split", "split": [0.7, 0.2]}, "'split' needs one share per arm, adding up to 1"),
         ({"reward": "log"}, "reward 'log' is not one of absolute, squared"),
@@ -61,6 +67,14 @@ def test_a_fixed_split_keeps_a_routing_key_on_one_arm_and_splits_the_rest_by_sha
     unkeyed = [policy.choose({}) for _ in range(4000)]
     assert keyed.count("a") / 4000 == pytest.approx(0.8, abs=0.03)
     assert unkeyed.count("a") / 4000 == pytest.approx(0.8, abs=0.03)
+
+
+def test_a_one_arm_split_loads_and_routes_every_request_to_its_arm(tmp_path):
+    config = experiment.load_config(str(_experiment_file(tmp_path, arms=["stable"], policy="split", split=[1.0])))
+    assert (config.arms, config.policy, config.split) == (("stable",), "split", (1.0,))
+    policy = experiment.Policy(config, seed=4)
+    routed = {policy.choose({}) for _ in range(500)} | {policy.choose({}, f"patient-{n}") for n in range(500)}
+    assert routed == {"stable"} and policy.shares({}) == {"stable": 1.0}
 
 
 def test_thompson_sampling_prefers_the_arm_with_the_lower_loss_and_still_tries_a_new_one():
@@ -281,6 +295,39 @@ def test_a_locked_state_file_stalls_no_request_and_costs_only_its_record(toy_ver
         version = {"stable": 1, "canary": 2}[headers["x-experiment-arm"]]
         assert status == 200 and body["predictions"][0][0] == pytest.approx(toy_model.expected(MEDIUM, version))
         assert seconds < 1.5, f"an answer waited {seconds:.1f} s for its record"
+
+
+def test_a_served_one_arm_split_records_every_answer_with_its_version_for_outcomes(toy_versions, tmp_path):
+    """No A/B test: every request the one arm's version answers (stable -> 1, not the newest, 2) is recorded with
+    that version, its outcome joins at the feedback route, and the report reads it; promote has no winner."""
+    exp = _experiment_file(tmp_path, arms=["stable"], policy="split", split=[1.0])
+    flags = ("--model-config-file", str(_models_config(tmp_path, toy_versions)), "--experiment-file", str(exp))
+    predict = "/v1/models/babyweight:predict"
+    with running_server(toy_versions, tmp_path / "logs", *flags, available=2, env=WITH_TOKEN) as url:
+        answers = [call(url + predict, {"instances": [MEDIUM]}, {"X-Request-Id": f"one-{n}"}) for n in range(8)]
+        keyed = call(url + predict, {"instances": [MEDIUM, MEDIUM]}, {"X-Routing-Key": "p-1", "X-Request-Id": "k"})
+        status, _, joined = call(
+            url + "/v1/models/babyweight:feedback",
+            {"feedback": [{"request_id": "one-0", "weight_pounds": 8.0}, {"request_id": "k", "weight_pounds": 7.0}]},
+            AUTHORIZED,
+        )
+    for answer_status, headers, body in [*answers, keyed]:
+        assert answer_status == 200 and (headers["x-experiment-arm"], headers["x-model-version"]) == ("stable", "1")
+        assert body["predictions"][0][0] == pytest.approx(toy_model.expected(MEDIUM, 1))
+    assert status == 200 and joined == {"accepted": 2, "unknown": [], "duplicate": []}
+    config = experiment.load_config(str(exp))
+    store = experiment.Store(config)
+    recorded = store.db.execute("SELECT request_id, instance, arm, version, shadow FROM predictions").fetchall()
+    store.close()
+    assert sorted(recorded) == sorted(
+        [(f"one-{n}", 0, "stable", 1, 0) for n in range(8)] + [("k", 0, "stable", 1, 0), ("k", 1, "stable", 1, 0)]
+    )
+    result = experiment_cli.report(config)["arms"]["stable"]
+    assert (result["versions"], result["requests"], result["outcomes"]) == ([1], 9, 2)
+    answered = toy_model.expected(MEDIUM, 1)
+    assert result["mae"] == pytest.approx((abs(8.0 - answered) + abs(7.0 - answered)) / 2)
+    with pytest.raises(ExperimentError, match="one arm, stable: there is no winner to promote"):
+        experiment_cli.promote(config, str(tmp_path / "models.config"), "babyweight")
 
 
 def test_a_restarted_bandit_routes_by_the_persisted_outcomes_and_an_absent_arm_falls_back(toy_versions, tmp_path):

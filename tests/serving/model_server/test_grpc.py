@@ -221,6 +221,36 @@ def test_request_log_metrics_and_request_ids(servers):
     assert "babyweight_process_resident_memory_bytes" in exposition
 
 
+def test_the_client_id_is_logged_absent_is_empty_and_a_bad_one_is_refused_naming_it(servers):
+    """x-client-id as REST's X-Client-Id: into each record of the request log, "" when not sent, and refused
+    (INVALID_ARGUMENT naming the header, nothing logged) beyond the request id's characters and length."""
+    stub = prediction_service_pb2_grpc.PredictionServiceStub(servers["channel"])
+    sent = {"grpc-client-9": [("x-client-id", "ward-4:tablet/2")], "grpc-anonymous": []}
+    for request_id, client in sent.items():
+        stub.Predict(predict_request([ROW, ROW]), metadata=[("x-request-id", request_id), *client], timeout=30)
+    for number, bad in enumerate(["x" * 129, "no spaces", "<script>"]):
+        metadata = [("x-request-id", f"grpc-bad-client-{number}"), ("x-client-id", bad)]
+        with pytest.raises(grpc.RpcError) as raised:
+            stub.Predict(predict_request([ROW]), metadata=metadata, timeout=30)
+        code, details = raised.value.code(), raised.value.details()
+        assert code == grpc.StatusCode.INVALID_ARGUMENT and details.startswith("X-Client-Id: at most 128 letters")
+    stub.Predict(predict_request([ROW]), metadata=[("x-request-id", "grpc-after-bad-clients")], timeout=30)
+
+    def logged():
+        records = [
+            json.loads(line) for path in servers["logs"].rglob("*.jsonl") for line in path.read_text().splitlines()
+        ]
+        done = any(record["request_id"] == "grpc-after-bad-clients" for record in records)
+        return done and {
+            (r["request_id"], r["index"]): r["client"] for r in records if r["request_id"].startswith("grpc-")
+        }
+
+    clients = wait_for(logged, 10)
+    assert clients[("grpc-client-9", 0)] == clients[("grpc-client-9", 1)] == "ward-4:tablet/2"
+    assert clients[("grpc-anonymous", 0)] == clients[("grpc-anonymous", 1)] == ""
+    assert not [request_id for request_id, _ in clients if request_id.startswith("grpc-bad-client")]
+
+
 def test_a_port_in_use_stops_the_start(servers, toy_versions, tmp_path):
     done = subprocess.run(
         [

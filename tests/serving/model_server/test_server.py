@@ -332,28 +332,57 @@ def test_the_ids_the_server_makes_are_unguessable(server):
     assert max(suffixes) - min(suffixes) > 2**64  # not a counter
 
 
+def _logged(logs, request_id: str) -> list:
+    """The request log's records of one request, once the writer has written them."""
+    return wait_for(
+        lambda: [
+            r
+            for f in request_log.log_files(str(logs))
+            for r in map(json.loads, f.open())
+            if r["request_id"] == request_id
+        ]
+    )
+
+
 def test_request_log_has_every_prediction_and_validate_serving_reads_it(server):
     url, logs = server[:2]
     status, headers, body = call(
         f"{url}/v1/models/babyweight/labels/stable:predict",
         {"instances": [ROW, {"mother_age": 22, "gestation_weeks": 41}]},
-        headers={"X-Request-Id": "clinic-7-0001"},
+        headers={"X-Request-Id": "clinic-7-0001", "X-Client-Id": "clinic-7.app:2/b=+_-"},
     )
     assert headers["x-request-id"] == "clinic-7-0001"
-    records = wait_for(
-        lambda: [
-            r
-            for f in request_log.log_files(str(logs))
-            for r in map(json.loads, f.open())
-            if r["request_id"] == "clinic-7-0001"
-        ]
-    )
-    assert [(r["index"], r["version"], r["instance"], r["prediction"]) for r in records] == [
-        (0, 1, ROW, body["predictions"][0][0]),
-        (1, 1, {"mother_age": 22, "gestation_weeks": 41}, body["predictions"][1][0]),
+    records = _logged(logs, "clinic-7-0001")
+    assert [(r["index"], r["version"], r["instance"], r["prediction"], r["client"]) for r in records] == [
+        (0, 1, ROW, body["predictions"][0][0], "clinic-7.app:2/b=+_-"),
+        (1, 1, {"mother_age": 22, "gestation_weeks": 41}, body["predictions"][1][0], "clinic-7.app:2/b=+_-"),
     ]
     assert records[0]["path"] in ("cache", "model") and records[0]["latency_ms"] > 0
     assert ROW in requests_lib.read_requests(logs)  # what validate-serving reads
+    # No X-Client-Id (or an empty one): the record's client is "".
+    for number, sent in enumerate(
+        ({"X-Request-Id": "anonymous-0"}, {"X-Request-Id": "anonymous-1", "X-Client-Id": ""})
+    ):
+        assert call(f"{url}/v1/models/babyweight:predict", {"instances": [ROW]}, headers=sent)[0] == 200
+        assert [r["client"] for r in _logged(logs, f"anonymous-{number}")] == [""]
+
+
+@pytest.mark.parametrize(
+    "number, given", enumerate(["x" * 129, "a b", "id\u00e9", "<script>"]), ids=["long", "space", "accent", "markup"]
+)
+def test_a_client_id_beyond_the_request_ids_limits_is_refused_naming_the_header_and_not_logged(server, number, given):
+    url, logs = server[:2]
+    status, headers, body = call(
+        f"{url}/v1/models/babyweight:predict",
+        {"instances": [ROW]},
+        headers={"X-Request-Id": f"bad-client-{number}", "X-Client-Id": given.encode("utf-8").decode("latin-1")},
+    )
+    assert status == 400 and body["error"].startswith("X-Client-Id: at most 128 letters, digits and")
+    assert headers["x-request-id"] == f"bad-client-{number}"  # the request id was good: it is kept
+    call(f"{url}/v1/models/babyweight:predict", {"instances": [ROW]}, headers={"X-Request-Id": f"after-{number}"})
+    _logged(logs, f"after-{number}")  # the log has what came after: the refused request would be in it by now
+    logged = [json.loads(line)["request_id"] for f in request_log.log_files(str(logs)) for line in f.open()]
+    assert f"bad-client-{number}" not in logged
 
 
 def call_text(url: str) -> str:
