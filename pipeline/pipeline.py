@@ -197,10 +197,11 @@ def pusher_component(config: PipelineConfig, **inputs) -> tfx.types.BaseNode:
                 "max_replica_count": config.serving_max_replicas,
             },
             vertex_pusher.REQUEST_LOGGING_KEY: {
-                "bq_destination_table": config.serving_log_table
-                or f"bq://{config.gcp_project}.{config.pipeline_name}_serving.request_response_logging",
+                "bq_destination_table": vertex_pusher.request_log_table(config),
                 "sampling_rate": config.serving_log_sampling_rate,
             },
+            # Model Monitoring of the endpoint after the deploy, with the schema's skew and drift thresholds.
+            vertex_pusher.MONITORING_KEY: vertex_pusher.monitoring_config(config),
         },
         **inputs,
     )

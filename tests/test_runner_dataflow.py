@@ -1,12 +1,15 @@
 """The vertex profile compiles the same pipeline to a Vertex Pipelines job spec (offline: no cloud calls)."""
 
 import json
+import types
 
 import pytest
 
 import runner_dataflow
+from models import features
 from pipeline import config as config_lib
 from pipeline import pipeline as pipeline_lib
+from pipeline.components import vertex_pusher
 
 IMAGE = "us-central1-docker.pkg.dev/my-project/babyweight/pipeline:7"
 SERVING_IMAGE = "us-central1-docker.pkg.dev/my-project/babyweight/serving:7"
@@ -199,6 +202,12 @@ def test_pusher_deploys_to_the_configured_vertex_endpoint(compiled):
         "bq_destination_table": "bq://my-project.babyweight_serving.request_response_logging",
         "sampling_rate": 1.0,
     }
+    # Model Monitoring's arguments, read from the schema when the pipeline is built (tests/pipeline/components/
+    # test_vertex_monitoring.py checks them against it).
+    monitoring = custom_config["model_monitoring"]
+    assert monitoring["training_table"] == "bq://my-project.babyweight_serving.training_data"
+    assert monitoring["skew_thresholds"]["plurality"] == monitoring["drift_thresholds"]["plurality"] == 0.05
+    assert (monitoring["interval_hours"], monitoring["sampling_rate"], monitoring["emails"]) == (1, 1.0, [])
     assert any(
         "pipeline.components.vertex_pusher.Executor" in json.dumps(executor) for executor in compiled[2].values()
     )
@@ -299,37 +308,130 @@ def test_environment_variables_fill_the_profile(tmp_path, monkeypatch):
     assert config_lib.load_config("vertex", {"gcp_project": "flag-project"}).gcp_project == "flag-project"
 
 
-def test_submit_hands_the_spec_to_vertex_pipelines_and_waits(tmp_path, monkeypatch, capsys):
-    from google.cloud import aiplatform
+@pytest.fixture
+def cloud(monkeypatch):
+    """Vertex AI and BigQuery faked: what the runner asks of them, in order. Schedules are listed by display name, as
+    Vertex's filter does, and each one created is listed from then on."""
+    from google.cloud import aiplatform, bigquery
 
-    calls = {}
+    calls, schedules = [], []
 
     class FakeState:
         name = "PIPELINE_STATE_SUCCEEDED"
+
+    class FakeSchedule:
+        def __init__(self, display_name):
+            self.display_name = display_name
+            self.resource_name = f"projects/my-project/locations/us-central1/schedules/{len(schedules) + 1}"
+
+        def update(self, **kwargs):
+            calls.append(("update_schedule", dict(kwargs, schedule=self.resource_name)))
 
     class FakePipelineJob:
         resource_name = "projects/my-project/locations/us-central1/pipelineJobs/babyweight-1"
         state = FakeState()
 
         def __init__(self, **kwargs):
-            calls["job"] = kwargs
+            calls.append(("job", kwargs))
 
         def submit(self, service_account=None):
-            calls["service_account"] = service_account
+            calls.append(("submit", service_account))
 
         def wait(self):
-            calls["waited"] = True
+            calls.append(("wait", None))
 
-    monkeypatch.setattr(aiplatform, "init", lambda **kwargs: calls.setdefault("init", kwargs))
+        def create_schedule(self, **kwargs):
+            calls.append(("create_schedule", kwargs))
+            schedules.append(FakeSchedule(kwargs["display_name"]))
+            return schedules[-1]
+
+    class FakePipelineJobSchedule:
+        @staticmethod
+        def list(filter):
+            return [schedule for schedule in schedules if filter == f'display_name="{schedule.display_name}"']
+
+    class FakeClient:
+        def __init__(self, project):
+            calls.append(("bigquery", project))
+
+        def query(self, statement):
+            calls.append(("query", statement))
+            return types.SimpleNamespace(result=lambda: None)
+
+    monkeypatch.setattr(aiplatform, "init", lambda **kwargs: calls.append(("init", kwargs)))
     monkeypatch.setattr(aiplatform, "PipelineJob", FakePipelineJob)
+    monkeypatch.setattr(aiplatform, "PipelineJobSchedule", FakePipelineJobSchedule)
+    monkeypatch.setattr(bigquery, "Client", FakeClient)
+    return calls
+
+
+def _called(calls, name):
+    return [kwargs for called, kwargs in calls if called == name]
+
+
+def test_submit_hands_the_spec_to_vertex_pipelines_and_waits(tmp_path, cloud, capsys):
     output = tmp_path / "spec.json"
     args = [arg for setting in SETTINGS for arg in ("--set", setting)]
     assert runner_dataflow.main(args + ["--output", str(output), "--submit", "--wait"]) == 0
-    assert calls["init"] == {"project": "my-project", "location": "us-central1"}
-    assert calls["job"]["template_path"] == str(output) and output.is_file()
-    assert calls["job"]["pipeline_root"] == "gs://my-bucket/babyweight/pipeline_root"
-    assert calls["service_account"] == "runner@my-project.iam.gserviceaccount.com"
-    assert calls["waited"] and "PIPELINE_STATE_SUCCEEDED" in capsys.readouterr().out
+    assert _called(cloud, "init") == [{"project": "my-project", "location": "us-central1"}]
+    [job] = _called(cloud, "job")
+    assert job["template_path"] == str(output) and output.is_file()
+    assert job["pipeline_root"] == "gs://my-bucket/babyweight/pipeline_root"
+    assert _called(cloud, "submit") == ["runner@my-project.iam.gserviceaccount.com"]
+    assert _called(cloud, "wait") and "PIPELINE_STATE_SUCCEEDED" in capsys.readouterr().out
+    assert not _called(cloud, "create_schedule")
+
+
+def test_the_run_writes_the_training_table_that_model_monitoring_measures_skew_against(tmp_path, cloud):
+    args = [arg for setting in SETTINGS + ["bigquery_row_limit=1000"] for arg in ("--set", setting)]
+    assert runner_dataflow.main(args + ["--output", str(tmp_path / "spec.json"), "--submit"]) == 0
+    assert _called(cloud, "bigquery") == ["my-project"]
+    [statement] = _called(cloud, "query")
+    config = config_lib.load_config("vertex", config_lib.parse_overrides(SETTINGS + ["bigquery_row_limit=1000"]))
+    # The table the Pusher points Model Monitoring at, made of the Trainer's rows: the train split's query.
+    monitored = vertex_pusher.monitoring_config(config)["training_table"]
+    assert statement.startswith(f"CREATE OR REPLACE TABLE `{monitored.removeprefix('bq://')}` AS")
+    assert pipeline_lib.bigquery_query(config, "train") in statement
+    selected = statement.split("SELECT ", 1)[1].split(" FROM", 1)[0].split(", ")
+    assert selected == list(features.FEATURE_NAMES) + ["weight_pounds"]
+    # Before the run that deploys, so the job can read it.
+    assert [name for name, _ in cloud].index("query") < [name for name, _ in cloud].index("submit")
+
+
+def test_schedule_runs_one_at_a_time_and_queues_and_a_second_updates_it(tmp_path, cloud, capsys):
+    args = [arg for setting in SETTINGS for arg in ("--set", setting)] + ["--output", str(tmp_path / "spec.json")]
+    assert runner_dataflow.main(args + ["--set", "vertex_schedule_cron=0 3 * * 1", "--schedule"]) == 0
+    [schedule] = _called(cloud, "create_schedule")
+    assert schedule == {
+        "cron": "0 3 * * 1",
+        "display_name": "babyweight-schedule",
+        "allow_queueing": True,
+        "max_concurrent_run_count": 1,
+        "service_account": "runner@my-project.iam.gserviceaccount.com",
+    }
+    assert _called(cloud, "job")[0]["template_path"] == str(tmp_path / "spec.json")
+    assert not _called(cloud, "submit")  # scheduling runs nothing now
+    assert "scheduled: projects/my-project/locations/us-central1/schedules/1" in capsys.readouterr().out
+
+    assert runner_dataflow.main(args + ["--set", "vertex_schedule_cron=0 4 * * *", "--schedule"]) == 0
+    assert len(_called(cloud, "create_schedule")) == 1  # no second schedule
+    assert _called(cloud, "update_schedule") == [
+        {
+            "cron": "0 4 * * *",
+            "allow_queueing": True,
+            "max_concurrent_run_count": 1,
+            "schedule": "projects/my-project/locations/us-central1/schedules/1",
+        }
+    ]
+    assert "the job spec it was created with" in capsys.readouterr().out
+
+
+def test_schedule_without_a_cron_stops_before_compiling_naming_the_setting(tmp_path, cloud, capsys):
+    args = [arg for setting in SETTINGS for arg in ("--set", setting)]
+    assert runner_dataflow.main(args + ["--output", str(tmp_path / "spec.json"), "--schedule"]) == 2
+    error = capsys.readouterr().err
+    assert "--schedule needs vertex_schedule_cron" in error and "BABYWEIGHT_VERTEX_SCHEDULE_CRON" in error
+    assert not (tmp_path / "spec.json").exists() and cloud == []
 
 
 def test_the_pusher_creates_the_endpoint_with_request_response_logging(monkeypatch, caplog):
@@ -368,8 +470,6 @@ def test_the_pusher_creates_the_endpoint_with_request_response_logging(monkeypat
         ),
     ]
     # An endpoint that already exists without logging is kept, and the run says so.
-    import types
-
     existing.append(
         types.SimpleNamespace(
             gca_resource=types.SimpleNamespace(
