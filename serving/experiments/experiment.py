@@ -2,10 +2,11 @@
 
 An experiment file (YAML; `babyweight serve --experiment-file FILE`) names the arms and the policy:
 
-    arms: [stable, canary]          # labels of --model-config-file, or version numbers
+    arms: [stable, canary]          # labels of --model-config-file, version numbers, or latest (the newest)
     policy: thompson                # split | thompson | epsilon_greedy | shadow
     split: [0.9, 0.1]               # split: each arm's share; a request's X-Routing-Key always gets the same arm
-                                    # (one arm, split: [1.0]: every answer recorded, for outcomes without a test)
+                                    # (one arm, split: [1.0]: every answer recorded, for outcomes without a test;
+                                    # arms: [latest] follows each new version, for babyweight watch's decay check)
     epsilon: 0.1                    # epsilon_greedy: the share of requests sent to a random arm
     reward: absolute                # the loss of an answer once its outcome is known: absolute or squared error
     state: outputs/experiment.sqlite
@@ -73,8 +74,14 @@ class ExperimentConfig:
         return abs(error) if self.reward == "absolute" else error * error
 
 
+LATEST = "latest"  # an arm that follows the newest available version, as a request naming no version does
+
+
 def arm_target(arm: str) -> Tuple[Optional[int], Optional[str]]:
-    """(version, label) to resolve for an arm: a number names a version, anything else a label."""
+    """(version, label) to resolve for an arm: a number names a version, `latest` the newest, anything else a
+    label."""
+    if arm == LATEST:
+        return None, None
     return (int(arm), None) if arm.isdigit() else (None, arm)
 
 

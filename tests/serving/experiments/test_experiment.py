@@ -77,6 +77,13 @@ def test_a_one_arm_split_loads_and_routes_every_request_to_its_arm(tmp_path):
     assert routed == {"stable"} and policy.shares({}) == {"stable": 1.0}
 
 
+def test_an_arm_is_a_version_a_label_or_latest_the_newest():
+    # latest resolves as a request naming no version does (the manager's newest available), so a one-arm split on
+    # it follows each pushed version (babyweight watch's decay check, docs/watch.md)
+    assert experiment.arm_target("latest") == (None, None)
+    assert experiment.arm_target("3") == (3, None) and experiment.arm_target("stable") == (None, "stable")
+
+
 def test_thompson_sampling_prefers_the_arm_with_the_lower_loss_and_still_tries_a_new_one():
     policy = experiment.Policy(ExperimentConfig(("a", "b", "c")), seed=1)
     stats = {
