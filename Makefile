@@ -13,7 +13,7 @@ export PYTHONWARNINGS := ignore::FutureWarning
 # make test's worker processes (pytest-xdist): one per CPU, at most 4; tests sharing a pipeline run share a worker.
 TEST_WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 2); [ $$n -gt 4 ] && n=4; echo $$n)
 
-.PHONY: run test test-fast lint mariadb chromium report-screenshot wrk metadata simulate validate-serving serve predict predict-batch bench-predict bench-tflite bench-serving soak-serving vertex bench quality schema-draft data clean
+.PHONY: run test test-fast lint mariadb chromium report-screenshot wrk metadata simulate watch simulate-loop validate-serving serve predict predict-batch bench-predict bench-tflite bench-serving soak-serving vertex bench quality schema-draft data clean
 
 run: $(VENV)/.installed
 	$(PY) runner_local.py $(ARGS)
@@ -61,6 +61,16 @@ metadata: $(VENV)/.installed
 # A year of arriving spans through the pipeline (docs/validation-and-spans.md): make simulate ARGS="--spans 6"
 simulate: $(VENV)/.installed
 	$(PY) -m babyweight_cli simulate $(ARGS)
+
+# The loop that runs itself (docs/watch.md): new spans start runs; served requests and live outcomes are checked
+#   make watch ARGS="--experiment-file experiment.yaml"      make watch ARGS=--once
+watch: $(VENV)/.installed
+	$(PY) -m babyweight_cli watch $(ARGS)
+
+# Monthly spans, served traffic and late outcomes from the real export through the watcher, with three problems;
+# prints what it caught and when (docs/watch.md): make simulate-loop ARGS="--clean-months 3"
+simulate-loop: $(VENV)/.installed
+	$(PY) -m watch.simulate_loop $(ARGS)
 
 # Serving requests (CSV or JSON lines) against the schema and the training data: make validate-serving ARGS=FILE
 validate-serving: $(VENV)/.installed

@@ -59,6 +59,11 @@ COMMANDS = {
         "outcomes, report, promotion and simulation of an A/B test or bandit between versions",
         "babyweight experiment report --experiment-file experiment.yaml",
     ),
+    "watch": Command(
+        "watch.cli",
+        "new spans start runs; served requests and live outcomes are checked for skew, drift and decay",
+        "babyweight watch --once",
+    ),
     "predict-batch": Command(
         "serving.batch.cli",
         "predictions for files, a table or a Pub/Sub stream in one Beam job",

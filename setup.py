@@ -22,7 +22,7 @@ setuptools.setup(
     description="Production TFX pipeline predicting a newborn's birth weight from US natality data",
     python_requires=">=3.10,<3.11",
     packages=setuptools.find_packages(
-        include=["pipeline", "pipeline.*", "models", "models.*", "serving", "serving.*", "data"]
+        include=["pipeline", "pipeline.*", "models", "models.*", "serving", "serving.*", "data", "watch"]
     ),
     package_data={"pipeline": ["profiles/*.yaml"]},
     py_modules=["runner_local", "runner_dataflow", "babyweight_cli"],

@@ -79,14 +79,19 @@ def statistics_of(
     return stats_impl.generate_statistics_in_memory(to_record_batch(requests, schema), tfdv.StatsOptions(schema=schema))
 
 
-def training_statistics(config: config_lib.PipelineConfig) -> statistics_pb2.DatasetFeatureStatisticsList:
-    """Train-split statistics of the newest span that passed validation in the run's store."""
+def newest_validated(config: config_lib.PipelineConfig) -> tuple:
+    """(examples, statistics) artifacts of the newest span that passed validation in the run's store."""
     from pipeline.artifacts import GATE_ID
 
     passed = spans.validated(mlmd.open_sqlite(config.metadata_path), config.pipeline_name, GATE_ID)
     if not passed:
         raise mlmd.MetadataError(f"no span has passed validation in {config.metadata_path} yet (make run)")
-    _, statistics = max(passed, key=lambda pair: (spans.span_of(pair[0]), pair[0].id))
+    return max(passed, key=lambda pair: (spans.span_of(pair[0]), pair[0].id))
+
+
+def training_statistics(config: config_lib.PipelineConfig) -> statistics_pb2.DatasetFeatureStatisticsList:
+    """Train-split statistics of the newest span that passed validation in the run's store."""
+    _, statistics = newest_validated(config)
     return load_statistics(statistics.uri, DRIFT_SPLIT)  # skew against the split drift is measured on
 
 

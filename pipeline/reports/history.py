@@ -3,7 +3,8 @@
 One row per run (span, rows, validation verdict and what blocked it, eval RMSE, blessing, pushed version,
 seconds) linking to the run's report, and plots over the runs: eval RMSE with its threshold, rows per span,
 the predictions' mean and spread, and each feature's drift distance with its threshold. It is rebuilt after
-every run from the store alone, so it shows what ML Metadata holds, whichever process wrote it.
+every run from the store alone, so it shows what ML Metadata holds, whichever process wrote it. Above the runs,
+when `babyweight watch` has run: its open alerts, checks and spans journal (watch_section.py).
 """
 
 import dataclasses
@@ -18,10 +19,14 @@ from pipeline.artifacts import span_of
 from pipeline.components import monitor
 from pipeline.components.validation import Verdict, read_verdict
 from pipeline.metadata import mlmd
-from pipeline.reports import plots, report, summary
+from pipeline.reports import plots, report, summary, watch_section
 
 INDEX = "index.html"
-STYLE = report.STYLE + ".BLOCKED,.FAILED,.INTERRUPTED,.unreadable{color:#b00;font-weight:bold}td{white-space:nowrap}"
+STYLE = (
+    report.STYLE
+    + ".BLOCKED,.FAILED,.INTERRUPTED,.unreadable{color:#b00;font-weight:bold}td{white-space:nowrap}"
+    + watch_section.STYLE
+)
 
 
 @dataclasses.dataclass
@@ -229,13 +234,15 @@ def _plots(runs: List[RunRow]) -> str:
 
 
 def write_index(config) -> pathlib.Path:
-    """Rebuilds outputs/reports/index.html from ML Metadata and returns its path (written whole, then renamed)."""
+    """Rebuilds outputs/reports/index.html from ML Metadata (and the watcher's file, if any) and returns its path
+    (written whole, then renamed)."""
     runs = rows(config)
     path = report.reports_dir(config) / INDEX
     body = (
         f"<h1>babyweight: the runs of pipeline {html.escape(config.pipeline_name)}</h1>"
         f"<p>{len(runs)} run(s) recorded in {html.escape(str(config.metadata_path))}, read back after the latest "
         "run. Each run's name links to its report.</p>"
+        + watch_section.section(config)  # the watcher's alerts and checks, if `babyweight watch` ever ran
         + (_plots(runs) + "<h2>Runs, newest first</h2>" + _table(runs) if runs else "<p>No runs yet.</p>")
     )
     report.write_page(

@@ -1,0 +1,100 @@
+"""Served requests: the request log read once each (a line cut short waits, a restart resumes), and the watcher's
+checks on them: a check row per slice, a skew alert for the client that sends kilograms, JSON lines once."""
+
+import csv
+import json
+import random
+import time
+
+import pytest
+
+from models import features
+from pipeline.config import load_config
+from pipeline.metadata import watch_store
+from serving.model_server.request_log import RequestLog
+from watch import skew, traffic
+from watch.loop import Sources, Watcher
+
+CLIENTS = ("clinic-a", "clinic-b", "clinic-c", "clinic-d")
+
+
+@pytest.fixture(scope="module")
+def rows(real_export_csv):
+    with real_export_csv.open(newline="") as handle:
+        found = [
+            {k: row[k] for k in features.FEATURE_NAMES if row.get(k) not in ("", None)}
+            for row in csv.DictReader(handle)
+        ]
+    found = [row for row in found if not features.missing_required(row)]
+    random.Random(0).shuffle(found)
+    return found
+
+
+def _log(folder, records):
+    """Records written by the server's own request log writer."""
+    log = RequestLog(str(folder), max_bytes=1 << 20, keep_files=100)
+    for record in records:
+        log.write(record)
+    log.close()
+
+
+def _record(instance, client, version=1):
+    return {"request_id": "r", "client": client, "time": "t", "version": version, "instance": instance}
+
+
+def test_records_are_read_once_across_a_cut_line_and_a_restart(tmp_path, rows):
+    folder = tmp_path / "logs"
+    _log(folder, [_record(row, "a") for row in rows[:30]])
+    [path] = list(folder.iterdir())
+    with path.open("ab") as handle:
+        handle.write(b'{"request_id": "half", "instance": {"mother_age"')  # a writer mid-line
+    connection = watch_store.connect(str(tmp_path / "out"))
+    with watch_store.transaction(connection):
+        assert traffic.read_new(connection, folder, keep=1000) == 30
+    with path.open("ab") as handle:
+        handle.write(b': 30, "gestation_weeks": 39}, "client": "b", "version": 1}\n')
+    connection.close()
+    again = watch_store.connect(str(tmp_path / "out"))  # a restarted watcher
+    with watch_store.transaction(again):
+        assert traffic.read_new(again, folder, keep=1000) == 1  # the finished line, and nothing twice
+    _log(folder, [_record(row, "c") for row in rows[30:40]])  # a second file (another worker or a rotation)
+    with watch_store.transaction(again):
+        assert traffic.read_new(again, folder, keep=1000) == 10
+    assert traffic.clients(again) == {"a": 30, "b": 1, "c": 10}
+    with watch_store.transaction(again):
+        assert traffic.read_new(again, folder, keep=25) == 0
+    assert again.execute("SELECT COUNT(*) FROM requests").fetchone()[0] == 25  # the newest kept, no more
+    again.close()
+
+
+def test_a_client_in_kilograms_opens_one_skew_alert_for_its_slice(tmp_path, rows):
+    config = load_config(overrides={"output_dir": str(tmp_path / "out"), "watch_window_requests": "1024"})
+    folder = tmp_path / "logs"
+    watcher = Watcher(config, Sources(folder, None))
+    training = skew.statistics_of(rows[:3200], watcher.schema)
+    watcher._training = training  # what ML Metadata would give: the train split's statistics, calibrated floors
+    watcher._floors = {
+        kind: skew.calibrated(watcher.schema, training, rows[:3200], kind, config.watch_false_alarm_rate, 1024)
+        for kind in ("skew", "drift")
+    }
+    rng = random.Random(1)
+    pool = rows[3200:]
+    _log(folder, [_record(rng.choice(pool), CLIENTS[n % 4]) for n in range(800)])
+    assert watcher.run_pass(time.time(), check=True) == []  # clean: no alert
+    statuses = {row["slice"]: row["status"] for row in watch_store.recent_checks(watcher.connection, 10)}
+    assert statuses["all"] == "ok" and statuses["client clinic-b"] == "ok"
+
+    served = []
+    for n in range(600):
+        row = dict(rng.choice(pool))
+        if n % 4 == 1 and "weight_gain_pounds" in row:
+            row["weight_gain_pounds"] = round(float(row["weight_gain_pounds"]) / 2.2046)
+        served.append(_record(row, CLIENTS[n % 4]))
+    _log(folder, served)
+    opened = watcher.run_pass(time.time(), check=True)
+    assert [(e["kind"], e["subject"]) for e in opened] == [("skew", "weight_gain_pounds in client clinic-b")]
+    assert opened[0]["distance"] > opened[0]["threshold"] == 0.1
+    assert watcher.run_pass(time.time(), check=True) == []  # open: not repeated
+    lines = [json.loads(line) for line in (tmp_path / "out" / "watch" / "alerts.jsonl").read_text().splitlines()]
+    assert [line["id"] for line in lines] == [opened[0]["id"]]
+    watcher.close()

@@ -1,0 +1,239 @@
+"""The watcher's pass: new spans to runs (watch/runs.py), then, every watch_interval_seconds, the served requests
+and live outcomes read and checked, each check and alert committed with the cursors in one transaction, then
+published (watch/alerts.py).
+
+A pass killed before its commit is redone from the same cursors by the next start; one killed after it only
+publishes what it had committed. So no request or outcome is judged twice into a second alert, and none is lost.
+"""
+
+import dataclasses
+import json
+import logging
+import pathlib
+import sqlite3
+from typing import Dict, List, Optional, Sequence
+
+import tensorflow_data_validation as tfdv
+
+from pipeline.config import PipelineConfig
+from pipeline.metadata import mlmd, watch_store
+from watch import alerts, decay, skew, traffic
+from watch.runs import Runs
+
+KEEP_CHECKS = 20_000  # rows of the checks table kept (the newest): weeks of checks every 5 minutes
+ALL = "all"
+
+
+@dataclasses.dataclass(frozen=True)
+class Sources:
+    request_log: pathlib.Path  # the server's request log folder
+    feedback_state: Optional[pathlib.Path]  # the experiment's state file (live outcomes), None: no decay check
+
+
+class Watcher:
+    def __init__(self, config: PipelineConfig, sources: Sources, overrides: Sequence[str] = ()):
+        self.config = config
+        self.sources = sources
+        self.connection = watch_store.connect(config.output_dir)
+        self.runs = Runs(config, self.connection, overrides)
+        self.schema = tfdv.load_schema_text(config.schema_path)
+        self.last_check: Optional[float] = None
+        self._reference_key: Optional[tuple] = None
+        self._training = None
+        self._floors: Dict[str, Dict] = {}
+        self._eval_rmse: Dict[str, float] = {}
+
+    @property
+    def folder(self) -> pathlib.Path:
+        return watch_store.path_of(self.config.output_dir).parent
+
+    def run_pass(self, now: float, check: Optional[bool] = None) -> List[Dict]:
+        """One pass at time `now`; `check` forces (or skips) the traffic and outcome checks. Returns the alert
+        events it published."""
+        self.runs.step(now)
+        due = self.last_check is None or now - self.last_check >= self.config.watch_interval_seconds
+        if check if check is not None else due:
+            self.check(now)
+            self.last_check = now
+        return alerts.publish(self.connection, self.folder, now)
+
+    def check(self, now: float) -> None:
+        """Reads what was served and reported since the last check and judges it, in one transaction."""
+        self._load_references()
+        with watch_store.transaction(self.connection):
+            read = traffic.read_new(self.connection, self.sources.request_log, 4 * self.config.watch_window_requests)
+            if self.sources.feedback_state is not None:
+                decay.read_new(self.connection, self.sources.feedback_state, self.config.decay_window_outcomes)
+            if read:
+                self._traffic_checks(now)
+            self._decay_checks(now)
+            self.connection.execute("DELETE FROM checks WHERE id <= (SELECT MAX(id) FROM checks) - ?", (KEEP_CHECKS,))
+
+    def _load_references(self) -> None:
+        """The training statistics the skew is measured against and each version's eval RMSE, from ML Metadata;
+        read again only when a run has been added."""
+        if not pathlib.Path(self.config.metadata_path).exists():
+            return
+        key = tuple(run.id for run in mlmd.open_sqlite(self.config.metadata_path).runs())
+        if key == self._reference_key:
+            return
+        from pipeline.commands.serving_check import newest_validated
+        from pipeline.components.validation import DRIFT_SPLIT, load_statistics
+        from pipeline.reports import history
+
+        rate, largest = self.config.watch_false_alarm_rate, self.config.watch_window_requests
+        try:
+            examples, statistics = newest_validated(self.config)
+        except mlmd.MetadataError:
+            self._training, self._floors = None, {"skew": {}, "drift": skew.floors(self.schema, None, "drift", rate)}
+        else:
+            self._training = load_statistics(statistics.uri, DRIFT_SPLIT)
+            rows = skew.training_rows(examples.uri, DRIFT_SPLIT)
+            self._floors = {
+                kind: skew.calibrated(self.schema, self._training, rows, kind, rate, largest)
+                for kind in ("skew", "drift")
+            }
+            logging.info("watch: floors from the training rows of artifact %d: %s", examples.id, self._floors)
+        self._eval_rmse = {
+            row.pushed_version: row.eval_rmse
+            for row in history.rows(self.config)
+            if row.pushed_version and row.eval_rmse
+        }
+        self._reference_key = key
+
+    def _traffic_checks(self, now: float) -> None:
+        largest = self.config.watch_window_requests
+        slices = {ALL: self.connection.execute("SELECT COUNT(*) FROM requests").fetchone()[0]}
+        slices.update({f"client {name}": n for name, n in traffic.clients(self.connection).items()})
+        version = self._newest_version()
+        if self._training is not None:
+            floors = self._floors["skew"]
+            for name, count in slices.items():
+                client = "" if name == ALL else name.split(" ", 1)[1]
+                sizes = [s for s in skew.window_sizes(floors, largest) if s <= count] or [count]
+                windows = {size: (traffic.window(self.connection, size, client), None) for size in sizes}
+                judged = skew.judge(self.schema, windows, self._training, "skew", floors)
+                self._record("skew", name, version, max(sizes), judged, now)
+        floors = self._floors["drift"]
+        sizes = [s for s in skew.window_sizes(floors, largest) if 2 * s <= slices[ALL]]
+        windows = {s: (traffic.window(self.connection, s), traffic.window(self.connection, s, before=s)) for s in sizes}
+        judged = skew.judge(self.schema, windows, None, "drift", floors) if windows else []
+        self._record("drift", ALL, version, max(sizes, default=0), judged, now)
+
+    def _newest_version(self) -> str:
+        row = self.connection.execute("SELECT version FROM requests ORDER BY seq DESC LIMIT 1").fetchone()
+        return row["version"] if row else ""
+
+    def _record(self, kind: str, name: str, version: str, n: int, judged: List[skew.Judged], now: float) -> None:
+        alarms = [j for j in judged if j.alarm]
+        status = "ALARM" if alarms else "ok" if any(j.distance is not None for j in judged) else "waiting"
+        detail = {
+            "features": {
+                j.feature: {
+                    "measure": j.measure,
+                    "distance": j.distance,
+                    "threshold": j.threshold,
+                    "n": j.n,
+                    "needed": j.needed,
+                    "alarm": j.alarm,
+                }
+                for j in judged
+            }
+        }
+        check_id = self._insert_check(now, kind, name, version, n, status, detail)
+        what = (
+            "served requests against the training data"
+            if kind == "skew"
+            else "the newest requests against those before"
+        )
+        for j in judged:
+            subject = f"{j.feature} in {name}"
+            if j.alarm:
+                alerts.open_alert(
+                    self.connection,
+                    kind,
+                    subject,
+                    now,
+                    f"{kind} of {j.feature} ({name}, {what}): {j.measure} {j.distance:.3f} > {j.threshold} over "
+                    f"{j.n} requests",
+                    {
+                        "feature": j.feature,
+                        "slice": name,
+                        "distance": j.distance,
+                        "threshold": j.threshold,
+                        "n": j.n,
+                        "check": check_id,
+                        "version": version,
+                    },
+                )
+            elif j.distance is not None and j.distance <= skew.RESOLVE_SHARE * j.threshold:
+                alerts.resolve(
+                    self.connection,
+                    kind,
+                    subject,
+                    now,
+                    f"{j.measure} {j.distance:.3f}, under {skew.RESOLVE_SHARE} of {j.threshold}",
+                )
+
+    def _insert_check(self, now: float, kind: str, name: str, version: str, n: int, status: str, detail: Dict) -> int:
+        cursor = self.connection.execute(
+            "INSERT INTO checks (time, kind, slice, version, n, status, detail) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (now, kind, name, version, n, status, json.dumps(detail, sort_keys=True)),
+        )
+        return int(cursor.lastrowid)
+
+    def _decay_checks(self, now: float) -> None:
+        config = self.config
+        judged = decay.judge(
+            self.connection, self._eval_rmse, config.decay_rmse_margin, config.decay_alpha, config.decay_min_outcomes
+        )
+        # a version that a newer, healthy one replaced is over: its old outcomes no longer open anything
+        healthy = [int(r.version) for r in judged if r.z is not None and r.z <= 0 and r.version.isdigit()]
+        for result in judged:
+            replaced = bool(healthy) and result.version.isdigit() and int(result.version) < max(healthy)
+            status = "replaced" if replaced else "ALARM" if result.alarm else "waiting" if result.waiting else "ok"
+            detail = {k: v for k, v in dataclasses.asdict(result).items() if k != "version"}
+            check_id = self._insert_check(
+                now, "decay", f"version {result.version}", result.version, result.n, status, detail
+            )
+            subject = f"version {result.version}"
+            if replaced:
+                alerts.resolve(self.connection, "decay", subject, now, f"replaced by version {max(healthy)}")
+            elif result.alarm:
+                alerts.open_alert(
+                    self.connection,
+                    "decay",
+                    subject,
+                    now,
+                    f"version {result.version} decays: live RMSE {result.live_rmse:.3f} lb over {result.n} outcomes, "
+                    f"above its eval RMSE {result.eval_rmse:.3f} + {config.decay_rmse_margin} (z {result.z:.1f})",
+                    {
+                        "version": result.version,
+                        "live_rmse": result.live_rmse,
+                        "eval_rmse": result.eval_rmse,
+                        "n": result.n,
+                        "z": result.z,
+                        "check": check_id,
+                    },
+                )
+            elif result.z is not None and result.z <= 0:
+                alerts.resolve(self.connection, "decay", subject, now, f"live RMSE {result.live_rmse:.3f} lb")
+
+    def close(self) -> None:
+        self.connection.close()
+
+
+def open_alert_lines(connection: sqlite3.Connection) -> List[str]:
+    return [f"{a['kind']}: {a['subject']}: {a['message']}" for a in watch_store.open_alerts(connection)]
+
+
+def log_check_summary(connection: sqlite3.Connection, since_id: int) -> None:
+    for row in connection.execute("SELECT * FROM checks WHERE id > ? ORDER BY id", (since_id,)):
+        logging.info(
+            "watch check: %s %s version %s: %s over %d",
+            row["kind"],
+            row["slice"],
+            row["version"],
+            row["status"],
+            row["n"],
+        )
