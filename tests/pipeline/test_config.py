@@ -70,6 +70,15 @@ def test_input_pattern_reads_the_newest_span_when_data_comes_in_span_folders(tmp
     )
 
 
+def test_input_span_needs_a_span_pattern_and_a_span_number(tmp_path):
+    (tmp_path / "span-3").mkdir()
+    assert config_lib.load_config(overrides={"data_dir": str(tmp_path), "input_span": "3"}).input_span == 3
+    with pytest.raises(config_lib.ConfigError, match="input_span 3: input_pattern '\\*.csv' has no {SPAN}"):
+        config_lib.load_config(overrides={"input_span": "3"})
+    with pytest.raises(config_lib.ConfigError, match="input_span must be a span number, or -1"):
+        config_lib.load_config(overrides={"data_dir": str(tmp_path), "input_span": "-2"})
+
+
 def test_warning_checks_come_as_a_list_or_comma_separated():
     assert config_lib.load_config().warning_checks == ()
     assert config_lib.load_config(overrides={"warning_checks": "drift, unexpected"}).warning_checks == (

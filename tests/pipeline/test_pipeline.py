@@ -231,3 +231,12 @@ def test_large_inputs_run_statistics_and_tfmas_evaluation_in_worker_processes(ro
     assert config_lib.parallel_beam_args(never, rows) == []
     with pytest.raises(config_lib.ConfigError, match="beam_parallel_rows"):
         config_lib.load_config(overrides={"beam_parallel_rows": "-1"})
+
+
+def test_input_span_pins_example_gen_to_one_span_with_tfxs_static_range(tmp_path):
+    (tmp_path / "span-4").mkdir()
+    newest = _components(config_lib.load_config(overrides={"data_dir": str(tmp_path)}))["CsvExampleGen"]
+    assert not newest.exec_properties.get("range_config")  # the driver reads the newest span
+    pinned = _components(config_lib.load_config(overrides={"data_dir": str(tmp_path), "input_span": "4"}))
+    range_config = json.loads(pinned["CsvExampleGen"].exec_properties["range_config"])
+    assert range_config == {"static_range": {"start_span_number": 4, "end_span_number": 4}}

@@ -117,6 +117,15 @@ def test_span_folders_are_read_newest_first(tmp_path, schema):
         csv_check.check_csv_files(tmp_path, "day-{SPAN}/*.csv", schema)
 
 
+def test_input_span_pins_the_span_checked(tmp_path, schema):
+    _write(tmp_path / "span-2", "a.csv", HEADER + "\n" + GOOD_ROW + "\n")
+    _write(tmp_path / "span-10", "a.csv", HEADER + "\n" + GOOD_ROW + "\n" + GOOD_ROW + "\n")
+    checked = csv_check.check_csv_files(tmp_path, "span-{SPAN}/*.csv", schema, span=2)
+    assert (checked.span, checked.rows, checked.files) == (2, 1, [tmp_path / "span-2" / "a.csv"])
+    with pytest.raises(csv_check.InputDataError, match="input_span 5: no folder span-5 in"):
+        csv_check.check_csv_files(tmp_path, "span-{SPAN}/*.csv", schema, span=5)
+
+
 def test_missing_folder_and_no_matching_files(tmp_path, schema):
     with pytest.raises(csv_check.InputDataError, match="does not exist"):
         csv_check.check_csv_files(tmp_path / "nowhere", "*.csv", schema)
