@@ -29,6 +29,8 @@ WEBHOOK_TIMEOUT_SECONDS = 5.0
 DELIVERIES_PER_PASS = 20  # a receiver that is down costs a pass at most this many timeouts
 MAX_BACKOFF_SECONDS = 3600.0
 LOCAL_HOSTS = ("localhost", "127.0.0.1", "::1")
+TAIL_BYTES = 65536  # alerts.jsonl's tail read for its last line
+PUBLISHED = "published"  # the watch file's cursor: the seq of the last event appended to alerts.jsonl
 
 
 class WebhookError(ValueError):
@@ -91,28 +93,47 @@ def event_json(row: Any) -> Dict[str, Any]:
 
 
 def _last_seq(path: pathlib.Path) -> int:
-    """The seq of the file's last whole line; a line cut short by a kill is cut off the file first."""
-    if not path.exists():
+    """The seq of the file's last whole line (its tail only is read); a line cut short by a kill is cut off the
+    file first. 0 for a file that is missing, or whose last line can't be read."""
+    try:
+        handle = path.open("r+b")
+    except FileNotFoundError:
         return 0
-    data = path.read_bytes()
-    whole = data[: data.rfind(b"\n") + 1]
-    if len(whole) != len(data):
-        with path.open("r+b") as handle:
-            handle.truncate(len(whole))
-    lines = whole.splitlines()
-    return json.loads(lines[-1])["seq"] if lines else 0
+    with handle:
+        size = handle.seek(0, os.SEEK_END)
+        handle.seek(max(0, size - TAIL_BYTES))
+        tail = handle.read()
+        cut = len(tail) - (tail.rfind(b"\n") + 1)
+        if cut:
+            handle.truncate(size - cut)
+        lines = tail[: len(tail) - cut].splitlines()
+    try:
+        return int(json.loads(lines[-1])["seq"]) if lines else 0
+    except (ValueError, KeyError, TypeError):
+        logging.warning("watch: the last line of %s is not an alert; events are appended after it", path)
+        return 0
 
 
 def publish(connection: sqlite3.Connection, folder: pathlib.Path, now: float) -> List[Dict[str, Any]]:
     """Appends the committed events alerts.jsonl lacks, logs them, and delivers what the webhook is owed."""
     path = folder / "alerts.jsonl"
-    last = _last_seq(path)
+    # the file's last line says what it has (a kill between the append and the commit below loses nothing and
+    # repeats nothing); the watch file's cursor, what was published before the file was rotated away
+    row = connection.execute("SELECT value FROM cursors WHERE name = ?", (PUBLISHED,)).fetchone()
+    in_file = _last_seq(path)
+    newest = connection.execute("SELECT MAX(seq) FROM events").fetchone()[0] or 0
+    if in_file > newest:  # the file of an earlier watch file: go on after its lines
+        in_file = 0
+    last = max(in_file, int(row["value"]) if row else 0)
     new = [event_json(row) for row in connection.execute("SELECT * FROM events WHERE seq > ? ORDER BY seq", (last,))]
     if new:
         with path.open("ab") as handle:
             handle.write(b"".join(json.dumps(event, sort_keys=True).encode() + b"\n" for event in new))
             handle.flush()
             os.fsync(handle.fileno())
+        connection.execute(
+            "INSERT OR REPLACE INTO cursors (name, value) VALUES (?, ?)", (PUBLISHED, str(new[-1]["seq"]))
+        )
     for event in new:
         logging.warning(
             "watch alert %s: %s: %s",
@@ -134,6 +155,14 @@ def webhook_url() -> Optional[str]:
     if parts.scheme == "https" or (parts.scheme == "http" and parts.hostname in LOCAL_HOSTS):
         return url
     raise WebhookError(f"{WEBHOOK_URL} must be an https:// URL (or http:// to this machine), not {parts.scheme}://")
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, *args, **kwargs):  # noqa: ANN002, ANN003 (urllib's signature)
+        return None  # urllib then raises the 3xx as an HTTPError
+
+
+_OPENER = urllib.request.build_opener(_NoRedirect)
 
 
 def _deliver(connection: sqlite3.Connection, now: float) -> None:
@@ -159,8 +188,11 @@ def _deliver(connection: sqlite3.Connection, now: float) -> None:
             },
         )
         try:
-            with urllib.request.urlopen(request, timeout=WEBHOOK_TIMEOUT_SECONDS) as response:
+            # no redirects: a 3xx is a failure, never a GET elsewhere carrying the token
+            with _OPENER.open(request, timeout=WEBHOOK_TIMEOUT_SECONDS) as response:
                 response.read(1024)
+                if not 200 <= response.status < 300:
+                    raise urllib.error.HTTPError(url, response.status, "not 2xx", response.headers, None)
             connection.execute("UPDATE events SET delivered = ? WHERE seq = ?", (now, row["seq"]))
         except (urllib.error.URLError, OSError, ValueError) as error:
             reason = error.code if isinstance(error, urllib.error.HTTPError) else type(error).__name__

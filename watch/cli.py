@@ -62,12 +62,21 @@ def main(argv: Optional[List[str]] = None) -> int:
     from watch.loop import Sources, Watcher, open_alert_lines
 
     logs.configure(ServerSettings(log_format=args.log_format))
+    logging.getLogger("tensorflow").setLevel(logging.ERROR)  # TFMA's deprecation notices, each time runs are read
     try:
         overrides = config_lib.parse_overrides(args.set)
         for name in ("data_dir", "output_dir"):
             if getattr(args, name):
                 overrides[name] = str(getattr(args, name).expanduser().resolve())
         config = config_lib.load_config(args.profile, overrides)
+        if "{SPAN}" not in config.input_pattern:
+            if "input_pattern" in overrides:
+                raise config_lib.ConfigError(
+                    f"input_pattern {config.input_pattern!r}: the watcher runs spans, so it needs a {{SPAN}} folder"
+                )
+            # a flat or empty data folder: watch it for the span-N/ folders to come
+            overrides["input_pattern"] = config_lib.SPAN_PATTERN
+            config = config_lib.load_config(args.profile, overrides)
         alerts.webhook_url()
         state = load_config(str(args.experiment_file)).state if args.experiment_file else None
     except (config_lib.ConfigError, alerts.WebhookError, ExperimentError) as error:
@@ -85,11 +94,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     stopping = []
     signal.signal(signal.SIGTERM, lambda *_: stopping.append(True))
     logging.info(
-        "watch: %s every %.0f s, checks every %.0f s",
+        "watch: %s every %g s, checks every %g s",
         config.data_dir,
         config.watch_poll_seconds,
         config.watch_interval_seconds,
     )
+    for source in [request_log] + ([pathlib.Path(state)] if state else []):
+        if not source.exists():
+            logging.warning("watch: %s does not exist yet: nothing to check there until it does", source)
     try:
         if args.once:
             watcher.run_pass(time.time(), check=True)
@@ -98,9 +110,12 @@ def main(argv: Optional[List[str]] = None) -> int:
                 watcher.run_pass(time.time(), check=False)
             watcher.run_pass(time.time(), check=True)
             lines = open_alert_lines(watcher.connection)
-            print(
-                f"{len(lines) or 'no'} open alert{'' if len(lines) == 1 else 's'}" + "".join(f"\n  {x}" for x in lines)
-            )
+            print(f"{len(lines) or 'no'} open alert{'' if len(lines) == 1 else 's'}")
+            for line in lines:
+                print(f"  {line}")
+            if watcher.errors:
+                print(f"error: {watcher.errors} stage(s) of the pass failed (the log says why)", file=sys.stderr)
+                return 2
             return 1 if lines else 0
         while not stopping:
             watcher.run_pass(time.time())
@@ -108,6 +123,11 @@ def main(argv: Optional[List[str]] = None) -> int:
             while time.time() < deadline and not stopping:
                 time.sleep(0.2)
         # SIGTERM: a run in progress goes on, holding its lock; the next watcher adopts it
+        if watcher.runs.child is not None:
+            child = watcher.runs.child
+            logging.info(
+                "watch: span %d's run (pid %d) goes on; the next watcher waits for it", child.span, child.process.pid
+            )
         logging.info("watch: stopped")
         return 0
     except KeyboardInterrupt:

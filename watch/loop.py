@@ -22,6 +22,8 @@ from watch.runs import Runs
 
 KEEP_CHECKS = 20_000  # rows of the checks table kept (the newest): weeks of checks every 5 minutes
 ALL = "all"
+KINDS = ("skew", "drift")
+MAX_CLIENT_SLICES = 20  # the busiest clients get a slice each: a client id is the client's to choose
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,8 +42,9 @@ class Watcher:
         self.last_check: Optional[float] = None
         self._reference_key: Optional[tuple] = None
         self._training = None
-        self._floors: Dict[str, Dict] = {}
+        self._floors: Dict[str, Dict] = {kind: {} for kind in KINDS}  # nothing judged before a span validates
         self._eval_rmse: Dict[str, float] = {}
+        self.errors = 0  # stages that failed (logged); --once exits 2 if any did
 
     @property
     def folder(self) -> pathlib.Path:
@@ -49,12 +52,23 @@ class Watcher:
 
     def run_pass(self, now: float, check: Optional[bool] = None) -> List[Dict]:
         """One pass at time `now`; `check` forces (or skips) the traffic and outcome checks. Returns the alert
-        events it published."""
-        self.runs.step(now)
+        events it published. A stage that fails is logged with its traceback and counted in `errors`; the others
+        go on (alerts already committed are published first, so no failure below holds them back)."""
+        published: List[Dict] = []
         due = self.last_check is None or now - self.last_check >= self.config.watch_interval_seconds
+        stages = [("runs", lambda: self.runs.step(now)), ("publish", lambda: published.extend(self._publish(now)))]
         if check if check is not None else due:
-            self.check(now)
+            stages += [("check", lambda: self.check(now)), ("publish", lambda: published.extend(self._publish(now)))]
             self.last_check = now
+        for name, stage in stages:
+            try:
+                stage()
+            except Exception as error:  # one bad input must not stop the watcher: say what, go on
+                self.errors += 1
+                logging.error("watch: the %s stage failed: %s: %s", name, type(error).__name__, error, exc_info=True)
+        return published
+
+    def _publish(self, now: float) -> List[Dict]:
         return alerts.publish(self.connection, self.folder, now)
 
     def check(self, now: float) -> None:
@@ -70,41 +84,54 @@ class Watcher:
             self.connection.execute("DELETE FROM checks WHERE id <= (SELECT MAX(id) FROM checks) - ?", (KEEP_CHECKS,))
 
     def _load_references(self) -> None:
-        """The training statistics the skew is measured against and each version's eval RMSE, from ML Metadata;
-        read again only when a run has been added."""
-        if not pathlib.Path(self.config.metadata_path).exists():
-            return
-        key = tuple(run.id for run in mlmd.open_sqlite(self.config.metadata_path).runs())
-        if key == self._reference_key:
-            return
+        """The training statistics the skew is measured against (the newest validated span's train split) with
+        their calibrated floors, and each pushed version's eval RMSE, from ML Metadata; read again when either
+        changes (a span validated, a version pushed), not when a run merely starts."""
         from pipeline.commands.serving_check import newest_validated
         from pipeline.components.validation import DRIFT_SPLIT, load_statistics
         from pipeline.reports import history
 
-        rate, largest = self.config.watch_false_alarm_rate, self.config.watch_window_requests
+        if not pathlib.Path(self.config.metadata_path).exists():
+            return
         try:
             examples, statistics = newest_validated(self.config)
         except mlmd.MetadataError:
-            self._training, self._floors = None, {"skew": {}, "drift": skew.floors(self.schema, None, "drift", rate)}
-        else:
+            examples = statistics = None
+        versions = tuple(sorted(p.name for p in pathlib.Path(self.config.serving_dir).glob("[0-9]*")))
+        key = (examples.id if examples is not None else None, versions)
+        if key == self._reference_key:
+            return
+        if examples is not None and (self._reference_key or (None,))[0] != examples.id:
             self._training = load_statistics(statistics.uri, DRIFT_SPLIT)
-            rows = skew.training_rows(examples.uri, DRIFT_SPLIT)
-            self._floors = {
-                kind: skew.calibrated(self.schema, self._training, rows, kind, rate, largest)
-                for kind in ("skew", "drift")
-            }
-            logging.info("watch: floors from the training rows of artifact %d: %s", examples.id, self._floors)
-        self._eval_rmse = {
-            row.pushed_version: row.eval_rmse
-            for row in history.rows(self.config)
-            if row.pushed_version and row.eval_rmse
-        }
-        self._reference_key = key
+            self._floors = self._calibrated(examples, DRIFT_SPLIT)
+        runs = history.rows(self.config)
+        self._eval_rmse = {row.pushed_version: row.eval_rmse for row in runs if row.pushed_version and row.eval_rmse}
+        # a version folder appears while its Pusher runs, before ML Metadata has the push: read again next time
+        self._reference_key = key if not versions or versions[-1] in self._eval_rmse else None
+
+    def _calibrated(self, examples, split: str) -> Dict[str, Dict]:
+        """The floors of skew and drift for a span's training rows, calibrated once and kept in the watch file
+        (a calibration reads thousands of windows: not again after a restart)."""
+        name = f"floors {examples.id}"
+        row = self.connection.execute("SELECT value FROM cursors WHERE name = ?", (name,)).fetchone()
+        if row is not None:
+            return json.loads(row["value"])
+        rate, largest = self.config.watch_false_alarm_rate, self.config.watch_window_requests
+        rows = skew.training_rows(examples.uri, split)
+        floors = {kind: skew.calibrated(self.schema, self._training, rows, kind, rate, largest) for kind in KINDS}
+        logging.info(
+            "watch: floors calibrated on %d training rows of span artifact %d: %s", len(rows), examples.id, floors
+        )
+        with watch_store.transaction(self.connection):
+            self.connection.execute("DELETE FROM cursors WHERE name LIKE 'floors %'")
+            self.connection.execute("INSERT INTO cursors (name, value) VALUES (?, ?)", (name, json.dumps(floors)))
+        return floors
 
     def _traffic_checks(self, now: float) -> None:
         largest = self.config.watch_window_requests
         slices = {ALL: self.connection.execute("SELECT COUNT(*) FROM requests").fetchone()[0]}
-        slices.update({f"client {name}": n for name, n in traffic.clients(self.connection).items()})
+        busiest = sorted(traffic.clients(self.connection).items(), key=lambda item: -item[1])[:MAX_CLIENT_SLICES]
+        slices.update({f"client {name}": n for name, n in busiest if n >= skew.SMALLEST_WINDOW})
         version = self._newest_version()
         if self._training is not None:
             floors = self._floors["skew"]
@@ -225,15 +252,3 @@ class Watcher:
 
 def open_alert_lines(connection: sqlite3.Connection) -> List[str]:
     return [f"{a['kind']}: {a['subject']}: {a['message']}" for a in watch_store.open_alerts(connection)]
-
-
-def log_check_summary(connection: sqlite3.Connection, since_id: int) -> None:
-    for row in connection.execute("SELECT * FROM checks WHERE id > ? ORDER BY id", (since_id,)):
-        logging.info(
-            "watch check: %s %s version %s: %s over %d",
-            row["kind"],
-            row["slice"],
-            row["version"],
-            row["status"],
-            row["n"],
-        )

@@ -31,7 +31,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--span", type=int, required=True)
     parser.add_argument("--outcome", type=pathlib.Path, required=True)
+    parser.add_argument("--lock-fd", type=int, help="the run lock's descriptor, held for the run's life")
     args = parser.parse_args(argv)
+    if args.lock_fd is not None:
+        os.set_inheritable(args.lock_fd, False)  # a process this run starts must not hold the lock after it
     babyweight_cli.install_quiet_tensorflow()
     from pipeline import config as config_lib
     from pipeline.commands import run as run_lib

@@ -21,7 +21,7 @@ import pathlib
 import sqlite3
 import subprocess
 import sys
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, Optional, Sequence
 
 from pipeline.config import PipelineConfig
 from pipeline.metadata import mlmd, watch_store
@@ -29,7 +29,7 @@ from watch import alerts, arrivals
 
 MAX_RETRY_SECONDS = 3600.0
 CHILD_MODULE = "watch.run_span"  # the run of one span, in a process of its own
-ACTIVE = ("queued", "running", "crashed")
+MAX_RUNS_LOG_BYTES = 64 * 1024 * 1024  # outputs/watch/runs.log is moved to runs.log.1 past this
 
 
 def _folder(config: PipelineConfig) -> pathlib.Path:
@@ -51,6 +51,7 @@ class Runs:
         self.connection = connection
         self.overrides = list(overrides)  # the watcher's --set flags, passed on to each run
         self.child: Optional[Child] = None
+        self._waiting: Dict[int, str] = {}  # why each incomplete span waits, as last logged
 
     def step(self, now: float) -> None:
         """Journals new and changed spans, finishes a run that ended, and starts the next one if none runs."""
@@ -76,6 +77,9 @@ class Runs:
         for span in arrivals.found(self.config, now):
             row = journal.get(span.number)
             if not span.complete:
+                if self._waiting.get(span.number) != span.why_waiting and row is None:
+                    logging.info("watch: span %d is not complete yet: %s", span.number, span.why_waiting)
+                self._waiting[span.number] = span.why_waiting
                 continue
             if row is None:
                 logging.info("watch: span %d is complete: queued", span.number)
@@ -84,7 +88,13 @@ class Runs:
                         "INSERT INTO spans (span, fingerprint, state, seen, updated) VALUES (?, ?, 'queued', ?, ?)",
                         (span.number, span.fingerprint, now, now),
                     )
-            elif row["fingerprint"] != span.fingerprint and row["state"] not in ("running", "queued"):
+            elif row["fingerprint"] != span.fingerprint and row["state"] == "queued":
+                with watch_store.transaction(self.connection):  # changed before it ran: it runs once, as it is now
+                    self.connection.execute(
+                        "UPDATE spans SET fingerprint = ?, updated = ? WHERE span = ?",
+                        (span.fingerprint, now, span.number),
+                    )
+            elif row["fingerprint"] != span.fingerprint and row["state"] != "running":
                 # new files in a span that ran, was blocked or gave up: the fix the blocked run's summary asks for
                 logging.info("watch: span %d's files changed (%s before): queued again", span.number, row["state"])
                 with watch_store.transaction(self.connection):
@@ -116,14 +126,27 @@ class Runs:
                 " WHERE span = ?",
                 (attempt, now, str(outcome), now, row["span"]),
             )
-        log = (_folder(self.config) / "runs.log").open("ab")
+        log_path = _folder(self.config) / "runs.log"
+        if log_path.exists() and log_path.stat().st_size > MAX_RUNS_LOG_BYTES:
+            os.replace(log_path, log_path.with_suffix(".log.1"))  # the previous one kept, no more
         command = [sys.executable, "-m", CHILD_MODULE, "--profile", self.config.profile]
         command += [f"--set={pair}" for pair in self.overrides]
-        command += ["--span", str(row["span"]), "--outcome", str(outcome)]
-        process = subprocess.Popen(
-            command, pass_fds=(lock_fd,), start_new_session=True, stdout=log, stderr=subprocess.STDOUT
-        )
-        log.close()
+        command += ["--span", str(row["span"]), "--outcome", str(outcome), "--lock-fd", str(lock_fd)]
+        # the run needs none of the watcher's secrets
+        environment = {k: v for k, v in os.environ.items() if not k.startswith("BABYWEIGHT_WATCH_WEBHOOK")}
+        try:
+            with log_path.open("ab") as log:
+                process = subprocess.Popen(
+                    command,
+                    pass_fds=(lock_fd,),
+                    start_new_session=True,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    env=environment,
+                )
+        except OSError:
+            os.close(lock_fd)
+            raise
         self.child = Child(row["span"], process, lock_fd)
         logging.info("watch: span %d: run started (attempt %d, pid %d)", row["span"], attempt, process.pid)
 
@@ -180,6 +203,8 @@ class Runs:
                 "UPDATE spans SET state = ?, detail = ?, next_try = ?, updated = ? WHERE span = ?",
                 (state, detail[-4000:], now + wait if state == "crashed" else 0, now, span),
             )
+        if row["outcome"]:
+            pathlib.Path(row["outcome"]).unlink(missing_ok=True)  # journalled: no longer needed
         logging.log(
             logging.INFO if state == "done" else logging.WARNING,
             "watch: span %d: %s%s",
@@ -189,21 +214,25 @@ class Runs:
         )
 
     def _from_metadata(self, span: int, started: Optional[float]) -> Optional[Dict]:
-        """A complete run of `span` that ML Metadata recorded since `started`, as an outcome; else None."""
+        """How a run of `span` that ML Metadata recorded since `started` ended, as an outcome: passed (complete),
+        or blocked by validation; None for none, or one interrupted or failed otherwise (run it again)."""
         if started is None or not pathlib.Path(self.config.metadata_path).exists():
             return None
-        from pipeline.components.spans import span_of
-        from pipeline.reports import summary
+        from pipeline.reports import history
 
         store = mlmd.open_sqlite(self.config.metadata_path)
-        for run in reversed(store.runs()):
+        runs = store.runs()
+        for number, run in reversed(list(enumerate(runs, start=1))):
             start_ms, _ = store.run_times(run)
             if start_ms / 1000 < started:
                 break
-            examples = summary.output_of(store.steps(run), "CsvExampleGen", "examples")
-            if examples is not None and span_of(examples) == span:
-                if store.run_status(run, self.config.metadata_path) == "complete":
-                    return {"ok": True, "crash": "", "summary": f"run {run.name} (from ML Metadata)"}
+            row = history.run_row(self.config, store, run, number)
+            if row.span != span:
+                continue
+            if row.verdict == "BLOCKED":
+                return {"ok": False, "crash": "", "summary": f"run {run.name} was blocked: {', '.join(row.blocked_by)}"}
+            if row.verdict in ("passed", "passed with warnings", "not validated"):
+                return {"ok": True, "crash": "", "summary": f"run {run.name} (from ML Metadata)"}
         return None
 
     def _lock_path(self) -> pathlib.Path:
@@ -240,7 +269,3 @@ def _read_outcome(path: pathlib.Path) -> Optional[Dict]:
         return json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-
-
-def queued_spans(connection: sqlite3.Connection) -> List[int]:
-    return [r["span"] for r in connection.execute("SELECT span FROM spans WHERE state IN ('queued', 'running')")]

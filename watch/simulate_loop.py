@@ -20,6 +20,7 @@ import collections
 import csv
 import dataclasses
 import json
+import logging
 import os
 import pathlib
 import random
@@ -330,6 +331,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"error: no real export at {args.rows} (--rows FILE: the natality table's 31 columns)", file=sys.stderr)
         return 2
     babyweight_cli.install_quiet_tensorflow()
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")  # the watcher's alerts, as they open
+    logging.getLogger("tensorflow").setLevel(logging.ERROR)  # TFMA's deprecation notices, each time runs are read
     lines, met = report(simulate(args))
     print("\n".join(lines))
     return 0 if met else 1

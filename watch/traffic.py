@@ -49,7 +49,7 @@ def read_new(connection: sqlite3.Connection, folder: pathlib.Path, keep: int) ->
                         json.dumps(r["instance"]),
                     )
                     for r in records
-                    if isinstance(r.get("instance"), dict)
+                    if isinstance(r, dict) and isinstance(r.get("instance"), dict)
                 ],
             )
             read += len(records)

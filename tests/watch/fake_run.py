@@ -48,6 +48,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--set", action="append", default=[])
     parser.add_argument("--span", type=int, required=True)
     parser.add_argument("--outcome", type=pathlib.Path, required=True)
+    parser.add_argument("--lock-fd", type=int)
     args = parser.parse_args(argv)
     settings = dict(pair.split("=", 1) for pair in args.set)
     folder = pathlib.Path(settings["data_dir"]) / f"span-{args.span}"

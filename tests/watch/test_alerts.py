@@ -145,3 +145,55 @@ def test_publish_refuses_a_plain_http_webhook_elsewhere(tmp_path, connection, mo
     _open(connection, "span 1", time.time())
     with pytest.raises(alerts.WebhookError):
         alerts.publish(connection, tmp_path / "watch", time.time())
+
+
+def test_a_redirect_is_a_failed_delivery_and_the_token_goes_nowhere_else(tmp_path, connection, monkeypatch):
+    import http.server
+    import threading
+
+    seen = []  # what reached the other host: urllib would follow a 302 with a GET carrying the headers
+
+    class Elsewhere(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            seen.append(self.headers.get("Authorization"))
+            self.send_response(200)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def do_POST(self) -> None:
+            if self.server.server_address[1] == ports["elsewhere"]:
+                return self.do_GET()
+            self.send_response(302)
+            self.send_header("Location", f"http://127.0.0.1:{ports['elsewhere']}/")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args) -> None:
+            pass
+
+    servers = [http.server.ThreadingHTTPServer(("127.0.0.1", 0), Elsewhere) for _ in range(2)]
+    ports = {"hook": servers[0].server_address[1], "elsewhere": servers[1].server_address[1]}
+    for server in servers:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        monkeypatch.setenv(alerts.WEBHOOK_URL, f"http://127.0.0.1:{ports['hook']}/hook")
+        monkeypatch.setenv(alerts.WEBHOOK_TOKEN, TOKEN)
+        event = _open(connection, "span 1", 1.0)
+        alerts.publish(connection, tmp_path / "watch", 1.0)
+    finally:
+        for server in servers:
+            server.shutdown()
+            server.server_close()
+    assert seen == []  # not followed: the token went nowhere else
+    row = connection.execute("SELECT * FROM events WHERE id = ?", (event,)).fetchone()
+    assert row["delivered"] is None and row["tries"] == 1  # owed, retried later
+
+
+def test_a_rotated_alerts_file_starts_afresh_without_repeating_old_events(tmp_path, connection, no_webhook):
+    folder = tmp_path / "watch"
+    _open(connection, "span 1", 1.0)
+    alerts.publish(connection, folder, 1.0)
+    (folder / "alerts.jsonl").rename(folder / "alerts.jsonl.1")  # logrotate
+    second = _open(connection, "span 2", 2.0)
+    assert [e["id"] for e in alerts.publish(connection, folder, 2.0)] == [second]
+    assert [e["id"] for e in _lines(tmp_path)] == [second]

@@ -98,3 +98,27 @@ def test_a_client_in_kilograms_opens_one_skew_alert_for_its_slice(tmp_path, rows
     lines = [json.loads(line) for line in (tmp_path / "out" / "watch" / "alerts.jsonl").read_text().splitlines()]
     assert [line["id"] for line in lines] == [opened[0]["id"]]
     watcher.close()
+
+
+def test_a_bad_line_a_missing_store_or_a_failing_stage_does_not_stop_the_watcher(tmp_path, rows, monkeypatch):
+    from watch import alerts
+
+    config = load_config(overrides={"output_dir": str(tmp_path / "out")})  # no ML Metadata store yet
+    folder = tmp_path / "logs"
+    folder.mkdir()
+    good = json.dumps(_record(rows[0], "a"))
+    (folder / "requests-20261207T000000-1-0.jsonl").write_text(f'[1, 2]\n{good}\n"text"\n')
+    watcher = Watcher(config, Sources(folder, None))
+    assert watcher.run_pass(time.time(), check=True) == [] and watcher.errors == 0
+    assert traffic.clients(watcher.connection) == {"a": 1}  # the good line read, the others skipped
+    with watch_store.transaction(watcher.connection):  # an alert the runs stage committed
+        alerts.open_alert(watcher.connection, "span_blocked", "span 3", 1.0, "span 3 was blocked", {})
+
+    def broken(*args, **kwargs):
+        raise OSError("disk gone")
+
+    monkeypatch.setattr(traffic, "read_new", broken)
+    published = watcher.run_pass(time.time(), check=True)
+    assert [e["subject"] for e in published] == ["span 3"]  # published before the check that failed
+    assert watcher.errors == 1
+    watcher.close()
