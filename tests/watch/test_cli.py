@@ -65,3 +65,22 @@ def test_a_second_watcher_on_the_same_output_folder_exits_2_naming_the_first(tmp
         first.terminate()
         first.wait(timeout=30)
     assert first.returncode == 0  # SIGTERM: it stops between passes
+
+
+@pytest.mark.slow
+def test_the_docs_command_watches_an_empty_folder_for_spans_and_exits_0(tmp_path):
+    # docs/watch.md's `babyweight watch --once`, with the real command (no span yet: no run)
+    (tmp_path / "data").mkdir()
+    done = subprocess.run(
+        [str(config_lib.PROJECT_ROOT / ".venv" / "bin" / "babyweight"), "watch", "--once"]
+        + ["--data-dir", str(tmp_path / "data"), "--output-dir", str(tmp_path / "out")],
+        cwd=config_lib.PROJECT_ROOT,
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=START_SECONDS,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "no open alerts" in done.stdout
+    assert "does not exist yet" in done.stderr  # the request log the server hasn't written: said, not an error
+    assert (tmp_path / "out" / "watch" / "watch.sqlite").is_file()
