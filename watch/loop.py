@@ -21,6 +21,8 @@ from watch import alerts, decay, skew, traffic
 from watch.runs import Runs
 
 KEEP_CHECKS = 20_000  # rows of the checks table kept (the newest): weeks of checks every 5 minutes
+KEEP_EVENTS = 10_000  # alert events kept (the newest, and each alert's latest)
+KEEP_OUTCOME_WINDOWS = 5  # live outcomes kept: this many decay windows, all versions together
 ALL = "all"
 KINDS = ("skew", "drift")
 MAX_CLIENT_SLICES = 20  # the busiest clients get a slice each: a client id is the client's to choose
@@ -81,7 +83,21 @@ class Watcher:
             if read:
                 self._traffic_checks(now)
             self._decay_checks(now)
-            self.connection.execute("DELETE FROM checks WHERE id <= (SELECT MAX(id) FROM checks) - ?", (KEEP_CHECKS,))
+            self._prune()
+
+    def _prune(self) -> None:
+        """Bounds the watch file: the newest checks; outcomes of the versions served lately (older versions drop
+        out of the decay check); events beyond the newest KEEP_EVENTS, except each alert's latest and any the
+        webhook is still owed."""
+        execute = self.connection.execute
+        execute("DELETE FROM checks WHERE id <= (SELECT MAX(id) FROM checks) - ?", (KEEP_CHECKS,))
+        keep_outcomes = KEEP_OUTCOME_WINDOWS * self.config.decay_window_outcomes
+        execute("DELETE FROM outcomes WHERE seq <= (SELECT MAX(seq) FROM outcomes) - ?", (keep_outcomes,))
+        execute(
+            "DELETE FROM events WHERE seq <= (SELECT MAX(seq) FROM events) - ? AND (delivered IS NOT NULL OR ?)"
+            " AND seq NOT IN (SELECT MAX(seq) FROM events GROUP BY key)",
+            (KEEP_EVENTS, alerts.webhook_url() is None),
+        )
 
     def _load_references(self) -> None:
         """The training statistics the skew is measured against (the newest validated span's train split) with

@@ -122,3 +122,30 @@ def test_a_bad_line_a_missing_store_or_a_failing_stage_does_not_stop_the_watcher
     assert [e["subject"] for e in published] == ["span 3"]  # published before the check that failed
     assert watcher.errors == 1
     watcher.close()
+
+
+def test_the_watch_file_stays_bounded_keeping_each_alerts_latest_event(tmp_path, monkeypatch):
+    from watch import alerts, loop
+
+    monkeypatch.delenv(alerts.WEBHOOK_URL, raising=False)
+    monkeypatch.setattr(loop, "KEEP_EVENTS", 5)
+    monkeypatch.setattr(loop, "KEEP_CHECKS", 3)
+    config = load_config(overrides={"output_dir": str(tmp_path / "out"), "decay_window_outcomes": "2"})
+    watcher = Watcher(config, Sources(tmp_path / "logs", None))
+    db = watcher.connection
+    with watch_store.transaction(db):
+        alerts.open_alert(db, "decay", "version 1", 0.0, "old and still open", {})
+        for n in range(20):
+            alerts.open_alert(db, "skew", f"f{n} in all", 1.0, "m", {})
+            alerts.resolve(db, "skew", f"f{n} in all", 2.0, "m")
+            db.execute(
+                "INSERT INTO checks (time, kind, slice, version, n, status, detail) VALUES (0, 'skew', 'all',"
+                " '1', 1, 'ok', '{}')"
+            )
+        db.executemany("INSERT INTO outcomes (version, error) VALUES (?, ?)", [("1", 0.5)] * 30)
+        watcher._prune()
+    assert db.execute("SELECT COUNT(*) FROM checks").fetchone()[0] == 3
+    assert db.execute("SELECT COUNT(*) FROM outcomes").fetchone()[0] == loop.KEEP_OUTCOME_WINDOWS * 2
+    assert [a["subject"] for a in watch_store.open_alerts(db)] == ["version 1"]  # an open alert is never pruned
+    assert db.execute("SELECT COUNT(*) FROM events").fetchone()[0] <= 21 + 5  # each alert's latest, the newest 5
+    watcher.close()
