@@ -14,6 +14,7 @@ from tests.conftest import QUICK_TRAINING
 def test_the_loop_catches_each_problem_in_time_and_retrains(tmp_path, real_export_csv):
     command = [sys.executable, "-m", "watch.simulate_loop", "--rows", str(real_export_csv)]
     command += ["--work-dir", str(tmp_path / "loop"), "--clean-months", "1", "--requests", "2500"]
+    command += ["--check-every", "200"]
     command += [f"--set={key}={value}" for key, value in QUICK_TRAINING.items()]
     done = subprocess.run(command, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=1500)
     lines = done.stdout.splitlines()
