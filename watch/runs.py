@@ -29,6 +29,7 @@ from watch import alerts, arrivals
 
 MAX_RETRY_SECONDS = 3600.0
 CHILD_MODULE = "watch.run_span"  # the run of one span, in a process of its own
+SLOW_RUN_SECONDS = 6 * 3600.0  # a run longer than this opens a run_slow alert (a local run takes minutes)
 MAX_RUNS_LOG_BYTES = 64 * 1024 * 1024  # outputs/watch/runs.log is moved to runs.log.1 past this
 
 
@@ -59,6 +60,7 @@ class Runs:
         if self.child is not None:
             code = self.child.process.poll()
             if code is None:
+                self._slow(now)
                 return
             os.close(self.child.lock_fd)
             span, self.child = self.child.span, None
@@ -66,11 +68,28 @@ class Runs:
         running = self.connection.execute("SELECT * FROM spans WHERE state = 'running'").fetchone()
         if running is not None:
             if _lock_held(self._lock_path()):
+                self._slow(now)
                 return  # a run that outlived an earlier watcher: wait for it
             self._finish(running["span"], now, None)
         if mlmd.runner_alive(self.config.metadata_path):
             return  # someone runs the pipeline by hand on this store: one run at a time
         self._launch_next(now)
+
+    def _slow(self, now: float) -> None:
+        """An alert for a run going on past SLOW_RUN_SECONDS: the queue waits behind it (a hung step, a lock held
+        by a process it started); the operator decides."""
+        row = self.connection.execute("SELECT * FROM spans WHERE state = 'running'").fetchone()
+        if row is not None and row["started"] is not None and now - row["started"] > SLOW_RUN_SECONDS:
+            with watch_store.transaction(self.connection):
+                alerts.open_alert(
+                    self.connection,
+                    "run_slow",
+                    f"span {row['span']}",
+                    now,
+                    f"span {row['span']}'s run has gone on {(now - row['started']) / 3600:.1f} h; later spans wait "
+                    f"behind it (its lock: {self._lock_path()}; its log: {_folder(self.config) / 'runs.log'})",
+                    {},
+                )
 
     def _arrivals(self, now: float) -> None:
         journal = {row["span"]: row for row in self.connection.execute("SELECT * FROM spans")}
@@ -172,6 +191,7 @@ class Runs:
             return
         subject = f"span {span}"
         with watch_store.transaction(self.connection):
+            alerts.resolve(self.connection, "run_slow", subject, now, "its run ended")
             if result["ok"]:
                 state, detail = "done", ""
                 alerts.resolve(self.connection, "span_blocked", subject, now, "its run passed")

@@ -174,6 +174,21 @@ def test_a_run_killed_while_the_watcher_waits_is_a_charged_crash(tmp_path, open_
     assert runs.child is None and _ledger(runs) == []
 
 
+def test_a_run_going_on_too_long_opens_one_alert_that_its_end_resolves(tmp_path, open_runs):
+    make_span(tmp_path / "data", 1, sleep=1.0)
+    runs = open_runs()
+    runs.step(time.time())
+    started = _state(runs, 1)["started"]
+    runs.step(started + runs_lib.SLOW_RUN_SECONDS - 1)
+    assert _events(runs) == []  # not yet
+    runs.step(started + runs_lib.SLOW_RUN_SECONDS + 1)
+    runs.step(started + runs_lib.SLOW_RUN_SECONDS + 2)
+    assert _events(runs) == [("run_slow|span 1", "open")]  # once
+    _wait_child(runs)
+    runs.step(time.time())
+    assert _events(runs) == [("run_slow|span 1", "open"), ("run_slow|span 1", "resolved")]
+
+
 def test_a_restarted_watcher_adopts_the_run_it_finds_going(tmp_path, open_runs):
     make_span(tmp_path / "data", 1, sleep=1.5)
     first = open_runs()
