@@ -5,7 +5,7 @@ Everything is the product's own: each month's span lands in the data folder (a _
 watcher (watch/loop.py) runs the pipeline on it; `babyweight serve` answers the month's requests from four
 clients with the newest pushed version, writing its request log and, through a one-arm experiment on `latest`,
 recording each answer; the outcomes come back a week late (`--outcome-delay` requests) into the experiment's
-feedback store; the watcher checks every `--check-every` requests. The months:
+feedback store; the watcher checks every `--check-every` requests (200). The months:
 - 1 to --clean-months: clean;
 - then (a) 10 points more unmarried mothers among the served requests;
 - then (b) one client (clinic-b, a quarter of the traffic) sends weight gain in kilograms;
@@ -321,7 +321,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--clean-months", type=int, default=12)
     parser.add_argument("--span-rows", type=int, default=4000)
     parser.add_argument("--requests", type=int, default=5000, help="served a month")
-    parser.add_argument("--check-every", type=int, default=100, help="requests between the watcher's checks")
+    parser.add_argument("--check-every", type=int, default=200, help="requests between the watcher's checks")
     parser.add_argument("--outcome-delay", type=int, default=1000, help="requests before an outcome comes back")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--profile", default="local")

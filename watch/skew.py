@@ -15,8 +15,8 @@ histograms also has a bias (each side's 10 equal-width buckets over its own rang
 that is large for features of a few common values (gestation_weeks: half its threshold at 128 rows, a third
 at 512). So the floors are then calibrated on the training rows themselves (`calibrated`): windows drawn from
 one half of them against the other half at each size, and a feature judged from the size where the mean of the
-CALIBRATION_DRAWS windows' distances plus z standard deviations stays under its threshold, at that size and every
-larger one.
+CALIBRATION_DRAWS windows' distances plus z standard deviations stays under its threshold, and their largest
+under RESOLVE_SHARE of it, at that size and every larger one.
 A feature below its floor is `waiting`, never alarming.
 Windows come in several sizes, each feature judged in those at or above its floor: the smallest sees a sudden
 change soon (a client's unit bug), the largest a small one (a rate moving 10 points).
@@ -39,6 +39,10 @@ from pipeline.components.validation import csv_presence
 
 JSD_BUCKETS = 20  # TFDV compares numeric features over the union of both histograms' 10 buckets: up to 20
 SMALLEST_WINDOW = 64
+# TFDV's divergence of a few hundred requests has a tail no calibration of 40 draws sees: a year of checks in
+# `make simulate-loop` saw gestation_weeks pass its threshold in one client's 128 clean requests. None is judged
+# under this many.
+SMALLEST_DIVERGENCE_WINDOW = 256
 CALIBRATION_DRAWS = 40  # windows drawn from the training rows at each size
 RESOLVE_SHARE = 0.8  # an alert resolves once its distance is under this share of the threshold: no flapping
 TRAINING_ROWS = 5000  # training rows read for the calibration
@@ -115,7 +119,8 @@ def floors(
             room /= 2  # two windows of n
         elif rows:
             room -= 1 / rows
-        result[name] = max(SMALLEST_WINDOW, math.ceil(1 / room)) if room > 0 else None
+        smallest = SMALLEST_WINDOW if measure == "infinity_norm" else SMALLEST_DIVERGENCE_WINDOW
+        result[name] = max(smallest, math.ceil(1 / room)) if room > 0 else None
     return result
 
 
@@ -156,7 +161,10 @@ def calibrated(
                     found[name].append(distance)
         for name, values in found.items():
             high = stdlib_statistics.fmean(values) + z * stdlib_statistics.pstdev(values) if values else 0.0
-            calm[name].append(high <= thresholds[name][1])
+            # and the largest draw under RESOLVE_SHARE of it: the distances' tail is heavier than a normal one's
+            calm[name].append(
+                high <= thresholds[name][1] and max(values, default=0.0) <= RESOLVE_SHARE * thresholds[name][1]
+            )
     result: Dict[str, Optional[int]] = {}
     for name, floor in formula.items():
         start = next((i for i in range(len(sizes)) if all(calm[name][i:])), len(sizes))

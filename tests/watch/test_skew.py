@@ -51,7 +51,7 @@ def test_the_floors_come_from_the_schemas_thresholds(schema, real, calibrated):
     # the calibration on the training rows raises the floor of a feature of few common values, TFDV's divergence
     # of its histograms being biased at small windows, and leaves the others at the formula's
     assert calibrated["skew"]["gestation_weeks"] >= 2 * floors["gestation_weeks"]
-    assert calibrated["skew"]["weight_gain_pounds"] <= 128
+    assert calibrated["skew"]["weight_gain_pounds"] == skew.SMALLEST_DIVERGENCE_WINDOW
     assert all(calibrated["skew"][name] >= floor for name, floor in floors.items() if floor)
 
 
@@ -72,9 +72,9 @@ def test_clean_windows_never_pass_a_threshold_at_their_floor(schema, real, calib
 def test_below_its_floor_a_feature_waits(schema, real, calibrated):
     training, pool, _ = real
     floors = calibrated["skew"]
-    shifted = [dict(row, mother_married="false") for row in pool[:200]]  # every mother unmarried: far off
-    judged = {j.feature: j for j in skew.judge(schema, {200: (shifted, None)}, training, "skew", floors)}
-    assert floors["mother_married"] > 200
+    shifted = [dict(row, mother_married="false") for row in pool[:256]]  # every mother unmarried: far off
+    judged = {j.feature: j for j in skew.judge(schema, {256: (shifted, None)}, training, "skew", floors)}
+    assert floors["mother_married"] > 256
     assert judged["mother_married"].distance is None and not judged["mother_married"].alarm
     assert judged["weight_gain_pounds"].distance is not None  # judged: its floor is lower
 
@@ -89,7 +89,7 @@ def test_a_client_in_kilograms_is_flagged_from_its_smallest_window(schema, real,
         for row in pool
     ]
     size = min(s for s in skew.window_sizes(floors, 2500) if s >= floors["weight_gain_pounds"])
-    assert size <= 128  # the smallest window weight_gain_pounds is judged in
+    assert size <= 256  # the smallest window weight_gain_pounds is judged in
     judged = {j.feature: j for j in skew.judge(schema, {size: (kilograms[:size], None)}, training, "skew", floors)}
     assert judged["weight_gain_pounds"].alarm, judged["weight_gain_pounds"]
     assert [name for name, j in judged.items() if j.alarm] == ["weight_gain_pounds"]

@@ -79,13 +79,13 @@ def test_a_client_in_kilograms_opens_one_skew_alert_for_its_slice(tmp_path, rows
     }
     rng = random.Random(1)
     pool = rows[3200:]
-    _log(folder, [_record(rng.choice(pool), CLIENTS[n % 4]) for n in range(800)])
+    _log(folder, [_record(rng.choice(pool), CLIENTS[n % 4]) for n in range(1200)])
     assert watcher.run_pass(time.time(), check=True) == []  # clean: no alert
     statuses = {row["slice"]: row["status"] for row in watch_store.recent_checks(watcher.connection, 10)}
     assert statuses["all"] == "ok" and statuses["client clinic-b"] == "ok"
 
     served = []
-    for n in range(600):
+    for n in range(1200):
         row = dict(rng.choice(pool))
         if n % 4 == 1 and "weight_gain_pounds" in row:
             row["weight_gain_pounds"] = round(float(row["weight_gain_pounds"]) / 2.2046)
