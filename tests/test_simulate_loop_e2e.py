@@ -7,7 +7,6 @@ import sys
 import pytest
 
 from pipeline.config import PROJECT_ROOT
-from tests.conftest import QUICK_TRAINING
 
 
 @pytest.mark.slow
@@ -15,7 +14,8 @@ def test_the_loop_catches_each_problem_in_time_and_retrains(tmp_path, real_expor
     command = [sys.executable, "-m", "watch.simulate_loop", "--rows", str(real_export_csv)]
     command += ["--work-dir", str(tmp_path / "loop"), "--clean-months", "1", "--requests", "2500"]
     command += ["--check-every", "200"]
-    command += [f"--set={key}={value}" for key, value in QUICK_TRAINING.items()]
+    # the profile's training, as make simulate-loop: a quick model's eval RMSE (about 1.2 lb) leaves the changed
+    # relation (about 1.3 lb live) inside its margin, so the decay could not be told
     done = subprocess.run(command, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=1500)
     lines = done.stdout.splitlines()
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
