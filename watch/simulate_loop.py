@@ -236,11 +236,12 @@ def simulate(args: argparse.Namespace) -> Tally:
                 bug_requests += month.problem == "unit bug" and client == UNIT_BUG_CLIENT
                 if number % args.check_every == 0:
                     now += 3600.0
-                    _tally(tally, watcher.run_pass(now, check=True), month, number, bug_requests, args)
+                    joined = max(0, number - args.outcome_delay)  # the month's outcomes sent back so far
+                    _tally(tally, watcher.run_pass(now, check=True), month, number, joined, bug_requests, args)
             time.sleep(1.0)  # the server records its last answers on its writer thread
             feedback.feedback([(request_id, 0, actual) for request_id, actual in pending])
             now += 3600.0
-            _tally(tally, watcher.run_pass(now, check=True), month, args.requests, bug_requests, args)
+            _tally(tally, watcher.run_pass(now, check=True), month, args.requests, args.requests, bug_requests, args)
             rmse = (sum(squares) / len(squares)) ** 0.5
             tally.rmse[month.problem or "clean"] = rmse
             print(f"month {month.number:>2} {month.problem or 'clean':<10} version {version}: live RMSE {rmse:.3f} lb")
@@ -261,7 +262,13 @@ def _answerable(contract, row: Dict[str, str]) -> bool:
 
 
 def _tally(
-    tally: Tally, events: List[Dict], month: Month, served: int, bug_requests: int, args: argparse.Namespace
+    tally: Tally,
+    events: List[Dict],
+    month: Month,
+    served: int,
+    outcomes: int,
+    bug_requests: int,
+    args: argparse.Namespace,
 ) -> None:
     """Each opened alert: a false alarm unless a problem of this month or an earlier one explains it, else how soon
     the month's problem was flagged."""
@@ -275,7 +282,7 @@ def _tally(
             tally.false_alarms.append(f"month {month.number} ({month.problem or 'clean'}): {event['message']}")
         elif _expected(event, month.problem) and tally.flagged.get(month.problem) is None:
             if month.problem == "decay":
-                tally.flagged["decay"] = max(0, served - args.outcome_delay)  # the month's outcomes joined so far
+                tally.flagged["decay"] = outcomes
             elif month.problem == "unit bug":
                 tally.flagged["unit bug"] = bug_requests
                 tally.unit_bug_all_requests = served
