@@ -67,7 +67,7 @@ class Runs:
             self._finish(span, now, code)
         running = self.connection.execute("SELECT * FROM spans WHERE state = 'running'").fetchone()
         if running is not None:
-            if _lock_held(self._lock_path()):
+            if mlmd.lock_held(self._lock_path()) is not False:
                 self._slow(now)
                 return  # a run that outlived an earlier watcher: wait for it
             self._finish(running["span"], now, None)
@@ -270,18 +270,6 @@ class Runs:
         """Whether a run is going or can start now: --once waits for these (not for a retry's backoff)."""
         running = self.connection.execute("SELECT 1 FROM spans WHERE state = 'running'").fetchone()
         return self.child is not None or running is not None or self._next(now) is not None
-
-
-def _lock_held(path: pathlib.Path) -> bool:
-    if not path.exists():
-        return False
-    with open(path, "a") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return True
-        fcntl.flock(handle, fcntl.LOCK_UN)
-        return False
 
 
 def _read_outcome(path: pathlib.Path) -> Optional[Dict]:

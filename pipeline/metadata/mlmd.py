@@ -243,7 +243,11 @@ def runner_marker(store_path: str) -> Iterator[None]:
 def runner_alive(store_path: str) -> Optional[bool]:
     """Whether a process is running the pipeline on the SQLite store at `store_path`: True while one holds the
     runner file's lock, False if none does, None if this can't be told (the file can't be opened for locking)."""
-    path = _runner_path(store_path)
+    return lock_held(_runner_path(store_path))
+
+
+def lock_held(path: pathlib.Path) -> Optional[bool]:
+    """Whether a process holds an flock on `path` (False for no file; None if it can't be opened to tell)."""
     if not path.exists():
         return False
     try:
